@@ -1,0 +1,14 @@
+//! What the control plane and the worker share.
+//!
+//! - [`pb`]: generated protobuf/gRPC bindings (the only place prost types are defined);
+//! - [`domain`]: the domain types (no prost or storage types), push-scope matching and the
+//!   conversions between the two;
+//! - [`participation`]: parsing and validation of participation documents.
+
+pub mod backoff;
+pub mod pb;
+pub mod shutdown;
+pub mod signing;
+pub mod telemetry;
+pub mod domain;
+pub mod participation;

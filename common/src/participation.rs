@@ -1,0 +1,592 @@
+//! Parsing and validation of participation documents (DESIGN §3): a Qualifio "Webhook 2.0"
+//! participation as published, checked once and reduced to what routing needs. It owns the
+//! document rules only; it must not re-serialise the body sent to receivers (that stays the
+//! exact bytes received) nor decide routing (see [`crate::domain::matching`]).
+
+use serde_json::{Map, Value};
+
+/// Default maximum size of a document, 1 MiB.
+pub const DEFAULT_MAX_BYTES: usize = 1 << 20;
+
+/// Longest accepted participation id, in characters: it is copied into every `webhook-id`
+/// header and delivery record.
+const MAX_ID_CHARS: usize = 200;
+
+/// How much of the input an error message may quote, so a huge document does not come back
+/// in logs and responses.
+const MAX_ECHO_CHARS: usize = 64;
+
+/// A validated participation: what routing needs, plus the parsed document for later use.
+#[derive(Clone, Debug)]
+pub struct Participation {
+    /// The participation id (`$.id`): non-empty, at most 200 characters, no `.` and no control
+    /// characters.
+    pub id: String,
+    /// The participation state (`$.state`), e.g. `COMPLETED` or `STARTED`.
+    pub state: String,
+    /// The campaign id (`$.campaign.id`) as a decimal string without leading zeros.
+    pub campaign_id: String,
+    /// The website id (`$.campaign.channel.website.id`) as a decimal string, when the document
+    /// has a website.
+    pub website_id: Option<String>,
+    /// identified inferred from the document: `form` holds at least one field with a
+    /// non-empty `responses` array
+    pub has_form_responses: bool,
+    /// The whole parsed document.
+    pub document: Value,
+}
+
+impl Participation {
+    /// Whether the participation is completed (`state` is `COMPLETED`).
+    pub fn is_complete(&self) -> bool {
+        self.state == "COMPLETED"
+    }
+}
+
+/// Why a document was refused; `path` is a JSON path like `$.campaign.id`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct InvalidParticipation {
+    /// Where in the document the problem is (`$` for the document itself).
+    pub path: String,
+    /// What is wrong, without quoting more than a short prefix of the input.
+    pub reason: String,
+}
+
+impl InvalidParticipation {
+    fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Parses and validates a participation document of at most `max_bytes` bytes.
+pub fn parse(json: &str, max_bytes: usize) -> Result<Participation, InvalidParticipation> {
+    // Checked before parsing so an oversized document costs nothing but its length.
+    if json.len() > max_bytes {
+        return Err(InvalidParticipation::new(
+            "$",
+            format!(
+                "document is {} bytes, over the limit of {max_bytes} bytes",
+                json.len()
+            ),
+        ));
+    }
+    let document: Value = serde_json::from_str(json).map_err(|e| {
+        // serde_json's message carries the line and column and does not quote the input, but
+        // it is shortened anyway in case a future version starts to.
+        InvalidParticipation::new(
+            "$",
+            format!("not valid JSON: {}", truncate(&e.to_string(), 200)),
+        )
+    })?;
+    let root = document.as_object().ok_or_else(|| {
+        InvalidParticipation::new(
+            "$",
+            format!("expected a JSON object, found {}", kind(&document)),
+        )
+    })?;
+
+    let id = participation_id(root)?;
+    let state = non_empty_string(root, "state", "$.state")?.to_owned();
+
+    let campaign = required(root, "campaign", "$.campaign")?;
+    let campaign = campaign
+        .as_object()
+        .ok_or_else(|| expected("$.campaign", "an object", campaign))?;
+    let campaign_id = numeric_id(required(campaign, "id", "$.campaign.id")?, "$.campaign.id")?;
+    let website_id = website_id(campaign)?;
+
+    let has_form_responses = check_form(root)?;
+    for (key, path) in [("optins", "$.optins"), ("questionnaire", "$.questionnaire")] {
+        if let Some(v) = optional(root, key) {
+            v.as_array().ok_or_else(|| expected(path, "an array", v))?;
+        }
+    }
+
+    Ok(Participation {
+        id,
+        state,
+        campaign_id,
+        website_id,
+        has_form_responses,
+        document,
+    })
+}
+
+fn participation_id(root: &Map<String, Value>) -> Result<String, InvalidParticipation> {
+    const PATH: &str = "$.id";
+    let id = non_empty_string(root, "id", PATH)?;
+    if id.chars().count() > MAX_ID_CHARS {
+        return Err(InvalidParticipation::new(
+            PATH,
+            format!(
+                "longer than {MAX_ID_CHARS} characters: {:?}",
+                truncate(id, MAX_ECHO_CHARS)
+            ),
+        ));
+    }
+    if id.contains('.') {
+        // The Standard Webhooks signature covers `id.timestamp.body`; a dot in the id would
+        // make that content ambiguous (another id/timestamp split could sign the same bytes).
+        return Err(InvalidParticipation::new(
+            PATH,
+            format!(
+                "must not contain '.': the id becomes the Standard Webhooks webhook-id, whose \
+                 signed content is id.timestamp.body, found {:?}",
+                truncate(id, MAX_ECHO_CHARS)
+            ),
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        // The id is sent as an HTTP header value, where CR/LF would split the header.
+        return Err(InvalidParticipation::new(
+            PATH,
+            format!(
+                "must not contain control characters (it is sent as the webhook-id header), \
+                 found {:?}",
+                truncate(id, MAX_ECHO_CHARS)
+            ),
+        ));
+    }
+    Ok(id.to_owned())
+}
+
+/// `$.campaign.channel.website.id`: `None` when the channel or the website is absent, an error
+/// when any of them has the wrong type or the website has no valid id.
+fn website_id(campaign: &Map<String, Value>) -> Result<Option<String>, InvalidParticipation> {
+    let Some(channel) = optional(campaign, "channel") else {
+        return Ok(None);
+    };
+    let channel = channel
+        .as_object()
+        .ok_or_else(|| expected("$.campaign.channel", "an object", channel))?;
+    let Some(website) = optional(channel, "website") else {
+        return Ok(None);
+    };
+    let website = website
+        .as_object()
+        .ok_or_else(|| expected("$.campaign.channel.website", "an object", website))?;
+    const PATH: &str = "$.campaign.channel.website.id";
+    numeric_id(required(website, "id", PATH)?, PATH).map(Some)
+}
+
+/// Checks `$.form` and tells whether any field holds a response.
+fn check_form(root: &Map<String, Value>) -> Result<bool, InvalidParticipation> {
+    let Some(form) = optional(root, "form") else {
+        return Ok(false);
+    };
+    let fields = form
+        .as_array()
+        .ok_or_else(|| expected("$.form", "an array", form))?;
+    let mut has_responses = false;
+    for (i, field) in fields.iter().enumerate() {
+        let field = field
+            .as_object()
+            .ok_or_else(|| expected(&format!("$.form[{i}]"), "an object", field))?;
+        if let Some(responses) = optional(field, "responses") {
+            let responses = responses.as_array().ok_or_else(|| {
+                expected(&format!("$.form[{i}].responses"), "an array", responses)
+            })?;
+            has_responses |= !responses.is_empty();
+        }
+    }
+    Ok(has_responses)
+}
+
+/// A campaign or website id: a non-negative integer, or a string of digits (some publishers
+/// quote ids). Both become the same decimal string, so `"0418207"`, `"418207"` and `418207`
+/// route alike; going through `u64` also bounds the length.
+fn numeric_id(v: &Value, path: &str) -> Result<String, InvalidParticipation> {
+    const WANTED: &str = "a non-negative integer or a non-empty string of digits";
+    match v {
+        Value::Number(n) => n.as_u64().map(|n| n.to_string()).ok_or_else(|| {
+            InvalidParticipation::new(
+                path,
+                format!(
+                    "expected {WANTED}, found the number {}",
+                    truncate(&n.to_string(), 32)
+                ),
+            )
+        }),
+        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse::<u64>().map(|n| n.to_string()).map_err(|_| {
+                InvalidParticipation::new(
+                    path,
+                    format!("too large for an id: {:?}", truncate(s, MAX_ECHO_CHARS)),
+                )
+            })
+        }
+        Value::String(s) => Err(InvalidParticipation::new(
+            path,
+            format!("expected {WANTED}, found {:?}", truncate(s, MAX_ECHO_CHARS)),
+        )),
+        other => Err(expected(path, WANTED, other)),
+    }
+}
+
+/// A member that may be absent; `null` counts as absent, as publishers write either.
+fn optional<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.get(key).filter(|v| !v.is_null())
+}
+
+fn required<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<&'a Value, InvalidParticipation> {
+    optional(obj, key).ok_or_else(|| InvalidParticipation::new(path, "missing"))
+}
+
+fn non_empty_string<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<&'a str, InvalidParticipation> {
+    let v = required(obj, key, path)?;
+    match v.as_str() {
+        Some("") => Err(InvalidParticipation::new(path, "must not be empty")),
+        Some(s) => Ok(s),
+        None => Err(expected(path, "a non-empty string", v)),
+    }
+}
+
+/// A type mismatch; names the JSON type found rather than quoting the value.
+fn expected(path: &str, wanted: &str, found: &Value) -> InvalidParticipation {
+    InvalidParticipation::new(path, format!("expected {wanted}, found {}", kind(found)))
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// At most `max` characters of `s`, with `…` when cut.
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const COMPLETED: &str = include_str!("../tests/data/participation-v2-completed.json");
+    const INCOMPLETE: &str = include_str!("../tests/data/participation-v2-incomplete.json");
+
+    #[test]
+    fn completed_fixture() {
+        let p = parse(COMPLETED, DEFAULT_MAX_BYTES).unwrap();
+        assert_eq!(p.id, "9C2F61A0-3B7E-4D15-A8C2-5E0B7D41F3A9");
+        assert_eq!(p.state, "COMPLETED");
+        assert!(p.is_complete());
+        assert_eq!(p.campaign_id, "418207");
+        assert_eq!(p.website_id.as_deref(), Some("5120"));
+        assert!(p.has_form_responses);
+        assert_eq!(p.document["campaign"]["name"], "Winter quiz 2026");
+    }
+
+    #[test]
+    fn incomplete_fixture() {
+        let p = parse(INCOMPLETE, DEFAULT_MAX_BYTES).unwrap();
+        assert_eq!(p.id, "E47B0D3C-5A21-4C8F-B6D9-0A1B2C3D4E5F");
+        assert_eq!(p.state, "STARTED");
+        assert!(!p.is_complete());
+        assert_eq!(p.campaign_id, "418207");
+        assert_eq!(p.website_id.as_deref(), Some("5120"));
+        assert!(p.has_form_responses);
+    }
+
+    fn fixture() -> Value {
+        serde_json::from_str(COMPLETED).unwrap()
+    }
+
+    fn parse_value(v: &Value) -> Result<Participation, InvalidParticipation> {
+        parse(&v.to_string(), DEFAULT_MAX_BYTES)
+    }
+
+    #[test]
+    fn identification_is_inferred_from_form_responses() {
+        // (description, form, expected has_form_responses)
+        let rows: Vec<(&str, Option<Value>, bool)> = vec![
+            ("no form", None, false),
+            ("null form", Some(Value::Null), false),
+            ("empty form", Some(json!([])), false),
+            (
+                "fields without responses",
+                Some(json!([{ "id": 1 }, { "id": 2 }])),
+                false,
+            ),
+            (
+                "fields with empty responses",
+                Some(json!([{ "id": 1, "responses": [] }])),
+                false,
+            ),
+            (
+                "one field answered",
+                Some(json!([{ "id": 1, "responses": [] }, { "id": 2, "responses": [{}] }])),
+                true,
+            ),
+        ];
+        for (what, form, expected) in rows {
+            let mut doc = fixture();
+            match form {
+                Some(f) => doc["form"] = f,
+                None => {
+                    doc.as_object_mut().unwrap().remove("form");
+                }
+            }
+            assert_eq!(
+                parse_value(&doc).unwrap().has_form_responses,
+                expected,
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn ids_are_normalised() {
+        // (campaign.id, website, expected campaign_id, expected website_id)
+        let rows: Vec<(Value, Option<Value>, &str, Option<&str>)> = vec![
+            (
+                json!(418207),
+                Some(json!({ "id": 5120 })),
+                "418207",
+                Some("5120"),
+            ),
+            (
+                json!("418207"),
+                Some(json!({ "id": "5120" })),
+                "418207",
+                Some("5120"),
+            ),
+            (
+                json!("00418207"),
+                Some(json!({ "id": "0" })),
+                "418207",
+                Some("0"),
+            ),
+            (json!(0), None, "0", None),
+            (json!(7), Some(Value::Null), "7", None),
+        ];
+        for (campaign_id, website, want_campaign, want_website) in rows {
+            let mut doc = fixture();
+            doc["campaign"]["id"] = campaign_id.clone();
+            match website {
+                Some(w) => doc["campaign"]["channel"]["website"] = w,
+                None => {
+                    doc["campaign"]["channel"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("website");
+                }
+            }
+            let p = parse_value(&doc).unwrap();
+            assert_eq!(p.campaign_id, want_campaign, "{campaign_id}");
+            assert_eq!(p.website_id.as_deref(), want_website, "{campaign_id}");
+        }
+
+        let mut doc = fixture();
+        doc["campaign"].as_object_mut().unwrap().remove("channel");
+        assert_eq!(parse_value(&doc).unwrap().website_id, None, "no channel");
+    }
+
+    #[test]
+    fn bad_documents_are_refused_with_their_path() {
+        type Mutation = Box<dyn Fn(&mut Value)>;
+        let set = |pointer: &'static str, v: Value| -> Mutation {
+            Box::new(move |doc: &mut Value| *doc.pointer_mut(pointer).unwrap() = v.clone())
+        };
+        let remove = |parent: &'static str, key: &'static str| -> Mutation {
+            Box::new(move |doc: &mut Value| {
+                doc.pointer_mut(parent)
+                    .unwrap()
+                    .as_object_mut()
+                    .unwrap()
+                    .remove(key);
+            })
+        };
+        // (description, mutation of the completed fixture, expected path)
+        let rows: Vec<(&str, Mutation, &str)> = vec![
+            ("missing id", remove("", "id"), "$.id"),
+            ("null id", set("/id", Value::Null), "$.id"),
+            ("numeric id", set("/id", json!(42)), "$.id"),
+            ("empty id", set("/id", json!("")), "$.id"),
+            ("id with '.'", set("/id", json!("abc.def")), "$.id"),
+            ("id too long", set("/id", json!("a".repeat(201))), "$.id"),
+            (
+                "id with a newline",
+                set("/id", json!("abc\r\nX-Evil: 1")),
+                "$.id",
+            ),
+            ("missing state", remove("", "state"), "$.state"),
+            ("empty state", set("/state", json!("")), "$.state"),
+            ("state not a string", set("/state", json!(true)), "$.state"),
+            ("campaign missing", remove("", "campaign"), "$.campaign"),
+            (
+                "campaign not an object",
+                set("/campaign", json!([1])),
+                "$.campaign",
+            ),
+            (
+                "campaign.id missing",
+                remove("/campaign", "id"),
+                "$.campaign.id",
+            ),
+            (
+                "campaign.id float",
+                set("/campaign/id", json!(12.5)),
+                "$.campaign.id",
+            ),
+            (
+                "campaign.id integral float",
+                set("/campaign/id", json!(12.0)),
+                "$.campaign.id",
+            ),
+            (
+                "campaign.id negative",
+                set("/campaign/id", json!(-1)),
+                "$.campaign.id",
+            ),
+            (
+                "campaign.id \"12a\"",
+                set("/campaign/id", json!("12a")),
+                "$.campaign.id",
+            ),
+            (
+                "campaign.id \"\"",
+                set("/campaign/id", json!("")),
+                "$.campaign.id",
+            ),
+            (
+                "campaign.id \"-1\"",
+                set("/campaign/id", json!("-1")),
+                "$.campaign.id",
+            ),
+            (
+                "campaign.id object",
+                set("/campaign/id", json!({ "id": 1 })),
+                "$.campaign.id",
+            ),
+            (
+                "campaign.id beyond u64",
+                set("/campaign/id", json!("99999999999999999999999")),
+                "$.campaign.id",
+            ),
+            (
+                "channel not an object",
+                set("/campaign/channel", json!("web")),
+                "$.campaign.channel",
+            ),
+            (
+                "website not an object",
+                set("/campaign/channel/website", json!(5120)),
+                "$.campaign.channel.website",
+            ),
+            (
+                "website id boolean",
+                set("/campaign/channel/website/id", json!(true)),
+                "$.campaign.channel.website.id",
+            ),
+            (
+                "website id \"x1\"",
+                set("/campaign/channel/website/id", json!("x1")),
+                "$.campaign.channel.website.id",
+            ),
+            (
+                "website without id",
+                remove("/campaign/channel/website", "id"),
+                "$.campaign.channel.website.id",
+            ),
+            (
+                "form not an array",
+                set("/form", json!({ "email": "x" })),
+                "$.form",
+            ),
+            (
+                "form field not an object",
+                set("/form/1", json!("F")),
+                "$.form[1]",
+            ),
+            (
+                "form responses not an array",
+                set("/form/0/responses", json!("x")),
+                "$.form[0].responses",
+            ),
+            ("optins not an array", set("/optins", json!({})), "$.optins"),
+            (
+                "questionnaire not an array",
+                set("/questionnaire", json!("q")),
+                "$.questionnaire",
+            ),
+        ];
+        for (what, mutate, path) in rows {
+            let mut doc = fixture();
+            mutate(&mut doc);
+            let err = parse_value(&doc).expect_err(what);
+            assert_eq!(err.path, path, "{what}: {err}");
+            assert!(err.to_string().len() < 300, "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn bad_json_is_refused_at_the_root() {
+        // (description, document, expected path, text the reason must contain)
+        let rows: Vec<(&str, &str, &str, &str)> = vec![
+            (
+                "not JSON",
+                "{\"id\": \"a\",\n  oops}",
+                "$",
+                "line 2 column 3",
+            ),
+            ("empty", "", "$", "line 1 column 0"),
+            ("trailing data", "{} {}", "$", "trailing characters"),
+            ("array root", "[{\"id\": \"a\"}]", "$", "found an array"),
+            ("string root", "\"id\"", "$", "found a string"),
+        ];
+        for (what, doc, path, reason) in rows {
+            let err = parse(doc, DEFAULT_MAX_BYTES).expect_err(what);
+            assert_eq!(err.path, path, "{what}: {err}");
+            assert!(err.reason.contains(reason), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn oversize_is_refused_before_parsing() {
+        let err = parse(COMPLETED, 100).unwrap_err();
+        assert_eq!(err.path, "$");
+        assert!(err.reason.contains(&COMPLETED.len().to_string()), "{err}");
+        assert!(err.reason.contains("100"), "{err}");
+        // Not even parsed: invalid JSON over the limit reports the size, not the syntax.
+        let err = parse(&"x".repeat(101), 100).unwrap_err();
+        assert!(err.reason.contains("101 bytes"), "{err}");
+        // Exactly at the limit is fine.
+        assert!(parse(COMPLETED, COMPLETED.len()).is_ok());
+    }
+
+    #[test]
+    fn errors_do_not_echo_huge_input() {
+        for id in ["a.".repeat(5000), "b".repeat(10_000)] {
+            let mut doc = fixture();
+            doc["id"] = json!(id);
+            let err = parse_value(&doc).unwrap_err();
+            assert!(err.reason.chars().count() < 250, "{}", err.reason.len());
+        }
+        let mut doc = fixture();
+        doc["campaign"]["id"] = json!("9".repeat(10_000) + "x");
+        let err = parse_value(&doc).unwrap_err();
+        assert!(err.reason.chars().count() < 200, "{}", err.reason.len());
+    }
+}

@@ -1,0 +1,59 @@
+//! Command-line flags of the control plane, each with a `PUSHWIRE_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use pushwire_common::telemetry::LogFormat;
+
+/// Pushwire control plane: stores integrations and push scopes (in etcd, or in an embedded
+/// single-file store) and streams them to workers.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "control-plane", version)]
+pub struct Config {
+    /// gRPC listen address (admin API, WatchConfig, health, reflection).
+    #[arg(long, env = "PUSHWIRE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// HTTP listen address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "PUSHWIRE_HTTP_ADDR", default_value = "127.0.0.1:8081")]
+    pub http_addr: SocketAddr,
+
+    /// etcd endpoints, comma-separated (e.g. http://10.0.0.1:2379). When absent, the embedded
+    /// store in --data-dir is used.
+    #[arg(long, env = "PUSHWIRE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Directory of the embedded store (used when no etcd endpoint is given).
+    #[arg(long, env = "PUSHWIRE_DATA_DIR", default_value = "./pushwire-data")]
+    pub data_dir: PathBuf,
+
+    /// Accept plain http:// integration URLs (development and tests only).
+    #[arg(long, env = "PUSHWIRE_ALLOW_INSECURE_HTTP")]
+    pub allow_insecure_http: bool,
+
+    /// How long a replaced signing secret keeps signing beside the new one (e.g. 30m, 24h).
+    #[arg(long, env = "PUSHWIRE_SECRET_ROTATION_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub secret_rotation_grace: Duration,
+
+    /// Revisions kept in memory so that a reconnecting worker resumes its WatchConfig stream
+    /// from where it was; older workers get a fresh snapshot.
+    #[arg(long, env = "PUSHWIRE_WATCH_HISTORY", default_value_t = crate::service::feed::DEFAULT_HISTORY)]
+    pub watch_history: usize,
+
+    /// Time allowed to finish in-flight calls after SIGTERM/SIGINT.
+    #[arg(long, env = "PUSHWIRE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format: text or json.
+    #[arg(long, env = "PUSHWIRE_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The defaults, as if started with no flags (for tests and embedding).
+    pub fn defaults() -> Self {
+        Self::parse_from(["control-plane"])
+    }
+}

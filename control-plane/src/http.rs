@@ -1,0 +1,97 @@
+//! The operations endpoint: `/healthz` (the process is up), `/readyz` (the configuration is
+//! loaded and the store answers; says why not) and `/metrics` (Prometheus text format).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::service::ConfigFeed;
+use crate::store::Store;
+
+/// How long `/readyz` waits for the store.
+const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the endpoints read.
+#[derive(Clone)]
+pub struct Ops {
+    feed: ConfigFeed,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Ops {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ops").field("feed", &self.feed).finish_non_exhaustive()
+    }
+}
+
+struct Metrics {
+    registry: Registry,
+    revision: Gauge,
+    watchers: Gauge,
+    store_up: Gauge,
+}
+
+impl Ops {
+    /// Endpoints over the feed and the store.
+    pub fn new(feed: ConfigFeed, store: Arc<dyn Store>) -> Self {
+        let mut registry = Registry::with_prefix("pushwire");
+        let revision = Gauge::default();
+        let watchers = Gauge::default();
+        let store_up = Gauge::default();
+        registry.register("config_revision", "Store revision of the configuration served to workers", revision.clone());
+        registry.register("config_watchers", "WatchConfig streams open", watchers.clone());
+        registry.register("store_up", "1 when the configuration store answered the last probe", store_up.clone());
+        Self { feed, store, metrics: Arc::new(Metrics { registry, revision, watchers, store_up }) }
+    }
+
+    /// Checks the store within the probe timeout; the reason when it fails.
+    async fn store_ok(&self) -> Result<(), String> {
+        let ok = match tokio::time::timeout(STORE_PROBE_TIMEOUT, self.store.revision()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("store unreachable: {e}")),
+            Err(_) => Err("store unreachable: no answer within 2s".to_owned()),
+        };
+        self.metrics.store_up.set(i64::from(ok.is_ok()));
+        ok
+    }
+
+    /// The axum router.
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .with_state(self)
+    }
+}
+
+async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
+    if !ops.feed.is_loaded() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: configuration not loaded from the store yet\n".to_owned());
+    }
+    match ops.store_ok().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+    }
+}
+
+async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
+    let m = &ops.metrics;
+    m.revision.set(ops.feed.revision());
+    m.watchers.set(i64::try_from(ops.feed.watchers()).unwrap_or(i64::MAX));
+    let _ = ops.store_ok().await;
+    let mut body = String::new();
+    match encode(&mut body, &m.registry) {
+        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], String::new()),
+    }
+}

@@ -1,0 +1,172 @@
+//! Pushwire control plane: owns the configuration (integrations and push scopes), validates
+//! and stores it (etcd or the embedded store), and streams it to workers.
+//!
+//! - [`config`]: flags; [`run`]: the whole server, started by `main` or by tests on port 0;
+//! - [`api`]: gRPC handlers (the only place errors become `Status`);
+//! - [`service`]: rules and transactions; the config feed behind `WatchConfig`;
+//! - [`store`]: the storage contract and its etcd and embedded implementations;
+//! - [`http`]: health, readiness and metrics.
+
+pub mod api;
+pub mod config;
+pub mod http;
+pub mod service;
+pub mod store;
+
+use std::sync::Arc;
+
+use pushwire_common::pb::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+use service::{Catalog, CatalogOptions, ConfigFeed};
+use store::{EmbeddedStore, EtcdStore, Store, StoreError};
+
+/// File of the embedded store inside `--data-dir`.
+pub const EMBEDDED_STORE_FILE: &str = "pushwire.redb";
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The store could not be opened or reached.
+    #[error("cannot open the configuration store")]
+    Store(#[source] StoreError),
+    /// A listener failed.
+    #[error("server failed")]
+    Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The sockets the server listens on; bind them first so tests can use port 0.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC.
+    pub grpc: TcpListener,
+    /// HTTP operations endpoint.
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses of `config`.
+    pub async fn bind(config: &Config) -> std::io::Result<Self> {
+        Ok(Self { grpc: TcpListener::bind(config.grpc_addr).await?, http: TcpListener::bind(config.http_addr).await? })
+    }
+}
+
+/// Opens the store named by the configuration: etcd when endpoints are given, else the
+/// embedded store in the data directory.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    if config.etcd_endpoints.is_empty() {
+        let path = config.data_dir.join(EMBEDDED_STORE_FILE);
+        tracing::info!(path = %path.display(), "using the embedded store");
+        Ok(Arc::new(EmbeddedStore::open(&path)?))
+    } else {
+        tracing::info!(endpoints = ?config.etcd_endpoints, "using etcd");
+        Ok(Arc::new(EtcdStore::connect(&config.etcd_endpoints).await?))
+    }
+}
+
+/// Runs the control plane until `shutdown` is cancelled, then drains within
+/// `config.shutdown_grace`.
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), RunError> {
+    let store = open_store(&config).await.map_err(RunError::Store)?;
+    let feed = ConfigFeed::new(config.watch_history);
+    let feed_task = tokio::spawn(feed.clone().run(store.clone(), shutdown.clone()));
+    let catalog = Catalog::new(
+        store.clone(),
+        CatalogOptions {
+            allow_insecure_http: config.allow_insecure_http,
+            secret_rotation_grace: config.secret_rotation_grace,
+        },
+    );
+
+    let grpc = grpc_server(catalog, feed.clone(), shutdown.clone()).await?;
+    let grpc_addr = listeners.grpc.local_addr().ok();
+    let http_addr = listeners.http.local_addr().ok();
+    tracing::info!(grpc = ?grpc_addr, http = ?http_addr, "control plane listening");
+
+    let grpc_shutdown = shutdown.clone();
+    let grpc_task = grpc.serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
+        grpc_shutdown.cancelled().await;
+    });
+    let http_shutdown = shutdown.clone();
+    let http_task = axum::serve(listeners.http, http::Ops::new(feed, store).router())
+        .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
+
+    let servers = async {
+        let (g, h) = tokio::join!(grpc_task, http_task);
+        g.map_err(|e| RunError::Serve(e.into()))?;
+        h.map_err(|e| RunError::Serve(e.into()))
+    };
+    let grace = config.shutdown_grace;
+    let result = tokio::select! {
+        r = servers => r,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "shutdown grace period over; closing remaining calls");
+            Ok(())
+        }
+    };
+    shutdown.cancel();
+    let _ = feed_task.await;
+    tracing::info!("control plane stopped");
+    result
+}
+
+async fn grpc_server(
+    catalog: Catalog,
+    feed: ConfigFeed,
+    shutdown: CancellationToken,
+) -> Result<tonic::transport::server::Router, RunError> {
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(pushwire_common::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|e| RunError::Serve(e.into()))?;
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|e| RunError::Serve(e.into()))?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(health, feed.clone(), shutdown.clone()));
+
+    Ok(tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(pb::integration_service_server::IntegrationServiceServer::new(api::IntegrationApi::new(
+            catalog.clone(),
+        )))
+        .add_service(pb::push_scope_service_server::PushScopeServiceServer::new(api::PushScopeApi::new(catalog)))
+        .add_service(pb::config_service_server::ConfigServiceServer::new(api::ConfigApi::new(feed, shutdown)))
+        .add_service(pb::ingest_service_server::IngestServiceServer::new(api::IngestApi)))
+}
+
+/// gRPC health follows the feed: SERVING once the configuration is loaded, NOT_SERVING on
+/// shutdown.
+async fn report_health(health: tonic_health::server::HealthReporter, feed: ConfigFeed, shutdown: CancellationToken) {
+    use tonic_health::ServingStatus;
+    const SERVICES: &[&str] =
+        &["", "pushwire.v1.IntegrationService", "pushwire.v1.PushScopeService", "pushwire.v1.ConfigService"];
+    for s in SERVICES {
+        health.set_service_status(*s, ServingStatus::NotServing).await;
+    }
+    let mut view = feed.subscribe();
+    let loaded = tokio::select! {
+        loaded = view.next(0) => loaded.is_some(),
+        () = shutdown.cancelled() => false,
+    };
+    // Not a watcher: the config_watchers metric counts subscribers.
+    drop(view);
+    if loaded {
+        for s in SERVICES {
+            health.set_service_status(*s, ServingStatus::Serving).await;
+        }
+    }
+    shutdown.cancelled().await;
+    for s in SERVICES {
+        health.set_service_status(*s, ServingStatus::NotServing).await;
+    }
+}

@@ -1,0 +1,22 @@
+//! `control-plane` binary: flags → logging → [`pushwire_control_plane::run`] until SIGTERM or
+//! SIGINT.
+
+use clap::Parser as _;
+use pushwire_control_plane::{Config, Listeners, run};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    pushwire_common::telemetry::init_logging(config.log_format).map_err(|e| anyhow::anyhow!(e))?;
+    let listeners = Listeners::bind(&config).await?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        pushwire_common::shutdown::signal().await;
+        tracing::info!("shutdown requested");
+        signal.cancel();
+    });
+    run(config, listeners, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! The configuration's rules: validation, invariants and the transactions that keep them
+//! (unique ids and display names, scopes only for existing integrations of the same account,
+//! etag checks, atomic forced deletes). Knows the [`Store`] contract and the domain types,
+//! never gRPC: the `api` module turns requests into calls here and errors into statuses.
+
+pub mod feed;
+mod integrations;
+mod push_scopes;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use pushwire_common::domain::convert::InvalidField;
+use pushwire_common::domain::{AccountName, Integration, PushScope};
+use rand::Rng as _;
+
+pub use feed::{Change, ConfigFeed, FeedUpdate, FeedView};
+pub use integrations::{AuthHeaderInput, IntegrationPatch};
+pub use push_scopes::PushScopePatch;
+
+use crate::store::records::{self, Record};
+use crate::store::{Store, StoreError, keys};
+
+/// How often a mutation is retried when a concurrent change in the same account made its
+/// transaction's guards fail; each retry re-reads and re-validates.
+const MAX_ATTEMPTS: usize = 8;
+const DEFAULT_PAGE_SIZE: usize = 50;
+const MAX_PAGE_SIZE: usize = 1000;
+
+/// Why a call was refused. `api` maps each variant to one gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Bad input; names the field.
+    #[error(transparent)]
+    InvalidArgument(#[from] InvalidField),
+    /// The named resource does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The id or a unique property is taken.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A stale etag, or too much contention.
+    #[error("{0}")]
+    Aborted(String),
+    /// The request conflicts with the state (e.g. a scope for a missing integration).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Result of the service layer.
+pub type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+/// Settings of the [`Catalog`].
+#[derive(Clone, Debug)]
+pub struct CatalogOptions {
+    /// Accept `http://` integration URLs (development and tests only).
+    pub allow_insecure_http: bool,
+    /// How long a replaced signing secret keeps signing beside the new one.
+    pub secret_rotation_grace: Duration,
+}
+
+impl Default for CatalogOptions {
+    fn default() -> Self {
+        Self { allow_insecure_http: false, secret_rotation_grace: Duration::from_secs(24 * 3600) }
+    }
+}
+
+/// Integrations and push scopes, validated and stored.
+#[derive(Clone)]
+pub struct Catalog {
+    store: Arc<dyn Store>,
+    opts: CatalogOptions,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog").field("opts", &self.opts).finish_non_exhaustive()
+    }
+}
+
+/// One account's configuration read at one store revision.
+#[derive(Debug)]
+struct AccountView {
+    revision: i64,
+    integrations: BTreeMap<String, Integration>,
+    scopes: BTreeMap<String, PushScope>,
+}
+
+/// A page request: size and the token of the previous page.
+#[derive(Clone, Debug, Default)]
+pub struct PageRequest {
+    /// Requested size; 0 means the default.
+    pub size: i32,
+    /// `next_page_token` of the previous page.
+    pub token: String,
+}
+
+/// A page of results.
+#[derive(Clone, Debug)]
+pub struct Page<T> {
+    /// The items, ordered by id.
+    pub items: Vec<T>,
+    /// Token of the next page; empty on the last one.
+    pub next_token: String,
+}
+
+impl Catalog {
+    /// A catalog over `store`.
+    pub fn new(store: Arc<dyn Store>, opts: CatalogOptions) -> Self {
+        Self { store, opts }
+    }
+
+    /// The store behind the catalog.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    async fn view(&self, account: &AccountName) -> Result<AccountView> {
+        let range = self.store.range(&keys::account_prefix(account.id())).await?;
+        let mut view = AccountView { revision: range.revision, integrations: BTreeMap::new(), scopes: BTreeMap::new() };
+        for kv in &range.kvs {
+            match records::decode(kv)? {
+                Some(Record::Integration(i)) => {
+                    view.integrations.insert(i.name.id().to_owned(), i);
+                }
+                Some(Record::PushScope(s)) => {
+                    view.scopes.insert(s.name.id().to_owned(), s);
+                }
+                None => {}
+            }
+        }
+        Ok(view)
+    }
+}
+
+/// Checks a client's etag against the current revision.
+fn check_etag(name: &dyn std::fmt::Display, etag: Option<i64>, current: i64) -> Result<()> {
+    match etag {
+        Some(e) if e != current => Err(ServiceError::Aborted(format!(
+            "{name} was changed since etag {e} (current etag {current}); read it again and retry"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn too_busy() -> ServiceError {
+    ServiceError::Aborted("too many concurrent changes in this account; retry".into())
+}
+
+/// A random id for resources created without one: a letter then 11 letters or digits.
+fn generate_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let mut id = String::with_capacity(12);
+    id.push(char::from(ALPHABET[rng.random_range(0..26)]));
+    id.extend((0..11).map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())])));
+    id
+}
+
+/// Pages through items ordered by id; the token is the last id of the previous page.
+fn paginate<T: Clone>(
+    items: impl Iterator<Item = (String, T)>,
+    page: &PageRequest,
+) -> Result<Page<T>> {
+    let size = match page.size {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n < 0 => return Err(InvalidField::new("page_size", "must not be negative").into()),
+        n => (n as usize).min(MAX_PAGE_SIZE),
+    };
+    let after = if page.token.is_empty() {
+        None
+    } else {
+        let bad = || InvalidField::new("page_token", "not a token returned by this server");
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&page.token).map_err(|_| bad())?;
+        let id = String::from_utf8(raw).map_err(|_| bad())?;
+        pushwire_common::domain::validate_id(&id).map_err(|_| bad())?;
+        Some(id)
+    };
+    let mut rest = items.filter(|(id, _)| after.as_ref().is_none_or(|a| id > a)).peekable();
+    let mut out = Vec::with_capacity(size.min(64));
+    let mut last = None;
+    while out.len() < size {
+        let Some((id, item)) = rest.next() else { break };
+        out.push(item);
+        last = Some(id);
+    }
+    let next_token = match (rest.peek(), last) {
+        (Some(_), Some(last)) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last),
+        _ => String::new(),
+    };
+    Ok(Page { items: out, next_token })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_cover_everything_once() {
+        let items: Vec<(String, u32)> = (0..7).map(|i| (format!("id-{i}"), i)).collect();
+        let mut seen = Vec::new();
+        let mut req = PageRequest { size: 3, token: String::new() };
+        loop {
+            let page = paginate(items.clone().into_iter(), &req).unwrap();
+            seen.extend(page.items);
+            if page.next_token.is_empty() {
+                break;
+            }
+            req.token = page.next_token;
+        }
+        assert_eq!(seen, (0..7).collect::<Vec<_>>());
+        let bad = PageRequest { size: 3, token: "%%%".into() };
+        assert!(matches!(paginate(items.into_iter(), &bad), Err(ServiceError::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn generated_ids_are_valid() {
+        for _ in 0..100 {
+            pushwire_common::domain::validate_id(&generate_id()).unwrap();
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Push scope operations and `ResolvePushes`. A scope always refers to an existing integration
+//! of its own account: creates and updates guard the integration's revision, and integration
+//! deletes guard the scopes (see `integrations.rs`).
+
+use std::time::SystemTime;
+
+use pushwire_common::domain::convert::{self, InvalidField, Level};
+use pushwire_common::domain::matching::{self, Placement};
+use pushwire_common::domain::{
+    AccountName, Audience, IntegrationName, PushAction, PushScope, PushScopeName, ScopeTarget,
+};
+
+use super::{
+    AccountView, Catalog, MAX_ATTEMPTS, Page, PageRequest, Result, ServiceError, check_etag, generate_id,
+    paginate, too_busy,
+};
+use crate::store::records::{self, Record};
+use crate::store::{Compare, Op, Txn, TxnOutcome, keys};
+
+/// The fields a create or update sets; `None` leaves a field as it is (or at its default).
+#[derive(Clone, Debug, Default)]
+pub struct PushScopePatch {
+    /// Integration name, `accounts/{account}/integrations/{id}`.
+    pub integration: Option<String>,
+    /// Level.
+    pub level: Option<Level>,
+    /// Target id (empty for the account level).
+    pub target_id: Option<String>,
+    /// Audience.
+    pub audience: Option<Audience>,
+    /// Action.
+    pub action: Option<PushAction>,
+}
+
+/// A firing integration and the scope that decided it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedPush {
+    /// The integration.
+    pub integration: IntegrationName,
+    /// The deciding scope.
+    pub decided_by: PushScopeName,
+}
+
+/// What a scope looks like before the patch is applied.
+struct Draft {
+    integration: Option<IntegrationName>,
+    level: Option<Level>,
+    target_id: String,
+    audience: Audience,
+    action: PushAction,
+}
+
+impl Draft {
+    fn of(s: &PushScope) -> Self {
+        let (level, target_id) = match &s.target {
+            ScopeTarget::Account => (Level::Account, String::new()),
+            ScopeTarget::Website(id) => (Level::Website, id.clone()),
+            ScopeTarget::MasterForm(id) => (Level::MasterForm, id.clone()),
+            ScopeTarget::Campaign(id) => (Level::Campaign, id.clone()),
+        };
+        Self {
+            integration: Some(s.integration.clone()),
+            level: Some(level),
+            target_id,
+            audience: s.audience,
+            action: s.action,
+        }
+    }
+
+    /// Applies the patch and checks the result against the account.
+    fn apply(
+        mut self,
+        account: &AccountName,
+        patch: PushScopePatch,
+    ) -> Result<(IntegrationName, ScopeTarget, Audience, PushAction)> {
+        if let Some(raw) = patch.integration {
+            let name = IntegrationName::parse(&raw)
+                .map_err(|e| InvalidField::new("push_scope.integration", e.to_string()))?;
+            if name.account() != account {
+                return Err(InvalidField::new(
+                    "push_scope.integration",
+                    format!("must be an integration of {account}"),
+                )
+                .into());
+            }
+            self.integration = Some(name);
+        }
+        if let Some(level) = patch.level {
+            self.level = Some(level);
+            if level == Level::Account && patch.target_id.is_none() {
+                self.target_id.clear();
+            }
+        }
+        if let Some(target) = patch.target_id {
+            self.target_id = target;
+        }
+        if let Some(a) = patch.audience {
+            self.audience = a;
+        }
+        if let Some(a) = patch.action {
+            self.action = a;
+        }
+        let integration = self.integration.ok_or_else(|| InvalidField::new("push_scope.integration", "required"))?;
+        let level = self.level.ok_or_else(|| InvalidField::new("push_scope.level", "required"))?;
+        let target = convert::scope_target(level, &self.target_id)?;
+        Ok((integration, target, self.audience, self.action))
+    }
+}
+
+impl Catalog {
+    /// Creates a push scope; `id` is generated when `None`.
+    pub async fn create_push_scope(
+        &self,
+        account: &AccountName,
+        id: Option<&str>,
+        patch: PushScopePatch,
+    ) -> Result<PushScope> {
+        let mut name = match id {
+            Some(id) => {
+                PushScopeName::new(account, id).map_err(|e| InvalidField::new("push_scope_id", e.to_string()))?
+            }
+            None => PushScopeName::new(account, &generate_id()).expect("generated ids are valid"),
+        };
+        let draft = Draft {
+            integration: None,
+            level: None,
+            target_id: String::new(),
+            audience: Audience::All,
+            action: PushAction::Push,
+        };
+        let (integration, target, audience, action) = draft.apply(account, patch)?;
+        let now = SystemTime::now();
+        for _ in 0..MAX_ATTEMPTS {
+            let view = self.view(account).await?;
+            if view.scopes.contains_key(name.id()) {
+                if id.is_none() {
+                    name = PushScopeName::new(account, &generate_id()).expect("generated ids are valid");
+                    continue;
+                }
+                return Err(ServiceError::AlreadyExists(format!("{name} already exists")));
+            }
+            let mut scope = PushScope {
+                name: name.clone(),
+                integration: integration.clone(),
+                target: target.clone(),
+                audience,
+                action,
+                create_time: now,
+                update_time: now,
+                revision: 0,
+            };
+            let integration_rev = check_scope(&view, &scope)?;
+            let key = records::push_scope_key(&scope.name);
+            let txn = Txn {
+                compares: vec![
+                    Compare::Absent(key.clone()),
+                    Compare::ModRevision(records::integration_key(&integration), integration_rev),
+                    Compare::PrefixUnchangedSince {
+                        prefix: keys::push_scopes_prefix(account.id()),
+                        revision: view.revision,
+                    },
+                ],
+                ops: vec![Op::Put { key, value: records::encode_push_scope(&scope) }],
+            };
+            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
+                scope.revision = revision;
+                return Ok(scope);
+            }
+        }
+        Err(too_busy())
+    }
+
+    /// Reads one push scope.
+    pub async fn get_push_scope(&self, name: &PushScopeName) -> Result<PushScope> {
+        let kv = self.store.get(&records::push_scope_key(name)).await?;
+        match kv.as_ref().map(records::decode).transpose()?.flatten() {
+            Some(Record::PushScope(s)) => Ok(s),
+            _ => Err(ServiceError::NotFound(name.to_string())),
+        }
+    }
+
+    /// Lists an account's push scopes by id, optionally only those of one integration.
+    pub async fn list_push_scopes(
+        &self,
+        account: &AccountName,
+        integration: Option<&IntegrationName>,
+        page: &PageRequest,
+    ) -> Result<Page<PushScope>> {
+        let range = self.store.range(&keys::push_scopes_prefix(account.id())).await?;
+        let mut items = Vec::with_capacity(range.kvs.len());
+        for kv in &range.kvs {
+            if let Some(Record::PushScope(s)) = records::decode(kv)?
+                && integration.is_none_or(|i| &s.integration == i)
+            {
+                items.push((s.name.id().to_owned(), s));
+            }
+        }
+        paginate(items.into_iter(), page)
+    }
+
+    /// Applies `patch` to a push scope; fails with ABORTED when `etag` is stale.
+    pub async fn update_push_scope(
+        &self,
+        name: &PushScopeName,
+        etag: Option<i64>,
+        patch: PushScopePatch,
+    ) -> Result<PushScope> {
+        for _ in 0..MAX_ATTEMPTS {
+            let view = self.view(name.account()).await?;
+            let current = view.scopes.get(name.id()).ok_or_else(|| ServiceError::NotFound(name.to_string()))?;
+            check_etag(name, etag, current.revision)?;
+            let (integration, target, audience, action) = Draft::of(current).apply(name.account(), patch.clone())?;
+            let mut updated = PushScope {
+                integration,
+                target,
+                audience,
+                action,
+                update_time: SystemTime::now(),
+                ..current.clone()
+            };
+            let integration_rev = check_scope(&view, &updated)?;
+            let key = records::push_scope_key(name);
+            let txn = Txn {
+                compares: vec![
+                    Compare::ModRevision(key.clone(), current.revision),
+                    Compare::ModRevision(records::integration_key(&updated.integration), integration_rev),
+                    Compare::PrefixUnchangedSince {
+                        prefix: keys::push_scopes_prefix(name.account().id()),
+                        revision: view.revision,
+                    },
+                ],
+                ops: vec![Op::Put { key, value: records::encode_push_scope(&updated) }],
+            };
+            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
+                updated.revision = revision;
+                return Ok(updated);
+            }
+        }
+        Err(too_busy())
+    }
+
+    /// Deletes a push scope.
+    pub async fn delete_push_scope(&self, name: &PushScopeName, etag: Option<i64>) -> Result<()> {
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.get_push_scope(name).await?;
+            check_etag(name, etag, current.revision)?;
+            let key = records::push_scope_key(name);
+            let txn = Txn {
+                compares: vec![Compare::ModRevision(key.clone(), current.revision)],
+                ops: vec![Op::Delete { key }],
+            };
+            if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
+                return Ok(());
+            }
+        }
+        Err(too_busy())
+    }
+
+    /// The integrations that would fire for a participation at `placement`, with the scope
+    /// that decided each, ordered by integration name.
+    pub async fn resolve_pushes(&self, account: &AccountName, placement: &Placement<'_>) -> Result<Vec<ResolvedPush>> {
+        let view = self.view(account).await?;
+        let integrations: Vec<_> = view.integrations.into_values().collect();
+        let scopes: Vec<_> = view.scopes.into_values().collect();
+        Ok(matching::resolve(&integrations, &scopes, placement)
+            .into_iter()
+            .map(|p| ResolvedPush { integration: p.integration.name.clone(), decided_by: p.decided_by.name.clone() })
+            .collect())
+    }
+}
+
+/// Checks a scope against its account: its integration exists and no other scope has the same
+/// rule. Returns the integration's revision, which the transaction guards.
+fn check_scope(view: &AccountView, scope: &PushScope) -> Result<i64> {
+    let integration = view.integrations.get(scope.integration.id()).ok_or_else(|| {
+        ServiceError::FailedPrecondition(format!(
+            "push_scope.integration: {} does not exist; create it first",
+            scope.integration
+        ))
+    })?;
+    let twin = view.scopes.values().find(|s| {
+        s.name != scope.name && s.integration == scope.integration && s.target == scope.target && s.audience == scope.audience
+    });
+    if let Some(twin) = twin {
+        return Err(ServiceError::AlreadyExists(format!(
+            "{} already applies to the same integration, level, target and audience; update it instead",
+            twin.name
+        )));
+    }
+    Ok(integration.revision)
+}

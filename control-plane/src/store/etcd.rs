@@ -1,0 +1,380 @@
+//! [`EtcdStore`]: the [`Store`] contract on an etcd v3 cluster, the production backend, and the
+//! only module that sees `etcd_client` types. Guards and writes become one etcd transaction,
+//! prefix reads and watches become etcd ranges, and every request is bounded by a timeout so an
+//! unreachable cluster yields [`StoreError::Unavailable`] rather than a hang.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType,
+    GetOptions, KvClient, SortOrder, SortTarget, Txn as EtcdTxn, TxnOp, WatchClient, WatchOptions,
+    WatchResponse,
+};
+
+use super::{
+    Compare, Event, KeyValue, Op, Range, Store, StoreError, Txn, TxnOutcome, WatchBatch,
+    WatchStream, check_txn, keys,
+};
+
+/// Bound on establishing a connection to an endpoint.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one request once a connection is up (enforced by the gRPC channel).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on a whole call, enforced here: the channel's own timeout does not cover waiting for a
+/// usable connection, which is where calls would otherwise hang while etcd is down.
+const CALL_TIMEOUT: Duration = Duration::from_secs(6);
+/// HTTP/2 pings on open watch streams, so a silently dead connection ends the watch. etcd
+/// refuses pings more often than every 5 s by default.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest range or watch response accepted; the gRPC default of 4 MiB is too small for a
+/// full listing of a big account.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A [`Store`] backed by etcd v3. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    /// Endpoints with any credentials removed, for `Debug` only.
+    endpoints: Vec<String>,
+}
+
+/// A call did not finish within [`CALL_TIMEOUT`].
+#[derive(Debug, thiserror::Error)]
+#[error("etcd did not answer within {0:?}")]
+struct TimedOut(Duration);
+
+/// etcd broke off a watch or answered outside its protocol.
+#[derive(Debug, thiserror::Error)]
+enum WatchFailed {
+    #[error("etcd closed the watch stream")]
+    Closed,
+    #[error("etcd canceled the watch: {0}")]
+    Canceled(String),
+    #[error("etcd did not confirm the watch")]
+    NotCreated,
+}
+
+/// An etcd answer without the header that carries the revision.
+#[derive(Debug, thiserror::Error)]
+#[error("etcd response without a header")]
+struct NoHeader;
+
+impl EtcdStore {
+    /// Connects to the etcd cluster at `endpoints` (`http://host:port` URLs) and checks that it
+    /// answers, failing with [`StoreError::Unavailable`] within a few seconds if it does not.
+    pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT);
+        let client = bounded(Client::connect(endpoints, Some(options))).await?;
+        let store = Self {
+            client,
+            endpoints: endpoints.iter().map(|e| without_credentials(e)).collect(),
+        };
+        store.revision().await?;
+        Ok(store)
+    }
+
+    fn kv(&self) -> KvClient {
+        self.client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+    }
+
+    fn watcher(&self) -> WatchClient {
+        self.client
+            .watch_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+    }
+}
+
+impl fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `scheme://user:password@host` -> `scheme://host`, so that logs never carry credentials.
+fn without_credentials(endpoint: &str) -> String {
+    let (scheme, rest) = endpoint.split_once("://").unwrap_or(("", endpoint));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let rest = match rest[..authority_end].rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
+    if scheme.is_empty() {
+        rest.to_owned()
+    } else {
+        format!("{scheme}://{rest}")
+    }
+}
+
+/// Awaits an etcd call for at most [`CALL_TIMEOUT`].
+async fn bounded<T>(
+    call: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(result) => result.map_err(StoreError::unavailable),
+        Err(_) => Err(StoreError::unavailable(TimedOut(CALL_TIMEOUT))),
+    }
+}
+
+fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Result<i64, StoreError> {
+    header
+        .map(|h| h.revision())
+        .ok_or_else(|| StoreError::unavailable(NoHeader))
+}
+
+fn utf8_key(key: &[u8]) -> Result<String, StoreError> {
+    String::from_utf8(key.to_vec()).map_err(|_| {
+        StoreError::Corrupt(format!(
+            "etcd key is not UTF-8: {}",
+            String::from_utf8_lossy(key)
+        ))
+    })
+}
+
+fn to_key_value(kv: etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
+    let (create_revision, mod_revision) = (kv.create_revision(), kv.mod_revision());
+    let (key, value) = kv.into_key_value();
+    Ok(KeyValue {
+        key: utf8_key(&key)?,
+        value,
+        create_revision,
+        mod_revision,
+    })
+}
+
+fn to_etcd_compare(compare: Compare) -> EtcdCompare {
+    match compare {
+        Compare::Absent(key) => EtcdCompare::create_revision(key, CompareOp::Equal, 0),
+        Compare::ModRevision(key, revision) => {
+            EtcdCompare::mod_revision(key, CompareOp::Equal, revision)
+        }
+        // etcd holds a range compare over an empty range against the zero key, which passes.
+        Compare::PrefixUnchangedSince { prefix, revision } => {
+            EtcdCompare::mod_revision(prefix, CompareOp::Less, revision.saturating_add(1))
+                .with_prefix()
+        }
+    }
+}
+
+/// The revision to ask etcd for when the caller wants history from `from_revision`: one earlier.
+///
+/// etcd lets a watch start at the compaction revision itself, but compaction has removed that
+/// revision's deletions, so such a watch silently misses them. Starting one revision earlier
+/// makes etcd answer "compacted" exactly when the requested revision is at or below the
+/// compaction revision, which is the contract (and the embedded store's behaviour); the extra
+/// revision's events are dropped. Revision 1 (the empty store) has no events to lose, and 0 or
+/// less means "from the next commit" to etcd as here.
+fn watch_start(from_revision: i64) -> i64 {
+    if from_revision <= 1 {
+        from_revision.max(0)
+    } else {
+        from_revision - 1
+    }
+}
+
+/// A watch in progress: responses are split into one batch per revision (etcd may put several
+/// revisions in one response but never splits one, as fragmenting is off).
+struct Follower {
+    stream: etcd_client::WatchStream,
+    ready: VecDeque<WatchBatch>,
+    /// Events before this revision are the look-behind of [`watch_start`] and are dropped.
+    from: i64,
+    /// First revision not delivered yet; reported if etcd compacts it away.
+    next: i64,
+    finished: bool,
+}
+
+impl Follower {
+    async fn next_batch(&mut self) -> Option<Result<WatchBatch, StoreError>> {
+        // Each pass consumes one response; the stream ends after its first error.
+        loop {
+            if let Some(batch) = self.ready.pop_front() {
+                return Some(Ok(batch));
+            }
+            if self.finished {
+                return None;
+            }
+            // No timeout: a watch may idle for ever; keep-alive pings detect a dead connection.
+            let absorbed = match self.stream.message().await {
+                Ok(Some(response)) => self.absorb(&response),
+                Ok(None) => Err(StoreError::unavailable(WatchFailed::Closed)),
+                Err(err) => Err(StoreError::unavailable(err)),
+            };
+            if let Err(err) = absorbed {
+                self.finished = true;
+                return Some(Err(err));
+            }
+        }
+    }
+
+    fn absorb(&mut self, response: &WatchResponse) -> Result<(), StoreError> {
+        if response.compact_revision() != 0 {
+            return Err(StoreError::Compacted {
+                requested: self.next,
+                compacted: response.compact_revision(),
+            });
+        }
+        if response.canceled() {
+            return Err(StoreError::unavailable(WatchFailed::Canceled(
+                response.cancel_reason().to_owned(),
+            )));
+        }
+        for event in response.events() {
+            let kv = event
+                .kv()
+                .ok_or_else(|| StoreError::Corrupt("etcd watch event without a key".to_owned()))?;
+            let revision = kv.mod_revision();
+            if revision < self.from {
+                continue;
+            }
+            let event = match event.event_type() {
+                EventType::Put => Event::Put(to_key_value(kv.clone())?),
+                EventType::Delete => Event::Delete {
+                    key: utf8_key(kv.key())?,
+                },
+            };
+            match self.ready.back_mut() {
+                Some(batch) if batch.revision == revision => batch.events.push(event),
+                _ => self.ready.push_back(WatchBatch {
+                    revision,
+                    events: vec![event],
+                }),
+            }
+            self.next = revision + 1;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let mut response = bounded(self.kv().get(key, None)).await?;
+        response
+            .take_kvs()
+            .into_iter()
+            .next()
+            .map(to_key_value)
+            .transpose()
+    }
+
+    async fn range(&self, prefix: &str) -> Result<Range, StoreError> {
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Key, SortOrder::Ascend);
+        let mut response = bounded(self.kv().get(prefix, Some(options))).await?;
+        let revision = header_revision(response.header())?;
+        let kvs = response
+            .take_kvs()
+            .into_iter()
+            .map(to_key_value)
+            .collect::<Result<_, _>>()?;
+        Ok(Range { revision, kvs })
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        check_txn(&txn)?;
+        let compares: Vec<EtcdCompare> = txn.compares.into_iter().map(to_etcd_compare).collect();
+        let ops: Vec<TxnOp> = txn
+            .ops
+            .into_iter()
+            .map(|op| match op {
+                Op::Put { key, value } => TxnOp::put(key, value, None),
+                Op::Delete { key } => TxnOp::delete(key, None),
+            })
+            .collect();
+        let request = EtcdTxn::new().when(compares).and_then(ops);
+        // A timeout here leaves the outcome unknown; callers re-read and retry their CAS.
+        let response = bounded(self.kv().txn(request)).await?;
+        if !response.succeeded() {
+            return Ok(TxnOutcome::Conflict);
+        }
+        Ok(TxnOutcome::Committed {
+            revision: header_revision(response.header())?,
+        })
+    }
+
+    async fn watch(&self, prefix: &str, from_revision: i64) -> Result<WatchStream, StoreError> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(watch_start(from_revision));
+        let mut watcher = self.watcher();
+        let stream = bounded(watcher.watch(prefix, Some(options))).await?;
+        let mut follower = Follower {
+            stream,
+            ready: VecDeque::new(),
+            from: from_revision,
+            next: from_revision,
+            finished: false,
+        };
+        // Waiting for etcd's confirmation makes a failure to register surface here, bounded.
+        match bounded(follower.stream.message()).await? {
+            Some(response) if response.created() => follower.absorb(&response)?,
+            Some(response) => {
+                follower.absorb(&response)?;
+                return Err(StoreError::unavailable(WatchFailed::NotCreated));
+            }
+            None => return Err(StoreError::unavailable(WatchFailed::Closed)),
+        }
+        Ok(Box::pin(futures_util::stream::unfold(
+            follower,
+            |mut follower| async move {
+                let item = follower.next_batch().await?;
+                Some((item, follower))
+            },
+        )))
+    }
+
+    async fn compact(&self, revision: i64) -> Result<(), StoreError> {
+        let options = CompactionOptions::new().with_physical();
+        match tokio::time::timeout(CALL_TIMEOUT, self.kv().compact(revision, Some(options))).await {
+            Ok(Ok(_)) => Ok(()),
+            // Compacting at or below the compacted revision has nothing left to do.
+            Ok(Err(etcd_client::Error::GRpcStatus(status)))
+                if status
+                    .message()
+                    .contains("required revision has been compacted") =>
+            {
+                Ok(())
+            }
+            Ok(Err(err)) => Err(StoreError::unavailable(err)),
+            Err(_) => Err(StoreError::unavailable(TimedOut(CALL_TIMEOUT))),
+        }
+    }
+
+    async fn revision(&self) -> Result<i64, StoreError> {
+        // A count of one key that never exists: the cheapest read that carries the revision.
+        let options = GetOptions::new().with_count_only();
+        let response = bounded(self.kv().get(keys::ROOT, Some(options))).await?;
+        header_revision(response.header())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_never_reach_debug_output() {
+        assert_eq!(
+            without_credentials("http://user:secret@10.0.0.1:2379/x"),
+            "http://10.0.0.1:2379/x"
+        );
+        assert_eq!(
+            without_credentials("https://etcd-0:2379"),
+            "https://etcd-0:2379"
+        );
+        assert_eq!(without_credentials("u:p@etcd:2379"), "etcd:2379");
+    }
+}

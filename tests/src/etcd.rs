@@ -1,0 +1,271 @@
+//! A real etcd for tests. [`EtcdServer`] runs a single-member etcd process on free loopback ports
+//! with a throw-away data directory and removes both when dropped; fault tests take it down and
+//! bring it back on the same ports and data with [`EtcdServer::stop`], [`EtcdServer::resume`]
+//! and [`EtcdServer::restart`].
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+
+/// Environment variable naming the etcd binary to use instead of `etcd` on `PATH`.
+pub const ETCD_BIN_ENV: &str = "PUSHWIRE_ETCD_BIN";
+
+/// How long etcd may take to answer its health check after being started.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Pause between health checks while etcd starts.
+const READY_POLL: Duration = Duration::from_millis(50);
+/// Fresh port pairs tried when another process grabs a port between probing and etcd binding it.
+const PORT_ATTEMPTS: usize = 3;
+/// Bytes of etcd's log quoted in a start-up error.
+const LOG_TAIL_BYTES: u64 = 4096;
+const MEMBER_NAME: &str = "pushwire-test";
+
+/// A running single-member etcd, killed and deleted on drop.
+///
+/// Start-up and the lifecycle methods block (for up to 20 s while etcd comes up); from async code
+/// that is acceptable in a test, or wrap the call in `tokio::task::spawn_blocking`.
+#[derive(Debug)]
+pub struct EtcdServer {
+    binary: PathBuf,
+    /// Holds the data directory (`data/`) and etcd's log (`etcd.log`); deleted on drop.
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl EtcdServer {
+    /// Starts etcd (`$PUSHWIRE_ETCD_BIN`, else `etcd` on `PATH`) with automatic compaction off
+    /// and waits until it serves requests.
+    pub fn start() -> anyhow::Result<Self> {
+        let binary = find_binary()?;
+        let dir = tempfile::Builder::new()
+            .prefix("pushwire-etcd-")
+            .tempdir()
+            .context("creating etcd temp dir")?;
+        let (client_port, peer_port) = free_ports()?;
+        let mut server = Self {
+            binary,
+            dir,
+            client_port,
+            peer_port,
+            child: None,
+        };
+        let mut attempt = 1;
+        loop {
+            match server.resume() {
+                Ok(()) => return Ok(server),
+                // Another process took a port between probing and etcd binding it: new ports.
+                Err(_)
+                    if attempt < PORT_ATTEMPTS
+                        && server.log_tail().contains("address already in use") =>
+                {
+                    attempt += 1;
+                    let data = server.data_dir();
+                    if data.exists() {
+                        std::fs::remove_dir_all(&data)
+                            .with_context(|| format!("removing {}", data.display()))?;
+                    }
+                    (server.client_port, server.peer_port) = free_ports()?;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// The client URL, e.g. `http://127.0.0.1:41234`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Whether the etcd process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// Kills etcd (SIGKILL, as a crash would) and waits for it to exit; the data stays.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // Killing an already exited process fails harmlessly; `wait` reaps it either way.
+            let _ = child.kill();
+            child.wait().context("waiting for etcd to exit")?;
+        }
+        Ok(())
+    }
+
+    /// Starts etcd again on the same ports and data after [`EtcdServer::stop`], and waits until it
+    /// serves requests. Does nothing if it is running.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let child = self.spawn()?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// [`EtcdServer::stop`] then [`EtcdServer::resume`].
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop()?;
+        self.resume()
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    fn spawn(&self) -> anyhow::Result<Child> {
+        let client_url = format!("http://127.0.0.1:{}", self.client_port);
+        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .context("opening etcd log")?;
+        writeln!(log, "--- pushwire test harness: starting etcd ---")
+            .context("writing etcd log")?;
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("--name")
+            .arg(MEMBER_NAME)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("{MEMBER_NAME}={peer_url}")])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", MEMBER_NAME])
+            // The tests compact explicitly and count revisions exactly.
+            .args(["--auto-compaction-retention", "0"])
+            // A single member elects itself; short timers make that take milliseconds.
+            .args(["--heartbeat-interval", "20", "--election-timeout", "200"])
+            .args([
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+                "--log-level",
+                "warn",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().context("opening etcd log")?))
+            .stderr(Stdio::from(log));
+        // etcd refuses to start on architectures it does not officially support unless told.
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => None,
+            "aarch64" => Some("arm64"),
+            other => Some(other),
+        };
+        if let Some(arch) = arch {
+            command.env("ETCD_UNSUPPORTED_ARCH", arch);
+        }
+        command
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let child = self
+                .child
+                .as_mut()
+                .ok_or_else(|| anyhow!("etcd is not running"))?;
+            if let Some(status) = child.try_wait().context("checking etcd")? {
+                self.child = None;
+                bail!(
+                    "etcd exited during start-up ({status}); log tail:\n{}",
+                    self.log_tail()
+                );
+            }
+            if healthy(self.client_port) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let tail = self.log_tail();
+                self.stop()?;
+                bail!("etcd did not become healthy within {READY_TIMEOUT:?}; log tail:\n{tail}");
+            }
+            std::thread::sleep(READY_POLL);
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        read_tail(&self.log_path()).unwrap_or_else(|err| format!("(no etcd log: {err})"))
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        // The temp dir is removed after this, once the process no longer writes to it.
+        let _ = self.stop();
+    }
+}
+
+fn find_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(ETCD_BIN_ENV) {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!("{ETCD_BIN_ENV}={} is not a file", path.display());
+        }
+        return Ok(path);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("etcd"))
+                .find(|candidate| candidate.is_file())
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "the etcd binary was not found on PATH and {ETCD_BIN_ENV} is not set; \
+                 the store tests need a real etcd: install Debian's `etcd-server` package \
+                 (apt-get install etcd-server) or point {ETCD_BIN_ENV} at an etcd 3.4+ binary"
+            )
+        })
+}
+
+/// Two distinct free loopback ports. Both listeners are held until both ports are known so the
+/// kernel cannot hand out the same port twice.
+fn free_ports() -> anyhow::Result<(u16, u16)> {
+    let bind = || TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port");
+    let (client, peer) = (bind()?, bind()?);
+    Ok((client.local_addr()?.port(), peer.local_addr()?.port()))
+}
+
+/// etcd's `/health` answers `"health":"true"` once it has a leader and serves requests.
+fn healthy(port: u16) -> bool {
+    let probe = || -> std::io::Result<String> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    };
+    probe().is_ok_and(|response| response.contains(r#""health":"true""#))
+}
+
+fn read_tail(path: &Path) -> std::io::Result<String> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail)?;
+    Ok(String::from_utf8_lossy(&tail).into_owned())
+}

@@ -1,0 +1,6 @@
+//! Test harness shared by Pushwire's end-to-end tests and benchmarks: real backing services
+//! started per test, and helpers to drive them.
+
+pub mod control_plane;
+pub mod etcd;
+pub mod receiver;

@@ -1,0 +1,796 @@
+//! The worker's routing table: every account's integrations and push scopes at one config
+//! revision, immutable, rebuilt per revision with per-account structural sharing, and the
+//! routing of a placement through `matching::resolve` (the one push-scope matcher). Pure: it
+//! knows nothing of gRPC, streams or delivery; `config_watch` feeds it, ingest reads it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use pb::config_change::Change;
+use pushwire_common::domain::convert::InvalidField;
+use pushwire_common::domain::matching::{self, Placement};
+use pushwire_common::domain::{
+    AccountName, Integration, IntegrationName, PushScope, PushScopeName,
+};
+use pushwire_common::pb::v1 as pb;
+
+/// An integration a participation goes to, and the scope that decided it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The integration to deliver to (as of the table's revision).
+    pub integration: Arc<Integration>,
+    /// The push scope that made it fire.
+    pub decided_by: PushScopeName,
+}
+
+/// One account's configuration, with what routing needs laid out ahead of time.
+#[derive(Debug, Default)]
+struct Account {
+    /// Every integration, disabled ones included (lookups by name need them).
+    integrations: BTreeMap<IntegrationName, Arc<Integration>>,
+    /// Every push scope, in a precomputed order: the `routable` scopes first (those whose
+    /// integration exists and is enabled), each part by name. Routing passes only that prefix
+    /// to `resolve`, so scopes that can never fire cost nothing per participation.
+    scopes: Vec<PushScope>,
+    /// How many of `scopes` are routable.
+    routable: usize,
+    /// Enabled integrations, by name: the slice `resolve` takes. Copies of `integrations`'
+    /// values because `resolve` wants a contiguous slice; there are few integrations per
+    /// account, and they are rebuilt only when the account changes.
+    enabled: Vec<Integration>,
+}
+
+impl Account {
+    /// Builds the routing layout from an account's integrations and scopes.
+    fn build(
+        integrations: BTreeMap<IntegrationName, Arc<Integration>>,
+        scopes: BTreeMap<PushScopeName, PushScope>,
+    ) -> Self {
+        let enabled: Vec<Integration> = integrations
+            .values()
+            .filter(|i| i.enabled)
+            .map(|i| Integration::clone(i))
+            .collect();
+        let fires = |s: &PushScope| integrations.get(&s.integration).is_some_and(|i| i.enabled);
+        // BTreeMap order is by name, so each part stays sorted by name.
+        let (mut ordered, rest): (Vec<PushScope>, Vec<PushScope>) =
+            scopes.into_values().partition(|s| fires(s));
+        let routable = ordered.len();
+        ordered.extend(rest);
+        Self {
+            integrations,
+            scopes: ordered,
+            routable,
+            enabled,
+        }
+    }
+
+    /// The editable form, to apply changes to a copy.
+    fn parts(&self) -> Parts {
+        let scopes = self
+            .scopes
+            .iter()
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect();
+        (self.integrations.clone(), scopes)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.integrations.is_empty() && self.scopes.is_empty()
+    }
+}
+
+/// Every account's integrations and push scopes at one revision. Immutable: a new revision
+/// makes a new table, sharing the accounts it did not touch with the old one, so readers keep
+/// routing on a consistent table while the next one is built.
+#[derive(Clone, Default)]
+pub struct RoutingTable {
+    revision: i64,
+    accounts: HashMap<AccountName, Arc<Account>>,
+}
+
+impl fmt::Debug for RoutingTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The whole configuration would be huge; the shape is what logs need.
+        f.debug_struct("RoutingTable")
+            .field("revision", &self.revision)
+            .field("accounts", &self.accounts.len())
+            .field("integrations", &self.integration_count())
+            .field("push_scopes", &self.push_scope_count())
+            .finish()
+    }
+}
+
+/// Sources of one account while a snapshot or a batch of changes is applied.
+type Parts = (
+    BTreeMap<IntegrationName, Arc<Integration>>,
+    BTreeMap<PushScopeName, PushScope>,
+);
+
+/// Rewrites a decoding error's field path to its place in the `WatchConfig` message: `path`
+/// replaces the `own` prefix the conversion uses (`push_scope.` for scopes, none for
+/// integration configs), so errors read `changes[3].upsert_push_scope.level`.
+fn within(path: String, own: &'static str) -> impl FnOnce(InvalidField) -> InvalidField {
+    move |e| {
+        let rest = e.field.strip_prefix(own).unwrap_or(&e.field);
+        let field = if rest.is_empty() {
+            path
+        } else {
+            format!("{path}.{rest}")
+        };
+        InvalidField {
+            field,
+            reason: e.reason,
+        }
+    }
+}
+
+impl RoutingTable {
+    /// No configuration at all (revision 0): routes nothing.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// The config revision this table is at.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Builds the table from a `WatchConfig` snapshot. Any field that does not decode fails
+    /// the whole snapshot: routing on part of a configuration could skip an exclusion.
+    pub fn from_snapshot(
+        revision: i64,
+        snapshot: pb::ConfigSnapshot,
+    ) -> Result<Self, InvalidField> {
+        let mut parts: HashMap<AccountName, Parts> = HashMap::new();
+        for (n, config) in snapshot.integrations.into_iter().enumerate() {
+            let integration = Integration::try_from(config)
+                .map_err(within(format!("snapshot.integrations[{n}]"), ""))?;
+            parts
+                .entry(integration.name.account().clone())
+                .or_default()
+                .0
+                .insert(integration.name.clone(), Arc::new(integration));
+        }
+        for (n, scope) in snapshot.push_scopes.into_iter().enumerate() {
+            let scope = PushScope::try_from(scope)
+                .map_err(within(format!("snapshot.push_scopes[{n}]"), "push_scope."))?;
+            parts
+                .entry(scope.name.account().clone())
+                .or_default()
+                .1
+                .insert(scope.name.clone(), scope);
+        }
+        let accounts = parts
+            .into_iter()
+            .map(|(account, (integrations, scopes))| {
+                (account, Arc::new(Account::build(integrations, scopes)))
+            })
+            .collect();
+        Ok(Self { revision, accounts })
+    }
+
+    /// A new table at `revision`: this one with `changes` applied, in order, as one unit
+    /// (the changes of one store transaction). Only the accounts the changes touch are
+    /// rebuilt; the others are shared with `self`. On a decoding error nothing is applied.
+    pub fn apply(
+        &self,
+        revision: i64,
+        changes: Vec<pb::ConfigChange>,
+    ) -> Result<Self, InvalidField> {
+        let mut touched: HashMap<AccountName, Parts> = HashMap::new();
+        for (n, change) in changes.into_iter().enumerate() {
+            let bad = |field: &str, reason: String| {
+                InvalidField::new(format!("changes[{n}].{field}"), reason)
+            };
+            match change.change {
+                Some(Change::UpsertIntegration(config)) => {
+                    let integration = Integration::try_from(config)
+                        .map_err(within(format!("changes[{n}].upsert_integration"), ""))?;
+                    self.parts_of(&mut touched, integration.name.account())
+                        .0
+                        .insert(integration.name.clone(), Arc::new(integration));
+                }
+                Some(Change::DeleteIntegration(name)) => {
+                    let name = IntegrationName::parse(&name)
+                        .map_err(|e| bad("delete_integration", e.to_string()))?;
+                    // Its scopes stay (the control plane deletes them with their own
+                    // changes); without the integration `resolve` ignores them anyway.
+                    self.parts_of(&mut touched, name.account()).0.remove(&name);
+                }
+                Some(Change::UpsertPushScope(scope)) => {
+                    let scope = PushScope::try_from(scope).map_err(within(
+                        format!("changes[{n}].upsert_push_scope"),
+                        "push_scope.",
+                    ))?;
+                    self.parts_of(&mut touched, scope.name.account())
+                        .1
+                        .insert(scope.name.clone(), scope);
+                }
+                Some(Change::DeletePushScope(name)) => {
+                    let name = PushScopeName::parse(&name)
+                        .map_err(|e| bad("delete_push_scope", e.to_string()))?;
+                    self.parts_of(&mut touched, name.account()).1.remove(&name);
+                }
+                // An empty oneof, or a kind of change this worker does not know (a newer
+                // control plane): refuse rather than silently diverge.
+                None => return Err(bad("change", "missing or of an unknown kind".into())),
+            }
+        }
+        let mut accounts = self.accounts.clone();
+        for (account, (integrations, scopes)) in touched {
+            let rebuilt = Account::build(integrations, scopes);
+            if rebuilt.is_empty() {
+                accounts.remove(&account);
+            } else {
+                accounts.insert(account, Arc::new(rebuilt));
+            }
+        }
+        Ok(Self { revision, accounts })
+    }
+
+    /// The editable sources of `account` within `touched`, copied from this table on first use.
+    fn parts_of<'t>(
+        &self,
+        touched: &'t mut HashMap<AccountName, Parts>,
+        account: &AccountName,
+    ) -> &'t mut Parts {
+        touched.entry(account.clone()).or_insert_with(|| {
+            self.accounts
+                .get(account)
+                .map(|a| a.parts())
+                .unwrap_or_default()
+        })
+    }
+
+    /// The integrations a participation of `account` at `placement` goes to, ordered by
+    /// integration name, each with the scope that decided it: exactly
+    /// [`matching::resolve`] over the account's integrations and scopes (disabled
+    /// integrations never route).
+    pub fn route(&self, account: &AccountName, placement: &Placement<'_>) -> Vec<Route> {
+        let Some(account) = self.accounts.get(account) else {
+            return Vec::new();
+        };
+        if account.routable == 0 {
+            return Vec::new();
+        }
+        matching::resolve(
+            &account.enabled,
+            &account.scopes[..account.routable],
+            placement,
+        )
+        .into_iter()
+        .filter_map(|push| {
+            // Always present: `enabled` is built from `integrations`.
+            account
+                .integrations
+                .get(&push.integration.name)
+                .map(|integration| Route {
+                    integration: integration.clone(),
+                    decided_by: push.decided_by.name.clone(),
+                })
+        })
+        .collect()
+    }
+
+    /// The integration of this name as of this revision, disabled or not.
+    pub fn integration(&self, name: &IntegrationName) -> Option<Arc<Integration>> {
+        self.accounts
+            .get(name.account())?
+            .integrations
+            .get(name)
+            .cloned()
+    }
+
+    /// Number of integrations, all accounts together.
+    pub fn integration_count(&self) -> usize {
+        self.accounts.values().map(|a| a.integrations.len()).sum()
+    }
+
+    /// Number of push scopes, all accounts together.
+    pub fn push_scope_count(&self) -> usize {
+        self.accounts.values().map(|a| a.scopes.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use pushwire_common::domain::convert::integration_config;
+    use pushwire_common::domain::{
+        Audience, IncompletePolicy, PushAction, ScopeTarget, SignatureScheme,
+    };
+
+    use super::*;
+
+    fn account(id: &str) -> AccountName {
+        AccountName::from_id(id).unwrap()
+    }
+
+    fn integration(account_id: &str, id: &str, enabled: bool) -> Integration {
+        Integration {
+            name: IntegrationName::new(&account(account_id), id).unwrap(),
+            display_name: id.to_owned(),
+            url: format!("https://{id}.example.org/hook"),
+            enabled,
+            disabled_reason: String::new(),
+            incomplete_participations: IncompletePolicy::Skip,
+            auth_header: None,
+            secrets: Vec::new(),
+            signature_schemes: vec![SignatureScheme::Qualifio],
+            create_time: SystemTime::UNIX_EPOCH,
+            update_time: SystemTime::UNIX_EPOCH,
+            revision: 1,
+        }
+    }
+
+    fn scope(
+        account_id: &str,
+        id: &str,
+        integration: &str,
+        target: ScopeTarget,
+        action: PushAction,
+    ) -> PushScope {
+        scope_for(account_id, id, integration, target, Audience::All, action)
+    }
+
+    fn scope_for(
+        account_id: &str,
+        id: &str,
+        integration: &str,
+        target: ScopeTarget,
+        audience: Audience,
+        action: PushAction,
+    ) -> PushScope {
+        let a = account(account_id);
+        PushScope {
+            name: PushScopeName::new(&a, id).unwrap(),
+            integration: IntegrationName::new(&a, integration).unwrap(),
+            target,
+            audience,
+            action,
+            create_time: SystemTime::UNIX_EPOCH,
+            update_time: SystemTime::UNIX_EPOCH,
+            revision: 1,
+        }
+    }
+
+    fn snapshot(integrations: &[Integration], scopes: &[PushScope]) -> pb::ConfigSnapshot {
+        pb::ConfigSnapshot {
+            integrations: integrations.iter().map(integration_config).collect(),
+            push_scopes: scopes.iter().map(pb::PushScope::from).collect(),
+        }
+    }
+
+    fn upsert_integration(i: &Integration) -> pb::ConfigChange {
+        pb::ConfigChange {
+            change: Some(Change::UpsertIntegration(integration_config(i))),
+        }
+    }
+    fn delete_integration(name: &str) -> pb::ConfigChange {
+        pb::ConfigChange {
+            change: Some(Change::DeleteIntegration(name.into())),
+        }
+    }
+    fn upsert_scope(s: &PushScope) -> pb::ConfigChange {
+        pb::ConfigChange {
+            change: Some(Change::UpsertPushScope(s.into())),
+        }
+    }
+    fn delete_scope(name: &str) -> pb::ConfigChange {
+        pb::ConfigChange {
+            change: Some(Change::DeletePushScope(name.into())),
+        }
+    }
+
+    fn web(id: &str) -> ScopeTarget {
+        ScopeTarget::Website(id.into())
+    }
+    fn camp(id: &str) -> ScopeTarget {
+        ScopeTarget::Campaign(id.into())
+    }
+
+    fn at(website: Option<&'static str>, campaign: &'static str) -> Placement<'static> {
+        Placement {
+            website_id: website,
+            master_form_id: None,
+            campaign_id: campaign,
+            identified: false,
+        }
+    }
+
+    fn ids(routes: &[Route]) -> Vec<(String, String)> {
+        routes
+            .iter()
+            .map(|r| {
+                (
+                    r.integration.name.id().to_owned(),
+                    r.decided_by.id().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// The reference answer: `matching::resolve` over everything of the account, unfiltered.
+    fn reference(
+        integrations: &[Integration],
+        scopes: &[PushScope],
+        placement: &Placement<'_>,
+    ) -> Vec<(String, String)> {
+        matching::resolve(integrations, scopes, placement)
+            .iter()
+            .map(|p| {
+                (
+                    p.integration.name.id().to_owned(),
+                    p.decided_by.name.id().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn acme() -> (Vec<Integration>, Vec<PushScope>) {
+        let integrations = vec![
+            integration("acme", "crm", true),
+            integration("acme", "erp", true),
+            integration("acme", "off", false),
+        ];
+        let scopes = vec![
+            scope("acme", "crm-web-7", "crm", web("7"), PushAction::Push),
+            scope(
+                "acme",
+                "crm-not-99",
+                "crm",
+                camp("99"),
+                PushAction::DoNotPush,
+            ),
+            scope(
+                "acme",
+                "erp-all",
+                "erp",
+                ScopeTarget::Account,
+                PushAction::Push,
+            ),
+            scope(
+                "acme",
+                "off-all",
+                "off",
+                ScopeTarget::Account,
+                PushAction::Push,
+            ),
+            scope(
+                "acme",
+                "ghost-all",
+                "ghost",
+                ScopeTarget::Account,
+                PushAction::Push,
+            ),
+        ];
+        (integrations, scopes)
+    }
+
+    #[test]
+    fn empty_table_routes_nothing() {
+        let t = RoutingTable::empty();
+        assert_eq!(t.revision(), 0);
+        assert!(t.route(&account("acme"), &at(Some("7"), "1")).is_empty());
+        assert!(
+            t.integration(&IntegrationName::parse("accounts/acme/integrations/crm").unwrap())
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn snapshot_routes_like_resolve() {
+        let (integrations, scopes) = acme();
+        let t = RoutingTable::from_snapshot(7, snapshot(&integrations, &scopes)).unwrap();
+        assert_eq!(t.revision(), 7);
+        assert_eq!((t.integration_count(), t.push_scope_count()), (3, 5));
+        let acme = account("acme");
+        let placements = [
+            at(Some("7"), "1"),
+            at(Some("7"), "99"),
+            at(Some("8"), "1"),
+            at(None, "1"),
+            Placement {
+                identified: true,
+                ..at(Some("7"), "2")
+            },
+        ];
+        for p in &placements {
+            assert_eq!(
+                ids(&t.route(&acme, p)),
+                reference(&integrations, &scopes, p),
+                "{p:?}"
+            );
+        }
+        assert_eq!(
+            ids(&t.route(&acme, &at(Some("7"), "1"))),
+            [
+                ("crm".into(), "crm-web-7".into()),
+                ("erp".into(), "erp-all".into())
+            ]
+        );
+        assert_eq!(
+            ids(&t.route(&acme, &at(Some("7"), "99"))),
+            [("erp".to_owned(), "erp-all".to_owned())]
+        );
+        assert!(t.route(&account("other"), &at(Some("7"), "1")).is_empty());
+        // Disabled integrations never route but can still be looked up.
+        let off = t
+            .integration(&IntegrationName::parse("accounts/acme/integrations/off").unwrap())
+            .unwrap();
+        assert!(!off.enabled);
+        // Routes hand out the table's own Arcs, not copies.
+        let routes = t.route(&acme, &at(Some("7"), "1"));
+        let crm = t.integration(&routes[0].integration.name).unwrap();
+        assert!(Arc::ptr_eq(&routes[0].integration, &crm));
+    }
+
+    #[test]
+    fn route_agrees_with_resolve_on_generated_configs() {
+        // A deterministic spread of scopes over a few integrations, targets, audiences and
+        // actions; every placement of a small grid must give resolve's answer.
+        let ints: Vec<Integration> = (0..6)
+            .map(|n| integration("acme", &format!("i{n}"), n % 4 != 3))
+            .collect();
+        let targets = [
+            ScopeTarget::Account,
+            web("1"),
+            web("2"),
+            ScopeTarget::MasterForm("f".into()),
+            camp("1"),
+            camp("2"),
+        ];
+        let audiences = [Audience::All, Audience::Identified, Audience::Anonymous];
+        let mut scopes = Vec::new();
+        let mut x: u32 = 12345;
+        for n in 0..120 {
+            // A small LCG: reproducible without a rand dependency in the test.
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let pick = |m: u32, shift: u32| ((x >> shift) % m) as usize;
+            let action = if pick(3, 4) == 0 {
+                PushAction::DoNotPush
+            } else {
+                PushAction::Push
+            };
+            scopes.push(scope_for(
+                "acme",
+                &format!("s{n:03}"),
+                &format!("i{}", pick(7, 8)), // i6 does not exist
+                targets[pick(6, 12)].clone(),
+                audiences[pick(3, 16)],
+                action,
+            ));
+        }
+        let t = RoutingTable::from_snapshot(1, snapshot(&ints, &scopes)).unwrap();
+        let mut checked = 0;
+        for website in [None, Some("1"), Some("2"), Some("3")] {
+            for form in [None, Some("f"), Some("g")] {
+                for campaign in ["1", "2", "3"] {
+                    for identified in [false, true] {
+                        let p = Placement {
+                            website_id: website,
+                            master_form_id: form,
+                            campaign_id: campaign,
+                            identified,
+                        };
+                        let want = reference(&ints, &scopes, &p);
+                        checked += usize::from(!want.is_empty());
+                        assert_eq!(ids(&t.route(&account("acme"), &p)), want, "{p:?}");
+                    }
+                }
+            }
+        }
+        assert!(
+            checked > 20,
+            "the grid should exercise real routes, got {checked}"
+        );
+    }
+
+    #[test]
+    fn changes_of_both_kinds_apply_in_order() {
+        let (integrations, scopes) = acme();
+        let t1 = RoutingTable::from_snapshot(10, snapshot(&integrations, &scopes)).unwrap();
+        let acme = account("acme");
+        let p = at(Some("7"), "1");
+
+        // Enable "off", add a campaign exclusion for erp, delete crm's website scope.
+        let t2 = t1
+            .apply(
+                11,
+                vec![
+                    upsert_integration(&integration("acme", "off", true)),
+                    upsert_scope(&scope(
+                        "acme",
+                        "erp-not-1",
+                        "erp",
+                        camp("1"),
+                        PushAction::DoNotPush,
+                    )),
+                    delete_scope("accounts/acme/pushScopes/crm-web-7"),
+                ],
+            )
+            .unwrap();
+        assert_eq!(t2.revision(), 11);
+        assert_eq!(
+            ids(&t2.route(&acme, &p)),
+            [("off".to_owned(), "off-all".to_owned())]
+        );
+        // The old table is untouched (readers may still hold it).
+        assert_eq!(t1.route(&acme, &p).len(), 2);
+
+        // Delete the integration: its scopes stay but it no longer routes; an upsert after a
+        // delete in one batch wins (order matters).
+        let t3 = t2
+            .apply(
+                12,
+                vec![
+                    delete_integration("accounts/acme/integrations/off"),
+                    upsert_integration(&integration("acme", "ghost", true)),
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            ids(&t3.route(&acme, &p)),
+            [("ghost".to_owned(), "ghost-all".to_owned())]
+        );
+        assert!(
+            t3.integration(&IntegrationName::parse("accounts/acme/integrations/off").unwrap())
+                .is_none()
+        );
+        assert_eq!(t3.push_scope_count(), 5);
+
+        // A new account appears; deleting everything of it removes it again.
+        let t4 = t3
+            .apply(
+                13,
+                vec![
+                    upsert_integration(&integration("beta", "hub", true)),
+                    upsert_scope(&scope(
+                        "beta",
+                        "all",
+                        "hub",
+                        ScopeTarget::Account,
+                        PushAction::Push,
+                    )),
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            ids(&t4.route(&account("beta"), &p)),
+            [("hub".to_owned(), "all".to_owned())]
+        );
+        let t5 = t4
+            .apply(
+                14,
+                vec![
+                    delete_scope("accounts/beta/pushScopes/all"),
+                    delete_integration("accounts/beta/integrations/hub"),
+                ],
+            )
+            .unwrap();
+        assert!(!t5.accounts.contains_key(&account("beta")));
+        // Deleting what does not exist is harmless (a change the table already reflects).
+        let t6 = t5
+            .apply(15, vec![delete_scope("accounts/beta/pushScopes/none")])
+            .unwrap();
+        assert!(t6.route(&account("beta"), &p).is_empty());
+    }
+
+    #[test]
+    fn changes_share_untouched_accounts() {
+        let (mut integrations, mut scopes) = acme();
+        integrations.push(integration("beta", "hub", true));
+        scopes.push(scope(
+            "beta",
+            "all",
+            "hub",
+            ScopeTarget::Account,
+            PushAction::Push,
+        ));
+        let t1 = RoutingTable::from_snapshot(1, snapshot(&integrations, &scopes)).unwrap();
+        let t2 = t1
+            .apply(
+                2,
+                vec![upsert_scope(&scope(
+                    "acme",
+                    "crm-all",
+                    "crm",
+                    ScopeTarget::Account,
+                    PushAction::Push,
+                ))],
+            )
+            .unwrap();
+        assert!(Arc::ptr_eq(
+            &t1.accounts[&account("beta")],
+            &t2.accounts[&account("beta")]
+        ));
+        assert!(!Arc::ptr_eq(
+            &t1.accounts[&account("acme")],
+            &t2.accounts[&account("acme")]
+        ));
+        let hub = IntegrationName::parse("accounts/beta/integrations/hub").unwrap();
+        assert!(Arc::ptr_eq(
+            &t1.integration(&hub).unwrap(),
+            &t2.integration(&hub).unwrap()
+        ));
+        // Inside the touched account, unchanged integrations keep their Arc too.
+        let erp = IntegrationName::parse("accounts/acme/integrations/erp").unwrap();
+        assert!(Arc::ptr_eq(
+            &t1.integration(&erp).unwrap(),
+            &t2.integration(&erp).unwrap()
+        ));
+        // An empty batch shares everything.
+        let t3 = t2.apply(3, Vec::new()).unwrap();
+        assert!(
+            t2.accounts
+                .iter()
+                .all(|(a, acc)| Arc::ptr_eq(acc, &t3.accounts[a]))
+        );
+    }
+
+    #[test]
+    fn decoding_errors_name_the_field_and_apply_nothing() {
+        let (integrations, scopes) = acme();
+        let t = RoutingTable::from_snapshot(1, snapshot(&integrations, &scopes)).unwrap();
+
+        let mut bad_scope = pb::PushScope::from(&scopes[0]);
+        bad_scope.level = 0;
+        let err = t
+            .apply(
+                2,
+                vec![
+                    upsert_integration(&integration("acme", "new", true)),
+                    pb::ConfigChange {
+                        change: Some(Change::UpsertPushScope(bad_scope.clone())),
+                    },
+                ],
+            )
+            .unwrap_err();
+        assert_eq!(err.field, "changes[1].upsert_push_scope.level");
+
+        for (change, field) in [
+            (
+                delete_integration("nonsense"),
+                "changes[0].delete_integration",
+            ),
+            (
+                delete_scope("accounts/acme/integrations/crm"),
+                "changes[0].delete_push_scope",
+            ),
+            (pb::ConfigChange { change: None }, "changes[0].change"),
+            (
+                pb::ConfigChange {
+                    change: Some(Change::UpsertIntegration(pb::IntegrationConfig::default())),
+                },
+                "changes[0].upsert_integration.integration",
+            ),
+        ] {
+            assert_eq!(t.apply(2, vec![change]).unwrap_err().field, field);
+        }
+
+        let mut snap = snapshot(&integrations, &scopes);
+        snap.push_scopes[2] = bad_scope;
+        assert_eq!(
+            RoutingTable::from_snapshot(1, snap).unwrap_err().field,
+            "snapshot.push_scopes[2].level"
+        );
+    }
+
+    #[test]
+    fn debug_is_a_summary_without_secrets() {
+        let mut i = integration("acme", "crm", true);
+        i.secrets = vec![pushwire_common::domain::SigningSecret {
+            secret: pushwire_common::domain::Secret::new("s3cr3t-value"),
+            expire_time: None,
+        }];
+        let t = RoutingTable::from_snapshot(4, snapshot(&[i], &[])).unwrap();
+        let printed = format!("{t:?}");
+        assert!(
+            printed.contains("revision: 4") && !printed.contains("s3cr3t"),
+            "{printed}"
+        );
+    }
+}

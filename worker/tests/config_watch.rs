@@ -1,0 +1,246 @@
+//! The config watch against a real control plane run in-process on the embedded store: the
+//! table follows creations, survives the control plane going away, and catches up with a
+//! control plane restarted on the same data directory and address.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use pushwire_common::domain::matching::Placement;
+use pushwire_common::domain::{AccountName, IntegrationName};
+use pushwire_common::pb::v1 as pb;
+use pushwire_control_plane::{Config, Listeners};
+use pushwire_worker::config_watch;
+use pushwire_worker::router::RoutingTable;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+type Table = Option<Arc<RoutingTable>>;
+
+/// A control plane running in this process.
+struct ControlPlane {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), pushwire_control_plane::RunError>>,
+}
+
+impl ControlPlane {
+    /// Starts one on the embedded store in `dir`, gRPC on `grpc` (port 0 for any).
+    async fn start(dir: &Path, grpc: SocketAddr) -> anyhow::Result<Self> {
+        let mut config = Config::defaults();
+        config.data_dir = dir.to_path_buf();
+        config.etcd_endpoints.clear();
+        config.allow_insecure_http = true;
+        config.shutdown_grace = Duration::from_secs(2);
+        let listeners = Listeners {
+            grpc: TcpListener::bind(grpc)
+                .await
+                .with_context(|| format!("binding {grpc}"))?,
+            http: TcpListener::bind("127.0.0.1:0").await?,
+        };
+        let addr = listeners.grpc.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(pushwire_control_plane::run(
+            config,
+            listeners,
+            shutdown.clone(),
+        ));
+        Ok(Self {
+            addr,
+            shutdown,
+            task,
+        })
+    }
+
+    async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(format!("http://{}", self.addr))?
+            .connect()
+            .await?)
+    }
+
+    async fn create_integration(&self, account: &str, id: &str) -> anyhow::Result<pb::Integration> {
+        let mut client =
+            pb::integration_service_client::IntegrationServiceClient::new(self.channel().await?);
+        let integration = pb::Integration {
+            display_name: id.to_uppercase(),
+            url: format!("https://{id}.example.com/hook"),
+            secret: "s3cr3t-for-the-test".into(),
+            ..Default::default()
+        };
+        let req = pb::CreateIntegrationRequest {
+            parent: account.into(),
+            integration_id: id.into(),
+            integration: Some(integration),
+        };
+        Ok(client.create_integration(req).await?.into_inner())
+    }
+
+    async fn create_account_scope(
+        &self,
+        account: &str,
+        id: &str,
+        integration: &str,
+    ) -> anyhow::Result<pb::PushScope> {
+        let mut client =
+            pb::push_scope_service_client::PushScopeServiceClient::new(self.channel().await?);
+        let scope = pb::PushScope {
+            integration: integration.into(),
+            level: pb::PushScopeLevel::Account.into(),
+            action: pb::PushAction::Push.into(),
+            ..Default::default()
+        };
+        let req = pb::CreatePushScopeRequest {
+            parent: account.into(),
+            push_scope_id: id.into(),
+            push_scope: Some(scope),
+        };
+        Ok(client.create_push_scope(req).await?.into_inner())
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// Waits (at most [`WAIT`]) until the published table satisfies `pred`, and returns it.
+async fn wait_for(
+    rx: &mut watch::Receiver<Table>,
+    what: &str,
+    pred: impl Fn(&RoutingTable) -> bool,
+) -> anyhow::Result<Arc<RoutingTable>> {
+    let wait = async {
+        loop {
+            if let Some(t) = rx.borrow_and_update().clone().filter(|t| pred(t)) {
+                return Ok(t);
+            }
+            rx.changed()
+                .await
+                .context("config watch dropped the table sender")?;
+        }
+    };
+    tokio::time::timeout(WAIT, wait)
+        .await
+        .with_context(|| format!("waiting for {what}"))?
+}
+
+fn name(s: &str) -> IntegrationName {
+    IntegrationName::parse(s).expect("valid name")
+}
+
+fn anywhere() -> Placement<'static> {
+    Placement {
+        website_id: Some("7"),
+        master_form_id: None,
+        campaign_id: "1",
+        identified: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_control_plane_and_survives_its_restart() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cp = ControlPlane::start(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let addr = cp.addr;
+
+    // The worker's side: a lazily connecting channel, so it reconnects on its own.
+    let channel = config_watch::endpoint(format!("http://{addr}"))?.connect_lazy();
+    let (tx, mut rx) = watch::channel::<Table>(None);
+    let shutdown = CancellationToken::new();
+    let watcher = tokio::spawn(config_watch::run(channel, tx, shutdown.clone()));
+
+    // Ready once the (empty) snapshot is in.
+    let first = wait_for(&mut rx, "the first snapshot", |_| true).await?;
+    assert_eq!(first.integration_count(), 0);
+
+    let crm = cp.create_integration("accounts/42", "crm").await?;
+    let scope = cp
+        .create_account_scope("accounts/42", "all", &crm.name)
+        .await?;
+    let account = AccountName::parse("accounts/42")?;
+    let table = wait_for(&mut rx, "crm and its scope", |t| {
+        !t.route(&account, &anywhere()).is_empty()
+    })
+    .await?;
+    let routes = table.route(&account, &anywhere());
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0].integration.name.to_string(), crm.name);
+    assert_eq!(routes[0].decided_by.to_string(), scope.name);
+    // The worker gets the secret the control plane never shows on reads.
+    let secrets: Vec<_> = routes[0]
+        .integration
+        .valid_secrets(std::time::SystemTime::now())
+        .map(|s| s.expose().to_owned())
+        .collect();
+    assert_eq!(secrets, ["s3cr3t-for-the-test"]);
+    let revision = table.revision();
+    assert_eq!(
+        revision.to_string(),
+        scope.etag,
+        "the table is at the scope's revision"
+    );
+
+    // The control plane goes away: the worker keeps the table it has.
+    cp.stop().await?;
+    let unchanged = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+    assert!(
+        unchanged.is_err(),
+        "the table must not change while the control plane is down"
+    );
+    let kept = rx.borrow().clone().context("table kept")?;
+    assert!(Arc::ptr_eq(&kept, &table));
+    assert_eq!(kept.route(&account, &anywhere()).len(), 1);
+
+    // A new control plane on the same data and address: the watch resumes from its revision
+    // and a change made there arrives.
+    let cp = ControlPlane::start(dir.path(), addr).await?;
+    let erp = cp.create_integration("accounts/42", "erp").await?;
+    let table = wait_for(&mut rx, "erp from the restarted control plane", |t| {
+        t.integration(&name(&erp.name)).is_some()
+    })
+    .await?;
+    assert!(table.revision() > revision);
+    assert!(
+        table.integration(&name(&crm.name)).is_some(),
+        "earlier configuration kept"
+    );
+    assert_eq!(
+        table.route(&account, &anywhere()).len(),
+        1,
+        "erp has no scope yet"
+    );
+
+    // Shutdown ends the loop promptly.
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(2), watcher)
+        .await
+        .context("watch loop did not stop")??;
+    cp.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_for_an_unreachable_control_plane_and_stops_on_shutdown() -> anyhow::Result<()> {
+    // A port nobody listens on: connection refused, again and again.
+    let addr = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+    let channel = config_watch::endpoint(format!("http://{addr}"))?.connect_lazy();
+    let (tx, mut rx) = watch::channel::<Table>(None);
+    let shutdown = CancellationToken::new();
+    let watcher = tokio::spawn(config_watch::run(channel, tx, shutdown.clone()));
+    let nothing = tokio::time::timeout(Duration::from_millis(300), rx.changed()).await;
+    assert!(nothing.is_err(), "no table without a control plane");
+    assert!(rx.borrow().is_none());
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(2), watcher)
+        .await
+        .context("watch loop did not stop")??;
+    Ok(())
+}
