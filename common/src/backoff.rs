@@ -15,7 +15,11 @@ pub struct Backoff {
 impl Backoff {
     /// Delays from `initial` doubling up to `max`.
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { initial, max, current: initial }
+        Self {
+            initial,
+            max,
+            current: initial,
+        }
     }
 
     /// The next delay: random in `[current/2, current]`, then doubles `current`.
@@ -48,9 +52,15 @@ mod tests {
     fn grows_to_max_with_jitter_and_resets() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         let delays: Vec<_> = (0..8).map(|_| b.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100), "{delays:?}");
+        assert!(
+            delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100),
+            "{delays:?}"
+        );
         for d in &delays[4..] {
-            assert!(*d >= Duration::from_millis(500) && *d <= Duration::from_secs(1), "{delays:?}");
+            assert!(
+                *d >= Duration::from_millis(500) && *d <= Duration::from_secs(1),
+                "{delays:?}"
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

@@ -6,9 +6,9 @@
 //! - [`participation`]: parsing and validation of participation documents.
 
 pub mod backoff;
+pub mod domain;
+pub mod participation;
 pub mod pb;
 pub mod shutdown;
 pub mod signing;
 pub mod telemetry;
-pub mod domain;
-pub mod participation;

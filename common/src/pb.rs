@@ -1,7 +1,12 @@
 //! Generated protobuf and gRPC bindings (`pushwire.v1`, `pushwire.storage.v1`), plus the
 //! hand-written `Debug` of the messages that carry secrets, which must never print them.
 
-#![allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
+#![allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
 
 /// Generated modules, nested as the proto packages are (prost refers across them by path).
 mod pushwire {
@@ -15,10 +20,10 @@ mod pushwire {
     }
 }
 
-/// The public API, package `pushwire.v1`.
-pub use pushwire::v1;
 /// Storage records, package `pushwire.storage.v1`.
 pub use pushwire::storage::v1 as storage;
+/// The public API, package `pushwire.v1`.
+pub use pushwire::v1;
 
 /// Encoded `FileDescriptorSet` of every Pushwire proto file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -119,7 +124,10 @@ mod tests {
                 ..Default::default()
             }),
             auth_header_value: "Bearer s3cr3t-two".into(),
-            signing_secrets: vec![v1::SigningSecret { secret: "s3cr3t-one".into(), expire_time: None }],
+            signing_secrets: vec![v1::SigningSecret {
+                secret: "s3cr3t-one".into(),
+                expire_time: None,
+            }],
         };
         let printed = format!("{cfg:?} {cfg:#?}");
         assert!(!printed.contains("s3cr3t"), "{printed}");

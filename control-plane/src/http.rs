@@ -29,7 +29,9 @@ pub struct Ops {
 
 impl std::fmt::Debug for Ops {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ops").field("feed", &self.feed).finish_non_exhaustive()
+        f.debug_struct("Ops")
+            .field("feed", &self.feed)
+            .finish_non_exhaustive()
     }
 }
 
@@ -47,10 +49,31 @@ impl Ops {
         let revision = Gauge::default();
         let watchers = Gauge::default();
         let store_up = Gauge::default();
-        registry.register("config_revision", "Store revision of the configuration served to workers", revision.clone());
-        registry.register("config_watchers", "WatchConfig streams open", watchers.clone());
-        registry.register("store_up", "1 when the configuration store answered the last probe", store_up.clone());
-        Self { feed, store, metrics: Arc::new(Metrics { registry, revision, watchers, store_up }) }
+        registry.register(
+            "config_revision",
+            "Store revision of the configuration served to workers",
+            revision.clone(),
+        );
+        registry.register(
+            "config_watchers",
+            "WatchConfig streams open",
+            watchers.clone(),
+        );
+        registry.register(
+            "store_up",
+            "1 when the configuration store answered the last probe",
+            store_up.clone(),
+        );
+        Self {
+            feed,
+            store,
+            metrics: Arc::new(Metrics {
+                registry,
+                revision,
+                watchers,
+                store_up,
+            }),
+        }
     }
 
     /// Checks the store within the probe timeout; the reason when it fails.
@@ -76,22 +99,40 @@ impl Ops {
 
 async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
     if !ops.feed.is_loaded() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: configuration not loaded from the store yet\n".to_owned());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: configuration not loaded from the store yet\n".to_owned(),
+        );
     }
     match ops.store_ok().await {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 
 async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
     let m = &ops.metrics;
     m.revision.set(ops.feed.revision());
-    m.watchers.set(i64::try_from(ops.feed.watchers()).unwrap_or(i64::MAX));
+    m.watchers
+        .set(i64::try_from(ops.feed.watchers()).unwrap_or(i64::MAX));
     let _ = ops.store_ok().await;
     let mut body = String::new();
     match encode(&mut body, &m.registry) {
-        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], String::new()),
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            String::new(),
+        ),
     }
 }

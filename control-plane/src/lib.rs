@@ -50,7 +50,10 @@ pub struct Listeners {
 impl Listeners {
     /// Binds the addresses of `config`.
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
-        Ok(Self { grpc: TcpListener::bind(config.grpc_addr).await?, http: TcpListener::bind(config.http_addr).await? })
+        Ok(Self {
+            grpc: TcpListener::bind(config.grpc_addr).await?,
+            http: TcpListener::bind(config.http_addr).await?,
+        })
     }
 }
 
@@ -69,7 +72,11 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
 
 /// Runs the control plane until `shutdown` is cancelled, then drains within
 /// `config.shutdown_grace`.
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), RunError> {
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     let store = open_store(&config).await.map_err(RunError::Store)?;
     let feed = ConfigFeed::new(config.watch_history);
     let feed_task = tokio::spawn(feed.clone().run(store.clone(), shutdown.clone()));
@@ -87,9 +94,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     tracing::info!(grpc = ?grpc_addr, http = ?http_addr, "control plane listening");
 
     let grpc_shutdown = shutdown.clone();
-    let grpc_task = grpc.serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
-        grpc_shutdown.cancelled().await;
-    });
+    let grpc_task =
+        grpc.serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
+            grpc_shutdown.cancelled().await;
+        });
     let http_shutdown = shutdown.clone();
     let http_task = axum::serve(listeners.http, http::Ops::new(feed, store).router())
         .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
@@ -136,22 +144,40 @@ async fn grpc_server(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pb::integration_service_server::IntegrationServiceServer::new(api::IntegrationApi::new(
-            catalog.clone(),
+        .add_service(
+            pb::integration_service_server::IntegrationServiceServer::new(
+                api::IntegrationApi::new(catalog.clone()),
+            ),
+        )
+        .add_service(pb::push_scope_service_server::PushScopeServiceServer::new(
+            api::PushScopeApi::new(catalog),
+        ))
+        .add_service(pb::config_service_server::ConfigServiceServer::new(
+            api::ConfigApi::new(feed, shutdown),
+        ))
+        .add_service(pb::ingest_service_server::IngestServiceServer::new(
+            api::IngestApi,
         )))
-        .add_service(pb::push_scope_service_server::PushScopeServiceServer::new(api::PushScopeApi::new(catalog)))
-        .add_service(pb::config_service_server::ConfigServiceServer::new(api::ConfigApi::new(feed, shutdown)))
-        .add_service(pb::ingest_service_server::IngestServiceServer::new(api::IngestApi)))
 }
 
 /// gRPC health follows the feed: SERVING once the configuration is loaded, NOT_SERVING on
 /// shutdown.
-async fn report_health(health: tonic_health::server::HealthReporter, feed: ConfigFeed, shutdown: CancellationToken) {
+async fn report_health(
+    health: tonic_health::server::HealthReporter,
+    feed: ConfigFeed,
+    shutdown: CancellationToken,
+) {
     use tonic_health::ServingStatus;
-    const SERVICES: &[&str] =
-        &["", "pushwire.v1.IntegrationService", "pushwire.v1.PushScopeService", "pushwire.v1.ConfigService"];
+    const SERVICES: &[&str] = &[
+        "",
+        "pushwire.v1.IntegrationService",
+        "pushwire.v1.PushScopeService",
+        "pushwire.v1.ConfigService",
+    ];
     for s in SERVICES {
-        health.set_service_status(*s, ServingStatus::NotServing).await;
+        health
+            .set_service_status(*s, ServingStatus::NotServing)
+            .await;
     }
     let mut view = feed.subscribe();
     let loaded = tokio::select! {
@@ -167,6 +193,8 @@ async fn report_health(health: tonic_health::server::HealthReporter, feed: Confi
     }
     shutdown.cancelled().await;
     for s in SERVICES {
-        health.set_service_status(*s, ServingStatus::NotServing).await;
+        health
+            .set_service_status(*s, ServingStatus::NotServing)
+            .await;
     }
 }

@@ -35,12 +35,18 @@ pub struct Backends {
 impl Backends {
     /// Starts an etcd and makes a temporary directory.
     pub fn start() -> anyhow::Result<Self> {
-        Ok(Self { dir: tempfile::tempdir()?, etcd: EtcdServer::start()? })
+        Ok(Self {
+            dir: tempfile::tempdir()?,
+            etcd: EtcdServer::start()?,
+        })
     }
 
     /// The two backends, embedded first.
     pub fn all(&self) -> [Backend; 2] {
-        [Backend::Embedded(self.dir.path().join("data")), Backend::Etcd(vec![self.etcd.endpoint()])]
+        [
+            Backend::Embedded(self.dir.path().join("data")),
+            Backend::Etcd(vec![self.etcd.endpoint()]),
+        ]
     }
 }
 
@@ -83,8 +89,17 @@ impl ControlPlane {
         let grpc_addr = listeners.grpc.local_addr()?;
         let http_addr = listeners.http.local_addr()?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(pushwire_control_plane::run(config, listeners, shutdown.clone()));
-        let cp = Self { grpc_addr, http_addr, shutdown, task: Some(task) };
+        let task = tokio::spawn(pushwire_control_plane::run(
+            config,
+            listeners,
+            shutdown.clone(),
+        ));
+        let cp = Self {
+            grpc_addr,
+            http_addr,
+            shutdown,
+            task: Some(task),
+        };
         cp.wait_serving(Duration::from_secs(20)).await?;
         Ok(cp)
     }
@@ -101,7 +116,9 @@ impl ControlPlane {
         loop {
             if let Ok(channel) = self.try_channel().await {
                 let status = HealthClient::new(channel)
-                    .check(HealthCheckRequest { service: String::new() })
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
                     .await
                     .map(|r| r.into_inner().status);
                 if status.ok() == Some(ServingStatus::Serving as i32) {
@@ -109,7 +126,10 @@ impl ControlPlane {
                 }
             }
             if tokio::time::Instant::now() > deadline {
-                anyhow::bail!("control plane on {} not serving after {limit:?}", self.grpc_addr);
+                anyhow::bail!(
+                    "control plane on {} not serving after {limit:?}",
+                    self.grpc_addr
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -125,22 +145,34 @@ impl ControlPlane {
 
     /// A gRPC channel to it.
     pub async fn channel(&self) -> anyhow::Result<Channel> {
-        self.try_channel().await.with_context(|| format!("connecting to {}", self.grpc_addr))
+        self.try_channel()
+            .await
+            .with_context(|| format!("connecting to {}", self.grpc_addr))
     }
 
     /// An IntegrationService client.
-    pub async fn integrations(&self) -> anyhow::Result<pb::integration_service_client::IntegrationServiceClient<Channel>> {
+    pub async fn integrations(
+        &self,
+    ) -> anyhow::Result<pb::integration_service_client::IntegrationServiceClient<Channel>> {
         Ok(pb::integration_service_client::IntegrationServiceClient::new(self.channel().await?))
     }
 
     /// A PushScopeService client.
-    pub async fn push_scopes(&self) -> anyhow::Result<pb::push_scope_service_client::PushScopeServiceClient<Channel>> {
-        Ok(pb::push_scope_service_client::PushScopeServiceClient::new(self.channel().await?))
+    pub async fn push_scopes(
+        &self,
+    ) -> anyhow::Result<pb::push_scope_service_client::PushScopeServiceClient<Channel>> {
+        Ok(pb::push_scope_service_client::PushScopeServiceClient::new(
+            self.channel().await?,
+        ))
     }
 
     /// A ConfigService client.
-    pub async fn config(&self) -> anyhow::Result<pb::config_service_client::ConfigServiceClient<Channel>> {
-        Ok(pb::config_service_client::ConfigServiceClient::new(self.channel().await?))
+    pub async fn config(
+        &self,
+    ) -> anyhow::Result<pb::config_service_client::ConfigServiceClient<Channel>> {
+        Ok(pb::config_service_client::ConfigServiceClient::new(
+            self.channel().await?,
+        ))
     }
 
     /// Stops it and waits for the end of its drain.

@@ -13,15 +13,38 @@ use tonic::Code;
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn integration(display_name: &str, url: &str) -> pb::Integration {
-    pb::Integration { display_name: display_name.into(), url: url.into(), ..Default::default() }
+    pb::Integration {
+        display_name: display_name.into(),
+        url: url.into(),
+        ..Default::default()
+    }
 }
 
-async fn create(cp: &ControlPlane, account: &str, id: &str, i: pb::Integration) -> anyhow::Result<pb::Integration> {
-    let req = pb::CreateIntegrationRequest { parent: account.into(), integration_id: id.into(), integration: Some(i) };
-    Ok(cp.integrations().await?.create_integration(req).await?.into_inner())
+async fn create(
+    cp: &ControlPlane,
+    account: &str,
+    id: &str,
+    i: pb::Integration,
+) -> anyhow::Result<pb::Integration> {
+    let req = pb::CreateIntegrationRequest {
+        parent: account.into(),
+        integration_id: id.into(),
+        integration: Some(i),
+    };
+    Ok(cp
+        .integrations()
+        .await?
+        .create_integration(req)
+        .await?
+        .into_inner())
 }
 
-fn scope(integration: &str, level: pb::PushScopeLevel, target: &str, action: pb::PushAction) -> pb::PushScope {
+fn scope(
+    integration: &str,
+    level: pb::PushScopeLevel,
+    target: &str,
+    action: pb::PushAction,
+) -> pb::PushScope {
     pb::PushScope {
         integration: integration.into(),
         level: level.into(),
@@ -31,23 +54,48 @@ fn scope(integration: &str, level: pb::PushScopeLevel, target: &str, action: pb:
     }
 }
 
-async fn create_scope(cp: &ControlPlane, account: &str, id: &str, s: pb::PushScope) -> anyhow::Result<pb::PushScope> {
-    let req = pb::CreatePushScopeRequest { parent: account.into(), push_scope_id: id.into(), push_scope: Some(s) };
-    Ok(cp.push_scopes().await?.create_push_scope(req).await?.into_inner())
+async fn create_scope(
+    cp: &ControlPlane,
+    account: &str,
+    id: &str,
+    s: pb::PushScope,
+) -> anyhow::Result<pb::PushScope> {
+    let req = pb::CreatePushScopeRequest {
+        parent: account.into(),
+        push_scope_id: id.into(),
+        push_scope: Some(s),
+    };
+    Ok(cp
+        .push_scopes()
+        .await?
+        .create_push_scope(req)
+        .await?
+        .into_inner())
 }
 
-async fn list_all(cp: &ControlPlane, account: &str) -> anyhow::Result<(Vec<pb::Integration>, Vec<pb::PushScope>)> {
+async fn list_all(
+    cp: &ControlPlane,
+    account: &str,
+) -> anyhow::Result<(Vec<pb::Integration>, Vec<pb::PushScope>)> {
     let integrations = cp
         .integrations()
         .await?
-        .list_integrations(pb::ListIntegrationsRequest { parent: account.into(), page_size: 1000, page_token: String::new() })
+        .list_integrations(pb::ListIntegrationsRequest {
+            parent: account.into(),
+            page_size: 1000,
+            page_token: String::new(),
+        })
         .await?
         .into_inner()
         .integrations;
     let scopes = cp
         .push_scopes()
         .await?
-        .list_push_scopes(pb::ListPushScopesRequest { parent: account.into(), page_size: 1000, ..Default::default() })
+        .list_push_scopes(pb::ListPushScopesRequest {
+            parent: account.into(),
+            page_size: 1000,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .push_scopes;
@@ -60,7 +108,9 @@ macro_rules! on_both_backends {
         let backends = Backends::start()?;
         for backend in backends.all() {
             let cp = ControlPlane::on(&backend).await?;
-            $body(&cp).await.with_context(|| format!("on {backend:?}"))?;
+            $body(&cp)
+                .await
+                .with_context(|| format!("on {backend:?}"))?;
             cp.stop().await?;
         }
         Ok(())
@@ -71,27 +121,65 @@ macro_rules! on_both_backends {
 async fn integration_and_scope_lifecycle() -> anyhow::Result<()> {
     async fn body(cp: &ControlPlane) -> anyhow::Result<()> {
         let mut crm = integration("CRM", "https://crm.example.com/hook");
-        crm.auth_header = Some(pb::AuthHeader { name: "Authorization".into(), value: "Bearer t0k3n".into(), value_set: false });
+        crm.auth_header = Some(pb::AuthHeader {
+            name: "Authorization".into(),
+            value: "Bearer t0k3n".into(),
+            value_set: false,
+        });
         crm.secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into();
         let created = create(cp, "accounts/42", "crm", crm).await?;
         assert_eq!(created.name, "accounts/42/integrations/crm");
         assert_eq!(created.enabled, Some(true), "enabled by default");
-        assert_eq!(created.incomplete_participations, pb::IncompleteParticipations::Skip as i32);
-        assert_eq!(created.signature_schemes, vec![pb::SignatureScheme::Qualifio as i32]);
+        assert_eq!(
+            created.incomplete_participations,
+            pb::IncompleteParticipations::Skip as i32
+        );
+        assert_eq!(
+            created.signature_schemes,
+            vec![pb::SignatureScheme::Qualifio as i32]
+        );
         assert!(created.secret_set && created.secret_fingerprint.starts_with("sha256:"));
         assert!(created.create_time.is_some() && !created.etag.is_empty());
 
         let got = cp
             .integrations()
             .await?
-            .get_integration(pb::GetIntegrationRequest { name: created.name.clone() })
+            .get_integration(pb::GetIntegrationRequest {
+                name: created.name.clone(),
+            })
             .await?
             .into_inner();
         assert_eq!(got, created);
 
-        let site = create_scope(cp, "accounts/42", "site-7", scope(&created.name, pb::PushScopeLevel::Website, "7", pb::PushAction::Push)).await?;
-        assert_eq!(site.audience, pb::Audience::All as i32, "audience defaults to ALL");
-        create_scope(cp, "accounts/42", "not-99", scope(&created.name, pb::PushScopeLevel::Campaign, "99", pb::PushAction::DoNotPush)).await?;
+        let site = create_scope(
+            cp,
+            "accounts/42",
+            "site-7",
+            scope(
+                &created.name,
+                pb::PushScopeLevel::Website,
+                "7",
+                pb::PushAction::Push,
+            ),
+        )
+        .await?;
+        assert_eq!(
+            site.audience,
+            pb::Audience::All as i32,
+            "audience defaults to ALL"
+        );
+        create_scope(
+            cp,
+            "accounts/42",
+            "not-99",
+            scope(
+                &created.name,
+                pb::PushScopeLevel::Campaign,
+                "99",
+                pb::PushAction::DoNotPush,
+            ),
+        )
+        .await?;
 
         let resolve = |campaign: &str| pb::ResolvePushesRequest {
             account: "accounts/42".into(),
@@ -100,9 +188,27 @@ async fn integration_and_scope_lifecycle() -> anyhow::Result<()> {
             identified: Some(true),
             ..Default::default()
         };
-        let pushes = cp.push_scopes().await?.resolve_pushes(resolve("1")).await?.into_inner().pushes;
-        assert_eq!(pushes, vec![pb::ResolvedPush { integration: created.name.clone(), decided_by: site.name.clone() }]);
-        let pushes = cp.push_scopes().await?.resolve_pushes(resolve("0099")).await?.into_inner().pushes;
+        let pushes = cp
+            .push_scopes()
+            .await?
+            .resolve_pushes(resolve("1"))
+            .await?
+            .into_inner()
+            .pushes;
+        assert_eq!(
+            pushes,
+            vec![pb::ResolvedPush {
+                integration: created.name.clone(),
+                decided_by: site.name.clone()
+            }]
+        );
+        let pushes = cp
+            .push_scopes()
+            .await?
+            .resolve_pushes(resolve("0099"))
+            .await?
+            .into_inner()
+            .pushes;
         assert!(pushes.is_empty(), "campaign 99 is excluded: {pushes:?}");
 
         // Update with a mask: only the URL changes; the etag moves.
@@ -113,7 +219,9 @@ async fn integration_and_scope_lifecycle() -> anyhow::Result<()> {
             .await?
             .update_integration(pb::UpdateIntegrationRequest {
                 integration: Some(change),
-                update_mask: Some(FieldMask { paths: vec!["url".into()] }),
+                update_mask: Some(FieldMask {
+                    paths: vec!["url".into()],
+                }),
             })
             .await?
             .into_inner();
@@ -123,37 +231,69 @@ async fn integration_and_scope_lifecycle() -> anyhow::Result<()> {
         assert_ne!(updated.etag, created.etag);
 
         // Disable with a reason, then enable: the reason goes.
-        let mut off = pb::Integration { name: created.name.clone(), enabled: Some(false), disabled_reason: "410 Gone".into(), ..Default::default() };
+        let mut off = pb::Integration {
+            name: created.name.clone(),
+            enabled: Some(false),
+            disabled_reason: "410 Gone".into(),
+            ..Default::default()
+        };
         let disabled = cp
             .integrations()
             .await?
-            .update_integration(pb::UpdateIntegrationRequest { integration: Some(off.clone()), update_mask: None })
+            .update_integration(pb::UpdateIntegrationRequest {
+                integration: Some(off.clone()),
+                update_mask: None,
+            })
             .await?
             .into_inner();
-        assert_eq!((disabled.enabled, disabled.disabled_reason.as_str()), (Some(false), "410 Gone"));
-        let pushes = cp.push_scopes().await?.resolve_pushes(resolve("1")).await?.into_inner().pushes;
+        assert_eq!(
+            (disabled.enabled, disabled.disabled_reason.as_str()),
+            (Some(false), "410 Gone")
+        );
+        let pushes = cp
+            .push_scopes()
+            .await?
+            .resolve_pushes(resolve("1"))
+            .await?
+            .into_inner()
+            .pushes;
         assert!(pushes.is_empty(), "disabled integrations do not fire");
         off.enabled = Some(true);
         off.disabled_reason.clear();
         let enabled = cp
             .integrations()
             .await?
-            .update_integration(pb::UpdateIntegrationRequest { integration: Some(off), update_mask: None })
+            .update_integration(pb::UpdateIntegrationRequest {
+                integration: Some(off),
+                update_mask: None,
+            })
             .await?
             .into_inner();
-        assert_eq!((enabled.enabled, enabled.disabled_reason.as_str()), (Some(true), ""));
+        assert_eq!(
+            (enabled.enabled, enabled.disabled_reason.as_str()),
+            (Some(true), "")
+        );
 
         // Scope update: website 7 → account level clears the target.
         let moved = cp
             .push_scopes()
             .await?
             .update_push_scope(pb::UpdatePushScopeRequest {
-                push_scope: Some(pb::PushScope { name: site.name.clone(), level: pb::PushScopeLevel::Account.into(), ..Default::default() }),
-                update_mask: Some(FieldMask { paths: vec!["level".into()] }),
+                push_scope: Some(pb::PushScope {
+                    name: site.name.clone(),
+                    level: pb::PushScopeLevel::Account.into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(FieldMask {
+                    paths: vec!["level".into()],
+                }),
             })
             .await?
             .into_inner();
-        assert_eq!((moved.level, moved.target_id.as_str()), (pb::PushScopeLevel::Account as i32, ""));
+        assert_eq!(
+            (moved.level, moved.target_id.as_str()),
+            (pb::PushScopeLevel::Account as i32, "")
+        );
 
         let (integrations, scopes) = list_all(cp, "accounts/42").await?;
         assert_eq!(integrations.len(), 1);
@@ -170,8 +310,19 @@ async fn integration_and_scope_lifecycle() -> anyhow::Result<()> {
             .into_inner();
         assert!(only_other.push_scopes.is_empty());
 
-        cp.push_scopes().await?.delete_push_scope(pb::DeletePushScopeRequest { name: site.name.clone(), etag: String::new() }).await?;
-        let err = cp.push_scopes().await?.get_push_scope(pb::GetPushScopeRequest { name: site.name }).await.unwrap_err();
+        cp.push_scopes()
+            .await?
+            .delete_push_scope(pb::DeletePushScopeRequest {
+                name: site.name.clone(),
+                etag: String::new(),
+            })
+            .await?;
+        let err = cp
+            .push_scopes()
+            .await?
+            .get_push_scope(pb::GetPushScopeRequest { name: site.name })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::NotFound);
         Ok(())
     }
@@ -181,8 +332,20 @@ async fn integration_and_scope_lifecycle() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
     async fn body(cp: &ControlPlane) -> anyhow::Result<()> {
-        let ok = create(cp, "accounts/42", "crm", integration("CRM", "https://crm.example.com/hook")).await?;
-        create(cp, "accounts/7", "theirs", integration("Theirs", "https://theirs.example.com/")).await?;
+        let ok = create(
+            cp,
+            "accounts/42",
+            "crm",
+            integration("CRM", "https://crm.example.com/hook"),
+        )
+        .await?;
+        create(
+            cp,
+            "accounts/7",
+            "theirs",
+            integration("Theirs", "https://theirs.example.com/"),
+        )
+        .await?;
         let before = list_all(cp, "accounts/42").await?;
 
         let with = |f: &dyn Fn(&mut pb::Integration)| {
@@ -190,51 +353,220 @@ async fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
             f(&mut i);
             i
         };
-        let header = |value: &str| Some(pb::AuthHeader { name: "Authorization".into(), value: value.into(), value_set: false });
+        let header = |value: &str| {
+            Some(pb::AuthHeader {
+                name: "Authorization".into(),
+                value: value.into(),
+                value_set: false,
+            })
+        };
         let cases: Vec<(&str, pb::Integration, Code, &str)> = vec![
-            ("unknown enum", with(&|i| i.incomplete_participations = 42), Code::InvalidArgument, "integration.incomplete_participations"),
-            ("unknown scheme", with(&|i| i.signature_schemes = vec![7]), Code::InvalidArgument, "integration.signature_schemes[0]"),
-            ("empty url", with(&|i| i.url.clear()), Code::InvalidArgument, "integration.url"),
-            ("ftp url", with(&|i| i.url = "ftp://files.example.com/".into()), Code::InvalidArgument, "integration.url"),
-            ("relative url", with(&|i| i.url = "/hook".into()), Code::InvalidArgument, "integration.url"),
-            ("header CR/LF", with(&|i| i.auth_header = header("Bearer x\r\nX-Evil: 1")), Code::InvalidArgument, "integration.auth_header.value"),
-            ("reserved header", with(&|i| i.auth_header = Some(pb::AuthHeader { name: "Content-Type".into(), value: "x".into(), value_set: false })), Code::InvalidArgument, "integration.auth_header.name"),
-            ("long display name", with(&|i| i.display_name = "x".repeat(101)), Code::InvalidArgument, "integration.display_name"),
-            ("duplicate display name", with(&|i| i.display_name = "crm".into()), Code::AlreadyExists, "display name"),
+            (
+                "unknown enum",
+                with(&|i| i.incomplete_participations = 42),
+                Code::InvalidArgument,
+                "integration.incomplete_participations",
+            ),
+            (
+                "unknown scheme",
+                with(&|i| i.signature_schemes = vec![7]),
+                Code::InvalidArgument,
+                "integration.signature_schemes[0]",
+            ),
+            (
+                "empty url",
+                with(&|i| i.url.clear()),
+                Code::InvalidArgument,
+                "integration.url",
+            ),
+            (
+                "ftp url",
+                with(&|i| i.url = "ftp://files.example.com/".into()),
+                Code::InvalidArgument,
+                "integration.url",
+            ),
+            (
+                "relative url",
+                with(&|i| i.url = "/hook".into()),
+                Code::InvalidArgument,
+                "integration.url",
+            ),
+            (
+                "header CR/LF",
+                with(&|i| i.auth_header = header("Bearer x\r\nX-Evil: 1")),
+                Code::InvalidArgument,
+                "integration.auth_header.value",
+            ),
+            (
+                "reserved header",
+                with(&|i| {
+                    i.auth_header = Some(pb::AuthHeader {
+                        name: "Content-Type".into(),
+                        value: "x".into(),
+                        value_set: false,
+                    })
+                }),
+                Code::InvalidArgument,
+                "integration.auth_header.name",
+            ),
+            (
+                "long display name",
+                with(&|i| i.display_name = "x".repeat(101)),
+                Code::InvalidArgument,
+                "integration.display_name",
+            ),
+            (
+                "duplicate display name",
+                with(&|i| i.display_name = "crm".into()),
+                Code::AlreadyExists,
+                "display name",
+            ),
         ];
         for (what, i, code, needle) in cases {
             let err = create(cp, "accounts/42", "", i).await.unwrap_err();
-            let status = err.downcast_ref::<tonic::Status>().with_context(|| format!("{what}: {err}"))?;
+            let status = err
+                .downcast_ref::<tonic::Status>()
+                .with_context(|| format!("{what}: {err}"))?;
             assert_eq!(status.code(), code, "{what}: {status:?}");
-            assert!(status.message().contains(needle), "{what}: {:?} lacks {needle:?}", status.message());
-            assert!(!status.message().contains("X-Evil"), "{what}: secret echoed");
+            assert!(
+                status.message().contains(needle),
+                "{what}: {:?} lacks {needle:?}",
+                status.message()
+            );
+            assert!(
+                !status.message().contains("X-Evil"),
+                "{what}: secret echoed"
+            );
         }
 
         // A 10 MB display name never reaches the service: the message is too large.
-        let err = create(cp, "accounts/42", "huge", integration(&"x".repeat(10 << 20), "https://x.example.com/")).await.unwrap_err();
+        let err = create(
+            cp,
+            "accounts/42",
+            "huge",
+            integration(&"x".repeat(10 << 20), "https://x.example.com/"),
+        )
+        .await
+        .unwrap_err();
         let status = err.downcast_ref::<tonic::Status>().context("status")?;
-        assert!(matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange), "{status:?}");
+        assert!(
+            matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange),
+            "{status:?}"
+        );
 
         // Bad ids and names.
-        let err = create(cp, "accounts/42", "Not_An_Id", integration("Other", "https://o.example.com/")).await.unwrap_err();
-        assert_eq!(err.downcast_ref::<tonic::Status>().context("status")?.code(), Code::InvalidArgument);
-        let err = create(cp, "accounts/42", "crm", integration("Other", "https://o.example.com/")).await.unwrap_err();
-        assert_eq!(err.downcast_ref::<tonic::Status>().context("status")?.code(), Code::AlreadyExists);
+        let err = create(
+            cp,
+            "accounts/42",
+            "Not_An_Id",
+            integration("Other", "https://o.example.com/"),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<tonic::Status>()
+                .context("status")?
+                .code(),
+            Code::InvalidArgument
+        );
+        let err = create(
+            cp,
+            "accounts/42",
+            "crm",
+            integration("Other", "https://o.example.com/"),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<tonic::Status>()
+                .context("status")?
+                .code(),
+            Code::AlreadyExists
+        );
 
         // Scopes: another account's integration, a missing one, no level, a target on ACCOUNT.
         let scope_cases = vec![
-            ("other account", scope("accounts/7/integrations/theirs", pb::PushScopeLevel::Account, "", pb::PushAction::Push), Code::InvalidArgument, "must be an integration of accounts/42"),
-            ("missing integration", scope("accounts/42/integrations/ghost", pb::PushScopeLevel::Account, "", pb::PushAction::Push), Code::FailedPrecondition, "does not exist"),
-            ("no level", scope(&ok.name, pb::PushScopeLevel::Unspecified, "", pb::PushAction::Push), Code::InvalidArgument, "push_scope.level"),
-            ("unknown level", pb::PushScope { level: 12, ..scope(&ok.name, pb::PushScopeLevel::Account, "", pb::PushAction::Push) }, Code::InvalidArgument, "push_scope.level"),
-            ("target on account", scope(&ok.name, pb::PushScopeLevel::Account, "7", pb::PushAction::Push), Code::InvalidArgument, "push_scope.target_id"),
-            ("website without target", scope(&ok.name, pb::PushScopeLevel::Website, "", pb::PushAction::Push), Code::InvalidArgument, "push_scope.target_id"),
+            (
+                "other account",
+                scope(
+                    "accounts/7/integrations/theirs",
+                    pb::PushScopeLevel::Account,
+                    "",
+                    pb::PushAction::Push,
+                ),
+                Code::InvalidArgument,
+                "must be an integration of accounts/42",
+            ),
+            (
+                "missing integration",
+                scope(
+                    "accounts/42/integrations/ghost",
+                    pb::PushScopeLevel::Account,
+                    "",
+                    pb::PushAction::Push,
+                ),
+                Code::FailedPrecondition,
+                "does not exist",
+            ),
+            (
+                "no level",
+                scope(
+                    &ok.name,
+                    pb::PushScopeLevel::Unspecified,
+                    "",
+                    pb::PushAction::Push,
+                ),
+                Code::InvalidArgument,
+                "push_scope.level",
+            ),
+            (
+                "unknown level",
+                pb::PushScope {
+                    level: 12,
+                    ..scope(
+                        &ok.name,
+                        pb::PushScopeLevel::Account,
+                        "",
+                        pb::PushAction::Push,
+                    )
+                },
+                Code::InvalidArgument,
+                "push_scope.level",
+            ),
+            (
+                "target on account",
+                scope(
+                    &ok.name,
+                    pb::PushScopeLevel::Account,
+                    "7",
+                    pb::PushAction::Push,
+                ),
+                Code::InvalidArgument,
+                "push_scope.target_id",
+            ),
+            (
+                "website without target",
+                scope(
+                    &ok.name,
+                    pb::PushScopeLevel::Website,
+                    "",
+                    pb::PushAction::Push,
+                ),
+                Code::InvalidArgument,
+                "push_scope.target_id",
+            ),
         ];
         for (what, s, code, needle) in scope_cases {
             let err = create_scope(cp, "accounts/42", "", s).await.unwrap_err();
-            let status = err.downcast_ref::<tonic::Status>().with_context(|| format!("{what}: {err}"))?;
+            let status = err
+                .downcast_ref::<tonic::Status>()
+                .with_context(|| format!("{what}: {err}"))?;
             assert_eq!(status.code(), code, "{what}: {status:?}");
-            assert!(status.message().contains(needle), "{what}: {:?} lacks {needle:?}", status.message());
+            assert!(
+                status.message().contains(needle),
+                "{what}: {:?} lacks {needle:?}",
+                status.message()
+            );
         }
 
         // Updates: unknown mask path, and a bad value with an explicit mask.
@@ -242,8 +574,13 @@ async fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
             .integrations()
             .await?
             .update_integration(pb::UpdateIntegrationRequest {
-                integration: Some(pb::Integration { name: ok.name.clone(), ..Default::default() }),
-                update_mask: Some(FieldMask { paths: vec!["create_time".into()] }),
+                integration: Some(pb::Integration {
+                    name: ok.name.clone(),
+                    ..Default::default()
+                }),
+                update_mask: Some(FieldMask {
+                    paths: vec!["create_time".into()],
+                }),
             })
             .await
             .unwrap_err();
@@ -252,8 +589,13 @@ async fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
             .integrations()
             .await?
             .update_integration(pb::UpdateIntegrationRequest {
-                integration: Some(pb::Integration { name: ok.name.clone(), ..Default::default() }),
-                update_mask: Some(FieldMask { paths: vec!["url".into()] }),
+                integration: Some(pb::Integration {
+                    name: ok.name.clone(),
+                    ..Default::default()
+                }),
+                update_mask: Some(FieldMask {
+                    paths: vec!["url".into()],
+                }),
             })
             .await
             .unwrap_err();
@@ -262,12 +604,23 @@ async fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
         let resolve_err = cp
             .push_scopes()
             .await?
-            .resolve_pushes(pb::ResolvePushesRequest { account: "accounts/42".into(), campaign_id: "1".into(), ..Default::default() })
+            .resolve_pushes(pb::ResolvePushesRequest {
+                account: "accounts/42".into(),
+                campaign_id: "1".into(),
+                ..Default::default()
+            })
             .await
             .unwrap_err();
-        assert!(resolve_err.message().contains("identified"), "{resolve_err:?}");
+        assert!(
+            resolve_err.message().contains("identified"),
+            "{resolve_err:?}"
+        );
 
-        assert_eq!(list_all(cp, "accounts/42").await?, before, "nothing changed");
+        assert_eq!(
+            list_all(cp, "accounts/42").await?,
+            before,
+            "nothing changed"
+        );
         Ok(())
     }
     on_both_backends!(body)
@@ -276,69 +629,139 @@ async fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etags_references_and_forced_deletes() -> anyhow::Result<()> {
     async fn body(cp: &ControlPlane) -> anyhow::Result<()> {
-        let crm = create(cp, "accounts/42", "crm", integration("CRM", "https://crm.example.com/hook")).await?;
-        let mut stale = pb::Integration { name: crm.name.clone(), display_name: "CRM 2".into(), etag: crm.etag.clone(), ..Default::default() };
+        let crm = create(
+            cp,
+            "accounts/42",
+            "crm",
+            integration("CRM", "https://crm.example.com/hook"),
+        )
+        .await?;
+        let mut stale = pb::Integration {
+            name: crm.name.clone(),
+            display_name: "CRM 2".into(),
+            etag: crm.etag.clone(),
+            ..Default::default()
+        };
         let fresh = cp
             .integrations()
             .await?
-            .update_integration(pb::UpdateIntegrationRequest { integration: Some(stale.clone()), update_mask: None })
+            .update_integration(pb::UpdateIntegrationRequest {
+                integration: Some(stale.clone()),
+                update_mask: None,
+            })
             .await?
             .into_inner();
         stale.display_name = "CRM 3".into();
         let err = cp
             .integrations()
             .await?
-            .update_integration(pb::UpdateIntegrationRequest { integration: Some(stale), update_mask: None })
+            .update_integration(pb::UpdateIntegrationRequest {
+                integration: Some(stale),
+                update_mask: None,
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Aborted, "{err:?}");
         let err = cp
             .integrations()
             .await?
-            .delete_integration(pb::DeleteIntegrationRequest { name: crm.name.clone(), etag: crm.etag.clone(), force: false })
+            .delete_integration(pb::DeleteIntegrationRequest {
+                name: crm.name.clone(),
+                etag: crm.etag.clone(),
+                force: false,
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Aborted);
 
-        for (id, level, target) in [("a", pb::PushScopeLevel::Account, ""), ("w", pb::PushScopeLevel::Website, "7"), ("c", pb::PushScopeLevel::Campaign, "9")] {
-            create_scope(cp, "accounts/42", id, scope(&crm.name, level, target, pb::PushAction::Push)).await?;
+        for (id, level, target) in [
+            ("a", pb::PushScopeLevel::Account, ""),
+            ("w", pb::PushScopeLevel::Website, "7"),
+            ("c", pb::PushScopeLevel::Campaign, "9"),
+        ] {
+            create_scope(
+                cp,
+                "accounts/42",
+                id,
+                scope(&crm.name, level, target, pb::PushAction::Push),
+            )
+            .await?;
         }
-        let err = create_scope(cp, "accounts/42", "twin", scope(&crm.name, pb::PushScopeLevel::Website, "007", pb::PushAction::DoNotPush)).await.unwrap_err();
-        assert_eq!(err.downcast_ref::<tonic::Status>().context("status")?.code(), Code::AlreadyExists, "same rule as scope w");
+        let err = create_scope(
+            cp,
+            "accounts/42",
+            "twin",
+            scope(
+                &crm.name,
+                pb::PushScopeLevel::Website,
+                "007",
+                pb::PushAction::DoNotPush,
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<tonic::Status>()
+                .context("status")?
+                .code(),
+            Code::AlreadyExists,
+            "same rule as scope w"
+        );
 
         let err = cp
             .integrations()
             .await?
-            .delete_integration(pb::DeleteIntegrationRequest { name: crm.name.clone(), etag: String::new(), force: false })
+            .delete_integration(pb::DeleteIntegrationRequest {
+                name: crm.name.clone(),
+                etag: String::new(),
+                force: false,
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition);
         assert!(err.message().contains("3 push scope"), "{}", err.message());
 
         // Forced: the integration and its three scopes go in one revision.
-        let mut watch = cp.config().await?.watch_config(pb::WatchConfigRequest { from_revision: 0 }).await?.into_inner();
-        let snapshot = tokio::time::timeout(READ_TIMEOUT, watch.next()).await?.context("stream ended")??;
+        let mut watch = cp
+            .config()
+            .await?
+            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .await?
+            .into_inner();
+        let snapshot = tokio::time::timeout(READ_TIMEOUT, watch.next())
+            .await?
+            .context("stream ended")??;
         cp.integrations()
             .await?
-            .delete_integration(pb::DeleteIntegrationRequest { name: crm.name.clone(), etag: fresh.etag, force: true })
+            .delete_integration(pb::DeleteIntegrationRequest {
+                name: crm.name.clone(),
+                etag: fresh.etag,
+                force: true,
+            })
             .await?;
-        let deleted = tokio::time::timeout(READ_TIMEOUT, watch.next()).await?.context("stream ended")??;
+        let deleted = tokio::time::timeout(READ_TIMEOUT, watch.next())
+            .await?
+            .context("stream ended")??;
         assert_eq!(deleted.revision, snapshot.revision + 1);
         let mut kinds: Vec<String> = deleted
             .changes
             .iter()
             .map(|c| match c.change.as_ref() {
-                Some(pb::config_change::Change::DeleteIntegration(n)) | Some(pb::config_change::Change::DeletePushScope(n)) => n.clone(),
+                Some(pb::config_change::Change::DeleteIntegration(n))
+                | Some(pb::config_change::Change::DeletePushScope(n)) => n.clone(),
                 other => format!("unexpected {other:?}"),
             })
             .collect();
         kinds.sort();
-        assert_eq!(kinds, [
-            "accounts/42/integrations/crm",
-            "accounts/42/pushScopes/a",
-            "accounts/42/pushScopes/c",
-            "accounts/42/pushScopes/w"
-        ]);
+        assert_eq!(
+            kinds,
+            [
+                "accounts/42/integrations/crm",
+                "accounts/42/pushScopes/a",
+                "accounts/42/pushScopes/c",
+                "accounts/42/pushScopes/w"
+            ]
+        );
         assert_eq!(list_all(cp, "accounts/42").await?, (vec![], vec![]));
         Ok(())
     }
@@ -353,13 +776,21 @@ async fn secrets_are_never_read_back_but_reach_workers() -> anyhow::Result<()> {
         const HEADER: &str = "Bearer header-secret-value";
         let mut i = integration("CRM", "https://crm.example.com/hook");
         i.secret = FIRST.into();
-        i.auth_header = Some(pb::AuthHeader { name: "Authorization".into(), value: HEADER.into(), value_set: false });
+        i.auth_header = Some(pb::AuthHeader {
+            name: "Authorization".into(),
+            value: HEADER.into(),
+            value_set: false,
+        });
         let created = create(cp, "accounts/42", "crm", i).await?;
         let rotated = cp
             .integrations()
             .await?
             .update_integration(pb::UpdateIntegrationRequest {
-                integration: Some(pb::Integration { name: created.name.clone(), secret: SECOND.into(), ..Default::default() }),
+                integration: Some(pb::Integration {
+                    name: created.name.clone(),
+                    secret: SECOND.into(),
+                    ..Default::default()
+                }),
                 update_mask: None,
             })
             .await?
@@ -367,21 +798,48 @@ async fn secrets_are_never_read_back_but_reach_workers() -> anyhow::Result<()> {
         assert_ne!(rotated.secret_fingerprint, created.secret_fingerprint);
 
         let (listed, _) = list_all(cp, "accounts/42").await?;
-        let got = cp.integrations().await?.get_integration(pb::GetIntegrationRequest { name: created.name.clone() }).await?.into_inner();
+        let got = cp
+            .integrations()
+            .await?
+            .get_integration(pb::GetIntegrationRequest {
+                name: created.name.clone(),
+            })
+            .await?
+            .into_inner();
         for read in [&created, &rotated, &got, &listed[0]] {
             let bytes = prost::Message::encode_to_vec(read);
             for secret in [FIRST, SECOND, HEADER] {
-                assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} read back");
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{secret} read back"
+                );
             }
-            assert!(read.secret_set && read.auth_header.as_ref().is_some_and(|h| h.value_set && h.value.is_empty()));
+            assert!(
+                read.secret_set
+                    && read
+                        .auth_header
+                        .as_ref()
+                        .is_some_and(|h| h.value_set && h.value.is_empty())
+            );
         }
 
         // Workers get both secrets during the grace period, newest first, and the header value.
-        let mut watch = cp.config().await?.watch_config(pb::WatchConfigRequest { from_revision: 0 }).await?.into_inner();
-        let snapshot = tokio::time::timeout(READ_TIMEOUT, watch.next()).await?.context("stream ended")??;
+        let mut watch = cp
+            .config()
+            .await?
+            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .await?
+            .into_inner();
+        let snapshot = tokio::time::timeout(READ_TIMEOUT, watch.next())
+            .await?
+            .context("stream ended")??;
         let cfg = &snapshot.snapshot.context("snapshot")?.integrations[0];
         assert_eq!(cfg.auth_header_value, HEADER);
-        let secrets: Vec<_> = cfg.signing_secrets.iter().map(|s| (s.secret.as_str(), s.expire_time.is_some())).collect();
+        let secrets: Vec<_> = cfg
+            .signing_secrets
+            .iter()
+            .map(|s| (s.secret.as_str(), s.expire_time.is_some()))
+            .collect();
         assert_eq!(secrets, [(SECOND, false), (FIRST, true)]);
         Ok(())
     }
@@ -421,19 +879,35 @@ fn apply(state: &mut std::collections::BTreeMap<String, String>, msg: &pb::Watch
 async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<()> {
     async fn body(cp: &ControlPlane) -> anyhow::Result<()> {
         let mut config = cp.config().await?;
-        let mut watch = config.watch_config(pb::WatchConfigRequest { from_revision: 0 }).await?.into_inner();
-        let first = tokio::time::timeout(READ_TIMEOUT, watch.next()).await?.context("stream ended")??;
-        assert!(first.snapshot.is_some(), "a fresh watch starts with a snapshot");
+        let mut watch = config
+            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .await?
+            .into_inner();
+        let first = tokio::time::timeout(READ_TIMEOUT, watch.next())
+            .await?
+            .context("stream ended")??;
+        assert!(
+            first.snapshot.is_some(),
+            "a fresh watch starts with a snapshot"
+        );
         let mut state = std::collections::BTreeMap::new();
         apply(&mut state, &first);
         let mut revisions = vec![first.revision];
 
         // Changes while connected.
         for n in 0..3 {
-            create(cp, "accounts/1", &format!("i{n}"), integration(&format!("I{n}"), "https://a.example.com/")).await?;
+            create(
+                cp,
+                "accounts/1",
+                &format!("i{n}"),
+                integration(&format!("I{n}"), "https://a.example.com/"),
+            )
+            .await?;
         }
         while state.len() < 3 {
-            let msg = tokio::time::timeout(READ_TIMEOUT, watch.next()).await?.context("stream ended")??;
+            let msg = tokio::time::timeout(READ_TIMEOUT, watch.next())
+                .await?
+                .context("stream ended")??;
             assert!(msg.snapshot.is_none());
             revisions.push(msg.revision);
             apply(&mut state, &msg);
@@ -441,15 +915,43 @@ async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<(
         drop(watch);
 
         // Changes while disconnected, then resume from the last revision seen.
-        create_scope(cp, "accounts/1", "s", scope("accounts/1/integrations/i0", pb::PushScopeLevel::Account, "", pb::PushAction::Push)).await?;
+        create_scope(
+            cp,
+            "accounts/1",
+            "s",
+            scope(
+                "accounts/1/integrations/i0",
+                pb::PushScopeLevel::Account,
+                "",
+                pb::PushAction::Push,
+            ),
+        )
+        .await?;
         cp.integrations()
             .await?
-            .delete_integration(pb::DeleteIntegrationRequest { name: "accounts/1/integrations/i2".into(), etag: String::new(), force: false })
+            .delete_integration(pb::DeleteIntegrationRequest {
+                name: "accounts/1/integrations/i2".into(),
+                etag: String::new(),
+                force: false,
+            })
             .await?;
-        let i1 = create(cp, "accounts/1", "i3", integration("I3", "https://b.example.com/")).await?;
-        let mut watch = config.watch_config(pb::WatchConfigRequest { from_revision: *revisions.last().unwrap() }).await?.into_inner();
+        let i1 = create(
+            cp,
+            "accounts/1",
+            "i3",
+            integration("I3", "https://b.example.com/"),
+        )
+        .await?;
+        let mut watch = config
+            .watch_config(pb::WatchConfigRequest {
+                from_revision: *revisions.last().unwrap(),
+            })
+            .await?
+            .into_inner();
         loop {
-            let msg = tokio::time::timeout(READ_TIMEOUT, watch.next()).await?.context("stream ended")??;
+            let msg = tokio::time::timeout(READ_TIMEOUT, watch.next())
+                .await?
+                .context("stream ended")??;
             assert!(msg.snapshot.is_none(), "resume must not re-send a snapshot");
             revisions.push(msg.revision);
             apply(&mut state, &msg);
@@ -457,21 +959,36 @@ async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<(
                 break;
             }
         }
-        assert!(revisions.windows(2).all(|w| w[0] < w[1]), "revisions strictly increase: {revisions:?}");
-        assert_eq!(revisions.len(), 1 + 3 + 3, "one message per change: {revisions:?}");
+        assert!(
+            revisions.windows(2).all(|w| w[0] < w[1]),
+            "revisions strictly increase: {revisions:?}"
+        );
+        assert_eq!(
+            revisions.len(),
+            1 + 3 + 3,
+            "one message per change: {revisions:?}"
+        );
 
         // The state built from the stream equals a fresh snapshot.
-        let mut fresh = config.watch_config(pb::WatchConfigRequest { from_revision: 0 }).await?.into_inner();
-        let snap = tokio::time::timeout(READ_TIMEOUT, fresh.next()).await?.context("stream ended")??;
+        let mut fresh = config
+            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .await?
+            .into_inner();
+        let snap = tokio::time::timeout(READ_TIMEOUT, fresh.next())
+            .await?
+            .context("stream ended")??;
         let mut expected = std::collections::BTreeMap::new();
         apply(&mut expected, &snap);
         assert_eq!(state, expected);
-        assert_eq!(state.keys().cloned().collect::<Vec<_>>(), [
-            "accounts/1/integrations/i0",
-            "accounts/1/integrations/i1",
-            "accounts/1/integrations/i3",
-            "accounts/1/pushScopes/s"
-        ]);
+        assert_eq!(
+            state.keys().cloned().collect::<Vec<_>>(),
+            [
+                "accounts/1/integrations/i0",
+                "accounts/1/integrations/i1",
+                "accounts/1/integrations/i3",
+                "accounts/1/pushScopes/s"
+            ]
+        );
         Ok(())
     }
     on_both_backends!(body)
@@ -484,21 +1001,54 @@ async fn watch_from_forgotten_revision_gets_a_fresh_snapshot() -> anyhow::Result
         let mut config = test_config(&backend);
         config.watch_history = 2;
         let cp = ControlPlane::start(config).await?;
-        let first = create(&cp, "accounts/1", "a", integration("A", "https://a.example.com/")).await?;
+        let first = create(
+            &cp,
+            "accounts/1",
+            "a",
+            integration("A", "https://a.example.com/"),
+        )
+        .await?;
         let mut last = first.clone();
         for n in 0..4 {
-            last = create(&cp, "accounts/1", &format!("b{n}"), integration(&format!("B{n}"), "https://a.example.com/")).await?;
+            last = create(
+                &cp,
+                "accounts/1",
+                &format!("b{n}"),
+                integration(&format!("B{n}"), "https://a.example.com/"),
+            )
+            .await?;
         }
         // The feed follows the store asynchronously: wait until it has applied the last change.
-        let mut probe = cp.config().await?.watch_config(pb::WatchConfigRequest { from_revision: 0 }).await?.into_inner();
+        let mut probe = cp
+            .config()
+            .await?
+            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .await?
+            .into_inner();
         let target = last.etag.parse::<i64>()?;
-        while tokio::time::timeout(READ_TIMEOUT, probe.next()).await?.context("stream ended")??.revision < target {}
+        while tokio::time::timeout(READ_TIMEOUT, probe.next())
+            .await?
+            .context("stream ended")??
+            .revision
+            < target
+        {}
 
         let from = first.etag.parse::<i64>()?;
-        let mut watch = cp.config().await?.watch_config(pb::WatchConfigRequest { from_revision: from }).await?.into_inner();
-        let msg = tokio::time::timeout(READ_TIMEOUT, watch.next()).await?.context("stream ended")??;
+        let mut watch = cp
+            .config()
+            .await?
+            .watch_config(pb::WatchConfigRequest {
+                from_revision: from,
+            })
+            .await?
+            .into_inner();
+        let msg = tokio::time::timeout(READ_TIMEOUT, watch.next())
+            .await?
+            .context("stream ended")??;
         let described = format!("{msg:?}");
-        let snapshot = msg.snapshot.with_context(|| format!("{backend:?}: expected a snapshot, got {described}"))?;
+        let snapshot = msg
+            .snapshot
+            .with_context(|| format!("{backend:?}: expected a snapshot, got {described}"))?;
         assert_eq!(msg.revision, target);
         assert_eq!(snapshot.integrations.len(), 5, "{backend:?}");
         cp.stop().await?;
@@ -510,7 +1060,13 @@ async fn watch_from_forgotten_revision_gets_a_fresh_snapshot() -> anyhow::Result
 async fn list_pages_through_everything() -> anyhow::Result<()> {
     async fn body(cp: &ControlPlane) -> anyhow::Result<()> {
         for n in 0..7 {
-            create(cp, "accounts/5", &format!("i{n}"), integration(&format!("I{n}"), "https://a.example.com/")).await?;
+            create(
+                cp,
+                "accounts/5",
+                &format!("i{n}"),
+                integration(&format!("I{n}"), "https://a.example.com/"),
+            )
+            .await?;
         }
         let mut names = Vec::new();
         let mut token = String::new();
@@ -518,7 +1074,11 @@ async fn list_pages_through_everything() -> anyhow::Result<()> {
             let page = cp
                 .integrations()
                 .await?
-                .list_integrations(pb::ListIntegrationsRequest { parent: "accounts/5".into(), page_size: 3, page_token: token })
+                .list_integrations(pb::ListIntegrationsRequest {
+                    parent: "accounts/5".into(),
+                    page_size: 3,
+                    page_token: token,
+                })
                 .await?
                 .into_inner();
             assert!(page.integrations.len() <= 3);
@@ -528,12 +1088,18 @@ async fn list_pages_through_everything() -> anyhow::Result<()> {
             }
             token = page.next_page_token;
         }
-        let expected: Vec<_> = (0..7).map(|n| format!("accounts/5/integrations/i{n}")).collect();
+        let expected: Vec<_> = (0..7)
+            .map(|n| format!("accounts/5/integrations/i{n}"))
+            .collect();
         assert_eq!(names, expected);
         let err = cp
             .integrations()
             .await?
-            .list_integrations(pb::ListIntegrationsRequest { parent: "accounts/5".into(), page_size: 3, page_token: "garbage!".into() })
+            .list_integrations(pb::ListIntegrationsRequest {
+                parent: "accounts/5".into(),
+                page_size: 3,
+                page_token: "garbage!".into(),
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
@@ -547,13 +1113,35 @@ async fn embedded_store_keeps_everything_across_restarts() -> anyhow::Result<()>
     let dir = tempfile::tempdir()?;
     let backend = Backend::Embedded(dir.path().to_path_buf());
     let cp = ControlPlane::on(&backend).await?;
-    let created = create(&cp, "accounts/1", "a", integration("A", "https://a.example.com/")).await?;
+    let created = create(
+        &cp,
+        "accounts/1",
+        "a",
+        integration("A", "https://a.example.com/"),
+    )
+    .await?;
     cp.stop().await?;
     let cp = ControlPlane::on(&backend).await?;
-    let got = cp.integrations().await?.get_integration(pb::GetIntegrationRequest { name: created.name.clone() }).await?.into_inner();
+    let got = cp
+        .integrations()
+        .await?
+        .get_integration(pb::GetIntegrationRequest {
+            name: created.name.clone(),
+        })
+        .await?
+        .into_inner();
     assert_eq!(got, created);
-    let next = create(&cp, "accounts/1", "b", integration("B", "https://a.example.com/")).await?;
-    assert!(next.etag.parse::<i64>()? > created.etag.parse::<i64>()?, "revisions keep growing");
+    let next = create(
+        &cp,
+        "accounts/1",
+        "b",
+        integration("B", "https://a.example.com/"),
+    )
+    .await?;
+    assert!(
+        next.etag.parse::<i64>()? > created.etag.parse::<i64>()?,
+        "revisions keep growing"
+    );
     cp.stop().await?;
     Ok(())
 }
@@ -564,33 +1152,80 @@ async fn etcd_holds_the_records_and_replicas_share_them() -> anyhow::Result<()> 
     let backend = Backend::Etcd(vec![backends.etcd.endpoint()]);
     let first = ControlPlane::on(&backend).await?;
     let second = ControlPlane::on(&backend).await?;
-    let mut watch = second.config().await?.watch_config(pb::WatchConfigRequest { from_revision: 0 }).await?.into_inner();
-    let snapshot = tokio::time::timeout(READ_TIMEOUT, watch.next()).await?.context("stream ended")??;
+    let mut watch = second
+        .config()
+        .await?
+        .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+        .await?
+        .into_inner();
+    let snapshot = tokio::time::timeout(READ_TIMEOUT, watch.next())
+        .await?
+        .context("stream ended")??;
 
     let mut i = integration("CRM", "https://crm.example.com/hook");
     i.secret = "plain-for-now".into();
     let created = create(&first, "accounts/42", "crm", i).await?;
-    create_scope(&first, "accounts/42", "all", scope(&created.name, pb::PushScopeLevel::Account, "", pb::PushAction::Push)).await?;
+    create_scope(
+        &first,
+        "accounts/42",
+        "all",
+        scope(
+            &created.name,
+            pb::PushScopeLevel::Account,
+            "",
+            pb::PushAction::Push,
+        ),
+    )
+    .await?;
 
     // The second replica streams what went through the first, in order.
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        let msg = tokio::time::timeout(READ_TIMEOUT, watch.next()).await?.context("stream ended")??;
+        let msg = tokio::time::timeout(READ_TIMEOUT, watch.next())
+            .await?
+            .context("stream ended")??;
         assert!(msg.revision > snapshot.revision);
         seen.extend(msg.changes.into_iter().map(|c| match c.change {
-            Some(pb::config_change::Change::UpsertIntegration(i)) => i.integration.map(|i| i.name).unwrap_or_default(),
+            Some(pb::config_change::Change::UpsertIntegration(i)) => {
+                i.integration.map(|i| i.name).unwrap_or_default()
+            }
             Some(pb::config_change::Change::UpsertPushScope(s)) => s.name,
             other => format!("unexpected {other:?}"),
         }));
     }
-    assert_eq!(seen, ["accounts/42/integrations/crm", "accounts/42/pushScopes/all"]);
-    assert_eq!(list_all(&second, "accounts/42").await?, list_all(&first, "accounts/42").await?);
+    assert_eq!(
+        seen,
+        ["accounts/42/integrations/crm", "accounts/42/pushScopes/all"]
+    );
+    assert_eq!(
+        list_all(&second, "accounts/42").await?,
+        list_all(&first, "accounts/42").await?
+    );
 
     // Read etcd directly: the records sit under /pushwire/v1/.
     let mut etcd = etcd_client::Client::connect([backends.etcd.endpoint()], None).await?;
-    let keys = etcd.get("/", Some(etcd_client::GetOptions::new().with_prefix().with_keys_only())).await?;
-    let keys: Vec<_> = keys.kvs().iter().map(|kv| kv.key_str().map(str::to_owned)).collect::<Result<_, _>>()?;
-    assert_eq!(keys, ["/pushwire/v1/accounts/42/integrations/crm", "/pushwire/v1/accounts/42/pushScopes/all"]);
+    let keys = etcd
+        .get(
+            "/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await?;
+    let keys: Vec<_> = keys
+        .kvs()
+        .iter()
+        .map(|kv| kv.key_str().map(str::to_owned))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        keys,
+        [
+            "/pushwire/v1/accounts/42/integrations/crm",
+            "/pushwire/v1/accounts/42/pushScopes/all"
+        ]
+    );
     first.stop().await?;
     second.stop().await?;
     Ok(())

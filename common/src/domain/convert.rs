@@ -25,7 +25,10 @@ pub struct InvalidField {
 impl InvalidField {
     /// Builds an error for `field`.
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { field: field.into(), reason: reason.into() }
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -79,13 +82,19 @@ fn incomplete_to_pb(p: IncompletePolicy) -> pb::IncompleteParticipations {
 }
 
 /// `SignatureScheme` list → schemes, sorted and de-duplicated; UNSPECIFIED is refused.
-pub fn signature_schemes(field: &str, values: &[i32]) -> Result<Vec<SignatureScheme>, InvalidField> {
+pub fn signature_schemes(
+    field: &str,
+    values: &[i32],
+) -> Result<Vec<SignatureScheme>, InvalidField> {
     let mut out = Vec::with_capacity(values.len());
     for (i, v) in values.iter().enumerate() {
         let field = format!("{field}[{i}]");
         out.push(match enum_value(&field, *v)? {
             pb::SignatureScheme::Unspecified => {
-                return Err(InvalidField::new(field, "SIGNATURE_SCHEME_UNSPECIFIED is not a scheme"));
+                return Err(InvalidField::new(
+                    field,
+                    "SIGNATURE_SCHEME_UNSPECIFIED is not a scheme",
+                ));
             }
             pb::SignatureScheme::Qualifio => SignatureScheme::Qualifio,
             pb::SignatureScheme::StandardWebhooks => SignatureScheme::StandardWebhooks,
@@ -132,11 +141,16 @@ pub fn level(field: &str, v: i32) -> Result<Option<Level>, InvalidField> {
 pub fn validate_target_id(field: &str, id: &str) -> Result<(), InvalidField> {
     let ok = !id.is_empty()
         && id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if ok {
         Ok(())
     } else {
-        Err(InvalidField::new(field, "must be 1 to 64 characters of letters, digits, '-' and '_'"))
+        Err(InvalidField::new(
+            field,
+            "must be 1 to 64 characters of letters, digits, '-' and '_'",
+        ))
     }
 }
 
@@ -146,7 +160,11 @@ pub fn validate_target_id(field: &str, id: &str) -> Result<(), InvalidField> {
 pub fn canonical_target_id(id: &str) -> String {
     if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
         let trimmed = id.trim_start_matches('0');
-        return if trimmed.is_empty() { "0".to_owned() } else { trimmed.to_owned() };
+        return if trimmed.is_empty() {
+            "0".to_owned()
+        } else {
+            trimmed.to_owned()
+        };
     }
     id.to_owned()
 }
@@ -156,7 +174,10 @@ pub fn scope_target(level: Level, target_id: &str) -> Result<ScopeTarget, Invali
     const FIELD: &str = "push_scope.target_id";
     if level == Level::Account {
         if !target_id.is_empty() {
-            return Err(InvalidField::new(FIELD, "must be empty for PUSH_SCOPE_LEVEL_ACCOUNT"));
+            return Err(InvalidField::new(
+                FIELD,
+                "must be empty for PUSH_SCOPE_LEVEL_ACCOUNT",
+            ));
         }
         return Ok(ScopeTarget::Account);
     }
@@ -234,7 +255,11 @@ impl From<&Integration> for pb::Integration {
             secret: String::new(),
             secret_set: current.is_some(),
             secret_fingerprint: current.map(|s| s.secret.fingerprint()).unwrap_or_default(),
-            signature_schemes: i.signature_schemes.iter().map(|s| scheme_to_pb(*s).into()).collect(),
+            signature_schemes: i
+                .signature_schemes
+                .iter()
+                .map(|s| scheme_to_pb(*s).into())
+                .collect(),
             disabled_reason: i.disabled_reason.clone(),
             create_time: timestamp(i.create_time),
             update_time: timestamp(i.update_time),
@@ -247,7 +272,11 @@ impl From<&Integration> for pb::Integration {
 pub fn integration_config(i: &Integration) -> pb::IntegrationConfig {
     pb::IntegrationConfig {
         integration: Some(i.into()),
-        auth_header_value: i.auth_header.as_ref().map(|h| h.value.expose().to_owned()).unwrap_or_default(),
+        auth_header_value: i
+            .auth_header
+            .as_ref()
+            .map(|h| h.value.expose().to_owned())
+            .unwrap_or_default(),
         signing_secrets: i
             .secrets
             .iter()
@@ -264,13 +293,16 @@ impl TryFrom<pb::IntegrationConfig> for Integration {
     type Error = InvalidField;
 
     fn try_from(c: pb::IntegrationConfig) -> Result<Self, Self::Error> {
-        let i = c.integration.ok_or_else(|| InvalidField::new("integration", "missing"))?;
+        let i = c
+            .integration
+            .ok_or_else(|| InvalidField::new("integration", "missing"))?;
         let name = IntegrationName::parse(&i.name)
             .map_err(|e| InvalidField::new("integration.name", e.to_string()))?;
         let auth_header = match i.auth_header {
-            Some(h) if !h.name.is_empty() => {
-                Some(AuthHeader { name: h.name, value: Secret::new(c.auth_header_value) })
-            }
+            Some(h) if !h.name.is_empty() => Some(AuthHeader {
+                name: h.name,
+                value: Secret::new(c.auth_header_value),
+            }),
             _ => None,
         };
         let secrets = c
@@ -280,9 +312,15 @@ impl TryFrom<pb::IntegrationConfig> for Integration {
             .map(|(n, s)| {
                 let expire_time = match s.expire_time {
                     None => None,
-                    Some(t) => Some(system_time(&format!("signing_secrets[{n}].expire_time"), Some(t))?),
+                    Some(t) => Some(system_time(
+                        &format!("signing_secrets[{n}].expire_time"),
+                        Some(t),
+                    )?),
                 };
-                Ok(SigningSecret { secret: Secret::new(s.secret), expire_time })
+                Ok(SigningSecret {
+                    secret: Secret::new(s.secret),
+                    expire_time,
+                })
             })
             .collect::<Result<_, InvalidField>>()?;
         Ok(Integration {
@@ -298,7 +336,10 @@ impl TryFrom<pb::IntegrationConfig> for Integration {
             .unwrap_or_default(),
             auth_header,
             secrets,
-            signature_schemes: signature_schemes("integration.signature_schemes", &i.signature_schemes)?,
+            signature_schemes: signature_schemes(
+                "integration.signature_schemes",
+                &i.signature_schemes,
+            )?,
             create_time: system_time("integration.create_time", i.create_time)?,
             update_time: system_time("integration.update_time", i.update_time)?,
             revision: parse_etag("integration.etag", &i.etag)?,
@@ -365,10 +406,19 @@ mod tests {
             enabled: true,
             disabled_reason: String::new(),
             incomplete_participations: IncompletePolicy::Send,
-            auth_header: Some(AuthHeader { name: "Authorization".into(), value: Secret::new("Bearer tkn-1") }),
+            auth_header: Some(AuthHeader {
+                name: "Authorization".into(),
+                value: Secret::new("Bearer tkn-1"),
+            }),
             secrets: vec![
-                SigningSecret { secret: Secret::new("new-secret"), expire_time: None },
-                SigningSecret { secret: Secret::new("old-secret"), expire_time: Some(t) },
+                SigningSecret {
+                    secret: Secret::new("new-secret"),
+                    expire_time: None,
+                },
+                SigningSecret {
+                    secret: Secret::new("old-secret"),
+                    expire_time: Some(t),
+                },
             ],
             signature_schemes: vec![SignatureScheme::Qualifio, SignatureScheme::StandardWebhooks],
             create_time: t,
@@ -383,13 +433,19 @@ mod tests {
         let encoded = format!("{:?}", prost::Message::encode_to_vec(&read));
         assert!(read.secret.is_empty());
         assert!(read.secret_set);
-        assert_eq!(read.secret_fingerprint, Secret::new("new-secret").fingerprint());
+        assert_eq!(
+            read.secret_fingerprint,
+            Secret::new("new-secret").fingerprint()
+        );
         let header = read.auth_header.clone().unwrap();
         assert!(header.value.is_empty() && header.value_set);
         assert_eq!(read.etag, "7");
         for secret in ["new-secret", "old-secret", "tkn-1"] {
             let bytes = prost::Message::encode_to_vec(&read);
-            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} in {encoded}");
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret} in {encoded}"
+            );
         }
     }
 
@@ -413,17 +469,29 @@ mod tests {
             update_time: t,
             revision: 3,
         };
-        assert_eq!(PushScope::try_from(pb::PushScope::from(&scope)).unwrap(), scope);
+        assert_eq!(
+            PushScope::try_from(pb::PushScope::from(&scope)).unwrap(),
+            scope
+        );
 
         let mut bad = pb::PushScope::from(&scope);
         bad.level = pb::PushScopeLevel::Account.into();
-        assert_eq!(PushScope::try_from(bad).unwrap_err().field, "push_scope.target_id");
+        assert_eq!(
+            PushScope::try_from(bad).unwrap_err().field,
+            "push_scope.target_id"
+        );
         let mut bad = pb::PushScope::from(&scope);
         bad.level = 99;
-        assert_eq!(PushScope::try_from(bad).unwrap_err().field, "push_scope.level");
+        assert_eq!(
+            PushScope::try_from(bad).unwrap_err().field,
+            "push_scope.level"
+        );
         let mut bad = pb::PushScope::from(&scope);
         bad.target_id = "7 8".into();
-        assert_eq!(PushScope::try_from(bad).unwrap_err().field, "push_scope.target_id");
+        assert_eq!(
+            PushScope::try_from(bad).unwrap_err().field,
+            "push_scope.target_id"
+        );
     }
 
     #[test]
@@ -432,15 +500,18 @@ mod tests {
         assert_eq!(canonical_target_id("000"), "0");
         assert_eq!(canonical_target_id("418207"), "418207");
         assert_eq!(canonical_target_id("web-07"), "web-07");
-        assert_eq!(scope_target(Level::Campaign, "0099").unwrap(), ScopeTarget::Campaign("99".into()));
+        assert_eq!(
+            scope_target(Level::Campaign, "0099").unwrap(),
+            ScopeTarget::Campaign("99".into())
+        );
     }
 
     #[test]
     fn schemes_refuse_unspecified_and_unknown() {
-        assert_eq!(signature_schemes("s", &[2, 1, 2]).unwrap(), vec![
-            SignatureScheme::Qualifio,
-            SignatureScheme::StandardWebhooks
-        ]);
+        assert_eq!(
+            signature_schemes("s", &[2, 1, 2]).unwrap(),
+            vec![SignatureScheme::Qualifio, SignatureScheme::StandardWebhooks]
+        );
         assert_eq!(signature_schemes("s", &[1, 0]).unwrap_err().field, "s[1]");
         assert_eq!(signature_schemes("s", &[5]).unwrap_err().field, "s[0]");
     }

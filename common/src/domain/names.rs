@@ -13,7 +13,9 @@ pub struct InvalidName(String);
 pub fn validate_id(id: &str) -> Result<(), InvalidName> {
     let ok = !id.is_empty()
         && id.len() <= 63
-        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !id.starts_with('-')
         && !id.ends_with('-');
     if ok {
@@ -34,7 +36,10 @@ fn truncate(s: &str) -> String {
     }
 }
 
-fn split_collection<'a>(name: &'a str, collection: &str) -> Result<(&'a str, &'a str), InvalidName> {
+fn split_collection<'a>(
+    name: &'a str,
+    collection: &str,
+) -> Result<(&'a str, &'a str), InvalidName> {
     let bad = || {
         InvalidName(format!(
             "invalid name {:?}: expected accounts/{{account}}/{collection}/{{id}}",
@@ -43,7 +48,10 @@ fn split_collection<'a>(name: &'a str, collection: &str) -> Result<(&'a str, &'a
     };
     let rest = name.strip_prefix("accounts/").ok_or_else(bad)?;
     let (account, rest) = rest.split_once('/').ok_or_else(bad)?;
-    let id = rest.strip_prefix(collection).and_then(|r| r.strip_prefix('/')).ok_or_else(bad)?;
+    let id = rest
+        .strip_prefix(collection)
+        .and_then(|r| r.strip_prefix('/'))
+        .ok_or_else(bad)?;
     validate_id(account)?;
     validate_id(id)?;
     Ok((account, id))
@@ -57,7 +65,10 @@ impl AccountName {
     /// Parses `accounts/{account}`.
     pub fn parse(name: &str) -> Result<Self, InvalidName> {
         let id = name.strip_prefix("accounts/").ok_or_else(|| {
-            InvalidName(format!("invalid account {:?}: expected accounts/{{account}}", truncate(name)))
+            InvalidName(format!(
+                "invalid account {:?}: expected accounts/{{account}}",
+                truncate(name)
+            ))
         })?;
         validate_id(id)?;
         Ok(Self(id.to_owned()))
@@ -145,7 +156,10 @@ mod tests {
         assert_eq!(n.to_string(), "accounts/42/integrations/crm-1");
         let s = PushScopeName::parse("accounts/42/pushScopes/all").unwrap();
         assert_eq!(s.to_string(), "accounts/42/pushScopes/all");
-        assert_eq!(AccountName::parse("accounts/42").unwrap().to_string(), "accounts/42");
+        assert_eq!(
+            AccountName::parse("accounts/42").unwrap().to_string(),
+            "accounts/42"
+        );
     }
 
     #[test]

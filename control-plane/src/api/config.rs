@@ -5,10 +5,10 @@
 use std::pin::Pin;
 
 use futures_util::Stream;
+use pb::config_change::Change as PbChange;
+use pb::config_service_server::ConfigService;
 use pushwire_common::domain::convert::integration_config;
 use pushwire_common::pb::v1 as pb;
-use pb::config_service_server::ConfigService;
-use pb::config_change::Change as PbChange;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -40,13 +40,19 @@ fn change_to_pb(c: &Change) -> pb::ConfigChange {
         Change::UpsertPushScope(s) => PbChange::UpsertPushScope(s.as_ref().into()),
         Change::DeletePushScope(n) => PbChange::DeletePushScope(n.to_string()),
     };
-    pb::ConfigChange { change: Some(change) }
+    pb::ConfigChange {
+        change: Some(change),
+    }
 }
 
 /// The messages for one feed update, and the revision they bring the watcher to.
 fn messages(update: FeedUpdate) -> Vec<pb::WatchConfigResponse> {
     match update {
-        FeedUpdate::Snapshot { revision, integrations, push_scopes } => vec![pb::WatchConfigResponse {
+        FeedUpdate::Snapshot {
+            revision,
+            integrations,
+            push_scopes,
+        } => vec![pb::WatchConfigResponse {
             revision,
             snapshot: Some(pb::ConfigSnapshot {
                 integrations: integrations.iter().map(|i| integration_config(i)).collect(),
@@ -67,7 +73,8 @@ fn messages(update: FeedUpdate) -> Vec<pb::WatchConfigResponse> {
 
 #[tonic::async_trait]
 impl ConfigService for ConfigApi {
-    type WatchConfigStream = Pin<Box<dyn Stream<Item = Result<pb::WatchConfigResponse, Status>> + Send>>;
+    type WatchConfigStream =
+        Pin<Box<dyn Stream<Item = Result<pb::WatchConfigResponse, Status>> + Send>>;
 
     async fn watch_config(
         &self,
@@ -75,7 +82,9 @@ impl ConfigService for ConfigApi {
     ) -> Result<Response<Self::WatchConfigStream>, Status> {
         let from = request.get_ref().from_revision;
         if from < 0 {
-            return Err(Status::invalid_argument("from_revision: must not be negative"));
+            return Err(Status::invalid_argument(
+                "from_revision: must not be negative",
+            ));
         }
         let (tx, rx) = mpsc::channel(WATCHER_BUFFER);
         let mut view = self.feed.subscribe();

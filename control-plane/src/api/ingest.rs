@@ -4,8 +4,8 @@
 use std::pin::Pin;
 
 use futures_util::Stream;
-use pushwire_common::pb::v1 as pb;
 use pb::ingest_service_server::IngestService;
+use pushwire_common::pb::v1 as pb;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Refuses publishing with a clear message.
@@ -13,7 +13,9 @@ use tonic::{Request, Response, Status, Streaming};
 pub struct IngestApi;
 
 fn unimplemented() -> Status {
-    Status::unimplemented("publish participations to a worker (IngestService on the worker's gRPC address)")
+    Status::unimplemented(
+        "publish participations to a worker (IngestService on the worker's gRPC address)",
+    )
 }
 
 #[tonic::async_trait]
@@ -27,7 +29,10 @@ impl IngestService for IngestApi {
         Err(unimplemented())
     }
 
-    async fn publish_one(&self, _request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+    async fn publish_one(
+        &self,
+        _request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
         Err(unimplemented())
     }
 }

@@ -1,9 +1,9 @@
 //! `pushwire.v1.IntegrationService`.
 
-use pushwire_common::domain::convert;
-use pushwire_common::domain::Secret;
-use pushwire_common::pb::v1 as pb;
 use pb::integration_service_server::IntegrationService;
+use pushwire_common::domain::Secret;
+use pushwire_common::domain::convert;
+use pushwire_common::pb::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::{account, integration_name, invalid, mask_paths};
@@ -52,20 +52,32 @@ fn patch(i: pb::Integration, paths: Option<&[String]>) -> Result<IntegrationPatc
     if wanted("disabled_reason", !i.disabled_reason.is_empty()) {
         patch.disabled_reason = Some(i.disabled_reason);
     }
-    if wanted("incomplete_participations", i.incomplete_participations != 0) {
+    if wanted(
+        "incomplete_participations",
+        i.incomplete_participations != 0,
+    ) {
         patch.incomplete_participations = Some(
-            convert::incomplete_policy("integration.incomplete_participations", i.incomplete_participations)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?
-                .unwrap_or_default(),
+            convert::incomplete_policy(
+                "integration.incomplete_participations",
+                i.incomplete_participations,
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .unwrap_or_default(),
         );
     }
     if wanted("auth_header", i.auth_header.is_some()) {
         patch.auth_header = Some(match i.auth_header {
             Some(h) if !h.name.is_empty() || !h.value.is_empty() => {
                 if h.name.is_empty() {
-                    return Err(invalid("integration.auth_header.name", "required when a value is given"));
+                    return Err(invalid(
+                        "integration.auth_header.name",
+                        "required when a value is given",
+                    ));
                 }
-                Some(AuthHeaderInput { name: h.name, value: Secret::new(h.value) })
+                Some(AuthHeaderInput {
+                    name: h.name,
+                    value: Secret::new(h.value),
+                })
             }
             _ => None,
         });
@@ -90,9 +102,14 @@ impl IntegrationService for IntegrationApi {
     ) -> Result<Response<pb::Integration>, Status> {
         let req = request.into_inner();
         let account = account("parent", &req.parent)?;
-        let integration = req.integration.ok_or_else(|| invalid("integration", "required"))?;
+        let integration = req
+            .integration
+            .ok_or_else(|| invalid("integration", "required"))?;
         let id = (!req.integration_id.is_empty()).then_some(req.integration_id.as_str());
-        let created = self.catalog.create_integration(&account, id, patch(integration, None)?).await?;
+        let created = self
+            .catalog
+            .create_integration(&account, id, patch(integration, None)?)
+            .await?;
         Ok(Response::new((&created).into()))
     }
 
@@ -101,7 +118,9 @@ impl IntegrationService for IntegrationApi {
         request: Request<pb::GetIntegrationRequest>,
     ) -> Result<Response<pb::Integration>, Status> {
         let name = integration_name("name", &request.get_ref().name)?;
-        Ok(Response::new((&self.catalog.get_integration(&name).await?).into()))
+        Ok(Response::new(
+            (&self.catalog.get_integration(&name).await?).into(),
+        ))
     }
 
     async fn list_integrations(
@@ -112,7 +131,13 @@ impl IntegrationService for IntegrationApi {
         let account = account("parent", &req.parent)?;
         let page = self
             .catalog
-            .list_integrations(&account, &PageRequest { size: req.page_size, token: req.page_token })
+            .list_integrations(
+                &account,
+                &PageRequest {
+                    size: req.page_size,
+                    token: req.page_token,
+                },
+            )
             .await?;
         Ok(Response::new(pb::ListIntegrationsResponse {
             integrations: page.items.iter().map(Into::into).collect(),
@@ -125,9 +150,12 @@ impl IntegrationService for IntegrationApi {
         request: Request<pb::UpdateIntegrationRequest>,
     ) -> Result<Response<pb::Integration>, Status> {
         let req = request.into_inner();
-        let integration = req.integration.ok_or_else(|| invalid("integration", "required"))?;
+        let integration = req
+            .integration
+            .ok_or_else(|| invalid("integration", "required"))?;
         let name = integration_name("integration.name", &integration.name)?;
-        let etag = convert::etag("integration.etag", &integration.etag).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let etag = convert::etag("integration.etag", &integration.etag)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let paths = mask_paths(req.update_mask, UPDATABLE)?;
         let patch = patch(integration, paths.as_deref())?;
         let updated = self.catalog.update_integration(&name, etag, patch).await?;
@@ -140,8 +168,11 @@ impl IntegrationService for IntegrationApi {
     ) -> Result<Response<()>, Status> {
         let req = request.into_inner();
         let name = integration_name("name", &req.name)?;
-        let etag = convert::etag("etag", &req.etag).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.catalog.delete_integration(&name, etag, req.force).await?;
+        let etag = convert::etag("etag", &req.etag)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.catalog
+            .delete_integration(&name, etag, req.force)
+            .await?;
         Ok(Response::new(()))
     }
 
@@ -149,6 +180,8 @@ impl IntegrationService for IntegrationApi {
         &self,
         _request: Request<pb::TestIntegrationRequest>,
     ) -> Result<Response<pb::TestIntegrationResponse>, Status> {
-        Err(Status::unimplemented("TestIntegration arrives with the worker's delivery code"))
+        Err(Status::unimplemented(
+            "TestIntegration arrives with the worker's delivery code",
+        ))
     }
 }

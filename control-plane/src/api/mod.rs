@@ -55,14 +55,23 @@ fn push_scope_name(field: &str, raw: &str) -> Result<PushScopeName, Status> {
 }
 
 /// The paths of an update mask, checked against `allowed`; `None` when the mask is empty.
-fn mask_paths(mask: Option<prost_types::FieldMask>, allowed: &[&str]) -> Result<Option<Vec<String>>, Status> {
+fn mask_paths(
+    mask: Option<prost_types::FieldMask>,
+    allowed: &[&str],
+) -> Result<Option<Vec<String>>, Status> {
     let paths = mask.map(|m| m.paths).unwrap_or_default();
     if paths.is_empty() {
         return Ok(None);
     }
     for p in &paths {
         if !allowed.contains(&p.as_str()) {
-            return Err(invalid("update_mask", format!("unknown or read-only field {p:?}; allowed: {}", allowed.join(", "))));
+            return Err(invalid(
+                "update_mask",
+                format!(
+                    "unknown or read-only field {p:?}; allowed: {}",
+                    allowed.join(", ")
+                ),
+            ));
         }
     }
     Ok(Some(paths))

@@ -1,9 +1,9 @@
 //! `pushwire.v1.PushScopeService`.
 
+use pb::push_scope_service_server::PushScopeService;
 use pushwire_common::domain::convert;
 use pushwire_common::domain::matching::Placement;
 use pushwire_common::pb::v1 as pb;
-use pb::push_scope_service_server::PushScopeService;
 use tonic::{Request, Response, Status};
 
 use super::{account, integration_name, invalid, mask_paths, push_scope_name};
@@ -49,10 +49,18 @@ fn patch(s: pb::PushScope, paths: Option<&[String]>) -> Result<PushScopePatch, S
         patch.target_id = Some(s.target_id);
     }
     if wanted("audience", s.audience != 0) {
-        patch.audience = Some(convert::audience("push_scope.audience", s.audience).map_err(bad)?.unwrap_or_default());
+        patch.audience = Some(
+            convert::audience("push_scope.audience", s.audience)
+                .map_err(bad)?
+                .unwrap_or_default(),
+        );
     }
     if wanted("action", s.action != 0) {
-        patch.action = Some(convert::action("push_scope.action", s.action).map_err(bad)?.unwrap_or_default());
+        patch.action = Some(
+            convert::action("push_scope.action", s.action)
+                .map_err(bad)?
+                .unwrap_or_default(),
+        );
     }
     Ok(patch)
 }
@@ -74,15 +82,25 @@ impl PushScopeService for PushScopeApi {
     ) -> Result<Response<pb::PushScope>, Status> {
         let req = request.into_inner();
         let account = account("parent", &req.parent)?;
-        let scope = req.push_scope.ok_or_else(|| invalid("push_scope", "required"))?;
+        let scope = req
+            .push_scope
+            .ok_or_else(|| invalid("push_scope", "required"))?;
         let id = (!req.push_scope_id.is_empty()).then_some(req.push_scope_id.as_str());
-        let created = self.catalog.create_push_scope(&account, id, patch(scope, None)?).await?;
+        let created = self
+            .catalog
+            .create_push_scope(&account, id, patch(scope, None)?)
+            .await?;
         Ok(Response::new((&created).into()))
     }
 
-    async fn get_push_scope(&self, request: Request<pb::GetPushScopeRequest>) -> Result<Response<pb::PushScope>, Status> {
+    async fn get_push_scope(
+        &self,
+        request: Request<pb::GetPushScopeRequest>,
+    ) -> Result<Response<pb::PushScope>, Status> {
         let name = push_scope_name("name", &request.get_ref().name)?;
-        Ok(Response::new((&self.catalog.get_push_scope(&name).await?).into()))
+        Ok(Response::new(
+            (&self.catalog.get_push_scope(&name).await?).into(),
+        ))
     }
 
     async fn list_push_scopes(
@@ -96,14 +114,24 @@ impl PushScopeService for PushScopeApi {
             raw => {
                 let name = integration_name("integration", raw)?;
                 if name.account() != &account {
-                    return Err(invalid("integration", format!("must be an integration of {account}")));
+                    return Err(invalid(
+                        "integration",
+                        format!("must be an integration of {account}"),
+                    ));
                 }
                 Some(name)
             }
         };
         let page = self
             .catalog
-            .list_push_scopes(&account, integration.as_ref(), &PageRequest { size: req.page_size, token: req.page_token })
+            .list_push_scopes(
+                &account,
+                integration.as_ref(),
+                &PageRequest {
+                    size: req.page_size,
+                    token: req.page_token,
+                },
+            )
             .await?;
         Ok(Response::new(pb::ListPushScopesResponse {
             push_scopes: page.items.iter().map(Into::into).collect(),
@@ -116,15 +144,23 @@ impl PushScopeService for PushScopeApi {
         request: Request<pb::UpdatePushScopeRequest>,
     ) -> Result<Response<pb::PushScope>, Status> {
         let req = request.into_inner();
-        let scope = req.push_scope.ok_or_else(|| invalid("push_scope", "required"))?;
+        let scope = req
+            .push_scope
+            .ok_or_else(|| invalid("push_scope", "required"))?;
         let name = push_scope_name("push_scope.name", &scope.name)?;
         let etag = convert::etag("push_scope.etag", &scope.etag).map_err(bad)?;
         let paths = mask_paths(req.update_mask, UPDATABLE)?;
-        let updated = self.catalog.update_push_scope(&name, etag, patch(scope, paths.as_deref())?).await?;
+        let updated = self
+            .catalog
+            .update_push_scope(&name, etag, patch(scope, paths.as_deref())?)
+            .await?;
         Ok(Response::new((&updated).into()))
     }
 
-    async fn delete_push_scope(&self, request: Request<pb::DeletePushScopeRequest>) -> Result<Response<()>, Status> {
+    async fn delete_push_scope(
+        &self,
+        request: Request<pb::DeletePushScopeRequest>,
+    ) -> Result<Response<()>, Status> {
         let req = request.into_inner();
         let name = push_scope_name("name", &req.name)?;
         let etag = convert::etag("etag", &req.etag).map_err(bad)?;
@@ -138,7 +174,8 @@ impl PushScopeService for PushScopeApi {
     ) -> Result<Response<pb::ResolvePushesResponse>, Status> {
         let req = request.into_inner();
         let account = account("account", &req.account)?;
-        let campaign_id = optional_id("campaign_id", &req.campaign_id)?.ok_or_else(|| invalid("campaign_id", "required"))?;
+        let campaign_id = optional_id("campaign_id", &req.campaign_id)?
+            .ok_or_else(|| invalid("campaign_id", "required"))?;
         let identified = req.identified.ok_or_else(|| {
             invalid("identified", "required: true for a participant who gave their identity, false for an anonymous one")
         })?;
@@ -154,7 +191,10 @@ impl PushScopeService for PushScopeApi {
         Ok(Response::new(pb::ResolvePushesResponse {
             pushes: pushes
                 .into_iter()
-                .map(|p| pb::ResolvedPush { integration: p.integration.to_string(), decided_by: p.decided_by.to_string() })
+                .map(|p| pb::ResolvedPush {
+                    integration: p.integration.to_string(),
+                    decided_by: p.decided_by.to_string(),
+                })
                 .collect(),
         }))
     }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use pushwire_common::backoff::Backoff;
-use pushwire_common::domain::{AccountName, Integration, IntegrationName, PushScope, PushScopeName};
+use pushwire_common::domain::{
+    AccountName, Integration, IntegrationName, PushScope, PushScopeName,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -112,7 +114,10 @@ impl ConfigFeed {
 
     /// A handle for one watcher.
     pub fn subscribe(&self) -> FeedView {
-        FeedView { feed: self.clone(), revision_rx: self.revision_tx.subscribe() }
+        FeedView {
+            feed: self.clone(),
+            revision_rx: self.revision_tx.subscribe(),
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -215,7 +220,14 @@ impl ConfigFeed {
         }
         {
             let mut state = self.write();
-            *state = State { loaded: true, revision, base: revision, integrations, push_scopes, log: VecDeque::new() };
+            *state = State {
+                loaded: true,
+                revision,
+                base: revision,
+                integrations,
+                push_scopes,
+                log: VecDeque::new(),
+            };
         }
         tracing::info!(revision, "config feed: loaded");
         self.revision_tx.send_replace(revision);
@@ -238,7 +250,9 @@ impl ConfigFeed {
                         changes.push(Change::UpsertPushScope(s));
                     }
                     Ok(None) => {}
-                    Err(e) => tracing::error!(error = %e, "config feed: skipping unreadable record"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "config feed: skipping unreadable record")
+                    }
                 },
                 Event::Delete { key } => match deleted_name(&key) {
                     Some(Deleted::Integration(name)) => {
@@ -255,7 +269,10 @@ impl ConfigFeed {
         }
         state.revision = batch.revision;
         if !changes.is_empty() {
-            state.log.push_back(Arc::new(RevisionChanges { revision: batch.revision, changes }));
+            state.log.push_back(Arc::new(RevisionChanges {
+                revision: batch.revision,
+                changes,
+            }));
             while state.log.len() > self.history {
                 if let Some(dropped) = state.log.pop_front() {
                     state.base = dropped.revision;
@@ -274,10 +291,12 @@ enum Deleted {
 
 fn deleted_name(key: &str) -> Option<Deleted> {
     match keys::parse(key)? {
-        Parsed::Integration(a, id) => {
-            Some(Deleted::Integration(IntegrationName::new(&AccountName::from_id(a).ok()?, id).ok()?))
-        }
-        Parsed::PushScope(a, id) => Some(Deleted::PushScope(PushScopeName::new(&AccountName::from_id(a).ok()?, id).ok()?)),
+        Parsed::Integration(a, id) => Some(Deleted::Integration(
+            IntegrationName::new(&AccountName::from_id(a).ok()?, id).ok()?,
+        )),
+        Parsed::PushScope(a, id) => Some(Deleted::PushScope(
+            PushScopeName::new(&AccountName::from_id(a).ok()?, id).ok()?,
+        )),
     }
 }
 
@@ -319,6 +338,8 @@ impl FeedView {
         if start == state.log.len() {
             return None;
         }
-        Some(FeedUpdate::Changes(state.log.range(start..).cloned().collect()))
+        Some(FeedUpdate::Changes(
+            state.log.range(start..).cloned().collect(),
+        ))
     }
 }

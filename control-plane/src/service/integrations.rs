@@ -5,13 +5,13 @@ use std::time::SystemTime;
 
 use pushwire_common::domain::convert::InvalidField;
 use pushwire_common::domain::{
-    AccountName, AuthHeader, IncompletePolicy, Integration, IntegrationName, Secret, SignatureScheme,
-    SigningSecret,
+    AccountName, AuthHeader, IncompletePolicy, Integration, IntegrationName, Secret,
+    SignatureScheme, SigningSecret,
 };
 
 use super::{
-    AccountView, Catalog, MAX_ATTEMPTS, Page, PageRequest, Result, ServiceError, check_etag, generate_id,
-    paginate, too_busy, validate,
+    AccountView, Catalog, MAX_ATTEMPTS, Page, PageRequest, Result, ServiceError, check_etag,
+    generate_id, paginate, too_busy, validate,
 };
 use crate::store::records::{self, Record};
 use crate::store::{Compare, Op, Txn, TxnOutcome, keys};
@@ -59,8 +59,10 @@ impl Catalog {
         patch: IntegrationPatch,
     ) -> Result<Integration> {
         let name = match id {
-            Some(id) => IntegrationName::new(account, id).map_err(|e| InvalidField::new("integration_id", e.to_string()))?,
-            None => IntegrationName::new(account, &super::generate_id()).expect("generated ids are valid"),
+            Some(id) => IntegrationName::new(account, id)
+                .map_err(|e| InvalidField::new("integration_id", e.to_string()))?,
+            None => IntegrationName::new(account, &super::generate_id())
+                .expect("generated ids are valid"),
         };
         let generated = id.is_none();
         let now = SystemTime::now();
@@ -83,10 +85,14 @@ impl Catalog {
             let view = self.view(account).await?;
             if view.integrations.contains_key(integration.name.id()) {
                 if generated {
-                    integration.name = IntegrationName::new(account, &generate_id()).expect("generated ids are valid");
+                    integration.name = IntegrationName::new(account, &generate_id())
+                        .expect("generated ids are valid");
                     continue;
                 }
-                return Err(ServiceError::AlreadyExists(format!("{} already exists", integration.name)));
+                return Err(ServiceError::AlreadyExists(format!(
+                    "{} already exists",
+                    integration.name
+                )));
             }
             check_unique_display_name(&view, &integration)?;
             let key = records::integration_key(&integration.name);
@@ -98,7 +104,10 @@ impl Catalog {
                         revision: view.revision,
                     },
                 ],
-                ops: vec![Op::Put { key, value: records::encode_integration(&integration) }],
+                ops: vec![Op::Put {
+                    key,
+                    value: records::encode_integration(&integration),
+                }],
             };
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
                 integration.revision = revision;
@@ -118,8 +127,15 @@ impl Catalog {
     }
 
     /// Lists an account's integrations by id.
-    pub async fn list_integrations(&self, account: &AccountName, page: &PageRequest) -> Result<Page<Integration>> {
-        let range = self.store.range(&keys::integrations_prefix(account.id())).await?;
+    pub async fn list_integrations(
+        &self,
+        account: &AccountName,
+        page: &PageRequest,
+    ) -> Result<Page<Integration>> {
+        let range = self
+            .store
+            .range(&keys::integrations_prefix(account.id()))
+            .await?;
         let mut items = Vec::with_capacity(range.kvs.len());
         for kv in &range.kvs {
             if let Some(Record::Integration(i)) = records::decode(kv)? {
@@ -138,8 +154,10 @@ impl Catalog {
     ) -> Result<Integration> {
         for _ in 0..MAX_ATTEMPTS {
             let view = self.view(name.account()).await?;
-            let current =
-                view.integrations.get(name.id()).ok_or_else(|| ServiceError::NotFound(name.to_string()))?;
+            let current = view
+                .integrations
+                .get(name.id())
+                .ok_or_else(|| ServiceError::NotFound(name.to_string()))?;
             check_etag(name, etag, current.revision)?;
             let now = SystemTime::now();
             let mut updated = current.clone();
@@ -154,7 +172,13 @@ impl Catalog {
                     revision: view.revision,
                 });
             }
-            let txn = Txn { compares, ops: vec![Op::Put { key, value: records::encode_integration(&updated) }] };
+            let txn = Txn {
+                compares,
+                ops: vec![Op::Put {
+                    key,
+                    value: records::encode_integration(&updated),
+                }],
+            };
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
                 updated.revision = revision;
                 return Ok(updated);
@@ -164,25 +188,46 @@ impl Catalog {
     }
 
     /// Deletes an integration; with `force`, also the scopes that refer to it, atomically.
-    pub async fn delete_integration(&self, name: &IntegrationName, etag: Option<i64>, force: bool) -> Result<()> {
+    pub async fn delete_integration(
+        &self,
+        name: &IntegrationName,
+        etag: Option<i64>,
+        force: bool,
+    ) -> Result<()> {
         for _ in 0..MAX_ATTEMPTS {
             let view = self.view(name.account()).await?;
-            let current =
-                view.integrations.get(name.id()).ok_or_else(|| ServiceError::NotFound(name.to_string()))?;
+            let current = view
+                .integrations
+                .get(name.id())
+                .ok_or_else(|| ServiceError::NotFound(name.to_string()))?;
             check_etag(name, etag, current.revision)?;
-            let referring: Vec<_> = view.scopes.values().filter(|s| &s.integration == name).collect();
+            let referring: Vec<_> = view
+                .scopes
+                .values()
+                .filter(|s| &s.integration == name)
+                .collect();
             if !referring.is_empty() && !force {
-                let listed: Vec<String> = referring.iter().take(5).map(|s| s.name.to_string()).collect();
+                let listed: Vec<String> = referring
+                    .iter()
+                    .take(5)
+                    .map(|s| s.name.to_string())
+                    .collect();
                 return Err(ServiceError::FailedPrecondition(format!(
                     "{name} is used by {} push scope(s) ({}{}); delete them first or set force",
                     referring.len(),
                     listed.join(", "),
-                    if referring.len() > listed.len() { ", ..." } else { "" },
+                    if referring.len() > listed.len() {
+                        ", ..."
+                    } else {
+                        ""
+                    },
                 )));
             }
             let key = records::integration_key(name);
             let mut ops = vec![Op::Delete { key: key.clone() }];
-            ops.extend(referring.iter().map(|s| Op::Delete { key: records::push_scope_key(&s.name) }));
+            ops.extend(referring.iter().map(|s| Op::Delete {
+                key: records::push_scope_key(&s.name),
+            }));
             let txn = Txn {
                 compares: vec![
                     Compare::ModRevision(key, current.revision),
@@ -224,7 +269,11 @@ impl Catalog {
         if let Some(reason) = patch.disabled_reason {
             validate::reason("integration.disabled_reason", &reason)?;
             if i.enabled && !reason.is_empty() {
-                return Err(InvalidField::new("integration.disabled_reason", "can only be set with enabled: false").into());
+                return Err(InvalidField::new(
+                    "integration.disabled_reason",
+                    "can only be set with enabled: false",
+                )
+                .into());
             }
             i.disabled_reason = reason;
         }
@@ -237,13 +286,20 @@ impl Catalog {
                 Some(h) => {
                     validate::header_name("integration.auth_header.name", &h.name)?;
                     validate::header_value("integration.auth_header.value", h.value.expose())?;
-                    Some(AuthHeader { name: h.name, value: h.value })
+                    Some(AuthHeader {
+                        name: h.name,
+                        value: h.value,
+                    })
                 }
             };
         }
         if let Some(schemes) = patch.signature_schemes {
             if schemes.is_empty() {
-                return Err(InvalidField::new("integration.signature_schemes", "name at least one scheme").into());
+                return Err(InvalidField::new(
+                    "integration.signature_schemes",
+                    "name at least one scheme",
+                )
+                .into());
             }
             i.signature_schemes = schemes;
         }
@@ -251,7 +307,12 @@ impl Catalog {
             if let Some(s) = &secret {
                 validate::secret("integration.secret", s.expose())?;
             }
-            rotate(&mut i.secrets, secret, now, now + self.opts.secret_rotation_grace);
+            rotate(
+                &mut i.secrets,
+                secret,
+                now,
+                now + self.opts.secret_rotation_grace,
+            );
         }
         Ok(())
     }
@@ -260,12 +321,20 @@ impl Catalog {
 /// Makes `new` the current secret. The current one keeps signing until `grace_end`; expired
 /// ones are dropped. Setting the current secret again changes nothing; removing the secret
 /// stops signing at once.
-fn rotate(secrets: &mut Vec<SigningSecret>, new: Option<Secret>, now: SystemTime, grace_end: SystemTime) {
+fn rotate(
+    secrets: &mut Vec<SigningSecret>,
+    new: Option<Secret>,
+    now: SystemTime,
+    grace_end: SystemTime,
+) {
     let Some(new) = new else {
         secrets.clear();
         return;
     };
-    if secrets.first().is_some_and(|s| s.expire_time.is_none() && s.secret == new) {
+    if secrets
+        .first()
+        .is_some_and(|s| s.expire_time.is_none() && s.secret == new)
+    {
         return;
     }
     for s in secrets.iter_mut() {
@@ -275,12 +344,19 @@ fn rotate(secrets: &mut Vec<SigningSecret>, new: Option<Secret>, now: SystemTime
     }
     secrets.retain(|s| s.secret != new && s.expire_time.is_some_and(|t| t > now));
     secrets.truncate(MAX_PREVIOUS_SECRETS);
-    secrets.insert(0, SigningSecret { secret: new, expire_time: None });
+    secrets.insert(
+        0,
+        SigningSecret {
+            secret: new,
+            expire_time: None,
+        },
+    );
 }
 
 fn check_unique_display_name(view: &AccountView, candidate: &Integration) -> Result<()> {
     let taken = view.integrations.values().find(|i| {
-        i.name != candidate.name && i.display_name.to_lowercase() == candidate.display_name.to_lowercase()
+        i.name != candidate.name
+            && i.display_name.to_lowercase() == candidate.display_name.to_lowercase()
     });
     match taken {
         Some(other) => Err(ServiceError::AlreadyExists(format!(
@@ -303,23 +379,47 @@ mod tests {
         let day = Duration::from_secs(86_400);
         let mut secrets = Vec::new();
         rotate(&mut secrets, Some(Secret::new("a")), t0, t0 + day);
-        assert_eq!(secrets, vec![SigningSecret { secret: Secret::new("a"), expire_time: None }]);
+        assert_eq!(
+            secrets,
+            vec![SigningSecret {
+                secret: Secret::new("a"),
+                expire_time: None
+            }]
+        );
 
         rotate(&mut secrets, Some(Secret::new("a")), t0, t0 + day);
         assert_eq!(secrets.len(), 1, "same secret again changes nothing");
 
         rotate(&mut secrets, Some(Secret::new("b")), t0, t0 + day);
-        assert_eq!(secrets, vec![
-            SigningSecret { secret: Secret::new("b"), expire_time: None },
-            SigningSecret { secret: Secret::new("a"), expire_time: Some(t0 + day) },
-        ]);
+        assert_eq!(
+            secrets,
+            vec![
+                SigningSecret {
+                    secret: Secret::new("b"),
+                    expire_time: None
+                },
+                SigningSecret {
+                    secret: Secret::new("a"),
+                    expire_time: Some(t0 + day)
+                },
+            ]
+        );
 
         let t1 = t0 + day + Duration::from_secs(1);
         rotate(&mut secrets, Some(Secret::new("c")), t1, t1 + day);
-        assert_eq!(secrets, vec![
-            SigningSecret { secret: Secret::new("c"), expire_time: None },
-            SigningSecret { secret: Secret::new("b"), expire_time: Some(t1 + day) },
-        ]);
+        assert_eq!(
+            secrets,
+            vec![
+                SigningSecret {
+                    secret: Secret::new("c"),
+                    expire_time: None
+                },
+                SigningSecret {
+                    secret: Secret::new("b"),
+                    expire_time: Some(t1 + day)
+                },
+            ]
+        );
 
         rotate(&mut secrets, None, t1, t1 + day);
         assert!(secrets.is_empty());

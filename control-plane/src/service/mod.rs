@@ -67,7 +67,10 @@ pub struct CatalogOptions {
 
 impl Default for CatalogOptions {
     fn default() -> Self {
-        Self { allow_insecure_http: false, secret_rotation_grace: Duration::from_secs(24 * 3600) }
+        Self {
+            allow_insecure_http: false,
+            secret_rotation_grace: Duration::from_secs(24 * 3600),
+        }
     }
 }
 
@@ -80,7 +83,9 @@ pub struct Catalog {
 
 impl std::fmt::Debug for Catalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Catalog").field("opts", &self.opts).finish_non_exhaustive()
+        f.debug_struct("Catalog")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
     }
 }
 
@@ -122,8 +127,15 @@ impl Catalog {
     }
 
     async fn view(&self, account: &AccountName) -> Result<AccountView> {
-        let range = self.store.range(&keys::account_prefix(account.id())).await?;
-        let mut view = AccountView { revision: range.revision, integrations: BTreeMap::new(), scopes: BTreeMap::new() };
+        let range = self
+            .store
+            .range(&keys::account_prefix(account.id()))
+            .await?;
+        let mut view = AccountView {
+            revision: range.revision,
+            integrations: BTreeMap::new(),
+            scopes: BTreeMap::new(),
+        };
         for kv in &range.kvs {
             match records::decode(kv)? {
                 Some(Record::Integration(i)) => {
@@ -177,12 +189,16 @@ fn paginate<T: Clone>(
         None
     } else {
         let bad = || InvalidField::new("page_token", "not a token returned by this server");
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&page.token).map_err(|_| bad())?;
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&page.token)
+            .map_err(|_| bad())?;
         let id = String::from_utf8(raw).map_err(|_| bad())?;
         pushwire_common::domain::validate_id(&id).map_err(|_| bad())?;
         Some(id)
     };
-    let mut rest = items.filter(|(id, _)| after.as_ref().is_none_or(|a| id > a)).peekable();
+    let mut rest = items
+        .filter(|(id, _)| after.as_ref().is_none_or(|a| id > a))
+        .peekable();
     let mut out = Vec::with_capacity(size.min(64));
     let mut last = None;
     while out.len() < size {
@@ -194,7 +210,10 @@ fn paginate<T: Clone>(
         (Some(_), Some(last)) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last),
         _ => String::new(),
     };
-    Ok(Page { items: out, next_token })
+    Ok(Page {
+        items: out,
+        next_token,
+    })
 }
 
 #[cfg(test)]
@@ -205,7 +224,10 @@ mod tests {
     fn pages_cover_everything_once() {
         let items: Vec<(String, u32)> = (0..7).map(|i| (format!("id-{i}"), i)).collect();
         let mut seen = Vec::new();
-        let mut req = PageRequest { size: 3, token: String::new() };
+        let mut req = PageRequest {
+            size: 3,
+            token: String::new(),
+        };
         loop {
             let page = paginate(items.clone().into_iter(), &req).unwrap();
             seen.extend(page.items);
@@ -215,8 +237,14 @@ mod tests {
             req.token = page.next_token;
         }
         assert_eq!(seen, (0..7).collect::<Vec<_>>());
-        let bad = PageRequest { size: 3, token: "%%%".into() };
-        assert!(matches!(paginate(items.into_iter(), &bad), Err(ServiceError::InvalidArgument(_))));
+        let bad = PageRequest {
+            size: 3,
+            token: "%%%".into(),
+        };
+        assert!(matches!(
+            paginate(items.into_iter(), &bad),
+            Err(ServiceError::InvalidArgument(_))
+        ));
     }
 
     #[test]

@@ -11,8 +11,8 @@ use pushwire_common::domain::{
 };
 
 use super::{
-    AccountView, Catalog, MAX_ATTEMPTS, Page, PageRequest, Result, ServiceError, check_etag, generate_id,
-    paginate, too_busy,
+    AccountView, Catalog, MAX_ATTEMPTS, Page, PageRequest, Result, ServiceError, check_etag,
+    generate_id, paginate, too_busy,
 };
 use crate::store::records::{self, Record};
 use crate::store::{Compare, Op, Txn, TxnOutcome, keys};
@@ -100,8 +100,12 @@ impl Draft {
         if let Some(a) = patch.action {
             self.action = a;
         }
-        let integration = self.integration.ok_or_else(|| InvalidField::new("push_scope.integration", "required"))?;
-        let level = self.level.ok_or_else(|| InvalidField::new("push_scope.level", "required"))?;
+        let integration = self
+            .integration
+            .ok_or_else(|| InvalidField::new("push_scope.integration", "required"))?;
+        let level = self
+            .level
+            .ok_or_else(|| InvalidField::new("push_scope.level", "required"))?;
         let target = convert::scope_target(level, &self.target_id)?;
         Ok((integration, target, self.audience, self.action))
     }
@@ -116,9 +120,8 @@ impl Catalog {
         patch: PushScopePatch,
     ) -> Result<PushScope> {
         let mut name = match id {
-            Some(id) => {
-                PushScopeName::new(account, id).map_err(|e| InvalidField::new("push_scope_id", e.to_string()))?
-            }
+            Some(id) => PushScopeName::new(account, id)
+                .map_err(|e| InvalidField::new("push_scope_id", e.to_string()))?,
             None => PushScopeName::new(account, &generate_id()).expect("generated ids are valid"),
         };
         let draft = Draft {
@@ -134,10 +137,13 @@ impl Catalog {
             let view = self.view(account).await?;
             if view.scopes.contains_key(name.id()) {
                 if id.is_none() {
-                    name = PushScopeName::new(account, &generate_id()).expect("generated ids are valid");
+                    name = PushScopeName::new(account, &generate_id())
+                        .expect("generated ids are valid");
                     continue;
                 }
-                return Err(ServiceError::AlreadyExists(format!("{name} already exists")));
+                return Err(ServiceError::AlreadyExists(format!(
+                    "{name} already exists"
+                )));
             }
             let mut scope = PushScope {
                 name: name.clone(),
@@ -160,7 +166,10 @@ impl Catalog {
                         revision: view.revision,
                     },
                 ],
-                ops: vec![Op::Put { key, value: records::encode_push_scope(&scope) }],
+                ops: vec![Op::Put {
+                    key,
+                    value: records::encode_push_scope(&scope),
+                }],
             };
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
                 scope.revision = revision;
@@ -186,7 +195,10 @@ impl Catalog {
         integration: Option<&IntegrationName>,
         page: &PageRequest,
     ) -> Result<Page<PushScope>> {
-        let range = self.store.range(&keys::push_scopes_prefix(account.id())).await?;
+        let range = self
+            .store
+            .range(&keys::push_scopes_prefix(account.id()))
+            .await?;
         let mut items = Vec::with_capacity(range.kvs.len());
         for kv in &range.kvs {
             if let Some(Record::PushScope(s)) = records::decode(kv)?
@@ -207,9 +219,13 @@ impl Catalog {
     ) -> Result<PushScope> {
         for _ in 0..MAX_ATTEMPTS {
             let view = self.view(name.account()).await?;
-            let current = view.scopes.get(name.id()).ok_or_else(|| ServiceError::NotFound(name.to_string()))?;
+            let current = view
+                .scopes
+                .get(name.id())
+                .ok_or_else(|| ServiceError::NotFound(name.to_string()))?;
             check_etag(name, etag, current.revision)?;
-            let (integration, target, audience, action) = Draft::of(current).apply(name.account(), patch.clone())?;
+            let (integration, target, audience, action) =
+                Draft::of(current).apply(name.account(), patch.clone())?;
             let mut updated = PushScope {
                 integration,
                 target,
@@ -223,13 +239,19 @@ impl Catalog {
             let txn = Txn {
                 compares: vec![
                     Compare::ModRevision(key.clone(), current.revision),
-                    Compare::ModRevision(records::integration_key(&updated.integration), integration_rev),
+                    Compare::ModRevision(
+                        records::integration_key(&updated.integration),
+                        integration_rev,
+                    ),
                     Compare::PrefixUnchangedSince {
                         prefix: keys::push_scopes_prefix(name.account().id()),
                         revision: view.revision,
                     },
                 ],
-                ops: vec![Op::Put { key, value: records::encode_push_scope(&updated) }],
+                ops: vec![Op::Put {
+                    key,
+                    value: records::encode_push_scope(&updated),
+                }],
             };
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
                 updated.revision = revision;
@@ -258,13 +280,20 @@ impl Catalog {
 
     /// The integrations that would fire for a participation at `placement`, with the scope
     /// that decided each, ordered by integration name.
-    pub async fn resolve_pushes(&self, account: &AccountName, placement: &Placement<'_>) -> Result<Vec<ResolvedPush>> {
+    pub async fn resolve_pushes(
+        &self,
+        account: &AccountName,
+        placement: &Placement<'_>,
+    ) -> Result<Vec<ResolvedPush>> {
         let view = self.view(account).await?;
         let integrations: Vec<_> = view.integrations.into_values().collect();
         let scopes: Vec<_> = view.scopes.into_values().collect();
         Ok(matching::resolve(&integrations, &scopes, placement)
             .into_iter()
-            .map(|p| ResolvedPush { integration: p.integration.name.clone(), decided_by: p.decided_by.name.clone() })
+            .map(|p| ResolvedPush {
+                integration: p.integration.name.clone(),
+                decided_by: p.decided_by.name.clone(),
+            })
             .collect())
     }
 }
@@ -272,14 +301,20 @@ impl Catalog {
 /// Checks a scope against its account: its integration exists and no other scope has the same
 /// rule. Returns the integration's revision, which the transaction guards.
 fn check_scope(view: &AccountView, scope: &PushScope) -> Result<i64> {
-    let integration = view.integrations.get(scope.integration.id()).ok_or_else(|| {
-        ServiceError::FailedPrecondition(format!(
-            "push_scope.integration: {} does not exist; create it first",
-            scope.integration
-        ))
-    })?;
+    let integration = view
+        .integrations
+        .get(scope.integration.id())
+        .ok_or_else(|| {
+            ServiceError::FailedPrecondition(format!(
+                "push_scope.integration: {} does not exist; create it first",
+                scope.integration
+            ))
+        })?;
     let twin = view.scopes.values().find(|s| {
-        s.name != scope.name && s.integration == scope.integration && s.target == scope.target && s.audience == scope.audience
+        s.name != scope.name
+            && s.integration == scope.integration
+            && s.target == scope.target
+            && s.audience == scope.audience
     });
     if let Some(twin) = twin {
         return Err(ServiceError::AlreadyExists(format!(

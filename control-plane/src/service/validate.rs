@@ -44,7 +44,10 @@ pub fn display_name(field: &str, name: &str) -> Result<(), InvalidField> {
     }
     // Count at most one past the limit: a 10 MB name must not cost a 10 MB scan twice.
     if name.chars().take(MAX_DISPLAY_NAME_CHARS + 1).count() > MAX_DISPLAY_NAME_CHARS {
-        return Err(invalid(field, format!("at most {MAX_DISPLAY_NAME_CHARS} characters")));
+        return Err(invalid(
+            field,
+            format!("at most {MAX_DISPLAY_NAME_CHARS} characters"),
+        ));
     }
     if name.chars().any(char::is_control) {
         return Err(invalid(field, "must not contain control characters"));
@@ -61,7 +64,8 @@ pub fn endpoint_url(field: &str, raw: &str, allow_http: bool) -> Result<(), Inva
     if raw.len() > MAX_URL_BYTES {
         return Err(invalid(field, format!("at most {MAX_URL_BYTES} bytes")));
     }
-    let url = url::Url::parse(raw).map_err(|e| invalid(field, format!("not an absolute URL: {e}")))?;
+    let url =
+        url::Url::parse(raw).map_err(|e| invalid(field, format!("not an absolute URL: {e}")))?;
     match url.scheme() {
         "https" => {}
         "http" if allow_http => {}
@@ -71,13 +75,21 @@ pub fn endpoint_url(field: &str, raw: &str, allow_http: bool) -> Result<(), Inva
                 "plain http:// is refused; use https:// (a development server may allow http with --allow-insecure-http)",
             ));
         }
-        other => return Err(invalid(field, format!("scheme {other:?} is not supported; use https://"))),
+        other => {
+            return Err(invalid(
+                field,
+                format!("scheme {other:?} is not supported; use https://"),
+            ));
+        }
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid(field, "must name a host"));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(invalid(field, "must not hold credentials; use auth_header instead"));
+        return Err(invalid(
+            field,
+            "must not hold credentials; use auth_header instead",
+        ));
     }
     if url.fragment().is_some() {
         return Err(invalid(field, "must not have a #fragment"));
@@ -91,15 +103,24 @@ pub fn header_name(field: &str, name: &str) -> Result<(), InvalidField> {
         return Err(invalid(field, "required"));
     }
     if name.len() > MAX_HEADER_NAME_BYTES {
-        return Err(invalid(field, format!("at most {MAX_HEADER_NAME_BYTES} bytes")));
+        return Err(invalid(
+            field,
+            format!("at most {MAX_HEADER_NAME_BYTES} bytes"),
+        ));
     }
     let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     if !name.bytes().all(tchar) {
-        return Err(invalid(field, "must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"));
+        return Err(invalid(
+            field,
+            "must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)",
+        ));
     }
     let lower = name.to_ascii_lowercase();
     if RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("proxy-") {
-        return Err(invalid(field, format!("{name} is set by Pushwire itself and cannot be replaced")));
+        return Err(invalid(
+            field,
+            format!("{name} is set by Pushwire itself and cannot be replaced"),
+        ));
     }
     Ok(())
 }
@@ -111,13 +132,22 @@ pub fn header_value(field: &str, value: &str) -> Result<(), InvalidField> {
         return Err(invalid(field, "required when auth_header.name is set"));
     }
     if value.len() > MAX_HEADER_VALUE_BYTES {
-        return Err(invalid(field, format!("at most {MAX_HEADER_VALUE_BYTES} bytes")));
+        return Err(invalid(
+            field,
+            format!("at most {MAX_HEADER_VALUE_BYTES} bytes"),
+        ));
     }
     if value.bytes().any(|b| b == b'\r' || b == b'\n') {
         return Err(invalid(field, "must not contain CR or LF"));
     }
-    if !value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)) {
-        return Err(invalid(field, "must be visible ASCII characters, spaces or tabs"));
+    if !value
+        .bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        return Err(invalid(
+            field,
+            "must be visible ASCII characters, spaces or tabs",
+        ));
     }
     Ok(())
 }
@@ -136,7 +166,10 @@ pub fn secret(field: &str, secret: &str) -> Result<(), InvalidField> {
             .decode(b64)
             .map_err(|_| invalid(field, "a whsec_ secret must be base64 after the prefix"))?;
         if key.is_empty() {
-            return Err(invalid(field, "a whsec_ secret must hold a key after the prefix"));
+            return Err(invalid(
+                field,
+                "a whsec_ secret must hold a key after the prefix",
+            ));
         }
     }
     Ok(())
@@ -145,7 +178,10 @@ pub fn secret(field: &str, secret: &str) -> Result<(), InvalidField> {
 /// A short free-text reason, without control characters.
 pub fn reason(field: &str, reason: &str) -> Result<(), InvalidField> {
     if reason.chars().take(MAX_REASON_CHARS + 1).count() > MAX_REASON_CHARS {
-        return Err(invalid(field, format!("at most {MAX_REASON_CHARS} characters")));
+        return Err(invalid(
+            field,
+            format!("at most {MAX_REASON_CHARS} characters"),
+        ));
     }
     if reason.chars().any(char::is_control) {
         return Err(invalid(field, "must not contain control characters"));
@@ -178,7 +214,15 @@ mod tests {
     fn headers() {
         assert!(header_name("n", "Authorization").is_ok());
         assert!(header_name("n", "X-Api-Key").is_ok());
-        for bad in ["", "Bad Header", "Content-Type", "webhook-signature", "X-Qualifio-Signature", "Proxy-Authorization", "a:b"] {
+        for bad in [
+            "",
+            "Bad Header",
+            "Content-Type",
+            "webhook-signature",
+            "X-Qualifio-Signature",
+            "Proxy-Authorization",
+            "a:b",
+        ] {
             assert!(header_name("n", bad).is_err(), "{bad}");
         }
         assert!(header_value("v", "Bearer abc.def").is_ok());

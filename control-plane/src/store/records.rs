@@ -7,7 +7,8 @@ use std::time::SystemTime;
 use prost::Message;
 use pushwire_common::domain::convert::{self, InvalidField};
 use pushwire_common::domain::{
-    AccountName, AuthHeader, Integration, IntegrationName, PushScope, PushScopeName, Secret, SigningSecret,
+    AccountName, AuthHeader, Integration, IntegrationName, PushScope, PushScopeName, Secret,
+    SigningSecret,
 };
 use pushwire_common::pb::{storage as rec, v1 as pb};
 
@@ -24,7 +25,8 @@ pub enum Record {
 }
 
 fn time(t: Option<prost_types::Timestamp>) -> SystemTime {
-    t.and_then(|t| SystemTime::try_from(t).ok()).unwrap_or(SystemTime::UNIX_EPOCH)
+    t.and_then(|t| SystemTime::try_from(t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 fn corrupt(key: &str, what: impl std::fmt::Display) -> StoreError {
@@ -39,8 +41,16 @@ pub fn encode_integration(i: &Integration) -> Vec<u8> {
         enabled: i.enabled,
         disabled_reason: i.disabled_reason.clone(),
         incomplete_participations: pb::Integration::from(i).incomplete_participations,
-        auth_header_name: i.auth_header.as_ref().map(|h| h.name.clone()).unwrap_or_default(),
-        auth_header_value: i.auth_header.as_ref().map(|h| h.value.expose().to_owned()).unwrap_or_default(),
+        auth_header_name: i
+            .auth_header
+            .as_ref()
+            .map(|h| h.name.clone())
+            .unwrap_or_default(),
+        auth_header_value: i
+            .auth_header
+            .as_ref()
+            .map(|h| h.value.expose().to_owned())
+            .unwrap_or_default(),
         secrets: i
             .secrets
             .iter()
@@ -74,24 +84,33 @@ pub fn encode_push_scope(s: &PushScope) -> Vec<u8> {
 fn decode_integration(kv: &KeyValue, name: IntegrationName) -> Result<Integration, StoreError> {
     let bad = |e: InvalidField| corrupt(&kv.key, e);
     let r = rec::IntegrationRecord::decode(kv.value.as_slice()).map_err(|e| corrupt(&kv.key, e))?;
-    let auth_header = (!r.auth_header_name.is_empty())
-        .then(|| AuthHeader { name: r.auth_header_name, value: Secret::new(r.auth_header_value) });
+    let auth_header = (!r.auth_header_name.is_empty()).then(|| AuthHeader {
+        name: r.auth_header_name,
+        value: Secret::new(r.auth_header_value),
+    });
     Ok(Integration {
         name,
         display_name: r.display_name,
         url: r.url,
         enabled: r.enabled,
         disabled_reason: r.disabled_reason,
-        incomplete_participations: convert::incomplete_policy("incomplete_participations", r.incomplete_participations)
-            .map_err(bad)?
-            .unwrap_or_default(),
+        incomplete_participations: convert::incomplete_policy(
+            "incomplete_participations",
+            r.incomplete_participations,
+        )
+        .map_err(bad)?
+        .unwrap_or_default(),
         auth_header,
         secrets: r
             .secrets
             .into_iter()
-            .map(|s| SigningSecret { secret: Secret::new(s.secret), expire_time: s.expire_time.map(|t| time(Some(t))) })
+            .map(|s| SigningSecret {
+                secret: Secret::new(s.secret),
+                expire_time: s.expire_time.map(|t| time(Some(t))),
+            })
             .collect(),
-        signature_schemes: convert::signature_schemes("signature_schemes", &r.signature_schemes).map_err(bad)?,
+        signature_schemes: convert::signature_schemes("signature_schemes", &r.signature_schemes)
+            .map_err(bad)?,
         create_time: time(r.create_time),
         update_time: time(r.update_time),
         revision: kv.mod_revision,
@@ -101,14 +120,21 @@ fn decode_integration(kv: &KeyValue, name: IntegrationName) -> Result<Integratio
 fn decode_push_scope(kv: &KeyValue, name: PushScopeName) -> Result<PushScope, StoreError> {
     let bad = |e: InvalidField| corrupt(&kv.key, e);
     let r = rec::PushScopeRecord::decode(kv.value.as_slice()).map_err(|e| corrupt(&kv.key, e))?;
-    let integration = IntegrationName::new(name.account(), &r.integration_id).map_err(|e| corrupt(&kv.key, e))?;
-    let level = convert::level("level", r.level).map_err(bad)?.ok_or_else(|| corrupt(&kv.key, "no level"))?;
+    let integration =
+        IntegrationName::new(name.account(), &r.integration_id).map_err(|e| corrupt(&kv.key, e))?;
+    let level = convert::level("level", r.level)
+        .map_err(bad)?
+        .ok_or_else(|| corrupt(&kv.key, "no level"))?;
     Ok(PushScope {
         name,
         integration,
         target: convert::scope_target(level, &r.target_id).map_err(bad)?,
-        audience: convert::audience("audience", r.audience).map_err(bad)?.unwrap_or_default(),
-        action: convert::action("action", r.action).map_err(bad)?.unwrap_or_default(),
+        audience: convert::audience("audience", r.audience)
+            .map_err(bad)?
+            .unwrap_or_default(),
+        action: convert::action("action", r.action)
+            .map_err(bad)?
+            .unwrap_or_default(),
         create_time: time(r.create_time),
         update_time: time(r.update_time),
         revision: kv.mod_revision,

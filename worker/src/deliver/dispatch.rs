@@ -31,7 +31,11 @@ pub struct DispatchOptions {
 
 impl Default for DispatchOptions {
     fn default() -> Self {
-        Self { retry: RetryPolicy::default(), concurrency: 32, breaker_threshold: 10 }
+        Self {
+            retry: RetryPolicy::default(),
+            concurrency: 32,
+            breaker_threshold: 10,
+        }
     }
 }
 
@@ -109,7 +113,9 @@ pub struct Dispatcher {
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dispatcher").field("opts", &self.opts).finish_non_exhaustive()
+        f.debug_struct("Dispatcher")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
     }
 }
 
@@ -151,7 +157,9 @@ impl Dispatcher {
         // the configuration.
         if lanes.len() > 64 {
             lanes.retain(|n, e| {
-                Arc::strong_count(e) > 1 || e.lane.in_flight() > 0 || self.source.current(n).is_some()
+                Arc::strong_count(e) > 1
+                    || e.lane.in_flight() > 0
+                    || self.source.current(n).is_some()
             });
         }
         lanes
@@ -196,21 +204,38 @@ impl Dispatcher {
                 return skipped_or_failed(attempts, last_status, last_error, "integration deleted");
             };
             if !integration.enabled {
-                return skipped_or_failed(attempts, last_status, last_error, "integration disabled");
+                return skipped_or_failed(
+                    attempts,
+                    last_status,
+                    last_error,
+                    "integration disabled",
+                );
             }
-            let priority = if attempts == 0 { Priority::First } else { Priority::Retry };
+            let priority = if attempts == 0 {
+                Priority::First
+            } else {
+                Priority::Retry
+            };
             let permit = tokio::select! {
                 p = entry.lane.acquire(priority) => p,
                 () = self.shutdown.cancelled() => return Outcome::Interrupted,
             };
-            let admission = entry.breaker.lock().unwrap_or_else(|e| e.into_inner()).admit(Instant::now());
+            let admission = entry
+                .breaker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .admit(Instant::now());
             if let Admission::Rejected { retry_at } = admission {
                 drop(permit);
                 if retry_at >= deadline {
                     return Outcome::Failed {
                         attempts,
                         last_status,
-                        last_error: if last_error.is_empty() { "circuit breaker open".into() } else { last_error },
+                        last_error: if last_error.is_empty() {
+                            "circuit breaker open".into()
+                        } else {
+                            last_error
+                        },
                     };
                 }
                 if !self.sleep_until(retry_at).await {
@@ -219,7 +244,13 @@ impl Dispatcher {
                 continue;
             }
             attempts += 1;
-            let req = request::build(&integration, &job.participation_id, job.body.clone(), SystemTime::now(), job.traceparent.as_deref());
+            let req = request::build(
+                &integration,
+                &job.participation_id,
+                job.body.clone(),
+                SystemTime::now(),
+                job.traceparent.as_deref(),
+            );
             let result = self.client.post(&req).await;
             drop(permit);
             let (verdict, retry_after) = match &result {
@@ -234,37 +265,82 @@ impl Dispatcher {
                 }
                 Err(e) => {
                     last_status = None;
-                    (if e.is_retryable() { Verdict::Retry } else { Verdict::Final }, None)
+                    (
+                        if e.is_retryable() {
+                            Verdict::Retry
+                        } else {
+                            Verdict::Final
+                        },
+                        None,
+                    )
                 }
             };
             {
                 let mut breaker = entry.breaker.lock().unwrap_or_else(|e| e.into_inner());
                 // Only the endpoint's health counts: a 4xx answer is the endpoint working.
                 match (&result, verdict) {
-                    (Ok(_), Verdict::Delivered | Verdict::Final | Verdict::Gone) => breaker.on_success(),
+                    (Ok(_), Verdict::Delivered | Verdict::Final | Verdict::Gone) => {
+                        breaker.on_success()
+                    }
                     _ => breaker.on_failure(Instant::now()),
                 }
             }
             last_error = describe(&result);
             match verdict {
                 Verdict::Delivered => {
-                    return Outcome::Delivered { attempts, status: last_status.unwrap_or_default() };
+                    return Outcome::Delivered {
+                        attempts,
+                        status: last_status.unwrap_or_default(),
+                    };
                 }
-                Verdict::Final => return Outcome::Failed { attempts, last_status, last_error },
+                Verdict::Final => {
+                    return Outcome::Failed {
+                        attempts,
+                        last_status,
+                        last_error,
+                    };
+                }
                 Verdict::Gone => {
-                    let reason = format!("endpoint answered 410 Gone; disabled by the worker at {}", humantime::format_rfc3339_seconds(SystemTime::now()));
-                    if self.disable.try_send(DisableRequest { integration: name.clone(), reason }).is_err() {
+                    let reason = format!(
+                        "endpoint answered 410 Gone; disabled by the worker at {}",
+                        humantime::format_rfc3339_seconds(SystemTime::now())
+                    );
+                    if self
+                        .disable
+                        .try_send(DisableRequest {
+                            integration: name.clone(),
+                            reason,
+                        })
+                        .is_err()
+                    {
                         tracing::warn!(integration = %name, "disable queue full; the next 410 will ask again");
                     }
-                    return Outcome::Failed { attempts, last_status, last_error };
+                    return Outcome::Failed {
+                        attempts,
+                        last_status,
+                        last_error,
+                    };
                 }
                 Verdict::Retry => {
-                    let Some(delay) = retry::next_delay(&self.opts.retry, attempts, retry_after, rand::random::<f64>()) else {
-                        return Outcome::Failed { attempts, last_status, last_error };
+                    let Some(delay) = retry::next_delay(
+                        &self.opts.retry,
+                        attempts,
+                        retry_after,
+                        rand::random::<f64>(),
+                    ) else {
+                        return Outcome::Failed {
+                            attempts,
+                            last_status,
+                            last_error,
+                        };
                     };
                     let at = Instant::now() + delay;
                     if at >= deadline {
-                        return Outcome::Failed { attempts, last_status, last_error };
+                        return Outcome::Failed {
+                            attempts,
+                            last_status,
+                            last_error,
+                        };
                     }
                     if !self.sleep_until(at).await {
                         return Outcome::Interrupted;
@@ -291,10 +367,21 @@ fn describe(result: &Result<super::client::HttpResponse, AttemptError>) -> Strin
     }
 }
 
-fn skipped_or_failed(attempts: u32, last_status: Option<u16>, last_error: String, why: &str) -> Outcome {
+fn skipped_or_failed(
+    attempts: u32,
+    last_status: Option<u16>,
+    last_error: String,
+    why: &str,
+) -> Outcome {
     if attempts == 0 {
-        Outcome::Skipped { reason: why.to_owned() }
+        Outcome::Skipped {
+            reason: why.to_owned(),
+        }
     } else {
-        Outcome::Failed { attempts, last_status, last_error: format!("{why} after {attempts} attempt(s); last: {last_error}") }
+        Outcome::Failed {
+            attempts,
+            last_status,
+            last_error: format!("{why} after {attempts} attempt(s); last: {last_error}"),
+        }
     }
 }

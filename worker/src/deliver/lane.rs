@@ -81,7 +81,10 @@ impl Lane {
             }
             rx
         };
-        let mut waiter = Waiter { lane: self.clone(), rx: Some(rx) };
+        let mut waiter = Waiter {
+            lane: self.clone(),
+            rx: Some(rx),
+        };
         let granted = waiter.rx.as_mut().expect("set above").await;
         waiter.rx = None;
         match granted {
@@ -134,7 +137,9 @@ impl Drop for Waiter {
         if let Some(mut rx) = self.rx.take()
             && rx.try_recv().is_ok()
         {
-            drop(LanePermit { lane: self.lane.clone() });
+            drop(LanePermit {
+                lane: self.lane.clone(),
+            });
         }
     }
 }
@@ -151,11 +156,16 @@ mod tests {
         let held = lane.acquire(Priority::First).await;
         let (order_tx, mut order_rx) = tokio::sync::mpsc::channel(4);
         let mut tasks = Vec::new();
-        for (name, p) in [("retry-1", Priority::Retry), ("first-1", Priority::First), ("retry-2", Priority::Retry), ("first-2", Priority::First)] {
-            let lane = lane.clone();
+        for (name, p) in [
+            ("retry-1", Priority::Retry),
+            ("first-1", Priority::First),
+            ("retry-2", Priority::Retry),
+            ("first-2", Priority::First),
+        ] {
+            let task_lane = lane.clone();
             let order_tx = order_tx.clone();
             tasks.push(tokio::spawn(async move {
-                let _permit = lane.acquire(p).await;
+                let _permit = task_lane.acquire(p).await;
                 order_tx.send(name).await.unwrap();
             }));
             // Let the task queue itself before the next one, so arrival order is fixed.
@@ -166,7 +176,12 @@ mod tests {
         drop(held);
         let mut order = Vec::new();
         for _ in 0..4 {
-            order.push(tokio::time::timeout(Duration::from_secs(5), order_rx.recv()).await.unwrap().unwrap());
+            order.push(
+                tokio::time::timeout(Duration::from_secs(5), order_rx.recv())
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
         }
         assert_eq!(order, ["first-1", "first-2", "retry-1", "retry-2"]);
         assert_eq!((lane.in_flight(), lane.queued()), (0, 0));
@@ -189,7 +204,9 @@ mod tests {
         let _ = waiting.await;
         drop(a);
         // The slot freed by `a` must be usable again even though its waiter is gone.
-        let c = tokio::time::timeout(Duration::from_secs(5), lane.acquire(Priority::First)).await.unwrap();
+        let c = tokio::time::timeout(Duration::from_secs(5), lane.acquire(Priority::First))
+            .await
+            .unwrap();
         assert_eq!(lane.in_flight(), 2);
         drop(c);
         assert_eq!(lane.in_flight(), 1);
