@@ -200,7 +200,7 @@ pub trait Store: Send + Sync + 'static {
     /// first item) when `from_revision` is no longer kept.
     async fn watch(&self, prefix: &str, from_revision: i64) -> Result<WatchStream, StoreError>;
 
-    /// Discards history before `revision`; watches from earlier revisions then fail.
+    /// Discards history up to and including `revision`; watches must then start after it.
     async fn compact(&self, revision: i64) -> Result<(), StoreError>;
 
     /// The current store revision; also a liveness check of the backend.
