@@ -12,6 +12,15 @@ use tonic::Code;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The next WatchConfig message, failing (not hanging) when none comes within READ_TIMEOUT.
+async fn next_msg(
+    stream: &mut tonic::Streaming<pb::WatchConfigResponse>,
+) -> anyhow::Result<pb::WatchConfigResponse> {
+    Ok(tokio::time::timeout(READ_TIMEOUT, stream.next())
+        .await?
+        .context("stream ended")??)
+}
+
 fn integration(display_name: &str, url: &str) -> pb::Integration {
     pb::Integration {
         display_name: display_name.into(),
@@ -728,9 +737,7 @@ async fn etags_references_and_forced_deletes() -> anyhow::Result<()> {
             .watch_config(pb::WatchConfigRequest { from_revision: 0 })
             .await?
             .into_inner();
-        let snapshot = tokio::time::timeout(READ_TIMEOUT, watch.next())
-            .await?
-            .context("stream ended")??;
+        let snapshot = next_msg(&mut watch).await?;
         cp.integrations()
             .await?
             .delete_integration(pb::DeleteIntegrationRequest {
@@ -739,9 +746,7 @@ async fn etags_references_and_forced_deletes() -> anyhow::Result<()> {
                 force: true,
             })
             .await?;
-        let deleted = tokio::time::timeout(READ_TIMEOUT, watch.next())
-            .await?
-            .context("stream ended")??;
+        let deleted = next_msg(&mut watch).await?;
         assert_eq!(deleted.revision, snapshot.revision + 1);
         let mut kinds: Vec<String> = deleted
             .changes
@@ -830,9 +835,7 @@ async fn secrets_are_never_read_back_but_reach_workers() -> anyhow::Result<()> {
             .watch_config(pb::WatchConfigRequest { from_revision: 0 })
             .await?
             .into_inner();
-        let snapshot = tokio::time::timeout(READ_TIMEOUT, watch.next())
-            .await?
-            .context("stream ended")??;
+        let snapshot = next_msg(&mut watch).await?;
         let cfg = &snapshot.snapshot.context("snapshot")?.integrations[0];
         assert_eq!(cfg.auth_header_value, HEADER);
         let secrets: Vec<_> = cfg
@@ -883,9 +886,7 @@ async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<(
             .watch_config(pb::WatchConfigRequest { from_revision: 0 })
             .await?
             .into_inner();
-        let first = tokio::time::timeout(READ_TIMEOUT, watch.next())
-            .await?
-            .context("stream ended")??;
+        let first = next_msg(&mut watch).await?;
         assert!(
             first.snapshot.is_some(),
             "a fresh watch starts with a snapshot"
@@ -905,9 +906,7 @@ async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<(
             .await?;
         }
         while state.len() < 3 {
-            let msg = tokio::time::timeout(READ_TIMEOUT, watch.next())
-                .await?
-                .context("stream ended")??;
+            let msg = next_msg(&mut watch).await?;
             assert!(msg.snapshot.is_none());
             revisions.push(msg.revision);
             apply(&mut state, &msg);
@@ -949,9 +948,7 @@ async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<(
             .await?
             .into_inner();
         loop {
-            let msg = tokio::time::timeout(READ_TIMEOUT, watch.next())
-                .await?
-                .context("stream ended")??;
+            let msg = next_msg(&mut watch).await?;
             assert!(msg.snapshot.is_none(), "resume must not re-send a snapshot");
             revisions.push(msg.revision);
             apply(&mut state, &msg);
@@ -974,9 +971,7 @@ async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<(
             .watch_config(pb::WatchConfigRequest { from_revision: 0 })
             .await?
             .into_inner();
-        let snap = tokio::time::timeout(READ_TIMEOUT, fresh.next())
-            .await?
-            .context("stream ended")??;
+        let snap = next_msg(&mut fresh).await?;
         let mut expected = std::collections::BTreeMap::new();
         apply(&mut expected, &snap);
         assert_eq!(state, expected);
@@ -1026,12 +1021,7 @@ async fn watch_from_forgotten_revision_gets_a_fresh_snapshot() -> anyhow::Result
             .await?
             .into_inner();
         let target = last.etag.parse::<i64>()?;
-        while tokio::time::timeout(READ_TIMEOUT, probe.next())
-            .await?
-            .context("stream ended")??
-            .revision
-            < target
-        {}
+        while next_msg(&mut probe).await?.revision < target {}
 
         let from = first.etag.parse::<i64>()?;
         let mut watch = cp
@@ -1042,9 +1032,7 @@ async fn watch_from_forgotten_revision_gets_a_fresh_snapshot() -> anyhow::Result
             })
             .await?
             .into_inner();
-        let msg = tokio::time::timeout(READ_TIMEOUT, watch.next())
-            .await?
-            .context("stream ended")??;
+        let msg = next_msg(&mut watch).await?;
         let described = format!("{msg:?}");
         let snapshot = msg
             .snapshot
@@ -1158,9 +1146,7 @@ async fn etcd_holds_the_records_and_replicas_share_them() -> anyhow::Result<()> 
         .watch_config(pb::WatchConfigRequest { from_revision: 0 })
         .await?
         .into_inner();
-    let snapshot = tokio::time::timeout(READ_TIMEOUT, watch.next())
-        .await?
-        .context("stream ended")??;
+    let snapshot = next_msg(&mut watch).await?;
 
     let mut i = integration("CRM", "https://crm.example.com/hook");
     i.secret = "plain-for-now".into();
@@ -1181,9 +1167,7 @@ async fn etcd_holds_the_records_and_replicas_share_them() -> anyhow::Result<()> 
     // The second replica streams what went through the first, in order.
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        let msg = tokio::time::timeout(READ_TIMEOUT, watch.next())
-            .await?
-            .context("stream ended")??;
+        let msg = next_msg(&mut watch).await?;
         assert!(msg.revision > snapshot.revision);
         seen.extend(msg.changes.into_iter().map(|c| match c.change {
             Some(pb::config_change::Change::UpsertIntegration(i)) => {
