@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use pushwire_common::telemetry::LogFormat;
+use pushwire_worker::config::{DeliveryArgs, IngestArgs};
 
 /// Pushwire control plane: stores integrations and push scopes (in etcd, or in an embedded
 /// single-file store) and streams them to workers.
@@ -45,6 +46,18 @@ pub struct Config {
     /// Time allowed to finish in-flight calls after SIGTERM/SIGINT.
     #[arg(long, env = "PUSHWIRE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Also run a worker in this process (standalone mode): IngestService is then served on
+    /// --grpc-addr, beside the admin API, and delivers with the delivery flags below.
+    #[arg(long, env = "PUSHWIRE_WITH_WORKER")]
+    pub with_worker: bool,
+
+    #[command(flatten)]
+    pub ingest: IngestArgs,
+
+    /// Delivery settings: used by TestIntegration, and by the worker of --with-worker.
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
 
     /// Log format: text or json.
     #[arg(long, env = "PUSHWIRE_LOG_FORMAT", default_value = "text")]

@@ -33,6 +33,9 @@ pub enum RunError {
     /// The store could not be opened or reached.
     #[error("cannot open the configuration store")]
     Store(#[source] StoreError),
+    /// The delivery flags are unusable (bad `--allow-cidr`, unreadable `--extra-ca-file`).
+    #[error("invalid delivery settings")]
+    Delivery(#[source] pushwire_worker::config::DeliveryConfigError),
     /// A listener failed.
     #[error("server failed")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -77,6 +80,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let client = config.delivery.client().map_err(RunError::Delivery)?;
     let store = open_store(&config).await.map_err(RunError::Store)?;
     let feed = ConfigFeed::new(config.watch_history);
     let feed_task = tokio::spawn(feed.clone().run(store.clone(), shutdown.clone()));
@@ -88,7 +92,7 @@ pub async fn run(
         },
     );
 
-    let grpc = grpc_server(catalog, feed.clone(), shutdown.clone()).await?;
+    let grpc = grpc_server(catalog, client, feed.clone(), shutdown.clone()).await?;
     let grpc_addr = listeners.grpc.local_addr().ok();
     let http_addr = listeners.http.local_addr().ok();
     tracing::info!(grpc = ?grpc_addr, http = ?http_addr, "control plane listening");
@@ -123,6 +127,7 @@ pub async fn run(
 
 async fn grpc_server(
     catalog: Catalog,
+    client: pushwire_worker::deliver::client::WebhookClient,
     feed: ConfigFeed,
     shutdown: CancellationToken,
 ) -> Result<tonic::transport::server::Router, RunError> {
@@ -146,7 +151,7 @@ async fn grpc_server(
         .add_service(reflection_v1alpha)
         .add_service(
             pb::integration_service_server::IntegrationServiceServer::new(
-                api::IntegrationApi::new(catalog.clone()),
+                api::IntegrationApi::new(catalog.clone(), client),
             ),
         )
         .add_service(pb::push_scope_service_server::PushScopeServiceServer::new(

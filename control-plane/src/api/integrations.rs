@@ -4,21 +4,24 @@ use pb::integration_service_server::IntegrationService;
 use pushwire_common::domain::Secret;
 use pushwire_common::domain::convert;
 use pushwire_common::pb::v1 as pb;
+use pushwire_worker::deliver::client::WebhookClient;
 use tonic::{Request, Response, Status};
 
 use super::{account, integration_name, invalid, mask_paths};
 use crate::service::{AuthHeaderInput, Catalog, IntegrationPatch, PageRequest};
 
-/// Serves `IntegrationService` from the [`Catalog`].
+/// Serves `IntegrationService` from the [`Catalog`]; `TestIntegration` sends with `client`,
+/// the workers' own client (same signing, headers and SSRF guard).
 #[derive(Clone, Debug)]
 pub struct IntegrationApi {
     catalog: Catalog,
+    client: WebhookClient,
 }
 
 impl IntegrationApi {
     /// The service over `catalog`.
-    pub fn new(catalog: Catalog) -> Self {
-        Self { catalog }
+    pub fn new(catalog: Catalog, client: WebhookClient) -> Self {
+        Self { catalog, client }
     }
 }
 

@@ -1,0 +1,254 @@
+//! Command-line flags of the worker, each with a `PUSHWIRE_*` environment variable.
+//! [`DeliveryArgs`] are shared with the control plane, which sends `TestIntegration` requests
+//! with the same client and runs an in-process worker with `--with-worker`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use pushwire_common::telemetry::LogFormat;
+
+use crate::deliver::client::{ClientBuildError, ClientOptions, WebhookClient};
+use crate::deliver::dispatch::DispatchOptions;
+use crate::deliver::retry::{self, RetryPolicy};
+use crate::deliver::ssrf::AllowList;
+
+/// How webhooks are sent: timeouts, SSRF allow-list, trusted CAs, retries, isolation.
+#[derive(Clone, Debug, Args)]
+pub struct DeliveryArgs {
+    /// Time to resolve, connect and finish the TLS handshake of one attempt.
+    #[arg(long, env = "PUSHWIRE_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Time for one whole attempt, reading the response included.
+    #[arg(long, env = "PUSHWIRE_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Non-public network that receivers may be on anyway (repeatable, e.g. 127.0.0.0/8 for
+    /// tests or 10.20.0.0/16 for on-premises receivers). Everything non-global is refused
+    /// otherwise.
+    #[arg(
+        long = "allow-cidr",
+        env = "PUSHWIRE_ALLOW_CIDR",
+        value_delimiter = ','
+    )]
+    pub allow_cidr: Vec<String>,
+
+    /// PEM file of CA certificates trusted for HTTPS receivers, beside the built-in roots.
+    #[arg(long, env = "PUSHWIRE_EXTRA_CA_FILE")]
+    pub extra_ca_file: Option<PathBuf>,
+
+    /// Delays between attempts, comma-separated; the first attempt is immediate (e.g.
+    /// "5s,30s,2m,5m,10m"). Each delay gets ±20 % jitter.
+    #[arg(long, env = "PUSHWIRE_RETRY_SCHEDULE", default_value = "5s,30s,2m,5m,10m", value_parser = Schedule::parse)]
+    pub retry_schedule: Schedule,
+
+    /// Time from the first attempt after which no retry starts: the publisher gets its
+    /// acknowledgement within about this long.
+    #[arg(long, env = "PUSHWIRE_RETRY_WINDOW", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub retry_window: Duration,
+
+    /// Attempts in flight per integration.
+    #[arg(long, env = "PUSHWIRE_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub concurrency: u32,
+
+    /// Consecutive failures that open an integration's circuit breaker.
+    #[arg(long, env = "PUSHWIRE_BREAKER_THRESHOLD", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub breaker_threshold: u32,
+}
+
+/// The waits between attempts, as given to `--retry-schedule` (empty: no retries).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule(pub Vec<Duration>);
+
+impl Schedule {
+    fn parse(s: &str) -> Result<Self, String> {
+        retry::parse_schedule(s).map(Self)
+    }
+}
+
+/// Why the delivery settings are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryConfigError {
+    /// An `--allow-cidr` value is not a network.
+    #[error("--allow-cidr: {0}")]
+    AllowCidr(String),
+    /// The `--extra-ca-file` cannot be read.
+    #[error("--extra-ca-file {path}: {source}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The client could not be built (e.g. no certificate in the CA file).
+    #[error(transparent)]
+    Client(#[from] ClientBuildError),
+}
+
+impl DeliveryArgs {
+    /// The defaults, as if given no flags.
+    pub fn defaults() -> Self {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            delivery: DeliveryArgs,
+        }
+        Only::parse_from(["delivery"]).delivery
+    }
+
+    /// The HTTP client these settings describe (reads the CA file).
+    pub fn client(&self) -> Result<WebhookClient, DeliveryConfigError> {
+        let allow = AllowList::parse(&self.allow_cidr)
+            .map_err(|e| DeliveryConfigError::AllowCidr(e.to_string()))?;
+        let extra_ca_pem = match &self.extra_ca_file {
+            Some(path) => {
+                Some(
+                    std::fs::read(path).map_err(|source| DeliveryConfigError::CaFile {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        Ok(WebhookClient::new(ClientOptions {
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
+            allow,
+            extra_ca_pem,
+            ..ClientOptions::default()
+        })?)
+    }
+
+    /// Retry and isolation settings.
+    pub fn dispatch_options(&self) -> DispatchOptions {
+        DispatchOptions {
+            retry: RetryPolicy {
+                delays: self.retry_schedule.0.clone(),
+                jitter: retry::DEFAULT_JITTER,
+                window: self.retry_window,
+            },
+            concurrency: self.concurrency as usize,
+            breaker_threshold: self.breaker_threshold,
+        }
+    }
+}
+
+/// Ingest settings shared by the standalone worker and `control-plane --with-worker`.
+#[derive(Clone, Debug, Args)]
+pub struct IngestArgs {
+    /// Participations in flight per Publish stream; when full the worker stops reading the
+    /// stream and gRPC flow control pushes back on the publisher.
+    #[arg(long, env = "PUSHWIRE_WINDOW", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub window: u32,
+
+    /// Largest participation document accepted, in bytes.
+    #[arg(long, env = "PUSHWIRE_MAX_PARTICIPATION_BYTES", default_value_t = pushwire_common::participation::DEFAULT_MAX_BYTES)]
+    pub max_participation_bytes: usize,
+}
+
+/// Pushwire worker: watches the configuration, accepts participation streams and delivers
+/// them as signed webhooks.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "worker", version)]
+pub struct Config {
+    /// gRPC listen address (IngestService, health, reflection).
+    #[arg(long, env = "PUSHWIRE_GRPC_ADDR", default_value = "127.0.0.1:50052")]
+    pub grpc_addr: SocketAddr,
+
+    /// HTTP listen address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "PUSHWIRE_HTTP_ADDR", default_value = "127.0.0.1:8082")]
+    pub http_addr: SocketAddr,
+
+    /// The control plane's gRPC address, for WatchConfig and for disabling integrations
+    /// that answer 410 Gone.
+    #[arg(
+        long,
+        env = "PUSHWIRE_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub control_plane: String,
+
+    #[command(flatten)]
+    pub ingest: IngestArgs,
+
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
+
+    /// Time allowed to finish in-flight attempts after SIGTERM/SIGINT; unacknowledged
+    /// participations are then left to the publisher to re-publish.
+    #[arg(long, env = "PUSHWIRE_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format: text or json.
+    #[arg(long, env = "PUSHWIRE_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The defaults, as if started with no flags (for tests and embedding).
+    pub fn defaults() -> Self {
+        Self::parse_from(["worker"])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = Config::defaults();
+        assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50052");
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:8082");
+        assert_eq!(c.control_plane, "http://127.0.0.1:50051");
+        let d = c.delivery.dispatch_options();
+        assert_eq!(d.retry.delays, retry::DEFAULT_SCHEDULE.to_vec());
+        assert_eq!(d.retry.window, retry::DEFAULT_WINDOW);
+        assert_eq!(d.concurrency, 32);
+        assert_eq!(d.breaker_threshold, 10);
+        assert_eq!(c.delivery.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.delivery.request_timeout, Duration::from_secs(15));
+        assert!(c.delivery.client().is_ok());
+    }
+
+    #[test]
+    fn flags_parse() {
+        let c = Config::parse_from([
+            "worker",
+            "--allow-cidr",
+            "127.0.0.0/8",
+            "--allow-cidr",
+            "::1/128",
+            "--retry-schedule",
+            "10ms,20ms",
+            "--retry-window",
+            "1s",
+            "--window",
+            "8",
+        ]);
+        assert_eq!(c.delivery.allow_cidr, ["127.0.0.0/8", "::1/128"]);
+        assert_eq!(
+            c.delivery.retry_schedule.0,
+            [Duration::from_millis(10), Duration::from_millis(20)]
+        );
+        assert_eq!(c.ingest.window, 8);
+        assert!(c.delivery.client().is_ok());
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_flag_named() {
+        let bad_cidr = Config::parse_from(["worker", "--allow-cidr", "10.0.0.0/33"]);
+        let err = bad_cidr.delivery.client().unwrap_err().to_string();
+        assert!(err.starts_with("--allow-cidr"), "{err}");
+
+        let missing_ca = Config::parse_from(["worker", "--extra-ca-file", "/nonexistent/ca.pem"]);
+        let err = missing_ca.delivery.client().unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+
+        assert!(Config::try_parse_from(["worker", "--window", "0"]).is_err());
+        assert!(Config::try_parse_from(["worker", "--retry-schedule", "soon"]).is_err());
+    }
+}
