@@ -25,6 +25,8 @@ pub struct Ops {
     feed: ConfigFeed,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    /// The in-process worker of `--with-worker`.
+    worker: Option<pushwire_worker::Status>,
 }
 
 impl std::fmt::Debug for Ops {
@@ -43,8 +45,12 @@ struct Metrics {
 }
 
 impl Ops {
-    /// Endpoints over the feed and the store.
-    pub fn new(feed: ConfigFeed, store: Arc<dyn Store>) -> Self {
+    /// Endpoints over the feed, the store and the in-process worker if any.
+    pub fn new(
+        feed: ConfigFeed,
+        store: Arc<dyn Store>,
+        worker: Option<pushwire_worker::Status>,
+    ) -> Self {
         let mut registry = Registry::with_prefix("pushwire");
         let revision = Gauge::default();
         let watchers = Gauge::default();
@@ -67,6 +73,7 @@ impl Ops {
         Self {
             feed,
             store,
+            worker,
             metrics: Arc::new(Metrics {
                 registry,
                 revision,
@@ -104,6 +111,12 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
             "not ready: configuration not loaded from the store yet\n".to_owned(),
         );
     }
+    if let Some(Err(why)) = ops.worker.as_ref().map(|w| w.ready()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: worker: {why}\n"),
+        );
+    }
     match ops.store_ok().await {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
         Err(why) => (
@@ -120,19 +133,28 @@ async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
         .set(i64::try_from(ops.feed.watchers()).unwrap_or(i64::MAX));
     let _ = ops.store_ok().await;
     let mut body = String::new();
-    match encode(&mut body, &m.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            body,
-        ),
-        Err(_) => (
+    if encode(&mut body, &m.registry).is_err() {
+        return (
             StatusCode::INTERNAL_SERVER_ERROR,
             [(header::CONTENT_TYPE, "text/plain")],
             String::new(),
-        ),
+        );
     }
+    if let Some(worker) = &ops.worker {
+        // Both expositions end with `# EOF`, which must come once, at the end.
+        body.truncate(
+            body.trim_end()
+                .strip_suffix("# EOF")
+                .map_or(body.len(), str::len),
+        );
+        body.push_str(&worker.encode_metrics());
+    }
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
 }

@@ -16,6 +16,7 @@ pub mod store;
 use std::sync::Arc;
 
 use pushwire_common::pb::v1 as pb;
+use pushwire_worker::Worker;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -92,7 +93,20 @@ pub async fn run(
         },
     );
 
-    let grpc = grpc_server(catalog, client, feed.clone(), shutdown.clone()).await?;
+    // With --with-worker, a worker runs here too, watching this very server over loopback.
+    let interrupt = CancellationToken::new();
+    let worker = match config.with_worker {
+        false => None,
+        true => Some(start_worker(&config, &listeners, &shutdown, &interrupt)?),
+    };
+    let grpc = grpc_server(
+        catalog,
+        client,
+        feed.clone(),
+        worker.as_ref(),
+        shutdown.clone(),
+    )
+    .await?;
     let grpc_addr = listeners.grpc.local_addr().ok();
     let http_addr = listeners.http.local_addr().ok();
     tracing::info!(grpc = ?grpc_addr, http = ?http_addr, "control plane listening");
@@ -103,7 +117,8 @@ pub async fn run(
             grpc_shutdown.cancelled().await;
         });
     let http_shutdown = shutdown.clone();
-    let http_task = axum::serve(listeners.http, http::Ops::new(feed, store).router())
+    let ops = http::Ops::new(feed, store, worker.as_ref().map(|w| w.status()));
+    let http_task = axum::serve(listeners.http, ops.router())
         .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
 
     let servers = async {
@@ -112,6 +127,15 @@ pub async fn run(
         h.map_err(|e| RunError::Serve(e.into()))
     };
     let grace = config.shutdown_grace;
+    // The in-process worker's deliveries get half the grace period to finish.
+    let interrupter = {
+        let (shutdown, interrupt) = (shutdown.clone(), interrupt.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace / 2).await;
+            interrupt.cancel();
+        })
+    };
     let result = tokio::select! {
         r = servers => r,
         () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
@@ -120,15 +144,51 @@ pub async fn run(
         }
     };
     shutdown.cancel();
+    interrupt.cancel();
+    interrupter.abort();
+    if let Some(worker) = worker {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), worker.stopped()).await;
+    }
     let _ = feed_task.await;
     tracing::info!("control plane stopped");
     result
+}
+
+/// Starts the in-process worker of `--with-worker`.
+fn start_worker(
+    config: &Config,
+    listeners: &Listeners,
+    shutdown: &CancellationToken,
+    interrupt: &CancellationToken,
+) -> Result<Worker, RunError> {
+    let mut addr = listeners
+        .grpc
+        .local_addr()
+        .map_err(|e| RunError::Serve(e.into()))?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let channel = pushwire_worker::config_watch::endpoint(format!("http://{addr}"))
+        .map_err(|e| RunError::Serve(e.into()))?
+        .connect_lazy();
+    Worker::start(
+        channel,
+        &config.ingest,
+        &config.delivery,
+        shutdown.clone(),
+        interrupt.clone(),
+    )
+    .map_err(RunError::Delivery)
 }
 
 async fn grpc_server(
     catalog: Catalog,
     client: pushwire_worker::deliver::client::WebhookClient,
     feed: ConfigFeed,
+    worker: Option<&Worker>,
     shutdown: CancellationToken,
 ) -> Result<tonic::transport::server::Router, RunError> {
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
@@ -143,7 +203,19 @@ async fn grpc_server(
         .map_err(|e| RunError::Serve(e.into()))?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(report_health(health, feed.clone(), shutdown.clone()));
+    tokio::spawn(report_health(
+        health.clone(),
+        feed.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(worker) = worker {
+        tokio::spawn(pushwire_worker::report_health(
+            health,
+            &["pushwire.v1.IngestService"],
+            worker.status().table(),
+            shutdown.clone(),
+        ));
+    }
 
     Ok(tonic::transport::Server::builder()
         .add_service(health_service)
@@ -160,9 +232,12 @@ async fn grpc_server(
         .add_service(pb::config_service_server::ConfigServiceServer::new(
             api::ConfigApi::new(feed, shutdown),
         ))
-        .add_service(pb::ingest_service_server::IngestServiceServer::new(
-            api::IngestApi,
-        )))
+        .add_optional_service(worker.map(Worker::ingest_service))
+        .add_optional_service(
+            worker
+                .is_none()
+                .then(|| pb::ingest_service_server::IngestServiceServer::new(api::IngestApi)),
+        ))
 }
 
 /// gRPC health follows the feed: SERVING once the configuration is loaded, NOT_SERVING on

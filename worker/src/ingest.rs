@@ -1,0 +1,422 @@
+//! `pushwire.v1.IngestService` (DESIGN §3): parses each participation once, routes it with the
+//! routing table of the moment, delivers it to every matched integration through the
+//! [`Dispatcher`] and acknowledges it once every one of them reached a final outcome.
+//!
+//! A Publish stream holds at most `window` participations in flight: when the window is full
+//! the stream is not read, so HTTP/2 flow control pushes back on the publisher and memory stays
+//! bounded. Responses come in completion order. A participation whose delivery is interrupted
+//! (shutdown, the publisher went away) is never acknowledged: the stream then ends with
+//! `UNAVAILABLE` and the publisher re-publishes what it holds.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use pb::ingest_service_server::{IngestService, IngestServiceServer};
+use pushwire_common::domain::matching::Placement;
+use pushwire_common::domain::{AccountName, IncompletePolicy, IntegrationName};
+use pushwire_common::participation::{self, Participation};
+use pushwire_common::pb::v1 as pb;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::deliver::dispatch::{Dispatcher, Job, Outcome};
+use crate::metrics::{Metrics, OutcomeLabel, ResultLabel};
+use crate::router::RoutingTable;
+use crate::trace::TraceParent;
+
+/// Room for the request's fields around the document in one gRPC message.
+const ENVELOPE_BYTES: usize = 64 * 1024;
+
+/// Settings of the ingest service.
+#[derive(Clone, Copy, Debug)]
+pub struct IngestOptions {
+    /// Participations in flight per Publish stream.
+    pub window: usize,
+    /// Largest participation document accepted, in bytes.
+    pub max_participation_bytes: usize,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        Self {
+            window: 256,
+            max_participation_bytes: participation::DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+/// The ingest service; cheap to clone.
+#[derive(Clone)]
+pub struct Ingest {
+    table: watch::Receiver<Option<Arc<RoutingTable>>>,
+    dispatcher: Dispatcher,
+    opts: IngestOptions,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a request was refused before any delivery; goes to `PublishResponse.error`.
+struct Rejection(String);
+
+impl Ingest {
+    /// The service routing on `table` and delivering with `dispatcher`. After `shutdown`,
+    /// streams stop reading and end with `UNAVAILABLE` once their deliveries are settled.
+    pub fn new(
+        table: watch::Receiver<Option<Arc<RoutingTable>>>,
+        dispatcher: Dispatcher,
+        opts: IngestOptions,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            table,
+            dispatcher,
+            opts,
+            metrics,
+            shutdown,
+        }
+    }
+
+    /// The gRPC service, accepting messages as large as the largest document allowed.
+    pub fn into_service(self) -> IngestServiceServer<Self> {
+        let max = self
+            .opts
+            .max_participation_bytes
+            .saturating_add(ENVELOPE_BYTES);
+        IngestServiceServer::new(self).max_decoding_message_size(max)
+    }
+
+    /// The routing table, or `UNAVAILABLE` before the first snapshot.
+    fn ready_table(&self) -> Result<Arc<RoutingTable>, Status> {
+        if self.shutdown.is_cancelled() {
+            return Err(Status::unavailable("worker is shutting down"));
+        }
+        self.table.borrow().clone().ok_or_else(|| {
+            Status::unavailable("worker has no configuration from the control plane yet")
+        })
+    }
+
+    /// Handles one request to its acknowledgement; `None` when a delivery was interrupted
+    /// (not to be acknowledged).
+    async fn handle(&self, req: pb::PublishRequest) -> Option<pb::PublishResponse> {
+        let request_id = req.request_id.clone();
+        let response = match self.check(&req) {
+            Err(Rejection(error)) => {
+                self.count("rejected");
+                pb::PublishResponse {
+                    participation_id: String::new(),
+                    error,
+                    deliveries: Vec::new(),
+                    request_id,
+                }
+            }
+            Ok((account, participation, only)) => {
+                let _in_flight = InFlight::new(&self.metrics);
+                let participation_id = participation.id.clone();
+                let deliveries = self.deliver(req, &account, &participation, only).await;
+                let Some(deliveries) = deliveries else {
+                    self.count("interrupted");
+                    return None;
+                };
+                self.count("acknowledged");
+                pb::PublishResponse {
+                    participation_id,
+                    error: String::new(),
+                    deliveries,
+                    request_id,
+                }
+            }
+        };
+        Some(response)
+    }
+
+    fn count(&self, result: &'static str) {
+        self.metrics
+            .participations
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Validates a request: the account, the document, `only_integrations`.
+    #[allow(clippy::type_complexity)]
+    fn check(
+        &self,
+        req: &pb::PublishRequest,
+    ) -> Result<(AccountName, Participation, Option<Vec<IntegrationName>>), Rejection> {
+        let account =
+            AccountName::parse(&req.account).map_err(|e| Rejection(format!("account: {e}")))?;
+        let participation =
+            participation::parse(&req.participation_json, self.opts.max_participation_bytes)
+                .map_err(|e| Rejection(format!("participation_json: {e}")))?;
+        let only = if req.only_integrations.is_empty() {
+            None
+        } else {
+            let mut names = Vec::with_capacity(req.only_integrations.len());
+            for (i, raw) in req.only_integrations.iter().enumerate() {
+                let name = IntegrationName::parse(raw)
+                    .map_err(|e| Rejection(format!("only_integrations[{i}]: {e}")))?;
+                if name.account() != &account {
+                    return Err(Rejection(format!(
+                        "only_integrations[{i}]: not an integration of {account}"
+                    )));
+                }
+                names.push(name);
+            }
+            Some(names)
+        };
+        Ok((account, participation, only))
+    }
+
+    /// Routes and delivers; the final outcome of every matched integration, or `None` when
+    /// one was interrupted.
+    async fn deliver(
+        &self,
+        req: pb::PublishRequest,
+        account: &AccountName,
+        p: &Participation,
+        only: Option<Vec<IntegrationName>>,
+    ) -> Option<Vec<pb::Delivery>> {
+        let table = self.table.borrow().clone().unwrap_or_default();
+        let placement = Placement {
+            website_id: p.website_id.as_deref(),
+            master_form_id: Some(req.master_form_id.as_str()).filter(|m| !m.is_empty()),
+            campaign_id: &p.campaign_id,
+            identified: req.identified.unwrap_or(p.has_form_responses),
+        };
+        let routes = table.route(account, &placement);
+        let parent = req
+            .trace_context
+            .as_ref()
+            .and_then(|t| TraceParent::parse(&t.traceparent));
+        let participation_id: Arc<str> = Arc::from(p.id.as_str());
+        let body = Bytes::from(req.participation_json);
+
+        let work = routes
+            .into_iter()
+            .filter(|r| only.as_ref().is_none_or(|o| o.contains(&r.integration.name)))
+            .map(|route| {
+                let integration = route.integration;
+                let skip = (!p.is_complete()
+                    && integration.incomplete_participations == IncompletePolicy::Skip)
+                    .then(|| {
+                        format!(
+                            "participation state is {}; the integration receives completed participations only",
+                            p.state
+                        )
+                    });
+                let job = Job {
+                    integration: integration.clone(),
+                    participation_id: participation_id.clone(),
+                    body: body.clone(),
+                    traceparent: Some(TraceParent::child_of(parent.as_ref()).to_string()),
+                };
+                async move {
+                    let outcome = match skip {
+                        Some(reason) => Outcome::Skipped { reason },
+                        None => self.dispatcher.deliver(job).await,
+                    };
+                    (integration.name.to_string(), outcome)
+                }
+            });
+        let outcomes = join_all(work).await;
+
+        let mut deliveries = Vec::with_capacity(outcomes.len());
+        let mut interrupted = false;
+        for (integration, outcome) in outcomes {
+            let label = match &outcome {
+                Outcome::Delivered { .. } => "delivered",
+                Outcome::Failed { .. } => "failed",
+                Outcome::Skipped { .. } => "skipped",
+                Outcome::Interrupted => "interrupted",
+            };
+            self.metrics
+                .deliveries
+                .get_or_create(&OutcomeLabel { outcome: label })
+                .inc();
+            tracing::debug!(participation = %participation_id, %integration, outcome = label, "delivery settled");
+            match to_pb(integration, outcome) {
+                Some(d) => deliveries.push(d),
+                None => interrupted = true,
+            }
+        }
+        (!interrupted).then_some(deliveries)
+    }
+
+    /// Reads a Publish stream, delivering each request in its own task, at most `window` at a
+    /// time, sending responses on `out` as they complete.
+    async fn drive(
+        self,
+        mut inbound: Streaming<pb::PublishRequest>,
+        out: mpsc::Sender<Result<pb::PublishResponse, Status>>,
+    ) {
+        let window = Arc::new(Semaphore::new(self.opts.window));
+        let mut tasks = JoinSet::new();
+        let mut unacked = false;
+        let _stream = StreamGauge::new(&self.metrics);
+        let end: Option<Status> = loop {
+            let permit = tokio::select! {
+                p = window.clone().acquire_owned() => p.expect("the window is never closed"),
+                () = out.closed() => break None,
+                () = self.shutdown.cancelled() => break Some(shutting_down()),
+            };
+            let next = tokio::select! {
+                m = inbound.message() => m,
+                () = out.closed() => break None,
+                () = self.shutdown.cancelled() => break Some(shutting_down()),
+            };
+            match next {
+                Ok(Some(req)) => {
+                    let this = self.clone();
+                    let out = out.clone();
+                    tasks.spawn(async move {
+                        let response = this.handle(req).await;
+                        let acked = response.is_some();
+                        if let Some(r) = response {
+                            let _ = out.send(Ok(r)).await;
+                        }
+                        drop(permit);
+                        acked
+                    });
+                }
+                // The publisher closed its side: finish what is in flight.
+                Ok(None) => break None,
+                // The publisher reset the stream: nobody is left to acknowledge.
+                Err(status) => {
+                    tracing::debug!(code = ?status.code(), "publish stream broke");
+                    tasks.abort_all();
+                    break None;
+                }
+            }
+            while let Some(done) = tasks.try_join_next() {
+                unacked |= !done.unwrap_or(false);
+            }
+        };
+        // Deliveries settle by themselves: on shutdown the dispatcher interrupts what waits.
+        tokio::select! {
+            () = async {
+                while let Some(done) = tasks.join_next().await {
+                    unacked |= !done.unwrap_or(false);
+                }
+            } => {}
+            () = out.closed() => tasks.abort_all(),
+        }
+        if let Some(status) = end {
+            let _ = out.send(Err(status)).await;
+        } else if unacked {
+            let _ = out.send(Err(shutting_down())).await;
+        }
+    }
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable(
+        "worker is shutting down; re-publish the participations not acknowledged on this stream",
+    )
+}
+
+/// Counts a participation as in flight while alive.
+struct InFlight<'a>(&'a Metrics);
+
+impl<'a> InFlight<'a> {
+    fn new(m: &'a Metrics) -> Self {
+        m.in_flight.inc();
+        Self(m)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+/// Counts an open stream while alive.
+struct StreamGauge(Arc<Metrics>);
+
+impl StreamGauge {
+    fn new(m: &Arc<Metrics>) -> Self {
+        m.streams.inc();
+        Self(m.clone())
+    }
+}
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        self.0.streams.dec();
+    }
+}
+
+/// The protobuf form of an outcome; `None` for an interrupted one.
+fn to_pb(integration: String, outcome: Outcome) -> Option<pb::Delivery> {
+    let mut d = pb::Delivery {
+        integration,
+        ..Default::default()
+    };
+    match outcome {
+        Outcome::Delivered { attempts, status } => {
+            d.set_outcome(pb::DeliveryOutcome::Delivered);
+            d.attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
+            d.last_status_code = i32::from(status);
+        }
+        Outcome::Failed {
+            attempts,
+            last_status,
+            last_error,
+        } => {
+            d.set_outcome(pb::DeliveryOutcome::Failed);
+            d.attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
+            d.last_status_code = last_status.map(i32::from).unwrap_or(0);
+            d.last_error = last_error;
+        }
+        Outcome::Skipped { reason } => {
+            d.set_outcome(pb::DeliveryOutcome::Skipped);
+            d.skip_reason = reason;
+        }
+        Outcome::Interrupted => return None,
+    }
+    Some(d)
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PublishResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl IngestService for Ingest {
+    type PublishStream = ResponseStream;
+
+    async fn publish(
+        &self,
+        request: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStream>, Status> {
+        self.ready_table()?;
+        let (tx, rx) = mpsc::channel(self.opts.window);
+        tokio::spawn(self.clone().drive(request.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn publish_one(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        self.ready_table()?;
+        // A caller that hangs up drops this future and with it the deliveries: nobody is left
+        // to take the acknowledgement, and the publisher re-publishes.
+        match self.handle(request.into_inner()).await {
+            Some(response) => Ok(Response::new(response)),
+            None => Err(shutting_down()),
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! `worker` binary: flags → logging → [`pushwire_worker::run`] until SIGTERM or SIGINT.
+
+use clap::Parser as _;
+use pushwire_worker::{Config, Listeners, run};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    pushwire_common::telemetry::init_logging(config.log_format).map_err(|e| anyhow::anyhow!(e))?;
+    let listeners = Listeners::bind(&config).await?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        pushwire_common::shutdown::signal().await;
+        tracing::info!("shutdown requested");
+        signal.cancel();
+    });
+    run(config, listeners, shutdown).await?;
+    Ok(())
+}
