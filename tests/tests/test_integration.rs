@@ -1,0 +1,467 @@
+//! End-to-end tests of `IntegrationService.TestIntegration`: a control plane on the embedded
+//! store sends the sample participation with the workers' client to a real `TestReceiver`
+//! (HTTP or HTTPS on loopback) and reports what it answered.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pushwire_common::domain::Secret;
+use pushwire_common::pb::v1 as pb;
+use pushwire_common::signing;
+use pushwire_tests::control_plane::{Backend, ControlPlane, test_config};
+use pushwire_tests::receiver::{Received, Reply, TestReceiver};
+use pushwire_worker::deliver::request::{
+    SAMPLE_PARTICIPATION, SAMPLE_PARTICIPATION_ID, USER_AGENT,
+};
+use tonic::Code;
+
+const ACCOUNT: &str = "accounts/42";
+const AUTH_VALUE: &str = "Bearer test-auth-t0ken-value";
+const SECRET: &str = "test-signing-s3cret-value";
+/// In the URL's query: receivers sometimes take a token there; it must not show in errors.
+const QUERY_TOKEN: &str = "q-t0ken-in-query";
+/// A request that reached the receiver is recorded before it answers, so by the time
+/// TestIntegration returns it is there; this only bounds a failing test.
+const RECORD_WAIT: Duration = Duration::from_secs(5);
+
+/// How the control plane under test delivers.
+#[derive(Default)]
+struct Delivery<'a> {
+    /// Allow-list loopback (otherwise the SSRF guard refuses it, as in production).
+    allow_loopback: bool,
+    /// Trust the CA of this HTTPS receiver.
+    trust: Option<&'a TestReceiver>,
+    request_timeout: Option<Duration>,
+}
+
+async fn start(dir: &Path, delivery: Delivery<'_>) -> anyhow::Result<ControlPlane> {
+    let mut config = test_config(&Backend::Embedded(dir.join("data")));
+    if delivery.allow_loopback {
+        // ::1 too: `localhost` may resolve to both, and one refused answer refuses the host.
+        config.delivery.allow_cidr = vec!["127.0.0.0/8".into(), "::1/128".into()];
+    }
+    if let Some(receiver) = delivery.trust {
+        config.delivery.extra_ca_file = Some(receiver.write_ca_file(dir)?);
+    }
+    if let Some(timeout) = delivery.request_timeout {
+        config.delivery.request_timeout = timeout;
+    }
+    ControlPlane::start(config).await
+}
+
+fn loopback() -> Delivery<'static> {
+    Delivery {
+        allow_loopback: true,
+        ..Delivery::default()
+    }
+}
+
+/// An integration with an auth header and a secret, signed with both schemes.
+fn integration(url: &str) -> pb::Integration {
+    pb::Integration {
+        display_name: "CRM".into(),
+        url: url.into(),
+        auth_header: Some(pb::AuthHeader {
+            name: "Authorization".into(),
+            value: AUTH_VALUE.into(),
+            value_set: false,
+        }),
+        secret: SECRET.into(),
+        signature_schemes: vec![
+            pb::SignatureScheme::Qualifio.into(),
+            pb::SignatureScheme::StandardWebhooks.into(),
+        ],
+        ..Default::default()
+    }
+}
+
+async fn create(cp: &ControlPlane, id: &str, i: pb::Integration) -> anyhow::Result<String> {
+    let created = cp
+        .integrations()
+        .await?
+        .create_integration(pb::CreateIntegrationRequest {
+            parent: ACCOUNT.into(),
+            integration_id: id.into(),
+            integration: Some(i),
+        })
+        .await?
+        .into_inner();
+    Ok(created.name)
+}
+
+async fn test_integration(
+    cp: &ControlPlane,
+    name: &str,
+) -> anyhow::Result<Result<pb::TestIntegrationResponse, tonic::Status>> {
+    Ok(cp
+        .integrations()
+        .await?
+        .test_integration(pb::TestIntegrationRequest { name: name.into() })
+        .await
+        .map(tonic::Response::into_inner))
+}
+
+async fn get(cp: &ControlPlane, name: &str) -> anyhow::Result<pb::Integration> {
+    Ok(cp
+        .integrations()
+        .await?
+        .get_integration(pb::GetIntegrationRequest { name: name.into() })
+        .await?
+        .into_inner())
+}
+
+/// Neither the auth header value nor the signing secret nor the URL's query appears anywhere
+/// in `resp`.
+fn assert_no_secret(resp: &pb::TestIntegrationResponse) {
+    let printed = format!("{resp:?}");
+    for hidden in [AUTH_VALUE, "test-auth-t0ken", SECRET, QUERY_TOKEN] {
+        assert!(!printed.contains(hidden), "{hidden} in {printed}");
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
+
+/// The request is the sample participation, sent and signed as a worker would.
+fn assert_sample_delivery(got: &Received, integration_id: &str, sent: (i64, i64)) {
+    assert_eq!(got.method, "POST");
+    assert_eq!(got.header("content-type"), Some("application/json"));
+    assert_eq!(got.header("user-agent"), Some(USER_AGENT));
+    assert!(USER_AGENT.starts_with("Pushwire/"), "{USER_AGENT}");
+    let msg_id = format!("{SAMPLE_PARTICIPATION_ID}_{integration_id}");
+    assert_eq!(got.header("webhook-id"), Some(msg_id.as_str()));
+    let ts: i64 = got
+        .header("webhook-timestamp")
+        .expect("webhook-timestamp")
+        .parse()
+        .expect("unix seconds");
+    assert!(sent.0 <= ts && ts <= sent.1, "{ts} not in {sent:?}");
+    assert_eq!(got.header("authorization"), Some(AUTH_VALUE));
+    assert_eq!(got.body, SAMPLE_PARTICIPATION.as_bytes());
+    let json = got.json().expect("JSON body");
+    assert_eq!(json["id"], SAMPLE_PARTICIPATION_ID);
+
+    let secret = Secret::new(SECRET);
+    let qualifio = got
+        .header("x-qualifio-signature")
+        .expect("x-qualifio-signature");
+    assert!(signing::verify_qualifio(&secret, &got.body, qualifio));
+    assert!(!signing::verify_qualifio(
+        &Secret::new("another secret"),
+        &got.body,
+        qualifio
+    ));
+    let standard = got.header("webhook-signature").expect("webhook-signature");
+    assert!(signing::verify_standard_webhooks(
+        &secret, &msg_id, ts, &got.body, standard
+    ));
+}
+
+#[tokio::test]
+async fn https_answer_is_reported_and_the_request_is_a_signed_sample() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = TestReceiver::https().await?;
+    receiver.set_default(
+        Reply::ok()
+            .with_header("X-Receiver", "crm-1")
+            .with_header("x-multi", "a")
+            .with_header("x-multi", "b")
+            .with_body("thanks, got it"),
+    );
+    let cp = start(
+        dir.path(),
+        Delivery {
+            trust: Some(&receiver),
+            ..loopback()
+        },
+    )
+    .await?;
+    let url = receiver.localhost_url(&format!("/hooks/qualifio?token={QUERY_TOKEN}"));
+    let name = create(&cp, "crm", integration(&url)).await?;
+
+    let before = unix_now();
+    let resp = test_integration(&cp, &name).await??;
+    let after = unix_now();
+
+    assert_eq!(resp.status_code, 200, "{resp:?}");
+    assert_eq!(resp.error, "");
+    assert!(
+        (0..15_000).contains(&resp.latency_ms),
+        "{}",
+        resp.latency_ms
+    );
+    assert_eq!(resp.response_body_prefix, "thanks, got it");
+    assert_eq!(
+        resp.response_headers.get("x-receiver").map(String::as_str),
+        Some("crm-1")
+    );
+    assert_eq!(
+        resp.response_headers.get("x-multi").map(String::as_str),
+        Some("a, b")
+    );
+    assert_eq!(
+        resp.response_headers
+            .get("content-length")
+            .map(String::as_str),
+        Some("14")
+    );
+    assert!(
+        resp.response_headers
+            .keys()
+            .all(|k| *k == k.to_ascii_lowercase()),
+        "{:?}",
+        resp.response_headers.keys()
+    );
+    assert_no_secret(&resp);
+
+    let got = receiver.next(RECORD_WAIT).await.expect("a request");
+    assert_eq!(got.path, format!("/hooks/qualifio?token={QUERY_TOKEN}"));
+    assert_sample_delivery(&got, "crm", (before, after));
+    // Sent once: TestIntegration does not retry.
+    assert_eq!(receiver.received_count(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn http_error_statuses_are_answers_and_410_disables_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = TestReceiver::http().await?;
+    let big = "0123456789abcdef".repeat(640); // 10 KiB
+    receiver.respond_with(vec![
+        Reply::status(500).with_body(big.clone()),
+        Reply::status(404).with_body("no such hook"),
+        Reply::status(410).with_body("gone for good"),
+    ]);
+    let cp = start(dir.path(), loopback()).await?;
+    let name = create(&cp, "crm", integration(&receiver.url("/hook"))).await?;
+
+    let resp = test_integration(&cp, &name).await??;
+    assert_eq!((resp.status_code, resp.error.as_str()), (500, ""));
+    assert_eq!(resp.response_body_prefix.len(), 4096);
+    assert_eq!(resp.response_body_prefix, big[..4096]);
+    assert_eq!(
+        resp.response_headers
+            .get("content-length")
+            .map(String::as_str),
+        Some("10240")
+    );
+
+    let resp = test_integration(&cp, &name).await??;
+    assert_eq!(
+        (resp.status_code, resp.response_body_prefix.as_str()),
+        (404, "no such hook")
+    );
+
+    let resp = test_integration(&cp, &name).await??;
+    assert_eq!(
+        (
+            resp.status_code,
+            resp.response_body_prefix.as_str(),
+            resp.error.as_str()
+        ),
+        (410, "gone for good", "")
+    );
+    let after = get(&cp, &name).await?;
+    assert_eq!(after.enabled, Some(true));
+    assert_eq!(after.disabled_reason, "");
+    assert_eq!(receiver.received_count(), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn ssrf_guard_refuses_loopback_without_the_allow_list() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = TestReceiver::http().await?;
+    // The production default: no --allow-cidr.
+    let cp = start(dir.path(), Delivery::default()).await?;
+    let port = receiver.addr().port();
+    for (id, host) in [("literal", "127.0.0.1"), ("by-name", "localhost")] {
+        let url = format!("http://{host}:{port}/hook?token={QUERY_TOKEN}");
+        let mut i = integration(&url);
+        i.display_name = id.into();
+        let name = create(&cp, id, i).await?;
+        let resp = test_integration(&cp, &name).await??;
+        assert_eq!(resp.status_code, 0, "{url}");
+        assert!(
+            resp.error
+                .starts_with(&format!("refused to connect to {host}: "))
+                && resp.error.ends_with(" is not public and not allow-listed"),
+            "{url}: {}",
+            resp.error
+        );
+        assert_eq!(
+            (
+                resp.latency_ms,
+                resp.response_headers.len(),
+                resp.response_body_prefix.as_str()
+            ),
+            (0, 0, "")
+        );
+        assert_no_secret(&resp);
+    }
+    // Refused before connecting: the receiver never saw a connection's request.
+    assert_eq!(receiver.received_count(), 0);
+    assert!(receiver.drain().is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn nothing_listening_is_a_connection_error() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.local_addr()?.port()
+    };
+    let cp = start(dir.path(), loopback()).await?;
+    let url = format!("http://127.0.0.1:{port}/hook?token={QUERY_TOKEN}");
+    let name = create(&cp, "crm", integration(&url)).await?;
+    let resp = test_integration(&cp, &name).await??;
+    assert_eq!(resp.status_code, 0);
+    assert!(
+        resp.error.starts_with("connection failed"),
+        "{}",
+        resp.error
+    );
+    assert!(!resp.error.contains("token"), "{}", resp.error);
+    assert_no_secret(&resp);
+    Ok(())
+}
+
+#[tokio::test]
+async fn untrusted_certificate_and_timeout_are_errors() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tls = TestReceiver::https().await?;
+    let silent = TestReceiver::http().await?;
+    silent.set_default(Reply::hang());
+    // Loopback allowed but the receiver's CA not trusted; a short request timeout.
+    let cp = start(
+        dir.path(),
+        Delivery {
+            request_timeout: Some(Duration::from_millis(500)),
+            ..loopback()
+        },
+    )
+    .await?;
+
+    let name = create(&cp, "tls", integration(&tls.localhost_url("/hook"))).await?;
+    let resp = test_integration(&cp, &name).await??;
+    assert_eq!(resp.status_code, 0);
+    assert!(
+        resp.error.starts_with("TLS handshake failed"),
+        "{}",
+        resp.error
+    );
+    assert_eq!(tls.received_count(), 0);
+
+    let mut i = integration(&silent.url("/hook"));
+    i.display_name = "silent".into();
+    let name = create(&cp, "silent", i).await?;
+    let resp = test_integration(&cp, &name).await??;
+    assert_eq!((resp.status_code, resp.error.as_str()), (0, "timed out"));
+    // It did get the request; the answer is what never came.
+    assert!(silent.next(RECORD_WAIT).await.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn disabled_integration_is_tested_and_stays_disabled() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = TestReceiver::http().await?;
+    receiver.set_default(Reply::status(204));
+    let cp = start(dir.path(), loopback()).await?;
+    let mut i = integration(&receiver.url("/hook"));
+    i.enabled = Some(false);
+    i.disabled_reason = "checking the endpoint first".into();
+    let name = create(&cp, "crm", i).await?;
+    assert_eq!(get(&cp, &name).await?.enabled, Some(false));
+
+    let before = unix_now();
+    let resp = test_integration(&cp, &name).await??;
+    let after = unix_now();
+    assert_eq!((resp.status_code, resp.error.as_str()), (204, ""));
+    let got = receiver.next(RECORD_WAIT).await.expect("a request");
+    assert_sample_delivery(&got, "crm", (before, after));
+
+    let still = get(&cp, &name).await?;
+    assert_eq!(still.enabled, Some(false));
+    assert_eq!(still.disabled_reason, "checking the endpoint first");
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_and_invalid_names_are_grpc_errors() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = TestReceiver::http().await?;
+    let cp = start(dir.path(), loopback()).await?;
+    // An integration exists in the account: only the asked one is missing.
+    create(&cp, "crm", integration(&receiver.url("/hook"))).await?;
+
+    for missing in [
+        "accounts/42/integrations/other",
+        "accounts/7/integrations/crm",
+    ] {
+        let status = test_integration(&cp, missing)
+            .await?
+            .expect_err("unknown integration");
+        assert_eq!(status.code(), Code::NotFound, "{missing}: {status:?}");
+        assert!(status.message().contains(missing), "{}", status.message());
+    }
+    for invalid in [
+        "",
+        "crm",
+        "accounts/42",
+        "accounts/42/integrations/",
+        "accounts/42/integrations/Not_Valid",
+        "accounts/42/pushScopes/crm",
+        "accounts/42/integrations/crm/extra",
+    ] {
+        let status = test_integration(&cp, invalid)
+            .await?
+            .expect_err("invalid name");
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{invalid:?}: {status:?}"
+        );
+        assert!(status.message().contains("name"), "{}", status.message());
+    }
+    assert_eq!(receiver.received_count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn echoed_secrets_are_not_returned() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = TestReceiver::http().await?;
+    // An echo service reflecting what it got, credentials included.
+    receiver.set_default(
+        Reply::status(401)
+            .with_header("x-echo-authorization", AUTH_VALUE)
+            .with_body(format!(
+                "{{\"authorization\":\"{AUTH_VALUE}\",\"secret\":\"{SECRET}\",\"ok\":false}}"
+            )),
+    );
+    let cp = start(dir.path(), loopback()).await?;
+    let name = create(&cp, "crm", integration(&receiver.url("/echo"))).await?;
+    let resp = test_integration(&cp, &name).await??;
+    assert_eq!(resp.status_code, 401);
+    assert_eq!(
+        resp.response_headers
+            .get("x-echo-authorization")
+            .map(String::as_str),
+        Some("<redacted>")
+    );
+    assert_eq!(
+        resp.response_body_prefix,
+        r#"{"authorization":"<redacted>","secret":"<redacted>","ok":false}"#
+    );
+    assert_no_secret(&resp);
+    // The receiver did get the real values: redaction is on the way back only.
+    let got = receiver.next(RECORD_WAIT).await.expect("a request");
+    assert_eq!(got.header("authorization"), Some(AUTH_VALUE));
+    Ok(())
+}
