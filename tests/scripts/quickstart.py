@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Runs the README's quick start verbatim against the real control-plane binary.
+"""Runs the README's quick start verbatim against the README's run command (`./dev run`).
 
 Every shell block between `<!-- quickstart:begin -->` and `<!-- quickstart:end -->` in
-README.md is run in order with bash (grpcurl must be on PATH) while the control plane runs on
-its default addresses with a fresh embedded store. Fails on the first command that fails, and
-checks a few answers a reader relies on. Finally SIGTERM must stop the binary cleanly.
+README.md is run in order with bash (grpcurl must be on PATH) from the top of the repository,
+while `./dev run` serves on its default addresses with a fresh embedded store. A block whose
+first line is `# in a second terminal:` is started in the background instead (the sink) and
+stopped at the end. Fails on the first command that fails, and checks the answers a reader
+relies on, the sink's signature verdicts among them. Finally SIGTERM must stop the binary
+cleanly, with no secret of the quick start in its logs.
 """
 
 import json
@@ -33,6 +36,19 @@ def port_free(port):
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
+BACKGROUND = "# in a second terminal:"
+
+
+def wait_port(port, proc, deadline, what):
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited early with {proc.returncode}")
+        if not port_free(port):
+            return
+        time.sleep(0.1)
+    sys.exit(f"{what} not listening on {port} in time")
+
+
 def wait_ready(proc, deadline):
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -52,41 +68,66 @@ def main():
         commands = blocks(f.read())
     if not commands:
         sys.exit("quickstart section holds no shell block")
-    for port in (50051, 8081):
+    for port in (50051, 8081, 9000):
         if not port_free(port):
             sys.exit(f"port {port} is in use; the quick start needs the default ports")
-    subprocess.run(["cargo", "build", "--quiet", "-p", "pushwire-control-plane", "--bin", "control-plane"],
+    # Built first so that the readiness wait below does not include compiling.
+    subprocess.run(["cargo", "build", "--quiet", "-p", "pushwire-control-plane", "-p", "pushwire-tests", "--bins"],
                    cwd=ROOT, check=True)
-    binary = os.path.join(ROOT, "target", "debug", "control-plane")
+    background = []
     with tempfile.TemporaryDirectory() as data:
-        proc = subprocess.Popen([binary, "--data-dir", data], stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([os.path.join(ROOT, "dev"), "run", "--data-dir", data], cwd=ROOT,
+                                stderr=subprocess.PIPE, text=True)
         try:
-            wait_ready(proc, time.time() + 30)
+            wait_ready(proc, time.time() + 60)
             outputs = []
             for n, block in enumerate(commands, 1):
-                run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], capture_output=True, text=True,
-                                     timeout=60)
+                if block.startswith(BACKGROUND):
+                    log = open(os.path.join(data, f"block-{n}.log"), "w+", encoding="utf-8")
+                    bg = subprocess.Popen(["bash", "-c", "exec " + block[len(BACKGROUND):].strip()], cwd=ROOT,
+                                          stdout=log, stderr=subprocess.STDOUT, text=True)
+                    background.append((bg, log))
+                    wait_port(9000, bg, time.time() + 120, f"quickstart block {n}")
+                    continue
+                run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, capture_output=True,
+                                     text=True, timeout=60)
                 if run.returncode != 0:
                     sys.exit(f"quickstart block {n} failed ({run.returncode}):\n{block}\n{run.stdout}{run.stderr}")
                 outputs.append(run.stdout)
             text = "\n".join(outputs)
             for needle in ["pushwire.v1.IntegrationService", "pushwire.v1.PushScopeService",
                            "pushwire.v1.ConfigService", "pushwire.v1.IngestService",
-                           "Manages integrations", '"decidedBy": "accounts/42/pushScopes/news-site"']:
+                           "Manages integrations", '"decidedBy": "accounts/42/pushScopes/news-site"',
+                           '"statusCode": 200', '"outcome": "DELIVERY_OUTCOME_DELIVERED"',
+                           '"outcome": "DELIVERY_OUTCOME_SKIPPED"']:
                 if needle not in text:
                     sys.exit(f"quickstart output lacks {needle!r}:\n{text}")
+            sink = ""
+            for _, log in background:
+                log.seek(0)
+                sink += log.read()
+            # The test webhook and the published participation, both verified twice.
+            for verdict in ("qualifio signature:          OK", "standard webhooks signature: OK"):
+                if sink.count(verdict) != 2:
+                    sys.exit(f"the sink did not print {verdict!r} twice:\n{sink}")
+            if "MISMATCH" in sink:
+                sys.exit(f"the sink saw a bad signature:\n{sink}")
             print(f"quickstart: {len(commands)} blocks ran verbatim")
         finally:
+            for bg, log in background:
+                bg.terminate()
+                bg.wait(timeout=10)
+                log.close()
             proc.send_signal(signal.SIGTERM)
             try:
-                code = proc.wait(timeout=15)
+                code = proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                sys.exit("control plane did not stop within 15 s of SIGTERM")
+                sys.exit("control plane did not stop within 30 s of SIGTERM")
             stderr = proc.stderr.read()
         if code != 0:
             sys.exit(f"control plane exited with {code} after SIGTERM:\n{stderr}")
-        for secret in ("quickstart-token", "quickstart-signing-secret"):
+        for secret in ("quickstart-token", "quickstart-signing-secret", "cXVpY2tzdGFydC1zaW5rLXNlY3JldA"):
             if secret in stderr:
                 sys.exit(f"a secret reached the logs: {secret}")
     print("quickstart: passed")
