@@ -1,7 +1,27 @@
-//! Logging set-up shared by the binaries: `tracing` to stderr, human-readable or JSON, filtered
-//! by `RUST_LOG` (default `info`). Called once from each `main`.
+//! Telemetry set-up shared by the binaries: `tracing` logs to stderr (human-readable or JSON,
+//! filtered by `RUST_LOG`, default `info`) and OpenTelemetry traces, exported over OTLP/gRPC
+//! when the standard `OTEL_*` variables ask for it (`OTEL_EXPORTER_OTLP_ENDPOINT` or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, or `OTEL_TRACES_EXPORTER=otlp`; `OTEL_SDK_DISABLED=true`
+//! or `OTEL_TRACES_EXPORTER=none` turn it off). Spans get W3C trace ids either way, so the
+//! `traceparent` sent to receivers is always valid; without an exporter they are just not
+//! sent anywhere. Also the W3C Trace Context helpers: a context from a `traceparent`, and the
+//! `traceparent` of a span.
 
-use tracing_subscriber::EnvFilter;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use opentelemetry::propagation::TextMapPropagator as _;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider, SpanData, SpanExporter};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{Layer as _, Registry};
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -25,17 +45,246 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
-/// Installs the global subscriber. Errors if one is installed already.
-pub fn init_logging(format: LogFormat) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Why telemetry could not be set up.
+pub type InitError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The installed telemetry; [`Telemetry::shutdown`] flushes the spans not exported yet.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Telemetry {
+    /// Flushes and stops the exporter (bounded: the exporter's own timeout).
+    pub async fn shutdown(self) {
+        // The batch processor's shutdown blocks its caller until the last export is done;
+        // the export itself runs on this runtime, so wait off it.
+        let provider = self.provider;
+        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+    }
+}
+
+/// Installs logging and tracing for `service_name` (e.g. `pushwire-worker`) as the global
+/// subscriber. Call once, from within the Tokio runtime (the exporter's connection lives on
+/// it). Errors if a subscriber is installed already or the exporter cannot be built.
+pub fn init(service_name: &'static str, format: LogFormat) -> Result<Telemetry, InitError> {
+    let mut provider = SdkTracerProvider::builder().with_resource(resource(service_name));
+    if export_configured(|k| std::env::var(k).ok()) {
+        if let Ok(p) = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
+            && p != "grpc"
+        {
+            return Err(
+                format!("OTEL_EXPORTER_OTLP_PROTOCOL={p:?}: only grpc is supported").into(),
+            );
+        }
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()?;
+        let exporter = OnRuntime {
+            inner: std::sync::Arc::new(exporter),
+            runtime: tokio::runtime::Handle::try_current()?,
+        };
+        provider = provider.with_span_processor(BatchSpanProcessor::builder(exporter).build());
+    }
+    let provider = provider.build();
+    let tracer = provider.tracer("pushwire");
+
     // Colours only on a terminal: escape codes in files and collectors are noise.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    // Spans are traced at INFO and above whatever RUST_LOG says about logs.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_threads(false)
+        .with_location(false)
+        .with_filter(LevelFilter::INFO);
+    Registry::default()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init()?;
+    Ok(Telemetry { provider })
+}
+
+/// Whether the `OTEL_*` variables (read through `var`) ask for an OTLP exporter.
+fn export_configured(var: impl Fn(&str) -> Option<String>) -> bool {
+    if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return false;
+    }
+    match var("OTEL_TRACES_EXPORTER").as_deref() {
+        Some("none") => false,
+        Some(_) => true,
+        None => [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        ]
+        .iter()
+        .any(|k| var(k).is_some_and(|v| !v.is_empty())),
+    }
+}
+
+/// `service.name` (unless `OTEL_SERVICE_NAME` says otherwise), `service.version`,
+/// `service.instance.id`, and whatever `OTEL_RESOURCE_ATTRIBUTES` adds.
+fn resource(service_name: &'static str) -> Resource {
+    let mut builder = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        builder = builder.with_service_name(service_name);
+    }
+    let instance: [u8; 16] = rand::random();
+    builder
+        .with_attributes([
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("service.instance.id", hex::encode(instance)),
+        ])
+        .build()
+}
+
+/// Runs the OTLP exporter's calls on the Tokio runtime: the batch processor exports from a
+/// thread of its own, where tonic's connection cannot be driven.
+#[derive(Debug)]
+struct OnRuntime<E> {
+    inner: std::sync::Arc<E>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<E: SpanExporter + 'static> SpanExporter for OnRuntime<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let inner = self.inner.clone();
+        self.runtime
+            .spawn(async move { inner.export(batch).await })
+            .await
+            .unwrap_or_else(|e| Err(OTelSdkError::InternalFailure(e.to_string())))
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        // Called while building the provider, before the exporter is shared.
+        if let Some(inner) = std::sync::Arc::get_mut(&mut self.inner) {
+            inner.set_resource(resource);
+        }
+    }
+}
+
+/// The remote context of a W3C `traceparent`/`tracestate` pair; an empty context when
+/// `traceparent` is missing or malformed (the span then starts a new trace).
+pub fn remote_context(traceparent: &str, tracestate: &str) -> Context {
+    let mut carrier = HashMap::with_capacity(2);
+    carrier.insert("traceparent".to_owned(), traceparent.to_owned());
+    if !tracestate.is_empty() {
+        carrier.insert("tracestate".to_owned(), tracestate.to_owned());
+    }
+    TraceContextPropagator::new().extract(&carrier)
+}
+
+/// Makes `span` a child of the remote context of `traceparent` when it is valid.
+pub fn set_remote_parent(span: &tracing::Span, traceparent: &str, tracestate: &str) {
+    let cx = remote_context(traceparent, tracestate);
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// The `traceparent` naming `span`, when tracing is installed (no subscriber, no id).
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// A server span for a gRPC call, child of the caller's `traceparent` metadata if any; for
+/// `tonic::transport::Server::trace_fn`.
+pub fn grpc_server_span<B>(req: &tonic::codegen::http::Request<B>) -> tracing::Span {
+    let path = req.uri().path();
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or(("", path));
+    let span = tracing::info_span!(
+        "grpc",
+        otel.name = %path.trim_start_matches('/'),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+    );
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    set_remote_parent(&span, header("traceparent"), header("tracestate"));
+    span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exporting_follows_the_standard_variables() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        assert!(!export_configured(env(&[])));
+        assert!(export_configured(env(&[(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://127.0.0.1:4317"
+        )])));
+        assert!(export_configured(env(&[(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://127.0.0.1:4317"
+        )])));
+        assert!(export_configured(env(&[("OTEL_TRACES_EXPORTER", "otlp")])));
+        assert!(!export_configured(env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+        ])));
+        assert!(!export_configured(env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ])));
+    }
+
+    #[test]
+    fn remote_context_reads_valid_traceparents_only() {
+        let cx = remote_context(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "vendor=1",
+        );
+        let sc = cx.span().span_context().clone();
+        assert!(sc.is_valid() && sc.is_remote() && sc.is_sampled());
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert!(
+            !remote_context("00-zz-00f067aa0ba902b7-01", "")
+                .span()
+                .span_context()
+                .is_valid()
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! `control-plane` binary: flags → logging → [`pushwire_control_plane::run`] until SIGTERM or
+//! `control-plane` binary: flags → telemetry → [`pushwire_control_plane::run`] until SIGTERM or
 //! SIGINT.
 
 use clap::Parser as _;
@@ -8,7 +8,8 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    pushwire_common::telemetry::init_logging(config.log_format).map_err(|e| anyhow::anyhow!(e))?;
+    let telemetry = pushwire_common::telemetry::init("pushwire-control-plane", config.log_format)
+        .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
     let listeners = Listeners::bind(&config).await?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
@@ -17,6 +18,7 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("shutdown requested");
         signal.cancel();
     });
-    run(config, listeners, shutdown).await?;
-    Ok(())
+    let result = run(config, listeners, shutdown).await;
+    telemetry.shutdown().await;
+    Ok(result?)
 }

@@ -1,4 +1,4 @@
-//! `worker` binary: flags → logging → [`pushwire_worker::run`] until SIGTERM or SIGINT.
+//! `worker` binary: flags → telemetry → [`pushwire_worker::run`] until SIGTERM or SIGINT.
 
 use clap::Parser as _;
 use pushwire_worker::{Config, Listeners, run};
@@ -7,7 +7,8 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    pushwire_common::telemetry::init_logging(config.log_format).map_err(|e| anyhow::anyhow!(e))?;
+    let telemetry = pushwire_common::telemetry::init("pushwire-worker", config.log_format)
+        .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
     let listeners = Listeners::bind(&config).await?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
@@ -16,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("shutdown requested");
         signal.cancel();
     });
-    run(config, listeners, shutdown).await?;
-    Ok(())
+    let result = run(config, listeners, shutdown).await;
+    telemetry.shutdown().await;
+    Ok(result?)
 }
