@@ -3,11 +3,14 @@
 //! - [`pb`]: generated protobuf/gRPC bindings (the only place prost types are defined);
 //! - [`domain`]: the domain types (no prost or storage types), push-scope matching and the
 //!   conversions between the two;
-//! - [`participation`]: parsing and validation of participation documents.
+//! - [`participation`]: parsing and validation of participation documents;
+//! - [`payload`]: the body transformations an integration can ask for (the `variables`
+//!   object).
 
 pub mod backoff;
 pub mod domain;
 pub mod participation;
+pub mod payload;
 pub mod pb;
 pub mod shutdown;
 pub mod signing;

@@ -1,7 +1,8 @@
 //! Parsing and validation of participation documents (DESIGN §3): a Qualifio "Webhook 2.0"
 //! participation as published, checked once and reduced to what routing needs. It owns the
 //! document rules only; it must not re-serialise the body sent to receivers (that stays the
-//! exact bytes received) nor decide routing (see [`crate::domain::matching`]).
+//! exact bytes received, or gets the one addition of [`crate::payload`]) nor decide routing
+//! (see [`crate::domain::matching`]).
 
 use serde_json::{Map, Value};
 
@@ -99,12 +100,7 @@ pub fn parse(json: &str, max_bytes: usize) -> Result<Participation, InvalidParti
     let campaign_id = numeric_id(required(campaign, "id", "$.campaign.id")?, "$.campaign.id")?;
     let website_id = website_id(campaign)?;
 
-    let has_form_responses = check_form(root)?;
-    for (key, path) in [("optins", "$.optins"), ("questionnaire", "$.questionnaire")] {
-        if let Some(v) = optional(root, key) {
-            v.as_array().ok_or_else(|| expected(path, "an array", v))?;
-        }
-    }
+    let has_form_responses = check_sections(root)?;
 
     Ok(Participation {
         id,
@@ -173,27 +169,56 @@ fn website_id(campaign: &Map<String, Value>) -> Result<Option<String>, InvalidPa
     numeric_id(required(website, "id", PATH)?, PATH).map(Some)
 }
 
-/// Checks `$.form` and tells whether any field holds a response.
-fn check_form(root: &Map<String, Value>) -> Result<bool, InvalidParticipation> {
-    let Some(form) = optional(root, "form") else {
-        return Ok(false);
-    };
-    let fields = form
-        .as_array()
-        .ok_or_else(|| expected("$.form", "an array", form))?;
-    let mut has_responses = false;
-    for (i, field) in fields.iter().enumerate() {
-        let field = field
-            .as_object()
-            .ok_or_else(|| expected(&format!("$.form[{i}]"), "an object", field))?;
-        if let Some(responses) = optional(field, "responses") {
+/// The arrays of answers and what [`check_sections`] checks in their items: whether they have
+/// a `responses` array.
+const SECTIONS: [(&str, bool); 3] = [("form", true), ("optins", false), ("questionnaire", true)];
+
+/// Checks `$.form`, `$.optins` and `$.questionnaire` (each optional): arrays of objects, each
+/// with an optional `variable` string (the mapping variable a `variables` object is built from)
+/// and, for form fields and questions, an optional `responses` array of objects. Tells whether
+/// any form field holds a response.
+fn check_sections(root: &Map<String, Value>) -> Result<bool, InvalidParticipation> {
+    let mut has_form_responses = false;
+    for (key, with_responses) in SECTIONS {
+        let Some(section) = optional(root, key) else {
+            continue;
+        };
+        let items = section
+            .as_array()
+            .ok_or_else(|| expected(&format!("$.{key}"), "an array", section))?;
+        for (i, item) in items.iter().enumerate() {
+            let item = item
+                .as_object()
+                .ok_or_else(|| expected(&format!("$.{key}[{i}]"), "an object", item))?;
+            if let Some(variable) = optional(item, "variable")
+                && !variable.is_string()
+            {
+                return Err(expected(
+                    &format!("$.{key}[{i}].variable"),
+                    "a string",
+                    variable,
+                ));
+            }
+            if !with_responses {
+                continue;
+            }
+            let Some(responses) = optional(item, "responses") else {
+                continue;
+            };
             let responses = responses.as_array().ok_or_else(|| {
-                expected(&format!("$.form[{i}].responses"), "an array", responses)
+                expected(&format!("$.{key}[{i}].responses"), "an array", responses)
             })?;
-            has_responses |= !responses.is_empty();
+            if let Some((j, r)) = responses.iter().enumerate().find(|(_, r)| !r.is_object()) {
+                return Err(expected(
+                    &format!("$.{key}[{i}].responses[{j}]"),
+                    "an object",
+                    r,
+                ));
+            }
+            has_form_responses |= key == "form" && !responses.is_empty();
         }
     }
-    Ok(has_responses)
+    Ok(has_form_responses)
 }
 
 /// A campaign or website id: a non-negative integer, or a string of digits (some publishers
@@ -354,6 +379,53 @@ mod tests {
                 "{what}"
             );
         }
+    }
+
+    #[test]
+    fn optional_members_may_be_absent_null_or_empty() {
+        type Mutation = fn(&mut Value);
+        // (description, mutation of the completed fixture)
+        let rows: Vec<(&str, Mutation)> = vec![
+            ("null variables", |d| {
+                d["form"][0]["variable"] = Value::Null;
+                d["optins"][0]["variable"] = Value::Null;
+                d["questionnaire"][0]["variable"] = Value::Null;
+            }),
+            ("empty variable", |d| d["form"][0]["variable"] = json!("")),
+            ("no variable", |d| {
+                d["optins"][0].as_object_mut().unwrap().remove("variable");
+            }),
+            ("null responses", |d| {
+                d["form"][0]["responses"] = Value::Null;
+                d["questionnaire"][0]["responses"] = Value::Null;
+            }),
+            ("empty sections", |d| {
+                d["form"] = json!([]);
+                d["optins"] = json!([]);
+                d["questionnaire"] = json!([]);
+            }),
+            ("null sections", |d| {
+                d["optins"] = Value::Null;
+                d["questionnaire"] = Value::Null;
+            }),
+            ("an existing variables object", |d| {
+                d["variables"] = json!({ "email": "x" })
+            }),
+            ("opt-in response of another type", |d| {
+                d["optins"][0]["response"] = json!(1)
+            }),
+        ];
+        for (what, mutate) in rows {
+            let mut doc = fixture();
+            mutate(&mut doc);
+            if let Err(e) = parse_value(&doc) {
+                panic!("{what}: {e}");
+            }
+        }
+        // Answered questions do not make a participant identified; form responses do.
+        let mut doc = fixture();
+        doc["form"] = json!([]);
+        assert!(!parse_value(&doc).unwrap().has_form_responses);
     }
 
     #[test]
@@ -525,11 +597,51 @@ mod tests {
                 set("/form/0/responses", json!("x")),
                 "$.form[0].responses",
             ),
+            (
+                "form response not an object",
+                set("/form/1/responses/0", json!("F")),
+                "$.form[1].responses[0]",
+            ),
+            (
+                "form variable not a string",
+                set("/form/0/variable", json!(7)),
+                "$.form[0].variable",
+            ),
             ("optins not an array", set("/optins", json!({})), "$.optins"),
+            (
+                "opt-in not an object",
+                set("/optins/0", json!("1")),
+                "$.optins[0]",
+            ),
+            (
+                "opt-in variable not a string",
+                set("/optins/0/variable", json!(["newsletter"])),
+                "$.optins[0].variable",
+            ),
             (
                 "questionnaire not an array",
                 set("/questionnaire", json!("q")),
                 "$.questionnaire",
+            ),
+            (
+                "question not an object",
+                set("/questionnaire/0", json!(55501)),
+                "$.questionnaire[0]",
+            ),
+            (
+                "question responses not an array",
+                set("/questionnaire/0/responses", json!({ "value": "December" })),
+                "$.questionnaire[0].responses",
+            ),
+            (
+                "question response not an object",
+                set("/questionnaire/0/responses/0", json!("December")),
+                "$.questionnaire[0].responses[0]",
+            ),
+            (
+                "question variable not a string",
+                set("/questionnaire/0/variable", json!(true)),
+                "$.questionnaire[0].variable",
             ),
         ];
         for (what, mutate, path) in rows {

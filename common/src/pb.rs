@@ -45,6 +45,7 @@ impl fmt::Debug for v1::Integration {
             .field("url", &self.url)
             .field("enabled", &self.enabled)
             .field("incomplete_participations", &self.incomplete_participations)
+            .field("payload_variables", &self.payload_variables)
             .field("auth_header", &self.auth_header)
             .field("secret", &redact(&self.secret))
             .field("secret_set", &self.secret_set)

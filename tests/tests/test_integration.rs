@@ -128,6 +128,12 @@ fn unix_now() -> i64 {
 
 /// The request is the sample participation, sent and signed as a worker would.
 fn assert_sample_delivery(got: &Received, integration_id: &str, sent: (i64, i64)) {
+    assert_delivery_of(got, SAMPLE_PARTICIPATION.as_bytes(), integration_id, sent);
+}
+
+/// The request carries `body` (the sample participation or a transformation of it), sent and
+/// signed over that body as a worker would.
+fn assert_delivery_of(got: &Received, body: &[u8], integration_id: &str, sent: (i64, i64)) {
     assert_eq!(got.method, "POST");
     assert_eq!(got.header("content-type"), Some("application/json"));
     assert_eq!(got.header("user-agent"), Some(USER_AGENT));
@@ -141,7 +147,7 @@ fn assert_sample_delivery(got: &Received, integration_id: &str, sent: (i64, i64)
         .expect("unix seconds");
     assert!(sent.0 <= ts && ts <= sent.1, "{ts} not in {sent:?}");
     assert_eq!(got.header("authorization"), Some(AUTH_VALUE));
-    assert_eq!(got.body, SAMPLE_PARTICIPATION.as_bytes());
+    assert_eq!(got.body, body);
     let json = got.json().expect("JSON body");
     assert_eq!(json["id"], SAMPLE_PARTICIPATION_ID);
 
@@ -364,6 +370,56 @@ async fn untrusted_certificate_and_timeout_are_errors() -> anyhow::Result<()> {
     assert_eq!((resp.status_code, resp.error.as_str()), (0, "timed out"));
     // It did get the request; the answer is what never came.
     assert!(silent.next(RECORD_WAIT).await.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn sample_shows_the_added_variables() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = TestReceiver::http().await?;
+    let cp = start(dir.path(), loopback()).await?;
+    let mut i = integration(&receiver.url("/hook"));
+    i.payload_variables = pb::PayloadVariables::Add.into();
+    let name = create(&cp, "crm", i).await?;
+    assert_eq!(
+        get(&cp, &name).await?.payload_variables(),
+        pb::PayloadVariables::Add
+    );
+
+    let before = unix_now();
+    let resp = test_integration(&cp, &name).await??;
+    let after = unix_now();
+    assert_eq!((resp.status_code, resp.error.as_str()), (200, ""));
+    let got = receiver.next(RECORD_WAIT).await.expect("a request");
+    // The sample ends with `  ]\n}\n`: the object follows the last member, the rest is as is.
+    let at = SAMPLE_PARTICIPATION.len() - "\n}\n".len();
+    let want = format!(
+        "{}{}{}",
+        &SAMPLE_PARTICIPATION[..at],
+        r#","variables":{"email":"jo.peeters@example.org","gender":"F","newsletter":"1","q_shortest_day":"December"}"#,
+        &SAMPLE_PARTICIPATION[at..],
+    );
+    assert_delivery_of(&got, want.as_bytes(), "crm", (before, after));
+
+    // Back to the document as published, by update mask.
+    cp.integrations()
+        .await?
+        .update_integration(pb::UpdateIntegrationRequest {
+            integration: Some(pb::Integration {
+                name: name.clone(),
+                payload_variables: pb::PayloadVariables::AsPublished.into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["payload_variables".into()],
+            }),
+        })
+        .await?;
+    let before = unix_now();
+    test_integration(&cp, &name).await??;
+    let after = unix_now();
+    let got = receiver.next(RECORD_WAIT).await.expect("a request");
+    assert_sample_delivery(&got, "crm", (before, after));
     Ok(())
 }
 

@@ -279,7 +279,8 @@ mod tests {
     use pb::config_change::Change;
     use pushwire_common::domain::convert::integration_config;
     use pushwire_common::domain::{
-        AccountName, IncompletePolicy, Integration, IntegrationName, SignatureScheme,
+        AccountName, IncompletePolicy, Integration, IntegrationName, PayloadVariables,
+        SignatureScheme,
     };
 
     use super::*;
@@ -292,6 +293,7 @@ mod tests {
             enabled: true,
             disabled_reason: String::new(),
             incomplete_participations: IncompletePolicy::Skip,
+            payload_variables: PayloadVariables::AsPublished,
             auth_header: None,
             secrets: Vec::new(),
             signature_schemes: vec![SignatureScheme::Qualifio],

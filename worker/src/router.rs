@@ -300,7 +300,7 @@ mod tests {
 
     use pushwire_common::domain::convert::integration_config;
     use pushwire_common::domain::{
-        Audience, IncompletePolicy, PushAction, ScopeTarget, SignatureScheme,
+        Audience, IncompletePolicy, PayloadVariables, PushAction, ScopeTarget, SignatureScheme,
     };
 
     use super::*;
@@ -317,6 +317,7 @@ mod tests {
             enabled,
             disabled_reason: String::new(),
             incomplete_participations: IncompletePolicy::Skip,
+            payload_variables: PayloadVariables::AsPublished,
             auth_header: None,
             secrets: Vec::new(),
             signature_schemes: vec![SignatureScheme::Qualifio],

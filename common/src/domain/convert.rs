@@ -7,8 +7,8 @@
 use std::time::SystemTime;
 
 use super::{
-    Audience, AuthHeader, IncompletePolicy, Integration, IntegrationName, PushAction, PushScope,
-    PushScopeName, ScopeTarget, Secret, SignatureScheme, SigningSecret,
+    Audience, AuthHeader, IncompletePolicy, Integration, IntegrationName, PayloadVariables,
+    PushAction, PushScope, PushScopeName, ScopeTarget, Secret, SignatureScheme, SigningSecret,
 };
 use crate::pb::v1 as pb;
 
@@ -78,6 +78,22 @@ fn incomplete_to_pb(p: IncompletePolicy) -> pb::IncompleteParticipations {
     match p {
         IncompletePolicy::Skip => pb::IncompleteParticipations::Skip,
         IncompletePolicy::Send => pb::IncompleteParticipations::Send,
+    }
+}
+
+/// `PayloadVariables` → option; UNSPECIFIED is `None`.
+pub fn payload_variables(field: &str, v: i32) -> Result<Option<PayloadVariables>, InvalidField> {
+    Ok(match enum_value(field, v)? {
+        pb::PayloadVariables::Unspecified => None,
+        pb::PayloadVariables::AsPublished => Some(PayloadVariables::AsPublished),
+        pb::PayloadVariables::Add => Some(PayloadVariables::Add),
+    })
+}
+
+fn payload_variables_to_pb(p: PayloadVariables) -> pb::PayloadVariables {
+    match p {
+        PayloadVariables::AsPublished => pb::PayloadVariables::AsPublished,
+        PayloadVariables::Add => pb::PayloadVariables::Add,
     }
 }
 
@@ -264,6 +280,7 @@ impl From<&Integration> for pb::Integration {
             create_time: timestamp(i.create_time),
             update_time: timestamp(i.update_time),
             etag: i.revision.to_string(),
+            payload_variables: payload_variables_to_pb(i.payload_variables).into(),
         }
     }
 }
@@ -332,6 +349,11 @@ impl TryFrom<pb::IntegrationConfig> for Integration {
             incomplete_participations: incomplete_policy(
                 "integration.incomplete_participations",
                 i.incomplete_participations,
+            )?
+            .unwrap_or_default(),
+            payload_variables: payload_variables(
+                "integration.payload_variables",
+                i.payload_variables,
             )?
             .unwrap_or_default(),
             auth_header,
@@ -406,6 +428,7 @@ mod tests {
             enabled: true,
             disabled_reason: String::new(),
             incomplete_participations: IncompletePolicy::Send,
+            payload_variables: PayloadVariables::Add,
             auth_header: Some(AuthHeader {
                 name: "Authorization".into(),
                 value: Secret::new("Bearer tkn-1"),
@@ -454,6 +477,28 @@ mod tests {
         let original = integration();
         let back = Integration::try_from(integration_config(&original)).unwrap();
         assert_eq!(back, original);
+    }
+
+    #[test]
+    fn payload_variables_default_and_unknown() {
+        let mut config = integration_config(&integration());
+        assert_eq!(
+            config.integration.as_ref().unwrap().payload_variables,
+            pb::PayloadVariables::Add as i32
+        );
+        // From a control plane that predates the option: as published.
+        config.integration.as_mut().unwrap().payload_variables = 0;
+        assert_eq!(
+            Integration::try_from(config.clone())
+                .unwrap()
+                .payload_variables,
+            PayloadVariables::AsPublished
+        );
+        config.integration.as_mut().unwrap().payload_variables = 9;
+        assert_eq!(
+            Integration::try_from(config).unwrap_err().field,
+            "integration.payload_variables"
+        );
     }
 
     #[test]

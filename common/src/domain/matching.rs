@@ -127,7 +127,9 @@ mod tests {
     use PushAction::{DoNotPush, Push as P};
 
     use super::*;
-    use crate::domain::{AccountName, IncompletePolicy, PushScopeName, SignatureScheme};
+    use crate::domain::{
+        AccountName, IncompletePolicy, PayloadVariables, PushScopeName, SignatureScheme,
+    };
 
     const ACCOUNT: &str = "acme";
 
@@ -143,6 +145,7 @@ mod tests {
             enabled,
             disabled_reason: String::new(),
             incomplete_participations: IncompletePolicy::Skip,
+            payload_variables: PayloadVariables::AsPublished,
             auth_header: None,
             secrets: Vec::new(),
             signature_schemes: vec![SignatureScheme::Qualifio],

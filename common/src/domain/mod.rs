@@ -27,6 +27,8 @@ pub struct Integration {
     pub disabled_reason: String,
     /// What to do with participations that are not completed.
     pub incomplete_participations: IncompletePolicy,
+    /// Whether the body gets a `variables` object added (see [`crate::payload`]).
+    pub payload_variables: PayloadVariables,
     /// One extra request header.
     pub auth_header: Option<AuthHeader>,
     /// Signing secrets, newest (current) first; previous ones carry the end of their grace
@@ -60,6 +62,17 @@ pub enum IncompletePolicy {
     Skip,
     /// Send every participation.
     Send,
+}
+
+/// Which body an integration receives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PayloadVariables {
+    /// The document exactly as published.
+    #[default]
+    AsPublished,
+    /// The document with a `variables` object added when it has none
+    /// ([`crate::payload::add_variables`]).
+    Add,
 }
 
 /// One extra header sent with every webhook.

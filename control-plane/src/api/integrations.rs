@@ -37,6 +37,7 @@ const UPDATABLE: &[&str] = &[
     "enabled",
     "disabled_reason",
     "incomplete_participations",
+    "payload_variables",
     "auth_header",
     "secret",
     "signature_schemes",
@@ -72,6 +73,13 @@ fn patch(i: pb::Integration, paths: Option<&[String]>) -> Result<IntegrationPatc
             )
             .map_err(|e| Status::invalid_argument(e.to_string()))?
             .unwrap_or_default(),
+        );
+    }
+    if wanted("payload_variables", i.payload_variables != 0) {
+        patch.payload_variables = Some(
+            convert::payload_variables("integration.payload_variables", i.payload_variables)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?
+                .unwrap_or_default(),
         );
     }
     if wanted("auth_header", i.auth_header.is_some()) {
@@ -330,7 +338,8 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use pushwire_common::domain::{
-        AccountName, AuthHeader, IncompletePolicy, IntegrationName, SignatureScheme, SigningSecret,
+        AccountName, AuthHeader, IncompletePolicy, IntegrationName, PayloadVariables,
+        SignatureScheme, SigningSecret,
     };
 
     use super::*;
@@ -344,6 +353,7 @@ mod tests {
             enabled: false,
             disabled_reason: String::new(),
             incomplete_participations: IncompletePolicy::Skip,
+            payload_variables: PayloadVariables::AsPublished,
             auth_header: Some(AuthHeader {
                 name: "Authorization".into(),
                 value: Secret::new("Bearer auth-s3cret"),

@@ -5,8 +5,8 @@ use std::time::SystemTime;
 
 use pushwire_common::domain::convert::InvalidField;
 use pushwire_common::domain::{
-    AccountName, AuthHeader, IncompletePolicy, Integration, IntegrationName, Secret,
-    SignatureScheme, SigningSecret,
+    AccountName, AuthHeader, IncompletePolicy, Integration, IntegrationName, PayloadVariables,
+    Secret, SignatureScheme, SigningSecret,
 };
 
 use super::{
@@ -42,6 +42,8 @@ pub struct IntegrationPatch {
     pub disabled_reason: Option<String>,
     /// Policy for incomplete participations.
     pub incomplete_participations: Option<IncompletePolicy>,
+    /// Whether the body gets a `variables` object added.
+    pub payload_variables: Option<PayloadVariables>,
     /// Set or remove the auth header.
     pub auth_header: Option<Option<AuthHeaderInput>>,
     /// Set (rotate) or remove the signing secret.
@@ -73,6 +75,7 @@ impl Catalog {
             enabled: true,
             disabled_reason: String::new(),
             incomplete_participations: IncompletePolicy::Skip,
+            payload_variables: PayloadVariables::AsPublished,
             auth_header: None,
             secrets: Vec::new(),
             signature_schemes: vec![SignatureScheme::Qualifio],
@@ -279,6 +282,9 @@ impl Catalog {
         }
         if let Some(policy) = patch.incomplete_participations {
             i.incomplete_participations = policy;
+        }
+        if let Some(option) = patch.payload_variables {
+            i.payload_variables = option;
         }
         if let Some(header) = patch.auth_header {
             i.auth_header = match header {

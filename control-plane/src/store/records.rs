@@ -35,12 +35,14 @@ fn corrupt(key: &str, what: impl std::fmt::Display) -> StoreError {
 
 /// Encodes an integration's record (everything but its name and revision).
 pub fn encode_integration(i: &Integration) -> Vec<u8> {
+    // The API view holds the enums already encoded (and no secret).
+    let view = pb::Integration::from(i);
     rec::IntegrationRecord {
         display_name: i.display_name.clone(),
         url: i.url.clone(),
         enabled: i.enabled,
         disabled_reason: i.disabled_reason.clone(),
-        incomplete_participations: pb::Integration::from(i).incomplete_participations,
+        incomplete_participations: view.incomplete_participations,
         auth_header_name: i
             .auth_header
             .as_ref()
@@ -59,9 +61,10 @@ pub fn encode_integration(i: &Integration) -> Vec<u8> {
                 expire_time: s.expire_time.map(Into::into),
             })
             .collect(),
-        signature_schemes: pb::Integration::from(i).signature_schemes,
+        signature_schemes: view.signature_schemes,
         create_time: Some(i.create_time.into()),
         update_time: Some(i.update_time.into()),
+        payload_variables: view.payload_variables,
     }
     .encode_to_vec()
 }
@@ -100,6 +103,10 @@ fn decode_integration(kv: &KeyValue, name: IntegrationName) -> Result<Integratio
         )
         .map_err(bad)?
         .unwrap_or_default(),
+        // UNSPECIFIED in records written before the option existed.
+        payload_variables: convert::payload_variables("payload_variables", r.payload_variables)
+            .map_err(bad)?
+            .unwrap_or_default(),
         auth_header,
         secrets: r
             .secrets
@@ -167,4 +174,65 @@ pub fn integration_key(name: &IntegrationName) -> String {
 /// Store key of a push scope.
 pub fn push_scope_key(name: &PushScopeName) -> String {
     keys::push_scope(name.account().id(), name.id())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use pushwire_common::domain::{IncompletePolicy, PayloadVariables, SignatureScheme};
+
+    use super::*;
+
+    fn integration(payload_variables: PayloadVariables) -> Integration {
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let account = AccountName::from_id("42").unwrap();
+        Integration {
+            name: IntegrationName::new(&account, "crm").unwrap(),
+            display_name: "CRM".into(),
+            url: "https://crm.example.com/hook".into(),
+            enabled: true,
+            disabled_reason: String::new(),
+            incomplete_participations: IncompletePolicy::Send,
+            payload_variables,
+            auth_header: None,
+            secrets: Vec::new(),
+            signature_schemes: vec![SignatureScheme::Qualifio],
+            create_time: t,
+            update_time: t,
+            revision: 3,
+        }
+    }
+
+    fn kv(value: Vec<u8>) -> KeyValue {
+        KeyValue {
+            key: "/pushwire/v1/accounts/42/integrations/crm".into(),
+            value,
+            create_revision: 1,
+            mod_revision: 3,
+        }
+    }
+
+    #[test]
+    fn payload_variables_round_trip_and_default() {
+        for option in [PayloadVariables::AsPublished, PayloadVariables::Add] {
+            let i = integration(option);
+            assert_eq!(
+                decode(&kv(encode_integration(&i))).unwrap(),
+                Some(Record::Integration(i))
+            );
+        }
+        // A record written before the option existed has no such field: as published.
+        let mut old = rec::IntegrationRecord::decode(
+            encode_integration(&integration(PayloadVariables::Add)).as_slice(),
+        )
+        .unwrap();
+        old.payload_variables = 0;
+        assert_eq!(
+            decode(&kv(old.encode_to_vec())).unwrap(),
+            Some(Record::Integration(integration(
+                PayloadVariables::AsPublished
+            )))
+        );
+    }
 }

@@ -1,14 +1,15 @@
 //! One webhook attempt's request (DESIGN §4): URL, headers (ids, timestamp, signatures, the
-//! integration's auth header, `traceparent`) and the body exactly as published. Pure: the
-//! clock is passed in and nothing is sent; sending is the [`client`](super::client)'s job.
-//! Signing rules live in [`pushwire_common::signing`]; this module only picks the secrets.
+//! integration's auth header, `traceparent`) and the body: exactly as published, or with the
+//! `variables` object the integration asks for ([`pushwire_common::payload`]). Pure: the clock
+//! is passed in and nothing is sent; sending is the [`client`](super::client)'s job. Signing
+//! rules live in [`pushwire_common::signing`]; this module only picks the secrets.
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use pushwire_common::domain::{Integration, SignatureScheme};
-use pushwire_common::signing;
+use pushwire_common::domain::{Integration, PayloadVariables, SignatureScheme};
+use pushwire_common::{payload, signing};
 
 /// `User-Agent` of every webhook.
 pub const USER_AGENT: &str = concat!("Pushwire/", env!("CARGO_PKG_VERSION"));
@@ -63,7 +64,7 @@ pub struct WebhookRequest {
     pub url: String,
     /// Header names (lower case) and values, in sending order.
     pub headers: Vec<(String, String)>,
-    /// The body, exactly as published.
+    /// The body sent (and signed): as published, or with the `variables` object added.
     pub body: Bytes,
 }
 
@@ -126,6 +127,9 @@ fn redacted_url(raw: &str) -> String {
 /// Builds the request of one attempt of `body` (participation `participation_id`) to
 /// `integration` at `now`.
 ///
+/// - the body is `body`, or, when the integration asks for `PAYLOAD_VARIABLES_ADD`, `body` with
+///   the `variables` object added (see [`payload::add_variables`]; parsed here, so only those
+///   integrations pay for it); signatures cover the body sent;
 /// - `x-qualifio-signature` with the newest secret valid at `now`, when the integration uses
 ///   the Qualifio scheme and has one;
 /// - `webhook-signature` with every secret valid at `now` (newest first), when it uses
@@ -139,6 +143,10 @@ pub fn build(
     now: SystemTime,
     traceparent: Option<&str>,
 ) -> WebhookRequest {
+    let body = match integration.payload_variables {
+        PayloadVariables::AsPublished => body,
+        PayloadVariables::Add => with_variables(integration, participation_id, body),
+    };
     let msg_id = signing::webhook_id(participation_id, integration.name.id());
     // A clock before 1970 is not worth a panic; receivers will refuse the timestamp.
     let timestamp = now
@@ -189,12 +197,38 @@ pub fn build(
     }
 }
 
+/// `body` with the `variables` object added, or `body` itself when nothing is to be added or
+/// it is not a JSON document (impossible for a published one: it was validated). Names set more
+/// than once are reported as a warning event in the current span (the delivery's, where the
+/// caller has one): a configuration problem of the campaign. Names only, never values.
+fn with_variables(integration: &Integration, participation_id: &str, body: Bytes) -> Bytes {
+    let Ok(raw) = std::str::from_utf8(&body) else {
+        return body;
+    };
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(raw) else {
+        return body;
+    };
+    let Some(added) = payload::add_variables(raw, &doc) else {
+        return body;
+    };
+    if !added.duplicates.is_empty() {
+        tracing::warn!(
+            integration = %integration.name,
+            participation = participation_id,
+            variables.duplicates = ?added.duplicates,
+            "mapping variables named more than once; each one's first value is sent"
+        );
+    }
+    Bytes::from(added.body)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use pushwire_common::domain::{
-        AccountName, AuthHeader, IncompletePolicy, IntegrationName, Secret, SigningSecret,
+        AccountName, AuthHeader, IncompletePolicy, IntegrationName, PayloadVariables, Secret,
+        SigningSecret,
     };
 
     use super::*;
@@ -216,6 +250,7 @@ mod tests {
             enabled: true,
             disabled_reason: String::new(),
             incomplete_participations: IncompletePolicy::Skip,
+            payload_variables: PayloadVariables::AsPublished,
             auth_header: Some(AuthHeader {
                 name: "Authorization".into(),
                 value: Secret::new("Bearer auth-s3cret"),
@@ -431,6 +466,51 @@ mod tests {
             ] {
                 assert!(printed.contains(shown), "{shown} missing from {printed}");
             }
+        }
+    }
+
+    #[test]
+    fn payload_variables_are_added_and_signed() {
+        let mut i = integration(
+            &[SignatureScheme::Qualifio, SignatureScheme::StandardWebhooks],
+            vec![current("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")],
+        );
+        let sample = Bytes::from_static(SAMPLE_PARTICIPATION.as_bytes());
+        let as_published = build(&i, SAMPLE_PARTICIPATION_ID, sample.clone(), now(), None);
+        assert_eq!(as_published.body, sample);
+
+        i.payload_variables = PayloadVariables::Add;
+        let req = build(&i, SAMPLE_PARTICIPATION_ID, sample.clone(), now(), None);
+        let added = r#","variables":{"email":"jo.peeters@example.org","gender":"F","newsletter":"1","q_shortest_day":"December"}"#;
+        let at = SAMPLE_PARTICIPATION.len() - "\n}\n".len();
+        let want = format!(
+            "{}{added}{}",
+            &SAMPLE_PARTICIPATION[..at],
+            &SAMPLE_PARTICIPATION[at..]
+        );
+        assert_eq!(std::str::from_utf8(&req.body).unwrap(), want);
+
+        // Both signatures cover the body sent, not the one published.
+        let secret = Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        let msg_id = format!("{SAMPLE_PARTICIPATION_ID}_crm-sync");
+        let standard = req.header(WEBHOOK_SIGNATURE).unwrap();
+        let qualifio = req.header(X_QUALIFIO_SIGNATURE).unwrap();
+        let ts = NOW_SECS as i64;
+        assert!(signing::verify_standard_webhooks(
+            &secret, &msg_id, ts, &req.body, standard
+        ));
+        assert!(signing::verify_qualifio(&secret, &req.body, qualifio));
+        assert!(!signing::verify_qualifio(&secret, &sample, qualifio));
+        assert_ne!(qualifio, as_published.header(X_QUALIFIO_SIGNATURE).unwrap());
+
+        // A document with its own `variables`, or none to add, or not JSON: as published.
+        for body in [
+            r#"{"id":"P1","optins":[{"variable":"n","response":"1"}],"variables":{}}"#,
+            r#"{"id":"P1","optins":[{"response":"1"}]}"#,
+            "not json",
+        ] {
+            let body = Bytes::from(body);
+            assert_eq!(build(&i, "P1", body.clone(), now(), None).body, body);
         }
     }
 
