@@ -209,9 +209,12 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
 }
 
 /// A server span for a gRPC call, child of the caller's `traceparent` metadata if any; for
-/// `tonic::transport::Server::trace_fn`.
+/// `tonic::transport::Server::trace_fn`. Health checks and reflection get none (noise).
 pub fn grpc_server_span<B>(req: &tonic::codegen::http::Request<B>) -> tracing::Span {
     let path = req.uri().path();
+    if path.starts_with("/grpc.") {
+        return tracing::Span::none();
+    }
     let (service, method) = path
         .trim_start_matches('/')
         .split_once('/')

@@ -218,6 +218,7 @@ async fn grpc_server(
     }
 
     Ok(tonic::transport::Server::builder()
+        .trace_fn(pushwire_common::telemetry::grpc_server_span)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
