@@ -13,6 +13,7 @@ use std::time::Duration;
 use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -48,6 +49,44 @@ impl std::str::FromStr for LogFormat {
 /// Why telemetry could not be set up.
 pub type InitError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What [`init`] sets up.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `service.name` (unless `OTEL_SERVICE_NAME` says otherwise), e.g. `pushwire-worker`.
+    pub service_name: &'static str,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// OTLP/gRPC endpoint to export spans to; none: spans are not exported.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Settings {
+    /// The settings the standard `OTEL_*` variables describe.
+    pub fn from_env(service_name: &'static str, log_format: LogFormat) -> Result<Self, InitError> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let otlp_endpoint = if export_configured(var) {
+            if let Some(p) = var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                .or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+                && p != "grpc"
+            {
+                return Err(format!("OTLP protocol {p:?}: only grpc is supported").into());
+            }
+            Some(
+                var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                    .or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))
+                    .unwrap_or_else(|| "http://localhost:4317".to_owned()),
+            )
+        } else {
+            None
+        };
+        Ok(Self {
+            service_name,
+            log_format,
+            otlp_endpoint,
+        })
+    }
+}
+
 /// The installed telemetry; [`Telemetry::shutdown`] flushes the spans not exported yet.
 #[derive(Debug)]
 pub struct Telemetry {
@@ -55,6 +94,12 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
+    /// Exports the spans ended so far.
+    pub async fn flush(&self) {
+        let provider = self.provider.clone();
+        let _ = tokio::task::spawn_blocking(move || provider.force_flush()).await;
+    }
+
     /// Flushes and stops the exporter (bounded: the exporter's own timeout).
     pub async fn shutdown(self) {
         // The batch processor's shutdown blocks its caller until the last export is done;
@@ -64,21 +109,16 @@ impl Telemetry {
     }
 }
 
-/// Installs logging and tracing for `service_name` (e.g. `pushwire-worker`) as the global
-/// subscriber. Call once, from within the Tokio runtime (the exporter's connection lives on
-/// it). Errors if a subscriber is installed already or the exporter cannot be built.
-pub fn init(service_name: &'static str, format: LogFormat) -> Result<Telemetry, InitError> {
-    let mut provider = SdkTracerProvider::builder().with_resource(resource(service_name));
-    if export_configured(|k| std::env::var(k).ok()) {
-        if let Ok(p) = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
-            && p != "grpc"
-        {
-            return Err(
-                format!("OTEL_EXPORTER_OTLP_PROTOCOL={p:?}: only grpc is supported").into(),
-            );
-        }
+/// Installs logging and tracing as the global subscriber. Call once, from within the Tokio
+/// runtime (the exporter's connection lives on it). Errors if a subscriber is installed
+/// already or the exporter cannot be built. An exporter whose endpoint is down costs nothing
+/// but its failed exports (spans are dropped, deliveries are unaffected).
+pub fn init(settings: Settings) -> Result<Telemetry, InitError> {
+    let mut provider = SdkTracerProvider::builder().with_resource(resource(settings.service_name));
+    if let Some(endpoint) = &settings.otlp_endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
+            .with_endpoint(endpoint.clone())
             .build()?;
         let exporter = OnRuntime {
             inner: std::sync::Arc::new(exporter),
@@ -95,7 +135,7 @@ pub fn init(service_name: &'static str, format: LogFormat) -> Result<Telemetry, 
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    let fmt = match format {
+    let fmt = match settings.log_format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
     };

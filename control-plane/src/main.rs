@@ -2,13 +2,15 @@
 //! SIGINT.
 
 use clap::Parser as _;
+use pushwire_common::telemetry;
 use pushwire_control_plane::{Config, Listeners, run};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    let telemetry = pushwire_common::telemetry::init("pushwire-control-plane", config.log_format)
+    let telemetry = telemetry::Settings::from_env("pushwire-control-plane", config.log_format)
+        .and_then(telemetry::init)
         .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
     let listeners = Listeners::bind(&config).await?;
     let shutdown = CancellationToken::new();

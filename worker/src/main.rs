@@ -1,13 +1,15 @@
 //! `worker` binary: flags → telemetry → [`pushwire_worker::run`] until SIGTERM or SIGINT.
 
 use clap::Parser as _;
+use pushwire_common::telemetry;
 use pushwire_worker::{Config, Listeners, run};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    let telemetry = pushwire_common::telemetry::init("pushwire-worker", config.log_format)
+    let telemetry = telemetry::Settings::from_env("pushwire-worker", config.log_format)
+        .and_then(telemetry::init)
         .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
     let listeners = Listeners::bind(&config).await?;
     let shutdown = CancellationToken::new();
