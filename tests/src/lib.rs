@@ -4,3 +4,4 @@
 pub mod control_plane;
 pub mod etcd;
 pub mod receiver;
+pub mod worker;

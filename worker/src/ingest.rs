@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use pb::ingest_service_server::{IngestService, IngestServiceServer};
 use pushwire_common::domain::matching::Placement;
-use pushwire_common::domain::{AccountName, IncompletePolicy, IntegrationName};
+use pushwire_common::domain::{AccountName, IncompletePolicy, IntegrationName, convert};
 use pushwire_common::participation::{self, Participation};
 use pushwire_common::pb::v1 as pb;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -72,6 +72,15 @@ impl std::fmt::Debug for Ingest {
 /// Why a request was refused before any delivery; goes to `PublishResponse.error`.
 struct Rejection(String);
 
+/// A request that passed [`Ingest::check`].
+struct Checked {
+    account: AccountName,
+    participation: Participation,
+    /// `master_form_id` in canonical form (as push scopes and `ResolvePushes` hold it).
+    master_form_id: Option<String>,
+    only: Option<Vec<IntegrationName>>,
+}
+
 impl Ingest {
     /// The service routing on `table` and delivering with `dispatcher`. After `shutdown`,
     /// streams stop reading and end with `UNAVAILABLE` once their deliveries are settled.
@@ -124,10 +133,10 @@ impl Ingest {
                     request_id,
                 }
             }
-            Ok((account, participation, only)) => {
+            Ok(checked) => {
                 let _in_flight = InFlight::new(&self.metrics);
-                let participation_id = participation.id.clone();
-                let deliveries = self.deliver(req, &account, &participation, only).await;
+                let participation_id = checked.participation.id.clone();
+                let deliveries = self.deliver(req, checked).await;
                 let Some(deliveries) = deliveries else {
                     self.count("interrupted");
                     return None;
@@ -151,17 +160,22 @@ impl Ingest {
             .inc();
     }
 
-    /// Validates a request: the account, the document, `only_integrations`.
-    #[allow(clippy::type_complexity)]
-    fn check(
-        &self,
-        req: &pb::PublishRequest,
-    ) -> Result<(AccountName, Participation, Option<Vec<IntegrationName>>), Rejection> {
+    /// Validates a request: the account, the document, `master_form_id`, `only_integrations`.
+    fn check(&self, req: &pb::PublishRequest) -> Result<Checked, Rejection> {
         let account =
             AccountName::parse(&req.account).map_err(|e| Rejection(format!("account: {e}")))?;
         let participation =
             participation::parse(&req.participation_json, self.opts.max_participation_bytes)
                 .map_err(|e| Rejection(format!("participation_json: {e}")))?;
+        // Canonical like scope targets and ResolvePushes' ids: `077` is master form 77.
+        let master_form_id = match req.master_form_id.as_str() {
+            "" => None,
+            id => {
+                convert::validate_target_id("master_form_id", id)
+                    .map_err(|e| Rejection(e.to_string()))?;
+                Some(convert::canonical_target_id(id))
+            }
+        };
         let only = if req.only_integrations.is_empty() {
             None
         } else {
@@ -178,7 +192,12 @@ impl Ingest {
             }
             Some(names)
         };
-        Ok((account, participation, only))
+        Ok(Checked {
+            account,
+            participation,
+            master_form_id,
+            only,
+        })
     }
 
     /// Routes and delivers; the final outcome of every matched integration, or `None` when
@@ -186,18 +205,22 @@ impl Ingest {
     async fn deliver(
         &self,
         req: pb::PublishRequest,
-        account: &AccountName,
-        p: &Participation,
-        only: Option<Vec<IntegrationName>>,
+        checked: Checked,
     ) -> Option<Vec<pb::Delivery>> {
+        let Checked {
+            account,
+            participation: p,
+            master_form_id,
+            only,
+        } = checked;
         let table = self.table.borrow().clone().unwrap_or_default();
         let placement = Placement {
             website_id: p.website_id.as_deref(),
-            master_form_id: Some(req.master_form_id.as_str()).filter(|m| !m.is_empty()),
+            master_form_id: master_form_id.as_deref(),
             campaign_id: &p.campaign_id,
             identified: req.identified.unwrap_or(p.has_form_responses),
         };
-        let routes = table.route(account, &placement);
+        let routes = table.route(&account, &placement);
         let parent = req
             .trace_context
             .as_ref()
@@ -294,11 +317,18 @@ impl Ingest {
                 }
                 // The publisher closed its side: finish what is in flight.
                 Ok(None) => break None,
-                // The publisher reset the stream: nobody is left to acknowledge.
+                // Nothing more can be read: the publisher reset the stream, or sent a message
+                // that does not decode (over the size limit, say). A publisher that went away
+                // has closed `out` (what is in flight is then dropped, below); one that is still
+                // there gets the acknowledgements of what is in flight, then this status, so it
+                // learns why instead of seeing its stream cut.
                 Err(status) => {
                     tracing::debug!(code = ?status.code(), "publish stream broke");
-                    tasks.abort_all();
-                    break None;
+                    if out.is_closed() {
+                        tasks.abort_all();
+                        break None;
+                    }
+                    break Some(status);
                 }
             }
             while let Some(done) = tasks.try_join_next() {
