@@ -1,0 +1,277 @@
+{{/*
+Names, labels, the flags → environment mapping, and the checks that refuse impossible values.
+*/}}
+
+{{- define "pushwire.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release prefix of every resource name; 40 characters leave room for the suffixes. */}}
+{{- define "pushwire.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "pushwire.controlPlane.fullname" -}}
+{{- printf "%s-control-plane" (include "pushwire.fullname" .) }}
+{{- end }}
+
+{{- define "pushwire.worker.fullname" -}}
+{{- printf "%s-worker" (include "pushwire.fullname" .) }}
+{{- end }}
+
+{{- define "pushwire.etcd.fullname" -}}
+{{- printf "%s-etcd" (include "pushwire.fullname" .) }}
+{{- end }}
+
+{{- define "pushwire.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every resource; call with (dict "root" $ "component" "worker"). */}}
+{{- define "pushwire.labels" -}}
+helm.sh/chart: {{ include "pushwire.chart" .root }}
+{{ include "pushwire.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: pushwire
+{{- end }}
+
+{{- define "pushwire.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pushwire.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "pushwire.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "pushwire.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "pushwire.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The port of a listen address such as 0.0.0.0:50051 or [::]:50051. */}}
+{{- define "pushwire.port" -}}
+{{- regexFind "[0-9]+$" . }}
+{{- end }}
+
+{{/*
+Whole seconds, rounded up, of a duration written as a sequence of <number><unit> with units
+d, h, m, s and ms (the subset of humantime's syntax that values.schema.json allows).
+*/}}
+{{- define "pushwire.seconds" -}}
+{{- $ms := 0 }}
+{{- range regexFindAll "[0-9]+[a-z]+" . -1 }}
+{{- $n := regexFind "^[0-9]+" . | atoi }}
+{{- $unit := regexFind "[a-z]+$" . }}
+{{- if eq $unit "ms" }}{{ $ms = add $ms $n }}
+{{- else if eq $unit "s" }}{{ $ms = add $ms (mul $n 1000) }}
+{{- else if eq $unit "m" }}{{ $ms = add $ms (mul $n 60000) }}
+{{- else if eq $unit "h" }}{{ $ms = add $ms (mul $n 3600000) }}
+{{- else if eq $unit "d" }}{{ $ms = add $ms (mul $n 86400000) }}
+{{- else }}{{ fail (printf "duration %q: unit %q is not one of d, h, m, s, ms" $ $unit) }}
+{{- end }}
+{{- end }}
+{{- div (add $ms 999) 1000 }}
+{{- end }}
+
+{{/*
+Where the control plane keeps its configuration: "external" (controlPlane.flags.etcdEndpoints),
+"bundled" (etcd.bundled) or "embedded" (the redb file in dataDir).
+*/}}
+{{- define "pushwire.store" -}}
+{{- if .Values.controlPlane.flags.etcdEndpoints }}external
+{{- else if .Values.etcd.bundled.enabled }}bundled
+{{- else }}embedded
+{{- end }}
+{{- end }}
+
+{{- define "pushwire.extraCa.enabled" -}}
+{{- if or .Values.extraCa.existingSecret .Values.extraCa.existingConfigMap }}true{{ end }}
+{{- end }}
+
+{{/*
+The flags of one component, as a dict keyed by camelCase flag name: sharedFlags, overridden by
+the component's own flags when set there (not null), then the values the chart derives.
+Call with (dict "root" $ "component" "controlPlane"|"worker"); returns YAML (fromYaml it).
+*/}}
+{{- define "pushwire.flags" -}}
+{{- $root := .root }}
+{{- $own := index $root.Values .component "flags" }}
+{{- $flags := dict }}
+{{- range $key, $value := $root.Values.sharedFlags }}
+{{- $_ := set $flags $key $value }}
+{{- end }}
+{{- range $key, $value := $own }}
+{{- if not (kindIs "invalid" $value) }}
+{{- $_ := set $flags $key $value }}
+{{- end }}
+{{- end }}
+{{- if and (include "pushwire.extraCa.enabled" $root) (not $flags.extraCaFile) }}
+{{- $_ := set $flags "extraCaFile" (printf "/etc/pushwire/extra-ca/%s" $root.Values.extraCa.key) }}
+{{- end }}
+{{- if eq .component "controlPlane" }}
+{{- if eq (include "pushwire.store" $root) "bundled" }}
+{{- $_ := set $flags "etcdEndpoints" (list (printf "http://%s:2379" (include "pushwire.etcd.fullname" $root))) }}
+{{- end }}
+{{- else }}
+{{- if not $flags.controlPlane }}
+{{- $cp := fromYaml (include "pushwire.flags" (dict "root" $root "component" "controlPlane")) }}
+{{- $_ := set $flags "controlPlane" (printf "http://%s:%s" (include "pushwire.controlPlane.fullname" $root) (include "pushwire.port" $cp.grpcAddr)) }}
+{{- end }}
+{{- end }}
+{{- toYaml $flags }}
+{{- end }}
+
+{{/*
+The flags as environment variables: flag fooBar is PUSHWIRE_FOO_BAR. Null: not passed (the
+binary's default); lists: comma-separated, not passed when empty; numbers as integers.
+Call with the dict of "pushwire.flags".
+*/}}
+{{- define "pushwire.flagsEnv" -}}
+{{- range $key := keys . | sortAlpha }}
+{{- $value := get $ $key }}
+{{- $name := printf "PUSHWIRE_%s" (snakecase $key | upper) }}
+{{- if kindIs "invalid" $value }}
+{{- else if kindIs "slice" $value }}
+{{- if $value }}
+- name: {{ $name }}
+  value: {{ join "," $value | quote }}
+{{- end }}
+{{- else if or (kindIs "float64" $value) (kindIs "int64" $value) (kindIs "int" $value) }}
+- name: {{ $name }}
+  value: {{ int64 $value | toString | quote }}
+{{- else }}
+- name: {{ $name }}
+  value: {{ toString $value | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* OTEL_* variables; call with (dict "root" $ "service" "pushwire-worker"). */}}
+{{- define "pushwire.otelEnv" -}}
+{{- $otel := .root.Values.otel }}
+{{- if $otel.enabled }}
+- name: OTEL_SERVICE_NAME
+  value: {{ .service | quote }}
+{{- with $otel.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ $otel.protocol | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $otel.sampler | quote }}
+{{- with $otel.samplerArg }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ . | quote }}
+{{- end }}
+{{- with $otel.headersSecret }}
+- name: OTEL_EXPORTER_OTLP_HEADERS
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: OTEL_EXPORTER_OTLP_HEADERS
+{{- end }}
+- name: OTEL_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+{{- $attrs := list (printf "k8s.namespace.name=%s" .root.Release.Namespace) "k8s.pod.name=$(OTEL_POD_NAME)" }}
+{{- range $key := keys $otel.resourceAttributes | sortAlpha }}
+{{- $attrs = append $attrs (printf "%s=%s" $key (toString (get $otel.resourceAttributes $key))) }}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ join "," $attrs | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes and mounts of the extra CA bundle. */}}
+{{- define "pushwire.extraCa.volume" -}}
+{{- if .Values.extraCa.existingSecret }}
+- name: extra-ca
+  secret:
+    secretName: {{ .Values.extraCa.existingSecret }}
+    items:
+      - key: {{ .Values.extraCa.key }}
+        path: {{ .Values.extraCa.key }}
+{{- else if .Values.extraCa.existingConfigMap }}
+- name: extra-ca
+  configMap:
+    name: {{ .Values.extraCa.existingConfigMap }}
+    items:
+      - key: {{ .Values.extraCa.key }}
+        path: {{ .Values.extraCa.key }}
+{{- end }}
+{{- end }}
+
+{{- define "pushwire.extraCa.mount" -}}
+{{- if include "pushwire.extraCa.enabled" . }}
+- name: extra-ca
+  mountPath: /etc/pushwire/extra-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* A preferred anti-affinity over nodes for one component, unless affinity is given. */}}
+{{- define "pushwire.affinity" -}}
+{{- $values := index .root.Values .component }}
+{{- if $values.affinity }}
+{{- toYaml $values.affinity }}
+{{- else }}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "pushwire.selectorLabels" (dict "root" .root "component" .label) | nindent 12 }}
+{{- end }}
+{{- end }}
+
+{{/* Topology spread constraints, with the component's pods as the default labelSelector. */}}
+{{- define "pushwire.topologySpread" -}}
+{{- $values := index .root.Values .component }}
+{{- range $values.topologySpreadConstraints }}
+{{- $c := deepCopy . }}
+{{- if not $c.labelSelector }}
+{{- $_ := set $c "labelSelector" (dict "matchLabels" (fromYaml (include "pushwire.selectorLabels" (dict "root" $.root "component" $.label)))) }}
+{{- end }}
+- {{ toYaml $c | nindent 2 | trim }}
+{{- end }}
+{{- end }}
+
+{{/* Refuses values no deployment could run with; included by every component template. */}}
+{{- define "pushwire.validate" -}}
+{{- $store := include "pushwire.store" . }}
+{{- if and .Values.controlPlane.flags.etcdEndpoints .Values.etcd.bundled.enabled }}
+{{- fail "controlPlane.flags.etcdEndpoints names an etcd while etcd.bundled.enabled is true: choose one (set etcd.bundled.enabled=false to use your etcd)" }}
+{{- end }}
+{{- if and (eq $store "embedded") (ne (int .Values.controlPlane.replicas) 1) }}
+{{- fail (printf "controlPlane.replicas is %d but the control plane uses the embedded store (no controlPlane.flags.etcdEndpoints, etcd.bundled.enabled=false), which allows exactly 1 replica: set controlPlane.replicas=1 or give it etcd" (int .Values.controlPlane.replicas)) }}
+{{- end }}
+{{- if and (not .Values.worker.enabled) (not .Values.controlPlane.flags.withWorker) }}
+{{- fail "worker.enabled=false and controlPlane.flags.withWorker is not true: nothing would deliver webhooks; enable one of them" }}
+{{- end }}
+{{- if and .Values.otel.enabled (not .Values.otel.endpoint) }}
+{{- fail "otel.enabled=true needs otel.endpoint" }}
+{{- end }}
+{{- end }}

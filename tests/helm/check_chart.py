@@ -1,0 +1,610 @@
+#!/usr/bin/env python3
+"""Checks the Helm chart in helm/pushwire against Helm itself, Kubernetes 1.30 and the binaries.
+
+    check_chart.py [--control-plane PATH] [--worker PATH]
+
+The binaries default to target/debug/{control-plane,worker} (`./dev test` builds them first).
+Needs, in the running Python, helm-python-sdk (Helm's own Go library: lint, schema, render;
+no `helm` binary) and kubernetes-validate (offline Kubernetes JSON schemas); `./dev test`
+installs both, pinned, into .tools/venv. This script installs nothing.
+
+1. `helm lint --strict` with the default values and with every file in helm/pushwire/ci/.
+2. `helm template` of each, and of VARIANTS (the template branches those leave out), every
+   manifest validated against the Kubernetes 1.30 schemas in strict mode (no unknown fields);
+   only the Prometheus Operator's ServiceMonitor, a CRD, has no schema there.
+3. Every flag the binaries accept, read from their `--help` with its `[env: PUSHWIRE_…]`, is a
+   value: controlPlane.flags.<camelCase> / worker.flags.<camelCase> (sharedFlags for flags both
+   take), and no value names a flag the binary does not have. Rendering with every flag set (to
+   the example in values.schema.json) puts exactly that flag's environment variable and value
+   in the Deployment; so does sharedFlags in both Deployments.
+4. In every render, the Deployments listen on all interfaces, their container ports are the
+   ports of PUSHWIRE_GRPC_ADDR / PUSHWIRE_HTTP_ADDR (the binary's default when unset), the
+   probes are GET /healthz and /readyz on the http port, Services target those ports, the
+   workers' PUSHWIRE_CONTROL_PLANE is the control-plane Service, terminationGracePeriodSeconds
+   exceeds the drain time, and every pod runs non-root with a read-only root filesystem. Each
+   binary starts with its rendered environment (clap parses every value).
+5. The chart refuses impossible values, and every value is documented (schema description,
+   comment in values.yaml).
+
+Ends with a `chart: N passed, N failed` line; exits non-zero on any failure.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import traceback
+
+import helm_python as helm
+import kubernetes_validate
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHART = os.path.join(ROOT, "helm", "pushwire")
+KUBE_VERSION = "1.30.0"
+RELEASE = "pushwire"
+NAMESPACE = "pushwire"
+# Kinds from CRDs, which kubernetes-validate has no schema for.
+CRD_API_GROUPS = ("monitoring.coreos.com/",)
+COMPONENT_FLAGS = {"control-plane": "controlPlane", "worker": "worker"}
+# Branches of the templates that neither the default values nor ci/ take.
+VARIANTS = {
+    "variant: 3-member bundled etcd on emptyDir, fixed workers, no PDBs, ConfigMap CA": {
+        "etcd": {"bundled": {"replicas": 3, "persistence": {"enabled": False}}},
+        "worker": {"autoscaling": {"enabled": False}, "replicas": 4, "pdb": {"enabled": False},
+                   "preStopSleepSeconds": 0},
+        "controlPlane": {"pdb": {"enabled": False}},
+        "extraCa": {"existingConfigMap": "receivers-ca", "key": "bundle.pem"},
+        "serviceAccount": {"create": False},
+    },
+    "variant: embedded store on emptyDir with separate workers, OTLP headers, in-flight HPA only": {
+        "etcd": {"bundled": {"enabled": False}},
+        "controlPlane": {"replicas": 1, "persistence": {"enabled": False}},
+        "worker": {"autoscaling": {"targetCPUUtilizationPercentage": None,
+                                   "inFlight": {"enabled": True}}},
+        "otel": {"enabled": True, "endpoint": "http://collector:4318", "protocol": "http/protobuf",
+                 "headersSecret": "otlp-headers"},
+        "fullnameOverride": "pw",
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The binaries' flags
+
+
+def parse_help(text):
+    """{flag: {"env", "default", "takes_value"}} from clap's --help output."""
+    flags = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"^\s{2,8}(?:-\w, )?--([a-z0-9][a-z0-9-]*)(?: <([A-Z0-9_]+)>)?\s*(.*)$", line)
+        if m:
+            current = m.group(1)
+            flags[current] = {"takes_value": m.group(2) is not None, "text": m.group(3)}
+        elif current and line.startswith(" "):
+            flags[current]["text"] += " " + line.strip()
+        else:
+            current = None
+    for info in flags.values():
+        env = re.search(r"\[env: ([A-Z0-9_]+)(?:=[^\]]*)?\]", info["text"])
+        default = re.search(r"\[default: ([^\]]*)\]", info["text"])
+        info["env"] = env.group(1) if env else None
+        info["default"] = default.group(1) if default else None
+    flags.pop("help", None)
+    flags.pop("version", None)
+    return flags
+
+
+def binary_flags(path):
+    if not os.access(path, os.X_OK):
+        sys.exit(f"{path}: not an executable; build it first (cargo build -p pushwire-control-plane"
+                 " -p pushwire-worker) or pass its path")
+    # A PUSHWIRE_* variable in our environment would show up in the help as a current value.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHWIRE_")}
+    out = subprocess.run([path, "--help"], check=True, capture_output=True, text=True, env=env)
+    flags = parse_help(out.stdout)
+    if len(flags) < 3:
+        sys.exit(f"{path} --help: found only {sorted(flags)}; has the help format changed?")
+    return flags
+
+
+def camel(flag):
+    head, *rest = flag.split("-")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helm and Kubernetes
+
+
+def load_values_file(name):
+    with open(os.path.join(CHART, "ci", name)) as f:
+        return yaml.safe_load(f) or {}
+
+
+def render(values):
+    """(manifests, notes): the rendered objects, each with the template it came from."""
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render(values or None, name=RELEASE, namespace=NAMESPACE)
+    objects, notes = [], ""
+    for path, text in sorted(rendered.items()):
+        if path.endswith("NOTES.txt"):
+            notes = text
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                objects.append((path, doc))
+    return objects, notes
+
+
+def find(objects, kind, component=None):
+    found = []
+    for _, doc in objects:
+        if doc.get("kind") != kind:
+            continue
+        meta = doc.get("metadata", {})
+        if component and meta.get("labels", {}).get("app.kubernetes.io/component") != component:
+            continue
+        found.append(doc)
+    return found
+
+
+def one(objects, kind, component):
+    found = find(objects, kind, component)
+    assert len(found) == 1, f"expected one {kind} of {component}, found {len(found)}"
+    return found[0]
+
+
+def container(deployment, name):
+    for c in deployment["spec"]["template"]["spec"]["containers"]:
+        if c["name"] == name:
+            return c
+    raise AssertionError(f"{deployment['metadata']['name']}: no container {name}")
+
+
+def env_of(c):
+    out = {}
+    for e in c.get("env", []):
+        assert e["name"] not in out, f"{c['name']}: {e['name']} set twice"
+        out[e["name"]] = e.get("value")
+    return out
+
+
+def seconds(duration):
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    parts = re.findall(r"(\d+)(ms|s|m|h|d)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"unparsed duration {duration!r}"
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def port_of(addr):
+    m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[0-9.]+):(\d+)", addr)
+    assert m, f"not an IP:port address: {addr!r}"
+    return m.group(1), int(m.group(2))
+
+
+def node_ref_parts(ref):
+    assert ref.startswith("#/"), ref
+    return ref[2:].split("/")
+
+
+def deref(schema, node):
+    while "$ref" in node:
+        target = schema
+        for part in node_ref_parts(node["$ref"]):
+            target = target[part]
+        node = target
+    return node
+
+
+def env_text(value):
+    """How the chart passes a value: lists comma-separated, booleans as true/false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks
+
+
+class Checks:
+    def __init__(self, args):
+        self.passed = 0
+        self.failed = 0
+        self.paths = {"control-plane": args.control_plane, "worker": args.worker}
+        self.bins = {binary: binary_flags(path) for binary, path in self.paths.items()}
+        with open(os.path.join(CHART, "values.schema.json")) as f:
+            self.schema = json.load(f)
+        self.value_sets = {"default values": {}}
+        for name in sorted(os.listdir(os.path.join(CHART, "ci"))):
+            if name.endswith(".yaml"):
+                self.value_sets[f"ci/{name}"] = load_values_file(name)
+        self.renders = {}
+
+    def run(self, name, fn, *args):
+        try:
+            detail = fn(*args)
+        except (AssertionError, helm.HelmError) as e:
+            self.failed += 1
+            print(f"FAIL  {name}\n      {str(e).replace(chr(10), chr(10) + '      ')}")
+        except Exception:
+            self.failed += 1
+            print(f"FAIL  {name}\n{traceback.format_exc()}")
+        else:
+            self.passed += 1
+            print(f"ok    {name}" + (f": {detail}" if detail else ""))
+
+    # 1. lint
+
+    def lint(self, values):
+        report = helm.lint(CHART, values or None, strict=True, kube_version="v" + KUBE_VERSION)
+        bad = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not bad and not report["errors"], "\n".join(
+            [f"[{m['severity']}] {m['path']}: {m['error']}" for m in bad] + report["errors"])
+        infos = [m["error"] for m in report["messages"] if m["severity"] < 2]
+        return "; ".join(infos) if infos else None
+
+    # 2. render + Kubernetes schemas
+
+    def render_validate(self, label, values):
+        objects, notes = render(values)
+        self.renders[label] = (objects, notes, values)
+        counts, skipped = {}, []
+        for path, doc in objects:
+            kind = doc.get("kind")
+            if doc.get("apiVersion", "").startswith(CRD_API_GROUPS):
+                skipped.append(kind)
+                continue
+            try:
+                kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                at = ".".join(str(p) for p in e.path)
+                raise AssertionError(f"{path}: {kind} {doc['metadata']['name']}: {at}: {e.message}")
+            except kubernetes_validate.SchemaNotFoundError as e:
+                raise AssertionError(f"{path}: {e.message}")
+            counts[kind] = counts.get(kind, 0) + 1
+        assert "grpcurl" in notes, "NOTES.txt does not say how to reach the API with grpcurl"
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        if skipped:
+            summary += f"; not in the Kubernetes schemas (CRD): {', '.join(skipped)}"
+        return summary
+
+    def expected_objects(self, label, want):
+        objects = self.renders[label][0]
+        for kind, component, count in want:
+            got = len(find(objects, kind, component))
+            assert got == count, f"{label}: {got} {kind} of {component}, expected {count}"
+
+    # 3. flags
+
+    def flag_schema(self, section):
+        node = self.schema
+        for part in section.split("."):
+            node = deref(self.schema, node)["properties"][part]
+        return deref(self.schema, node)["properties"]
+
+    def flags_match_schema(self, binary):
+        section = COMPONENT_FLAGS[binary] + ".flags"
+        props = self.flag_schema(section)
+        want = {camel(f): f for f in self.bins[binary]}
+        missing = sorted(f"--{want[k]}" for k in set(want) - set(props))
+        invented = sorted(set(props) - set(want))
+        assert not missing, f"{binary} flags with no value {section}.<name>: {missing}"
+        assert not invented, f"{section} has keys that are no flag of {binary}: {invented}"
+        for key, flag in want.items():
+            info = self.bins[binary][flag]
+            assert info["env"], f"{binary} --{flag} has no [env: ...]; the chart passes flags as env"
+            node = deref(self.schema, props[key])
+            assert node.get("examples"), f"{section}.{key}: no example in values.schema.json"
+            types = node["type"] if isinstance(node["type"], list) else [node["type"]]
+            is_bool = "boolean" in types
+            assert is_bool == (not info["takes_value"]), \
+                f"{section}.{key} is {types} but --{flag} {'takes' if info['takes_value'] else 'takes no'} value"
+        return f"{len(want)} flags, each a value"
+
+    def shared_flags_match(self):
+        props = self.flag_schema("sharedFlags")
+        both = {camel(f) for f in self.bins["control-plane"]} & {camel(f) for f in self.bins["worker"]}
+        extra = sorted(set(props) - both)
+        assert not extra, f"sharedFlags has keys that are not flags of both binaries: {extra}"
+        for key in props:
+            for binary in self.bins:
+                assert key in self.flag_schema(COMPONENT_FLAGS[binary] + ".flags"), \
+                    f"sharedFlags.{key} is not settable in {COMPONENT_FLAGS[binary]}.flags"
+        return f"{len(props)} shared flags"
+
+    def every_flag_set(self):
+        """Render with every flag of both binaries set to its example; check each env var."""
+        values = {"etcd": {"bundled": {"enabled": False}}}
+        expected = {}
+        for binary, component in COMPONENT_FLAGS.items():
+            props = self.flag_schema(component + ".flags")
+            flags = {}
+            expected[binary] = {}
+            for flag, info in self.bins[binary].items():
+                assert camel(flag) in props, f"--{flag} of {binary}: no value {component}.flags.{camel(flag)}"
+                example = deref(self.schema, props[camel(flag)])["examples"][0]
+                flags[camel(flag)] = example
+                expected[binary][info["env"]] = env_text(example)
+            values[component] = {"flags": flags}
+        self.render_validate("every flag set", values)
+        objects = self.renders["every flag set"][0]
+        for binary, want in expected.items():
+            env = env_of(container(one(objects, "Deployment", binary), binary))
+            for name, value in want.items():
+                assert name in env, f"{binary}: {name} not in the rendered Deployment"
+                assert env[name] == value, f"{binary}: {name}={env[name]!r}, expected {value!r}"
+        return ", ".join(f"{b}: {len(w)} env vars" for b, w in expected.items())
+
+    def shared_flags_set(self):
+        props = self.flag_schema("sharedFlags")
+        shared = {k: deref(self.schema, v)["examples"][0] for k, v in props.items()}
+        objects, _ = render({"sharedFlags": shared})
+        for binary in self.bins:
+            env = env_of(container(one(objects, "Deployment", binary), binary))
+            for key, value in shared.items():
+                flag = next(f for f in self.bins[binary] if camel(f) == key)
+                name = self.bins[binary][flag]["env"]
+                assert env.get(name) == env_text(value), \
+                    f"sharedFlags.{key}: {binary} has {name}={env.get(name)!r}, expected {env_text(value)!r}"
+        # A component's own value wins over sharedFlags.
+        objects, _ = render({"sharedFlags": {"concurrency": 8}, "worker": {"flags": {"concurrency": 99}}})
+        w = env_of(container(one(objects, "Deployment", "worker"), "worker"))
+        cp = env_of(container(one(objects, "Deployment", "control-plane"), "control-plane"))
+        assert w["PUSHWIRE_CONCURRENCY"] == "99" and cp["PUSHWIRE_CONCURRENCY"] == "8", \
+            f"override: worker {w.get('PUSHWIRE_CONCURRENCY')}, control plane {cp.get('PUSHWIRE_CONCURRENCY')}"
+        return f"{len(shared)} flags in both Deployments; component values win"
+
+    # 4. Deployments against the binaries
+
+    def deployments(self, label):
+        objects, _, values = self.renders[label]
+        checked = []
+        services = {}
+        for binary in self.bins:
+            for dep in find(objects, "Deployment", binary):
+                services[binary] = self.deployment(label, objects, binary, dep)
+                checked.append(binary)
+        assert checked, f"{label}: no Deployment"
+        if "worker" in services:
+            wflags = (values.get("worker") or {}).get("flags") or {}
+            if not wflags.get("controlPlane"):
+                dep = one(objects, "Deployment", "worker")
+                got = env_of(container(dep, "worker")).get("PUSHWIRE_CONTROL_PLANE")
+                name, port = services["control-plane"]
+                want = f"http://{name}:{port}"
+                assert got == want, f"worker PUSHWIRE_CONTROL_PLANE={got!r}, expected the Service {want!r}"
+        for pod_owner in find(objects, "Deployment") + find(objects, "StatefulSet"):
+            self.hardened(pod_owner)
+        return ", ".join(checked)
+
+    def deployment(self, label, objects, binary, dep):
+        flags = self.bins[binary]
+        envs = {info["env"] for info in flags.values()}
+        c = container(dep, binary)
+        env = env_of(c)
+        unknown = sorted(n for n in env if n.startswith("PUSHWIRE_") and n not in envs)
+        assert not unknown, f"{binary}: env vars that are no flag of the binary: {unknown}"
+
+        def effective(flag):
+            return env.get(flags[flag]["env"], flags[flag]["default"])
+
+        ports = {}
+        for flag, port_name in (("grpc-addr", "grpc"), ("http-addr", "http")):
+            host, port = port_of(effective(flag))
+            assert host not in ("127.0.0.1", "[::1]"), \
+                f"{binary} --{flag} {effective(flag)} is loopback: unreachable in a pod"
+            ports[port_name] = port
+        declared = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert declared == ports, f"{binary}: container ports {declared}, flags say {ports}"
+
+        def probe_port(probe):
+            port = probe["httpGet"]["port"]
+            return declared[port] if isinstance(port, str) else port
+
+        for kind, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            probe = c.get(kind)
+            assert probe and "httpGet" in probe, f"{binary}: no HTTP {kind}"
+            assert probe["httpGet"]["path"] == path, f"{binary}: {kind} path {probe['httpGet']['path']}"
+            assert probe_port(probe) == ports["http"], \
+                f"{binary}: {kind} on port {probe_port(probe)}, --http-addr port is {ports['http']}"
+
+        svc = one(objects, "Service", binary)
+        for p in svc["spec"]["ports"]:
+            target = p["targetPort"]
+            target = declared[target] if isinstance(target, str) else target
+            assert target == ports[p["name"]], f"{binary} Service port {p['name']} targets {target}"
+        if binary == "worker":
+            assert svc["spec"].get("clusterIP") == "None", "the workers' Service is not headless"
+
+        spec = dep["spec"]["template"]["spec"]
+        drain = seconds(effective("shutdown-grace"))
+        sleep = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        assert grace > drain + sleep, \
+            f"{binary}: terminationGracePeriodSeconds {grace} <= shutdown grace {drain} + preStop {sleep}"
+        res = c.get("resources", {})
+        assert res.get("requests") and res.get("limits"), f"{binary}: resources need requests and limits"
+        grpc_port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+        return svc["metadata"]["name"], grpc_port
+
+    def hardened(self, owner):
+        spec = owner["spec"]["template"]["spec"]
+        pod = spec.get("securityContext", {})
+        assert spec.get("automountServiceAccountToken") is False, \
+            f"{owner['metadata']['name']}: service account token mounted"
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c.get("securityContext", {})
+            where = f"{owner['metadata']['name']}/{c['name']}"
+            assert sc.get("runAsNonRoot", pod.get("runAsNonRoot")) is True, f"{where}: may run as root"
+            assert sc.get("readOnlyRootFilesystem") is True, f"{where}: writable root filesystem"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{where}: privilege escalation allowed"
+            assert "ALL" in sc.get("capabilities", {}).get("drop", []), f"{where}: capabilities kept"
+
+    def binary_accepts(self, label):
+        """Starts each binary with its rendered PUSHWIRE_* environment: clap and the delivery
+        settings must accept every value. Only what points elsewhere is replaced: listen
+        addresses (free loopback ports), the store (an embedded one in a temporary directory),
+        the control plane's URL (a closed loopback port) and the CA file (not mounted here)."""
+        objects = self.renders[label][0]
+        started = []
+        for binary, path in self.paths.items():
+            for dep in find(objects, "Deployment", binary):
+                env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHWIRE_")}
+                env.update({k: v for k, v in env_of(container(dep, binary)).items()
+                            if k.startswith("PUSHWIRE_") and v is not None})
+                for name in ("PUSHWIRE_ETCD_ENDPOINTS", "PUSHWIRE_EXTRA_CA_FILE"):
+                    env.pop(name, None)
+                with tempfile.TemporaryDirectory() as tmp:
+                    env.update(PUSHWIRE_GRPC_ADDR="127.0.0.1:0", PUSHWIRE_HTTP_ADDR="127.0.0.1:0",
+                               PUSHWIRE_CONTROL_PLANE="http://127.0.0.1:1",
+                               PUSHWIRE_DATA_DIR=os.path.join(tmp, "data"))
+                    if binary == "control-plane":
+                        env.pop("PUSHWIRE_CONTROL_PLANE")
+                    log_path = os.path.join(tmp, "log")
+                    with open(log_path, "w") as log:
+                        proc = subprocess.Popen([path], env=env, stdin=subprocess.DEVNULL,
+                                                stdout=log, stderr=subprocess.STDOUT)
+                    try:
+                        proc.wait(timeout=2)
+                    except subprocess.TimeoutExpired:
+                        proc.send_signal(signal.SIGTERM)
+                        try:
+                            proc.wait(timeout=20)
+                        except subprocess.TimeoutExpired:
+                            proc.kill()
+                            proc.wait()
+                            raise AssertionError(f"{binary} did not stop within 20 s of SIGTERM")
+                        started.append(binary)
+                        continue
+                    with open(log_path) as log:
+                        raise AssertionError(f"{binary} refused its rendered environment "
+                                             f"(exit {proc.returncode}):\n{log.read().strip()}")
+        return "ran " + ", ".join(started)
+
+    # 5. refusals and documentation
+
+    def refuses(self, values, fragment):
+        try:
+            render(values)
+        except helm.HelmError as e:
+            assert fragment in str(e), f"refused, but not saying {fragment!r}: {e}"
+            return
+        raise AssertionError(f"rendered although {values} is impossible")
+
+    def documented(self):
+        undocumented = []
+
+        def walk(node, path):
+            node = deref(self.schema, node)
+            for key, child in node.get("properties", {}).items():
+                if key == "global":
+                    continue
+                target = deref(self.schema, child)
+                if not target.get("description"):
+                    undocumented.append(f"schema {path}{key}")
+                walk(child, f"{path}{key}.")
+
+        walk(self.schema, "")
+        # Every leaf of values.yaml that the schema declares has a comment right above it.
+        with open(os.path.join(CHART, "values.yaml")) as f:
+            lines = f.read().splitlines()
+        stack = []
+        for i, line in enumerate(lines):
+            m = re.match(r"^( *)([A-Za-z][A-Za-z0-9]*):", line)
+            if not m:
+                continue
+            indent = len(m.group(1))
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            stack.append((indent, m.group(2)))
+            node = self.schema
+            for _, key in stack:
+                props = deref(self.schema, node).get("properties")
+                if props is None or key not in props:
+                    node = None
+                    break
+                node = props[key]
+            if node is None or "properties" in deref(self.schema, node):
+                continue  # inside a free-form value, or an object documented by its keys
+            prev = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+            if not prev.startswith("#"):
+                undocumented.append(f"values.yaml line {i + 1}: {'.'.join(k for _, k in stack)}")
+        assert not undocumented, "undocumented values:\n" + "\n".join(undocumented)
+        return None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--control-plane", default=os.path.join(ROOT, "target", "debug", "control-plane"))
+    parser.add_argument("--worker", default=os.path.join(ROOT, "target", "debug", "worker"))
+    checks = Checks(parser.parse_args())
+    print(f"Helm SDK {helm.helm_sdk_version()} (helm-python-sdk {helm.__version__}), "
+          f"kubernetes-validate {kubernetes_validate.__version__}, Kubernetes {KUBE_VERSION} strict")
+
+    for label, values in checks.value_sets.items():
+        checks.run(f"helm lint --strict ({label})", checks.lint, values)
+    for label, values in checks.value_sets.items():
+        checks.run(f"helm template + Kubernetes {KUBE_VERSION} strict ({label})",
+                   checks.render_validate, label, values)
+    for label, values in VARIANTS.items():
+        checks.run(f"helm template + Kubernetes {KUBE_VERSION} strict ({label})",
+                   checks.render_validate, label, values)
+    if "default values" in checks.renders:
+        checks.run("default values: bundled etcd, control plane, autoscaled workers",
+                   checks.expected_objects, "default values",
+                   [("Deployment", "control-plane", 1), ("Deployment", "worker", 1),
+                    ("StatefulSet", "etcd", 1), ("HorizontalPodAutoscaler", "worker", 1),
+                    ("PodDisruptionBudget", "control-plane", 1), ("PodDisruptionBudget", "worker", 1),
+                    ("Service", "worker", 1), ("Service", "control-plane", 1)])
+    if "ci/ha-values.yaml" in checks.renders:
+        checks.run("ci/ha-values.yaml: external etcd, ServiceMonitors, no bundled etcd",
+                   checks.expected_objects, "ci/ha-values.yaml",
+                   [("StatefulSet", "etcd", 0), ("ServiceMonitor", "control-plane", 1),
+                    ("ServiceMonitor", "worker", 1), ("HorizontalPodAutoscaler", "worker", 1)])
+    if "ci/minimal-values.yaml" in checks.renders:
+        checks.run("ci/minimal-values.yaml: one control plane with its worker, embedded store on a PVC",
+                   checks.expected_objects, "ci/minimal-values.yaml",
+                   [("Deployment", "control-plane", 1), ("Deployment", "worker", 0),
+                    ("PersistentVolumeClaim", "control-plane", 1), ("StatefulSet", "etcd", 0)])
+
+    for binary in checks.bins:
+        checks.run(f"every {binary} flag is a value, and no value is an invented flag",
+                   checks.flags_match_schema, binary)
+    checks.run("sharedFlags are flags of both binaries", checks.shared_flags_match)
+    checks.run("every flag set: its PUSHWIRE_* variable and value in the Deployment", checks.every_flag_set)
+    checks.run("sharedFlags reach both Deployments", checks.shared_flags_set)
+
+    for label in list(checks.renders):
+        checks.run(f"ports, probes, env, grace, security match the binaries ({label})",
+                   checks.deployments, label)
+
+    for label in list(checks.renders):
+        checks.run(f"the binaries start with the rendered environment ({label})",
+                   checks.binary_accepts, label)
+
+    checks.run("refuses the embedded store with 2 control planes", checks.refuses,
+               {"etcd": {"bundled": {"enabled": False}}, "controlPlane": {"replicas": 2}},
+               "exactly 1 replica")
+    checks.run("refuses external etcd together with the bundled one", checks.refuses,
+               {"controlPlane": {"flags": {"etcdEndpoints": ["http://etcd:2379"]}}}, "choose one")
+    checks.run("refuses a misspelt flag", checks.refuses,
+               {"worker": {"flags": {"retryWindw": "1m"}}}, "retryWindw")
+    checks.run("refuses a host name as a listen address", checks.refuses,
+               {"worker": {"flags": {"grpcAddr": "localhost:50052"}}}, "grpcAddr")
+    checks.run("every value is documented", checks.documented)
+
+    print(f"chart: {checks.passed} passed, {checks.failed} failed")
+    return 1 if checks.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
