@@ -10,6 +10,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
@@ -18,12 +19,14 @@ use pushwire_common::domain::matching::Placement;
 use pushwire_common::domain::{AccountName, IncompletePolicy, IntegrationName, convert};
 use pushwire_common::participation::{self, Participation};
 use pushwire_common::pb::v1 as pb;
+use pushwire_common::telemetry;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::deliver::dispatch::{Dispatcher, Job, Outcome};
 use crate::metrics::{Metrics, OutcomeLabel, ResultLabel};
@@ -122,9 +125,30 @@ impl Ingest {
     /// Handles one request to its acknowledgement; `None` when a delivery was interrupted
     /// (not to be acknowledged).
     async fn handle(&self, req: pb::PublishRequest) -> Option<pb::PublishResponse> {
+        // The participation's own trace: the publisher's, else the call's (PublishOne).
+        let span = tracing::info_span!(
+            "publish",
+            pushwire.participation.id = tracing::field::Empty,
+            pushwire.account = tracing::field::Empty,
+            pushwire.deliveries = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        if let Some(t) = &req.trace_context {
+            telemetry::set_remote_parent(&span, &t.traceparent, &t.tracestate);
+        }
+        self.handle_in(req, &span).instrument(span.clone()).await
+    }
+
+    async fn handle_in(
+        &self,
+        req: pb::PublishRequest,
+        span: &tracing::Span,
+    ) -> Option<pb::PublishResponse> {
         let request_id = req.request_id.clone();
         let response = match self.check(&req) {
             Err(Rejection(error)) => {
+                span.record("error.type", "invalid_request");
+                tracing::info!(error = %error, "participation refused");
                 self.count("rejected");
                 pb::PublishResponse {
                     participation_id: String::new(),
@@ -136,11 +160,15 @@ impl Ingest {
             Ok(checked) => {
                 let _in_flight = InFlight::new(&self.metrics);
                 let participation_id = checked.participation.id.clone();
+                span.record("pushwire.participation.id", participation_id.as_str());
+                span.record("pushwire.account", checked.account.to_string());
                 let deliveries = self.deliver(req, checked).await;
                 let Some(deliveries) = deliveries else {
+                    span.record("error.type", "interrupted");
                     self.count("interrupted");
                     return None;
                 };
+                span.record("pushwire.deliveries", deliveries.len());
                 self.count("acknowledged");
                 pb::PublishResponse {
                     participation_id,
@@ -220,7 +248,13 @@ impl Ingest {
             campaign_id: &p.campaign_id,
             identified: req.identified.unwrap_or(p.has_form_responses),
         };
-        let routes = table.route(&account, &placement);
+        let routes = tracing::info_span!("route", pushwire.routes = tracing::field::Empty)
+            .in_scope(|| {
+                let routes = table.route(&account, &placement);
+                tracing::Span::current().record("pushwire.routes", routes.len());
+                routes
+            });
+        let started = Instant::now();
         let parent = req
             .trace_context
             .as_ref()
@@ -247,25 +281,39 @@ impl Ingest {
                     body: body.clone(),
                     traceparent: Some(TraceParent::child_of(parent.as_ref()).to_string()),
                 };
+                let span = tracing::info_span!(
+                    "deliver",
+                    pushwire.integration = %integration.name,
+                    pushwire.outcome = tracing::field::Empty,
+                    pushwire.attempts = tracing::field::Empty,
+                );
                 async move {
                     let outcome = match skip {
                         Some(reason) => Outcome::Skipped { reason },
                         None => self.dispatcher.deliver(job).await,
                     };
+                    let span = tracing::Span::current();
+                    span.record("pushwire.outcome", label(&outcome));
+                    if let Outcome::Delivered { attempts, .. } | Outcome::Failed { attempts, .. } =
+                        &outcome
+                    {
+                        span.record("pushwire.attempts", attempts);
+                    }
+                    if let Outcome::Delivered { .. } = &outcome {
+                        self.metrics
+                            .delivery_latency
+                            .observe(started.elapsed().as_secs_f64());
+                    }
                     (integration.name.to_string(), outcome)
                 }
+                .instrument(span)
             });
         let outcomes = join_all(work).await;
 
         let mut deliveries = Vec::with_capacity(outcomes.len());
         let mut interrupted = false;
         for (integration, outcome) in outcomes {
-            let label = match &outcome {
-                Outcome::Delivered { .. } => "delivered",
-                Outcome::Failed { .. } => "failed",
-                Outcome::Skipped { .. } => "skipped",
-                Outcome::Interrupted => "interrupted",
-            };
+            let label = label(&outcome);
             self.metrics
                 .deliveries
                 .get_or_create(&OutcomeLabel { outcome: label })
@@ -387,6 +435,16 @@ impl StreamGauge {
 impl Drop for StreamGauge {
     fn drop(&mut self) {
         self.0.streams.dec();
+    }
+}
+
+/// The metric label and span value of an outcome.
+fn label(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Delivered { .. } => "delivered",
+        Outcome::Failed { .. } => "failed",
+        Outcome::Skipped { .. } => "skipped",
+        Outcome::Interrupted => "interrupted",
     }
 }
 

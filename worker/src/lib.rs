@@ -60,6 +60,7 @@ pub enum RunError {
 pub struct Status {
     table: TableWatch,
     metrics: Arc<Metrics>,
+    dispatcher: Dispatcher,
 }
 
 impl Status {
@@ -79,9 +80,7 @@ impl Status {
 
     /// The worker's metrics in the Prometheus text format.
     pub fn encode_metrics(&self) -> String {
-        self.metrics
-            .config_revision
-            .set(self.ready().unwrap_or_default());
+        self.metrics.set_lanes(self.dispatcher.stats());
         self.metrics.encode()
     }
 }
@@ -135,10 +134,11 @@ impl Worker {
             table_tx,
             interrupt.clone(),
         ));
-        tasks.spawn(disable::run(control_plane, disable_rx, interrupt));
+        tasks.spawn(disable::run(control_plane, disable_rx, interrupt.clone()));
+        tasks.spawn(observe_tables(table.clone(), metrics.clone(), interrupt));
         let ingest = Ingest::new(
             table.clone(),
-            dispatcher,
+            dispatcher.clone(),
             IngestOptions {
                 window: ingest.window as usize,
                 max_participation_bytes: ingest.max_participation_bytes,
@@ -148,7 +148,11 @@ impl Worker {
         );
         Ok(Self {
             ingest,
-            status: Status { table, metrics },
+            status: Status {
+                table,
+                metrics,
+                dispatcher,
+            },
             tasks,
         })
     }
@@ -166,6 +170,26 @@ impl Worker {
     /// Waits for the background tasks, which end once `interrupt` is cancelled.
     pub async fn stopped(mut self) {
         while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Records each new table's revision and how long its changes took to arrive.
+async fn observe_tables(mut table: TableWatch, metrics: Arc<Metrics>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            changed = table.changed() => if changed.is_err() { return },
+            () = stop.cancelled() => return,
+        }
+        let Some(t) = table.borrow_and_update().clone() else {
+            continue;
+        };
+        metrics.config_revision.set(t.revision());
+        if let Some(lag) = t
+            .changed_at()
+            .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
+        {
+            metrics.config_propagation_lag.observe(lag.as_secs_f64());
+        }
     }
 }
 

@@ -4,7 +4,14 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+/// Latency buckets, in seconds: 1 ms to about 16 min, doubling (retries take minutes).
+const LATENCY_BUCKETS: [f64; 21] = [
+    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096,
+    8.192, 16.384, 32.768, 65.536, 131.072, 262.144, 524.288, 1048.576,
+];
 
 /// Label of [`Metrics::deliveries`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -12,6 +19,17 @@ pub struct OutcomeLabel {
     /// `delivered`, `failed`, `skipped` or `interrupted`.
     pub outcome: &'static str,
 }
+
+/// Label of the per-integration gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IntegrationLabel {
+    /// The integration's resource name, or `other` for the sum of the less busy ones.
+    pub integration: String,
+}
+
+/// Most integrations given their own series in the per-integration gauges; the rest are
+/// summed as `other`, so the number of series stays bounded whatever the configuration.
+pub const MAX_INTEGRATION_SERIES: usize = 50;
 
 /// Label of [`Metrics::participations`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -29,12 +47,23 @@ pub struct Metrics {
     pub participations: Family<ResultLabel, Counter>,
     /// Deliveries (one participation to one integration) by final outcome.
     pub deliveries: Family<OutcomeLabel, Counter>,
+    /// Time from accepting a participation to a 2xx from an integration, in seconds.
+    pub delivery_latency: Histogram,
     /// Participations accepted and not yet acknowledged.
     pub in_flight: Gauge,
     /// Open Publish streams.
     pub streams: Gauge,
+    /// Attempts in flight, for the busiest integrations (set at scrape time).
+    pub lane_in_flight: Family<IntegrationLabel, Gauge>,
+    /// Attempts waiting for a slot, for the busiest integrations (set at scrape time).
+    pub lane_queued: Family<IntegrationLabel, Gauge>,
+    /// Integrations whose circuit breaker is open or probing (set at scrape time).
+    pub breakers_open: Gauge,
     /// Revision of the routing table in use (0 before the first snapshot).
     pub config_revision: Gauge,
+    /// Time from a configuration write (its `update_time`) to its routing table being in
+    /// use here, in seconds; assumes the control plane's and the worker's clocks agree.
+    pub config_propagation_lag: Histogram,
 }
 
 impl Default for Metrics {
@@ -42,9 +71,14 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("pushwire_worker");
         let participations = Family::<ResultLabel, Counter>::default();
         let deliveries = Family::<OutcomeLabel, Counter>::default();
+        let delivery_latency = Histogram::new(LATENCY_BUCKETS.iter().copied());
         let in_flight = Gauge::default();
         let streams = Gauge::default();
+        let lane_in_flight = Family::<IntegrationLabel, Gauge>::default();
+        let lane_queued = Family::<IntegrationLabel, Gauge>::default();
+        let breakers_open = Gauge::default();
         let config_revision = Gauge::default();
+        let config_propagation_lag = Histogram::new(LATENCY_BUCKETS.iter().copied());
         registry.register(
             "participations",
             "Participations handled, by result",
@@ -55,6 +89,12 @@ impl Default for Metrics {
             "Deliveries of a participation to an integration, by final outcome",
             deliveries.clone(),
         );
+        registry.register_with_unit(
+            "delivery_latency",
+            "Time from accepting a participation to its delivery (2xx) to an integration",
+            prometheus_client::registry::Unit::Seconds,
+            delivery_latency.clone(),
+        );
         registry.register(
             "in_flight_participations",
             "Participations accepted and not yet acknowledged",
@@ -62,22 +102,74 @@ impl Default for Metrics {
         );
         registry.register("publish_streams", "Open Publish streams", streams.clone());
         registry.register(
+            "integration_in_flight_attempts",
+            "Attempts in flight per integration (the busiest ones; the rest as other)",
+            lane_in_flight.clone(),
+        );
+        registry.register(
+            "integration_queued_attempts",
+            "Attempts waiting for a slot per integration (the busiest ones; the rest as other)",
+            lane_queued.clone(),
+        );
+        registry.register(
+            "open_breakers",
+            "Integrations whose circuit breaker is open or probing",
+            breakers_open.clone(),
+        );
+        registry.register(
             "config_revision",
             "Configuration revision the routing table is at",
             config_revision.clone(),
+        );
+        registry.register_with_unit(
+            "config_propagation_lag",
+            "Time from a configuration write to the worker routing with it",
+            prometheus_client::registry::Unit::Seconds,
+            config_propagation_lag.clone(),
         );
         Self {
             registry,
             participations,
             deliveries,
+            delivery_latency,
             in_flight,
             streams,
+            lane_in_flight,
+            lane_queued,
+            breakers_open,
             config_revision,
+            config_propagation_lag,
         }
     }
 }
 
 impl Metrics {
+    /// Sets the per-integration gauges from the dispatcher's lanes.
+    pub fn set_lanes(&self, mut lanes: Vec<crate::deliver::dispatch::LaneStats>) {
+        self.lane_in_flight.clear();
+        self.lane_queued.clear();
+        let open = lanes.iter().filter(|l| l.breaker_open).count();
+        self.breakers_open
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+        lanes.sort_by_key(|l| std::cmp::Reverse(l.in_flight + l.queued));
+        let gauge = |f: &Family<IntegrationLabel, Gauge>, name: String, v: usize| {
+            f.get_or_create(&IntegrationLabel { integration: name })
+                .inc_by(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        for (n, lane) in lanes.into_iter().enumerate() {
+            if lane.in_flight + lane.queued == 0 {
+                break;
+            }
+            let name = if n < MAX_INTEGRATION_SERIES {
+                lane.integration.to_string()
+            } else {
+                "other".to_owned()
+            };
+            gauge(&self.lane_in_flight, name.clone(), lane.in_flight);
+            gauge(&self.lane_queued, name, lane.queued);
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();

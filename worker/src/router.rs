@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use pb::config_change::Change;
 use pushwire_common::domain::convert::InvalidField;
@@ -88,6 +89,9 @@ impl Account {
 pub struct RoutingTable {
     revision: i64,
     accounts: HashMap<AccountName, Arc<Account>>,
+    /// Latest `update_time` among the resources the last batch of changes wrote (none for a
+    /// snapshot or deletions only): how fresh the change is, for the propagation-lag metric.
+    changed_at: Option<SystemTime>,
 }
 
 impl fmt::Debug for RoutingTable {
@@ -168,7 +172,11 @@ impl RoutingTable {
                 (account, Arc::new(Account::build(integrations, scopes)))
             })
             .collect();
-        Ok(Self { revision, accounts })
+        Ok(Self {
+            revision,
+            accounts,
+            changed_at: None,
+        })
     }
 
     /// A new table at `revision`: this one with `changes` applied, in order, as one unit
@@ -180,6 +188,8 @@ impl RoutingTable {
         changes: Vec<pb::ConfigChange>,
     ) -> Result<Self, InvalidField> {
         let mut touched: HashMap<AccountName, Parts> = HashMap::new();
+        let mut changed_at: Option<SystemTime> = None;
+        let mut written = |t: SystemTime| changed_at = changed_at.max(Some(t));
         for (n, change) in changes.into_iter().enumerate() {
             let bad = |field: &str, reason: String| {
                 InvalidField::new(format!("changes[{n}].{field}"), reason)
@@ -188,6 +198,7 @@ impl RoutingTable {
                 Some(Change::UpsertIntegration(config)) => {
                     let integration = Integration::try_from(config)
                         .map_err(within(format!("changes[{n}].upsert_integration"), ""))?;
+                    written(integration.update_time);
                     self.parts_of(&mut touched, integration.name.account())
                         .0
                         .insert(integration.name.clone(), Arc::new(integration));
@@ -204,6 +215,7 @@ impl RoutingTable {
                         format!("changes[{n}].upsert_push_scope"),
                         "push_scope.",
                     ))?;
+                    written(scope.update_time);
                     self.parts_of(&mut touched, scope.name.account())
                         .1
                         .insert(scope.name.clone(), scope);
@@ -227,7 +239,17 @@ impl RoutingTable {
                 accounts.insert(account, Arc::new(rebuilt));
             }
         }
-        Ok(Self { revision, accounts })
+        Ok(Self {
+            revision,
+            accounts,
+            changed_at,
+        })
+    }
+
+    /// When the newest resource written by the changes that made this table was written
+    /// (control-plane clock); `None` for a snapshot or deletions only.
+    pub fn changed_at(&self) -> Option<SystemTime> {
+        self.changed_at
     }
 
     /// The editable sources of `account` within `touched`, copied from this table on first use.
