@@ -9,6 +9,7 @@
 
 pub mod backoff;
 pub mod domain;
+pub mod grpc_metrics;
 pub mod participation;
 pub mod payload;
 pub mod pb;

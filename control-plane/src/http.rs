@@ -49,9 +49,11 @@ impl Ops {
     pub fn new(
         feed: ConfigFeed,
         store: Arc<dyn Store>,
+        grpc: &pushwire_common::grpc_metrics::GrpcMetrics,
         worker: Option<pushwire_worker::Status>,
     ) -> Self {
         let mut registry = Registry::with_prefix("pushwire");
+        grpc.register(&mut registry);
         let revision = Gauge::default();
         let watchers = Gauge::default();
         let store_up = Gauge::default();

@@ -99,11 +99,13 @@ pub async fn run(
         false => None,
         true => Some(start_worker(&config, &listeners, &shutdown, &interrupt)?),
     };
+    let grpc_metrics = pushwire_common::grpc_metrics::GrpcMetrics::default();
     let grpc = grpc_server(
         catalog,
         client,
         feed.clone(),
         worker.as_ref(),
+        grpc_metrics.clone(),
         shutdown.clone(),
     )
     .await?;
@@ -117,7 +119,12 @@ pub async fn run(
             grpc_shutdown.cancelled().await;
         });
     let http_shutdown = shutdown.clone();
-    let ops = http::Ops::new(feed, store, worker.as_ref().map(|w| w.status()));
+    let ops = http::Ops::new(
+        feed,
+        store,
+        &grpc_metrics,
+        worker.as_ref().map(|w| w.status()),
+    );
     let http_task = axum::serve(listeners.http, ops.router())
         .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
 
@@ -189,8 +196,14 @@ async fn grpc_server(
     client: pushwire_worker::deliver::client::WebhookClient,
     feed: ConfigFeed,
     worker: Option<&Worker>,
+    grpc_metrics: pushwire_common::grpc_metrics::GrpcMetrics,
     shutdown: CancellationToken,
-) -> Result<tonic::transport::server::Router, RunError> {
+) -> Result<
+    tonic::transport::server::Router<
+        tower_layer::Stack<pushwire_common::grpc_metrics::GrpcMetrics, tower_layer::Identity>,
+    >,
+    RunError,
+> {
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
         b.register_encoded_file_descriptor_set(pushwire_common::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -219,6 +232,7 @@ async fn grpc_server(
 
     Ok(tonic::transport::Server::builder()
         .trace_fn(pushwire_common::telemetry::grpc_server_span)
+        .layer(grpc_metrics)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -284,6 +284,7 @@ pub async fn run(
     let grpc_shutdown = shutdown.clone();
     let grpc = tonic::transport::Server::builder()
         .trace_fn(pushwire_common::telemetry::grpc_server_span)
+        .layer(worker.status.metrics.grpc.clone())
         .add_service(health_service)
         .add_service(reflection)
         .add_service(worker.ingest_service())

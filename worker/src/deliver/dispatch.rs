@@ -12,7 +12,7 @@ use pushwire_common::domain::{Integration, IntegrationName};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::breaker::{Admission, Breaker};
+use super::breaker::{Admission, Breaker, BreakerOptions};
 use super::client::{AttemptError, WebhookClient};
 use super::lane::{Lane, Priority};
 use super::request;
@@ -93,6 +93,9 @@ pub struct DisableRequest {
     pub integration: IntegrationName,
     /// The reason to record.
     pub reason: String,
+    /// Revision of the integration that answered 410: the update is made only if the
+    /// integration did not change since (an admin's fix wins).
+    pub revision: i64,
 }
 
 struct LaneEntry {
@@ -100,13 +103,26 @@ struct LaneEntry {
     breaker: Arc<Mutex<Breaker>>,
 }
 
+/// Size below which the lane map is never swept.
+const MIN_SWEEP: usize = 64;
+
+#[derive(Default)]
+struct Lanes {
+    map: HashMap<IntegrationName, Arc<LaneEntry>>,
+    /// Size at which the next new lane sweeps out idle lanes of deleted integrations: twice the
+    /// size left by the last sweep, so sweeping costs O(1) per new lane however many
+    /// integrations there are, and the map stays within twice the live lanes.
+    sweep_at: usize,
+}
+
 /// Delivers jobs; cheap to clone.
 #[derive(Clone)]
 pub struct Dispatcher {
     client: WebhookClient,
     opts: Arc<DispatchOptions>,
+    breaker: Arc<BreakerOptions>,
     source: Arc<dyn IntegrationSource>,
-    lanes: Arc<Mutex<HashMap<IntegrationName, Arc<LaneEntry>>>>,
+    lanes: Arc<Mutex<Lanes>>,
     disable: mpsc::Sender<DisableRequest>,
     shutdown: CancellationToken,
 }
@@ -141,9 +157,14 @@ impl Dispatcher {
         disable: mpsc::Sender<DisableRequest>,
         shutdown: CancellationToken,
     ) -> Self {
+        let breaker = BreakerOptions {
+            failure_threshold: opts.breaker_threshold,
+            ..BreakerOptions::default()
+        };
         Self {
             client,
             opts: Arc::new(opts),
+            breaker: Arc::new(breaker),
             source,
             lanes: Arc::default(),
             disable,
@@ -151,23 +172,39 @@ impl Dispatcher {
         }
     }
 
+    /// Replaces the circuit breaker settings (threshold included: it overrides
+    /// [`DispatchOptions::breaker_threshold`]), e.g. for shorter cool-downs in tests. Applies to
+    /// breakers created afterwards, so call it before the first delivery.
+    #[must_use]
+    pub fn with_breaker_options(mut self, opts: BreakerOptions) -> Self {
+        self.breaker = Arc::new(opts);
+        self
+    }
+
     fn lane(&self, name: &IntegrationName) -> Arc<LaneEntry> {
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = lanes.map.get(name) {
+            return Arc::clone(entry);
+        }
         // Lanes of deleted integrations are dropped once idle, so the map stays bounded by
-        // the configuration.
-        if lanes.len() > 64 {
-            lanes.retain(|n, e| {
+        // the configuration. Only when a new lane makes the map reach `sweep_at`: sweeping on
+        // every call once past 64 lanes cost every delivery a scan of all integrations under
+        // this lock.
+        if lanes.map.len() >= lanes.sweep_at.max(MIN_SWEEP) {
+            lanes.map.retain(|n, e| {
                 Arc::strong_count(e) > 1
                     || e.lane.in_flight() > 0
                     || self.source.current(n).is_some()
             });
+            lanes.sweep_at = lanes.map.len().saturating_mul(2).max(MIN_SWEEP);
         }
         lanes
+            .map
             .entry(name.clone())
             .or_insert_with(|| {
                 Arc::new(LaneEntry {
                     lane: Lane::new(self.opts.concurrency),
-                    breaker: Arc::new(Mutex::new(Breaker::new(self.opts.breaker_threshold))),
+                    breaker: Arc::new(Mutex::new(Breaker::with_options((*self.breaker).clone()))),
                 })
             })
             .clone()
@@ -177,6 +214,7 @@ impl Dispatcher {
     pub fn stats(&self) -> Vec<LaneStats> {
         let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
         lanes
+            .map
             .iter()
             .map(|(name, e)| LaneStats {
                 integration: name.clone(),
@@ -200,25 +238,33 @@ impl Dispatcher {
         let mut last_status = None;
         let mut last_error = String::new();
         loop {
-            let Some(integration) = self.source.current(&name) else {
-                return skipped_or_failed(attempts, last_status, last_error, "integration deleted");
-            };
-            if !integration.enabled {
-                return skipped_or_failed(
-                    attempts,
-                    last_status,
-                    last_error,
-                    "integration disabled",
-                );
+            // Nothing new starts once shutdown began, even when a slot is free.
+            if self.shutdown.is_cancelled() {
+                return Outcome::Interrupted;
+            }
+            if let Err(why) = self.sendable(&name) {
+                return skipped_or_failed(attempts, last_status, last_error, why);
             }
             let priority = if attempts == 0 {
                 Priority::First
             } else {
                 Priority::Retry
             };
+            // `biased`: shutdown wins over a free slot. The retry window bounds the wait for a
+            // slot as it bounds the waits between attempts: behind a slow endpoint a queued job
+            // would otherwise start long after its window and delay the acknowledgement.
             let permit = tokio::select! {
-                p = entry.lane.acquire(priority) => p,
+                biased;
                 () = self.shutdown.cancelled() => return Outcome::Interrupted,
+                p = entry.lane.acquire(priority) => p,
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    return window_ended(attempts, last_status, last_error);
+                }
+            };
+            // Read again: the wait for a slot may have been long.
+            let integration = match self.sendable(&name) {
+                Ok(integration) => integration,
+                Err(why) => return skipped_or_failed(attempts, last_status, last_error, why),
             };
             let admission = entry
                 .breaker
@@ -243,6 +289,12 @@ impl Dispatcher {
                 }
                 continue;
             }
+            // A probe whose delivery is dropped mid-request (its task aborted) must free the
+            // probe slot, or every job of the integration waits out the probe timeout.
+            let mut probe = ProbeGuard {
+                breaker: &entry.breaker,
+                armed: admission == Admission::Probe,
+            };
             attempts += 1;
             let req = request::build(
                 &integration,
@@ -284,6 +336,7 @@ impl Dispatcher {
                     }
                     _ => breaker.on_failure(Instant::now()),
                 }
+                probe.armed = false;
             }
             last_error = describe(&result);
             match verdict {
@@ -310,6 +363,7 @@ impl Dispatcher {
                         .try_send(DisableRequest {
                             integration: name.clone(),
                             reason,
+                            revision: integration.revision,
                         })
                         .is_err()
                     {
@@ -353,8 +407,35 @@ impl Dispatcher {
     /// Sleeps until `at`; false when shutdown came first.
     async fn sleep_until(&self, at: Instant) -> bool {
         tokio::select! {
-            () = tokio::time::sleep_until(at.into()) => true,
+            biased;
             () = self.shutdown.cancelled() => false,
+            () = tokio::time::sleep_until(at.into()) => true,
+        }
+    }
+
+    /// The newest version of the integration if it may be sent to; why not otherwise.
+    fn sendable(&self, name: &IntegrationName) -> Result<Arc<Integration>, &'static str> {
+        match self.source.current(name) {
+            None => Err("integration deleted"),
+            Some(integration) if !integration.enabled => Err("integration disabled"),
+            Some(integration) => Ok(integration),
+        }
+    }
+}
+
+/// Reports an admitted probe as abandoned when dropped still armed (see `deliver`).
+struct ProbeGuard<'a> {
+    breaker: &'a Mutex<Breaker>,
+    armed: bool,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.breaker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .on_probe_abandoned();
         }
     }
 }
@@ -364,6 +445,19 @@ fn describe(result: &Result<super::client::HttpResponse, AttemptError>) -> Strin
         Ok(resp) if (200..300).contains(&resp.status) => String::new(),
         Ok(resp) => format!("HTTP {}", resp.status),
         Err(e) => e.to_string(),
+    }
+}
+
+fn window_ended(attempts: u32, last_status: Option<u16>, last_error: String) -> Outcome {
+    let why = "retry window ended while waiting for a delivery slot";
+    Outcome::Failed {
+        attempts,
+        last_status,
+        last_error: if attempts == 0 {
+            why.to_owned()
+        } else {
+            format!("{why}; last: {last_error}")
+        },
     }
 }
 
