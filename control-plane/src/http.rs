@@ -45,15 +45,18 @@ struct Metrics {
 }
 
 impl Ops {
-    /// Endpoints over the feed, the store and the in-process worker if any.
+    /// Endpoints over the feed, the store and the in-process worker if any, exposing the
+    /// gRPC and store metrics too.
     pub fn new(
         feed: ConfigFeed,
         store: Arc<dyn Store>,
         grpc: &pushwire_common::grpc_metrics::GrpcMetrics,
+        store_metrics: &crate::store::metered::StoreMetrics,
         worker: Option<pushwire_worker::Status>,
     ) -> Self {
         let mut registry = Registry::with_prefix("pushwire");
         grpc.register(&mut registry);
+        store_metrics.register(&mut registry);
         let revision = Gauge::default();
         let watchers = Gauge::default();
         let store_up = Gauge::default();

@@ -82,7 +82,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let client = config.delivery.client().map_err(RunError::Delivery)?;
-    let store = open_store(&config).await.map_err(RunError::Store)?;
+    let store_metrics = store::metered::StoreMetrics::default();
+    let store: Arc<dyn Store> = Arc::new(store::metered::Metered::new(
+        open_store(&config).await.map_err(RunError::Store)?,
+        store_metrics.clone(),
+    ));
     let feed = ConfigFeed::new(config.watch_history);
     let feed_task = tokio::spawn(feed.clone().run(store.clone(), shutdown.clone()));
     let catalog = Catalog::new(
@@ -123,6 +127,7 @@ pub async fn run(
         feed,
         store,
         &grpc_metrics,
+        &store_metrics,
         worker.as_ref().map(|w| w.status()),
     );
     let http_task = axum::serve(listeners.http, ops.router())

@@ -7,6 +7,7 @@
 mod embedded;
 mod etcd;
 pub mod keys;
+pub mod metered;
 pub mod records;
 
 use std::pin::Pin;
@@ -185,7 +186,7 @@ pub(crate) fn check_txn(txn: &Txn) -> Result<(), StoreError> {
 /// The storage contract. Implementations must give the same answers for the same calls; the
 /// conformance suite in `tests/tests/store_conformance.rs` checks that.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Reads one key.
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
 
