@@ -28,13 +28,10 @@ impl Default for StoreMetrics {
     fn default() -> Self {
         Self {
             latency: Family::new_with_constructor(|| {
-                Histogram::new(
-                    [
-                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                        0.25, 1.0,
-                    ]
-                    .into_iter(),
-                )
+                Histogram::new([
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    1.0,
+                ])
             }),
             errors: Family::default(),
         }
