@@ -118,6 +118,7 @@ impl Worker {
         interrupt: CancellationToken,
     ) -> Result<Self, DeliveryConfigError> {
         let client = delivery.client()?;
+        let metrics = Arc::new(Metrics::default());
         let (table_tx, table) = watch::channel(None);
         let (disable_tx, disable_rx) = mpsc::channel(disable::QUEUE);
         let dispatcher = Dispatcher::new(
@@ -126,8 +127,8 @@ impl Worker {
             Arc::new(TableSource(table.clone())),
             disable_tx,
             interrupt.clone(),
-        );
-        let metrics = Arc::new(Metrics::default());
+        )
+        .with_metrics(metrics.clone());
         let mut tasks = JoinSet::new();
         tasks.spawn(config_watch::run(
             control_plane.clone(),

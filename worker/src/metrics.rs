@@ -31,6 +31,13 @@ pub struct IntegrationLabel {
 /// summed as `other`, so the number of series stays bounded whatever the configuration.
 pub const MAX_INTEGRATION_SERIES: usize = 50;
 
+/// Label of [`Metrics::attempts`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusClassLabel {
+    /// `2xx`, `3xx`, `4xx`, `5xx`, or `error` (no answer: connection, TLS, timeout, refused).
+    pub class: &'static str,
+}
+
 /// Label of [`Metrics::participations`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -49,6 +56,10 @@ pub struct Metrics {
     pub participations: Family<ResultLabel, Counter>,
     /// Deliveries (one participation to one integration) by final outcome.
     pub deliveries: Family<OutcomeLabel, Counter>,
+    /// HTTP attempts by status class.
+    pub attempts: Family<StatusClassLabel, Counter>,
+    /// Time of one HTTP attempt, in seconds.
+    pub attempt_latency: Histogram,
     /// Time from accepting a participation to a 2xx from an integration, in seconds.
     pub delivery_latency: Histogram,
     /// Participations accepted and not yet acknowledged.
@@ -76,6 +87,8 @@ impl Default for Metrics {
         let participations = Family::<ResultLabel, Counter>::default();
         let deliveries = Family::<OutcomeLabel, Counter>::default();
         let delivery_latency = Histogram::new(LATENCY_BUCKETS.iter().copied());
+        let attempts = Family::<StatusClassLabel, Counter>::default();
+        let attempt_latency = Histogram::new(LATENCY_BUCKETS.iter().copied());
         let in_flight = Gauge::default();
         let streams = Gauge::default();
         let lane_in_flight = Family::<IntegrationLabel, Gauge>::default();
@@ -92,6 +105,17 @@ impl Default for Metrics {
             "deliveries",
             "Deliveries of a participation to an integration, by final outcome",
             deliveries.clone(),
+        );
+        registry.register(
+            "attempts",
+            "HTTP attempts by status class (error: no answer)",
+            attempts.clone(),
+        );
+        registry.register_with_unit(
+            "attempt_latency",
+            "Time of one HTTP attempt, to the end of the (capped) response body",
+            prometheus_client::registry::Unit::Seconds,
+            attempt_latency.clone(),
         );
         registry.register_with_unit(
             "delivery_latency",
@@ -136,6 +160,8 @@ impl Default for Metrics {
             grpc,
             participations,
             deliveries,
+            attempts,
+            attempt_latency,
             delivery_latency,
             in_flight,
             streams,

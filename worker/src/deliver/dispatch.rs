@@ -12,6 +12,11 @@ use pushwire_common::domain::{Integration, IntegrationName};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use pushwire_common::telemetry;
+use tracing::Instrument as _;
+
+use crate::metrics::{Metrics, StatusClassLabel};
+
 use super::breaker::{Admission, Breaker, BreakerOptions};
 use super::client::{AttemptError, WebhookClient};
 use super::lane::{Lane, Priority};
@@ -125,6 +130,7 @@ pub struct Dispatcher {
     lanes: Arc<Mutex<Lanes>>,
     disable: mpsc::Sender<DisableRequest>,
     shutdown: CancellationToken,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -169,6 +175,7 @@ impl Dispatcher {
             lanes: Arc::default(),
             disable,
             shutdown,
+            metrics: None,
         }
     }
 
@@ -178,6 +185,12 @@ impl Dispatcher {
     #[must_use]
     pub fn with_breaker_options(mut self, opts: BreakerOptions) -> Self {
         self.breaker = Arc::new(opts);
+        self
+    }
+
+    /// Counts attempts and their latency into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -296,15 +309,36 @@ impl Dispatcher {
                 armed: admission == Admission::Probe,
             };
             attempts += 1;
+            let span = tracing::info_span!(
+                "attempt",
+                otel.kind = "client",
+                pushwire.participation.id = %job.participation_id,
+                pushwire.integration = %name,
+                pushwire.attempt = attempts,
+                http.request.method = "POST",
+                url.full = %request::redacted_url(&integration.url),
+                http.response.status_code = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+            );
+            // The receiver's spans join ours under this attempt.
+            let traceparent = telemetry::traceparent_of(&span).or_else(|| job.traceparent.clone());
             let req = request::build(
                 &integration,
                 &job.participation_id,
                 job.body.clone(),
                 SystemTime::now(),
-                job.traceparent.as_deref(),
+                traceparent.as_deref(),
             );
-            let result = self.client.post(&req).await;
+            let sent = Instant::now();
+            // An attempt in flight is cut short at shutdown: the participation is not
+            // acknowledged, so its publisher sends it again.
+            let result = tokio::select! {
+                biased;
+                r = self.client.post(&req).instrument(span.clone()) => r,
+                () = self.shutdown.cancelled() => return Outcome::Interrupted,
+            };
             drop(permit);
+            self.record_attempt(&span, &result, sent);
             let (verdict, retry_after) = match &result {
                 Ok(resp) => {
                     last_status = Some(resp.status);
@@ -401,6 +435,37 @@ impl Dispatcher {
                     }
                 }
             }
+        }
+    }
+
+    /// Records an attempt's answer on its span and in the metrics.
+    fn record_attempt(
+        &self,
+        span: &tracing::Span,
+        result: &Result<super::client::HttpResponse, AttemptError>,
+        sent: Instant,
+    ) {
+        let class = match result {
+            Ok(resp) => {
+                span.record("http.response.status_code", resp.status);
+                if !(200..300).contains(&resp.status) {
+                    span.record("error.type", format!("http_{}", resp.status));
+                }
+                match resp.status {
+                    200..=299 => "2xx",
+                    300..=399 => "3xx",
+                    400..=499 => "4xx",
+                    _ => "5xx",
+                }
+            }
+            Err(e) => {
+                span.record("error.type", e.kind());
+                "error"
+            }
+        };
+        if let Some(m) = &self.metrics {
+            m.attempts.get_or_create(&StatusClassLabel { class }).inc();
+            m.attempt_latency.observe(sent.elapsed().as_secs_f64());
         }
     }
 

@@ -109,7 +109,7 @@ pub(crate) fn is_printable_header(name: &str) -> bool {
 }
 
 /// The URL without credentials or query (either may carry a receiver's token).
-fn redacted_url(raw: &str) -> String {
+pub fn redacted_url(raw: &str) -> String {
     let Ok(mut url) = url::Url::parse(raw) else {
         return "<invalid url>".to_owned();
     };

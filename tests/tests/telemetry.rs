@@ -1,0 +1,255 @@
+//! Traces end to end: a real OTLP/gRPC collector (opentelemetry-proto's `TraceService`) on
+//! loopback receives the spans of a participation published with a known parent trace through
+//! a control plane with its worker, to a receiver that fails once then succeeds. The telemetry
+//! is installed as in the binaries (`telemetry::init`), once for this test process.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use pushwire_common::pb::v1 as pb;
+use pushwire_common::telemetry::{self, LogFormat, Settings};
+use pushwire_tests::receiver::{Reply, TestReceiver};
+use pushwire_tests::worker::{COMPLETED, COMPLETED_ID, Stack, integration, request};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+const TRACE_ID: &str = "5a1e0c2f9b8d4e6f8a7b6c5d4e3f2a1b";
+const PUBLISHER_SPAN: &str = "1f2e3d4c5b6a7988";
+const SECRET: &str = "whsec_dGVsZW1ldHJ5LXRlc3Qtc2lnbmluZy1zZWNyZXQ=";
+const AUTH_VALUE: &str = "Bearer telemetry-test-token-7c41";
+
+/// Every span exported to it, with the `service.name` of its resource.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<(String, Span)>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| string(kv.value.as_ref()?.value.as_ref()?))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn string(v: &AnyValue) -> Option<String> {
+    match v {
+        AnyValue::StringValue(s) => Some(s.clone()),
+        AnyValue::IntValue(i) => Some(i.to_string()),
+        AnyValue::BoolValue(b) => Some(b.to_string()),
+        AnyValue::DoubleValue(d) => Some(d.to_string()),
+        _ => None,
+    }
+}
+
+fn attr(span: &Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| string(kv.value.as_ref()?.value.as_ref()?))
+}
+
+fn hex_id(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participation_is_traced_from_the_publisher_to_each_attempt() -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(60), traced()).await?
+}
+
+async fn traced() -> anyhow::Result<()> {
+    let collector = Collector::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let telemetry = telemetry::init(Settings {
+        service_name: "pushwire-control-plane",
+        log_format: LogFormat::Text,
+        otlp_endpoint: Some(format!("http://{addr}")),
+    })
+    .map_err(|e| anyhow::anyhow!(e))?;
+
+    let stack = Stack::start().await?;
+    let receiver = TestReceiver::http().await?;
+    receiver.respond_with(vec![Reply::status(500)]);
+    let name = stack
+        .create_routed(
+            "accounts/7",
+            "traced",
+            pb::Integration {
+                secret: SECRET.into(),
+                auth_header: Some(pb::AuthHeader {
+                    name: "Authorization".into(),
+                    value: AUTH_VALUE.into(),
+                    ..Default::default()
+                }),
+                signature_schemes: vec![
+                    pb::SignatureScheme::Qualifio.into(),
+                    pb::SignatureScheme::StandardWebhooks.into(),
+                ],
+                ..integration("Traced", &receiver.url("/hook"))
+            },
+        )
+        .await?;
+    stack.sync().await?;
+
+    let resp = stack
+        .publish_one(pb::PublishRequest {
+            trace_context: Some(pb::TraceContext {
+                traceparent: format!("00-{TRACE_ID}-{PUBLISHER_SPAN}-01"),
+                tracestate: String::new(),
+            }),
+            ..request("accounts/7", COMPLETED)
+        })
+        .await??;
+    assert_eq!(resp.deliveries.len(), 1, "{resp:?}");
+    assert_eq!(resp.deliveries[0].outcome(), pb::DeliveryOutcome::Delivered);
+    assert_eq!(resp.deliveries[0].attempts, 2);
+
+    // Both attempts reached the receiver within our trace, each with its own span id.
+    let got = receiver.drain();
+    assert_eq!(got.len(), 2);
+    let sent: Vec<(String, String)> = got
+        .iter()
+        .map(|r| {
+            let tp = r.header("traceparent").expect("traceparent sent");
+            let parts: Vec<&str> = tp.split('-').collect();
+            assert_eq!(parts.len(), 4, "{tp}");
+            (parts[1].to_owned(), parts[2].to_owned())
+        })
+        .collect();
+    assert!(sent.iter().all(|(t, _)| t == TRACE_ID), "{sent:?}");
+    assert_ne!(sent[0].1, sent[1].1);
+
+    // The spans of our trace, once both attempts are exported.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let spans: Vec<(String, Span)> = loop {
+        telemetry.flush().await;
+        let spans: Vec<(String, Span)> = collector
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| hex_id(&s.trace_id) == TRACE_ID)
+            .cloned()
+            .collect();
+        if spans.iter().filter(|(_, s)| s.name == "attempt").count() == 2
+            && spans.iter().any(|(_, s)| s.name == "publish")
+        {
+            break spans;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "spans not exported: {:?}",
+            spans.iter().map(|(_, s)| &s.name).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let one = |name: &str| -> &Span {
+        let found: Vec<&Span> = spans
+            .iter()
+            .map(|(_, s)| s)
+            .filter(|s| s.name == name)
+            .collect();
+        assert_eq!(found.len(), 1, "one {name} span: {found:?}");
+        found[0]
+    };
+    assert!(
+        spans
+            .iter()
+            .all(|(service, _)| service == "pushwire-control-plane")
+    );
+
+    // publish → (route, deliver → attempt ×2), under the publisher's span.
+    let publish = one("publish");
+    assert_eq!(hex_id(&publish.parent_span_id), PUBLISHER_SPAN);
+    assert_eq!(
+        attr(publish, "pushwire.participation.id").as_deref(),
+        Some(COMPLETED_ID)
+    );
+    let route = one("route");
+    assert_eq!(route.parent_span_id, publish.span_id);
+    let deliver = one("deliver");
+    assert_eq!(deliver.parent_span_id, publish.span_id);
+    assert_eq!(
+        attr(deliver, "pushwire.integration").as_deref(),
+        Some(name.as_str())
+    );
+    assert_eq!(
+        attr(deliver, "pushwire.outcome").as_deref(),
+        Some("delivered")
+    );
+    let mut attempts: Vec<&Span> = spans
+        .iter()
+        .map(|(_, s)| s)
+        .filter(|s| s.name == "attempt")
+        .collect();
+    attempts.sort_by_key(|s| attr(s, "pushwire.attempt"));
+    for (n, (attempt, status)) in attempts.iter().zip(["500", "200"]).enumerate() {
+        assert_eq!(attempt.parent_span_id, deliver.span_id);
+        assert_eq!(attr(attempt, "pushwire.attempt"), Some((n + 1).to_string()));
+        assert_eq!(
+            attr(attempt, "http.response.status_code").as_deref(),
+            Some(status)
+        );
+        assert_eq!(
+            attr(attempt, "http.request.method").as_deref(),
+            Some("POST")
+        );
+        assert_eq!(attr(attempt, "url.full"), Some(receiver.url("/hook")));
+        assert_eq!(
+            attr(attempt, "pushwire.participation.id").as_deref(),
+            Some(COMPLETED_ID)
+        );
+        // The receiver saw this attempt's span as its parent.
+        assert_eq!(sent[n].1, hex_id(&attempt.span_id));
+    }
+    assert_eq!(attr(attempts[0], "error.type").as_deref(), Some("http_500"));
+    assert_eq!(attr(attempts[1], "error.type"), None);
+
+    // Nothing secret and no body in any exported attribute or event of any span.
+    let everything = format!("{:?}", collector.spans.lock().unwrap());
+    for needle in [
+        SECRET,
+        "dGVsZW1ldHJ5LXRlc3Qtc2lnbmluZy1zZWNyZXQ",
+        AUTH_VALUE,
+        "telemetry-test-token",
+        "Winter quiz 2026",
+    ] {
+        assert!(!everything.contains(needle), "{needle} leaked into spans");
+    }
+
+    stack.stop().await?;
+    telemetry.shutdown().await;
+    Ok(())
+}
