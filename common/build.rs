@@ -14,13 +14,13 @@ const PROTOS: &[&str] = &[
 ];
 
 /// Messages that carry secrets: their `Debug` is written by hand in `pb.rs` and redacts them.
+/// (Storage records hold secrets only encrypted; `EncryptedValue`'s prints no bytes.)
 const REDACTED_DEBUG: &[&str] = &[
     ".pushwire.v1.Integration",
     ".pushwire.v1.AuthHeader",
     ".pushwire.v1.IntegrationConfig",
     ".pushwire.v1.SigningSecret",
-    ".pushwire.storage.v1.IntegrationRecord",
-    ".pushwire.storage.v1.SigningSecretRecord",
+    ".pushwire.storage.v1.EncryptedValue",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -9,6 +9,14 @@ use serde_json::{Map, Value};
 /// Default maximum size of a document, 1 MiB.
 pub const DEFAULT_MAX_BYTES: usize = 1 << 20;
 
+/// Deepest nesting of arrays and objects in a document (the root object is level 1). Real
+/// participations nest about 5 levels; the limit keeps recursive work on a document (parsing,
+/// dropping, serialising) far from the stack's end, below serde_json's own limit of 128.
+pub const MAX_DEPTH: usize = 64;
+
+/// Longest JSON path an error names; deeper paths are cut with `…`.
+const MAX_PATH_CHARS: usize = 200;
+
 /// Longest accepted participation id, in characters: it is copied into every `webhook-id`
 /// header and delivery record.
 const MAX_ID_CHARS: usize = 200;
@@ -73,6 +81,15 @@ pub fn parse(json: &str, max_bytes: usize) -> Result<Participation, InvalidParti
                 "document is {} bytes, over the limit of {max_bytes} bytes",
                 json.len()
             ),
+        ));
+    }
+    // Checked before parsing, by a scan of the text, so that the error names where the
+    // document is too deep whatever the depth (serde_json stops at 128 levels with a bare
+    // "recursion limit exceeded").
+    if let Some(path) = too_deep(json) {
+        return Err(InvalidParticipation::new(
+            path,
+            format!("nested deeper than {MAX_DEPTH} levels of arrays and objects"),
         ));
     }
     let document: Value = serde_json::from_str(json).map_err(|e| {
@@ -250,6 +267,96 @@ fn numeric_id(v: &Value, path: &str) -> Result<String, InvalidParticipation> {
         )),
         other => Err(expected(path, WANTED, other)),
     }
+}
+
+/// The JSON path of the first array or object of `json` that opens at a depth over
+/// [`MAX_DEPTH`], or `None`. A linear scan of the text that only follows strings (to skip the
+/// brackets inside them), brackets, `,` and object keys; on malformed JSON it may point
+/// anywhere, but the parse that follows refuses such documents anyway.
+fn too_deep(json: &str) -> Option<String> {
+    enum Frame {
+        /// An object; the byte range of the key of the member being read, once met.
+        Object {
+            key: Option<(usize, usize)>,
+            expect_key: bool,
+        },
+        /// An array; the index of the element being read.
+        Array { index: usize },
+    }
+    let bytes = json.as_bytes();
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                let end = i.min(bytes.len());
+                if let Some(Frame::Object { key, expect_key }) = stack.last_mut()
+                    && *expect_key
+                {
+                    *key = Some((start, end));
+                    *expect_key = false;
+                }
+            }
+            b'{' | b'[' => {
+                if stack.len() == MAX_DEPTH {
+                    return Some(json_path(json, &stack, |f| match f {
+                        Frame::Object { key, .. } => Err(*key),
+                        Frame::Array { index } => Ok(*index),
+                    }));
+                }
+                stack.push(if bytes[i] == b'{' {
+                    Frame::Object {
+                        key: None,
+                        expect_key: true,
+                    }
+                } else {
+                    Frame::Array { index: 0 }
+                });
+            }
+            b'}' | b']' => {
+                stack.pop();
+            }
+            b',' => match stack.last_mut() {
+                Some(Frame::Array { index }) => *index += 1,
+                Some(Frame::Object { expect_key, .. }) => *expect_key = true,
+                None => {}
+            },
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// `$` followed by `.key` or `[index]` for each frame (`step` gives an array's index as `Ok`,
+/// an object's key range in `json` as `Err`), at most [`MAX_PATH_CHARS`] characters.
+fn json_path<F>(
+    json: &str,
+    stack: &[F],
+    step: impl Fn(&F) -> Result<usize, Option<(usize, usize)>>,
+) -> String {
+    let mut path = String::from("$");
+    for frame in stack {
+        match step(frame) {
+            Ok(index) => path.push_str(&format!("[{index}]")),
+            Err(Some((start, end))) => {
+                path.push('.');
+                // Raw key text (escapes as written): `start`/`end` sit next to ASCII quotes,
+                // so they are character boundaries.
+                path.push_str(&truncate(json.get(start..end).unwrap_or("?"), 32));
+            }
+            Err(None) => path.push_str(".?"),
+        }
+        if path.chars().count() > MAX_PATH_CHARS {
+            return truncate(&path, MAX_PATH_CHARS);
+        }
+    }
+    path
 }
 
 /// A member that may be absent; `null` counts as absent, as publishers write either.
@@ -686,6 +793,62 @@ mod tests {
         assert!(err.reason.contains("101 bytes"), "{err}");
         // Exactly at the limit is fine.
         assert!(parse(COMPLETED, COMPLETED.len()).is_ok());
+    }
+
+    /// The completed fixture with `"extra": <nested>` added as its last member.
+    fn with_extra(nested: &str) -> String {
+        let doc = COMPLETED.trim_end();
+        let body = doc.strip_suffix('}').unwrap();
+        format!("{body}, \"extra\": {nested}}}")
+    }
+
+    #[test]
+    fn nesting_depth_is_limited_with_the_path_named() {
+        // The root object is level 1, so `extra` may hold 63 levels.
+        let arrays = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(parse(&with_extra(&arrays(MAX_DEPTH - 1)), DEFAULT_MAX_BYTES).is_ok());
+        let err = parse(&with_extra(&arrays(MAX_DEPTH)), DEFAULT_MAX_BYTES).unwrap_err();
+        assert_eq!(err.path, format!("$.extra{}", "[0]".repeat(MAX_DEPTH - 1)));
+        assert_eq!(
+            err.reason,
+            "nested deeper than 64 levels of arrays and objects"
+        );
+
+        // Objects, with the keys and indexes met on the way.
+        let objects = format!(
+            "[1, \"]\", {{\"k\": 2, \"a\": {}0{}}}]",
+            "{\"a\": ".repeat(70),
+            "}".repeat(70)
+        );
+        let err = parse(&with_extra(&objects), DEFAULT_MAX_BYTES).unwrap_err();
+        assert!(err.path.starts_with("$.extra[2].a.a.a.a"), "{}", err.path);
+        assert_eq!(
+            err.path.matches(".a").count(),
+            MAX_DEPTH - 2,
+            "{}",
+            err.path
+        );
+
+        // Far beyond serde_json's own recursion limit: the same clear error, a short path.
+        let err = parse(&with_extra(&arrays(100_000)), DEFAULT_MAX_BYTES).unwrap_err();
+        assert!(err.path.starts_with("$.extra[0][0]"), "{}", err.path);
+        assert!(
+            err.path.chars().count() <= MAX_PATH_CHARS + 1,
+            "{}",
+            err.path
+        );
+        assert!(err.to_string().len() < 300, "{err}");
+        let err = parse(&"[".repeat(100_000), DEFAULT_MAX_BYTES).unwrap_err();
+        assert!(err.reason.contains("nested deeper than 64"), "{err}");
+
+        // Brackets inside strings (escaped quotes too) are text, not nesting.
+        let text = serde_json::to_string(&"[{\"[".repeat(1000)).unwrap();
+        assert!(parse(&with_extra(&text), DEFAULT_MAX_BYTES).is_ok());
+        let key = format!("{{{text}: {}}}", arrays(MAX_DEPTH - 2));
+        assert!(parse(&with_extra(&key), DEFAULT_MAX_BYTES).is_ok());
+        let key = format!("{{{text}: {}}}", arrays(MAX_DEPTH - 1));
+        let err = parse(&with_extra(&key), DEFAULT_MAX_BYTES).unwrap_err();
+        assert!(err.path.starts_with("$.extra.[{"), "{}", err.path);
     }
 
     #[test]

@@ -86,25 +86,12 @@ impl fmt::Debug for v1::SigningSecret {
     }
 }
 
-impl fmt::Debug for storage::IntegrationRecord {
+impl fmt::Debug for storage::EncryptedValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IntegrationRecord")
-            .field("display_name", &self.display_name)
-            .field("url", &self.url)
-            .field("enabled", &self.enabled)
-            .field("auth_header_name", &self.auth_header_name)
-            .field("auth_header_value", &redact(&self.auth_header_value))
-            .field("secrets", &self.secrets)
+        f.debug_struct("EncryptedValue")
+            .field("key_id", &self.key_id)
+            .field("ciphertext_len", &self.ciphertext.len())
             .finish_non_exhaustive()
-    }
-}
-
-impl fmt::Debug for storage::SigningSecretRecord {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SigningSecretRecord")
-            .field("secret", &redact(&self.secret))
-            .field("expire_time", &self.expire_time)
-            .finish()
     }
 }
 

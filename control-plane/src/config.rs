@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use pushwire_common::telemetry::LogFormat;
-use pushwire_worker::config::{DeliveryArgs, IngestArgs};
+use pushwire_worker::config::{AccessArgs, DeliveryArgs, IngestArgs};
 
 /// Pushwire control plane: stores integrations and push scopes (in etcd, or in an embedded
 /// single-file store) and streams them to workers.
@@ -30,6 +30,23 @@ pub struct Config {
     #[arg(long, env = "PUSHWIRE_DATA_DIR", default_value = "./pushwire-data")]
     pub data_dir: PathBuf,
 
+    /// File of the keys that encrypt secrets at rest: lines `key-id:base64-of-32-bytes`, the
+    /// first encrypting, the others only decrypting (key rotation). Without it, the variable
+    /// PUSHWIRE_ENCRYPTION_KEY (one such line); without either, on the embedded store only,
+    /// <data-dir>/encryption.key, generated on first start.
+    #[arg(long, env = "PUSHWIRE_ENCRYPTION_KEY_FILE")]
+    pub encryption_key_file: Option<PathBuf>,
+
+    /// One key, `key-id:base64`, from the environment variable PUSHWIRE_ENCRYPTION_KEY only:
+    /// never a flag, since command lines are visible to every local user.
+    #[arg(skip = crate::crypto::key_from_env())]
+    pub encryption_key: Option<pushwire_common::domain::Secret>,
+
+    /// Re-encrypt every stored secret under the current (first) key, print counts and exit,
+    /// without serving. Other replicas may run meanwhile (the embedded store must be stopped).
+    #[arg(long)]
+    pub reencrypt: bool,
+
     /// Accept plain http:// integration URLs (development and tests only).
     #[arg(long, env = "PUSHWIRE_ALLOW_INSECURE_HTTP")]
     pub allow_insecure_http: bool,
@@ -43,6 +60,16 @@ pub struct Config {
     #[arg(long, env = "PUSHWIRE_WATCH_HISTORY", default_value_t = crate::service::feed::DEFAULT_HISTORY)]
     pub watch_history: usize,
 
+    /// Most integrations one account may have; creating one more fails with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PUSHWIRE_MAX_INTEGRATIONS_PER_ACCOUNT", default_value_t = crate::service::DEFAULT_MAX_INTEGRATIONS_PER_ACCOUNT, value_parser = per_account_limit)]
+    pub max_integrations_per_account: usize,
+
+    /// Most push scopes one account may have; creating one more fails with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PUSHWIRE_MAX_PUSH_SCOPES_PER_ACCOUNT", default_value_t = crate::service::DEFAULT_MAX_PUSH_SCOPES_PER_ACCOUNT, value_parser = per_account_limit)]
+    pub max_push_scopes_per_account: usize,
+
     /// Time allowed to finish in-flight calls after SIGTERM/SIGINT.
     #[arg(long, env = "PUSHWIRE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -51,6 +78,10 @@ pub struct Config {
     /// --grpc-addr, beside the admin API, and delivers with the delivery flags below.
     #[arg(long, env = "PUSHWIRE_WITH_WORKER")]
     pub with_worker: bool,
+
+    /// Tokens and TLS of the gRPC server.
+    #[command(flatten)]
+    pub access: AccessArgs,
 
     #[command(flatten)]
     pub ingest: IngestArgs,
@@ -62,6 +93,14 @@ pub struct Config {
     /// Log format: text or json.
     #[arg(long, env = "PUSHWIRE_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// A per-account limit: 1 to 1,000,000.
+fn per_account_limit(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ 1..=1_000_000) => Ok(n),
+        _ => Err("expected a number from 1 to 1000000".into()),
+    }
 }
 
 impl Config {

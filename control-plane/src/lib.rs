@@ -2,13 +2,17 @@
 //! and stores it (etcd or the embedded store), and streams it to workers.
 //!
 //! - [`config`]: flags; [`run`]: the whole server, started by `main` or by tests on port 0;
+//! - [`access`]: the tokens accepted, and the in-process server of `--with-worker`;
+//! - [`crypto`]: the keys that encrypt secrets at rest ([`reencrypt`] rotates them);
 //! - [`api`]: gRPC handlers (the only place errors become `Status`);
 //! - [`service`]: rules and transactions; the config feed behind `WatchConfig`;
 //! - [`store`]: the storage contract and its etcd and embedded implementations;
 //! - [`http`]: health, readiness and metrics.
 
+pub mod access;
 pub mod api;
 pub mod config;
+pub mod crypto;
 pub mod http;
 pub mod service;
 pub mod store;
@@ -34,6 +38,12 @@ pub enum RunError {
     /// The store could not be opened or reached.
     #[error("cannot open the configuration store")]
     Store(#[source] StoreError),
+    /// The encryption keys are missing or unusable, or do not decrypt the stored secrets.
+    #[error("refusing to start without usable encryption keys")]
+    Encryption(#[source] store::encryption::EncryptionError),
+    /// The token file or the TLS files are unusable.
+    #[error("invalid tokens or TLS settings")]
+    Access(#[source] pushwire_worker::config::AccessError),
     /// The delivery flags are unusable (bad `--allow-cidr`, unreadable `--extra-ca-file`).
     #[error("invalid delivery settings")]
     Delivery(#[source] pushwire_worker::config::DeliveryConfigError),
@@ -74,6 +84,20 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     }
 }
 
+fn encryption_error(e: crypto::KeyError) -> RunError {
+    RunError::Encryption(e.into())
+}
+
+/// `--reencrypt`: re-encrypts every stored secret under the current key of `config`, then
+/// returns what it did; serves nothing.
+pub async fn reencrypt(config: &Config) -> Result<store::encryption::Reencrypted, RunError> {
+    let keys = crypto::Keyring::from_config(config).map_err(encryption_error)?;
+    let store = open_store(config).await.map_err(RunError::Store)?;
+    store::encryption::reencrypt(store.as_ref(), &keys)
+        .await
+        .map_err(RunError::Encryption)
+}
+
 /// Runs the control plane until `shutdown` is cancelled, then drains within
 /// `config.shutdown_grace`.
 pub async fn run(
@@ -82,34 +106,62 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let client = config.delivery.client().map_err(RunError::Delivery)?;
+    let keys = Arc::new(crypto::Keyring::from_config(&config).map_err(encryption_error)?);
     let store_metrics = store::metered::StoreMetrics::default();
     let store: Arc<dyn Store> = Arc::new(store::metered::Metered::new(
         open_store(&config).await.map_err(RunError::Store)?,
         store_metrics.clone(),
     ));
+    // Refuse to start, rather than serve secrets that do not decrypt, when the keys are wrong.
+    store::encryption::verify(store.as_ref(), &keys)
+        .await
+        .map_err(RunError::Encryption)?;
     let feed = ConfigFeed::new(config.watch_history);
-    let feed_task = tokio::spawn(feed.clone().run(store.clone(), shutdown.clone()));
+    let feed_task = tokio::spawn(
+        feed.clone()
+            .run(store.clone(), keys.clone(), shutdown.clone()),
+    );
     let catalog = Catalog::new(
         store.clone(),
+        keys,
         CatalogOptions {
             allow_insecure_http: config.allow_insecure_http,
             secret_rotation_grace: config.secret_rotation_grace,
+            ssrf_allow: client.options().allow.clone(),
+            max_integrations_per_account: config.max_integrations_per_account,
+            max_push_scopes_per_account: config.max_push_scopes_per_account,
         },
     );
 
-    // With --with-worker, a worker runs here too, watching this very server over loopback.
+    // Every call is authenticated (tokens, reloaded from --token-file); TLS with --tls-cert.
+    let worker_token = config
+        .with_worker
+        .then(pushwire_common::auth::generate_token);
+    let auth = access::authenticator(&config, worker_token.as_ref())?;
+    let tls = config.access.server_tls().map_err(RunError::Access)?;
+    tokio::spawn(
+        auth.clone()
+            .watch(pushwire_common::auth::RELOAD_INTERVAL, shutdown.clone()),
+    );
+
+    // With --with-worker, a worker runs here too, watching this very server through an
+    // in-memory connection, with a token of its own.
     let interrupt = CancellationToken::new();
-    let worker = match config.with_worker {
-        false => None,
-        true => Some(start_worker(&config, &listeners, &shutdown, &interrupt)?),
+    let (worker, in_process) = match &worker_token {
+        None => (None, None),
+        Some(token) => {
+            let (worker, incoming) = start_worker(&config, token, &shutdown, &interrupt)?;
+            (Some(worker), Some(incoming))
+        }
     };
     let grpc_metrics = pushwire_common::grpc_metrics::GrpcMetrics::default();
-    let grpc = grpc_server(
+    let (grpc, in_process_task) = grpc_server(
         catalog,
         client,
         feed.clone(),
         worker.as_ref(),
         grpc_metrics.clone(),
+        (&auth, tls, in_process),
         shutdown.clone(),
     )
     .await?;
@@ -161,40 +213,54 @@ pub async fn run(
     if let Some(worker) = worker {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), worker.stopped()).await;
     }
+    if let Some(task) = in_process_task {
+        task.abort();
+        let _ = task.await;
+    }
     let _ = feed_task.await;
     tracing::info!("control plane stopped");
     result
 }
 
-/// Starts the in-process worker of `--with-worker`.
+/// Starts the in-process worker of `--with-worker`, presenting `token` (a worker token) on
+/// an in-memory channel whose connections come out of the returned stream.
 fn start_worker(
     config: &Config,
-    listeners: &Listeners,
+    token: &pushwire_common::domain::Secret,
     shutdown: &CancellationToken,
     interrupt: &CancellationToken,
-) -> Result<Worker, RunError> {
-    let mut addr = listeners
-        .grpc
-        .local_addr()
-        .map_err(|e| RunError::Serve(e.into()))?;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    let channel = pushwire_worker::config_watch::endpoint(format!("http://{addr}"))
-        .map_err(|e| RunError::Serve(e.into()))?
-        .connect_lazy();
-    Worker::start(
-        channel,
+) -> Result<(Worker, pushwire_worker::in_process::Incoming), RunError> {
+    let (channel, incoming) = pushwire_worker::in_process::channel();
+    let bearer = pushwire_common::auth::Bearer::new(token)
+        .map_err(|e| RunError::Access(pushwire_worker::config::AccessError::Token("worker", e)))?;
+    let worker = Worker::start(
+        tonic::service::interceptor::InterceptedService::new(channel, bearer),
         &config.ingest,
         &config.delivery,
         shutdown.clone(),
         interrupt.clone(),
     )
-    .map_err(RunError::Delivery)
+    .map_err(RunError::Delivery)?;
+    Ok((worker, incoming))
 }
+
+/// What secures the gRPC servers: the tokens, TLS, and the in-process worker's connections.
+type Access<'a> = (
+    &'a pushwire_common::auth::Authenticator,
+    Option<tonic::transport::ServerTlsConfig>,
+    Option<pushwire_worker::in_process::Incoming>,
+);
+
+/// The public gRPC server, and the task serving the in-process worker (`--with-worker`).
+type GrpcServer = (
+    tonic::transport::server::Router<
+        tower_layer::Stack<
+            pushwire_common::auth::AuthLayer,
+            tower_layer::Stack<pushwire_common::grpc_metrics::GrpcMetrics, tower_layer::Identity>,
+        >,
+    >,
+    Option<tokio::task::JoinHandle<()>>,
+);
 
 async fn grpc_server(
     catalog: Catalog,
@@ -202,13 +268,9 @@ async fn grpc_server(
     feed: ConfigFeed,
     worker: Option<&Worker>,
     grpc_metrics: pushwire_common::grpc_metrics::GrpcMetrics,
+    (auth, tls, in_process): Access<'_>,
     shutdown: CancellationToken,
-) -> Result<
-    tonic::transport::server::Router<
-        tower_layer::Stack<pushwire_common::grpc_metrics::GrpcMetrics, tower_layer::Identity>,
-    >,
-    RunError,
-> {
+) -> Result<GrpcServer, RunError> {
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
         b.register_encoded_file_descriptor_set(pushwire_common::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -235,29 +297,55 @@ async fn grpc_server(
         ));
     }
 
-    Ok(tonic::transport::Server::builder()
+    let integrations = pb::integration_service_server::IntegrationServiceServer::new(
+        api::IntegrationApi::new(catalog.clone(), client),
+    )
+    .max_decoding_message_size(api::MAX_ADMIN_REQUEST_BYTES);
+    let config_service = pb::config_service_server::ConfigServiceServer::new(api::ConfigApi::new(
+        feed,
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(api::MAX_ADMIN_REQUEST_BYTES);
+    let in_process_task = in_process.map(|incoming| {
+        tokio::spawn(access::serve_in_process(
+            integrations.clone(),
+            config_service.clone(),
+            auth.clone(),
+            grpc_metrics.clone(),
+            incoming,
+            shutdown.clone(),
+        ))
+    });
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).map_err(|e| {
+            RunError::Access(pushwire_worker::config::AccessError::Tls(format!(
+                "--tls-cert/--tls-key: {e}"
+            )))
+        })?;
+    }
+    let router = server
         .trace_fn(pushwire_common::telemetry::grpc_server_span)
         .layer(grpc_metrics)
+        .layer(auth.layer())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
+        .add_service(integrations)
         .add_service(
-            pb::integration_service_server::IntegrationServiceServer::new(
-                api::IntegrationApi::new(catalog.clone(), client),
-            ),
+            pb::push_scope_service_server::PushScopeServiceServer::new(api::PushScopeApi::new(
+                catalog,
+            ))
+            .max_decoding_message_size(api::MAX_ADMIN_REQUEST_BYTES),
         )
-        .add_service(pb::push_scope_service_server::PushScopeServiceServer::new(
-            api::PushScopeApi::new(catalog),
-        ))
-        .add_service(pb::config_service_server::ConfigServiceServer::new(
-            api::ConfigApi::new(feed, shutdown),
-        ))
+        .add_service(config_service)
         .add_optional_service(worker.map(Worker::ingest_service))
         .add_optional_service(
             worker
                 .is_none()
                 .then(|| pb::ingest_service_server::IngestServiceServer::new(api::IngestApi)),
-        ))
+        );
+    Ok((router, in_process_task))
 }
 
 /// gRPC health follows the feed: SERVING once the configuration is loaded, NOT_SERVING on

@@ -51,6 +51,10 @@ NAMESPACE = "pushwire"
 # Kinds from CRDs, which kubernetes-validate has no schema for.
 CRD_API_GROUPS = ("monitoring.coreos.com/",)
 COMPONENT_FLAGS = {"control-plane": "controlPlane", "worker": "worker"}
+# Files the chart expects from mounted Secrets; not there when the binaries run here.
+MOUNTED_FILES = ("PUSHWIRE_TOKEN_FILE", "PUSHWIRE_TLS_CERT", "PUSHWIRE_TLS_KEY", "PUSHWIRE_TLS_CLIENT_CA",
+                 "PUSHWIRE_CONTROL_PLANE_TOKEN_FILE", "PUSHWIRE_CONTROL_PLANE_CA", "PUSHWIRE_TLS_CLIENT_CERT",
+                 "PUSHWIRE_TLS_CLIENT_KEY")
 # Branches of the templates that neither the default values nor ci/ take.
 VARIANTS = {
     "variant: 3-member bundled etcd on emptyDir, fixed workers, no PDBs, ConfigMap CA": {
@@ -453,7 +457,8 @@ class Checks:
         """Starts each binary with its rendered PUSHWIRE_* environment: clap and the delivery
         settings must accept every value. Only what points elsewhere is replaced: listen
         addresses (free loopback ports), the store (an embedded one in a temporary directory),
-        the control plane's URL (a closed loopback port) and the CA file (not mounted here)."""
+        the control plane's URL (a closed loopback port), the CA file and the token and TLS files
+        (MOUNTED_FILES: not mounted here)."""
         objects = self.renders[label][0]
         started = []
         for binary, path in self.paths.items():
@@ -461,7 +466,7 @@ class Checks:
                 env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHWIRE_")}
                 env.update({k: v for k, v in env_of(container(dep, binary)).items()
                             if k.startswith("PUSHWIRE_") and v is not None})
-                for name in ("PUSHWIRE_ETCD_ENDPOINTS", "PUSHWIRE_EXTRA_CA_FILE"):
+                for name in ("PUSHWIRE_ETCD_ENDPOINTS", "PUSHWIRE_EXTRA_CA_FILE", *MOUNTED_FILES):
                     env.pop(name, None)
                 with tempfile.TemporaryDirectory() as tmp:
                     env.update(PUSHWIRE_GRPC_ADDR="127.0.0.1:0", PUSHWIRE_HTTP_ADDR="127.0.0.1:0",

@@ -8,6 +8,10 @@ first line is `# in a second terminal:` is started in the background instead (th
 stopped at the end. Fails on the first command that fails, and checks the answers a reader
 relies on, the sink's signature verdicts among them. Finally SIGTERM must stop the binary
 cleanly, with no secret of the quick start in its logs.
+
+As a reader does, the blocks get the admin token that `./dev run` prints on its first start
+(the line `export TOKEN=...` on its stderr) in the environment variable TOKEN; the token must
+appear on stderr exactly once, that line.
 """
 
 import json
@@ -18,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -63,6 +68,18 @@ def wait_ready(proc, deadline):
     sys.exit("control plane not ready within 30 s")
 
 
+TOKEN_LINE = re.compile(r"^\s*export TOKEN=(\S+)\s*$")
+
+
+def read_stderr(proc, lines, token):
+    """Collects the binary's stderr; sets token[0] from the first `export TOKEN=` line."""
+    for line in proc.stderr:
+        lines.append(line)
+        m = TOKEN_LINE.match(line)
+        if m and not token:
+            token.append(m.group(1))
+
+
 def main():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         commands = blocks(f.read())
@@ -76,21 +93,29 @@ def main():
                    cwd=ROOT, check=True)
     background = []
     with tempfile.TemporaryDirectory() as data:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHWIRE_")}
         proc = subprocess.Popen([os.path.join(ROOT, "dev"), "run", "--data-dir", data], cwd=ROOT,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, env=env)
+        stderr_lines, token = [], []
+        reader = threading.Thread(target=read_stderr, args=(proc, stderr_lines, token), daemon=True)
+        reader.start()
         try:
             wait_ready(proc, time.time() + 60)
+            if not token:
+                sys.exit("./dev run printed no `export TOKEN=...` line on its first start:\n"
+                         + "".join(stderr_lines))
+            env["TOKEN"] = token[0]
             outputs = []
             for n, block in enumerate(commands, 1):
                 if block.startswith(BACKGROUND):
                     log = open(os.path.join(data, f"block-{n}.log"), "w+", encoding="utf-8")
                     bg = subprocess.Popen(["bash", "-c", "exec " + block[len(BACKGROUND):].strip()], cwd=ROOT,
-                                          stdout=log, stderr=subprocess.STDOUT, text=True)
+                                          stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
                     background.append((bg, log))
                     wait_port(9000, bg, time.time() + 120, f"quickstart block {n}")
                     continue
                 run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, capture_output=True,
-                                     text=True, timeout=60)
+                                     text=True, timeout=60, env=env)
                 if run.returncode != 0:
                     sys.exit(f"quickstart block {n} failed ({run.returncode}):\n{block}\n{run.stdout}{run.stderr}")
                 outputs.append(run.stdout)
@@ -102,6 +127,12 @@ def main():
                            '"outcome": "DELIVERY_OUTCOME_SKIPPED"']:
                 if needle not in text:
                     sys.exit(f"quickstart output lacks {needle!r}:\n{text}")
+            # The same call without the token is refused.
+            bare = subprocess.run(["grpcurl", "-plaintext", "-d", '{"parent": "accounts/42"}', "127.0.0.1:50051",
+                                   "pushwire.v1.IntegrationService/ListIntegrations"],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+            if bare.returncode == 0 or "Unauthenticated" not in bare.stdout + bare.stderr:
+                sys.exit(f"a call without a token was not refused with Unauthenticated:\n{bare.stdout}{bare.stderr}")
             sink = ""
             for _, log in background:
                 log.seek(0)
@@ -124,12 +155,15 @@ def main():
             except subprocess.TimeoutExpired:
                 proc.kill()
                 sys.exit("control plane did not stop within 30 s of SIGTERM")
-            stderr = proc.stderr.read()
+            reader.join(timeout=10)
+            stderr = "".join(stderr_lines)
         if code != 0:
             sys.exit(f"control plane exited with {code} after SIGTERM:\n{stderr}")
         for secret in ("quickstart-token", "quickstart-signing-secret", "cXVpY2tzdGFydC1zaW5rLXNlY3JldA"):
             if secret in stderr:
                 sys.exit(f"a secret reached the logs: {secret}")
+        if token and stderr.count(token[0]) != 1:
+            sys.exit(f"the admin token is on stderr {stderr.count(token[0])} times; only its one print may show it")
     print("quickstart: passed")
 
 

@@ -5,14 +5,62 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use pushwire_common::auth::Bearer;
+use pushwire_common::domain::Secret;
 use pushwire_common::pb::v1 as pb;
 use pushwire_control_plane::{Config, Listeners};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::etcd::EtcdServer;
+
+/// The admin token (every account) of the test configurations: their `PUSHWIRE_ADMIN_TOKEN`.
+pub const TEST_ADMIN_TOKEN: &str = "pushwire-test-admin-token";
+
+/// The worker token (every account) of [`test_token_file`].
+pub const TEST_WORKER_TOKEN: &str = "pushwire-test-worker-token";
+
+/// A channel whose calls carry a token.
+pub type AuthChannel = InterceptedService<Channel, Bearer>;
+
+/// `channel` with `authorization: Bearer <token>` on every call (nothing for `None`).
+pub fn with_token(channel: Channel, token: Option<&str>) -> AuthChannel {
+    let bearer = match token {
+        Some(t) => Bearer::new(&Secret::new(t)).expect("a printable test token"),
+        None => Bearer::none(),
+    };
+    InterceptedService::new(channel, bearer)
+}
+
+/// `channel` with [`TEST_ADMIN_TOKEN`].
+pub fn as_admin(channel: Channel) -> AuthChannel {
+    with_token(channel, Some(TEST_ADMIN_TOKEN))
+}
+
+/// A token file accepting [`TEST_WORKER_TOKEN`] as a worker of every account; written once
+/// per test process (in a temporary directory left for the process's lifetime).
+pub fn test_token_file() -> std::path::PathBuf {
+    static FILE: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf)> =
+        std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("tokens.json");
+        let hash: String = pushwire_common::auth::hash_token(TEST_WORKER_TOKEN)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let text = format!(
+            r#"{{"tokens": [{{"name": "test worker", "sha256": "{hash}", "role": "worker", "accounts": "*"}}]}}"#
+        );
+        std::fs::write(&path, text).expect("writing the test token file");
+        (dir, path)
+    })
+    .1
+    .clone()
+}
 
 /// Where the control plane keeps its data.
 #[derive(Clone, Debug)]
@@ -50,19 +98,30 @@ impl Backends {
     }
 }
 
-/// A configuration for tests: loopback port 0, the given backend, insecure HTTP allowed.
+/// The key that encrypts secrets at rest in tests on etcd (`key-id:base64`); the embedded store
+/// generates its own in the data directory.
+pub const TEST_ENCRYPTION_KEY: &str = "test-key:cHVzaHdpcmUtdGVzdC1rZXktMzItYnl0ZXMtbG9uZyE=";
+
+/// A configuration for tests: loopback port 0, the given backend, insecure HTTP allowed,
+/// [`TEST_ADMIN_TOKEN`] and [`test_token_file`]'s worker token accepted, on etcd
+/// [`TEST_ENCRYPTION_KEY`].
 pub fn test_config(backend: &Backend) -> Config {
     let mut config = Config::defaults();
     config.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     config.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     config.allow_insecure_http = true;
     config.shutdown_grace = Duration::from_secs(2);
+    config.access.admin_token = Some(Secret::new(TEST_ADMIN_TOKEN));
+    config.access.token_file = Some(test_token_file());
     match backend {
         Backend::Embedded(dir) => {
             config.data_dir = dir.clone();
             config.etcd_endpoints.clear();
         }
-        Backend::Etcd(endpoints) => config.etcd_endpoints = endpoints.clone(),
+        Backend::Etcd(endpoints) => {
+            config.etcd_endpoints = endpoints.clone();
+            config.encryption_key = Some(Secret::new(TEST_ENCRYPTION_KEY));
+        }
     }
     config
 }
@@ -135,6 +194,13 @@ impl ControlPlane {
         }
     }
 
+    /// A gRPC channel to it, sending no token.
+    pub async fn raw_channel(&self) -> anyhow::Result<Channel> {
+        self.try_channel()
+            .await
+            .with_context(|| format!("connecting to {}", self.grpc_addr))
+    }
+
     async fn try_channel(&self) -> Result<Channel, tonic::transport::Error> {
         Channel::from_shared(format!("http://{}", self.grpc_addr))
             .expect("valid uri")
@@ -143,35 +209,33 @@ impl ControlPlane {
             .await
     }
 
-    /// A gRPC channel to it.
-    pub async fn channel(&self) -> anyhow::Result<Channel> {
-        self.try_channel()
-            .await
-            .with_context(|| format!("connecting to {}", self.grpc_addr))
+    /// A gRPC channel to it whose calls carry [`TEST_ADMIN_TOKEN`].
+    pub async fn channel(&self) -> anyhow::Result<AuthChannel> {
+        Ok(as_admin(self.raw_channel().await?))
     }
 
-    /// An IntegrationService client.
+    /// An IntegrationService client (admin).
     pub async fn integrations(
         &self,
-    ) -> anyhow::Result<pb::integration_service_client::IntegrationServiceClient<Channel>> {
+    ) -> anyhow::Result<pb::integration_service_client::IntegrationServiceClient<AuthChannel>> {
         Ok(pb::integration_service_client::IntegrationServiceClient::new(self.channel().await?))
     }
 
-    /// A PushScopeService client.
+    /// A PushScopeService client (admin).
     pub async fn push_scopes(
         &self,
-    ) -> anyhow::Result<pb::push_scope_service_client::PushScopeServiceClient<Channel>> {
+    ) -> anyhow::Result<pb::push_scope_service_client::PushScopeServiceClient<AuthChannel>> {
         Ok(pb::push_scope_service_client::PushScopeServiceClient::new(
             self.channel().await?,
         ))
     }
 
-    /// A ConfigService client.
+    /// A ConfigService client ([`TEST_WORKER_TOKEN`]: WatchConfig is for workers).
     pub async fn config(
         &self,
-    ) -> anyhow::Result<pb::config_service_client::ConfigServiceClient<Channel>> {
+    ) -> anyhow::Result<pb::config_service_client::ConfigServiceClient<AuthChannel>> {
         Ok(pb::config_service_client::ConfigServiceClient::new(
-            self.channel().await?,
+            with_token(self.raw_channel().await?, Some(TEST_WORKER_TOKEN)),
         ))
     }
 

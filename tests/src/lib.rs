@@ -3,5 +3,7 @@
 
 pub mod control_plane;
 pub mod etcd;
+pub mod faults;
+pub mod process;
 pub mod receiver;
 pub mod worker;

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::control_plane::{Backend, ControlPlane, test_config};
+use crate::control_plane::{AuthChannel, Backend, ControlPlane, as_admin, test_config};
 
 /// The gRPC health service name the worker reports its readiness under.
 pub const INGEST_SERVICE: &str = "pushwire.v1.IngestService";
@@ -108,7 +108,7 @@ impl Stack {
         let mut config = worker_config(dir.path());
         tweak(&mut config, dir.path())?;
         let cp = ControlPlane::start(config).await?;
-        let channel = cp.channel().await?;
+        let channel = cp.raw_channel().await?;
         wait_ingest_ready(&channel, WAIT).await?;
         Ok(Self {
             cp,
@@ -131,21 +131,30 @@ impl Stack {
         stopped
     }
 
-    /// An IngestService client.
-    pub fn ingest(&self) -> pb::ingest_service_client::IngestServiceClient<Channel> {
-        pb::ingest_service_client::IngestServiceClient::new(self.channel.clone())
+    /// A channel to the stack, sending no token.
+    pub fn raw_channel(&self) -> Channel {
+        self.channel.clone()
     }
 
-    /// An IntegrationService client.
+    /// An IngestService client (admin token, which may publish).
+    pub fn ingest(&self) -> pb::ingest_service_client::IngestServiceClient<AuthChannel> {
+        pb::ingest_service_client::IngestServiceClient::new(as_admin(self.channel.clone()))
+    }
+
+    /// An IntegrationService client (admin).
     pub fn integrations(
         &self,
-    ) -> pb::integration_service_client::IntegrationServiceClient<Channel> {
-        pb::integration_service_client::IntegrationServiceClient::new(self.channel.clone())
+    ) -> pb::integration_service_client::IntegrationServiceClient<AuthChannel> {
+        pb::integration_service_client::IntegrationServiceClient::new(as_admin(
+            self.channel.clone(),
+        ))
     }
 
-    /// A PushScopeService client.
-    pub fn push_scopes(&self) -> pb::push_scope_service_client::PushScopeServiceClient<Channel> {
-        pb::push_scope_service_client::PushScopeServiceClient::new(self.channel.clone())
+    /// A PushScopeService client (admin).
+    pub fn push_scopes(
+        &self,
+    ) -> pb::push_scope_service_client::PushScopeServiceClient<AuthChannel> {
+        pb::push_scope_service_client::PushScopeServiceClient::new(as_admin(self.channel.clone()))
     }
 
     /// Creates integration `id` in `account`.
@@ -404,7 +413,7 @@ pub struct PublishStream {
 impl PublishStream {
     /// Opens a stream with `client`.
     pub async fn open(
-        mut client: pb::ingest_service_client::IngestServiceClient<Channel>,
+        mut client: pb::ingest_service_client::IngestServiceClient<AuthChannel>,
     ) -> anyhow::Result<Self> {
         let (tx, rx) = mpsc::channel(64);
         let call = client.publish(ReceiverStream::new(rx));

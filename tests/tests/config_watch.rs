@@ -9,9 +9,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use pushwire_common::domain::matching::Placement;
-use pushwire_common::domain::{AccountName, IntegrationName};
+use pushwire_common::domain::{AccountName, IntegrationName, Secret};
 use pushwire_common::pb::v1 as pb;
 use pushwire_control_plane::{Config, Listeners};
+use pushwire_tests::control_plane::{
+    AuthChannel, TEST_ADMIN_TOKEN, TEST_WORKER_TOKEN, as_admin, test_token_file, with_token,
+};
 use pushwire_worker::config_watch;
 use pushwire_worker::router::RoutingTable;
 use tokio::net::TcpListener;
@@ -39,6 +42,8 @@ impl ControlPlane {
         config.etcd_endpoints.clear();
         config.allow_insecure_http = true;
         config.shutdown_grace = Duration::from_secs(2);
+        config.access.admin_token = Some(Secret::new(TEST_ADMIN_TOKEN));
+        config.access.token_file = Some(test_token_file());
         let listeners = Listeners {
             grpc: TcpListener::bind(grpc)
                 .await
@@ -59,10 +64,12 @@ impl ControlPlane {
         })
     }
 
-    async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(format!("http://{}", self.addr))?
-            .connect()
-            .await?)
+    async fn channel(&self) -> anyhow::Result<AuthChannel> {
+        Ok(as_admin(
+            Channel::from_shared(format!("http://{}", self.addr))?
+                .connect()
+                .await?,
+        ))
     }
 
     async fn create_integration(&self, account: &str, id: &str) -> anyhow::Result<pb::Integration> {
@@ -155,7 +162,11 @@ async fn follows_the_control_plane_and_survives_its_restart() -> anyhow::Result<
     let channel = config_watch::endpoint(format!("http://{addr}"))?.connect_lazy();
     let (tx, mut rx) = watch::channel::<Table>(None);
     let shutdown = CancellationToken::new();
-    let watcher = tokio::spawn(config_watch::run(channel, tx, shutdown.clone()));
+    let watcher = tokio::spawn(config_watch::run(
+        with_token(channel, Some(TEST_WORKER_TOKEN)),
+        tx,
+        shutdown.clone(),
+    ));
 
     // Ready once the (empty) snapshot is in.
     let first = wait_for(&mut rx, "the first snapshot", |_| true).await?;
@@ -234,7 +245,11 @@ async fn waits_for_an_unreachable_control_plane_and_stops_on_shutdown() -> anyho
     let channel = config_watch::endpoint(format!("http://{addr}"))?.connect_lazy();
     let (tx, mut rx) = watch::channel::<Table>(None);
     let shutdown = CancellationToken::new();
-    let watcher = tokio::spawn(config_watch::run(channel, tx, shutdown.clone()));
+    let watcher = tokio::spawn(config_watch::run(
+        with_token(channel, Some(TEST_WORKER_TOKEN)),
+        tx,
+        shutdown.clone(),
+    ));
     let nothing = tokio::time::timeout(Duration::from_millis(300), rx.changed()).await;
     assert!(nothing.is_err(), "no table without a control plane");
     assert!(rx.borrow().is_none());

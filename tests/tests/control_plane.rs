@@ -835,8 +835,18 @@ async fn secrets_are_never_read_back_but_reach_workers() -> anyhow::Result<()> {
             .watch_config(pb::WatchConfigRequest { from_revision: 0 })
             .await?
             .into_inner();
+        // The feed may serve a snapshot from before the rotation: follow it until the rotation
+        // arrives (each read is bounded).
         let snapshot = next_msg(&mut watch).await?;
-        let cfg = &snapshot.snapshot.context("snapshot")?.integrations[0];
+        let mut cfg = snapshot.snapshot.context("snapshot")?.integrations[0].clone();
+        while cfg.signing_secrets.len() < 2 {
+            let msg = next_msg(&mut watch).await?;
+            for change in msg.changes {
+                if let Some(pb::config_change::Change::UpsertIntegration(c)) = change.change {
+                    cfg = c;
+                }
+            }
+        }
         assert_eq!(cfg.auth_header_value, HEADER);
         let secrets: Vec<_> = cfg
             .signing_secrets
@@ -1186,7 +1196,7 @@ async fn etcd_holds_the_records_and_replicas_share_them() -> anyhow::Result<()> 
         list_all(&first, "accounts/42").await?
     );
 
-    // Read etcd directly: the records sit under /pushwire/v1/.
+    // Read etcd directly: the records sit under /pushwire/v1/, beside the encryption check.
     let mut etcd = etcd_client::Client::connect([backends.etcd.endpoint()], None).await?;
     let keys = etcd
         .get(
@@ -1207,7 +1217,8 @@ async fn etcd_holds_the_records_and_replicas_share_them() -> anyhow::Result<()> 
         keys,
         [
             "/pushwire/v1/accounts/42/integrations/crm",
-            "/pushwire/v1/accounts/42/pushScopes/all"
+            "/pushwire/v1/accounts/42/pushScopes/all",
+            "/pushwire/v1/meta/encryption-check"
         ]
     );
     first.stop().await?;

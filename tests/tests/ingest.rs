@@ -1347,6 +1347,12 @@ async fn a_worker_refuses_participations_until_it_has_a_configuration() -> anyho
         };
         let mut worker_config_ = pushwire_worker::Config::defaults();
         worker_config_.control_plane = format!("http://{}", cp_listeners.grpc.local_addr()?);
+        worker_config_.control_plane_client.control_plane_token = Some(
+            pushwire_common::domain::Secret::new(pushwire_tests::control_plane::TEST_WORKER_TOKEN),
+        );
+        worker_config_.access.admin_token = Some(pushwire_common::domain::Secret::new(
+            pushwire_tests::control_plane::TEST_ADMIN_TOKEN,
+        ));
         let worker_listeners = pushwire_worker::Listeners {
             grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
             http: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
@@ -1378,7 +1384,9 @@ async fn a_worker_refuses_participations_until_it_has_a_configuration() -> anyho
             }
         };
         assert_eq!(status, ServingStatus::NotServing as i32);
-        let mut ingest = pb::ingest_service_client::IngestServiceClient::new(channel.clone());
+        let mut ingest = pb::ingest_service_client::IngestServiceClient::new(
+            pushwire_tests::control_plane::as_admin(channel.clone()),
+        );
         let refused = ingest
             .publish_one(request(ACCOUNT, COMPLETED))
             .await

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use pushwire_common::domain::Secret;
 use pushwire_common::pb::v1 as pb;
 use pushwire_common::signing;
+use pushwire_tests::control_plane::AuthChannel;
 use pushwire_tests::control_plane::{Backend, ControlPlane, test_config};
 use pushwire_tests::receiver::{Received, TestReceiver};
-use tonic::transport::Channel;
 
 const ACCOUNT: &str = "accounts/77";
 const SECRET: &str = "whsec_cGF5bG9hZC12YXJpYWJsZXMtdGVzdA==";
@@ -124,7 +124,7 @@ fn publish_request(json: &str) -> pb::PublishRequest {
 }
 
 /// Publishes [`PROBE`] until the worker is ready and routes it to every one of `names`.
-async fn wait_routed(channel: &Channel, names: &[&str]) -> anyhow::Result<()> {
+async fn wait_routed(channel: &AuthChannel, names: &[&str]) -> anyhow::Result<()> {
     let mut ingest = pb::ingest_service_client::IngestServiceClient::new(channel.clone());
     let deadline = Instant::now() + WAIT;
     loop {

@@ -282,20 +282,52 @@ async fn http_error_statuses_are_answers_and_410_disables_nothing() -> anyhow::R
 async fn ssrf_guard_refuses_loopback_without_the_allow_list() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let receiver = TestReceiver::http().await?;
-    // The production default: no --allow-cidr.
-    let cp = start(dir.path(), Delivery::default()).await?;
     let port = receiver.addr().port();
-    for (id, host) in [("literal", "127.0.0.1"), ("by-name", "localhost")] {
-        let url = format!("http://{host}:{port}/hook?token={QUERY_TOKEN}");
-        let mut i = integration(&url);
-        i.display_name = id.into();
-        let name = create(&cp, id, i).await?;
-        let resp = test_integration(&cp, &name).await??;
+    let urls = [("literal", "127.0.0.1"), ("by-name", "localhost")].map(|(id, host)| {
+        (
+            id,
+            host,
+            format!("http://{host}:{port}/hook?token={QUERY_TOKEN}"),
+        )
+    });
+
+    // The production default (no --allow-cidr) refuses such URLs when they are set...
+    let cp = start(dir.path(), Delivery::default()).await?;
+    for (id, host, url) in &urls {
+        let mut i = integration(url);
+        i.display_name = (*id).into();
+        let err = create(&cp, id, i).await.unwrap_err();
+        let status = err.downcast_ref::<tonic::Status>().expect("a gRPC error");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{url}");
+        assert!(
+            status.message().starts_with("integration.url: host ")
+                && status.message().contains(host)
+                && status.message().contains("is loopback"),
+            "{url}: {}",
+            status.message()
+        );
+    }
+    cp.stop().await?;
+
+    // ...and the worker's guard refuses to send to those stored while the allow-list allowed
+    // them: created with loopback allowed, tested after a restart without.
+    let cp = start(dir.path(), loopback()).await?;
+    let mut names = Vec::new();
+    for (id, _, url) in &urls {
+        let mut i = integration(url);
+        i.display_name = (*id).into();
+        names.push(create(&cp, id, i).await?);
+    }
+    cp.stop().await?;
+    let cp = start(dir.path(), Delivery::default()).await?;
+    for ((_, host, url), name) in urls.iter().zip(&names) {
+        let resp = test_integration(&cp, name).await??;
         assert_eq!(resp.status_code, 0, "{url}");
         assert!(
             resp.error
                 .starts_with(&format!("refused to connect to {host}: "))
-                && resp.error.ends_with(" is not public and not allow-listed"),
+                && resp.error.contains(" is loopback (")
+                && resp.error.ends_with(", not public and not allow-listed"),
             "{url}: {}",
             resp.error
         );

@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser};
+use pushwire_common::auth::{Authenticator, AuthenticatorBuilder, Bearer};
+use pushwire_common::domain::Secret;
 use pushwire_common::telemetry::LogFormat;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
 use crate::deliver::client::{ClientBuildError, ClientOptions, WebhookClient};
 use crate::deliver::dispatch::DispatchOptions;
@@ -149,6 +152,206 @@ pub struct IngestArgs {
     pub max_participation_bytes: usize,
 }
 
+/// Who may call a gRPC server and over what: tokens and TLS. Shared by the worker and the
+/// control plane.
+#[derive(Clone, Debug, Args)]
+pub struct AccessArgs {
+    /// JSON file of the accepted tokens, by SHA-256 (never the tokens themselves), each with a
+    /// role and accounts (see the README); reloaded within seconds when it changes. Health and
+    /// reflection need no token.
+    #[arg(long, env = "PUSHWIRE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// PUSHWIRE_ADMIN_TOKEN, from the environment only (never a flag: command lines are
+    /// visible to every local user): one more token, admin of every account, for
+    /// bootstrapping.
+    #[arg(skip = secret_from_env(pushwire_common::auth::ADMIN_TOKEN_ENV))]
+    pub admin_token: Option<Secret>,
+
+    /// PEM certificate chain of the gRPC server: with --tls-key, the server speaks TLS only.
+    #[arg(long, env = "PUSHWIRE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "PUSHWIRE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates: every client must then present a certificate they signed (mTLS).
+    #[arg(long, env = "PUSHWIRE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// Why the access settings are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// A file cannot be read.
+    #[error("{flag} {path}: {source}")]
+    File {
+        /// The flag naming it.
+        flag: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The token file is invalid.
+    #[error(transparent)]
+    TokenFile(#[from] pushwire_common::auth::TokenFileError),
+    /// A token cannot be sent.
+    #[error("{0}: {1}")]
+    Token(&'static str, pushwire_common::auth::InvalidToken),
+    /// Other TLS settings problems.
+    #[error("{0}")]
+    Tls(String),
+}
+
+/// Reads a file named by `flag`.
+pub fn read_file(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, AccessError> {
+    std::fs::read(path).map_err(|source| AccessError::File {
+        flag,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A secret from the environment variable `name`, when set and not blank.
+pub fn secret_from_env(name: &str) -> Option<Secret> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| Secret::new(v.trim()))
+}
+
+impl AccessArgs {
+    /// The defaults, as if given no flags (the environment's admin token aside).
+    pub fn defaults() -> Self {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            access: AccessArgs,
+        }
+        Only::parse_from(["access"]).access
+    }
+
+    /// The tokens accepted: the token file and `PUSHWIRE_ADMIN_TOKEN`, plus what `extra` adds.
+    /// An unreadable or invalid token file is an error.
+    pub fn authenticator(
+        &self,
+        extra: impl FnOnce(AuthenticatorBuilder) -> AuthenticatorBuilder,
+    ) -> Result<Authenticator, AccessError> {
+        let builder = Authenticator::builder()
+            .token_file(self.token_file.clone())
+            .admin_token(self.admin_token.as_ref());
+        let auth = extra(builder).build()?;
+        if auth.is_empty() && auth.token_file().is_none() {
+            tracing::warn!(
+                "no token configured (--token-file, PUSHWIRE_ADMIN_TOKEN): every call but health \
+                 and reflection will be refused with UNAUTHENTICATED"
+            );
+        }
+        Ok(auth)
+    }
+
+    /// The server's TLS settings, `None` without --tls-cert.
+    pub fn server_tls(&self) -> Result<Option<ServerTlsConfig>, AccessError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let identity =
+            Identity::from_pem(read_file("--tls-cert", cert)?, read_file("--tls-key", key)?);
+        let mut tls = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.tls_client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read_file("--tls-client-ca", ca)?));
+        }
+        Ok(Some(tls))
+    }
+}
+
+/// How the worker authenticates to the control plane: its token and TLS.
+#[derive(Clone, Debug, Args)]
+pub struct ControlPlaneClientArgs {
+    /// File holding the token (a `worker` token) this worker presents to the control plane.
+    /// Without it, the variable PUSHWIRE_CONTROL_PLANE_TOKEN.
+    #[arg(long, env = "PUSHWIRE_CONTROL_PLANE_TOKEN_FILE")]
+    pub control_plane_token_file: Option<PathBuf>,
+
+    /// PUSHWIRE_CONTROL_PLANE_TOKEN, from the environment only.
+    #[arg(skip = secret_from_env("PUSHWIRE_CONTROL_PLANE_TOKEN"))]
+    pub control_plane_token: Option<Secret>,
+
+    /// PEM CA certificates trusted for an https:// --control-plane (else the system's roots).
+    #[arg(long, env = "PUSHWIRE_CONTROL_PLANE_CA")]
+    pub control_plane_ca: Option<PathBuf>,
+
+    /// PEM client certificate presented to the control plane (mTLS), with --tls-client-key.
+    #[arg(long, env = "PUSHWIRE_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-client-cert.
+    #[arg(long, env = "PUSHWIRE_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+}
+
+impl ControlPlaneClientArgs {
+    /// The token to present: the token file's content (trimmed), else the variable.
+    pub fn bearer(&self) -> Result<Bearer, AccessError> {
+        let token = match &self.control_plane_token_file {
+            Some(path) => {
+                let bytes = read_file("--control-plane-token-file", path)?;
+                let text = String::from_utf8(bytes).map_err(|_| {
+                    AccessError::Tls("--control-plane-token-file: not UTF-8".into())
+                })?;
+                Some(Secret::new(text.trim()))
+            }
+            None => self.control_plane_token.clone(),
+        };
+        match token {
+            Some(t) if !t.expose().is_empty() => {
+                Bearer::new(&t).map_err(|e| AccessError::Token("control-plane token", e))
+            }
+            _ => {
+                tracing::warn!(
+                    "no control-plane token (--control-plane-token-file, \
+                     PUSHWIRE_CONTROL_PLANE_TOKEN): WatchConfig will be refused"
+                );
+                Ok(Bearer::none())
+            }
+        }
+    }
+
+    /// The endpoint of the control plane at `uri`, with TLS when it is https://.
+    pub fn endpoint(&self, uri: &str) -> Result<Endpoint, AccessError> {
+        let endpoint = crate::config_watch::endpoint(uri.to_owned())
+            .map_err(|e| AccessError::Tls(format!("--control-plane: {e}")))?;
+        let https = endpoint.uri().scheme_str() == Some("https");
+        if !https {
+            if self.control_plane_ca.is_some() || self.tls_client_cert.is_some() {
+                return Err(AccessError::Tls(
+                    "--control-plane-ca and --tls-client-cert need an https:// --control-plane"
+                        .into(),
+                ));
+            }
+            return Ok(endpoint);
+        }
+        let mut tls = ClientTlsConfig::new();
+        tls = match &self.control_plane_ca {
+            Some(ca) => {
+                tls.ca_certificate(Certificate::from_pem(read_file("--control-plane-ca", ca)?))
+            }
+            None => tls.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&self.tls_client_cert, &self.tls_client_key) {
+            tls = tls.identity(Identity::from_pem(
+                read_file("--tls-client-cert", cert)?,
+                read_file("--tls-client-key", key)?,
+            ));
+        }
+        endpoint
+            .tls_config(tls)
+            .map_err(|e| AccessError::Tls(format!("--control-plane TLS: {e}")))
+    }
+}
+
 /// Pushwire worker: watches the configuration, accepts participation streams and delivers
 /// them as signed webhooks.
 #[derive(Clone, Debug, Parser)]
@@ -163,13 +366,19 @@ pub struct Config {
     pub http_addr: SocketAddr,
 
     /// The control plane's gRPC address, for WatchConfig and for disabling integrations
-    /// that answer 410 Gone.
+    /// that answer 410 Gone; https:// for TLS.
     #[arg(
         long,
         env = "PUSHWIRE_CONTROL_PLANE",
         default_value = "http://127.0.0.1:50051"
     )]
     pub control_plane: String,
+
+    #[command(flatten)]
+    pub control_plane_client: ControlPlaneClientArgs,
+
+    #[command(flatten)]
+    pub access: AccessArgs,
 
     #[command(flatten)]
     pub ingest: IngestArgs,

@@ -19,8 +19,9 @@ use pushwire_common::pb::v1 as pb;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
+use crate::ControlPlaneChannel;
 use crate::router::RoutingTable;
 
 /// Largest `WatchConfig` message accepted by default: snapshots of big installations are
@@ -67,7 +68,7 @@ pub fn endpoint(uri: impl Into<String>) -> Result<Endpoint, tonic::transport::Er
 /// Watches the configuration through `channel` until `shutdown`, with the default options.
 /// See [`run_with`].
 pub async fn run(
-    channel: Channel,
+    channel: ControlPlaneChannel,
     table: watch::Sender<Option<Arc<RoutingTable>>>,
     shutdown: CancellationToken,
 ) {
@@ -75,12 +76,12 @@ pub async fn run(
 }
 
 /// Watches the configuration through `channel` (best made with `connect_lazy`, so it
-/// reconnects by itself) until `shutdown`, publishing each new table on `table`; `None` there
+/// reconnects by itself; its [`Bearer`](pushwire_common::auth::Bearer) a `worker` token) until `shutdown`, publishing each new table on `table`; `None` there
 /// means no snapshot has been applied yet (not ready). Asks from the revision of the table
 /// it has (0 for none); on any error or end of stream keeps that table and retries with a
 /// jittered backoff, resuming from its revision.
 pub async fn run_with(
-    channel: Channel,
+    channel: ControlPlaneChannel,
     table: watch::Sender<Option<Arc<RoutingTable>>>,
     shutdown: CancellationToken,
     opts: WatchOptions,
@@ -125,6 +126,20 @@ pub async fn run_with(
                     retry_in = ?delay,
                     "config watch: changes before any snapshot; re-syncing from a snapshot"
                 );
+            }
+            SessionError::Rpc(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) =>
+            {
+                tracing::error!(
+                    code = ?status.code(),
+                    message = status.message(),
+                    retry_in = ?delay,
+                    "config watch: the control plane refused this worker's credentials \
+                     (--control-plane-token-file must hold a worker token)"
+                )
             }
             SessionError::Rpc(status) => tracing::warn!(
                 code = ?status.code(),
@@ -216,7 +231,7 @@ impl Session<'_> {
     /// Follows one stream from `from` until it fails or ends; returns why.
     async fn follow(
         &mut self,
-        client: &mut ConfigServiceClient<Channel>,
+        client: &mut ConfigServiceClient<ControlPlaneChannel>,
         from: i64,
     ) -> SessionError {
         let mut stream = match client

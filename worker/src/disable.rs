@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use tonic::transport::Channel;
 
+use crate::ControlPlaneChannel;
 use crate::deliver::dispatch::DisableRequest;
 
 /// Capacity of the request channel: 410s are rare, and a full channel only means a later 410
@@ -27,7 +27,7 @@ const ATTEMPTS: u32 = 5;
 
 /// Runs until `requests` closes or `shutdown`.
 pub async fn run(
-    channel: Channel,
+    channel: ControlPlaneChannel,
     mut requests: mpsc::Receiver<DisableRequest>,
     shutdown: CancellationToken,
 ) {
@@ -52,7 +52,7 @@ pub async fn run(
 
 /// One request, retried while the control plane is unavailable; true once settled.
 async fn disable(
-    client: &mut IntegrationServiceClient<Channel>,
+    client: &mut IntegrationServiceClient<ControlPlaneChannel>,
     req: &DisableRequest,
     shutdown: &CancellationToken,
 ) -> bool {

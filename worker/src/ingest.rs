@@ -15,6 +15,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use pb::ingest_service_server::{IngestService, IngestServiceServer};
+use pushwire_common::auth::{self, Action, Principal};
 use pushwire_common::domain::matching::Placement;
 use pushwire_common::domain::{AccountName, IncompletePolicy, IntegrationName, convert};
 use pushwire_common::participation::{self, Participation};
@@ -328,9 +329,11 @@ impl Ingest {
     }
 
     /// Reads a Publish stream, delivering each request in its own task, at most `window` at a
-    /// time, sending responses on `out` as they complete.
+    /// time, sending responses on `out` as they complete. A request for an account `who` may
+    /// not use ends the stream with `PERMISSION_DENIED`, once what is in flight is settled.
     async fn drive(
         self,
+        who: Arc<Principal>,
         mut inbound: Streaming<pb::PublishRequest>,
         out: mpsc::Sender<Result<pb::PublishResponse, Status>>,
     ) {
@@ -351,6 +354,9 @@ impl Ingest {
             };
             match next {
                 Ok(Some(req)) => {
+                    if let Err(status) = permitted(&who, &req) {
+                        break Some(status);
+                    }
                     let this = self.clone();
                     let out = out.clone();
                     tasks.spawn(async move {
@@ -397,6 +403,15 @@ impl Ingest {
         } else if unacked {
             let _ = out.send(Err(shutting_down())).await;
         }
+    }
+}
+
+/// Whether `who` may publish `req`: to an account of its token. An account that does not
+/// parse is left to [`Ingest::check`], which refuses it in the response.
+fn permitted(who: &Principal, req: &pb::PublishRequest) -> Result<(), Status> {
+    match AccountName::parse(&req.account) {
+        Ok(account) => who.account(&account),
+        Err(_) => Ok(()),
     }
 }
 
@@ -489,9 +504,10 @@ impl IngestService for Ingest {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
+        let who = auth::authorize(&request, Action::Publish)?;
         self.ready_table()?;
         let (tx, rx) = mpsc::channel(self.opts.window);
-        tokio::spawn(self.clone().drive(request.into_inner(), tx));
+        tokio::spawn(self.clone().drive(who, request.into_inner(), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -499,6 +515,8 @@ impl IngestService for Ingest {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let who = auth::authorize(&request, Action::Publish)?;
+        permitted(&who, request.get_ref())?;
         self.ready_table()?;
         // A caller that hangs up drops this future and with it the deliveries: nobody is left
         // to take the acknowledgement, and the publisher re-publishes.

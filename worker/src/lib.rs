@@ -7,6 +7,7 @@
 //! - [`ingest`]: the gRPC `IngestService` (parse, route, acknowledge);
 //! - [`deliver`]: per-integration queues, breakers, retries, signing and the HTTP client;
 //! - [`disable`]: turns `410 Gone` answers into control-plane updates;
+//! - [`in_process`]: the in-memory channel of the worker embedded by `--with-worker`;
 //! - [`http`]: health, readiness and metrics; [`trace`]: W3C `traceparent`.
 
 pub mod config;
@@ -14,6 +15,7 @@ pub mod config_watch;
 pub mod deliver;
 pub mod disable;
 pub mod http;
+pub mod in_process;
 pub mod ingest;
 pub mod metrics;
 pub mod router;
@@ -22,6 +24,7 @@ pub mod trace;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pushwire_common::auth::Bearer;
 use pushwire_common::domain::{Integration, IntegrationName};
 use pushwire_common::pb::v1 as pb;
 use tokio::net::TcpListener;
@@ -29,14 +32,18 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 pub use config::Config;
-use config::{DeliveryArgs, DeliveryConfigError, IngestArgs};
+use config::{AccessError, DeliveryArgs, DeliveryConfigError, IngestArgs};
 use deliver::dispatch::{Dispatcher, IntegrationSource};
 use ingest::{Ingest, IngestOptions};
 use metrics::Metrics;
 use router::RoutingTable;
+
+/// A channel to the control plane whose calls carry the worker's token.
+pub type ControlPlaneChannel = InterceptedService<Channel, Bearer>;
 
 /// The routing table of the moment; `None` until the first snapshot.
 pub type TableWatch = watch::Receiver<Option<Arc<RoutingTable>>>;
@@ -50,6 +57,9 @@ pub enum RunError {
     /// The `--control-plane` address is not a URI.
     #[error("--control-plane: {0}")]
     ControlPlane(String),
+    /// Tokens or TLS settings are unusable.
+    #[error(transparent)]
+    Access(#[from] AccessError),
     /// A listener failed.
     #[error("server failed")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -105,13 +115,13 @@ impl IntegrationSource for TableSource {
 
 impl Worker {
     /// Starts the background parts, talking to the control plane through `control_plane`
-    /// (made with `connect_lazy`, so it reconnects by itself).
+    /// (made with `connect_lazy`, so it reconnects by itself; with a `worker` token).
     ///
     /// `intake` stops the intake: streams stop reading and end with `UNAVAILABLE` once what
     /// they hold is settled. `interrupt`, cancelled some grace period later, interrupts the
     /// deliveries still waiting (they are not acknowledged) and stops the background tasks.
     pub fn start(
-        control_plane: Channel,
+        control_plane: ControlPlaneChannel,
         ingest: &IngestArgs,
         delivery: &DeliveryArgs,
         intake: CancellationToken,
@@ -251,9 +261,19 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let channel = config_watch::endpoint(config.control_plane.clone())
-        .map_err(|e| RunError::ControlPlane(e.to_string()))?
-        .connect_lazy();
+    let channel = InterceptedService::new(
+        config
+            .control_plane_client
+            .endpoint(&config.control_plane)?
+            .connect_lazy(),
+        config.control_plane_client.bearer()?,
+    );
+    let auth = config.access.authenticator(|b| b)?;
+    let tls = config.access.server_tls()?;
+    tokio::spawn(
+        auth.clone()
+            .watch(pushwire_common::auth::RELOAD_INTERVAL, shutdown.clone()),
+    );
     let interrupt = CancellationToken::new();
     let worker = Worker::start(
         channel,
@@ -280,12 +300,20 @@ pub async fn run(
         grpc = ?listeners.grpc.local_addr().ok(),
         http = ?listeners.http.local_addr().ok(),
         control_plane = %config.control_plane,
+        tls = tls.is_some(),
         "worker listening"
     );
     let grpc_shutdown = shutdown.clone();
-    let grpc = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).map_err(|e| {
+            RunError::Access(AccessError::Tls(format!("--tls-cert/--tls-key: {e}")))
+        })?;
+    }
+    let grpc = server
         .trace_fn(pushwire_common::telemetry::grpc_server_span)
         .layer(worker.status.metrics.grpc.clone())
+        .layer(auth.layer())
         .add_service(health_service)
         .add_service(reflection)
         .add_service(worker.ingest_service())

@@ -53,6 +53,15 @@ fn parse_etag(field: &str, etag: &str) -> Result<i64, InvalidField> {
         .ok_or_else(|| InvalidField::new(field, "not an etag returned by this server"))
 }
 
+/// The etag of a revision: empty for 0 (not stored yet), which is how it is read back.
+fn etag_text(revision: i64) -> String {
+    if revision > 0 {
+        revision.to_string()
+    } else {
+        String::new()
+    }
+}
+
 /// Parses an etag as sent by a client: `None` when empty.
 pub fn etag(field: &str, etag: &str) -> Result<Option<i64>, InvalidField> {
     parse_etag(field, etag).map(|r| (r != 0).then_some(r))
@@ -279,7 +288,7 @@ impl From<&Integration> for pb::Integration {
             disabled_reason: i.disabled_reason.clone(),
             create_time: timestamp(i.create_time),
             update_time: timestamp(i.update_time),
-            etag: i.revision.to_string(),
+            etag: etag_text(i.revision),
             payload_variables: payload_variables_to_pb(i.payload_variables).into(),
         }
     }
@@ -383,7 +392,7 @@ impl From<&PushScope> for pb::PushScope {
             action: action_to_pb(s.action).into(),
             create_time: timestamp(s.create_time),
             update_time: timestamp(s.update_time),
-            etag: s.revision.to_string(),
+            etag: etag_text(s.revision),
         }
     }
 }

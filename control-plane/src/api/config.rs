@@ -7,6 +7,7 @@ use std::pin::Pin;
 use futures_util::Stream;
 use pb::config_change::Change as PbChange;
 use pb::config_service_server::ConfigService;
+use pushwire_common::auth::{Action, authorize};
 use pushwire_common::domain::convert::integration_config;
 use pushwire_common::pb::v1 as pb;
 use tokio::sync::mpsc;
@@ -80,6 +81,8 @@ impl ConfigService for ConfigApi {
         &self,
         request: Request<pb::WatchConfigRequest>,
     ) -> Result<Response<Self::WatchConfigStream>, Status> {
+        // Every account's configuration, secrets included: worker tokens for all accounts.
+        authorize(&request, Action::WatchConfig)?.all_accounts()?;
         let from = request.get_ref().from_revision;
         if from < 0 {
             return Err(Status::invalid_argument(

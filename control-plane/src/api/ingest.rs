@@ -5,6 +5,7 @@ use std::pin::Pin;
 
 use futures_util::Stream;
 use pb::ingest_service_server::IngestService;
+use pushwire_common::auth::{Action, authorize};
 use pushwire_common::pb::v1 as pb;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -24,15 +25,17 @@ impl IngestService for IngestApi {
 
     async fn publish(
         &self,
-        _request: Request<Streaming<pb::PublishRequest>>,
+        request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
+        authorize(&request, Action::Publish)?;
         Err(unimplemented())
     }
 
     async fn publish_one(
         &self,
-        _request: Request<pb::PublishRequest>,
+        request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        authorize(&request, Action::Publish)?;
         Err(unimplemented())
     }
 }

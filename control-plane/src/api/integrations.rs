@@ -5,6 +5,7 @@ use std::time::SystemTime;
 
 use pb::integration_service_server::IntegrationService;
 use prost::bytes::Bytes;
+use pushwire_common::auth::{Action, authorize};
 use pushwire_common::domain::convert;
 use pushwire_common::domain::{Integration, Secret};
 use pushwire_common::pb::v1 as pb;
@@ -111,14 +112,31 @@ fn patch(i: pb::Integration, paths: Option<&[String]>) -> Result<IntegrationPatc
     Ok(patch)
 }
 
+/// Whether an update only disables: a mask of `enabled` (and `disabled_reason`), with
+/// `enabled: false`. That is all a worker may do, after `410 Gone`; since a mask limits the
+/// change to the fields it names, nothing else can ride along.
+fn only_disables(req: &pb::UpdateIntegrationRequest) -> bool {
+    let (Some(mask), Some(i)) = (&req.update_mask, &req.integration) else {
+        return false;
+    };
+    mask.paths.iter().any(|p| p == "enabled")
+        && mask
+            .paths
+            .iter()
+            .all(|p| p == "enabled" || p == "disabled_reason")
+        && i.enabled == Some(false)
+}
+
 #[tonic::async_trait]
 impl IntegrationService for IntegrationApi {
     async fn create_integration(
         &self,
         request: Request<pb::CreateIntegrationRequest>,
     ) -> Result<Response<pb::Integration>, Status> {
+        let who = authorize(&request, Action::Manage)?;
         let req = request.into_inner();
         let account = account("parent", &req.parent)?;
+        who.account(&account)?;
         let integration = req
             .integration
             .ok_or_else(|| invalid("integration", "required"))?;
@@ -134,7 +152,9 @@ impl IntegrationService for IntegrationApi {
         &self,
         request: Request<pb::GetIntegrationRequest>,
     ) -> Result<Response<pb::Integration>, Status> {
+        let who = authorize(&request, Action::Read)?;
         let name = integration_name("name", &request.get_ref().name)?;
+        who.account(name.account())?;
         Ok(Response::new(
             (&self.catalog.get_integration(&name).await?).into(),
         ))
@@ -144,8 +164,10 @@ impl IntegrationService for IntegrationApi {
         &self,
         request: Request<pb::ListIntegrationsRequest>,
     ) -> Result<Response<pb::ListIntegrationsResponse>, Status> {
+        let who = authorize(&request, Action::Read)?;
         let req = request.into_inner();
         let account = account("parent", &req.parent)?;
+        who.account(&account)?;
         let page = self
             .catalog
             .list_integrations(
@@ -166,11 +188,18 @@ impl IntegrationService for IntegrationApi {
         &self,
         request: Request<pb::UpdateIntegrationRequest>,
     ) -> Result<Response<pb::Integration>, Status> {
+        // A worker may only disable (after 410 Gone); anything else is managing.
+        let action = match only_disables(request.get_ref()) {
+            true => Action::Disable,
+            false => Action::Manage,
+        };
+        let who = authorize(&request, action)?;
         let req = request.into_inner();
         let integration = req
             .integration
             .ok_or_else(|| invalid("integration", "required"))?;
         let name = integration_name("integration.name", &integration.name)?;
+        who.account(name.account())?;
         let etag = convert::etag("integration.etag", &integration.etag)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let paths = mask_paths(req.update_mask, UPDATABLE)?;
@@ -183,8 +212,10 @@ impl IntegrationService for IntegrationApi {
         &self,
         request: Request<pb::DeleteIntegrationRequest>,
     ) -> Result<Response<()>, Status> {
+        let who = authorize(&request, Action::Manage)?;
         let req = request.into_inner();
         let name = integration_name("name", &req.name)?;
+        who.account(name.account())?;
         let etag = convert::etag("etag", &req.etag)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.catalog
@@ -197,7 +228,9 @@ impl IntegrationService for IntegrationApi {
         &self,
         request: Request<pb::TestIntegrationRequest>,
     ) -> Result<Response<pb::TestIntegrationResponse>, Status> {
+        let who = authorize(&request, Action::Manage)?;
         let name = integration_name("name", &request.get_ref().name)?;
+        who.account(name.account())?;
         // Disabled integrations too: checking an endpoint before enabling it is the point.
         let integration = self.catalog.get_integration(&name).await?;
         let span = tracing::info_span!("test_integration", integration = %name);

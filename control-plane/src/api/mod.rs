@@ -18,6 +18,12 @@ use tonic::Status;
 use crate::service::ServiceError;
 use crate::store::StoreError;
 
+/// Largest request the admin services (integrations, push scopes, WatchConfig) decode: far
+/// above what valid input needs (a URL of 2 KiB, a header value of 4 KiB, a secret of 1 KiB);
+/// larger messages are refused before they are parsed (OUT_OF_RANGE, tonic's code for it,
+/// naming the limit).
+pub const MAX_ADMIN_REQUEST_BYTES: usize = 64 * 1024;
+
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
         match e {
@@ -26,6 +32,7 @@ impl From<ServiceError> for Status {
             ServiceError::AlreadyExists(m) => Status::already_exists(m),
             ServiceError::Aborted(m) => Status::aborted(m),
             ServiceError::FailedPrecondition(m) => Status::failed_precondition(m),
+            ServiceError::ResourceExhausted(m) => Status::resource_exhausted(m),
             ServiceError::Store(e @ StoreError::Unavailable(_)) => {
                 tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "store unavailable");
                 Status::unavailable("configuration store unavailable; retry later")

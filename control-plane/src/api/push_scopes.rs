@@ -1,6 +1,7 @@
 //! `pushwire.v1.PushScopeService`.
 
 use pb::push_scope_service_server::PushScopeService;
+use pushwire_common::auth::{Action, authorize};
 use pushwire_common::domain::convert;
 use pushwire_common::domain::matching::Placement;
 use pushwire_common::pb::v1 as pb;
@@ -80,8 +81,10 @@ impl PushScopeService for PushScopeApi {
         &self,
         request: Request<pb::CreatePushScopeRequest>,
     ) -> Result<Response<pb::PushScope>, Status> {
+        let who = authorize(&request, Action::Manage)?;
         let req = request.into_inner();
         let account = account("parent", &req.parent)?;
+        who.account(&account)?;
         let scope = req
             .push_scope
             .ok_or_else(|| invalid("push_scope", "required"))?;
@@ -97,7 +100,9 @@ impl PushScopeService for PushScopeApi {
         &self,
         request: Request<pb::GetPushScopeRequest>,
     ) -> Result<Response<pb::PushScope>, Status> {
+        let who = authorize(&request, Action::Read)?;
         let name = push_scope_name("name", &request.get_ref().name)?;
+        who.account(name.account())?;
         Ok(Response::new(
             (&self.catalog.get_push_scope(&name).await?).into(),
         ))
@@ -107,8 +112,10 @@ impl PushScopeService for PushScopeApi {
         &self,
         request: Request<pb::ListPushScopesRequest>,
     ) -> Result<Response<pb::ListPushScopesResponse>, Status> {
+        let who = authorize(&request, Action::Read)?;
         let req = request.into_inner();
         let account = account("parent", &req.parent)?;
+        who.account(&account)?;
         let integration = match req.integration.as_str() {
             "" => None,
             raw => {
@@ -143,11 +150,13 @@ impl PushScopeService for PushScopeApi {
         &self,
         request: Request<pb::UpdatePushScopeRequest>,
     ) -> Result<Response<pb::PushScope>, Status> {
+        let who = authorize(&request, Action::Manage)?;
         let req = request.into_inner();
         let scope = req
             .push_scope
             .ok_or_else(|| invalid("push_scope", "required"))?;
         let name = push_scope_name("push_scope.name", &scope.name)?;
+        who.account(name.account())?;
         let etag = convert::etag("push_scope.etag", &scope.etag).map_err(bad)?;
         let paths = mask_paths(req.update_mask, UPDATABLE)?;
         let updated = self
@@ -161,8 +170,10 @@ impl PushScopeService for PushScopeApi {
         &self,
         request: Request<pb::DeletePushScopeRequest>,
     ) -> Result<Response<()>, Status> {
+        let who = authorize(&request, Action::Manage)?;
         let req = request.into_inner();
         let name = push_scope_name("name", &req.name)?;
+        who.account(name.account())?;
         let etag = convert::etag("etag", &req.etag).map_err(bad)?;
         self.catalog.delete_push_scope(&name, etag).await?;
         Ok(Response::new(()))
@@ -172,8 +183,10 @@ impl PushScopeService for PushScopeApi {
         &self,
         request: Request<pb::ResolvePushesRequest>,
     ) -> Result<Response<pb::ResolvePushesResponse>, Status> {
+        let who = authorize(&request, Action::Read)?;
         let req = request.into_inner();
         let account = account("account", &req.account)?;
+        who.account(&account)?;
         let campaign_id = optional_id("campaign_id", &req.campaign_id)?
             .ok_or_else(|| invalid("campaign_id", "required"))?;
         let identified = req.identified.ok_or_else(|| {

@@ -16,6 +16,7 @@ use pushwire_common::domain::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::crypto::Keyring;
 use crate::store::keys::{self, Parsed};
 use crate::store::records::{self, Record};
 use crate::store::{Event, Store, StoreError, WatchBatch};
@@ -130,8 +131,8 @@ impl ConfigFeed {
 
     /// Keeps the feed in step with the store until `shutdown`: load everything, watch from the
     /// next revision, reload when the watch's start was compacted, back off while the store is
-    /// unreachable.
-    pub async fn run(self, store: Arc<dyn Store>, shutdown: CancellationToken) {
+    /// unreachable. `keys` decrypt the secrets in records.
+    pub async fn run(self, store: Arc<dyn Store>, keys: Arc<Keyring>, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut resume_from: Option<i64> = None;
         while !shutdown.is_cancelled() {
@@ -144,7 +145,7 @@ impl ConfigFeed {
                     };
                     match range {
                         Ok(range) => {
-                            self.reload(range.revision, &range.kvs);
+                            self.reload(range.revision, &range.kvs, &keys);
                             range.revision + 1
                         }
                         Err(e) => {
@@ -173,7 +174,7 @@ impl ConfigFeed {
                     Some(Ok(batch)) => {
                         backoff.reset();
                         resume_from = Some(batch.revision + 1);
-                        self.apply(batch);
+                        self.apply(batch, &keys);
                     }
                     Some(Err(e)) => {
                         resume_from = self.after_error(e, resume_from.unwrap_or(from));
@@ -203,11 +204,11 @@ impl ConfigFeed {
         }
     }
 
-    fn reload(&self, revision: i64, kvs: &[crate::store::KeyValue]) {
+    fn reload(&self, revision: i64, kvs: &[crate::store::KeyValue], keys: &Keyring) {
         let mut integrations = BTreeMap::new();
         let mut push_scopes = BTreeMap::new();
         for kv in kvs {
-            match records::decode(kv) {
+            match records::decode(kv, keys) {
                 Ok(Some(Record::Integration(i))) => {
                     integrations.insert(kv.key.clone(), Arc::new(i));
                 }
@@ -233,12 +234,12 @@ impl ConfigFeed {
         self.revision_tx.send_replace(revision);
     }
 
-    fn apply(&self, batch: WatchBatch) {
+    fn apply(&self, batch: WatchBatch, keys: &Keyring) {
         let mut changes = Vec::with_capacity(batch.events.len());
         let mut state = self.write();
         for event in batch.events {
             match event {
-                Event::Put(kv) => match records::decode(&kv) {
+                Event::Put(kv) => match records::decode(&kv, keys) {
                     Ok(Some(Record::Integration(i))) => {
                         let i = Arc::new(i);
                         state.integrations.insert(kv.key, i.clone());

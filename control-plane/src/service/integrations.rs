@@ -97,6 +97,16 @@ impl Catalog {
                     integration.name
                 )));
             }
+            // Guarded like the unique display name: a concurrent create makes the prefix
+            // compare below fail, and the count is taken again.
+            let max = self.opts.max_integrations_per_account;
+            if view.integrations.len() >= max {
+                return Err(ServiceError::ResourceExhausted(format!(
+                    "{account} has {} integrations, the most allowed per account \
+                     (--max-integrations-per-account {max}); delete one first",
+                    view.integrations.len()
+                )));
+            }
             check_unique_display_name(&view, &integration)?;
             let key = records::integration_key(&integration.name);
             let txn = Txn {
@@ -109,7 +119,7 @@ impl Catalog {
                 ],
                 ops: vec![Op::Put {
                     key,
-                    value: records::encode_integration(&integration),
+                    value: records::encode_integration(&integration, &self.keys),
                 }],
             };
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
@@ -123,7 +133,8 @@ impl Catalog {
     /// Reads one integration.
     pub async fn get_integration(&self, name: &IntegrationName) -> Result<Integration> {
         let kv = self.store.get(&records::integration_key(name)).await?;
-        match kv.as_ref().map(records::decode).transpose()?.flatten() {
+        let record = kv.map(|kv| records::decode(&kv, &self.keys));
+        match record.transpose()?.flatten() {
             Some(Record::Integration(i)) => Ok(i),
             _ => Err(ServiceError::NotFound(name.to_string())),
         }
@@ -141,7 +152,7 @@ impl Catalog {
             .await?;
         let mut items = Vec::with_capacity(range.kvs.len());
         for kv in &range.kvs {
-            if let Some(Record::Integration(i)) = records::decode(kv)? {
+            if let Some(Record::Integration(i)) = records::decode(kv, &self.keys)? {
                 items.push((i.name.id().to_owned(), i));
             }
         }
@@ -179,7 +190,7 @@ impl Catalog {
                 compares,
                 ops: vec![Op::Put {
                     key,
-                    value: records::encode_integration(&updated),
+                    value: records::encode_integration(&updated, &self.keys),
                 }],
             };
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
@@ -257,6 +268,9 @@ impl Catalog {
         }
         if let Some(url) = patch.url {
             validate::endpoint_url("integration.url", &url, self.opts.allow_insecure_http)?;
+            // Only a URL being set: an integration stored under another allow-list stays
+            // updatable (disabling it, say); the worker's guard still refuses to deliver.
+            validate::endpoint_host("integration.url", &url, &self.opts.ssrf_allow)?;
             i.url = url;
         }
         // Creation checks the required fields here too, so a create without them fails

@@ -15,12 +15,14 @@ use std::time::Duration;
 use base64::Engine as _;
 use pushwire_common::domain::convert::InvalidField;
 use pushwire_common::domain::{AccountName, Integration, PushScope};
+use pushwire_worker::deliver::ssrf::AllowList;
 use rand::Rng as _;
 
 pub use feed::{Change, ConfigFeed, FeedUpdate, FeedView};
 pub use integrations::{AuthHeaderInput, IntegrationPatch};
 pub use push_scopes::PushScopePatch;
 
+use crate::crypto::Keyring;
 use crate::store::records::{self, Record};
 use crate::store::{Store, StoreError, keys};
 
@@ -48,6 +50,9 @@ pub enum ServiceError {
     /// The request conflicts with the state (e.g. a scope for a missing integration).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A per-account limit is reached (e.g. `--max-integrations-per-account`).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -56,6 +61,11 @@ pub enum ServiceError {
 /// Result of the service layer.
 pub type Result<T, E = ServiceError> = std::result::Result<T, E>;
 
+/// Default of `--max-integrations-per-account`.
+pub const DEFAULT_MAX_INTEGRATIONS_PER_ACCOUNT: usize = 100;
+/// Default of `--max-push-scopes-per-account`.
+pub const DEFAULT_MAX_PUSH_SCOPES_PER_ACCOUNT: usize = 1000;
+
 /// Settings of the [`Catalog`].
 #[derive(Clone, Debug)]
 pub struct CatalogOptions {
@@ -63,6 +73,13 @@ pub struct CatalogOptions {
     pub allow_insecure_http: bool,
     /// How long a replaced signing secret keeps signing beside the new one.
     pub secret_rotation_grace: Duration,
+    /// The SSRF allow-list (`--allow-cidr`): URLs whose host is a literal non-public address,
+    /// or a `localhost` name, are refused at create and update unless it allows them.
+    pub ssrf_allow: AllowList,
+    /// Most integrations one account may have.
+    pub max_integrations_per_account: usize,
+    /// Most push scopes one account may have.
+    pub max_push_scopes_per_account: usize,
 }
 
 impl Default for CatalogOptions {
@@ -70,6 +87,9 @@ impl Default for CatalogOptions {
         Self {
             allow_insecure_http: false,
             secret_rotation_grace: Duration::from_secs(24 * 3600),
+            ssrf_allow: AllowList::default(),
+            max_integrations_per_account: DEFAULT_MAX_INTEGRATIONS_PER_ACCOUNT,
+            max_push_scopes_per_account: DEFAULT_MAX_PUSH_SCOPES_PER_ACCOUNT,
         }
     }
 }
@@ -78,6 +98,8 @@ impl Default for CatalogOptions {
 #[derive(Clone)]
 pub struct Catalog {
     store: Arc<dyn Store>,
+    /// Encrypt and decrypt the secrets in records.
+    keys: Arc<Keyring>,
     opts: CatalogOptions,
 }
 
@@ -116,9 +138,9 @@ pub struct Page<T> {
 }
 
 impl Catalog {
-    /// A catalog over `store`.
-    pub fn new(store: Arc<dyn Store>, opts: CatalogOptions) -> Self {
-        Self { store, opts }
+    /// A catalog over `store`, its records' secrets encrypted with `keys`.
+    pub fn new(store: Arc<dyn Store>, keys: Arc<Keyring>, opts: CatalogOptions) -> Self {
+        Self { store, keys, opts }
     }
 
     /// The store behind the catalog.
@@ -137,7 +159,7 @@ impl Catalog {
             scopes: BTreeMap::new(),
         };
         for kv in &range.kvs {
-            match records::decode(kv)? {
+            match records::decode(kv, &self.keys)? {
                 Some(Record::Integration(i)) => {
                     view.integrations.insert(i.name.id().to_owned(), i);
                 }

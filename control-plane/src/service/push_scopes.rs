@@ -145,6 +145,16 @@ impl Catalog {
                     "{name} already exists"
                 )));
             }
+            // Guarded by the prefix compare below: concurrent creates cannot both take the
+            // last place.
+            let max = self.opts.max_push_scopes_per_account;
+            if view.scopes.len() >= max {
+                return Err(ServiceError::ResourceExhausted(format!(
+                    "{account} has {} push scopes, the most allowed per account \
+                     (--max-push-scopes-per-account {max}); delete one first",
+                    view.scopes.len()
+                )));
+            }
             let mut scope = PushScope {
                 name: name.clone(),
                 integration: integration.clone(),
@@ -182,7 +192,8 @@ impl Catalog {
     /// Reads one push scope.
     pub async fn get_push_scope(&self, name: &PushScopeName) -> Result<PushScope> {
         let kv = self.store.get(&records::push_scope_key(name)).await?;
-        match kv.as_ref().map(records::decode).transpose()?.flatten() {
+        let record = kv.map(|kv| records::decode(&kv, &self.keys));
+        match record.transpose()?.flatten() {
             Some(Record::PushScope(s)) => Ok(s),
             _ => Err(ServiceError::NotFound(name.to_string())),
         }
@@ -201,7 +212,7 @@ impl Catalog {
             .await?;
         let mut items = Vec::with_capacity(range.kvs.len());
         for kv in &range.kvs {
-            if let Some(Record::PushScope(s)) = records::decode(kv)?
+            if let Some(Record::PushScope(s)) = records::decode(kv, &self.keys)?
                 && integration.is_none_or(|i| &s.integration == i)
             {
                 items.push((s.name.id().to_owned(), s));

@@ -1,16 +1,25 @@
-//! Admin-input rules for integrations: display names, endpoint URLs, the auth header and
-//! signing secrets. Each failure names the field it is about. Pure functions, no I/O.
+//! Admin-input rules for integrations: display names, endpoint URLs (and the early SSRF
+//! check of their host), the auth header and signing secrets. Each failure names the field it
+//! is about. Pure functions, no I/O.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use base64::Engine as _;
 use pushwire_common::domain::convert::InvalidField;
+use pushwire_worker::deliver::ssrf::{self, AllowList};
 
 /// Longest display name, in characters.
 pub const MAX_DISPLAY_NAME_CHARS: usize = 100;
-const MAX_URL_BYTES: usize = 2048;
-const MAX_HEADER_NAME_BYTES: usize = 256;
-const MAX_HEADER_VALUE_BYTES: usize = 8 * 1024;
-const MAX_SECRET_BYTES: usize = 1024;
-const MAX_REASON_CHARS: usize = 500;
+/// Longest endpoint URL, in bytes.
+pub const MAX_URL_BYTES: usize = 2048;
+/// Longest auth header name, in bytes.
+pub const MAX_HEADER_NAME_BYTES: usize = 256;
+/// Longest auth header value, in bytes.
+pub const MAX_HEADER_VALUE_BYTES: usize = 4 * 1024;
+/// Longest signing secret, in bytes.
+pub const MAX_SECRET_BYTES: usize = 1024;
+/// Longest `disabled_reason`, in characters.
+pub const MAX_REASON_CHARS: usize = 500;
 
 /// Headers Pushwire sets itself (or that HTTP/1.1 framing owns): an auth header may not
 /// replace them. Compared case-insensitively.
@@ -97,6 +106,50 @@ pub fn endpoint_url(field: &str, raw: &str, allow_http: bool) -> Result<(), Inva
     Ok(())
 }
 
+/// Refuses early a URL whose host is a literal IP address that is not public, or a
+/// `localhost` name (RFC 6761: always loopback), unless the SSRF allow-list (`--allow-cidr`)
+/// lets it through; the reason names the address class, as the worker's guard does. Host names
+/// are not resolved here (DNS may answer differently at delivery time): the worker vets every
+/// address it dials. `raw` is expected to have passed [`endpoint_url`]; anything that does not
+/// parse is left to it.
+pub fn endpoint_host(field: &str, raw: &str, allow: &AllowList) -> Result<(), InvalidField> {
+    const HINT: &str =
+        "webhooks go to public addresses (a server may allow a network with --allow-cidr)";
+    let Ok(url) = url::Url::parse(raw) else {
+        return Ok(());
+    };
+    let ip = match url.host() {
+        Some(url::Host::Ipv4(v4)) => IpAddr::V4(v4),
+        Some(url::Host::Ipv6(v6)) => IpAddr::V6(v6),
+        Some(url::Host::Domain(name)) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            let localhost = name == "localhost" || name.ends_with(".localhost");
+            if localhost
+                && !allow.allows(Ipv4Addr::LOCALHOST.into())
+                && !allow.allows(Ipv6Addr::LOCALHOST.into())
+            {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "host {name:?} is loopback (localhost names, 127.0.0.0/8 and ::1), not public and not allow-listed; {HINT}"
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        None => return Ok(()),
+    };
+    ssrf::vet(ip, allow).map_err(|blocked| {
+        let class = blocked.class;
+        let reason = if class.may_be_allow_listed() {
+            format!("host {ip} is {class}, {}; {HINT}", class.verdict())
+        } else {
+            format!("host {ip} is {class}, {}", class.verdict())
+        };
+        invalid(field, reason)
+    })
+}
+
 /// An HTTP token (RFC 9110 `tchar`s) that is not a header Pushwire sets itself.
 pub fn header_name(field: &str, name: &str) -> Result<(), InvalidField> {
     if name.is_empty() {
@@ -125,8 +178,9 @@ pub fn header_name(field: &str, name: &str) -> Result<(), InvalidField> {
     Ok(())
 }
 
-/// A non-empty header value of visible ASCII, spaces and tabs, without CR or LF. The value is
-/// secret: it is never echoed in the error.
+/// A non-empty header value of at most 4 KiB: visible ASCII, spaces and tabs, without CR or
+/// LF, and neither starting nor ending with a space or tab (RFC 9110 `field-value`, less
+/// `obs-text`). The value is secret: it is never echoed in the error.
 pub fn header_value(field: &str, value: &str) -> Result<(), InvalidField> {
     if value.is_empty() {
         return Err(invalid(field, "required when auth_header.name is set"));
@@ -148,6 +202,9 @@ pub fn header_value(field: &str, value: &str) -> Result<(), InvalidField> {
             field,
             "must be visible ASCII characters, spaces or tabs",
         ));
+    }
+    if value.starts_with([' ', '\t']) || value.ends_with([' ', '\t']) {
+        return Err(invalid(field, "must not start or end with a space or tab"));
     }
     Ok(())
 }
@@ -211,6 +268,114 @@ mod tests {
     }
 
     #[test]
+    fn literal_non_public_hosts_are_refused_early() {
+        let none = AllowList::default();
+        let loopback = AllowList::parse(["127.0.0.0/8"]).unwrap();
+        let v6_loopback = AllowList::parse(["::1/128"]).unwrap();
+        for ok in [
+            "https://crm.example.com/hook",
+            "https://8.8.8.8/",
+            "https://[2606:4700:4700::1111]/",
+            "https://internal.corp.example/", // names are not resolved here
+            "https://localhost.example.com/",
+            "https://notlocalhost/",
+        ] {
+            assert_eq!(endpoint_host("url", ok, &none), Ok(()), "{ok}");
+        }
+        // (URL, text the reason holds)
+        for (bad, why) in [
+            (
+                "http://127.0.0.1:9000/",
+                "host 127.0.0.1 is loopback (127.0.0.0/8)",
+            ),
+            ("http://2130706433/", "host 127.0.0.1 is loopback"),
+            ("http://0x7f.1/", "host 127.0.0.1 is loopback"),
+            ("http://[::1]/", "host ::1 is loopback (::1)"),
+            ("https://10.1.2.3/", "private (RFC 1918, 10.0.0.0/8)"),
+            ("https://172.16.0.1/", "private (RFC 1918, 172.16.0.0/12)"),
+            ("https://192.168.1.1/", "private (RFC 1918, 192.168.0.0/16)"),
+            ("https://100.64.0.1/", "carrier-grade NAT (100.64.0.0/10)"),
+            (
+                "http://169.254.169.254/latest/",
+                "cloud metadata (169.254.169.254), never contacted",
+            ),
+            ("https://169.254.1.1/", "link-local (169.254.0.0/16)"),
+            ("https://198.18.0.1/", "benchmarking (198.18.0.0/15)"),
+            ("https://192.0.2.1/", "documentation (TEST-NET-1"),
+            ("https://224.0.0.1/", "multicast (224.0.0.0/4)"),
+            ("https://255.255.255.255/", "broadcast (255.255.255.255)"),
+            ("https://0.0.0.0/", "unspecified (0.0.0.0)"),
+            ("https://240.0.0.1/", "reserved (240.0.0.0/4)"),
+            ("https://[::]/", "unspecified (::)"),
+            (
+                "https://[::ffff:10.0.0.1]/",
+                "IPv4-mapped (::ffff:0:0/96) form of 10.0.0.1, private",
+            ),
+            (
+                "https://[::10.0.0.1]/",
+                "IPv4-compatible (::/96, deprecated)",
+            ),
+            (
+                "https://[64:ff9b::a9fe:a9fe]/",
+                "NAT64 (64:ff9b::/96) form of 169.254.169.254",
+            ),
+            (
+                "https://[2002:c0a8:101::1]/",
+                "6to4 (2002::/16) form of 192.168.1.1, private",
+            ),
+            ("https://[2001::1]/", "Teredo (2001::/32)"),
+            ("https://[fd00::1]/", "unique local (fc00::/7)"),
+            ("https://[fe80::1]/", "link-local (fe80::/10)"),
+            ("https://[fec0::1]/", "site-local (fec0::/10"),
+            ("https://[ff02::1]/", "multicast (ff00::/8)"),
+            ("https://[2001:db8::1]/", "documentation (2001:db8::/32)"),
+            ("https://[2001:2::1]/", "benchmarking (2001:2::/48)"),
+            (
+                "https://[fd00:ec2::254]/",
+                "cloud metadata (AWS fd00:ec2::254)",
+            ),
+            ("http://localhost:9000/", "host \"localhost\" is loopback"),
+            ("http://LOCALHOST./", "host \"localhost\" is loopback"),
+            (
+                "http://api.localhost/",
+                "host \"api.localhost\" is loopback",
+            ),
+        ] {
+            let err = endpoint_host("integration.url", bad, &none).unwrap_err();
+            assert_eq!(err.field, "integration.url");
+            assert!(err.reason.contains(why), "{bad}: {err}");
+            let allowable = !err.reason.contains("cloud metadata");
+            assert_eq!(
+                err.reason.contains("--allow-cidr"),
+                allowable,
+                "{bad}: {err}"
+            );
+        }
+        // The allow-list lets loopback through, localhost names included.
+        for ok in [
+            "http://127.0.0.1:9000/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://localhost:9000/",
+            "http://api.localhost/",
+        ] {
+            assert_eq!(endpoint_host("url", ok, &loopback), Ok(()), "{ok}");
+        }
+        assert_eq!(
+            endpoint_host("url", "http://localhost/", &v6_loopback),
+            Ok(())
+        );
+        assert!(endpoint_host("url", "http://[::1]/", &loopback).is_err());
+        assert!(endpoint_host("url", "http://10.0.0.1/", &loopback).is_err());
+        // Never cloud metadata, whatever the allow-list says.
+        let everything = AllowList::parse(["0.0.0.0/0", "::/0"]).unwrap();
+        assert!(endpoint_host("url", "http://169.254.169.254/", &everything).is_err());
+        assert_eq!(
+            endpoint_host("url", "http://10.0.0.1/", &everything),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn headers() {
         assert!(header_name("n", "Authorization").is_ok());
         assert!(header_name("n", "X-Api-Key").is_ok());
@@ -226,7 +391,21 @@ mod tests {
             assert!(header_name("n", bad).is_err(), "{bad}");
         }
         assert!(header_value("v", "Bearer abc.def").is_ok());
-        for bad in ["", "a\r\nX-Evil: 1", "a\nb", "caf\u{e9}"] {
+        assert!(header_value("v", "a\tb c").is_ok());
+        assert!(header_value("v", &"x".repeat(MAX_HEADER_VALUE_BYTES)).is_ok());
+        assert!(header_name("n", &"x".repeat(MAX_HEADER_NAME_BYTES)).is_ok());
+        assert!(header_name("n", &"x".repeat(MAX_HEADER_NAME_BYTES + 1)).is_err());
+        for bad in [
+            "",
+            "a\r\nX-Evil: 1",
+            "a\nb",
+            "caf\u{e9}",
+            " leading",
+            "trailing\t",
+            "nul\0byte",
+            "del\u{7f}",
+            &"x".repeat(MAX_HEADER_VALUE_BYTES + 1),
+        ] {
             let err = header_value("v", bad).unwrap_err();
             assert!(!err.to_string().contains(bad) || bad.is_empty(), "{err}");
         }

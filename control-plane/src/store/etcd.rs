@@ -71,7 +71,11 @@ impl EtcdStore {
         let options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT);
+            .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT)
+            // A member cut off from its cluster (a partition, an election in progress) then
+            // fails calls at once and ends our watch, instead of keeping a watch that silently
+            // receives nothing: the config feed re-watches, through a member with a leader.
+            .with_require_leader(true);
         let client = bounded(Client::connect(endpoints, Some(options))).await?;
         let store = Self {
             client,

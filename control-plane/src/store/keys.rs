@@ -3,12 +3,17 @@
 //! ```text
 //! /pushwire/v1/accounts/{account}/integrations/{integration}   IntegrationRecord (protobuf)
 //! /pushwire/v1/accounts/{account}/pushScopes/{scope}           PushScopeRecord (protobuf)
+//! /pushwire/v1/meta/encryption-check                           EncryptionCheckRecord (protobuf)
 //! ```
 //!
 //! Prefixes always end with `/`, so account `4` never matches account `42`.
 
 /// Prefix of every Pushwire key.
 pub const ROOT: &str = "/pushwire/v1/";
+
+/// A known text encrypted with the keys of the secrets at rest: a control plane whose keys do
+/// not decrypt it refuses to start (see `store::encryption`).
+pub const ENCRYPTION_CHECK: &str = "/pushwire/v1/meta/encryption-check";
 
 /// Prefix of everything stored for one account.
 pub fn account_prefix(account: &str) -> String {
@@ -80,6 +85,7 @@ mod tests {
             "/pushwire/v1/accounts/42/other/x",
             "/pushwire/v1/accounts/42/integrations/",
             "/pushwire/v1/accounts/42/integrations/a/b",
+            ENCRYPTION_CHECK,
             "/elsewhere/accounts/42/integrations/a",
         ] {
             assert_eq!(parse(k), None, "{k}");

@@ -5,6 +5,7 @@
 //! Nothing above this module sees an etcd or redb type; record encoding lives in `records.rs`.
 
 mod embedded;
+pub mod encryption;
 mod etcd;
 pub mod keys;
 pub mod metered;

@@ -107,6 +107,31 @@ Where the control plane keeps its configuration: "external" (controlPlane.flags.
 {{- if or .Values.extraCa.existingSecret .Values.extraCa.existingConfigMap }}true{{ end }}
 {{- end }}
 
+{{/* "true" when controlPlane.extraEnv sets PUSHWIRE_ENCRYPTION_KEY (one key, no file). */}}
+{{- define "pushwire.encryption.fromEnv" -}}
+{{- range .Values.controlPlane.extraEnv }}
+{{- if eq (toString .name) "PUSHWIRE_ENCRYPTION_KEY" }}true{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret this chart creates with a random encryption key: only with etcd (the
+embedded store generates its own key on its volume), with encryption.generate, and when no key
+is given otherwise (encryption.existingSecret, controlPlane.flags.encryptionKeyFile,
+PUSHWIRE_ENCRYPTION_KEY in controlPlane.extraEnv). Empty when none.
+*/}}
+{{- define "pushwire.encryption.generatedSecret" -}}
+{{- $enc := .Values.encryption }}
+{{- if and $enc.generate (not $enc.existingSecret) (not .Values.controlPlane.flags.encryptionKeyFile) (not (include "pushwire.encryption.fromEnv" .)) (ne (include "pushwire.store" .) "embedded") }}
+{{- printf "%s-encryption" (include "pushwire.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret mounted at /etc/pushwire/encryption: encryption.existingSecret or the generated one. */}}
+{{- define "pushwire.encryption.secret" -}}
+{{- default (include "pushwire.encryption.generatedSecret" .) .Values.encryption.existingSecret }}
+{{- end }}
+
 {{/*
 The flags of one component, as a dict keyed by camelCase flag name: sharedFlags, overridden by
 the component's own flags when set there (not null), then the values the chart derives.
@@ -128,6 +153,9 @@ Call with (dict "root" $ "component" "controlPlane"|"worker"); returns YAML (fro
 {{- $_ := set $flags "extraCaFile" (printf "/etc/pushwire/extra-ca/%s" $root.Values.extraCa.key) }}
 {{- end }}
 {{- if eq .component "controlPlane" }}
+{{- if and (include "pushwire.encryption.secret" $root) (not $flags.encryptionKeyFile) }}
+{{- $_ := set $flags "encryptionKeyFile" (printf "/etc/pushwire/encryption/%s" $root.Values.encryption.key) }}
+{{- end }}
 {{- if eq (include "pushwire.store" $root) "bundled" }}
 {{- $_ := set $flags "etcdEndpoints" (list (printf "http://%s:2379" (include "pushwire.etcd.fullname" $root))) }}
 {{- end }}
@@ -230,6 +258,33 @@ Call with the dict of "pushwire.flags".
 {{- end }}
 {{- end }}
 
+{{/*
+Volume and mount of the control plane's encryption key file, read-only. With the pod's fsGroup
+the file is readable by the owner (root) and that group only (0440); without, Kubernetes'
+default (0644).
+*/}}
+{{- define "pushwire.encryption.volume" -}}
+{{- with include "pushwire.encryption.secret" . }}
+- name: encryption-key
+  secret:
+    secretName: {{ . }}
+    {{- if $.Values.podSecurityContext.fsGroup }}
+    defaultMode: 288 # 0440
+    {{- end }}
+    items:
+      - key: {{ $.Values.encryption.key }}
+        path: {{ $.Values.encryption.key }}
+{{- end }}
+{{- end }}
+
+{{- define "pushwire.encryption.mount" -}}
+{{- if include "pushwire.encryption.secret" . }}
+- name: encryption-key
+  mountPath: /etc/pushwire/encryption
+  readOnly: true
+{{- end }}
+{{- end }}
+
 {{/* A preferred anti-affinity over nodes for one component, unless affinity is given. */}}
 {{- define "pushwire.affinity" -}}
 {{- $values := index .root.Values .component }}
@@ -270,6 +325,15 @@ podAntiAffinity:
 {{- end }}
 {{- if and (not .Values.worker.enabled) (not .Values.controlPlane.flags.withWorker) }}
 {{- fail "worker.enabled=false and controlPlane.flags.withWorker is not true: nothing would deliver webhooks; enable one of them" }}
+{{- end }}
+{{- $enc := .Values.encryption }}
+{{- $keyFile := .Values.controlPlane.flags.encryptionKeyFile }}
+{{- $keyEnv := include "pushwire.encryption.fromEnv" . }}
+{{- if and $keyEnv (or $enc.existingSecret $keyFile) }}
+{{- fail "controlPlane.extraEnv sets PUSHWIRE_ENCRYPTION_KEY and encryption.existingSecret or controlPlane.flags.encryptionKeyFile gives a key file: the control plane refuses two key sources; choose one" }}
+{{- end }}
+{{- if and (ne $store "embedded") (not (or $enc.existingSecret $enc.generate $keyFile $keyEnv)) }}
+{{- fail (printf "the control plane uses etcd (%s) but has no encryption key for secrets at rest, and refuses to start without one: set encryption.existingSecret to a Secret whose key %q holds the key file (lines key-id:base64-of-32-bytes; README \"Secrets at rest\"), or encryption.generate=true, or controlPlane.flags.encryptionKeyFile to a file you mount" (ternary "controlPlane.flags.etcdEndpoints" "etcd.bundled" (eq $store "external")) $enc.key) }}
 {{- end }}
 {{- if and .Values.otel.enabled (not .Values.otel.endpoint) }}
 {{- fail "otel.enabled=true needs otel.endpoint" }}

@@ -6,7 +6,9 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +16,7 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::request::{self, WebhookRequest};
-use super::ssrf::{self, AllowList};
+use super::ssrf::{self, AllowList, NonPublic};
 
 /// Most resolved addresses handed to the connector for one host (all are vetted first).
 const MAX_ADDRS: usize = 16;
@@ -128,12 +130,14 @@ impl fmt::Debug for HttpResponse {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AttemptError {
     /// The SSRF guard refused an address of the host.
-    #[error("refused to connect to {host}: {addr} is not public and not allow-listed")]
+    #[error("refused to connect to {host}: {addr} is {class}, {}", class.verdict())]
     Blocked {
         /// The URL's host.
         host: String,
         /// The refused address (a literal one, or one the host resolved to).
         addr: IpAddr,
+        /// Why: the special-purpose range the address is in.
+        class: NonPublic,
     },
     /// The host name could not be resolved.
     #[error("could not resolve host: {0}")]
@@ -208,6 +212,17 @@ impl WebhookClient {
     /// A client with `opts`. Installs rustls's ring provider as the process default if no
     /// provider is installed yet.
     pub fn new(opts: ClientOptions) -> Result<Self, ClientBuildError> {
+        Self::build(opts, None)
+    }
+
+    /// A client whose host names are looked up by `lookup` instead of the system resolver:
+    /// tests make names resolve to what they need (several addresses, changing answers).
+    #[cfg(test)]
+    fn with_lookup(opts: ClientOptions, lookup: Arc<LookupFn>) -> Result<Self, ClientBuildError> {
+        Self::build(opts, Some(lookup))
+    }
+
+    fn build(opts: ClientOptions, lookup: Option<Arc<LookupFn>>) -> Result<Self, ClientBuildError> {
         // Err only means a provider is already installed, which is just as good.
         let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -222,6 +237,7 @@ impl WebhookClient {
             .pool_idle_timeout(IDLE_TIMEOUT)
             .dns_resolver(VettingResolver {
                 allow: Arc::new(opts.allow.clone()),
+                lookup,
             });
         if let Some(pem) = &opts.extra_ca_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem)
@@ -311,9 +327,10 @@ impl WebhookClient {
     }
 
     fn vet_literal(&self, url: &reqwest::Url, addr: IpAddr) -> Result<(), AttemptError> {
-        ssrf::vet(addr, &self.opts.allow).map_err(|_| AttemptError::Blocked {
+        ssrf::vet(addr, &self.opts.allow).map_err(|b| AttemptError::Blocked {
             host: url.host_str().unwrap_or_default().to_owned(),
             addr,
+            class: b.class,
         })
     }
 }
@@ -335,19 +352,40 @@ fn header_map(headers: &[(String, String)]) -> Result<HeaderMap, AttemptError> {
     Ok(map)
 }
 
+/// A host name lookup: every address the name has (ports are ignored).
+type LookupFn = dyn Fn(String) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>
+    + Send
+    + Sync;
+
 /// Resolves with the system resolver and refuses the host when any answer is not public and
 /// not allow-listed: a name mixing public and private answers is an SSRF attempt, not a
-/// choice. Only vetted addresses are handed to the connector, so nothing is looked up twice.
-#[derive(Debug)]
+/// choice. Only vetted addresses are handed to the connector, which dials those very
+/// addresses: nothing is looked up twice, so a DNS answer that changes between the check and
+/// the connection (DNS rebinding) cannot slip a private address in.
 struct VettingResolver {
     allow: Arc<AllowList>,
+    /// `None`: the system resolver.
+    lookup: Option<Arc<LookupFn>>,
+}
+
+impl fmt::Debug for VettingResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VettingResolver")
+            .field("allow", &self.allow)
+            .field("system_lookup", &self.lookup.is_none())
+            .finish()
+    }
 }
 
 /// A resolution refused by [`VettingResolver`]; found again in reqwest's error chain.
 #[derive(Debug, thiserror::Error)]
 enum ResolveFailure {
-    #[error("{host} resolves to {addr}, which is not public and not allow-listed")]
-    Blocked { host: String, addr: IpAddr },
+    #[error("{host} resolves to {addr}, which is {class}, {}", class.verdict())]
+    Blocked {
+        host: String,
+        addr: IpAddr,
+        class: NonPublic,
+    },
     #[error("{host}: {reason}")]
     Lookup { host: String, reason: String },
 }
@@ -355,10 +393,17 @@ enum ResolveFailure {
 impl Resolve for VettingResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let allow = self.allow.clone();
+        let lookup = self.lookup.clone();
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            let answers: Vec<SocketAddr> = match tokio::net::lookup_host((host.clone(), 0)).await {
-                Ok(addrs) => addrs.collect(),
+            let looked_up = match lookup {
+                None => tokio::net::lookup_host((host.clone(), 0))
+                    .await
+                    .map(Iterator::collect),
+                Some(lookup) => lookup(host.clone()).await,
+            };
+            let answers: Vec<SocketAddr> = match looked_up {
+                Ok(addrs) => addrs,
                 Err(e) => {
                     return Err(ResolveFailure::Lookup {
                         host,
@@ -386,10 +431,14 @@ fn vet_answers(
             reason: "no addresses".into(),
         });
     }
-    if let Some(bad) = answers.iter().find(|a| ssrf::vet(a.ip(), allow).is_err()) {
+    if let Some((addr, blocked)) = answers
+        .iter()
+        .find_map(|a| ssrf::vet(a.ip(), allow).err().map(|b| (a.ip(), b)))
+    {
         return Err(ResolveFailure::Blocked {
             host,
-            addr: bad.ip(),
+            addr,
+            class: blocked.class,
         });
     }
     let mut answers = answers;
@@ -403,9 +452,10 @@ fn classify(err: reqwest::Error) -> AttemptError {
     let err = err.without_url();
     if let Some(failure) = find_cause::<ResolveFailure>(&err) {
         return match failure {
-            ResolveFailure::Blocked { host, addr } => AttemptError::Blocked {
+            ResolveFailure::Blocked { host, addr, class } => AttemptError::Blocked {
                 host: host.clone(),
                 addr: *addr,
+                class: *class,
             },
             ResolveFailure::Lookup { .. } => AttemptError::Resolve(truncate(failure.to_string())),
         };
@@ -809,15 +859,27 @@ mod tests {
         ] {
             let err = post(&guarded, url.clone()).await.unwrap_err();
             match &err {
-                AttemptError::Blocked { host: h, addr } => {
+                AttemptError::Blocked {
+                    host: h,
+                    addr,
+                    class,
+                } => {
                     assert_eq!(h, host, "{url}");
                     assert!(
                         addr.is_loopback() || addr.to_canonical().is_loopback(),
                         "{url}: {addr}"
                     );
+                    assert_eq!(class.class(), ssrf::AddressClass::Loopback, "{url}");
                 }
                 other => panic!("{url}: {other:?}"),
             }
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&format!("refused to connect to {host}: "))
+                    && msg.contains("loopback (")
+                    && msg.ends_with(", not public and not allow-listed"),
+                "{msg}"
+            );
             assert!(!err.is_retryable());
             assert_eq!(err.kind(), "blocked");
             assert!(!err.to_string().contains("s3cret"));
@@ -843,29 +905,73 @@ mod tests {
             connect_timeout: Duration::from_secs(60),
             ..loopback_allowed()
         });
-        for (url, addr) in [
-            ("http://10.0.0.1/hook", "10.0.0.1"),
+        // (URL, refused address, what the message names)
+        for (url, addr, reason) in [
+            (
+                "http://10.0.0.1/hook",
+                "10.0.0.1",
+                "private (RFC 1918, 10.0.0.0/8), not public and not allow-listed",
+            ),
             (
                 "http://169.254.169.254/latest/meta-data/",
                 "169.254.169.254",
+                "cloud metadata (169.254.169.254), never contacted, even when allow-listed",
             ),
-            ("https://192.168.1.1:8443/", "192.168.1.1"),
-            ("http://[fe80::1]/", "fe80::1"),
-            ("http://[fd00::1]:8080/", "fd00::1"),
-            ("http://[::ffff:169.254.169.254]/", "::ffff:169.254.169.254"),
-            ("http://[64:ff9b::a00:1]/", "64:ff9b::a00:1"),
-            ("http://0.0.0.0:80/", "0.0.0.0"),
+            (
+                "https://192.168.1.1:8443/",
+                "192.168.1.1",
+                "private (RFC 1918",
+            ),
+            ("http://100.64.1.2/", "100.64.1.2", "carrier-grade NAT"),
+            ("http://[fe80::1]/", "fe80::1", "link-local (fe80::/10)"),
+            (
+                "http://[fd00::1]:8080/",
+                "fd00::1",
+                "unique local (fc00::/7)",
+            ),
+            (
+                "http://[::ffff:169.254.169.254]/",
+                "::ffff:169.254.169.254",
+                "IPv4-mapped (::ffff:0:0/96) form of 169.254.169.254, cloud metadata",
+            ),
+            (
+                "http://[64:ff9b::a00:1]/",
+                "64:ff9b::a00:1",
+                "NAT64 (64:ff9b::/96) form of 10.0.0.1, private",
+            ),
+            (
+                "http://[2002:c0a8:101::1]/",
+                "2002:c0a8:101::1",
+                "6to4 (2002::/16) form of 192.168.1.1, private",
+            ),
+            ("http://[2001::1]/", "2001::1", "Teredo (2001::/32)"),
+            ("http://0.0.0.0:80/", "0.0.0.0", "unspecified (0.0.0.0)"),
+            ("http://255.255.255.255/", "255.255.255.255", "broadcast"),
+            ("http://224.0.0.1/", "224.0.0.1", "multicast (224.0.0.0/4)"),
+            (
+                "http://198.18.0.1/",
+                "198.18.0.1",
+                "benchmarking (198.18.0.0/15)",
+            ),
+            (
+                "http://192.0.2.1/",
+                "192.0.2.1",
+                "documentation (TEST-NET-1",
+            ),
         ] {
             let started = Instant::now();
             let err = post(&c, url.to_owned()).await.unwrap_err();
+            let addr: IpAddr = addr.parse().unwrap();
             assert_eq!(
                 err,
                 AttemptError::Blocked {
                     host: err_host(&err),
-                    addr: addr.parse().unwrap()
+                    addr,
+                    class: ssrf::classify(addr).unwrap_err(),
                 },
                 "{url}"
             );
+            assert!(err.to_string().contains(reason), "{url}: {err}");
             assert!(
                 started.elapsed() < Duration::from_secs(1),
                 "{url} took {:?}",
@@ -926,11 +1032,12 @@ mod tests {
         for bad in ["10.0.0.5", "169.254.169.254", "::1", "::ffff:127.0.0.1"] {
             let mixed = vec![sa("93.184.215.14"), sa(bad)];
             match vet_answers("rebind.example".into(), mixed, &none) {
-                Err(ResolveFailure::Blocked { host, addr }) => {
+                Err(ResolveFailure::Blocked { host, addr, class }) => {
                     assert_eq!(
                         (host.as_str(), addr),
                         ("rebind.example", bad.parse().unwrap())
                     );
+                    assert_eq!(Err(class), ssrf::classify(addr));
                 }
                 other => panic!("{bad}: {other:?}"),
             }
@@ -953,6 +1060,115 @@ mod tests {
             vet_answers("many".into(), many, &none).unwrap().len(),
             MAX_ADDRS
         );
+    }
+
+    /// A lookup answering `answers(n)` for the `n`th lookup (from 0), counting lookups.
+    fn scripted_lookup(
+        answers: impl Fn(usize) -> Vec<&'static str> + Send + Sync + 'static,
+    ) -> (Arc<LookupFn>, Arc<AtomicUsize>) {
+        let count = Arc::new(AtomicUsize::new(0));
+        let counter = count.clone();
+        let lookup: Arc<LookupFn> = Arc::new(move |_host: String| {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let addrs: Vec<SocketAddr> = answers(n)
+                .into_iter()
+                .map(|a| SocketAddr::new(a.parse().unwrap(), 0))
+                .collect();
+            Box::pin(async move { Ok(addrs) })
+        });
+        (lookup, count)
+    }
+
+    /// Only 127.0.0.1 is allow-listed: 127.0.0.2 stands for a private address that, should
+    /// the guard fail, would still be dialled on this machine only.
+    fn only_127_0_0_1() -> ClientOptions {
+        ClientOptions {
+            allow: AllowList::parse(["127.0.0.1/32"]).unwrap(),
+            ..ClientOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_with_mixed_answers_is_refused_whole() {
+        let server = TestServer::start(Some(http_response("204 No Content", &[], b"")), None).await;
+        // The allowed address first: a guard that let the name through would connect there.
+        for (bad, reason) in [
+            ("127.0.0.2", "loopback (127.0.0.0/8)"),
+            ("169.254.169.254", "cloud metadata (169.254.169.254)"),
+            ("10.1.2.3", "private (RFC 1918, 10.0.0.0/8)"),
+            (
+                "::ffff:192.168.0.1",
+                "IPv4-mapped (::ffff:0:0/96) form of 192.168.0.1",
+            ),
+            ("fd00::1", "unique local (fc00::/7)"),
+        ] {
+            let (lookup, lookups) = scripted_lookup(move |_| vec!["127.0.0.1", bad]);
+            let c = WebhookClient::with_lookup(only_127_0_0_1(), lookup).unwrap();
+            let err = post(&c, format!("http://mixed.test:{}/", server.port))
+                .await
+                .unwrap_err();
+            let addr: IpAddr = bad.parse().unwrap();
+            match &err {
+                AttemptError::Blocked {
+                    host,
+                    addr: refused,
+                    class,
+                } => {
+                    assert_eq!((host.as_str(), *refused), ("mixed.test", addr));
+                    assert_eq!(Err(*class), ssrf::classify(addr));
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&format!("refused to connect to mixed.test: {addr} is "))
+                    && msg.contains(reason),
+                "{msg}"
+            );
+            assert_eq!(lookups.load(Ordering::SeqCst), 1);
+        }
+        // Not even the allowed address was contacted.
+        assert_eq!(server.connections.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn the_vetted_address_is_the_one_dialled() {
+        let mut server =
+            TestServer::start(Some(http_response("204 No Content", &[], b"")), None).await;
+        // DNS rebinding: the first answer is allowed, every later one is not. A connector that
+        // resolved again after the check would dial the second answer, or fail to resolve the
+        // made-up name with the system resolver.
+        let (lookup, lookups) = scripted_lookup(|n| match n {
+            0 => vec!["127.0.0.1"],
+            _ => vec!["127.0.0.2"],
+        });
+        let c = WebhookClient::with_lookup(only_127_0_0_1(), lookup).unwrap();
+        let url = format!("http://rebind.test:{}/hook", server.port);
+        let resp = post(&c, url.clone()).await.unwrap();
+        assert_eq!(resp.status, 204);
+        let seen = server.next_request().await;
+        assert!(
+            seen.head
+                .contains(&format!("host: rebind.test:{}", server.port)),
+            "{}",
+            seen.head
+        );
+        assert_eq!(
+            lookups.load(Ordering::SeqCst),
+            1,
+            "one lookup per connection"
+        );
+        assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+
+        // The server closed the connection: the next attempt looks the name up again, and
+        // gets the rebound answer refused before any connection.
+        let err = post(&c, url).await.unwrap_err();
+        assert!(
+            matches!(&err, AttemptError::Blocked { addr, .. } if *addr == "127.0.0.2".parse::<IpAddr>().unwrap()),
+            "{err:?}"
+        );
+        assert_eq!(lookups.load(Ordering::SeqCst), 2);
+        assert_eq!(server.connections.load(Ordering::SeqCst), 1);
     }
 
     #[test]

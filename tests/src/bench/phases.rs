@@ -1,0 +1,822 @@
+//! The measurements. Each starts its own receivers and a fresh `worker` process against the
+//! shared control plane (configuration in an account of its own), drives load, measures, and
+//! stops everything it started before returning.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use prost_types::FieldMask;
+use pushwire_common::pb::v1 as pb;
+use pushwire_tests::control_plane::{AuthChannel, with_token};
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use crate::endpoint;
+use crate::load::{self, Bodies, PubStats, Target};
+use crate::procs::{self, Binaries, HttpConn, Proc};
+
+/// A Standard Webhooks secret: both signature schemes are computed for every delivery.
+const SECRET: &str = "whsec_YmVuY2htYXJrLXNpZ25pbmctc2VjcmV0LTMyYnl0ZXM=";
+
+/// Durations and sizes of a run.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// `--quick`.
+    pub quick: bool,
+    /// Load before each throughput measurement starts.
+    pub warmup: Duration,
+    /// Length of each throughput measurement.
+    pub measure: Duration,
+    /// Length of the fixed-rate latency measurement.
+    pub latency: Duration,
+    /// Offered rate of the latency measurement, participations per second.
+    pub rate: f64,
+    /// Configuration changes timed.
+    pub changes: usize,
+    /// Length of each isolation measurement.
+    pub isolation: Duration,
+    /// Participations left waiting for the memory measurement.
+    pub waiting: u64,
+    /// Publish streams of the throughput runs.
+    pub streams: usize,
+    /// Participations in flight per stream (the worker's default `--window`).
+    pub window: usize,
+    /// Connections of the baseline client (the worker's default per-integration
+    /// `--concurrency`).
+    pub conns: usize,
+}
+
+/// What every phase uses.
+#[derive(Debug)]
+pub struct Env {
+    /// The binaries.
+    pub bins: Binaries,
+    /// Logs and data.
+    pub dir: PathBuf,
+    /// The receivers' runtime.
+    pub rx: Handle,
+    /// The clock of participation ids.
+    pub epoch: Instant,
+    /// The documents.
+    pub bodies: Arc<Bodies>,
+    /// Durations.
+    pub plan: Plan,
+    /// `perf record` output directory, if profiling.
+    pub perf_dir: Option<PathBuf>,
+    cp_grpc: SocketAddr,
+    admin: AuthChannel,
+    tokens: Tokens,
+    _cp: Proc,
+}
+
+/// A worker process.
+#[derive(Debug)]
+pub struct Worker {
+    /// The process.
+    pub proc: Proc,
+    /// gRPC (IngestService).
+    pub grpc: SocketAddr,
+    /// HTTP (/readyz, /metrics).
+    pub http: SocketAddr,
+}
+
+/// Throughput of one run.
+#[derive(Clone, Debug, Default)]
+pub struct Rate {
+    /// Requests (deliveries) the receiver answered per second.
+    pub per_sec: f64,
+    /// Participations acknowledged per second (Pushwire runs).
+    pub acked_per_sec: f64,
+    /// CPU the worker used, in cores (Pushwire runs).
+    pub worker_cores: f64,
+    /// CPU the benchmark process (publisher or client, and receiver) used, in cores.
+    pub bench_cores: f64,
+    /// Deliveries not `DELIVERED`, and the first of them.
+    pub failures: u64,
+    /// The first problem seen.
+    pub problem: Option<String>,
+}
+
+/// Latency at a fixed offered rate.
+#[derive(Clone, Debug, Default)]
+pub struct Latency {
+    /// Offered rate.
+    pub offered: f64,
+    /// Rate actually sent.
+    pub achieved: f64,
+    /// Longest a send was late on its schedule.
+    pub max_lag_ms: f64,
+    /// Publish → delivered (received by the receiver), microseconds, sorted.
+    pub delivered_us: Vec<u32>,
+    /// Publish → acknowledged (response on the stream), microseconds, sorted.
+    pub acked_us: Vec<u32>,
+    /// Worker CPU in cores.
+    pub worker_cores: f64,
+    /// The first problem seen.
+    pub problem: Option<String>,
+}
+
+/// Config propagation times, milliseconds, sorted.
+#[derive(Clone, Debug, Default)]
+pub struct Propagation {
+    /// One per change.
+    pub ms: Vec<f64>,
+}
+
+/// Isolation runs.
+#[derive(Clone, Debug, Default)]
+pub struct Isolation {
+    /// Healthy integrations' deliveries/s without blackholed traffic (mean of the runs).
+    pub alone: f64,
+    /// Each run without blackholed traffic.
+    pub alone_runs: Vec<f64>,
+    /// The same with a blackholed integration getting traffic on its own stream.
+    pub with_blackhole: f64,
+    /// The same with the blackholed integration's traffic on the same streams.
+    pub shared_streams: f64,
+    /// Connections the blackhole accepted in the blackholed runs.
+    pub blackhole_connections: u64,
+}
+
+/// The memory run.
+#[derive(Clone, Debug, Default)]
+pub struct Memory {
+    /// Participations waiting.
+    pub waiting: u64,
+    /// Worker RSS when ready and idle, KiB.
+    pub idle_kib: u64,
+    /// Worker RSS with every participation waiting, KiB.
+    pub rss_kib: u64,
+    /// Peak RSS, KiB.
+    pub hwm_kib: u64,
+    /// Time to get every participation accepted.
+    pub accept_secs: f64,
+}
+
+/// The tokens of a run, and the files that hold them.
+#[derive(Debug)]
+struct Tokens {
+    admin: String,
+    publisher: Arc<str>,
+    /// The token file (admin, publisher and worker, every account), for both binaries.
+    file: PathBuf,
+    /// The worker's token, for `--control-plane-token-file`.
+    worker_file: PathBuf,
+}
+
+impl Tokens {
+    /// Fresh random tokens; files in `dir`.
+    fn write(dir: &std::path::Path) -> anyhow::Result<Self> {
+        use pushwire_common::auth::{generate_token, hash_token};
+        let hex =
+            |t: &str| -> String { hash_token(t).iter().map(|b| format!("{b:02x}")).collect() };
+        let [admin, publisher, worker] = [(); 3].map(|()| generate_token().expose().to_owned());
+        let text = serde_json::json!({"tokens": [
+            {"name": "bench admin", "sha256": hex(&admin), "role": "admin", "accounts": "*"},
+            {"name": "bench publisher", "sha256": hex(&publisher), "role": "publisher", "accounts": "*"},
+            {"name": "bench worker", "sha256": hex(&worker), "role": "worker", "accounts": "*"},
+        ]});
+        let file = dir.join("tokens.json");
+        std::fs::write(&file, text.to_string())?;
+        let worker_file = dir.join("worker-token");
+        std::fs::write(&worker_file, &worker)?;
+        Ok(Self {
+            admin,
+            publisher: publisher.into(),
+            file,
+            worker_file,
+        })
+    }
+}
+
+impl Env {
+    /// Starts the control plane (embedded store in `dir`).
+    pub async fn start(
+        bins: Binaries,
+        dir: PathBuf,
+        rx: Handle,
+        plan: Plan,
+        perf_dir: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        let epoch = Instant::now();
+        let bodies = Arc::new(Bodies::new(load::BODY_BYTES, epoch)?);
+        let tokens = Tokens::write(&dir)?;
+        let grpc = procs::free_addr()?;
+        let http = procs::free_addr()?;
+        let args = vec![
+            "--grpc-addr".into(),
+            grpc.to_string(),
+            "--http-addr".into(),
+            http.to_string(),
+            "--data-dir".into(),
+            dir.join("cp-data").display().to_string(),
+            "--allow-insecure-http".into(),
+            "--allow-cidr".into(),
+            "127.0.0.0/8".into(),
+            "--token-file".into(),
+            tokens.file.display().to_string(),
+        ];
+        let cp = Proc::spawn(
+            "control-plane",
+            &bins.control_plane,
+            &args,
+            dir.join("control-plane.log"),
+        )?;
+        procs::wait_ready(&cp, http, Duration::from_secs(30)).await?;
+        let admin = with_token(load::channel(grpc).await?, Some(&tokens.admin));
+        Ok(Self {
+            bins,
+            dir,
+            rx,
+            epoch,
+            bodies,
+            plan,
+            perf_dir,
+            cp_grpc: grpc,
+            admin,
+            tokens,
+            _cp: cp,
+        })
+    }
+
+    fn target(&self, worker: &Worker) -> Target {
+        Target {
+            addr: worker.grpc,
+            epoch: self.epoch,
+            bodies: self.bodies.clone(),
+            token: self.tokens.publisher.clone(),
+        }
+    }
+
+    /// Creates integration `id` in `account`, posting to `url`, signed with both schemes,
+    /// with an `Authorization` header and an ACCOUNT-level scope; its name and the revision
+    /// of the last change.
+    async fn routed(&self, account: &str, id: &str, url: &str) -> anyhow::Result<(String, i64)> {
+        let mut integrations =
+            pb::integration_service_client::IntegrationServiceClient::new(self.admin.clone());
+        let created = integrations
+            .create_integration(pb::CreateIntegrationRequest {
+                parent: account.into(),
+                integration_id: id.into(),
+                integration: Some(pb::Integration {
+                    display_name: id.into(),
+                    url: url.into(),
+                    secret: SECRET.into(),
+                    signature_schemes: vec![
+                        pb::SignatureScheme::Qualifio.into(),
+                        pb::SignatureScheme::StandardWebhooks.into(),
+                    ],
+                    auth_header: Some(pb::AuthHeader {
+                        name: "Authorization".into(),
+                        value: "Bearer bench-token".into(),
+                        value_set: false,
+                    }),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .with_context(|| format!("creating {account}/integrations/{id}"))?
+            .into_inner();
+        let scope = pb::push_scope_service_client::PushScopeServiceClient::new(self.admin.clone())
+            .create_push_scope(pb::CreatePushScopeRequest {
+                parent: account.into(),
+                push_scope_id: id.into(),
+                push_scope: Some(pb::PushScope {
+                    integration: created.name.clone(),
+                    level: pb::PushScopeLevel::Account.into(),
+                    audience: pb::Audience::All.into(),
+                    action: pb::PushAction::Push.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .with_context(|| format!("creating {account}/pushScopes/{id}"))?
+            .into_inner();
+        Ok((created.name, scope.etag.parse().context("scope etag")?))
+    }
+
+    /// Starts a worker with the defaults plus `extra` flags, waits until it routes with
+    /// configuration revision `revision` or later.
+    async fn worker(&self, name: &str, extra: &[&str], revision: i64) -> anyhow::Result<Worker> {
+        let grpc = procs::free_addr()?;
+        let http = procs::free_addr()?;
+        let mut args: Vec<String> = vec![
+            "--grpc-addr".into(),
+            grpc.to_string(),
+            "--http-addr".into(),
+            http.to_string(),
+            "--control-plane".into(),
+            format!("http://{}", self.cp_grpc),
+            "--allow-cidr".into(),
+            "127.0.0.0/8".into(),
+            "--token-file".into(),
+            self.tokens.file.display().to_string(),
+            "--control-plane-token-file".into(),
+            self.tokens.worker_file.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let proc = Proc::spawn(
+            &format!("worker ({name})"),
+            &self.bins.worker,
+            &args,
+            self.dir.join(format!("worker-{name}.log")),
+        )?;
+        procs::wait_ready(&proc, http, Duration::from_secs(30)).await?;
+        let worker = Worker { proc, grpc, http };
+        wait_revision(&worker, revision, Duration::from_secs(10)).await?;
+        Ok(worker)
+    }
+
+    /// Records the worker with `perf` for `length`, if profiling.
+    fn perf(&self, worker: &Worker, phase: &str, length: Duration) -> Option<Proc> {
+        let dir = self.perf_dir.as_ref()?;
+        // `PUSHWIRE_BENCH_PERF_ARGS` replaces the sampling options, e.g. "-F 499 --call-graph dwarf".
+        let options = std::env::var("PUSHWIRE_BENCH_PERF_ARGS").unwrap_or("-F 999 -g".into());
+        let mut args: Vec<String> = vec!["record".into()];
+        args.extend(options.split_whitespace().map(str::to_owned));
+        args.extend([
+            "-o".into(),
+            dir.join(format!("{phase}.perf.data")).display().to_string(),
+            "-p".into(),
+            worker.proc.pid.to_string(),
+            "--".into(),
+            "sleep".into(),
+            length.as_secs().max(1).to_string(),
+        ]);
+        match Proc::spawn(
+            "perf",
+            std::path::Path::new("perf"),
+            &args,
+            dir.join(format!("{phase}.perf.log")),
+        ) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("bench: perf not started: {e:#}");
+                None
+            }
+        }
+    }
+}
+
+/// Waits until the worker's `/readyz` reports `revision` or later.
+async fn wait_revision(worker: &Worker, revision: i64, limit: Duration) -> anyhow::Result<()> {
+    let mut conn = HttpConn::new(worker.http);
+    let deadline = Instant::now() + limit;
+    loop {
+        let (_, body) = conn.get("/readyz").await?;
+        if procs::ready_revision(&body).is_some_and(|r| r >= revision) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "worker not at revision {revision} after {limit:?}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// CPU time of this process (publisher, client, receivers).
+fn self_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// After `warmup`, how fast `count` grows over `length`; and the CPU (in cores) used by
+/// `worker` and by this process meanwhile.
+async fn measure(
+    count: impl Fn() -> u64,
+    acked: impl Fn() -> u64,
+    worker: Option<&Proc>,
+    warmup: Duration,
+    length: Duration,
+) -> Rate {
+    tokio::time::sleep(warmup).await;
+    let (c0, a0, t0) = (count(), acked(), Instant::now());
+    let w0 = worker.and_then(Proc::cpu_time);
+    let s0 = self_cpu();
+    tokio::time::sleep(length).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let (c1, a1) = (count(), acked());
+    let w1 = worker.and_then(Proc::cpu_time);
+    let s1 = self_cpu();
+    Rate {
+        per_sec: (c1 - c0) as f64 / elapsed,
+        acked_per_sec: (a1 - a0) as f64 / elapsed,
+        worker_cores: match (w0, w1) {
+            (Some(a), Some(b)) => (b - a).as_secs_f64() / elapsed,
+            _ => 0.0,
+        },
+        bench_cores: (s1 - s0).as_secs_f64() / elapsed,
+        failures: 0,
+        problem: None,
+    }
+}
+
+/// Baseline: the plain client POSTing to the receiver.
+pub async fn baseline(env: &Env) -> anyhow::Result<Rate> {
+    let rx = endpoint::start_ok(&env.rx, env.epoch)?;
+    let load = load::baseline(rx.addr, env.plan.conns, env.bodies.clone()).await?;
+    let count = || rx.stats.count();
+    let rate = measure(count, count, None, env.plan.warmup, env.plan.measure).await;
+    load.stop();
+    Ok(rate)
+}
+
+/// Publish → worker → receiver, one integration per participation, closed loop.
+pub async fn throughput(env: &Env) -> anyhow::Result<Rate> {
+    let rx = endpoint::start_ok(&env.rx, env.epoch)?;
+    let account = "accounts/910001";
+    let (_, rev) = env
+        .routed(account, "throughput", &rx.url("/throughput"))
+        .await?;
+    let worker = env.worker("throughput", &[], rev).await?;
+    let stats = Arc::new(PubStats::default());
+    let load = load::closed_loop(
+        &env.target(&worker),
+        vec![account.into()],
+        env.plan.streams,
+        env.plan.window,
+        stats.clone(),
+        None,
+    )
+    .await?;
+    tokio::time::sleep(env.plan.warmup).await;
+    let perf = env.perf(&worker, "throughput", env.plan.measure);
+    let mut rate = measure(
+        || rx.stats.count(),
+        || stats.acked.load(Ordering::Relaxed),
+        Some(&worker.proc),
+        Duration::ZERO,
+        env.plan.measure,
+    )
+    .await;
+    load.stop();
+    finish_perf(perf).await;
+    rate.failures = stats.not_delivered.load(Ordering::Relaxed);
+    rate.problem = stats.problem();
+    Ok(rate)
+}
+
+async fn finish_perf(perf: Option<Proc>) {
+    if let Some(p) = perf {
+        // perf writes its file when its `sleep` ends; give it that time.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while procs::running(p.pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Fixed offered rate: publish → delivered and publish → acknowledged latencies.
+pub async fn latency(env: &Env) -> anyhow::Result<Latency> {
+    let rx = endpoint::start_ok(&env.rx, env.epoch)?;
+    let account = "accounts/910002";
+    let (_, rev) = env.routed(account, "latency", &rx.url("/latency")).await?;
+    let worker = env.worker("latency", &[], rev).await?;
+    let stats = Arc::new(PubStats::default());
+    let target = env.target(&worker);
+    let streams = load::paced_streams(&target, 2, stats.clone()).await?;
+    let stop = CancellationToken::new();
+    let rate = env.plan.rate;
+    // Warm-up at the same rate, not recorded.
+    load::pace(
+        &streams,
+        account,
+        rate,
+        env.plan.warmup,
+        &env.bodies,
+        &stats,
+        &stop,
+    )
+    .await?;
+    rx.stats.take_latencies();
+    stats.take_latencies();
+    rx.stats.record(true);
+    stats.record(true);
+    let cpu0 = worker.proc.cpu_time();
+    let paced = load::pace(
+        &streams,
+        account,
+        rate,
+        env.plan.latency,
+        &env.bodies,
+        &stats,
+        &stop,
+    )
+    .await?;
+    let cpu1 = worker.proc.cpu_time();
+    // The last ones are acknowledged within milliseconds; bounded anyway.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.acked.load(Ordering::Relaxed) < stats.sent.load(Ordering::Relaxed)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rx.stats.record(false);
+    stats.record(false);
+    let mut delivered_us = rx.stats.take_latencies();
+    let mut acked_us = stats.take_latencies();
+    delivered_us.sort_unstable();
+    acked_us.sort_unstable();
+    let unacked = stats.sent.load(Ordering::Relaxed) - stats.acked.load(Ordering::Relaxed);
+    let failures = stats.not_delivered.load(Ordering::Relaxed);
+    let problem = match (unacked, failures) {
+        (0, 0) => None,
+        _ => Some(format!(
+            "{unacked} not acknowledged, {failures} not delivered; first problem: {}",
+            stats.problem().unwrap_or_default()
+        )),
+    };
+    Ok(Latency {
+        offered: rate,
+        achieved: paced.sent as f64 / paced.elapsed.as_secs_f64(),
+        max_lag_ms: paced.max_lag.as_secs_f64() * 1e3,
+        delivered_us,
+        acked_us,
+        worker_cores: match (cpu0, cpu1) {
+            (Some(a), Some(b)) => (b - a).as_secs_f64() / paced.elapsed.as_secs_f64(),
+            _ => 0.0,
+        },
+        problem,
+    })
+}
+
+/// One participation to 10 integrations, each with a receiver (`host:port`) of its own,
+/// closed loop.
+pub async fn fanout(env: &Env) -> anyhow::Result<Rate> {
+    let receivers = endpoint::start_ok_many(&env.rx, env.epoch, 10)?;
+    let (account, name) = ("accounts/910003", "fanout");
+    let mut rev = 0;
+    for (i, rx) in receivers.iter().enumerate() {
+        let id = format!("{name}-{i}");
+        rev = env
+            .routed(account, &id, &rx.url(&format!("/{id}")))
+            .await?
+            .1;
+    }
+    let worker = env.worker(name, &[], rev).await?;
+    let stats = Arc::new(PubStats::default());
+    let load = load::closed_loop(
+        &env.target(&worker),
+        vec![account.into()],
+        env.plan.streams,
+        env.plan.window,
+        stats.clone(),
+        None,
+    )
+    .await?;
+    tokio::time::sleep(env.plan.warmup).await;
+    let perf = env.perf(&worker, name, env.plan.measure);
+    // The receivers count together.
+    let counter = &receivers[0].stats;
+    let mut rate = measure(
+        || counter.count(),
+        || stats.acked.load(Ordering::Relaxed),
+        Some(&worker.proc),
+        Duration::ZERO,
+        env.plan.measure,
+    )
+    .await;
+    load.stop();
+    finish_perf(perf).await;
+    rate.failures = stats.not_delivered.load(Ordering::Relaxed);
+    rate.problem = stats.problem();
+    Ok(rate)
+}
+
+/// Time from `UpdateIntegration` returning to the worker's `/readyz` reporting the revision
+/// it returned (the routing table that deliveries read is then the new one).
+pub async fn propagation(env: &Env) -> anyhow::Result<Propagation> {
+    let account = "accounts/910004";
+    let (name, rev) = env
+        .routed(account, "propagation", "http://127.0.0.1:9/never-called")
+        .await?;
+    let worker = env.worker("propagation", &[], rev).await?;
+    let mut integrations =
+        pb::integration_service_client::IntegrationServiceClient::new(env.admin.clone());
+    let mut conn = HttpConn::new(worker.http);
+    let mut ms = Vec::with_capacity(env.plan.changes);
+    for i in 0..env.plan.changes {
+        let updated = integrations
+            .update_integration(pb::UpdateIntegrationRequest {
+                integration: Some(pb::Integration {
+                    name: name.clone(),
+                    auth_header: Some(pb::AuthHeader {
+                        name: "Authorization".into(),
+                        value: format!("Bearer bench-token-{i}"),
+                        value_set: false,
+                    }),
+                    ..Default::default()
+                }),
+                update_mask: Some(FieldMask {
+                    paths: vec!["auth_header".into()],
+                }),
+            })
+            .await
+            .context("UpdateIntegration")?
+            .into_inner();
+        let returned = Instant::now();
+        let revision: i64 = updated.etag.parse().context("etag")?;
+        loop {
+            let (_, body) = conn.get("/readyz").await?;
+            if procs::ready_revision(&body).is_some_and(|r| r >= revision) {
+                break;
+            }
+            anyhow::ensure!(
+                returned.elapsed() < Duration::from_secs(5),
+                "revision {revision} not applied after 5 s: {body}"
+            );
+        }
+        ms.push(returned.elapsed().as_secs_f64() * 1e3);
+        // Spaced out, so each change is timed on its own.
+        tokio::time::sleep(Duration::from_millis(10 + (i as u64 * 7) % 20)).await;
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(Propagation { ms })
+}
+
+/// Healthy integrations' throughput alone, with a blackholed integration getting traffic on
+/// a stream of its own, and with that traffic mixed into the same streams.
+pub async fn isolation(env: &Env) -> anyhow::Result<Isolation> {
+    // Each integration has a receiver (host:port) of its own, as different customers do.
+    let receivers = endpoint::start_ok_many(&env.rx, env.epoch, 4)?;
+    let hole = endpoint::start_blackhole(&env.rx, env.epoch)?;
+    let mut accounts = Vec::new();
+    let mut rev = 0;
+    for (i, rx) in receivers.iter().enumerate() {
+        let account = format!("accounts/91001{i}");
+        rev = env
+            .routed(
+                &account,
+                &format!("healthy-{i}"),
+                &rx.url(&format!("/healthy-{i}")),
+            )
+            .await?
+            .1;
+        accounts.push(account);
+    }
+    // They count together.
+    let healthy = &receivers[0];
+    let hole_account = "accounts/910019";
+    let rev = rev.max(
+        env.routed(hole_account, "blackholed", &hole.url("/blackholed"))
+            .await?
+            .1,
+    );
+    // A blackholed request times out (and is retried, and opens the breaker) within the run.
+    let flags = ["--request-timeout", "2s"];
+    let plan = &env.plan;
+    let run = |name: &'static str, mixed: bool, paced_hole: bool| {
+        let accounts = accounts.clone();
+        let hole = &hole;
+        async move {
+            let holed0 = hole.stats.count();
+            let worker = env.worker(name, &flags, rev).await?;
+            let target = env.target(&worker);
+            let stop = CancellationToken::new();
+            let hole_stats = Arc::new(PubStats::default());
+            let hole_load = if paced_hole {
+                let streams = load::paced_streams(&target, 1, hole_stats.clone()).await?;
+                let (stop, bodies, stats) = (stop.clone(), env.bodies.clone(), hole_stats.clone());
+                let length = plan.warmup * 2 + plan.isolation;
+                Some(tokio::spawn(async move {
+                    let _ = load::pace(
+                        &streams,
+                        hole_account,
+                        200.0,
+                        length,
+                        &bodies,
+                        &stats,
+                        &stop,
+                    )
+                    .await;
+                    stop.cancelled().await;
+                }))
+            } else {
+                None
+            };
+            if paced_hole {
+                // Let the blackholed integration fill up before measuring the others.
+                tokio::time::sleep(plan.warmup).await;
+            }
+            let mut publish_to = accounts.clone();
+            if mixed {
+                publish_to.push(hole_account.into());
+            }
+            let stats = Arc::new(PubStats::default());
+            let load = load::closed_loop(
+                &target,
+                publish_to,
+                plan.streams,
+                plan.window,
+                stats.clone(),
+                None,
+            )
+            .await?;
+            let rate = measure(
+                || healthy.stats.count(),
+                || stats.acked.load(Ordering::Relaxed),
+                Some(&worker.proc),
+                plan.warmup,
+                plan.isolation,
+            )
+            .await;
+            stop.cancel();
+            load.stop();
+            if let Some(h) = hole_load {
+                h.abort();
+            }
+            anyhow::Ok((rate.per_sec, hole.stats.count() - holed0))
+        }
+    };
+    let mut out = Isolation::default();
+    out.alone_runs
+        .push(run("isolation-alone", false, false).await?.0);
+    let (with, conns) = run("isolation-blackholed", false, true).await?;
+    out.with_blackhole = with;
+    out.blackhole_connections = conns;
+    if !plan.quick {
+        out.alone_runs
+            .push(run("isolation-alone-again", false, false).await?.0);
+    }
+    let (shared, conns) = run("isolation-shared-streams", true, false).await?;
+    out.shared_streams = shared;
+    out.blackhole_connections += conns;
+    out.alone = out.alone_runs.iter().sum::<f64>() / out.alone_runs.len() as f64;
+    Ok(out)
+}
+
+/// `waiting` participations accepted while their receiver refuses connections, retries 10
+/// minutes away: the worker's RSS once all are in flight.
+pub async fn memory(env: &Env, limit: Duration) -> anyhow::Result<Memory> {
+    let account = "accounts/910020";
+    let down = procs::free_port()?;
+    let (_, rev) = env
+        .routed(account, "down", &format!("http://127.0.0.1:{down}/down"))
+        .await?;
+    let flags = [
+        "--window",
+        "65536",
+        "--retry-schedule",
+        "10m",
+        "--retry-window",
+        "30m",
+    ];
+    let worker = env.worker("memory", &flags, rev).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (idle_kib, _) = worker.proc.rss_kib()?;
+    let n = env.plan.waiting;
+    let stats = Arc::new(PubStats::default());
+    let started = Instant::now();
+    let load = load::closed_loop(
+        &env.target(&worker),
+        vec![account.into()],
+        2,
+        65_536,
+        stats.clone(),
+        Some(n),
+    )
+    .await?;
+    let mut conn = HttpConn::new(worker.http);
+    let deadline = started + limit;
+    let accepted_at = loop {
+        let (_, metrics) = conn.get("/metrics").await?;
+        let in_flight = procs::metric(&metrics, "pushwire_worker_in_flight_participations");
+        if in_flight.is_some_and(|v| v >= n as f64) {
+            break started.elapsed();
+        }
+        anyhow::ensure!(
+            stats.acked.load(Ordering::Relaxed) == 0,
+            "participations were acknowledged instead of waiting: {:?}",
+            stats.problem()
+        );
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {in_flight:?} of {n} participations in flight after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Let the last attempts fail and their tasks settle into their waits.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss_kib, hwm_kib) = worker.proc.rss_kib()?;
+    load.stop();
+    Ok(Memory {
+        waiting: n,
+        idle_kib,
+        rss_kib,
+        hwm_kib,
+        accept_secs: accepted_at.as_secs_f64(),
+    })
+}

@@ -1,0 +1,364 @@
+//! The results: a Markdown table on stdout (the README's "Performance" table) and a JSON file.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use crate::phases::{Isolation, Latency, Memory, Plan, Propagation, Rate};
+
+/// The targets of issue 8.
+pub const TARGET_RATIO: f64 = 0.7;
+/// p99 publish → delivered at the offered rate, ms.
+pub const TARGET_P99_MS: f64 = 10.0;
+/// p99 configuration propagation, ms.
+pub const TARGET_PROPAGATION_P99_MS: f64 = 100.0;
+/// Healthy throughput kept with a blackholed integration.
+pub const TARGET_ISOLATION: f64 = 0.95;
+/// Worker RSS with 100,000 participations waiting, MiB.
+pub const TARGET_RSS_MIB: f64 = 256.0;
+
+/// Every phase's outcome: a result, or why it failed.
+#[derive(Debug, Default)]
+pub struct Results {
+    /// Baseline.
+    pub baseline: Option<Result<Rate, String>>,
+    /// Pushwire throughput.
+    pub throughput: Option<Result<Rate, String>>,
+    /// Latency at the offered rate.
+    pub latency: Option<Result<Latency, String>>,
+    /// Fan-out 1 → 10, a receiver per integration.
+    pub fanout: Option<Result<Rate, String>>,
+    /// Config propagation.
+    pub propagation: Option<Result<Propagation, String>>,
+    /// Isolation.
+    pub isolation: Option<Result<Isolation, String>>,
+    /// Memory.
+    pub memory: Option<Result<Memory, String>>,
+}
+
+/// The `q` quantile (0..=1) of sorted values, nearest rank.
+pub fn quantile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn ms(us: Option<u32>) -> Option<f64> {
+    us.map(|v| f64::from(v) / 1000.0)
+}
+
+fn ok<T>(r: &Option<Result<T, String>>) -> Option<&T> {
+    r.as_ref().and_then(|r| r.as_ref().ok())
+}
+
+/// Machine facts for the report.
+pub fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned());
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    json!({
+        "cores": std::thread::available_parallelism().map(usize::from).ok(),
+        "cpu": model,
+        "memory_gib": mem_kib.map(|k| (k as f64 / 1048576.0 * 10.0).round() / 10.0),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned()),
+    })
+}
+
+/// The load average (1, 5, 15 minutes).
+pub fn loadavg() -> Value {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .take(3)
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    json!(v)
+}
+
+/// The JSON document.
+pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
+    let baseline = ok(&r.baseline).map(|b| b.per_sec);
+    let pushwire = ok(&r.throughput).map(|t| t.per_sec);
+    let ratio = baseline.zip(pushwire).map(|(b, p)| p / b);
+    let lat = ok(&r.latency);
+    let q = |v: &Vec<u32>, x| ms(quantile(v, x));
+    let prop = ok(&r.propagation);
+    let iso = ok(&r.isolation);
+    let mem = ok(&r.memory);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let errors: serde_json::Map<String, Value> = [
+        (
+            "baseline",
+            r.baseline.as_ref().and_then(|r| r.as_ref().err()),
+        ),
+        (
+            "pushwire",
+            r.throughput.as_ref().and_then(|r| r.as_ref().err()),
+        ),
+        ("latency", r.latency.as_ref().and_then(|r| r.as_ref().err())),
+        ("fanout", r.fanout.as_ref().and_then(|r| r.as_ref().err())),
+        (
+            "propagation",
+            r.propagation.as_ref().and_then(|r| r.as_ref().err()),
+        ),
+        (
+            "isolation",
+            r.isolation.as_ref().and_then(|r| r.as_ref().err()),
+        ),
+        ("memory", r.memory.as_ref().and_then(|r| r.as_ref().err())),
+    ]
+    .into_iter()
+    .filter_map(|(k, e)| e.map(|e| (k.to_owned(), json!(e))))
+    .collect();
+    let p99 = lat.and_then(|l| q(&l.delivered_us, 0.99));
+    let prop_p99 = prop.and_then(|p| quantile(&p.ms, 0.99));
+    let iso_ratio = iso.map(|i| i.with_blackhole / i.alone);
+    let rss = mem.map(|m| mib(m.rss_kib));
+    json!({
+        "baseline_rps": baseline,
+        "pushwire_rps": pushwire,
+        "ratio_to_baseline": ratio,
+        "p50_ms": lat.and_then(|l| q(&l.delivered_us, 0.5)),
+        "p99_ms": p99,
+        "p999_ms": lat.and_then(|l| q(&l.delivered_us, 0.999)),
+        "offered_rate": lat.map(|l| l.offered),
+        "propagation_p99_ms": prop_p99,
+        "isolation_ratio": iso_ratio,
+        "rss_mib_100k_waiting": rss,
+        "targets_met": {
+            "ratio_to_baseline": ratio.map(|v| v >= TARGET_RATIO),
+            "p99_ms": p99.map(|v| v <= TARGET_P99_MS),
+            "propagation_p99_ms": prop_p99.map(|v| v <= TARGET_PROPAGATION_P99_MS),
+            "isolation_ratio": iso_ratio.map(|v| v >= TARGET_ISOLATION),
+            "rss_mib_100k_waiting": rss.map(|v| v <= TARGET_RSS_MIB),
+        },
+        "details": {
+            "baseline": ok(&r.baseline).map(|b| json!({
+                "connections": plan.conns,
+                "bench_cores": b.bench_cores,
+            })),
+            "pushwire": ok(&r.throughput).map(|t| json!({
+                "acked_per_sec": t.acked_per_sec,
+                "worker_cores": t.worker_cores,
+                "bench_cores": t.bench_cores,
+                "streams": plan.streams,
+                "window": plan.window,
+                "not_delivered": t.failures,
+                "problem": t.problem,
+            })),
+            "latency": lat.map(|l| json!({
+                "achieved_rate": l.achieved,
+                "max_send_lag_ms": l.max_lag_ms,
+                "samples": l.delivered_us.len(),
+                "max_ms": ms(l.delivered_us.last().copied()),
+                "acked_p50_ms": q(&l.acked_us, 0.5),
+                "acked_p99_ms": q(&l.acked_us, 0.99),
+                "acked_p999_ms": q(&l.acked_us, 0.999),
+                "worker_cores": l.worker_cores,
+                "problem": l.problem,
+            })),
+            "fanout": ok(&r.fanout).map(|f| json!({
+                "integrations": 10,
+                "deliveries_per_sec": f.per_sec,
+                "participations_per_sec": f.acked_per_sec,
+                "ratio_to_baseline": baseline.map(|b| f.per_sec / b),
+                "worker_cores": f.worker_cores,
+                "bench_cores": f.bench_cores,
+                "not_delivered": f.failures,
+                "problem": f.problem,
+            })),
+            "propagation": prop.map(|p| json!({
+                "changes": p.ms.len(),
+                "p50_ms": quantile(&p.ms, 0.5),
+                "p99_ms": quantile(&p.ms, 0.99),
+                "max_ms": p.ms.last(),
+                "measured_to": "worker /readyz reports the revision UpdateIntegration returned",
+            })),
+            "isolation": iso.map(|i| json!({
+                "alone_rps": i.alone,
+                "alone_runs_rps": i.alone_runs,
+                "with_blackhole_rps": i.with_blackhole,
+                "shared_streams_rps": i.shared_streams,
+                "shared_streams_ratio": i.shared_streams / i.alone,
+                "blackhole_connections": i.blackhole_connections,
+            })),
+            "memory": mem.map(|m| json!({
+                "waiting": m.waiting,
+                "idle_rss_mib": mib(m.idle_kib),
+                "rss_mib": mib(m.rss_kib),
+                "peak_rss_mib": mib(m.hwm_kib),
+                "kib_per_waiting": (m.rss_kib.saturating_sub(m.idle_kib)) as f64 / m.waiting.max(1) as f64,
+                "accept_secs": m.accept_secs,
+            })),
+        },
+        "errors": errors,
+        "context": context,
+    })
+}
+
+fn met(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "n/a",
+    }
+}
+
+fn num(v: f64) -> String {
+    // Thousands separators for rates.
+    let s = format!("{:.0}", v);
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 && c != '-' {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The Markdown table.
+pub fn table(r: &Results, plan: &Plan) -> String {
+    let mut t = String::new();
+    let _ = writeln!(t, "| Measurement | Result | Target | Met |");
+    let _ = writeln!(t, "|---|---|---|---|");
+    let err = |t: &mut String, what: &str, e: &str| {
+        let _ = writeln!(
+            t,
+            "| {what} | failed: {} | | |",
+            e.replace('|', "/").replace('\n', " ")
+        );
+    };
+    let baseline = ok(&r.baseline).map(|b| b.per_sec);
+    match &r.baseline {
+        Some(Ok(b)) => {
+            let _ = writeln!(
+                t,
+                "| Baseline: plain HTTP/1.1 client → receiver, {} keep-alive connections, 2 KiB POST | {} req/s | | |",
+                plan.conns,
+                num(b.per_sec)
+            );
+        }
+        Some(Err(e)) => err(&mut t, "Baseline", e),
+        None => {}
+    }
+    match &r.throughput {
+        Some(Ok(p)) => {
+            let ratio = baseline.map(|b| p.per_sec / b);
+            let _ = writeln!(
+                t,
+                "| Pushwire: publish → worker → receiver, 1 integration per participation, signed, {} streams × window {} | {} deliveries/s ({} × baseline; worker {:.2} cores) | ≥ {TARGET_RATIO} × baseline | {} |",
+                plan.streams,
+                plan.window,
+                num(p.per_sec),
+                ratio.map_or("?".into(), |r| format!("{r:.2}")),
+                p.worker_cores,
+                met(ratio.map(|r| r >= TARGET_RATIO))
+            );
+        }
+        Some(Err(e)) => err(&mut t, "Pushwire throughput", e),
+        None => {}
+    }
+    match &r.latency {
+        Some(Ok(l)) => {
+            let q = |v: &Vec<u32>, x| ms(quantile(v, x)).map_or("?".into(), |m| format!("{m:.2}"));
+            let p99 = ms(quantile(&l.delivered_us, 0.99));
+            let _ = writeln!(
+                t,
+                "| Latency publish → delivered at {}/s (sent {:.0}/s): p50 / p99 / p99.9 | {} / {} / {} ms | p99 ≤ {TARGET_P99_MS} ms | {} |",
+                num(l.offered),
+                l.achieved,
+                q(&l.delivered_us, 0.5),
+                q(&l.delivered_us, 0.99),
+                q(&l.delivered_us, 0.999),
+                met(p99.map(|v| v <= TARGET_P99_MS))
+            );
+            let _ = writeln!(
+                t,
+                "| Latency publish → acknowledged (same run): p50 / p99 / p99.9 | {} / {} / {} ms | | |",
+                q(&l.acked_us, 0.5),
+                q(&l.acked_us, 0.99),
+                q(&l.acked_us, 0.999),
+            );
+        }
+        Some(Err(e)) => err(&mut t, "Latency", e),
+        None => {}
+    }
+    match &r.fanout {
+        Some(Ok(f)) => {
+            let _ = writeln!(
+                t,
+                "| Fan-out: 1 participation → 10 integrations, each on its own receiver | {} deliveries/s ({} participations/s; {} × baseline) | | |",
+                num(f.per_sec),
+                num(f.acked_per_sec),
+                baseline.map_or("?".into(), |b| format!("{:.2}", f.per_sec / b)),
+            );
+        }
+        Some(Err(e)) => err(&mut t, "Fan-out", e),
+        None => {}
+    }
+    match &r.propagation {
+        Some(Ok(p)) => {
+            let p99 = quantile(&p.ms, 0.99);
+            let _ = writeln!(
+                t,
+                "| Config propagation, UpdateIntegration returned → worker on the new revision ({} changes): p50 / p99 | {:.1} / {:.1} ms | p99 ≤ {TARGET_PROPAGATION_P99_MS} ms | {} |",
+                p.ms.len(),
+                quantile(&p.ms, 0.5).unwrap_or(f64::NAN),
+                p99.unwrap_or(f64::NAN),
+                met(p99.map(|v| v <= TARGET_PROPAGATION_P99_MS))
+            );
+        }
+        Some(Err(e)) => err(&mut t, "Config propagation", e),
+        None => {}
+    }
+    match &r.isolation {
+        Some(Ok(i)) => {
+            let ratio = i.with_blackhole / i.alone;
+            let _ = writeln!(
+                t,
+                "| Isolation: 4 healthy integrations' throughput with a 5th blackholed (its traffic on its own stream) vs without | {:.1} % ({} vs {} deliveries/s) | ≥ {:.0} % | {} |",
+                ratio * 100.0,
+                num(i.with_blackhole),
+                num(i.alone),
+                TARGET_ISOLATION * 100.0,
+                met(Some(ratio >= TARGET_ISOLATION))
+            );
+            let _ = writeln!(
+                t,
+                "| Isolation, the blackholed integration's traffic mixed into the same streams (window {}) | {:.1} % ({} deliveries/s) | (design limit, see below) | |",
+                plan.window,
+                i.shared_streams / i.alone * 100.0,
+                num(i.shared_streams),
+            );
+        }
+        Some(Err(e)) => err(&mut t, "Isolation", e),
+        None => {}
+    }
+    match &r.memory {
+        Some(Ok(m)) => {
+            let rss = m.rss_kib as f64 / 1024.0;
+            let _ = writeln!(
+                t,
+                "| Memory: worker RSS with {} participations waiting on retries (receiver down) | {:.0} MiB (idle {:.0} MiB; {:.1} KiB each) | ≤ {TARGET_RSS_MIB:.0} MiB | {} |",
+                num(m.waiting as f64),
+                rss,
+                m.idle_kib as f64 / 1024.0,
+                m.rss_kib.saturating_sub(m.idle_kib) as f64 / m.waiting.max(1) as f64,
+                met(Some(rss <= TARGET_RSS_MIB))
+            );
+        }
+        Some(Err(e)) => err(&mut t, "Memory", e),
+        None => {}
+    }
+    t
+}

@@ -1,0 +1,299 @@
+//! `bench`: Pushwire's benchmark harness (not a pass/fail test). On one machine, over
+//! loopback only, bounded in time: a baseline (a plain HTTP/1.1 client against a minimal
+//! keep-alive receiver), then the real thing (publisher streams → `worker` process →
+//! the same receiver, with a `control-plane` process, real signing), fan-out, latency at a
+//! fixed offered rate, config propagation, isolation from a blackholed endpoint and memory
+//! with 100,000 participations waiting. Prints a Markdown table and writes a JSON file.
+//!
+//! ```sh
+//! cargo run --release -p pushwire-tests --bin bench -- --json bench.json [--quick]
+//! ```
+//!
+//! It builds the release `control-plane` and `worker` binaries first (`cargo build --release`,
+//! quiet; `--no-build` skips that). Every child process is killed when the benchmark ends,
+//! fails, panics, times out or gets Ctrl-C.
+
+#[path = "../bench/endpoint.rs"]
+mod endpoint;
+#[path = "../bench/load.rs"]
+mod load;
+#[path = "../bench/phases.rs"]
+mod phases;
+#[path = "../bench/procs.rs"]
+mod procs;
+#[path = "../bench/report.rs"]
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+
+use phases::{Env, Plan};
+use report::Results;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench",
+    about = "Pushwire benchmark: baseline vs publish → worker → receiver throughput, latency at a \
+             fixed rate, fan-out, config propagation, isolation and memory; loopback only."
+)]
+struct Args {
+    /// Write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+
+    /// Shorter measurements: the whole run in under a minute.
+    #[arg(long)]
+    quick: bool,
+
+    /// Offered rate of the latency measurement, participations per second.
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+
+    /// Participations left waiting in the memory measurement.
+    #[arg(long, default_value_t = 100_000)]
+    waiting: u64,
+
+    /// Run only these measurements (repeatable; default: all).
+    #[arg(long, value_enum)]
+    only: Vec<Phase>,
+
+    /// Do not build the control-plane and worker binaries (use what is there).
+    #[arg(long)]
+    no_build: bool,
+
+    /// Directory holding `control-plane` and `worker` (implies --no-build).
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+
+    /// Record the worker with `perf record` during the throughput and fan-out measurements,
+    /// into this directory.
+    #[arg(long, value_name = "DIR")]
+    perf: Option<PathBuf>,
+
+    /// Keep the temporary directory (logs of the control plane and workers).
+    #[arg(long)]
+    keep_logs: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Phase {
+    Baseline,
+    Throughput,
+    Latency,
+    Fanout,
+    Propagation,
+    Isolation,
+    Memory,
+}
+
+fn plan(args: &Args) -> Plan {
+    let (warmup, measure, latency, changes, isolation) = if args.quick {
+        (1, 3, 5, 30, 3)
+    } else {
+        (2, 15, 30, 100, 10)
+    };
+    Plan {
+        quick: args.quick,
+        warmup: Duration::from_secs(warmup),
+        measure: Duration::from_secs(measure),
+        latency: Duration::from_secs(latency),
+        rate: args.rate,
+        changes,
+        isolation: Duration::from_secs(isolation),
+        waiting: args.waiting,
+        streams: 4,
+        window: 256,
+        conns: 32,
+    }
+}
+
+/// Runs a phase within `limit`, recording its result or why it failed.
+async fn phase<T>(
+    name: &str,
+    limit: Duration,
+    f: impl Future<Output = anyhow::Result<T>>,
+) -> Option<Result<T, String>> {
+    eprintln!("bench: {name} ...");
+    let started = Instant::now();
+    let result = match tokio::time::timeout(limit, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(_) => Err(format!("did not finish within {limit:?}")),
+    };
+    match &result {
+        Ok(_) => eprintln!("bench: {name} done in {:.1?}", started.elapsed()),
+        Err(e) => eprintln!("bench: {name} FAILED: {e}"),
+    }
+    Some(result)
+}
+
+async fn run(env: &Env, only: &[Phase]) -> Results {
+    let wanted = |p| only.is_empty() || only.contains(&p);
+    let plan = &env.plan;
+    let slack = Duration::from_secs(30);
+    let mut r = Results::default();
+    if wanted(Phase::Baseline) {
+        let limit = plan.warmup + plan.measure + slack;
+        r.baseline = phase("baseline", limit, phases::baseline(env)).await;
+    }
+    if wanted(Phase::Throughput) {
+        let limit = plan.warmup + plan.measure + slack;
+        r.throughput = phase("pushwire throughput", limit, phases::throughput(env)).await;
+    }
+    if wanted(Phase::Latency) {
+        let limit = plan.warmup + plan.latency + slack;
+        r.latency = phase("latency at a fixed rate", limit, phases::latency(env)).await;
+    }
+    if wanted(Phase::Fanout) {
+        let limit = plan.warmup + plan.measure + slack;
+        r.fanout = phase("fan-out", limit, phases::fanout(env)).await;
+    }
+    if wanted(Phase::Propagation) {
+        let limit = Duration::from_secs(10) + slack * 2;
+        r.propagation = phase("config propagation", limit, phases::propagation(env)).await;
+    }
+    if wanted(Phase::Isolation) {
+        let limit = (plan.warmup * 2 + plan.isolation) * 4 + slack * 2;
+        r.isolation = phase("isolation", limit, phases::isolation(env)).await;
+    }
+    if wanted(Phase::Memory) {
+        let accept = if plan.quick { 30 } else { 90 };
+        let limit = Duration::from_secs(accept) + slack;
+        r.memory = phase(
+            "memory",
+            limit,
+            phases::memory(env, Duration::from_secs(accept)),
+        )
+        .await;
+    }
+    r
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match main_result(args) {
+        Ok(code) => code,
+        Err(e) => {
+            procs::kill_all();
+            eprintln!("bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main_result(args: Args) -> anyhow::Result<ExitCode> {
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "bench: WARNING: built without optimisations; the client, publisher and receiver \
+             are slow. Use `cargo run --release`."
+        );
+    }
+    let plan = plan(&args);
+    let bins = procs::binaries(
+        args.no_build || args.bin_dir.is_some(),
+        args.bin_dir.clone(),
+    )?;
+
+    // The whole run is bounded: 5 minutes (1 with --quick), then everything is killed.
+    let deadline = Duration::from_secs(if args.quick { 60 } else { 300 });
+    std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(deadline + Duration::from_secs(15));
+            eprintln!("bench: still running after {deadline:?}; killing everything");
+            procs::kill_all();
+            std::process::exit(3);
+        })?;
+
+    let dir = tempfile::Builder::new()
+        .prefix("pushwire-bench-")
+        .tempdir()?;
+    if let Some(perf) = &args.perf {
+        std::fs::create_dir_all(perf).with_context(|| format!("creating {}", perf.display()))?;
+    }
+    // Receivers on a runtime of their own; publishers, the baseline client and the
+    // orchestration on another. Both share the machine's cores with the worker and the
+    // control plane.
+    let receivers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("receiver")
+        .enable_all()
+        .build()?;
+    let driver = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench")
+        .enable_all()
+        .build()?;
+    let load_start = report::loadavg();
+    let started = Instant::now();
+    let rx = receivers.handle().clone();
+    let perf = args.perf.clone();
+    let dir_path = dir.path().to_path_buf();
+    let only = args.only.clone();
+    let plan_for_env = plan.clone();
+    let outcome = driver.block_on(async move {
+        let work = async {
+            let env = Env::start(bins, dir_path, rx, plan_for_env, perf).await?;
+            let results = run(&env, &only).await;
+            anyhow::Ok(results)
+        };
+        tokio::select! {
+            r = tokio::time::timeout(deadline, work) => match r {
+                Ok(r) => r,
+                Err(_) => Err(anyhow::anyhow!("the run did not finish within {deadline:?}")),
+            },
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
+    procs::kill_all();
+    driver.shutdown_timeout(Duration::from_secs(1));
+    receivers.shutdown_timeout(Duration::from_secs(1));
+    if args.keep_logs {
+        eprintln!("bench: logs kept in {}", dir.keep().display());
+    }
+    let results = outcome?;
+    let elapsed = started.elapsed();
+
+    let table = report::table(&results, &plan);
+    let context = json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "quick": plan.quick,
+        "elapsed_secs": elapsed.as_secs_f64(),
+        "machine": report::machine(),
+        "loadavg_start": load_start,
+        "loadavg_end": report::loadavg(),
+        "body_bytes": load::BODY_BYTES,
+        "durations_secs": {
+            "warmup": plan.warmup.as_secs_f64(),
+            "throughput": plan.measure.as_secs_f64(),
+            "latency": plan.latency.as_secs_f64(),
+            "isolation": plan.isolation.as_secs_f64(),
+        },
+    });
+    let doc = report::to_json(&results, &plan, context);
+    println!();
+    println!("{table}");
+    println!(
+        "machine: {}; load average at start {}, at end {}; {:.0} s",
+        doc["context"]["machine"],
+        load_start,
+        doc["context"]["loadavg_end"],
+        elapsed.as_secs_f64()
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench: results written to {}", path.display());
+    }
+    let failed = doc["errors"].as_object().is_some_and(|e| !e.is_empty());
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

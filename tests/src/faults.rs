@@ -1,0 +1,857 @@
+//! Harness of the fault-injection suite (`tests/tests/faults.rs`): the control plane and the
+//! workers as real processes (the `*-under-test` binaries) on loopback ports that survive their
+//! restarts; in-process receivers whose answers a scenario sets (random 500s, a stall, slow
+//! answers) and which count every delivery by participation; a routing set-up over three
+//! receivers; a background publication through [`Publisher`]; and the figures each scenario
+//! prints. Every wait is bounded.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use pushwire_common::auth::Bearer;
+use pushwire_common::domain::Secret;
+use pushwire_common::pb::v1 as pb;
+use pushwire_common::publisher::{Publisher, Receipt, ReceiptStatus};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::process::{Process, free_port};
+use crate::receiver::{self, Received, Reply};
+use crate::worker::{integration, participation, scope};
+
+/// The account every scenario publishes for.
+pub const ACCOUNT: &str = "accounts/faults";
+
+/// The key that encrypts secrets at rest in the control planes of the suite.
+const ENCRYPTION_KEY: &str = "faults:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// The admin token of the control planes (`PUSHWIRE_ADMIN_TOKEN`).
+pub const ADMIN_TOKEN: &str = "faults-admin-token";
+/// The token workers present to the control plane (role `worker`).
+pub const WORKER_TOKEN: &str = "faults-worker-token";
+/// The token the publisher presents to workers (role `publisher` of [`ACCOUNT`]).
+pub const PUBLISHER_TOKEN: &str = "faults-publisher-token";
+
+/// Writes `dir/tokens.json`, the token file of the control plane and the workers: the worker
+/// and publisher tokens, by hash.
+fn token_file(dir: &Path) -> anyhow::Result<PathBuf> {
+    let hex = |token: &str| -> String {
+        pushwire_common::auth::hash_token(token)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let text = serde_json::json!({"tokens": [
+        {"name": "faults worker", "sha256": hex(WORKER_TOKEN), "role": "worker", "accounts": "*"},
+        {"name": "faults publisher", "sha256": hex(PUBLISHER_TOKEN), "role": "publisher",
+         "accounts": [ACCOUNT]},
+    ]});
+    let path = dir.join("tokens.json");
+    std::fs::write(&path, text.to_string()).context("writing the token file")?;
+    Ok(path)
+}
+
+/// A channel whose calls carry `token`.
+pub type AuthChannel = InterceptedService<Channel, Bearer>;
+
+/// Bound on a process becoming ready.
+pub const READY: Duration = Duration::from_secs(30);
+
+/// Where the control plane keeps its data.
+#[derive(Clone, Debug)]
+pub enum Store {
+    /// The embedded store in this directory.
+    Embedded(PathBuf),
+    /// etcd at this endpoint.
+    Etcd(String),
+}
+
+/// `GET http://addr/path`: status and body, within 2 s.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let url = format!("http://{addr}{path}");
+    let resp = tokio::time::timeout(
+        Duration::from_secs(2),
+        receiver::send("GET", &url, &[], b"", None),
+    )
+    .await
+    .with_context(|| format!("GET {url} timed out"))??;
+    Ok((
+        resp.status,
+        String::from_utf8_lossy(&resp.body).into_owned(),
+    ))
+}
+
+/// Waits until `GET /readyz` on `http` answers 200 while `process` runs, at most `limit`.
+async fn wait_ready(
+    process: &mut Process,
+    http: SocketAddr,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        process.check_running()?;
+        let last = match http_get(http, "/readyz").await {
+            Ok((200, _)) => return Ok(()),
+            Ok((status, body)) => format!("{status} {body}"),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "{} not ready after {limit:?} (last: {last}); log tail:\n{}",
+                process.name(),
+                process.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn args(items: &[&str]) -> Vec<OsString> {
+    items.iter().map(OsString::from).collect()
+}
+
+/// A control plane process.
+#[derive(Debug)]
+pub struct ControlPlaneProc {
+    /// The process.
+    pub process: Process,
+    /// gRPC address.
+    pub grpc: SocketAddr,
+    /// HTTP operations address.
+    pub http: SocketAddr,
+}
+
+impl ControlPlaneProc {
+    /// Starts `bin` on `store` (plain `http://` loopback integrations allowed), its log in
+    /// `dir`, and waits until it is ready.
+    pub async fn start(bin: &Path, dir: &Path, store: &Store) -> anyhow::Result<Self> {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let (g, h) = (grpc.to_string(), http.to_string());
+        let tokens = token_file(dir)?;
+        let mut a = args(&[
+            "--grpc-addr",
+            &g,
+            "--http-addr",
+            &h,
+            "--token-file",
+            &tokens.to_string_lossy(),
+            "--allow-insecure-http",
+            "--allow-cidr",
+            "127.0.0.0/8",
+            "--shutdown-grace",
+            "2s",
+        ]);
+        match store {
+            Store::Embedded(data) => a.extend([OsString::from("--data-dir"), data.into()]),
+            Store::Etcd(endpoint) => {
+                a.extend([OsString::from("--etcd-endpoints"), endpoint.into()]);
+            }
+        }
+        let env = vec![
+            ("PUSHWIRE_ENCRYPTION_KEY".into(), ENCRYPTION_KEY.into()),
+            ("PUSHWIRE_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+        ];
+        let process = Process::start("control plane", bin, a, env, dir.join("control-plane.log"))?;
+        let mut cp = Self {
+            process,
+            grpc,
+            http,
+        };
+        wait_ready(&mut cp.process, cp.http, READY).await?;
+        Ok(cp)
+    }
+
+    /// SIGKILLs it.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.process.kill().await
+    }
+
+    /// Starts it again on the same ports and store, and waits until it is ready.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.restart()?;
+        wait_ready(&mut self.process, self.http, READY).await
+    }
+
+    /// `http://` URL of its gRPC address.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// A gRPC channel to it, as admin.
+    pub async fn channel(&self) -> anyhow::Result<AuthChannel> {
+        let channel = Channel::from_shared(self.url())?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(15))
+            .connect()
+            .await?;
+        Ok(InterceptedService::new(
+            channel,
+            Bearer::new(&Secret::new(ADMIN_TOKEN))?,
+        ))
+    }
+}
+
+/// Worker settings of a scenario.
+#[derive(Clone, Debug)]
+pub struct WorkerFlags {
+    /// `--window`.
+    pub window: u32,
+    /// `--retry-schedule`.
+    pub retry_schedule: String,
+    /// `--retry-window`.
+    pub retry_window: String,
+    /// `--request-timeout`.
+    pub request_timeout: String,
+    /// `--shutdown-grace`.
+    pub shutdown_grace: String,
+    /// `--breaker-threshold`.
+    pub breaker_threshold: u32,
+}
+
+impl Default for WorkerFlags {
+    fn default() -> Self {
+        Self {
+            window: 128,
+            // Ten retries: a receiver failing a fifth of its answers at random fails a delivery
+            // about once in fifty million.
+            retry_schedule: "50ms,100ms,200ms,400ms,800ms,1s,1s,1s,1s,1s".into(),
+            retry_window: "60s".into(),
+            request_timeout: "2s".into(),
+            shutdown_grace: "3s".into(),
+            breaker_threshold: 10,
+        }
+    }
+}
+
+/// A worker process.
+#[derive(Debug)]
+pub struct WorkerProc {
+    /// The process.
+    pub process: Process,
+    /// gRPC address (`IngestService`).
+    pub grpc: SocketAddr,
+    /// HTTP operations address.
+    pub http: SocketAddr,
+}
+
+impl WorkerProc {
+    /// Starts worker `n` (`bin`) following `control_plane`, its log in `dir`, and waits until
+    /// it is ready (it applied a configuration snapshot).
+    pub async fn start(
+        bin: &Path,
+        dir: &Path,
+        n: usize,
+        control_plane: &str,
+        flags: &WorkerFlags,
+    ) -> anyhow::Result<Self> {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let (g, h, w, b) = (
+            grpc.to_string(),
+            http.to_string(),
+            flags.window.to_string(),
+            flags.breaker_threshold.to_string(),
+        );
+        let tokens = dir.join("tokens.json");
+        let a = args(&[
+            "--grpc-addr",
+            &g,
+            "--http-addr",
+            &h,
+            "--token-file",
+            &tokens.to_string_lossy(),
+            "--control-plane",
+            control_plane,
+            "--allow-cidr",
+            "127.0.0.0/8",
+            "--window",
+            &w,
+            "--retry-schedule",
+            &flags.retry_schedule,
+            "--retry-window",
+            &flags.retry_window,
+            "--connect-timeout",
+            "1s",
+            "--request-timeout",
+            &flags.request_timeout,
+            "--shutdown-grace",
+            &flags.shutdown_grace,
+            "--breaker-threshold",
+            &b,
+        ]);
+        let process = Process::start(
+            &format!("worker {n}"),
+            bin,
+            a,
+            vec![("PUSHWIRE_CONTROL_PLANE_TOKEN".into(), WORKER_TOKEN.into())],
+            dir.join(format!("worker-{n}.log")),
+        )?;
+        let mut w = Self {
+            process,
+            grpc,
+            http,
+        };
+        wait_ready(&mut w.process, w.http, READY).await?;
+        Ok(w)
+    }
+
+    /// Starts it again on the same ports, and waits until it is ready.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.restart()?;
+        wait_ready(&mut self.process, self.http, READY).await
+    }
+
+    /// `http://` URL of its gRPC address, for the publisher.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// The configuration revision it routes with (`pushwire_worker_config_revision`).
+    pub async fn config_revision(&self) -> anyhow::Result<i64> {
+        let (_, metrics) = http_get(self.http, "/metrics").await?;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("pushwire_worker_config_revision "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as i64)
+            .context("no pushwire_worker_config_revision in /metrics")
+    }
+
+    /// Waits until it routes with `revision` or later, at most `limit`.
+    pub async fn wait_revision(&self, revision: i64, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let r = self.config_revision().await;
+            if r.as_ref().is_ok_and(|r| *r >= revision) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "{} at revision {r:?}, not {revision}, after {limit:?}",
+                    self.process.name()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// How a [`CountingReceiver`] answers.
+#[derive(Clone, Debug, Default)]
+pub struct Behaviour {
+    /// Share of requests answered `500` at random.
+    pub fail_ratio: f64,
+    /// Requests arriving before this instant get no answer until then (and `503` then: the
+    /// sender has long given up).
+    pub stall_until: Option<Instant>,
+    /// Share of requests answered only after `slow_delay`.
+    pub slow_ratio: f64,
+    /// See `slow_ratio`.
+    pub slow_delay: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Records {
+    /// 2xx answers by participation id.
+    delivered: HashMap<String, u32>,
+    /// First 2xx answer by participation id.
+    first: HashMap<String, Instant>,
+}
+
+/// A loopback webhook receiver that answers as its [`Behaviour`] says and counts 2xx answers
+/// by participation (the part of `webhook-id` before its last `_`).
+#[derive(Debug)]
+pub struct CountingReceiver {
+    addr: SocketAddr,
+    behaviour: Arc<Mutex<Behaviour>>,
+    records: Arc<Mutex<Records>>,
+    attempts: Arc<AtomicU64>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Uniform in [0, 1), from a shared xorshift (no cryptographic quality needed).
+fn random_unit(state: &AtomicU64) -> f64 {
+    let mut x = state.load(Ordering::Relaxed);
+    loop {
+        let mut y = x;
+        y ^= y << 13;
+        y ^= y >> 7;
+        y ^= y << 17;
+        match state.compare_exchange_weak(x, y, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return (y >> 11) as f64 / (1u64 << 53) as f64,
+            Err(now) => x = now,
+        }
+    }
+}
+
+impl CountingReceiver {
+    /// Starts one answering `200` at once.
+    pub async fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let behaviour = Arc::new(Mutex::new(Behaviour::default()));
+        let records = Arc::new(Mutex::new(Records::default()));
+        let attempts = Arc::new(AtomicU64::new(0));
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
+        let rng = Arc::new(AtomicU64::new(seed ^ u64::from(addr.port())));
+        let shutdown = CancellationToken::new();
+        let (b, r, a) = (behaviour.clone(), records.clone(), attempts.clone());
+        let handler = move |req: Received| {
+            a.fetch_add(1, Ordering::Relaxed);
+            let now = Instant::now();
+            let behaviour = b.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            let reply = if let Some(until) = behaviour.stall_until.filter(|u| *u > now) {
+                Reply::status(503).after(until - now)
+            } else if random_unit(&rng) < behaviour.fail_ratio {
+                Reply::status(500)
+            } else {
+                let id = req
+                    .header("webhook-id")
+                    .and_then(|w| w.rsplit_once('_'))
+                    .map_or_else(String::new, |(p, _)| p.to_owned());
+                let mut records = r.lock().unwrap_or_else(PoisonError::into_inner);
+                *records.delivered.entry(id.clone()).or_default() += 1;
+                records.first.entry(id).or_insert(now);
+                drop(records);
+                if behaviour.slow_ratio > 0.0 && random_unit(&rng) < behaviour.slow_ratio {
+                    Reply::ok().after(behaviour.slow_delay)
+                } else {
+                    Reply::ok()
+                }
+            };
+            std::future::ready(reply)
+        };
+        let task = tokio::spawn(receiver::serve(listener, None, handler, shutdown.clone()));
+        Ok(Self {
+            addr,
+            behaviour,
+            records,
+            attempts,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Changes how it answers from now on.
+    pub fn set(&self, behaviour: Behaviour) {
+        *self
+            .behaviour
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = behaviour;
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// Requests received, answered or not.
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+
+    /// 2xx answers by participation id.
+    pub fn delivered(&self) -> HashMap<String, u32> {
+        self.records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .delivered
+            .clone()
+    }
+
+    /// First 2xx answer by participation id.
+    pub fn first_deliveries(&self) -> HashMap<String, Instant> {
+        self.records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .first
+            .clone()
+    }
+}
+
+impl Drop for CountingReceiver {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.task.abort();
+    }
+}
+
+/// The admin API of a control plane.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    channel: AuthChannel,
+}
+
+impl Admin {
+    /// Over `channel`.
+    pub fn new(channel: AuthChannel) -> Self {
+        Self { channel }
+    }
+
+    /// Creates integration `id` posting to `url`; its revision.
+    pub async fn integration(&self, id: &str, url: &str) -> anyhow::Result<(String, i64)> {
+        let created =
+            pb::integration_service_client::IntegrationServiceClient::new(self.channel.clone())
+                .create_integration(pb::CreateIntegrationRequest {
+                    parent: ACCOUNT.into(),
+                    integration_id: id.into(),
+                    integration: Some(integration(id, url)),
+                })
+                .await
+                .with_context(|| format!("creating integration {id}"))?
+                .into_inner();
+        Ok((created.name, created.etag.parse()?))
+    }
+
+    /// Creates push scope `id`; its revision.
+    pub async fn scope(&self, id: &str, scope: pb::PushScope) -> anyhow::Result<i64> {
+        let created =
+            pb::push_scope_service_client::PushScopeServiceClient::new(self.channel.clone())
+                .create_push_scope(pb::CreatePushScopeRequest {
+                    parent: ACCOUNT.into(),
+                    push_scope_id: id.into(),
+                    push_scope: Some(scope),
+                })
+                .await
+                .with_context(|| format!("creating push scope {id}"))?
+                .into_inner();
+        Ok(created.etag.parse()?)
+    }
+
+    /// Routes to three receivers: 0 gets everything, 1 the participations on website 1, 2
+    /// everything but campaign 3 (see [`expected_routes`]). The last revision written.
+    pub async fn route_three(&self, receivers: [&CountingReceiver; 3]) -> anyhow::Result<i64> {
+        let (all, _) = self.integration("all", &receivers[0].url()).await?;
+        self.scope("all", scope(&all, pb::PushScopeLevel::Account, ""))
+            .await?;
+        let (site, _) = self.integration("site-1", &receivers[1].url()).await?;
+        self.scope("site-1", scope(&site, pb::PushScopeLevel::Website, "1"))
+            .await?;
+        let (most, _) = self
+            .integration("not-campaign-3", &receivers[2].url())
+            .await?;
+        self.scope(
+            "not-campaign-3",
+            scope(&most, pb::PushScopeLevel::Account, ""),
+        )
+        .await?;
+        let mut except = scope(&most, pb::PushScopeLevel::Campaign, "3");
+        except.set_action(pb::PushAction::DoNotPush);
+        self.scope("not-campaign-3-except", except).await
+    }
+}
+
+/// Participation `i`: id `fault-{i}`, campaign `1 + i % 4`, website `1 + i % 2`, completed and
+/// identified.
+pub fn doc(i: usize) -> (String, String) {
+    let id = format!("fault-{i:05}");
+    let json = participation(&id, 1 + (i % 4) as u64, Some(1 + (i % 2) as u64), true);
+    (id, json)
+}
+
+/// Which of [`Admin::route_three`]'s receivers participation `i` goes to.
+pub fn expected_routes(i: usize) -> [bool; 3] {
+    [true, i.is_multiple_of(2), i % 4 != 2]
+}
+
+/// Participations published in the background, at a rate or as fast as the publisher takes
+/// them.
+#[derive(Debug)]
+pub struct Publication {
+    /// When each participation was handed to the publisher, by id.
+    pub published: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Receipts so far.
+    pub receipts: Arc<AtomicUsize>,
+    task: JoinHandle<Vec<Receipt>>,
+    /// How many.
+    pub n: usize,
+}
+
+impl Publication {
+    /// Publishes `docs` through `publisher`, at most `rate` a second when given.
+    pub fn start(
+        publisher: Arc<Publisher>,
+        docs: Vec<(String, String)>,
+        rate: Option<f64>,
+    ) -> Self {
+        let n = docs.len();
+        let published = Arc::new(Mutex::new(HashMap::with_capacity(n)));
+        let receipts = Arc::new(AtomicUsize::new(0));
+        let (p, r) = (published.clone(), receipts.clone());
+        let task = tokio::spawn(async move {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let mut pace =
+                rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r.max(1.0))));
+            let mut out = Vec::with_capacity(n);
+            for (id, json) in docs {
+                if let Some(pace) = pace.as_mut() {
+                    pace.tick().await;
+                }
+                while let Ok(receipt) = rx.try_recv() {
+                    out.push(receipt);
+                }
+                p.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(id, Instant::now());
+                let (tx, r) = (tx.clone(), r.clone());
+                publisher
+                    .publish_with(
+                        pb::PublishRequest {
+                            participation_json: json,
+                            ..Default::default()
+                        },
+                        move |receipt| {
+                            r.fetch_add(1, Ordering::Relaxed);
+                            let _ = tx.send(receipt);
+                        },
+                    )
+                    .await;
+            }
+            drop(tx);
+            while let Some(receipt) = rx.recv().await {
+                out.push(receipt);
+            }
+            out
+        });
+        Self {
+            published,
+            receipts,
+            task,
+            n,
+        }
+    }
+
+    /// Receipts so far.
+    pub fn acknowledged(&self) -> usize {
+        self.receipts.load(Ordering::Relaxed)
+    }
+
+    /// Waits until at least `count` receipts came, at most `limit`.
+    pub async fn wait_receipts(&self, count: usize, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        while self.acknowledged() < count {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {} of {count} receipts after {limit:?}",
+                self.acknowledged()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    /// Every receipt and when each participation was handed to the publisher, at most
+    /// `limit` from now.
+    pub async fn finish(
+        self,
+        limit: Duration,
+    ) -> anyhow::Result<(Vec<Receipt>, HashMap<String, Instant>)> {
+        let n = self.n;
+        let receipts = &self.receipts;
+        let out = tokio::time::timeout(limit, self.task)
+            .await
+            .with_context(|| {
+                format!(
+                    "{} of {n} receipts after {limit:?}",
+                    receipts.load(Ordering::Relaxed)
+                )
+            })?
+            .context("the publication task failed")?;
+        let published = self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        Ok((out, published))
+    }
+}
+
+/// What a scenario measured, printed as one line.
+#[derive(Debug, Default)]
+pub struct Figures {
+    /// Scenario name.
+    pub scenario: String,
+    /// Participations published.
+    pub sent: usize,
+    /// Receipts `Done`.
+    pub done: usize,
+    /// Receipts not `Done`, with why (at most 10).
+    pub not_done: Vec<String>,
+    /// Count of receipts not `Done`.
+    pub not_done_count: usize,
+    /// (participation, receiver) pairs expected.
+    pub expected: usize,
+    /// Expected pairs delivered at least once.
+    pub delivered: usize,
+    /// Expected pairs missing (at most 10).
+    pub missing: Vec<String>,
+    /// Count of expected pairs missing.
+    pub missing_count: usize,
+    /// 2xx answers beyond the first for a pair.
+    pub duplicates: u64,
+    /// Participations delivered twice or more to some receiver.
+    pub duplicated_participations: usize,
+    /// Deliveries to a receiver the participation should not reach.
+    pub unexpected: u64,
+    /// Receipts written to more than one stream.
+    pub resent: usize,
+    /// Longest publish → receipt.
+    pub max_latency: Duration,
+    /// Per receiver: longest publish → first delivery.
+    pub max_delivery_latency: Vec<Duration>,
+    /// Per receiver: 99th percentile of publish → first delivery.
+    pub p99_delivery_latency: Vec<Duration>,
+    /// Scenario time.
+    pub elapsed: Duration,
+}
+
+/// Counts receipts, and deliveries of participations `ids` ([`doc`]) against their routes
+/// `routes(i)` (one flag per receiver).
+pub fn tally(
+    scenario: &str,
+    receipts: &[Receipt],
+    published: &HashMap<String, Instant>,
+    receivers: &[&CountingReceiver],
+    ids: std::ops::Range<usize>,
+    routes: impl Fn(usize) -> Vec<bool>,
+    started: Instant,
+) -> Figures {
+    let mut f = Figures {
+        scenario: scenario.to_owned(),
+        sent: receipts.len(),
+        elapsed: started.elapsed(),
+        ..Figures::default()
+    };
+    for r in receipts {
+        f.max_latency = f.max_latency.max(r.elapsed);
+        if r.sends > 1 {
+            f.resent += 1;
+        }
+        if r.status() == ReceiptStatus::Done {
+            f.done += 1;
+        } else {
+            f.not_done_count += 1;
+            if f.not_done.len() < 10 {
+                f.not_done
+                    .push(format!("{}: {:?}", r.participation_id(), r.outcome));
+            }
+        }
+    }
+    let mut duplicated = std::collections::HashSet::new();
+    for (k, rx) in receivers.iter().enumerate() {
+        let delivered = rx.delivered();
+        let first = rx.first_deliveries();
+        let mut latencies = Vec::new();
+        for i in ids.clone() {
+            let id = format!("fault-{i:05}");
+            let count = delivered.get(&id).copied().unwrap_or(0);
+            if !routes(i)[k] {
+                f.unexpected += u64::from(count);
+                continue;
+            }
+            f.expected += 1;
+            if count == 0 {
+                f.missing_count += 1;
+                if f.missing.len() < 10 {
+                    f.missing.push(format!("{id} → receiver {k}"));
+                }
+                continue;
+            }
+            f.delivered += 1;
+            if count > 1 {
+                f.duplicates += u64::from(count - 1);
+                duplicated.insert(id.clone());
+            }
+            if let (Some(at), Some(p)) = (first.get(&id), published.get(&id)) {
+                latencies.push(at.saturating_duration_since(*p));
+            }
+        }
+        latencies.sort();
+        f.max_delivery_latency
+            .push(latencies.last().copied().unwrap_or_default());
+        f.p99_delivery_latency.push(
+            latencies
+                .get((latencies.len() * 99 / 100).min(latencies.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default(),
+        );
+    }
+    f.duplicated_participations = duplicated.len();
+    f
+}
+
+impl Figures {
+    /// Prints the figures (one line, then the problems if any).
+    pub fn print(&self) {
+        let ms = |d: &Duration| format!("{:.0}ms", d.as_secs_f64() * 1000.0);
+        let per_receiver: BTreeMap<usize, String> = self
+            .max_delivery_latency
+            .iter()
+            .zip(&self.p99_delivery_latency)
+            .enumerate()
+            .map(|(k, (max, p99))| (k, format!("p99 {} max {}", ms(p99), ms(max))))
+            .collect();
+        println!(
+            "faults/{}: sent {}, acknowledged done {}, deliveries expected {}, delivered {}, \
+             duplicates {} (in {} participations), unexpected {}, re-sent {}, max latency {} \
+             (publish → receipt), delivery latency by receiver {:?}, scenario {:.1}s",
+            self.scenario,
+            self.sent,
+            self.done,
+            self.expected,
+            self.delivered,
+            self.duplicates,
+            self.duplicated_participations,
+            self.unexpected,
+            self.resent,
+            ms(&self.max_latency),
+            per_receiver,
+            self.elapsed.as_secs_f64(),
+        );
+        if self.not_done_count > 0 {
+            println!(
+                "  {} receipts not done: {:?}",
+                self.not_done_count, self.not_done
+            );
+        }
+        if self.missing_count > 0 {
+            println!(
+                "  {} deliveries missing: {:?}",
+                self.missing_count, self.missing
+            );
+        }
+    }
+
+    /// The invariants every scenario holds: every participation acknowledged `Done`, every
+    /// expected delivery made, nothing delivered where it does not belong.
+    pub fn assert_nothing_lost(&self, n: usize) {
+        assert_eq!(self.sent, n, "every participation got a receipt");
+        assert_eq!(
+            self.done, n,
+            "every receipt done: {} not: {:?}",
+            self.not_done_count, self.not_done
+        );
+        assert_eq!(
+            self.missing_count, 0,
+            "every expected delivery made; missing: {:?}",
+            self.missing
+        );
+        assert_eq!(self.delivered, self.expected);
+        assert_eq!(self.unexpected, 0, "no delivery outside the routes");
+    }
+}

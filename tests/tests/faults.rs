@@ -1,0 +1,455 @@
+//! Fault injection: nothing is lost when workers, the control plane, etcd or receivers fail.
+//! Real processes (the `*-under-test` binaries, a real etcd), loopback only, every wait
+//! bounded, every child killed when the test ends however it ends. Participations go through
+//! the publisher library (`pushwire_common::publisher`), which re-publishes what a failed
+//! stream did not acknowledge. Each scenario prints its figures (`--nocapture` to see them):
+//!
+//! ```sh
+//! cargo test -p pushwire-tests --test faults -- --nocapture
+//! ```
+//!
+//! The scenarios run one at a time (they measure latency, and share two cores in CI).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pushwire_common::domain::Secret;
+use pushwire_common::pb::v1 as pb;
+use pushwire_common::publisher::{Publisher, PublisherOptions};
+use pushwire_tests::etcd::EtcdServer;
+use pushwire_tests::faults::{
+    ACCOUNT, Admin, Behaviour, ControlPlaneProc, CountingReceiver, Figures, PUBLISHER_TOKEN,
+    Publication, Store, WorkerFlags, WorkerProc, doc, expected_routes, http_get, tally,
+};
+use pushwire_tests::worker::scope;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_pushwire-worker-under-test");
+const CONTROL_PLANE: &str = env!("CARGO_BIN_EXE_pushwire-control-plane-under-test");
+
+/// Bound on a whole scenario.
+const SCENARIO: Duration = Duration::from_secs(180);
+
+/// One scenario at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn publisher_options(window: u32) -> PublisherOptions {
+    PublisherOptions {
+        token: Some(Secret::new(PUBLISHER_TOKEN)),
+        window: window as usize,
+        max_pending: 8192,
+        deadline: Duration::from_secs(150),
+        connect_timeout: Duration::from_secs(2),
+        backoff: (Duration::from_millis(50), Duration::from_secs(1)),
+        ..PublisherOptions::default()
+    }
+}
+
+/// Three receivers routed as [`Admin::route_three`] says, a control plane on `store` and two
+/// workers with `flags`, every worker on the routing revision.
+struct Rig {
+    cp: ControlPlaneProc,
+    workers: [WorkerProc; 2],
+    receivers: [CountingReceiver; 3],
+    admin: Admin,
+    publisher: Arc<Publisher>,
+}
+
+impl Rig {
+    async fn start(dir: &Path, store: Store, flags: WorkerFlags) -> anyhow::Result<Self> {
+        let cp = ControlPlaneProc::start(Path::new(CONTROL_PLANE), dir, &store).await?;
+        let receivers = [
+            CountingReceiver::start().await?,
+            CountingReceiver::start().await?,
+            CountingReceiver::start().await?,
+        ];
+        let admin = Admin::new(cp.channel().await?);
+        let revision = admin
+            .route_three([&receivers[0], &receivers[1], &receivers[2]])
+            .await?;
+        let bin = Path::new(WORKER);
+        let workers = [
+            WorkerProc::start(bin, dir, 1, &cp.url(), &flags).await?,
+            WorkerProc::start(bin, dir, 2, &cp.url(), &flags).await?,
+        ];
+        for w in &workers {
+            w.wait_revision(revision, Duration::from_secs(15)).await?;
+        }
+        let publisher = Arc::new(Publisher::connect(
+            &[workers[0].url(), workers[1].url()],
+            ACCOUNT,
+            publisher_options(flags.window),
+        )?);
+        publisher
+            .wait_connected(Duration::from_secs(10))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        Ok(Self {
+            cp,
+            workers,
+            receivers,
+            admin,
+            publisher,
+        })
+    }
+
+    fn receivers(&self) -> Vec<&CountingReceiver> {
+        self.receivers.iter().collect()
+    }
+
+    /// Waits until the publisher has a stream to each worker again, at most `limit`.
+    async fn wait_streams(&self, n: usize, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        while self.publisher.stats().open_streams < n {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{:?} after {limit:?}",
+                self.publisher.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+}
+
+fn docs(ids: std::ops::Range<usize>) -> Vec<(String, String)> {
+    ids.map(doc).collect()
+}
+
+fn routes3(i: usize) -> Vec<bool> {
+    expected_routes(i).to_vec()
+}
+
+async fn scenario<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    let _one_at_a_time = SERIAL.lock().await;
+    tokio::time::timeout(SCENARIO, f)
+        .await
+        .map_err(|_| anyhow::anyhow!("scenario not over within {SCENARIO:?}"))?
+}
+
+/// 10,000 participations through 2 workers to 3 receivers; one worker is SIGKILLed a third of
+/// the way and restarted. Every participation reaches every receiver it routes to at least
+/// once; participations delivered twice are at most the killed stream's window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_run_loses_nothing() -> anyhow::Result<()> {
+    scenario(async {
+        const N: usize = 10_000;
+        let started = Instant::now();
+        let dir = tempfile::tempdir()?;
+        let flags = WorkerFlags {
+            window: 64,
+            ..WorkerFlags::default()
+        };
+        let mut rig = Rig::start(
+            dir.path(),
+            Store::Embedded(dir.path().join("data")),
+            flags.clone(),
+        )
+        .await?;
+        let publication = Publication::start(rig.publisher.clone(), docs(0..N), None);
+        publication
+            .wait_receipts(N * 3 / 10, Duration::from_secs(60))
+            .await?;
+        let in_flight = rig.publisher.stats().in_flight;
+        rig.workers[0].process.kill().await?;
+        let at_kill = publication.acknowledged();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rig.workers[0].restart().await?;
+        // The publisher finds the restarted worker again.
+        rig.wait_streams(2, Duration::from_secs(10)).await?;
+        let (f, _) = publication_finish(publication, &rig, 0..N, started, "worker-sigkill").await?;
+        let stats = rig.publisher.stats();
+        println!(
+            "  killed worker 1 at {at_kill} receipts with {in_flight} in flight over both streams; \
+             publisher {stats:?}"
+        );
+        f.assert_nothing_lost(N);
+        assert!(
+            stats.stream_failures >= 1,
+            "the killed stream failed: {stats:?}"
+        );
+        assert!(f.resent > 0, "what the killed worker held was sent again");
+        assert!(
+            f.duplicated_participations <= flags.window as usize,
+            "duplicates bounded by the window: {} > {}",
+            f.duplicated_participations,
+            flags.window
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// Receiver 0 answers 500 to half the requests at random, receiver 2 stalls for 30 s (no
+/// answer at all), receiver 1 is healthy. Everything is delivered in the end, and receiver 1's
+/// latency stays that of a healthy endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_and_stalled_receivers_delay_no_one_else() -> anyhow::Result<()> {
+    scenario(async {
+        const N: usize = 2_000;
+        const RATE: f64 = 50.0;
+        const STALL: Duration = Duration::from_secs(30);
+        let started = Instant::now();
+        let dir = tempfile::tempdir()?;
+        let flags = WorkerFlags {
+            // Room for what waits on the stalled receiver: 50/s × 30 s × 3/4 over 2 workers.
+            window: 1024,
+            // Retries enough to outlast the stall (30 s) and half the answers failing.
+            retry_schedule: format!("100ms,200ms,400ms,800ms{}", ",1s".repeat(36)),
+            retry_window: "120s".into(),
+            // No breaker: its cool-down would make the end of the stall a matter of timing.
+            breaker_threshold: 100_000,
+            ..WorkerFlags::default()
+        };
+        let rig = Rig::start(dir.path(), Store::Embedded(dir.path().join("data")), flags).await?;
+        rig.receivers[0].set(Behaviour {
+            fail_ratio: 0.5,
+            ..Behaviour::default()
+        });
+        let publication = Publication::start(rig.publisher.clone(), docs(0..N), Some(RATE));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        rig.receivers[2].set(Behaviour {
+            stall_until: Some(Instant::now() + STALL),
+            ..Behaviour::default()
+        });
+        let (f, _) =
+            publication_finish(publication, &rig, 0..N, started, "flaky-and-stalled").await?;
+        f.assert_nothing_lost(N);
+        assert!(
+            rig.receivers[0].attempts() > rig.receivers[0].delivered().len() as u64 * 3 / 2,
+            "receiver 0 failed about half the attempts"
+        );
+        assert!(
+            f.max_delivery_latency[2] >= STALL / 2,
+            "receiver 2 was stalled: {:?}",
+            f.max_delivery_latency
+        );
+        // The healthy receiver's deliveries did not wait for the others.
+        assert!(
+            f.p99_delivery_latency[1] < Duration::from_millis(500)
+                && f.max_delivery_latency[1] < Duration::from_secs(3),
+            "receiver 1 latency: p99 {:?}, max {:?}",
+            f.p99_delivery_latency[1],
+            f.max_delivery_latency[1]
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// Waits for every receipt of `publication` and tallies it.
+async fn publication_finish(
+    publication: Publication,
+    rig: &Rig,
+    ids: std::ops::Range<usize>,
+    started: Instant,
+    name: &str,
+) -> anyhow::Result<(Figures, Vec<pushwire_common::publisher::Receipt>)> {
+    let (receipts, at) = publication.finish(Duration::from_secs(150)).await?;
+    let f = tally(
+        name,
+        &receipts,
+        &at,
+        &rig.receivers(),
+        ids,
+        routes3,
+        started,
+    );
+    f.print();
+    Ok((f, receipts))
+}
+
+/// The control plane is SIGKILLed and restarted, then etcd is killed and restarted, while
+/// participations flow: the workers keep delivering on their last configuration, the control
+/// plane answers UNAVAILABLE (instead of hanging) while etcd is away and re-establishes its
+/// watch, and a change made after the recovery reaches both workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_and_etcd_restarts_lose_nothing() -> anyhow::Result<()> {
+    scenario(async {
+        const N: usize = 4_000;
+        const LATE: usize = 500;
+        let started = Instant::now();
+        let dir = tempfile::tempdir()?;
+        let mut etcd = tokio::task::spawn_blocking(EtcdServer::start).await??;
+        let mut rig = Rig::start(
+            dir.path(),
+            Store::Etcd(etcd.endpoint()),
+            WorkerFlags::default(),
+        )
+        .await?;
+        let publication = Publication::start(rig.publisher.clone(), docs(0..N), Some(400.0));
+        publication
+            .wait_receipts(N / 10, Duration::from_secs(30))
+            .await?;
+
+        // The control plane dies: deliveries go on.
+        rig.cp.kill().await?;
+        let before = publication.acknowledged();
+        publication
+            .wait_receipts(before + 400, Duration::from_secs(20))
+            .await?;
+        let during_cp_outage = publication.acknowledged() - before;
+        rig.cp.restart().await?;
+
+        // etcd dies for a few seconds: the control plane answers UNAVAILABLE within a bound
+        // and says it is not ready; deliveries go on.
+        etcd.stop()?;
+        let etcd_down = Instant::now();
+        let before = publication.acknowledged();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(15),
+            pb::integration_service_client::IntegrationServiceClient::new(rig.cp.channel().await?)
+                .list_integrations(pb::ListIntegrationsRequest {
+                    parent: ACCOUNT.into(),
+                    ..Default::default()
+                }),
+        )
+        .await;
+        let unavailable_after = etcd_down.elapsed();
+        match &answer {
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {}
+            other => panic!("a call while etcd is down gave {other:?}"),
+        }
+        let (ready, _) = http_get(rig.cp.http, "/readyz").await?;
+        assert_eq!(ready, 503, "not ready while etcd is down");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let etcd = tokio::task::spawn_blocking(move || etcd.resume().map(|()| etcd)).await??;
+        let etcd_outage = etcd_down.elapsed();
+        let during_etcd_outage = publication.acknowledged() - before;
+        assert!(etcd_outage >= Duration::from_secs(2));
+        rig.cp.process.check_running()?;
+
+        // A change after the recovery reaches both workers; new participations follow it.
+        let late = CountingReceiver::start().await?;
+        let revision = retry_until_ok(Duration::from_secs(20), || async {
+            let (name, _) = rig.admin.integration("late", &late.url()).await?;
+            rig.admin
+                .scope("late", scope(&name, pb::PushScopeLevel::Account, ""))
+                .await
+        })
+        .await?;
+        let propagated = Instant::now();
+        for w in &rig.workers {
+            w.wait_revision(revision, Duration::from_secs(20)).await?;
+        }
+        let propagation = propagated.elapsed();
+        let first = publication_finish(publication, &rig, 0..N, started, "cp-and-etcd-restarts")
+            .await?
+            .0;
+        let second = Publication::start(rig.publisher.clone(), docs(N..N + LATE), None);
+        let (receipts, at) = second.finish(Duration::from_secs(60)).await?;
+        let mut receivers = rig.receivers();
+        receivers.push(&late);
+        let after = tally(
+            "after-recovery",
+            &receipts,
+            &at,
+            &receivers,
+            N..N + LATE,
+            |i| {
+                let mut r = routes3(i);
+                r.push(true);
+                r
+            },
+            started,
+        );
+        after.print();
+        println!(
+            "  receipts during the control-plane outage {during_cp_outage}, during the etcd \
+             outage ({etcd_outage:.1?}) {during_etcd_outage}; UNAVAILABLE after \
+             {unavailable_after:?}; change after recovery on both workers within {propagation:?}"
+        );
+        first.assert_nothing_lost(N);
+        after.assert_nothing_lost(LATE);
+        assert!(
+            during_cp_outage > 0 && during_etcd_outage > 0,
+            "deliveries went on during both outages"
+        );
+        assert!(
+            unavailable_after < Duration::from_secs(10),
+            "{unavailable_after:?}"
+        );
+        drop(etcd);
+        Ok(())
+    })
+    .await
+}
+
+/// Calls `f` until it succeeds, at most `limit` (the store may take a moment to answer after
+/// its restart).
+async fn retry_until_ok<T, F, Fut>(limit: Duration, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// A worker gets SIGTERM mid-run while attempts are in flight (slow answers, retries): it
+/// stops taking streams, finishes what it can within its grace period, ends its streams with
+/// UNAVAILABLE and exits; the publisher re-sends the rest elsewhere. No loss, no FAILED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_hands_back_what_it_did_not_finish() -> anyhow::Result<()> {
+    scenario(async {
+        const N: usize = 4_000;
+        let started = Instant::now();
+        let dir = tempfile::tempdir()?;
+        let flags = WorkerFlags {
+            shutdown_grace: "2s".into(),
+            request_timeout: "5s".into(),
+            ..WorkerFlags::default()
+        };
+        let mut rig =
+            Rig::start(dir.path(), Store::Embedded(dir.path().join("data")), flags).await?;
+        // Slow answers (beyond the grace period: those in flight then are cut and handed
+        // back) and retries keep attempts in flight.
+        rig.receivers[0].set(Behaviour {
+            slow_ratio: 0.02,
+            slow_delay: Duration::from_secs(3),
+            ..Behaviour::default()
+        });
+        rig.receivers[2].set(Behaviour {
+            fail_ratio: 0.2,
+            ..Behaviour::default()
+        });
+        let publication = Publication::start(rig.publisher.clone(), docs(0..N), Some(500.0));
+        publication
+            .wait_receipts(N * 3 / 10, Duration::from_secs(30))
+            .await?;
+        let in_flight = rig.publisher.stats().in_flight;
+        let failures_before = rig.publisher.stats().stream_failures;
+        rig.workers[0].process.terminate()?;
+        let terminated = Instant::now();
+        let status = rig.workers[0]
+            .process
+            .wait_exit(Duration::from_secs(15))
+            .await?;
+        let drained_in = terminated.elapsed();
+        rig.workers[0].restart().await?;
+        let (f, _) = publication_finish(publication, &rig, 0..N, started, "sigterm-drain").await?;
+        let stats = rig.publisher.stats();
+        println!(
+            "  worker 1 exited {status} {drained_in:?} after SIGTERM ({in_flight} in flight over \
+             both streams then); publisher {stats:?}"
+        );
+        f.assert_nothing_lost(N);
+        assert!(status.success(), "a drained worker exits cleanly: {status}");
+        assert!(
+            drained_in < Duration::from_secs(8),
+            "drained within the grace period and a margin: {drained_in:?}"
+        );
+        assert!(
+            stats.stream_failures > failures_before,
+            "the drained stream ended with a status: {stats:?}"
+        );
+        Ok(())
+    })
+    .await
+}
