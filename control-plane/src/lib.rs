@@ -21,11 +21,11 @@ use std::sync::Arc;
 
 use pushwire_common::pb::v1 as pb;
 use pushwire_worker::Worker;
-use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+pub use pushwire_common::shutdown::Listeners;
 use service::{Catalog, CatalogOptions, ConfigFeed};
 use store::{EmbeddedStore, EtcdStore, Store, StoreError};
 
@@ -50,25 +50,6 @@ pub enum RunError {
     /// A listener failed.
     #[error("server failed")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
-}
-
-/// The sockets the server listens on; bind them first so tests can use port 0.
-#[derive(Debug)]
-pub struct Listeners {
-    /// gRPC.
-    pub grpc: TcpListener,
-    /// HTTP operations endpoint.
-    pub http: TcpListener,
-}
-
-impl Listeners {
-    /// Binds the addresses of `config`.
-    pub async fn bind(config: &Config) -> std::io::Result<Self> {
-        Ok(Self {
-            grpc: TcpListener::bind(config.grpc_addr).await?,
-            http: TcpListener::bind(config.http_addr).await?,
-        })
-    }
 }
 
 /// Opens the store named by the configuration: etcd when endpoints are given, else the

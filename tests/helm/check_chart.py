@@ -16,13 +16,17 @@ installs both, pinned, into .tools/venv. This script installs nothing.
    value: controlPlane.flags.<camelCase> / worker.flags.<camelCase> (sharedFlags for flags both
    take), and no value names a flag the binary does not have. Rendering with every flag set (to
    the example in values.schema.json) puts exactly that flag's environment variable and value
-   in the Deployment; so does sharedFlags in both Deployments.
+   in the Deployment; so does sharedFlags in both Deployments. The only exceptions are
+   MODE_FLAGS: flags that make a binary do one thing and exit (control-plane --reencrypt) are
+   run by hand in a pod, not deployed; the check prints each with its reason.
 4. In every render, the Deployments listen on all interfaces, their container ports are the
    ports of PUSHWIRE_GRPC_ADDR / PUSHWIRE_HTTP_ADDR (the binary's default when unset), the
    probes are GET /healthz and /readyz on the http port, Services target those ports, the
    workers' PUSHWIRE_CONTROL_PLANE is the control-plane Service, terminationGracePeriodSeconds
-   exceeds the drain time, and every pod runs non-root with a read-only root filesystem. Each
-   binary starts with its rendered environment (clap parses every value).
+   exceeds the drain time, and every pod runs non-root with a read-only root filesystem. A
+   control plane on etcd has an encryption key file, mounted read-only from a Secret. Each
+   binary starts with its rendered environment (clap parses every value; the control plane
+   reads its key file: the chart's generated Secret when the render has it, else a fresh key).
 5. The chart refuses impossible values, and every value is documented (schema description,
    comment in values.yaml).
 
@@ -30,6 +34,7 @@ Ends with a `chart: N passed, N failed` line; exits non-zero on any failure.
 """
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -55,6 +60,18 @@ COMPONENT_FLAGS = {"control-plane": "controlPlane", "worker": "worker"}
 MOUNTED_FILES = ("PUSHWIRE_TOKEN_FILE", "PUSHWIRE_TLS_CERT", "PUSHWIRE_TLS_KEY", "PUSHWIRE_TLS_CLIENT_CA",
                  "PUSHWIRE_CONTROL_PLANE_TOKEN_FILE", "PUSHWIRE_CONTROL_PLANE_CA", "PUSHWIRE_TLS_CLIENT_CERT",
                  "PUSHWIRE_TLS_CLIENT_KEY")
+# Flags that select a one-shot mode of a binary instead of configuring a deployment: no chart
+# value, no environment variable. Each with the reason the check prints. Keep this list short:
+# every other flag must be a value.
+MODE_FLAGS = {
+    "control-plane": {
+        "reencrypt": "one-shot maintenance (re-encrypts every stored secret under the current key, "
+                     "prints counts and exits without serving): run by hand in a pod, see README "
+                     "\"Deploying on Kubernetes\"; as a deployment setting no replica would serve",
+    },
+}
+# Where the chart mounts the control plane's encryption key Secret.
+ENCRYPTION_DIR = "/etc/pushwire/encryption/"
 # Branches of the templates that neither the default values nor ci/ take.
 VARIANTS = {
     "variant: 3-member bundled etcd on emptyDir, fixed workers, no PDBs, ConfigMap CA": {
@@ -65,8 +82,10 @@ VARIANTS = {
         "extraCa": {"existingConfigMap": "receivers-ca", "key": "bundle.pem"},
         "serviceAccount": {"create": False},
     },
-    "variant: embedded store on emptyDir with separate workers, OTLP headers, in-flight HPA only": {
+    "variant: embedded store on emptyDir with separate workers, OTLP headers, in-flight HPA only, "
+    "encryption key from an existing Secret": {
         "etcd": {"bundled": {"enabled": False}},
+        "encryption": {"existingSecret": "pushwire-keys", "key": "keys.txt"},
         "controlPlane": {"replicas": 1, "persistence": {"enabled": False}},
         "worker": {"autoscaling": {"targetCPUUtilizationPercentage": None,
                                    "inFlight": {"enabled": True}}},
@@ -115,6 +134,11 @@ def binary_flags(path):
     if len(flags) < 3:
         sys.exit(f"{path} --help: found only {sorted(flags)}; has the help format changed?")
     return flags
+
+
+def deployable(binary, flags):
+    """The flags of `binary` that configure a deployment: all but its MODE_FLAGS."""
+    return {f: info for f, info in flags.items() if f not in MODE_FLAGS.get(binary, {})}
 
 
 def camel(flag):
@@ -169,6 +193,31 @@ def container(deployment, name):
         if c["name"] == name:
             return c
     raise AssertionError(f"{deployment['metadata']['name']}: no container {name}")
+
+
+def mounted_secret(dep, c, path):
+    """(Secret name, key) of the Secret volume holding file `path` of container `c`, or
+    (None, None) when no Secret volume is mounted there. The mount must be read-only."""
+    for m in c.get("volumeMounts", []):
+        base = m["mountPath"].rstrip("/") + "/"
+        if not path.startswith(base):
+            continue
+        assert m.get("readOnly") is True, f"{c['name']}: {m['mountPath']} is not mounted read-only"
+        vol = next(v for v in dep["spec"]["template"]["spec"].get("volumes", []) if v["name"] == m["name"])
+        if "secret" not in vol:
+            return None, None
+        name, rel = vol["secret"]["secretName"], path[len(base):]
+        items = vol["secret"].get("items")
+        if items is None:
+            return name, rel
+        key = next((i["key"] for i in items if i["path"] == rel), None)
+        assert key, f"{c['name']}: {path}: no item of Secret {name} is mounted there"
+        return name, key
+    return None, None
+
+
+def rendered_secret(objects, name):
+    return next((s for s in find(objects, "Secret") if s["metadata"]["name"] == name), None)
 
 
 def env_of(c):
@@ -298,7 +347,16 @@ class Checks:
     def flags_match_schema(self, binary):
         section = COMPONENT_FLAGS[binary] + ".flags"
         props = self.flag_schema(section)
-        want = {camel(f): f for f in self.bins[binary]}
+        modes = MODE_FLAGS.get(binary, {})
+        for flag in modes:
+            assert flag in self.bins[binary], \
+                f"MODE_FLAGS names --{flag}, which {binary} does not have: remove it from the list"
+            assert not self.bins[binary][flag]["env"], \
+                f"{binary} --{flag} is in MODE_FLAGS but has an environment variable " \
+                f"({self.bins[binary][flag]['env']}), which a pod could set: make it a value"
+            assert camel(flag) not in props, \
+                f"{section}.{camel(flag)}: --{flag} is a one-shot mode (MODE_FLAGS), not a value"
+        want = {camel(f): f for f in deployable(binary, self.bins[binary])}
         missing = sorted(f"--{want[k]}" for k in set(want) - set(props))
         invented = sorted(set(props) - set(want))
         assert not missing, f"{binary} flags with no value {section}.<name>: {missing}"
@@ -312,7 +370,10 @@ class Checks:
             is_bool = "boolean" in types
             assert is_bool == (not info["takes_value"]), \
                 f"{section}.{key} is {types} but --{flag} {'takes' if info['takes_value'] else 'takes no'} value"
-        return f"{len(want)} flags, each a value"
+        detail = f"{len(want)} flags, each a value"
+        for flag, reason in modes.items():
+            detail += f"; not a value: --{flag}, {reason}"
+        return detail
 
     def shared_flags_match(self):
         props = self.flag_schema("sharedFlags")
@@ -333,7 +394,7 @@ class Checks:
             props = self.flag_schema(component + ".flags")
             flags = {}
             expected[binary] = {}
-            for flag, info in self.bins[binary].items():
+            for flag, info in deployable(binary, self.bins[binary]).items():
                 assert camel(flag) in props, f"--{flag} of {binary}: no value {component}.flags.{camel(flag)}"
                 example = deref(self.schema, props[camel(flag)])["examples"][0]
                 flags[camel(flag)] = example
@@ -397,6 +458,8 @@ class Checks:
         env = env_of(c)
         unknown = sorted(n for n in env if n.startswith("PUSHWIRE_") and n not in envs)
         assert not unknown, f"{binary}: env vars that are no flag of the binary: {unknown}"
+        if binary == "control-plane":
+            self.encryption_key(objects, dep, c, env)
 
         def effective(flag):
             return env.get(flags[flag]["env"], flags[flag]["default"])
@@ -440,6 +503,20 @@ class Checks:
         grpc_port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
         return svc["metadata"]["name"], grpc_port
 
+    def encryption_key(self, objects, dep, c, env):
+        """On etcd the control plane refuses to start without a key; the key file the chart
+        mounts comes read-only from a Secret holding that item."""
+        key_file = env.get("PUSHWIRE_ENCRYPTION_KEY_FILE")
+        if env.get("PUSHWIRE_ETCD_ENDPOINTS"):
+            assert key_file, \
+                "control plane on etcd without PUSHWIRE_ENCRYPTION_KEY_FILE: it would refuse to start"
+        if key_file and key_file.startswith(ENCRYPTION_DIR):
+            name, key = mounted_secret(dep, c, key_file)
+            assert name, f"control plane: {key_file} is not mounted from a Secret"
+            secret = rendered_secret(objects, name)
+            if secret:
+                assert key in secret.get("data", {}), f"Secret {name} has no key {key!r} for {key_file}"
+
     def hardened(self, owner):
         spec = owner["spec"]["template"]["spec"]
         pod = spec.get("securityContext", {})
@@ -458,7 +535,8 @@ class Checks:
         settings must accept every value. Only what points elsewhere is replaced: listen
         addresses (free loopback ports), the store (an embedded one in a temporary directory),
         the control plane's URL (a closed loopback port), the CA file and the token and TLS files
-        (MOUNTED_FILES: not mounted here)."""
+        (MOUNTED_FILES: not mounted here). The control plane's encryption key file is replaced by a
+        private copy of the chart's generated Secret when the render has it, else by a fresh key."""
         objects = self.renders[label][0]
         started = []
         for binary, path in self.paths.items():
@@ -474,6 +552,15 @@ class Checks:
                                PUSHWIRE_DATA_DIR=os.path.join(tmp, "data"))
                     if binary == "control-plane":
                         env.pop("PUSHWIRE_CONTROL_PLANE")
+                    if env.get("PUSHWIRE_ENCRYPTION_KEY_FILE"):
+                        text, origin = self.key_file_text(objects, dep, env["PUSHWIRE_ENCRYPTION_KEY_FILE"])
+                        key_path = os.path.join(tmp, "encryption.key")
+                        with open(os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                            f.write(text)
+                        env["PUSHWIRE_ENCRYPTION_KEY_FILE"] = key_path
+                        binary_label = f"{binary} (key file: {origin})"
+                    else:
+                        binary_label = binary
                     log_path = os.path.join(tmp, "log")
                     with open(log_path, "w") as log:
                         proc = subprocess.Popen([path], env=env, stdin=subprocess.DEVNULL,
@@ -488,12 +575,56 @@ class Checks:
                             proc.kill()
                             proc.wait()
                             raise AssertionError(f"{binary} did not stop within 20 s of SIGTERM")
-                        started.append(binary)
+                        started.append(binary_label)
                         continue
                     with open(log_path) as log:
                         raise AssertionError(f"{binary} refused its rendered environment "
                                              f"(exit {proc.returncode}):\n{log.read().strip()}")
         return "ran " + ", ".join(started)
+
+    def key_file_text(self, objects, dep, path):
+        """(content, origin) of the key file the control plane reads at `path`."""
+        name, key = mounted_secret(dep, container(dep, "control-plane"), path)
+        secret = rendered_secret(objects, name) if name else None
+        if secret:
+            return base64.b64decode(secret["data"][key]).decode(), f"the chart's Secret {name}"
+        return f"chart-check:{base64.b64encode(os.urandom(32)).decode()}\n", "a fresh key"
+
+    def generated_key(self, label):
+        """The chart's generated key Secret: one key line the binary takes, kept by uninstall."""
+        objects = self.renders[label][0]
+        secrets = find(objects, "Secret", "control-plane")
+        assert len(secrets) == 1, f"{label}: {len(secrets)} control-plane Secrets, expected 1"
+        secret = secrets[0]
+        annotations = secret["metadata"].get("annotations") or {}
+        assert annotations.get("helm.sh/resource-policy") == "keep", \
+            f"Secret {secret['metadata']['name']} is not kept by helm uninstall (helm.sh/resource-policy)"
+        assert len(secret["data"]) == 1, f"Secret {secret['metadata']['name']}: keys {sorted(secret['data'])}"
+        text = base64.b64decode(next(iter(secret["data"].values()))).decode()
+        m = re.fullmatch(r"(helm-[0-9]{8}):([A-Za-z0-9+/]+=*)\n", text)
+        assert m, f"Secret {secret['metadata']['name']}: not one line key-id:base64"
+        assert len(base64.b64decode(m.group(2))) == 32, "the generated key is not 32 bytes"
+        dep = one(objects, "Deployment", "control-plane")
+        c = container(dep, "control-plane")
+        name, _ = mounted_secret(dep, c, env_of(c).get("PUSHWIRE_ENCRYPTION_KEY_FILE", "-"))
+        assert name == secret["metadata"]["name"], \
+            f"the control plane reads its key from {name}, not the Secret"
+        return f"Secret {name}, key id {m.group(1)}, helm.sh/resource-policy: keep"
+
+    def key_from_env(self):
+        """PUSHWIRE_ENCRYPTION_KEY in controlPlane.extraEnv replaces the key file: no Secret
+        generated, none mounted (the binary refuses both at once)."""
+        extra = [{"name": "PUSHWIRE_ENCRYPTION_KEY",
+                  "valueFrom": {"secretKeyRef": {"name": "pushwire-key", "key": "key"}}}]
+        objects, _ = render({"controlPlane": {"extraEnv": extra}})
+        assert not find(objects, "Secret"), "a Secret was generated although extraEnv gives the key"
+        dep = one(objects, "Deployment", "control-plane")
+        c = container(dep, "control-plane")
+        assert "PUSHWIRE_ENCRYPTION_KEY_FILE" not in env_of(c), "PUSHWIRE_ENCRYPTION_KEY_FILE set as well"
+        mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
+        assert not any(p.startswith(ENCRYPTION_DIR.rstrip("/")) for p in mounts), \
+            f"key Secret mounted: {mounts}"
+        return None
 
     # 5. refusals and documentation
 
@@ -564,22 +695,29 @@ def main():
         checks.run(f"helm template + Kubernetes {KUBE_VERSION} strict ({label})",
                    checks.render_validate, label, values)
     if "default values" in checks.renders:
-        checks.run("default values: bundled etcd, control plane, autoscaled workers",
+        checks.run("default values: bundled etcd, control plane, autoscaled workers, encryption key Secret",
                    checks.expected_objects, "default values",
                    [("Deployment", "control-plane", 1), ("Deployment", "worker", 1),
                     ("StatefulSet", "etcd", 1), ("HorizontalPodAutoscaler", "worker", 1),
+                    ("Secret", "control-plane", 1),
                     ("PodDisruptionBudget", "control-plane", 1), ("PodDisruptionBudget", "worker", 1),
                     ("Service", "worker", 1), ("Service", "control-plane", 1)])
     if "ci/ha-values.yaml" in checks.renders:
-        checks.run("ci/ha-values.yaml: external etcd, ServiceMonitors, no bundled etcd",
+        checks.run("ci/ha-values.yaml: external etcd, ServiceMonitors, no bundled etcd, existing key Secret",
                    checks.expected_objects, "ci/ha-values.yaml",
-                   [("StatefulSet", "etcd", 0), ("ServiceMonitor", "control-plane", 1),
+                   [("StatefulSet", "etcd", 0), ("Secret", "control-plane", 0),
+                    ("ServiceMonitor", "control-plane", 1),
                     ("ServiceMonitor", "worker", 1), ("HorizontalPodAutoscaler", "worker", 1)])
     if "ci/minimal-values.yaml" in checks.renders:
         checks.run("ci/minimal-values.yaml: one control plane with its worker, embedded store on a PVC",
                    checks.expected_objects, "ci/minimal-values.yaml",
                    [("Deployment", "control-plane", 1), ("Deployment", "worker", 0),
-                    ("PersistentVolumeClaim", "control-plane", 1), ("StatefulSet", "etcd", 0)])
+                    ("PersistentVolumeClaim", "control-plane", 1), ("StatefulSet", "etcd", 0),
+                    ("Secret", "control-plane", 0)])
+    if "default values" in checks.renders:
+        checks.run("the generated encryption key (default values): one key line, kept by helm uninstall",
+                   checks.generated_key, "default values")
+    checks.run("PUSHWIRE_ENCRYPTION_KEY in controlPlane.extraEnv replaces the key file", checks.key_from_env)
 
     for binary in checks.bins:
         checks.run(f"every {binary} flag is a value, and no value is an invented flag",
@@ -601,6 +739,12 @@ def main():
                "exactly 1 replica")
     checks.run("refuses external etcd together with the bundled one", checks.refuses,
                {"controlPlane": {"flags": {"etcdEndpoints": ["http://etcd:2379"]}}}, "choose one")
+    checks.run("refuses etcd without an encryption key", checks.refuses,
+               {"encryption": {"generate": False}}, "no encryption key")
+    checks.run("refuses two encryption key sources", checks.refuses,
+               {"encryption": {"existingSecret": "pushwire-encryption"},
+                "controlPlane": {"extraEnv": [{"name": "PUSHWIRE_ENCRYPTION_KEY", "value": "k1:x"}]}},
+               "two key sources")
     checks.run("refuses a misspelt flag", checks.refuses,
                {"worker": {"flags": {"retryWindw": "1m"}}}, "retryWindw")
     checks.run("refuses a host name as a listen address", checks.refuses,

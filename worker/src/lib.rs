@@ -27,7 +27,6 @@ use std::time::Duration;
 use pushwire_common::auth::Bearer;
 use pushwire_common::domain::{Integration, IntegrationName};
 use pushwire_common::pb::v1 as pb;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -40,6 +39,7 @@ use config::{AccessError, DeliveryArgs, DeliveryConfigError, IngestArgs};
 use deliver::dispatch::{Dispatcher, IntegrationSource};
 use ingest::{Ingest, IngestOptions};
 use metrics::Metrics;
+pub use pushwire_common::shutdown::Listeners;
 use router::RoutingTable;
 
 /// A channel to the control plane whose calls carry the worker's token.
@@ -232,25 +232,6 @@ pub async fn report_health(
         health
             .set_service_status(*s, ServingStatus::NotServing)
             .await;
-    }
-}
-
-/// The sockets the worker listens on; bind them first so tests can use port 0.
-#[derive(Debug)]
-pub struct Listeners {
-    /// gRPC.
-    pub grpc: TcpListener,
-    /// HTTP operations endpoint.
-    pub http: TcpListener,
-}
-
-impl Listeners {
-    /// Binds the addresses of `config`.
-    pub async fn bind(config: &Config) -> std::io::Result<Self> {
-        Ok(Self {
-            grpc: TcpListener::bind(config.grpc_addr).await?,
-            http: TcpListener::bind(config.http_addr).await?,
-        })
     }
 }
 

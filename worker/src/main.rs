@@ -1,25 +1,19 @@
 //! `worker` binary: flags → telemetry → [`pushwire_worker::run`] until SIGTERM or SIGINT.
 
 use clap::Parser as _;
-use pushwire_common::telemetry;
+use pushwire_common::shutdown::serve_until_signal;
 use pushwire_worker::{Config, Listeners, run};
-use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    let telemetry = telemetry::Settings::from_env("pushwire-worker", config.log_format)
-        .and_then(telemetry::init)
-        .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
-    let listeners = Listeners::bind(&config).await?;
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        pushwire_common::shutdown::signal().await;
-        tracing::info!("shutdown requested");
-        signal.cancel();
-    });
-    let result = run(config, listeners, shutdown).await;
-    telemetry.shutdown().await;
-    Ok(result?)
+    serve_until_signal(
+        "pushwire-worker",
+        config.log_format,
+        |shutdown| async move {
+            let listeners = Listeners::bind(config.grpc_addr, config.http_addr).await?;
+            Ok(run(config, listeners, shutdown).await?)
+        },
+    )
+    .await
 }
