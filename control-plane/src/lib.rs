@@ -21,7 +21,6 @@ use std::sync::Arc;
 
 use pushwire_common::pb::v1 as pb;
 use pushwire_worker::Worker;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -151,10 +150,12 @@ pub async fn run(
     tracing::info!(grpc = ?grpc_addr, http = ?http_addr, "control plane listening");
 
     let grpc_shutdown = shutdown.clone();
-    let grpc_task =
-        grpc.serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
+    let grpc_task = grpc.serve_with_incoming_shutdown(
+        pushwire_common::shutdown::nodelay_incoming(listeners.grpc),
+        async move {
             grpc_shutdown.cancelled().await;
-        });
+        },
+    );
     let http_shutdown = shutdown.clone();
     let ops = http::Ops::new(
         feed,

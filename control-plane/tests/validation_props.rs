@@ -3,7 +3,7 @@
 //! integrations and push scopes either succeeds or is refused with a clear code, an
 //! INVALID_ARGUMENT names its field, and a refused call changes nothing.
 //!
-//! `cargo test` runs 128 cases (a few seconds). Run longer by hand:
+//! `cargo test` runs 64 cases (a few seconds). Run longer by hand:
 //! `PROPTEST_CASES=5000 cargo test --release -p pushwire-control-plane --test validation_props`.
 
 use std::net::SocketAddr;
@@ -472,7 +472,7 @@ fn any_admin_change_succeeds_or_is_refused_cleanly_and_changes_nothing() {
 
 fn admin_changes() {
     let server = Server::start();
-    let mut runner = proptest::test_runner::TestRunner::new(config(128));
+    let mut runner = proptest::test_runner::TestRunner::new(config(64));
     let outcomes = std::sync::Mutex::new(std::collections::BTreeMap::<String, usize>::new());
     runner
         .run(&call(), |call| {

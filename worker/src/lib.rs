@@ -29,7 +29,6 @@ use pushwire_common::domain::{Integration, IntegrationName};
 use pushwire_common::pb::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -298,9 +297,12 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(worker.ingest_service())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
-            grpc_shutdown.cancelled().await;
-        });
+        .serve_with_incoming_shutdown(
+            pushwire_common::shutdown::nodelay_incoming(listeners.grpc),
+            async move {
+                grpc_shutdown.cancelled().await;
+            },
+        );
     let http_shutdown = shutdown.clone();
     let http = axum::serve(listeners.http, http::router(worker.status()))
         .with_graceful_shutdown(async move { http_shutdown.cancelled().await });

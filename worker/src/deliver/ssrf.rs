@@ -1,7 +1,11 @@
 //! The SSRF guard (DESIGN §4): which IP addresses a webhook may be sent to. Only globally
 //! routable unicast is public; every special-purpose range is refused unless allow-listed
-//! (tests, on-premises receivers). Pure decisions on addresses: resolving and dialling belong
-//! to the [`client`](super::client), which must [`vet`] every address before connecting to it.
+//! (tests, on-premises receivers), and cloud metadata endpoints are refused even then. A
+//! refusal names the range ([`NonPublic`]: "loopback (127.0.0.0/8)", "the NAT64
+//! (64:ff9b::/96) form of 10.0.0.1, private (RFC 1918, 10.0.0.0/8)", …). Pure decisions on
+//! addresses: resolving and dialling belong to the [`client`](super::client), which must
+//! [`vet`] every address before connecting to it; the control plane uses the same rules to
+//! refuse literal addresses in URLs early.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
