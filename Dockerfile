@@ -23,11 +23,13 @@ ENV CARGO_PROFILE_RELEASE_STRIP=symbols
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p pushwire-control-plane -p pushwire-worker \
+        -p pushwire-common --bin control-plane --bin worker --bin publish \
  && install -D -m 0755 target/release/control-plane /out/control-plane \
- && install -D -m 0755 target/release/worker /out/worker
+ && install -D -m 0755 target/release/worker /out/worker \
+ && install -D -m 0755 target/release/publish /out/publish
 
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /out/control-plane /out/worker /usr/local/bin/
+COPY --from=build /out/control-plane /out/worker /out/publish /usr/local/bin/
 USER 65532:65532
 # The embedded store's default --data-dir, ./pushwire-data, lands in the user's home.
 WORKDIR /home/nonroot
