@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures_util::future::join_all;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesOrdered;
 use pb::ingest_service_server::{IngestService, IngestServiceServer};
 use pushwire_common::auth::{self, Action, Principal};
 use pushwire_common::domain::matching::Placement;
@@ -238,10 +239,14 @@ impl Ingest {
     ) -> Option<Vec<pb::Delivery>> {
         let Checked {
             account,
-            participation: p,
+            participation: mut p,
             master_form_id,
             only,
         } = checked;
+        // Only validation needed the parsed tree (a `variables` body is built from the raw
+        // bytes): dropped here, it is not kept while deliveries wait for retries (13.5 KiB of
+        // the 23 KiB a waiting 2 KiB participation held).
+        p.document = serde_json::Value::Null;
         let table = self.table.borrow().clone().unwrap_or_default();
         let placement = Placement {
             website_id: p.website_id.as_deref(),
@@ -309,7 +314,8 @@ impl Ingest {
                 }
                 .instrument(span)
             });
-        let outcomes = join_all(work).await;
+        // Polls only the deliveries that were woken (join_all polls all, entering each span).
+        let outcomes: Vec<_> = work.collect::<FuturesOrdered<_>>().collect().await;
 
         let mut deliveries = Vec::with_capacity(outcomes.len());
         let mut interrupted = false;
