@@ -737,7 +737,7 @@ async fn etags_references_and_forced_deletes() -> anyhow::Result<()> {
             .watch_config(pb::WatchConfigRequest { from_revision: 0 })
             .await?
             .into_inner();
-        let snapshot = next_msg(&mut watch).await?;
+        let mut revision = next_msg(&mut watch).await?.revision;
         cp.integrations()
             .await?
             .delete_integration(pb::DeleteIntegrationRequest {
@@ -746,8 +746,22 @@ async fn etags_references_and_forced_deletes() -> anyhow::Result<()> {
                 force: true,
             })
             .await?;
-        let deleted = next_msg(&mut watch).await?;
-        assert_eq!(deleted.revision, snapshot.revision + 1);
+        // The feed may have served a snapshot from just before the last writes: those come
+        // first, then the delete.
+        let deleted = loop {
+            let msg = next_msg(&mut watch).await?;
+            let is_delete = msg.changes.iter().any(|c| {
+                matches!(
+                    c.change,
+                    Some(pb::config_change::Change::DeleteIntegration(_))
+                )
+            });
+            if is_delete {
+                break msg;
+            }
+            revision = msg.revision;
+        };
+        assert_eq!(deleted.revision, revision + 1);
         let mut kinds: Vec<String> = deleted
             .changes
             .iter()
@@ -838,15 +852,21 @@ async fn secrets_are_never_read_back_but_reach_workers() -> anyhow::Result<()> {
         // The feed may serve a snapshot from before the rotation: follow it until the rotation
         // arrives (each read is bounded).
         let snapshot = next_msg(&mut watch).await?;
-        let mut cfg = snapshot.snapshot.context("snapshot")?.integrations[0].clone();
-        while cfg.signing_secrets.len() < 2 {
+        let mut cfg = snapshot
+            .snapshot
+            .context("snapshot")?
+            .integrations
+            .first()
+            .cloned();
+        while cfg.as_ref().is_none_or(|c| c.signing_secrets.len() < 2) {
             let msg = next_msg(&mut watch).await?;
             for change in msg.changes {
                 if let Some(pb::config_change::Change::UpsertIntegration(c)) = change.change {
-                    cfg = c;
+                    cfg = Some(c);
                 }
             }
         }
+        let cfg = cfg.context("integration")?;
         assert_eq!(cfg.auth_header_value, HEADER);
         let secrets: Vec<_> = cfg
             .signing_secrets
