@@ -239,6 +239,36 @@ impl ControlPlane {
         ))
     }
 
+    /// Every integration and push scope of `account` (one page of up to 1,000 each).
+    pub async fn list_all(
+        &self,
+        account: &str,
+    ) -> anyhow::Result<(Vec<pb::Integration>, Vec<pb::PushScope>)> {
+        let integrations = self
+            .integrations()
+            .await?
+            .list_integrations(pb::ListIntegrationsRequest {
+                parent: account.into(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .integrations;
+        let scopes = self
+            .push_scopes()
+            .await?
+            .list_push_scopes(pb::ListPushScopesRequest {
+                parent: account.into(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .push_scopes;
+        Ok((integrations, scopes))
+    }
+
     /// Stops it and waits for the end of its drain.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();

@@ -82,35 +82,6 @@ async fn create_scope(
         .into_inner())
 }
 
-async fn list_all(
-    cp: &ControlPlane,
-    account: &str,
-) -> anyhow::Result<(Vec<pb::Integration>, Vec<pb::PushScope>)> {
-    let integrations = cp
-        .integrations()
-        .await?
-        .list_integrations(pb::ListIntegrationsRequest {
-            parent: account.into(),
-            page_size: 1000,
-            page_token: String::new(),
-        })
-        .await?
-        .into_inner()
-        .integrations;
-    let scopes = cp
-        .push_scopes()
-        .await?
-        .list_push_scopes(pb::ListPushScopesRequest {
-            parent: account.into(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .push_scopes;
-    Ok((integrations, scopes))
-}
-
 /// Runs `body` against a fresh control plane on each backend.
 macro_rules! on_both_backends {
     ($body:ident) => {{
@@ -304,7 +275,7 @@ async fn integration_and_scope_lifecycle() -> anyhow::Result<()> {
             (pb::PushScopeLevel::Account as i32, "")
         );
 
-        let (integrations, scopes) = list_all(cp, "accounts/42").await?;
+        let (integrations, scopes) = cp.list_all("accounts/42").await?;
         assert_eq!(integrations.len(), 1);
         assert_eq!(scopes.len(), 2);
         let only_other = cp
@@ -355,7 +326,7 @@ async fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
             integration("Theirs", "https://theirs.example.com/"),
         )
         .await?;
-        let before = list_all(cp, "accounts/42").await?;
+        let before = cp.list_all("accounts/42").await?;
 
         let with = |f: &dyn Fn(&mut pb::Integration)| {
             let mut i = integration("New", "https://new.example.com/");
@@ -625,11 +596,7 @@ async fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
             "{resolve_err:?}"
         );
 
-        assert_eq!(
-            list_all(cp, "accounts/42").await?,
-            before,
-            "nothing changed"
-        );
+        assert_eq!(cp.list_all("accounts/42").await?, before, "nothing changed");
         Ok(())
     }
     on_both_backends!(body)
@@ -781,7 +748,7 @@ async fn etags_references_and_forced_deletes() -> anyhow::Result<()> {
                 "accounts/42/pushScopes/w"
             ]
         );
-        assert_eq!(list_all(cp, "accounts/42").await?, (vec![], vec![]));
+        assert_eq!(cp.list_all("accounts/42").await?, (vec![], vec![]));
         Ok(())
     }
     on_both_backends!(body)
@@ -816,7 +783,7 @@ async fn secrets_are_never_read_back_but_reach_workers() -> anyhow::Result<()> {
             .into_inner();
         assert_ne!(rotated.secret_fingerprint, created.secret_fingerprint);
 
-        let (listed, _) = list_all(cp, "accounts/42").await?;
+        let (listed, _) = cp.list_all("accounts/42").await?;
         let got = cp
             .integrations()
             .await?
@@ -1212,8 +1179,8 @@ async fn etcd_holds_the_records_and_replicas_share_them() -> anyhow::Result<()> 
         ["accounts/42/integrations/crm", "accounts/42/pushScopes/all"]
     );
     assert_eq!(
-        list_all(&second, "accounts/42").await?,
-        list_all(&first, "accounts/42").await?
+        second.list_all("accounts/42").await?,
+        first.list_all("accounts/42").await?
     );
 
     // Read etcd directly: the records sit under /pushwire/v1/, beside the encryption check.

@@ -89,36 +89,6 @@ async fn create_scope(
         .map(tonic::Response::into_inner)
 }
 
-/// Every integration and push scope of `account`.
-async fn list(
-    cp: &ControlPlane,
-    account: &str,
-) -> anyhow::Result<(Vec<pb::Integration>, Vec<pb::PushScope>)> {
-    let integrations = cp
-        .integrations()
-        .await?
-        .list_integrations(pb::ListIntegrationsRequest {
-            parent: account.into(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .integrations;
-    let scopes = cp
-        .push_scopes()
-        .await?
-        .list_push_scopes(pb::ListPushScopesRequest {
-            parent: account.into(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .push_scopes;
-    Ok((integrations, scopes))
-}
-
 fn assert_refused(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
     let status = result.expect_err(needle);
     assert_eq!(status.code(), code, "{status:?}");
@@ -188,7 +158,7 @@ async fn per_account_limits(cp: &ControlPlane) -> anyhow::Result<()> {
         Code::ResourceExhausted,
         "--max-integrations-per-account",
     );
-    assert_eq!(list(cp, account).await?.0.len(), MAX_INTEGRATIONS);
+    assert_eq!(cp.list_all(account).await?.0.len(), MAX_INTEGRATIONS);
     // Limits are per account.
     create_integration(
         cp,
@@ -215,7 +185,7 @@ async fn per_account_limits(cp: &ControlPlane) -> anyhow::Result<()> {
         Code::ResourceExhausted,
         "accounts/7 has 4 push scopes, the most allowed per account (--max-push-scopes-per-account 4)",
     );
-    assert_eq!(list(cp, account).await?.1.len(), MAX_SCOPES);
+    assert_eq!(cp.list_all(account).await?.1.len(), MAX_SCOPES);
 
     // Deleting makes room again.
     cp.push_scopes()
@@ -264,7 +234,7 @@ async fn per_account_limits(cp: &ControlPlane) -> anyhow::Result<()> {
             );
         }
     }
-    let (integrations, _) = list(cp, burst).await?;
+    let (integrations, _) = cp.list_all(burst).await?;
     assert_eq!(integrations.len(), created);
     assert!(
         (1..=MAX_INTEGRATIONS).contains(&created),
@@ -286,7 +256,7 @@ async fn per_account_limits(cp: &ControlPlane) -> anyhow::Result<()> {
             );
         }
     }
-    let (_, scopes) = list(cp, burst).await?;
+    let (_, scopes) = cp.list_all(burst).await?;
     assert_eq!(scopes.len(), created);
     assert!((1..=MAX_SCOPES).contains(&created), "{created} created");
     Ok(())
@@ -432,7 +402,7 @@ async fn field_limits_are_refused_with_the_field_named_and_nothing_written() -> 
         );
     }
     // Nothing half-written: the one integration, unchanged.
-    let (integrations, scopes) = list(&cp, account).await?;
+    let (integrations, scopes) = cp.list_all(account).await?;
     assert_eq!(integrations, vec![existing]);
     assert!(scopes.is_empty());
 
@@ -478,7 +448,7 @@ async fn oversized_admin_requests_are_refused_before_parsing() -> anyhow::Result
         })
         .await;
     assert_eq!(refused.expect_err("too large").code(), Code::OutOfRange);
-    assert_eq!(list(&cp, "accounts/42").await?, (vec![], vec![]));
+    assert_eq!(cp.list_all("accounts/42").await?, (vec![], vec![]));
     // A request just under the limit is read and refused for what it holds.
     let refused = create_integration(
         &cp,
@@ -609,7 +579,7 @@ async fn literal_non_public_urls_are_refused_at_create_and_update() -> anyhow::R
         );
     }
     // Nothing written; the existing integration unchanged. Names are not resolved here.
-    assert_eq!(list(&cp, account).await?.0, vec![existing.clone()]);
+    assert_eq!(cp.list_all(account).await?.0, vec![existing.clone()]);
     create_integration(
         &cp,
         account,
@@ -660,7 +630,7 @@ async fn the_allow_list_lets_its_networks_through_but_never_cloud_metadata() -> 
         Code::InvalidArgument,
         "cloud metadata (169.254.169.254), never contacted, even when allow-listed",
     );
-    assert_eq!(list(&cp, account).await?.0.len(), 4);
+    assert_eq!(cp.list_all(account).await?.0.len(), 4);
     cp.stop().await?;
 
     // The same store under the production default (no allow-list): what is stored stays
