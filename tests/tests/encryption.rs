@@ -163,15 +163,24 @@ async fn worker_view(cp: &ControlPlane, name: &str) -> anyhow::Result<(String, V
         .watch_config(pb::WatchConfigRequest { from_revision: 0 })
         .await?
         .into_inner();
+    let is_it = |c: &pb::IntegrationConfig| c.integration.as_ref().is_some_and(|i| i.name == name);
     let msg = tokio::time::timeout(WAIT, watch.next())
         .await?
         .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
     let snapshot = msg.snapshot.ok_or_else(|| anyhow::anyhow!("no snapshot"))?;
-    let config = snapshot
-        .integrations
-        .into_iter()
-        .find(|c| c.integration.as_ref().is_some_and(|i| i.name == name))
-        .ok_or_else(|| anyhow::anyhow!("{name} not in the snapshot"))?;
+    let mut config = snapshot.integrations.into_iter().find(is_it);
+    // The snapshot may be from just before the write that made it: then it comes next.
+    while config.is_none() {
+        let msg = tokio::time::timeout(WAIT, watch.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("{name} not in the snapshot nor after it"))?
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        config = msg.changes.into_iter().find_map(|c| match c.change {
+            Some(pb::config_change::Change::UpsertIntegration(c)) if is_it(&c) => Some(c),
+            _ => None,
+        });
+    }
+    let config = config.expect("found above");
     Ok((
         config.auth_header_value,
         config
