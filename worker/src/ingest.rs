@@ -160,7 +160,7 @@ impl Ingest {
                 }
             }
             Ok(checked) => {
-                let _in_flight = InFlight::new(&self.metrics);
+                let _in_flight = Held::on(&self.metrics.in_flight);
                 let participation_id = checked.participation.id.clone();
                 span.record("pushwire.participation.id", participation_id.as_str());
                 span.record("pushwire.account", checked.account.to_string());
@@ -346,7 +346,7 @@ impl Ingest {
         let window = Arc::new(Semaphore::new(self.opts.window));
         let mut tasks = JoinSet::new();
         let mut unacked = false;
-        let _stream = StreamGauge::new(&self.metrics);
+        let _stream = Held::on(&self.metrics.streams);
         let end: Option<Status> = loop {
             let permit = tokio::select! {
                 p = window.clone().acquire_owned() => p.expect("the window is never closed"),
@@ -427,35 +427,19 @@ fn shutting_down() -> Status {
     )
 }
 
-/// Counts a participation as in flight while alive.
-struct InFlight<'a>(&'a Metrics);
+/// Counts one more on a gauge while alive (a participation in flight, an open stream).
+struct Held(prometheus_client::metrics::gauge::Gauge);
 
-impl<'a> InFlight<'a> {
-    fn new(m: &'a Metrics) -> Self {
-        m.in_flight.inc();
-        Self(m)
+impl Held {
+    fn on(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for Held {
     fn drop(&mut self) {
-        self.0.in_flight.dec();
-    }
-}
-
-/// Counts an open stream while alive.
-struct StreamGauge(Arc<Metrics>);
-
-impl StreamGauge {
-    fn new(m: &Arc<Metrics>) -> Self {
-        m.streams.inc();
-        Self(m.clone())
-    }
-}
-
-impl Drop for StreamGauge {
-    fn drop(&mut self) {
-        self.0.streams.dec();
+        self.0.dec();
     }
 }
 
