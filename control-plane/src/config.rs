@@ -33,7 +33,7 @@ pub struct Config {
     /// File of the keys that encrypt secrets at rest: lines `key-id:base64-of-32-bytes`, the
     /// first encrypting, the others only decrypting (key rotation). Without it, the variable
     /// PUSHWIRE_ENCRYPTION_KEY (one such line); without either, on the embedded store only,
-    /// <data-dir>/encryption.key, generated on first start.
+    /// `<data-dir>/encryption.key`, generated on first start.
     #[arg(long, env = "PUSHWIRE_ENCRYPTION_KEY_FILE")]
     pub encryption_key_file: Option<PathBuf>,
 

@@ -1,4 +1,4 @@
-//! The results: a Markdown table on stdout (the README's "Performance" table) and a JSON file.
+//! The results: a Markdown table on stdout (the table of `docs/performance.md`) and a JSON file.
 
 use std::fmt::Write as _;
 

@@ -42,7 +42,7 @@ const TRANSPORT_HEADERS: &[&str] = &[
              with its signature verdicts and answers with the status you choose."
 )]
 struct Args {
-    /// Address to listen on; loopback only (127.0.0.0/8 or [::1]). Port 0 picks a free one.
+    /// Address to listen on; loopback only (127.0.0.0/8 or ::1). Port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:9000", value_parser = parse_loopback)]
     listen: SocketAddr,
 
