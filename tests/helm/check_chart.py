@@ -27,6 +27,10 @@ installs both, pinned, into .tools/venv. This script installs nothing.
    control plane on etcd has an encryption key file, mounted read-only from a Secret. Each
    binary starts with its rendered environment (clap parses every value; the control plane
    reads its key file: the chart's generated Secret when the render has it, else a fresh key).
+   With default values the chart generates a token Secret (admin, publisher and worker token
+   and the token file of their SHA-256), kept by helm uninstall, its token file mounted into
+   every component and its worker token into the workers; a tokenFile flag with extraVolumes
+   replaces it. Chart.yaml's version and appVersion are the workspace version (Cargo.toml).
 5. The chart refuses impossible values, and every value is documented (schema description,
    comment in values.yaml).
 
@@ -35,6 +39,7 @@ Ends with a `chart: N passed, N failed` line; exits non-zero on any failure.
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import re
@@ -42,6 +47,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import tomllib
 import traceback
 
 import helm_python as helm
@@ -155,10 +161,10 @@ def load_values_file(name):
         return yaml.safe_load(f) or {}
 
 
-def render(values):
+def render(values, name=RELEASE, namespace=NAMESPACE):
     """(manifests, notes): the rendered objects, each with the template it came from."""
     with helm.Chart.load(CHART) as chart:
-        rendered = chart.render(values or None, name=RELEASE, namespace=NAMESPACE)
+        rendered = chart.render(values or None, name=name, namespace=namespace)
     objects, notes = [], ""
     for path, text in sorted(rendered.items()):
         if path.endswith("NOTES.txt"):
@@ -272,7 +278,7 @@ class Checks:
     def __init__(self, args):
         self.passed = 0
         self.failed = 0
-        self.paths = {"control-plane": args.control_plane, "worker": args.worker}
+        self.paths = {"control-plane": os.path.abspath(args.control_plane), "worker": os.path.abspath(args.worker)}
         self.bins = {binary: binary_flags(path) for binary, path in self.paths.items()}
         with open(os.path.join(CHART, "values.schema.json")) as f:
             self.schema = json.load(f)
@@ -281,6 +287,8 @@ class Checks:
             if name.endswith(".yaml"):
                 self.value_sets[f"ci/{name}"] = load_values_file(name)
         self.renders = {}
+        with open(os.path.join(ROOT, "Cargo.toml"), "rb") as f:
+            self.version = tomllib.load(f)["workspace"]["package"]["version"]
 
     def run(self, name, fn, *args):
         try:
@@ -611,13 +619,82 @@ class Checks:
             f"the control plane reads its key from {name}, not the Secret"
         return f"Secret {name}, key id {m.group(1)}, helm.sh/resource-policy: keep"
 
+    def version_follows_project(self):
+        with open(os.path.join(CHART, "Chart.yaml")) as f:
+            chart = yaml.safe_load(f)
+        got = (str(chart["version"]), str(chart["appVersion"]))
+        assert got == (self.version, self.version), \
+            f"Chart.yaml version {got[0]}, appVersion {got[1]}: not the workspace version {self.version} (Cargo.toml)"
+        return self.version
+
+    def generated_tokens(self, label):
+        """The chart's generated token Secret: an admin, a publisher and a worker token, the token
+        file accepting exactly them by SHA-256, kept by uninstall; its token file mounted into
+        every component, its worker token into the workers only, and nothing else mounted."""
+        objects = self.renders[label][0]
+        secret = one(objects, "Secret", "tokens")
+        name = secret["metadata"]["name"]
+        annotations = secret["metadata"].get("annotations") or {}
+        assert annotations.get("helm.sh/resource-policy") == "keep", f"Secret {name} is not kept by helm uninstall"
+        data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+        assert sorted(data) == ["admin-token", "publisher-token", "tokens.json", "worker-token"], \
+            f"Secret {name}: keys {sorted(data)}"
+        entries = json.loads(data["tokens.json"])["tokens"]
+        hashes = {}
+        for e in entries:
+            assert set(e) == {"name", "sha256", "role", "accounts"} and e["accounts"] == "*", f"token file entry {e}"
+            hashes[e["role"]] = e["sha256"]
+        assert sorted(hashes) == ["admin", "publisher", "worker"] and len(entries) == 3, f"roles {sorted(hashes)}"
+        for role, digest in hashes.items():
+            token = data[f"{role}-token"]
+            assert re.fullmatch(r"pwt_[A-Za-z0-9]{43}", token), f"{role}-token: not pwt_ and 43 letters and digits"
+            assert hashlib.sha256(token.encode()).hexdigest() == digest, f"the token file's {role} hash is not {role}-token's"
+        assert len({data[f"{r}-token"] for r in hashes}) == 3, "two generated tokens are the same"
+        for binary, want in (("control-plane", ["tokens.json"]), ("worker", ["tokens.json", "worker-token"])):
+            for dep in find(objects, "Deployment", binary):
+                c = container(dep, binary)
+                env = env_of(c)
+                files = {"PUSHWIRE_TOKEN_FILE": "tokens.json"}
+                if binary == "worker":
+                    files["PUSHWIRE_CONTROL_PLANE_TOKEN_FILE"] = "worker-token"
+                for var, key in files.items():
+                    assert env.get(var), f"{binary}: no {var}"
+                    got = mounted_secret(dep, c, env[var])
+                    assert got == (name, key), f"{binary}: {var} {env[var]} is {got}, not Secret {name} key {key}"
+                mounted = sorted(i["key"] for v in dep["spec"]["template"]["spec"]["volumes"]
+                                 if v.get("secret", {}).get("secretName") == name for i in v["secret"]["items"])
+                assert mounted == want, f"{binary} mounts {mounted} of Secret {name}, expected {want}"
+        return f"Secret {name}: admin, publisher, worker token and their token file, helm.sh/resource-policy: keep"
+
+    def own_token_file(self):
+        """A tokenFile flag with extraVolumes (the route from before the token Secret) turns the
+        chart's tokens off: nothing generated or mounted, the workers' token left to the user."""
+        mount = {"extraVolumes": [{"name": "my-tokens", "secret": {"secretName": "my-tokens"}}],
+                 "extraVolumeMounts": [{"name": "my-tokens", "mountPath": "/etc/my-tokens", "readOnly": True}]}
+        objects, notes = render({
+            "sharedFlags": {"tokenFile": "/etc/my-tokens/tokens.json"}, "controlPlane": mount,
+            "worker": dict(mount, extraEnv=[{"name": "PUSHWIRE_CONTROL_PLANE_TOKEN", "valueFrom": {
+                "secretKeyRef": {"name": "my-tokens", "key": "worker-token"}}}])})
+        assert not find(objects, "Secret", "tokens"), "a token Secret was generated beside tokenFile"
+        for binary in ("control-plane", "worker"):
+            dep = one(objects, "Deployment", binary)
+            c = container(dep, binary)
+            env = env_of(c)
+            assert env.get("PUSHWIRE_TOKEN_FILE") == "/etc/my-tokens/tokens.json", f"{binary}: {env.get('PUSHWIRE_TOKEN_FILE')}"
+            assert "PUSHWIRE_CONTROL_PLANE_TOKEN_FILE" not in env, f"{binary}: the chart set a worker token file"
+            assert mounted_secret(dep, c, "/etc/my-tokens/tokens.json")[0] == "my-tokens"
+            names = [v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]]
+            assert "tokens" not in names, f"{binary}: the chart's token volume is mounted too"
+        assert "/etc/my-tokens/tokens.json" in notes, "NOTES.txt does not name the token file"
+        return None
+
     def key_from_env(self):
         """PUSHWIRE_ENCRYPTION_KEY in controlPlane.extraEnv replaces the key file: no Secret
         generated, none mounted (the binary refuses both at once)."""
         extra = [{"name": "PUSHWIRE_ENCRYPTION_KEY",
                   "valueFrom": {"secretKeyRef": {"name": "pushwire-key", "key": "key"}}}]
         objects, _ = render({"controlPlane": {"extraEnv": extra}})
-        assert not find(objects, "Secret"), "a Secret was generated although extraEnv gives the key"
+        assert not find(objects, "Secret", "control-plane"), "a key Secret was generated although extraEnv gives the key"
         dep = one(objects, "Deployment", "control-plane")
         c = container(dep, "control-plane")
         assert "PUSHWIRE_ENCRYPTION_KEY_FILE" not in env_of(c), "PUSHWIRE_ENCRYPTION_KEY_FILE set as well"
@@ -695,17 +772,17 @@ def main():
         checks.run(f"helm template + Kubernetes {KUBE_VERSION} strict ({label})",
                    checks.render_validate, label, values)
     if "default values" in checks.renders:
-        checks.run("default values: bundled etcd, control plane, autoscaled workers, encryption key Secret",
+        checks.run("default values: bundled etcd, control plane, autoscaled workers, encryption key and token Secrets",
                    checks.expected_objects, "default values",
                    [("Deployment", "control-plane", 1), ("Deployment", "worker", 1),
                     ("StatefulSet", "etcd", 1), ("HorizontalPodAutoscaler", "worker", 1),
-                    ("Secret", "control-plane", 1),
+                    ("Secret", "control-plane", 1), ("Secret", "tokens", 1),
                     ("PodDisruptionBudget", "control-plane", 1), ("PodDisruptionBudget", "worker", 1),
                     ("Service", "worker", 1), ("Service", "control-plane", 1)])
     if "ci/ha-values.yaml" in checks.renders:
-        checks.run("ci/ha-values.yaml: external etcd, ServiceMonitors, no bundled etcd, existing key Secret",
-                   checks.expected_objects, "ci/ha-values.yaml",
-                   [("StatefulSet", "etcd", 0), ("Secret", "control-plane", 0),
+        checks.run("ci/ha-values.yaml: external etcd, ServiceMonitors, no bundled etcd, existing key and "
+                   "token Secrets", checks.expected_objects, "ci/ha-values.yaml",
+                   [("StatefulSet", "etcd", 0), ("Secret", "control-plane", 0), ("Secret", "tokens", 0),
                     ("ServiceMonitor", "control-plane", 1),
                     ("ServiceMonitor", "worker", 1), ("HorizontalPodAutoscaler", "worker", 1)])
     if "ci/minimal-values.yaml" in checks.renders:
@@ -713,11 +790,17 @@ def main():
                    checks.expected_objects, "ci/minimal-values.yaml",
                    [("Deployment", "control-plane", 1), ("Deployment", "worker", 0),
                     ("PersistentVolumeClaim", "control-plane", 1), ("StatefulSet", "etcd", 0),
-                    ("Secret", "control-plane", 0)])
+                    ("Secret", "control-plane", 0), ("Secret", "tokens", 1)])
     if "default values" in checks.renders:
         checks.run("the generated encryption key (default values): one key line, kept by helm uninstall",
                    checks.generated_key, "default values")
     checks.run("PUSHWIRE_ENCRYPTION_KEY in controlPlane.extraEnv replaces the key file", checks.key_from_env)
+    for label in ("default values", "ci/minimal-values.yaml"):
+        if label in checks.renders:
+            checks.run(f"the generated tokens ({label}): token file, worker token mounted, kept by helm uninstall",
+                       checks.generated_tokens, label)
+    checks.run("a tokenFile flag with extraVolumes replaces the token Secret", checks.own_token_file)
+    checks.run("Chart.yaml version and appVersion are the workspace version", checks.version_follows_project)
 
     for binary in checks.bins:
         checks.run(f"every {binary} flag is a value, and no value is an invented flag",
@@ -745,6 +828,9 @@ def main():
                {"encryption": {"existingSecret": "pushwire-encryption"},
                 "controlPlane": {"extraEnv": [{"name": "PUSHWIRE_ENCRYPTION_KEY", "value": "k1:x"}]}},
                "two key sources")
+    checks.run("refuses tokens.existingSecret together with a tokenFile flag", checks.refuses,
+               {"tokens": {"existingSecret": "pushwire-tokens"}, "worker": {"flags": {"tokenFile": "/t.json"}}},
+               "both give the token file")
     checks.run("refuses a misspelt flag", checks.refuses,
                {"worker": {"flags": {"retryWindw": "1m"}}}, "retryWindw")
     checks.run("refuses a host name as a listen address", checks.refuses,
