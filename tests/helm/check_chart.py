@@ -706,6 +706,7 @@ def grpcurl(addr, token, method, body):
 def make_ca(path):
     """A CA certificate (PEM) standing for the receivers' private CA the reader brings."""
     key = path + ".key"
+    assert shutil.which("openssl"), "no openssl (Debian package openssl) to make the receivers' CA"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-keyout", key, "-out", path, "-days", "2", "-subj", "/CN=receivers-ca"],
                    check=True, capture_output=True)
