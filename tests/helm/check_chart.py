@@ -27,22 +27,44 @@ installs both, pinned, into .tools/venv. This script installs nothing.
    control plane on etcd has an encryption key file, mounted read-only from a Secret. Each
    binary starts with its rendered environment (clap parses every value; the control plane
    reads its key file: the chart's generated Secret when the render has it, else a fresh key).
+   With default values the chart generates a token Secret (admin, publisher and worker token
+   and the token file of their SHA-256), kept by helm uninstall, its token file mounted into
+   every component and its worker token into the workers; a tokenFile flag with extraVolumes
+   replaces it. Chart.yaml's version and appVersion are the workspace version (Cargo.toml).
 5. The chart refuses impossible values, and every value is documented (schema description,
    comment in values.yaml).
+6. The documentation's install steps (the sh blocks between <!-- chart-check:install:begin -->
+   and its end, and chart-check:production, in docs/kubernetes.md or README.md) run with bash
+   against stand-ins for kubectl, helm and docker (this script with --fake; see FakeCluster),
+   which render the chart with the values the steps give and keep the Secrets. Then the release
+   runs: every control-plane and worker replica as a real process with its rendered
+   environment and the files of its mounted Secrets, on loopback, a real etcd (Debian's
+   etcd-server) standing for the cluster's. All must become ready; an integration made with
+   the steps' $TOKEN must receive a participation published with their $PUBLISHER_TOKEN
+   (grpcurl, next to this Python or on PATH), NOTES.txt must read the same tokens, and no
+   token may appear in a log. The production steps use ci/ha-values.yaml.
 
 Ends with a `chart: N passed, N failed` line; exits non-zero on any failure.
 """
 
 import argparse
 import base64
+import hashlib
+import http.server
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+import tomllib
 import traceback
+import urllib.request
 
 import helm_python as helm
 import kubernetes_validate
@@ -66,8 +88,8 @@ MOUNTED_FILES = ("PUSHWIRE_TOKEN_FILE", "PUSHWIRE_TLS_CERT", "PUSHWIRE_TLS_KEY",
 MODE_FLAGS = {
     "control-plane": {
         "reencrypt": "one-shot maintenance (re-encrypts every stored secret under the current key, "
-                     "prints counts and exits without serving): run by hand in a pod, see README "
-                     "\"Deploying on Kubernetes\"; as a deployment setting no replica would serve",
+                     "prints counts and exits without serving): run by hand in a pod, see "
+                     "docs/kubernetes.md; as a deployment setting no replica would serve",
     },
 }
 # Where the chart mounts the control plane's encryption key Secret.
@@ -155,10 +177,10 @@ def load_values_file(name):
         return yaml.safe_load(f) or {}
 
 
-def render(values):
+def render(values, name=RELEASE, namespace=NAMESPACE):
     """(manifests, notes): the rendered objects, each with the template it came from."""
     with helm.Chart.load(CHART) as chart:
-        rendered = chart.render(values or None, name=RELEASE, namespace=NAMESPACE)
+        rendered = chart.render(values or None, name=name, namespace=namespace)
     objects, notes = [], ""
     for path, text in sorted(rendered.items()):
         if path.endswith("NOTES.txt"):
@@ -265,6 +287,433 @@ def env_text(value):
 
 
 # ---------------------------------------------------------------------------------------------
+# The install steps of the documentation, run against stand-ins for kubectl, helm and docker
+#
+# The steps run with bash, as written, in a scratch directory (with `helm/` linked to the
+# chart). `kubectl`, `helm` and `docker` there are this script (`--fake TOOL ...`), keeping a
+# small cluster in a JSON file: namespaces, Secrets, the installed release (rendered by Helm's
+# library, as `helm install` would; `lookup` finds nothing, as on a first install) and the
+# images built and pushed. They know only the commands the documentation uses and refuse any
+# other, so that steps drifting from what the chart needs fail here.
+
+STATE_ENV = "CHART_CHECK_STATE"
+
+
+class Refused(Exception):
+    pass
+
+
+class FakeCluster:
+    def __init__(self, path):
+        self.path = path
+        if os.path.exists(path):
+            with open(path) as f:
+                self.state = json.load(f)
+        else:
+            self.state = {"namespaces": ["default"], "secrets": {}, "releases": {},
+                          "built": [], "pushed": []}
+
+    def save(self):
+        with open(os.open(self.path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(self.state, f)
+        os.replace(self.path + ".new", self.path)
+
+    def need_namespace(self, ns):
+        if ns not in self.state["namespaces"]:
+            raise Refused(f'Error from server (NotFound): namespaces "{ns}" not found')
+
+    def secret(self, ns, name):
+        """The data of Secret `name` (key: base64), or None."""
+        return self.state["secrets"].get(f"{ns}/{name}")
+
+    def create_secret(self, ns, name, data):
+        self.need_namespace(ns)
+        if f"{ns}/{name}" in self.state["secrets"]:
+            raise Refused(f'Error from server (AlreadyExists): secrets "{name}" already exists')
+        self.state["secrets"][f"{ns}/{name}"] = data
+
+    def release(self):
+        """(namespace, release) of the one installed release."""
+        releases = self.state["releases"]
+        assert len(releases) == 1, f"the install steps installed {len(releases)} releases, expected 1"
+        key, rel = next(iter(releases.items()))
+        return key.split("/")[0], rel
+
+
+def split_namespace(args):
+    ns, rest, i = "default", [], 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-n", "--namespace"):
+            ns, i = args[i + 1], i + 2
+            continue
+        if a.startswith("--namespace="):
+            ns = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return ns, rest
+
+
+def fake_kubectl(cluster, args):
+    ns, rest = split_namespace(args)
+    if rest[:2] == ["create", "namespace"] and len(rest) == 3:
+        if rest[2] in cluster.state["namespaces"]:
+            raise Refused(f'Error from server (AlreadyExists): namespaces "{rest[2]}" already exists')
+        cluster.state["namespaces"].append(rest[2])
+        print(f"namespace/{rest[2]} created")
+        return
+    if rest[:3] == ["create", "secret", "generic"] and len(rest) >= 4:
+        data = {}
+        for opt in rest[4:]:
+            if opt.startswith("--from-file="):
+                key, sep, path = opt[len("--from-file="):].partition("=")
+                if not sep:
+                    key, path = os.path.basename(key), key
+                with open(path, "rb") as f:
+                    value = f.read()
+            elif opt.startswith("--from-literal="):
+                key, sep, text = opt[len("--from-literal="):].partition("=")
+                if not sep:
+                    raise Refused(f"error: invalid literal source {opt}, expected key=value")
+                value = text.encode()
+            else:
+                raise Refused(f"kubectl create secret generic: option {opt!r} is not simulated")
+            if key in data:
+                raise Refused(f"error: cannot add key {key}, another key by that name already exists")
+            data[key] = base64.b64encode(value).decode()
+        cluster.create_secret(ns, rest[3], data)
+        print(f"secret/{rest[3]} created")
+        return
+    if rest[:2] == ["get", "secret"] and len(rest) >= 3:
+        opts = rest[3:]
+        if len(opts) == 2 and opts[0] in ("-o", "--output"):
+            output = opts[1]
+        elif len(opts) == 1 and opts[0].startswith(("-o", "--output=")):
+            output = opts[0].split("=", 1)[1] if opts[0].startswith("--") else opts[0][2:]
+        else:
+            raise Refused(f"kubectl get secret: options {opts} are not simulated (use -o jsonpath=...)")
+        m = re.fullmatch(r"jsonpath=\{\.data\.((?:[^\\}]|\\.)+)\}", output)
+        if not m:
+            raise Refused(f"kubectl get secret: output {output!r} is not simulated (only {{.data.KEY}})")
+        data = cluster.secret(ns, rest[2])
+        if data is None:
+            raise Refused(f'Error from server (NotFound): secrets "{rest[2]}" not found')
+        # As kubectl: a missing key prints nothing; no newline after the value.
+        sys.stdout.write(data.get(m.group(1).replace("\\.", "."), ""))
+        return
+    raise Refused(f"kubectl {' '.join(args)}: not a command the chart check simulates")
+
+
+def deep_merge(base, extra):
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def fake_helm(cluster, args):
+    if not args or args[0] != "install":
+        raise Refused(f"helm {' '.join(args)}: only `helm install` is simulated")
+    ns, rest = split_namespace(args[1:])
+    positional, files, sets, create_ns, i = [], [], [], False, 0
+    while i < len(rest):
+        a = rest[i]
+        if a == "--create-namespace":
+            create_ns = True
+        elif a in ("-f", "--values", "--set", "--set-string"):
+            (files if a in ("-f", "--values") else sets).append((a, rest[i + 1]))
+            i += 1
+        elif a.startswith(("--values=", "--set=", "--set-string=")):
+            flag, value = a.split("=", 1)
+            (files if flag == "--values" else sets).append((flag, value))
+        elif a.startswith("-"):
+            raise Refused(f"helm install: option {a!r} is not simulated")
+        else:
+            positional.append(a)
+        i += 1
+    if len(positional) != 2:
+        raise Refused(f"helm install: expected NAME CHART, got {positional}")
+    name, chart = positional
+    helm.validate_release_name(name)
+    if os.path.realpath(chart) != os.path.realpath(CHART):
+        raise Refused(f"helm install: chart {chart!r} is not helm/pushwire")
+    if create_ns and ns not in cluster.state["namespaces"]:
+        cluster.state["namespaces"].append(ns)
+    cluster.need_namespace(ns)
+    if f"{ns}/{name}" in cluster.state["releases"]:
+        raise Refused("Error: INSTALLATION FAILED: cannot re-use a name that is still in use")
+    values = {}
+    for _, path in files:  # helm: the files in order, then --set and --set-string in order
+        with open(path) as f:
+            deep_merge(values, yaml.safe_load(f) or {})
+    for flag, expr in sets:
+        parse = helm.parse_set_string if flag == "--set" else helm.parse_set_string_values
+        deep_merge(values, parse(expr))
+    objects, notes = render(values, name=name, namespace=ns)
+    for _, doc in objects:
+        if doc.get("kind") == "Secret":
+            cluster.create_secret(ns, doc["metadata"]["name"], dict(doc.get("data") or {}))
+    cluster.state["releases"][f"{ns}/{name}"] = {
+        "values": values, "objects": [doc for _, doc in objects], "notes": notes}
+    print(f"NAME: {name}\nNAMESPACE: {ns}\nSTATUS: deployed\nREVISION: 1\nNOTES:\n{notes}")
+
+
+def fake_docker(cluster, args):
+    if len(args) == 4 and args[0] == "build" and args[1] == "-t":
+        cluster.state["built"].append(args[2])
+        return
+    if len(args) == 2 and args[0] == "push":
+        if args[1] not in cluster.state["built"]:
+            raise Refused(f"An image does not exist locally with the tag: {args[1]}")
+        cluster.state["pushed"].append(args[1])
+        return
+    raise Refused(f"docker {' '.join(args)}: not a command the chart check simulates")
+
+
+def fake_main(argv):
+    """`check_chart.py --fake kubectl|helm|docker ARGS`: one command against the cluster in
+    $CHART_CHECK_STATE."""
+    tools = {"kubectl": fake_kubectl, "helm": fake_helm, "docker": fake_docker}
+    cluster = FakeCluster(os.environ[STATE_ENV])
+    try:
+        tools[argv[0]](cluster, argv[1:])
+    except (Refused, helm.HelmError, OSError) as e:
+        print(f"{argv[0]} (chart check stand-in): {e}", file=sys.stderr)
+        return 1
+    cluster.save()
+    return 0
+
+
+def run_steps(script, workdir, state_path):
+    """Runs `script` with bash (-euo pipefail) in `workdir` against the stand-ins; returns the
+    variables it leaves set."""
+    bindir = os.path.join(os.path.dirname(state_path), "bin")
+    os.makedirs(bindir, exist_ok=True)
+    for tool in ("kubectl", "helm", "docker"):
+        shim = os.path.join(bindir, tool)
+        with open(shim, "w") as f:
+            f.write(f'#!/bin/sh\nexec "{sys.executable}" "{os.path.abspath(__file__)}" --fake {tool} "$@"\n')
+        os.chmod(shim, 0o755)
+    out = os.path.join(os.path.dirname(state_path), "variables")
+    env = {"PATH": bindir + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir,
+           STATE_ENV: state_path, "LC_ALL": "C"}
+    proc = subprocess.run(["bash", "-c", f'set -euo pipefail\n{script}\nenv -0 > "{out}"\n'],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"the steps failed (exit {proc.returncode}):\n{proc.stderr.strip()}"
+    with open(out) as f:
+        pairs = [item.split("=", 1) for item in f.read().split("\0") if "=" in item]
+    os.unlink(out)
+    return dict(pairs)
+
+
+def documented_steps(section):
+    """(shell script, file) of the steps between <!-- chart-check:SECTION:begin/end -->."""
+    for rel in ("docs/kubernetes.md", "README.md"):
+        path = os.path.join(ROOT, rel)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            text = f.read()
+        m = re.search(rf"<!-- chart-check:{section}:begin -->(.*?)<!-- chart-check:{section}:end -->", text, re.S)
+        if m:
+            blocks = re.findall(r"```(?:sh|bash)\n(.*?)```", m.group(1), re.S)
+            assert blocks, f"{rel}: chart-check:{section} has no sh block"
+            return "\n".join(blocks), rel
+    raise AssertionError(f"no <!-- chart-check:{section}:begin --> in docs/kubernetes.md or README.md")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pods of the installed release, as local processes on loopback
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, proc, deadline, what, log_path):
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {proc.returncode}:\n{tail(log_path)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: {url} not 200 in time:\n{tail(log_path)}")
+
+
+def tail(path, lines=15):
+    with open(path, errors="replace") as f:
+        return "\n".join(f.read().splitlines()[-lines:])
+
+
+class Processes:
+    """Processes started for one install; stopped (SIGTERM, then SIGKILL) at the end."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.running = []  # (label, proc, log path)
+
+    def start(self, label, argv, env, cwd):
+        log_path = os.path.join(self.tmp, f"{label}.log")
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT)
+        self.running.append((label, proc, log_path))
+        return proc, log_path
+
+    def stop(self, timeout=30):
+        """Stops them, last started first; returns those that did not exit 0 on SIGTERM."""
+        bad = []
+        for label, proc, log_path in reversed(self.running):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    bad.append(f"{label}: still running {timeout} s after SIGTERM")
+                    continue
+            if proc.returncode != 0 and not label.startswith("etcd"):
+                bad.append(f"{label}: exit {proc.returncode}:\n{tail(log_path)}")
+        self.running = []
+        return bad
+
+    def logs(self):
+        out = {}
+        for label, _, log_path in self.running:
+            with open(log_path, errors="replace") as f:
+                out[label] = f.read()
+        return out
+
+
+def start_etcd(procs, tmp):
+    client, peer = free_port(), free_port()
+    client_url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+    etcd = shutil.which("etcd") or "/usr/bin/etcd"
+    assert os.access(etcd, os.X_OK), "no etcd binary (Debian package etcd-server)"
+    proc, log_path = procs.start("etcd", [
+        etcd, "--name", "chart-check", "--data-dir", os.path.join(tmp, "etcd"),
+        "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+        "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", f"chart-check={peer_url}", "--initial-cluster-state", "new",
+    ], {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, tmp)
+    wait_http(f"{client_url}/health", proc, time.time() + 30, "etcd", log_path)
+    return client_url
+
+
+def pod_files(cluster, ns, dep, c, root):
+    """Writes the pod's volumes the container mounts under `root`: {mountPath: local dir}."""
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"].get("volumes", [])}
+    mounts = {}
+    for m in c.get("volumeMounts", []):
+        vol = volumes[m["name"]]
+        local = os.path.join(root, m["name"])
+        os.makedirs(local, exist_ok=True)
+        if "secret" in vol:
+            name = vol["secret"]["secretName"]
+            data = cluster.secret(ns, name)
+            assert data is not None, \
+                f"{c['name']}: Secret {name} is not in the cluster the steps made: the pod would not start"
+            items = vol["secret"].get("items") or [{"key": k, "path": k} for k in data]
+            for item in items:
+                assert item["key"] in data, \
+                    f"{c['name']}: Secret {name} has no key {item['key']!r}: the pod would not start"
+                path = os.path.join(local, item["path"])
+                mode = item.get("mode", vol["secret"].get("defaultMode", 0o644))
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                    f.write(base64.b64decode(data[item["key"]]))
+                os.chmod(path, mode)
+        elif not ({"emptyDir", "persistentVolumeClaim"} & set(vol)):
+            raise AssertionError(f"{c['name']}: volume {m['name']}: only Secret, emptyDir and PVC "
+                                 "volumes are simulated")
+        mounts[m["mountPath"].rstrip("/")] = local
+    return mounts
+
+
+def pod_env(cluster, ns, c, pod_name, mounts):
+    """The container's environment as the kubelet gives it, mount paths made local."""
+    env = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            value = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                           lambda m: env.get(m.group(1), m.group(0)), str(e["value"]))
+        elif "secretKeyRef" in e.get("valueFrom", {}):
+            ref = e["valueFrom"]["secretKeyRef"]
+            data = cluster.secret(ns, ref["name"]) or {}
+            assert ref["key"] in data, f"{c['name']}: {e['name']}: no Secret {ref['name']} key {ref['key']}"
+            value = base64.b64decode(data[ref["key"]]).decode()
+        elif "fieldRef" in e.get("valueFrom", {}):
+            value = {"metadata.name": pod_name, "metadata.namespace": ns}[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            raise AssertionError(f"{c['name']}: {e['name']}: valueFrom {e.get('valueFrom')} is not simulated")
+        env[e["name"]] = value
+    for path, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
+        for key, value in env.items():
+            if value == path or value.startswith(path + "/"):
+                env[key] = local + value[len(path):]
+    return env
+
+
+class Receiver:
+    """A loopback HTTP receiver answering 204 and keeping what it got."""
+
+    def __init__(self):
+        got = self.got = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                got.append((self.path, dict(self.headers), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def grpcurl(addr, token, method, body):
+    tool = shutil.which("grpcurl", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    assert tool, "no grpcurl (./dev test puts one in .tools/venv/bin)"
+    # The schema from proto/ rather than server reflection; the token through the environment,
+    # not the command line.
+    protos = [a for name in ("integrations", "push_scopes", "ingest")
+              for a in ("-proto", f"pushwire/v1/{name}.proto")]
+    return subprocess.run([tool, "-plaintext", "-max-time", "30", "-import-path", os.path.join(ROOT, "proto"),
+                           *protos, "-expand-headers",
+                           "-rpc-header", "authorization: Bearer ${CHART_CHECK_TOKEN}",
+                           "-d", json.dumps(body), addr, method], capture_output=True, text=True,
+                          env=dict(os.environ, CHART_CHECK_TOKEN=token))
+
+
+def make_ca(path):
+    """A CA certificate (PEM) standing for the receivers' private CA the reader brings."""
+    key = path + ".key"
+    assert shutil.which("openssl"), "no openssl (Debian package openssl) to make the receivers' CA"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", key, "-out", path, "-days", "2", "-subj", "/CN=receivers-ca"],
+                   check=True, capture_output=True)
+    os.unlink(key)
+
+
+# ---------------------------------------------------------------------------------------------
 # The checks
 
 
@@ -272,7 +721,7 @@ class Checks:
     def __init__(self, args):
         self.passed = 0
         self.failed = 0
-        self.paths = {"control-plane": args.control_plane, "worker": args.worker}
+        self.paths = {"control-plane": os.path.abspath(args.control_plane), "worker": os.path.abspath(args.worker)}
         self.bins = {binary: binary_flags(path) for binary, path in self.paths.items()}
         with open(os.path.join(CHART, "values.schema.json")) as f:
             self.schema = json.load(f)
@@ -281,6 +730,8 @@ class Checks:
             if name.endswith(".yaml"):
                 self.value_sets[f"ci/{name}"] = load_values_file(name)
         self.renders = {}
+        with open(os.path.join(ROOT, "Cargo.toml"), "rb") as f:
+            self.version = tomllib.load(f)["workspace"]["package"]["version"]
 
     def run(self, name, fn, *args):
         try:
@@ -611,13 +1062,82 @@ class Checks:
             f"the control plane reads its key from {name}, not the Secret"
         return f"Secret {name}, key id {m.group(1)}, helm.sh/resource-policy: keep"
 
+    def version_follows_project(self):
+        with open(os.path.join(CHART, "Chart.yaml")) as f:
+            chart = yaml.safe_load(f)
+        got = (str(chart["version"]), str(chart["appVersion"]))
+        assert got == (self.version, self.version), \
+            f"Chart.yaml version {got[0]}, appVersion {got[1]}: not the workspace version {self.version} (Cargo.toml)"
+        return self.version
+
+    def generated_tokens(self, label):
+        """The chart's generated token Secret: an admin, a publisher and a worker token, the token
+        file accepting exactly them by SHA-256, kept by uninstall; its token file mounted into
+        every component, its worker token into the workers only, and nothing else mounted."""
+        objects = self.renders[label][0]
+        secret = one(objects, "Secret", "tokens")
+        name = secret["metadata"]["name"]
+        annotations = secret["metadata"].get("annotations") or {}
+        assert annotations.get("helm.sh/resource-policy") == "keep", f"Secret {name} is not kept by helm uninstall"
+        data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+        assert sorted(data) == ["admin-token", "publisher-token", "tokens.json", "worker-token"], \
+            f"Secret {name}: keys {sorted(data)}"
+        entries = json.loads(data["tokens.json"])["tokens"]
+        hashes = {}
+        for e in entries:
+            assert set(e) == {"name", "sha256", "role", "accounts"} and e["accounts"] == "*", f"token file entry {e}"
+            hashes[e["role"]] = e["sha256"]
+        assert sorted(hashes) == ["admin", "publisher", "worker"] and len(entries) == 3, f"roles {sorted(hashes)}"
+        for role, digest in hashes.items():
+            token = data[f"{role}-token"]
+            assert re.fullmatch(r"pwt_[A-Za-z0-9]{43}", token), f"{role}-token: not pwt_ and 43 letters and digits"
+            assert hashlib.sha256(token.encode()).hexdigest() == digest, f"the token file's {role} hash is not {role}-token's"
+        assert len({data[f"{r}-token"] for r in hashes}) == 3, "two generated tokens are the same"
+        for binary, want in (("control-plane", ["tokens.json"]), ("worker", ["tokens.json", "worker-token"])):
+            for dep in find(objects, "Deployment", binary):
+                c = container(dep, binary)
+                env = env_of(c)
+                files = {"PUSHWIRE_TOKEN_FILE": "tokens.json"}
+                if binary == "worker":
+                    files["PUSHWIRE_CONTROL_PLANE_TOKEN_FILE"] = "worker-token"
+                for var, key in files.items():
+                    assert env.get(var), f"{binary}: no {var}"
+                    got = mounted_secret(dep, c, env[var])
+                    assert got == (name, key), f"{binary}: {var} {env[var]} is {got}, not Secret {name} key {key}"
+                mounted = sorted(i["key"] for v in dep["spec"]["template"]["spec"]["volumes"]
+                                 if v.get("secret", {}).get("secretName") == name for i in v["secret"]["items"])
+                assert mounted == want, f"{binary} mounts {mounted} of Secret {name}, expected {want}"
+        return f"Secret {name}: admin, publisher, worker token and their token file, helm.sh/resource-policy: keep"
+
+    def own_token_file(self):
+        """A tokenFile flag with extraVolumes (the route from before the token Secret) turns the
+        chart's tokens off: nothing generated or mounted, the workers' token left to the user."""
+        mount = {"extraVolumes": [{"name": "my-tokens", "secret": {"secretName": "my-tokens"}}],
+                 "extraVolumeMounts": [{"name": "my-tokens", "mountPath": "/etc/my-tokens", "readOnly": True}]}
+        objects, notes = render({
+            "sharedFlags": {"tokenFile": "/etc/my-tokens/tokens.json"}, "controlPlane": mount,
+            "worker": dict(mount, extraEnv=[{"name": "PUSHWIRE_CONTROL_PLANE_TOKEN", "valueFrom": {
+                "secretKeyRef": {"name": "my-tokens", "key": "worker-token"}}}])})
+        assert not find(objects, "Secret", "tokens"), "a token Secret was generated beside tokenFile"
+        for binary in ("control-plane", "worker"):
+            dep = one(objects, "Deployment", binary)
+            c = container(dep, binary)
+            env = env_of(c)
+            assert env.get("PUSHWIRE_TOKEN_FILE") == "/etc/my-tokens/tokens.json", f"{binary}: {env.get('PUSHWIRE_TOKEN_FILE')}"
+            assert "PUSHWIRE_CONTROL_PLANE_TOKEN_FILE" not in env, f"{binary}: the chart set a worker token file"
+            assert mounted_secret(dep, c, "/etc/my-tokens/tokens.json")[0] == "my-tokens"
+            names = [v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]]
+            assert "tokens" not in names, f"{binary}: the chart's token volume is mounted too"
+        assert "/etc/my-tokens/tokens.json" in notes, "NOTES.txt does not name the token file"
+        return None
+
     def key_from_env(self):
         """PUSHWIRE_ENCRYPTION_KEY in controlPlane.extraEnv replaces the key file: no Secret
         generated, none mounted (the binary refuses both at once)."""
         extra = [{"name": "PUSHWIRE_ENCRYPTION_KEY",
                   "valueFrom": {"secretKeyRef": {"name": "pushwire-key", "key": "key"}}}]
         objects, _ = render({"controlPlane": {"extraEnv": extra}})
-        assert not find(objects, "Secret"), "a Secret was generated although extraEnv gives the key"
+        assert not find(objects, "Secret", "control-plane"), "a key Secret was generated although extraEnv gives the key"
         dep = one(objects, "Deployment", "control-plane")
         c = container(dep, "control-plane")
         assert "PUSHWIRE_ENCRYPTION_KEY_FILE" not in env_of(c), "PUSHWIRE_ENCRYPTION_KEY_FILE set as well"
@@ -625,6 +1145,157 @@ class Checks:
         assert not any(p.startswith(ENCRYPTION_DIR.rstrip("/")) for p in mounts), \
             f"key Secret mounted: {mounts}"
         return None
+
+    # 6. the documented install steps, then the system they make delivers
+
+    def installed_delivers(self, section, values_file):
+        """Runs the documented steps of `section` against the stand-ins, then starts what the
+        release would run: every control-plane and worker replica (the HPA's minimum) as a real
+        process with its rendered environment and its mounted Secrets' files, on loopback, with a
+        real etcd in place of the cluster's. The test set-up changes only what points elsewhere:
+        listen addresses (free loopback ports), the etcd endpoints, the workers' control-plane
+        URL (a control plane's loopback port, replicas taken in turn as the Service would),
+        the OTLP endpoint (a closed loopback port), and receivers on plain http:// loopback
+        (--allow-insecure-http, 127.0.0.0/8 added to --allow-cidr). All must become ready; then
+        an integration made with $TOKEN of the steps receives a participation published with
+        $PUBLISHER_TOKEN, an unknown token is refused, and no token appears in any log."""
+        script, source = documented_steps(section)
+        with tempfile.TemporaryDirectory(prefix="chart-check-") as tmp:
+            work = os.path.join(tmp, "work")
+            os.makedirs(work)
+            os.symlink(os.path.join(ROOT, "helm"), os.path.join(work, "helm"))
+            if "receivers-ca.pem" in script:
+                make_ca(os.path.join(work, "receivers-ca.pem"))
+            state_path = os.path.join(tmp, "cluster.json")
+            variables = run_steps(script, work, state_path)
+            cluster = FakeCluster(state_path)
+            ns, rel = cluster.release()
+            want = load_values_file(values_file) if values_file else {}
+            got = {k: v for k, v in rel["values"].items() if values_file or k != "image"}
+            assert got == want, f"{source}: the steps install with values {got}, not {values_file or 'the defaults'}"
+            objects = [(None, doc) for doc in rel["objects"]]
+            tokens = {}
+            for var in ("TOKEN", "PUBLISHER_TOKEN"):
+                tokens[var] = variables.get(var, "")
+                assert re.fullmatch(r"pwt_[A-Za-z0-9]{20,}", tokens[var]), \
+                    f"{source}: after the steps ${var} is not a token (empty or malformed)"
+            notes = [line.strip() for line in rel["notes"].splitlines()
+                     if re.match(r"\s*export [A-Z_]+=\$\(kubectl .*\)\s*$", line)]
+            assert notes, "NOTES.txt does not say how to read the tokens (export ...=$(kubectl ...))"
+            from_notes = run_steps("\n".join(notes), work, state_path)
+            for var in tokens:
+                assert from_notes.get(var) == tokens[var], f"NOTES.txt's command for ${var} reads another value"
+
+            for dep in find(objects, "Deployment"):
+                for c in dep["spec"]["template"]["spec"]["containers"]:
+                    image = c["image"]
+                    if cluster.state["pushed"]:
+                        assert image in cluster.state["pushed"], \
+                            f"{c['name']} runs {image}, the steps pushed {cluster.state['pushed']}"
+                    if "@" not in image:
+                        assert image.rsplit(":", 1)[1] == self.version, \
+                            f"{c['name']} runs {image}: not the project's version {self.version}"
+
+            procs = Processes(tmp)
+            receiver = Receiver()
+            try:
+                result = self.run_release(cluster, ns, objects, tokens, procs, receiver, tmp)
+            finally:
+                receiver.close()
+                logs = procs.logs()
+                stopped = procs.stop()
+            secrets = list(tokens.values()) + [
+                base64.b64decode(v).decode() for data in cluster.state["secrets"].values()
+                for k, v in data.items() if k.endswith("-token")]
+            leaked = sorted(label for label, text in logs.items() if any(s and s in text for s in secrets))
+            assert not leaked, f"a token appears in the log of {leaked}"
+            assert not stopped, "not stopped cleanly:\n" + "\n".join(stopped)
+            return result
+
+    def run_release(self, cluster, ns, objects, tokens, procs, receiver, tmp):
+        etcd_url = start_etcd(procs, tmp)
+        ready = {}  # component: [(grpc address, label)]
+        cp_dep = one(objects, "Deployment", "control-plane")
+        workers = find(objects, "Deployment", "worker")
+        cp_svc = one(objects, "Service", "control-plane")
+        cp_url = "http://{}:{}".format(cp_svc["metadata"]["name"],
+                                       next(p["port"] for p in cp_svc["spec"]["ports"] if p["name"] == "grpc"))
+        for binary, dep in [("control-plane", cp_dep)] + [("worker", w) for w in workers]:
+            replicas = dep["spec"].get("replicas")
+            if replicas is None:
+                hpa = one(objects, "HorizontalPodAutoscaler", binary)
+                replicas = hpa["spec"].get("minReplicas", 1)
+            c = container(dep, binary)
+            command = c.get("command") or []
+            assert command and os.path.basename(command[0]) == binary, f"{binary}: command {command}"
+            started = []
+            for i in range(replicas):
+                label = f"{binary}-{i}"
+                root = os.path.join(tmp, label)
+                os.makedirs(root)
+                mounts = pod_files(cluster, ns, dep, c, os.path.join(root, "volumes"))
+                env = pod_env(cluster, ns, c, label, mounts)
+                grpc_port, http_port = free_port(), free_port()
+                env.update(PUSHWIRE_GRPC_ADDR=f"127.0.0.1:{grpc_port}", PUSHWIRE_HTTP_ADDR=f"127.0.0.1:{http_port}",
+                           PUSHWIRE_DATA_DIR=os.path.join(root, "data"),
+                           PUSHWIRE_ALLOW_CIDR=",".join(filter(None, [env.get("PUSHWIRE_ALLOW_CIDR"), "127.0.0.0/8"])))
+                if env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+                    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:1"
+                if binary == "control-plane":
+                    assert env.get("PUSHWIRE_ETCD_ENDPOINTS"), "the control plane is not on etcd"
+                    env.update(PUSHWIRE_ETCD_ENDPOINTS=etcd_url, PUSHWIRE_ALLOW_INSECURE_HTTP="true")
+                else:
+                    assert env.get("PUSHWIRE_CONTROL_PLANE") == cp_url, \
+                        f"worker: PUSHWIRE_CONTROL_PLANE={env.get('PUSHWIRE_CONTROL_PLANE')!r}, not {cp_url}"
+                    cps = ready["control-plane"]
+                    env["PUSHWIRE_CONTROL_PLANE"] = "http://" + cps[i % len(cps)][0]
+                proc, log_path = procs.start(label, [self.paths[binary]] + (c.get("args") or []), env, root)
+                started.append((proc, log_path, http_port, grpc_port, label))
+            deadline = time.time() + 90
+            for proc, log_path, http_port, _, label in started:
+                wait_http(f"http://127.0.0.1:{http_port}/readyz", proc, deadline, f"{label} /readyz", log_path)
+            ready[binary] = [(f"127.0.0.1:{g}", label) for _, _, _, g, label in started]
+        assert ready.get("worker"), "no workers"
+
+        admin, cp = tokens["TOKEN"], ready["control-plane"][0][0]
+        out = grpcurl(cp, admin, "pushwire.v1.IntegrationService/CreateIntegration", {
+            "parent": "accounts/42", "integrationId": "receiver",
+            "integration": {"displayName": "chart check", "url": f"http://127.0.0.1:{receiver.port}/webhooks",
+                            "secret": "whsec_Y2hhcnQtY2hlY2stc2VjcmV0",
+                            "signatureSchemes": ["SIGNATURE_SCHEME_STANDARD_WEBHOOKS"]}})
+        assert out.returncode == 0, f"CreateIntegration with $TOKEN: {out.stderr.strip()}"
+        out = grpcurl(cp, admin, "pushwire.v1.PushScopeService/CreatePushScope", {
+            "parent": "accounts/42", "pushScopeId": "all",
+            "pushScope": {"integration": "accounts/42/integrations/receiver", "level": "PUSH_SCOPE_LEVEL_ACCOUNT"}})
+        assert out.returncode == 0, f"CreatePushScope with $TOKEN: {out.stderr.strip()}"
+
+        with open(os.path.join(ROOT, "common", "tests", "data", "participation-v2-completed.json")) as f:
+            participation = f.read()
+        request = {"account": "accounts/42", "participationJson": participation}
+        worker = ready["worker"][-1][0]
+        out = grpcurl(worker, "pwt_" + "x" * 43, "pushwire.v1.IngestService/PublishOne", request)
+        assert out.returncode != 0 and "Unauthenticated" in out.stderr, \
+            f"an unknown token was not refused with UNAUTHENTICATED: {out.stdout}{out.stderr}"
+        assert not receiver.got, "the refused participation was delivered"
+        # The workers learn of the new integration over WatchConfig: until then nothing matches.
+        deadline = time.time() + 60
+        while True:
+            out = grpcurl(worker, tokens["PUBLISHER_TOKEN"], "pushwire.v1.IngestService/PublishOne", request)
+            assert out.returncode == 0, f"PublishOne with $PUBLISHER_TOKEN: {out.stderr.strip()}"
+            deliveries = json.loads(out.stdout).get("deliveries", [])
+            if deliveries:
+                break
+            assert time.time() < deadline, "the workers never matched the new integration"
+            time.sleep(0.5)
+        assert [(d["integration"], d["outcome"]) for d in deliveries] == \
+            [("accounts/42/integrations/receiver", "DELIVERY_OUTCOME_DELIVERED")], f"deliveries: {deliveries}"
+        assert len(receiver.got) == 1, f"the receiver got {len(receiver.got)} requests, expected 1"
+        path, headers, body = receiver.got[0]
+        pid = json.loads(participation)["id"]
+        assert path == "/webhooks" and str(pid) in body.decode(), f"the receiver got {path} without participation {pid}"
+        assert any(k.lower() == "webhook-signature" for k in headers), "the delivery is not signed"
+        return (f"{len(ready['control-plane'])} control planes and {len(ready['worker'])} workers ready "
+                f"on etcd; participation {pid} published with $PUBLISHER_TOKEN reached the receiver")
 
     # 5. refusals and documentation
 
@@ -679,6 +1350,8 @@ class Checks:
 
 
 def main():
+    if sys.argv[1:2] == ["--fake"]:
+        return fake_main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--control-plane", default=os.path.join(ROOT, "target", "debug", "control-plane"))
     parser.add_argument("--worker", default=os.path.join(ROOT, "target", "debug", "worker"))
@@ -695,17 +1368,17 @@ def main():
         checks.run(f"helm template + Kubernetes {KUBE_VERSION} strict ({label})",
                    checks.render_validate, label, values)
     if "default values" in checks.renders:
-        checks.run("default values: bundled etcd, control plane, autoscaled workers, encryption key Secret",
+        checks.run("default values: bundled etcd, control plane, autoscaled workers, encryption key and token Secrets",
                    checks.expected_objects, "default values",
                    [("Deployment", "control-plane", 1), ("Deployment", "worker", 1),
                     ("StatefulSet", "etcd", 1), ("HorizontalPodAutoscaler", "worker", 1),
-                    ("Secret", "control-plane", 1),
+                    ("Secret", "control-plane", 1), ("Secret", "tokens", 1),
                     ("PodDisruptionBudget", "control-plane", 1), ("PodDisruptionBudget", "worker", 1),
                     ("Service", "worker", 1), ("Service", "control-plane", 1)])
     if "ci/ha-values.yaml" in checks.renders:
-        checks.run("ci/ha-values.yaml: external etcd, ServiceMonitors, no bundled etcd, existing key Secret",
-                   checks.expected_objects, "ci/ha-values.yaml",
-                   [("StatefulSet", "etcd", 0), ("Secret", "control-plane", 0),
+        checks.run("ci/ha-values.yaml: external etcd, ServiceMonitors, no bundled etcd, existing key and "
+                   "token Secrets", checks.expected_objects, "ci/ha-values.yaml",
+                   [("StatefulSet", "etcd", 0), ("Secret", "control-plane", 0), ("Secret", "tokens", 0),
                     ("ServiceMonitor", "control-plane", 1),
                     ("ServiceMonitor", "worker", 1), ("HorizontalPodAutoscaler", "worker", 1)])
     if "ci/minimal-values.yaml" in checks.renders:
@@ -713,11 +1386,17 @@ def main():
                    checks.expected_objects, "ci/minimal-values.yaml",
                    [("Deployment", "control-plane", 1), ("Deployment", "worker", 0),
                     ("PersistentVolumeClaim", "control-plane", 1), ("StatefulSet", "etcd", 0),
-                    ("Secret", "control-plane", 0)])
+                    ("Secret", "control-plane", 0), ("Secret", "tokens", 1)])
     if "default values" in checks.renders:
         checks.run("the generated encryption key (default values): one key line, kept by helm uninstall",
                    checks.generated_key, "default values")
     checks.run("PUSHWIRE_ENCRYPTION_KEY in controlPlane.extraEnv replaces the key file", checks.key_from_env)
+    for label in ("default values", "ci/minimal-values.yaml"):
+        if label in checks.renders:
+            checks.run(f"the generated tokens ({label}): token file, worker token mounted, kept by helm uninstall",
+                       checks.generated_tokens, label)
+    checks.run("a tokenFile flag with extraVolumes replaces the token Secret", checks.own_token_file)
+    checks.run("Chart.yaml version and appVersion are the workspace version", checks.version_follows_project)
 
     for binary in checks.bins:
         checks.run(f"every {binary} flag is a value, and no value is an invented flag",
@@ -745,11 +1424,18 @@ def main():
                {"encryption": {"existingSecret": "pushwire-encryption"},
                 "controlPlane": {"extraEnv": [{"name": "PUSHWIRE_ENCRYPTION_KEY", "value": "k1:x"}]}},
                "two key sources")
+    checks.run("refuses tokens.existingSecret together with a tokenFile flag", checks.refuses,
+               {"tokens": {"existingSecret": "pushwire-tokens"}, "worker": {"flags": {"tokenFile": "/t.json"}}},
+               "both give the token file")
     checks.run("refuses a misspelt flag", checks.refuses,
                {"worker": {"flags": {"retryWindw": "1m"}}}, "retryWindw")
     checks.run("refuses a host name as a listen address", checks.refuses,
                {"worker": {"flags": {"grpcAddr": "localhost:50052"}}}, "grpcAddr")
     checks.run("every value is documented", checks.documented)
+
+    for section, values_file in (("install", None), ("production", "ha-values.yaml")):
+        checks.run(f"the documented {section} steps ({'ci/' + values_file if values_file else 'default values'}) "
+                   "make a release that delivers", checks.installed_delivers, section, values_file)
 
     print(f"chart: {checks.passed} passed, {checks.failed} failed")
     return 1 if checks.failed else 0

@@ -132,6 +132,36 @@ PUSHWIRE_ENCRYPTION_KEY in controlPlane.extraEnv). Empty when none.
 {{- default (include "pushwire.encryption.generatedSecret" .) .Values.encryption.existingSecret }}
 {{- end }}
 
+{{/* "true" when a tokenFile flag is set (sharedFlags, controlPlane.flags or worker.flags): the
+user mounts their own token file, and the chart's token Secret is off. */}}
+{{- define "pushwire.tokens.own" -}}
+{{- if or .Values.sharedFlags.tokenFile .Values.controlPlane.flags.tokenFile .Values.worker.flags.tokenFile }}true{{ end }}
+{{- end }}
+
+{{/*
+Name of the Secret this chart creates with random tokens and their token file: with
+tokens.generate, no tokens.existingSecret and no tokenFile flag. Empty when none.
+*/}}
+{{- define "pushwire.tokens.generatedSecret" -}}
+{{- if and .Values.tokens.generate (not .Values.tokens.existingSecret) (not (include "pushwire.tokens.own" .)) }}
+{{- printf "%s-tokens" (include "pushwire.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The token Secret mounted at /etc/pushwire/tokens: tokens.existingSecret or the generated one. */}}
+{{- define "pushwire.tokens.secret" -}}
+{{- if not (include "pushwire.tokens.own" .) }}
+{{- default (include "pushwire.tokens.generatedSecret" .) .Values.tokens.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when worker.extraEnv sets PUSHWIRE_CONTROL_PLANE_TOKEN (the worker token, no file). */}}
+{{- define "pushwire.tokens.workerFromEnv" -}}
+{{- range .Values.worker.extraEnv }}
+{{- if eq (toString .name) "PUSHWIRE_CONTROL_PLANE_TOKEN" }}true{{ end }}
+{{- end }}
+{{- end }}
+
 {{/*
 The flags of one component, as a dict keyed by camelCase flag name: sharedFlags, overridden by
 the component's own flags when set there (not null), then the values the chart derives.
@@ -152,6 +182,9 @@ Call with (dict "root" $ "component" "controlPlane"|"worker"); returns YAML (fro
 {{- if and (include "pushwire.extraCa.enabled" $root) (not $flags.extraCaFile) }}
 {{- $_ := set $flags "extraCaFile" (printf "/etc/pushwire/extra-ca/%s" $root.Values.extraCa.key) }}
 {{- end }}
+{{- if and (include "pushwire.tokens.secret" $root) (not $flags.tokenFile) }}
+{{- $_ := set $flags "tokenFile" "/etc/pushwire/tokens/tokens.json" }}
+{{- end }}
 {{- if eq .component "controlPlane" }}
 {{- if and (include "pushwire.encryption.secret" $root) (not $flags.encryptionKeyFile) }}
 {{- $_ := set $flags "encryptionKeyFile" (printf "/etc/pushwire/encryption/%s" $root.Values.encryption.key) }}
@@ -160,6 +193,9 @@ Call with (dict "root" $ "component" "controlPlane"|"worker"); returns YAML (fro
 {{- $_ := set $flags "etcdEndpoints" (list (printf "http://%s:2379" (include "pushwire.etcd.fullname" $root))) }}
 {{- end }}
 {{- else }}
+{{- if and (include "pushwire.tokens.secret" $root) (not $flags.controlPlaneTokenFile) (not (include "pushwire.tokens.workerFromEnv" $root)) }}
+{{- $_ := set $flags "controlPlaneTokenFile" "/etc/pushwire/tokens/worker-token" }}
+{{- end }}
 {{- if not $flags.controlPlane }}
 {{- $cp := fromYaml (include "pushwire.flags" (dict "root" $root "component" "controlPlane")) }}
 {{- $_ := set $flags "controlPlane" (printf "http://%s:%s" (include "pushwire.controlPlane.fullname" $root) (include "pushwire.port" $cp.grpcAddr)) }}
@@ -285,6 +321,39 @@ default (0644).
 {{- end }}
 {{- end }}
 
+{{/*
+Volume and mount of the token Secret, read-only (0440 with the pod's fsGroup, as the key):
+the token file for every component, and the worker token for the workers only (call with
+(dict "root" $ "worker" true)). A directory mount, so that changes of the Secret reach the
+running processes (the token file is re-read on change).
+*/}}
+{{- define "pushwire.tokens.volume" -}}
+{{- $root := .root }}
+{{- with include "pushwire.tokens.secret" $root }}
+- name: tokens
+  secret:
+    secretName: {{ . }}
+    {{- if $root.Values.podSecurityContext.fsGroup }}
+    defaultMode: 288 # 0440
+    {{- end }}
+    items:
+      - key: tokens.json
+        path: tokens.json
+      {{- if $.worker }}
+      - key: worker-token
+        path: worker-token
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "pushwire.tokens.mount" -}}
+{{- if include "pushwire.tokens.secret" . }}
+- name: tokens
+  mountPath: /etc/pushwire/tokens
+  readOnly: true
+{{- end }}
+{{- end }}
+
 {{/* A preferred anti-affinity over nodes for one component, unless affinity is given. */}}
 {{- define "pushwire.affinity" -}}
 {{- $values := index .root.Values .component }}
@@ -333,7 +402,10 @@ podAntiAffinity:
 {{- fail "controlPlane.extraEnv sets PUSHWIRE_ENCRYPTION_KEY and encryption.existingSecret or controlPlane.flags.encryptionKeyFile gives a key file: the control plane refuses two key sources; choose one" }}
 {{- end }}
 {{- if and (ne $store "embedded") (not (or $enc.existingSecret $enc.generate $keyFile $keyEnv)) }}
-{{- fail (printf "the control plane uses etcd (%s) but has no encryption key for secrets at rest, and refuses to start without one: set encryption.existingSecret to a Secret whose key %q holds the key file (lines key-id:base64-of-32-bytes; README \"Secrets at rest\"), or encryption.generate=true, or controlPlane.flags.encryptionKeyFile to a file you mount" (ternary "controlPlane.flags.etcdEndpoints" "etcd.bundled" (eq $store "external")) $enc.key) }}
+{{- fail (printf "the control plane uses etcd (%s) but has no encryption key for secrets at rest, and refuses to start without one: set encryption.existingSecret to a Secret whose key %q holds the key file (lines key-id:base64-of-32-bytes; docs/operations.md \"Secrets at rest\"), or encryption.generate=true, or controlPlane.flags.encryptionKeyFile to a file you mount" (ternary "controlPlane.flags.etcdEndpoints" "etcd.bundled" (eq $store "external")) $enc.key) }}
+{{- end }}
+{{- if and .Values.tokens.existingSecret (include "pushwire.tokens.own" .) }}
+{{- fail "tokens.existingSecret and a tokenFile flag (sharedFlags, controlPlane.flags or worker.flags) both give the token file: choose one" }}
 {{- end }}
 {{- if and .Values.otel.enabled (not .Values.otel.endpoint) }}
 {{- fail "otel.enabled=true needs otel.endpoint" }}
