@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 use pushwire_common::telemetry;
 use tracing::Instrument as _;
 
+// `LaneStats` is defined by the metrics it feeds (so `metrics` imports nothing from here);
+// re-exported where the dispatcher's users have always found it.
+pub use crate::metrics::LaneStats;
 use crate::metrics::{Metrics, StatusClassLabel};
 
 use super::breaker::{Admission, Breaker, BreakerOptions};
@@ -139,19 +142,6 @@ impl std::fmt::Debug for Dispatcher {
             .field("opts", &self.opts)
             .finish_non_exhaustive()
     }
-}
-
-/// Per-integration counts, for metrics.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LaneStats {
-    /// The integration.
-    pub integration: IntegrationName,
-    /// Attempts in flight.
-    pub in_flight: usize,
-    /// Attempts waiting for a slot.
-    pub queued: usize,
-    /// Whether its breaker is not closed.
-    pub breaker_open: bool,
 }
 
 impl Dispatcher {
