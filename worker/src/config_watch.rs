@@ -22,9 +22,9 @@ use pushwire_common::pb::v1 as pb;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
-use crate::ControlPlaneChannel;
+use crate::control_plane::ControlPlaneChannel;
+pub use crate::control_plane::endpoint;
 use crate::router::{Change, RoutingTable, Snapshot};
 
 /// Largest `WatchConfig` message accepted by default: snapshots of big installations are
@@ -56,17 +56,9 @@ impl Default for WatchOptions {
     }
 }
 
-/// An endpoint for the control plane with the settings the watch needs: a connect timeout,
-/// and HTTP/2 keep-alives so a control plane that vanished without closing the connection (a
-/// dead node, a network partition) is noticed and the loop reconnects instead of waiting on
-/// a silent stream forever. Add TLS to it as needed, then `connect_lazy()`.
-pub fn endpoint(uri: impl Into<String>) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(uri.into())?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true))
-}
+/// The routing table of the moment, as the watch publishes it; `None` until the first
+/// snapshot.
+pub type TableWatch = watch::Receiver<Option<Arc<RoutingTable>>>;
 
 /// Watches the configuration through `channel` until `shutdown`, with the default options.
 /// See [`run_with`].
@@ -605,7 +597,5 @@ mod tests {
     fn default_options() {
         let o = WatchOptions::default();
         assert_eq!(o.max_message_size, 64 * 1024 * 1024);
-        assert!(endpoint("http://127.0.0.1:1").is_ok());
-        assert!(endpoint("not a uri").is_err());
     }
 }
