@@ -275,17 +275,12 @@ impl Ingest {
         let body = Bytes::from(req.participation_json);
 
         let work = plan.decisions.into_iter().map(|decision| {
-            let (integration, job) = match decision {
-                Decision::Send(route) => {
-                    let job = Job {
-                        integration: route.integration.clone(),
-                        participation_id: participation_id.clone(),
-                        body: body.clone(),
-                        traceparent: Some(TraceParent::child_of(parent.as_ref()).to_string()),
-                    };
-                    (route.integration, Ok(job))
-                }
-                Decision::Skip { route, reason } => (route.integration, Err(reason.to_string())),
+            let integration = decision.route().integration.clone();
+            let job = Job {
+                integration: integration.clone(),
+                participation_id: participation_id.clone(),
+                body: body.clone(),
+                traceparent: Some(TraceParent::child_of(parent.as_ref()).to_string()),
             };
             let span = tracing::info_span!(
                 "deliver",
@@ -294,9 +289,11 @@ impl Ingest {
                 pushwire.attempts = tracing::field::Empty,
             );
             async move {
-                let outcome = match job {
-                    Ok(job) => self.dispatcher.deliver(job).await,
-                    Err(reason) => Outcome::Skipped { reason },
+                let outcome = match decision {
+                    Decision::Send(_) => self.dispatcher.deliver(job).await,
+                    Decision::Skip { reason, .. } => Outcome::Skipped {
+                        reason: reason.to_string(),
+                    },
                 };
                 let span = tracing::Span::current();
                 span.record("pushwire.outcome", label(&outcome));
