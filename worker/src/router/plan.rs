@@ -122,17 +122,17 @@ pub fn plan(
         }
         let skips_incomplete =
             route.integration.incomplete_participations == IncompletePolicy::Skip;
-        plan.decisions
-            .push(if !participation.complete && skips_incomplete {
-                Decision::Skip {
-                    route,
-                    reason: SkipReason::Incomplete {
-                        state: participation.state.to_owned(),
-                    },
-                }
-            } else {
-                Decision::Send(route)
-            });
+        let decision = if !participation.complete && skips_incomplete {
+            Decision::Skip {
+                route,
+                reason: SkipReason::Incomplete {
+                    state: participation.state.to_owned(),
+                },
+            }
+        } else {
+            Decision::Send(route)
+        };
+        plan.decisions.push(decision);
     }
     plan
 }
