@@ -321,7 +321,7 @@ impl ControlPlaneClientArgs {
 
     /// The endpoint of the control plane at `uri`, with TLS when it is https://.
     pub fn endpoint(&self, uri: &str) -> Result<Endpoint, AccessError> {
-        let endpoint = crate::config_watch::endpoint(uri.to_owned())
+        let endpoint = crate::control_plane::endpoint(uri.to_owned())
             .map_err(|e| AccessError::Tls(format!("--control-plane: {e}")))?;
         let https = endpoint.uri().scheme_str() == Some("https");
         if !https {

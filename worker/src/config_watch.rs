@@ -4,7 +4,8 @@
 //! delivery, keeps serving the last table while the control plane is away, and never logs
 //! secrets (only names, revisions and counts).
 //!
-//! Decoding failures: a change that does not decode drops the stream and re-syncs from a fresh
+//! Decoding: each message is decoded here into domain values ([`Snapshot`], [`Change`]), so
+//! the router never sees a protobuf type. A change that does not decode drops the stream and re-syncs from a fresh
 //! snapshot (`from_revision` 0) instead of skipping it, since a skipped change (say, a new
 //! `DO_NOT_PUSH` scope) would leave the worker routing on a configuration that never existed,
 //! silently and until the next restart. Until the re-sync succeeds the last good table stays.
@@ -12,17 +13,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use pb::config_change::Change as WireChange;
 use pb::config_service_client::ConfigServiceClient;
 use pushwire_common::backoff::Backoff;
 use pushwire_common::domain::convert::InvalidField;
+use pushwire_common::domain::{Integration, IntegrationName, PushScope, PushScopeName};
 use pushwire_common::pb::v1 as pb;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
-use crate::ControlPlaneChannel;
-use crate::router::RoutingTable;
+use crate::control_plane::ControlPlaneChannel;
+pub use crate::control_plane::endpoint;
+use crate::router::{Change, RoutingTable, Snapshot};
 
 /// Largest `WatchConfig` message accepted by default: snapshots of big installations are
 /// large, and tonic's 4 MiB default would cut them off.
@@ -53,17 +56,9 @@ impl Default for WatchOptions {
     }
 }
 
-/// An endpoint for the control plane with the settings the watch needs: a connect timeout,
-/// and HTTP/2 keep-alives so a control plane that vanished without closing the connection (a
-/// dead node, a network partition) is noticed and the loop reconnects instead of waiting on
-/// a silent stream forever. Add TLS to it as needed, then `connect_lazy()`.
-pub fn endpoint(uri: impl Into<String>) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(uri.into())?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true))
-}
+/// The routing table of the moment, as the watch publishes it; `None` until the first
+/// snapshot.
+pub type TableWatch = watch::Receiver<Option<Arc<RoutingTable>>>;
 
 /// Watches the configuration through `channel` until `shutdown`, with the default options.
 /// See [`run_with`].
@@ -192,7 +187,7 @@ enum Step {
 /// at an older revision: the control plane only sends one older than ours when its store is
 /// behind us (a lagging replica, which catches up within moments, or a store restored from a
 /// backup, where refusing it would wedge the worker on a history that no longer exists).
-/// Changes not newer than our revision were already applied and are ignored.
+/// Changes not newer than our revision were already applied and are ignored (not decoded).
 fn step(
     current: Option<&RoutingTable>,
     msg: pb::WatchConfigResponse,
@@ -200,11 +195,13 @@ fn step(
     let revision = msg.revision;
     let decode = |source| SessionError::Decode { revision, source };
     if let Some(snapshot) = msg.snapshot {
-        let mut fresh = RoutingTable::from_snapshot(revision, snapshot).map_err(decode)?;
-        if !msg.changes.is_empty() {
+        let snapshot = decode_snapshot(snapshot).map_err(decode)?;
+        let changes = decode_changes(msg.changes).map_err(decode)?;
+        let mut fresh = RoutingTable::from_snapshot(revision, snapshot);
+        if !changes.is_empty() {
             // Not sent by the control plane; the changes of revision R are part of the
             // snapshot at R, so applying them again is harmless.
-            fresh = fresh.apply(revision, msg.changes).map_err(decode)?;
+            fresh = fresh.apply(revision, changes);
         }
         return Ok(Step::Swap(Arc::new(fresh)));
     }
@@ -214,9 +211,89 @@ fn step(
     if revision <= current.revision() {
         return Ok(Step::Ignore);
     }
-    Ok(Step::Swap(Arc::new(
-        current.apply(revision, msg.changes).map_err(decode)?,
-    )))
+    let changes = decode_changes(msg.changes).map_err(decode)?;
+    Ok(Step::Swap(Arc::new(current.apply(revision, changes))))
+}
+
+/// Decodes a snapshot. Any field that does not decode fails the whole snapshot: routing on
+/// part of a configuration could skip an exclusion.
+fn decode_snapshot(snapshot: pb::ConfigSnapshot) -> Result<Snapshot, InvalidField> {
+    let integrations = snapshot
+        .integrations
+        .into_iter()
+        .enumerate()
+        .map(|(n, config)| {
+            Integration::try_from(config).map_err(within(format!("snapshot.integrations[{n}]"), ""))
+        })
+        .collect::<Result<_, _>>()?;
+    let push_scopes = snapshot
+        .push_scopes
+        .into_iter()
+        .enumerate()
+        .map(|(n, scope)| {
+            PushScope::try_from(scope)
+                .map_err(within(format!("snapshot.push_scopes[{n}]"), "push_scope."))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Snapshot {
+        integrations,
+        push_scopes,
+    })
+}
+
+/// Decodes the changes of one message, in order; one that does not decode fails them all, so
+/// a batch (one store transaction) is applied whole or not at all.
+fn decode_changes(changes: Vec<pb::ConfigChange>) -> Result<Vec<Change>, InvalidField> {
+    changes
+        .into_iter()
+        .enumerate()
+        .map(|(n, change)| decode_change(n, change))
+        .collect()
+}
+
+/// Decodes the `n`th change of a message.
+fn decode_change(n: usize, change: pb::ConfigChange) -> Result<Change, InvalidField> {
+    let bad =
+        |field: &str, reason: String| InvalidField::new(format!("changes[{n}].{field}"), reason);
+    Ok(match change.change {
+        Some(WireChange::UpsertIntegration(config)) => Change::UpsertIntegration(
+            Integration::try_from(config)
+                .map_err(within(format!("changes[{n}].upsert_integration"), ""))?,
+        ),
+        Some(WireChange::DeleteIntegration(name)) => Change::DeleteIntegration(
+            IntegrationName::parse(&name).map_err(|e| bad("delete_integration", e.to_string()))?,
+        ),
+        Some(WireChange::UpsertPushScope(scope)) => {
+            Change::UpsertPushScope(PushScope::try_from(scope).map_err(within(
+                format!("changes[{n}].upsert_push_scope"),
+                "push_scope.",
+            ))?)
+        }
+        Some(WireChange::DeletePushScope(name)) => Change::DeletePushScope(
+            PushScopeName::parse(&name).map_err(|e| bad("delete_push_scope", e.to_string()))?,
+        ),
+        // An empty oneof, or a kind of change this worker does not know (a newer control
+        // plane): refuse rather than silently diverge.
+        None => return Err(bad("change", "missing or of an unknown kind".into())),
+    })
+}
+
+/// Rewrites a decoding error's field path to its place in the `WatchConfig` message: `path`
+/// replaces the `own` prefix the conversion uses (`push_scope.` for scopes, none for
+/// integration configs), so errors read `changes[3].upsert_push_scope.level`.
+fn within(path: String, own: &'static str) -> impl FnOnce(InvalidField) -> InvalidField {
+    move |e| {
+        let rest = e.field.strip_prefix(own).unwrap_or(&e.field);
+        let field = if rest.is_empty() {
+            path
+        } else {
+            format!("{path}.{rest}")
+        };
+        InvalidField {
+            field,
+            reason: e.reason,
+        }
+    }
 }
 
 /// One `WatchConfig` stream.
@@ -291,11 +368,9 @@ impl Session<'_> {
 mod tests {
     use std::time::SystemTime;
 
-    use pb::config_change::Change;
     use pushwire_common::domain::convert::integration_config;
     use pushwire_common::domain::{
-        AccountName, IncompletePolicy, Integration, IntegrationName, PayloadVariables,
-        SignatureScheme,
+        AccountName, IncompletePolicy, PayloadVariables, PushAction, ScopeTarget, SignatureScheme,
     };
 
     use super::*;
@@ -318,6 +393,26 @@ mod tests {
         }
     }
 
+    fn scope(id: &str, integration: &str) -> PushScope {
+        let acme = AccountName::from_id("acme").unwrap();
+        PushScope {
+            name: PushScopeName::new(&acme, id).unwrap(),
+            integration: IntegrationName::new(&acme, integration).unwrap(),
+            target: ScopeTarget::Website("7".into()),
+            audience: Default::default(),
+            action: PushAction::DoNotPush,
+            create_time: SystemTime::UNIX_EPOCH,
+            update_time: SystemTime::UNIX_EPOCH,
+            revision: 3,
+        }
+    }
+
+    fn wire(change: WireChange) -> pb::ConfigChange {
+        pb::ConfigChange {
+            change: Some(change),
+        }
+    }
+
     fn snapshot_msg(revision: i64, ids: &[&str]) -> pb::WatchConfigResponse {
         pb::WatchConfigResponse {
             revision,
@@ -337,9 +432,9 @@ mod tests {
             revision,
             snapshot: None,
             changes: vec![pb::ConfigChange {
-                change: Some(Change::UpsertIntegration(integration_config(&integration(
-                    id,
-                )))),
+                change: Some(WireChange::UpsertIntegration(integration_config(
+                    &integration(id),
+                ))),
             }],
         }
     }
@@ -387,7 +482,7 @@ mod tests {
         let t1 = swapped(step(None, snapshot_msg(5, &["a"])));
         let mut bad = upsert_msg(6, "b");
         bad.changes.push(pb::ConfigChange {
-            change: Some(Change::DeleteIntegration("garbage".into())),
+            change: Some(WireChange::DeleteIntegration("garbage".into())),
         });
         match step(Some(&t1), bad) {
             Err(SessionError::Decode {
@@ -407,10 +502,100 @@ mod tests {
     }
 
     #[test]
+    fn changes_decode_into_domain_changes_in_order() {
+        let crm = integration("crm");
+        let web = scope("web", "crm");
+        let decoded = decode_changes(vec![
+            wire(WireChange::UpsertIntegration(integration_config(&crm))),
+            wire(WireChange::UpsertPushScope(pb::PushScope::from(&web))),
+            wire(WireChange::DeletePushScope(web.name.to_string())),
+            wire(WireChange::DeleteIntegration(crm.name.to_string())),
+        ])
+        .unwrap();
+        assert_eq!(
+            decoded,
+            [
+                Change::UpsertIntegration(crm.clone()),
+                Change::UpsertPushScope(web.clone()),
+                Change::DeletePushScope(web.name.clone()),
+                Change::DeleteIntegration(crm.name.clone()),
+            ]
+        );
+        let snapshot = decode_snapshot(pb::ConfigSnapshot {
+            integrations: vec![integration_config(&crm)],
+            push_scopes: vec![pb::PushScope::from(&web)],
+        })
+        .unwrap();
+        assert_eq!(
+            snapshot,
+            Snapshot {
+                integrations: vec![crm],
+                push_scopes: vec![web],
+            }
+        );
+    }
+
+    #[test]
+    fn decoding_errors_name_the_field_and_fail_the_whole_message() {
+        let mut bad_scope = pb::PushScope::from(&scope("web", "crm"));
+        bad_scope.level = 0;
+        let err = decode_changes(vec![
+            wire(WireChange::UpsertIntegration(integration_config(
+                &integration("new"),
+            ))),
+            wire(WireChange::UpsertPushScope(bad_scope.clone())),
+        ])
+        .unwrap_err();
+        assert_eq!(err.field, "changes[1].upsert_push_scope.level");
+
+        for (change, field) in [
+            (
+                wire(WireChange::DeleteIntegration("nonsense".into())),
+                "changes[0].delete_integration",
+            ),
+            (
+                wire(WireChange::DeletePushScope(
+                    "accounts/acme/integrations/crm".into(),
+                )),
+                "changes[0].delete_push_scope",
+            ),
+            (pb::ConfigChange { change: None }, "changes[0].change"),
+            (
+                wire(WireChange::UpsertIntegration(
+                    pb::IntegrationConfig::default(),
+                )),
+                "changes[0].upsert_integration.integration",
+            ),
+        ] {
+            assert_eq!(decode_changes(vec![change]).unwrap_err().field, field);
+        }
+
+        let snapshot = |push_scopes| pb::ConfigSnapshot {
+            integrations: vec![integration_config(&integration("crm"))],
+            push_scopes,
+        };
+        let good = pb::PushScope::from(&scope("web", "crm"));
+        let err = decode_snapshot(snapshot(vec![good.clone(), good, bad_scope])).unwrap_err();
+        assert_eq!(err.field, "snapshot.push_scopes[2].level");
+        let mut bad_integration = snapshot(Vec::new());
+        bad_integration.integrations[0].integration = None;
+        assert_eq!(
+            decode_snapshot(bad_integration).unwrap_err().field,
+            "snapshot.integrations[0].integration"
+        );
+    }
+
+    #[test]
+    fn stale_changes_are_ignored_without_being_decoded() {
+        let t1 = swapped(step(None, snapshot_msg(5, &["a"])));
+        let mut stale = upsert_msg(5, "b");
+        stale.changes = vec![pb::ConfigChange { change: None }];
+        assert!(matches!(step(Some(&t1), stale), Ok(Step::Ignore)));
+    }
+
+    #[test]
     fn default_options() {
         let o = WatchOptions::default();
         assert_eq!(o.max_message_size, 64 * 1024 * 1024);
-        assert!(endpoint("http://127.0.0.1:1").is_ok());
-        assert!(endpoint("not a uri").is_err());
     }
 }

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-use crate::ControlPlaneChannel;
+use crate::control_plane::ControlPlaneChannel;
 use crate::deliver::dispatch::DisableRequest;
 
 /// Capacity of the request channel: 410s are rare, and a full channel only means a later 410

@@ -1,5 +1,6 @@
 //! The operations endpoint: `/healthz` (the process is up), `/readyz` (a configuration
-//! snapshot is applied; says why not) and `/metrics` (Prometheus text format).
+//! snapshot is applied; says why not) and `/metrics` (Prometheus text format), over the
+//! [`Status`] they read.
 
 use axum::Router;
 use axum::extract::State;
@@ -7,7 +8,51 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::Status;
+use std::sync::Arc;
+
+use crate::config_watch::TableWatch;
+use crate::deliver::dispatch::Dispatcher;
+use crate::metrics::Metrics;
+
+/// What readiness and metrics read; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub(crate) table: TableWatch,
+    pub(crate) metrics: Arc<Metrics>,
+    dispatcher: Dispatcher,
+}
+
+impl Status {
+    /// Readiness and metrics over the routing table of the moment, the worker's metrics and
+    /// the dispatcher's lanes.
+    pub(crate) fn new(table: TableWatch, metrics: Arc<Metrics>, dispatcher: Dispatcher) -> Self {
+        Self {
+            table,
+            metrics,
+            dispatcher,
+        }
+    }
+
+    /// The configuration revision in use, or why the worker is not ready.
+    pub fn ready(&self) -> Result<i64, String> {
+        self.table
+            .borrow()
+            .as_ref()
+            .map(|t| t.revision())
+            .ok_or_else(|| "no configuration received from the control plane yet".to_owned())
+    }
+
+    /// The routing table of the moment.
+    pub fn table(&self) -> TableWatch {
+        self.table.clone()
+    }
+
+    /// The worker's metrics in the Prometheus text format.
+    pub fn encode_metrics(&self) -> String {
+        self.metrics.set_lanes(self.dispatcher.stats());
+        self.metrics.encode()
+    }
+}
 
 /// The axum router over `status`.
 pub fn router(status: Status) -> Router {

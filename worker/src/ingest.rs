@@ -1,5 +1,6 @@
-//! `pushwire.v1.IngestService` (DESIGN §3): parses each participation once, routes it with the
-//! routing table of the moment, delivers it to every matched integration through the
+//! `pushwire.v1.IngestService` (DESIGN §3): parses each participation once, plans its
+//! deliveries with the routing table of the moment ([`router::plan`]: which integrations get
+//! it, which skip it and why), delivers it to every matched integration through the
 //! [`Dispatcher`] and acknowledges it once every one of them reached a final outcome.
 //!
 //! A Publish stream holds at most `window` participations in flight: when the window is full
@@ -18,7 +19,7 @@ use futures_util::stream::FuturesOrdered;
 use pb::ingest_service_server::{IngestService, IngestServiceServer};
 use pushwire_common::auth::{self, Action, Principal};
 use pushwire_common::domain::matching::Placement;
-use pushwire_common::domain::{AccountName, IncompletePolicy, IntegrationName, convert};
+use pushwire_common::domain::{AccountName, IntegrationName, convert};
 use pushwire_common::participation::{self, Participation};
 use pushwire_common::pb::v1 as pb;
 use pushwire_common::telemetry;
@@ -32,7 +33,7 @@ use tracing::Instrument as _;
 
 use crate::deliver::dispatch::{Dispatcher, Job, Outcome};
 use crate::metrics::{Metrics, OutcomeLabel, ResultLabel};
-use crate::router::RoutingTable;
+use crate::router::{self, Decision, RoutingTable, RoutingView};
 use crate::trace::TraceParent;
 
 /// Room for the request's fields around the document in one gRPC message.
@@ -230,8 +231,8 @@ impl Ingest {
         })
     }
 
-    /// Routes and delivers; the final outcome of every matched integration, or `None` when
-    /// one was interrupted.
+    /// Plans the deliveries ([`router::plan`]) and carries the plan out: the final outcome of
+    /// every planned integration, sent or skipped, or `None` when one was interrupted.
     async fn deliver(
         &self,
         req: pb::PublishRequest,
@@ -248,17 +249,22 @@ impl Ingest {
         // the 23 KiB a waiting 2 KiB participation held).
         p.document = serde_json::Value::Null;
         let table = self.table.borrow().clone().unwrap_or_default();
-        let placement = Placement {
-            website_id: p.website_id.as_deref(),
-            master_form_id: master_form_id.as_deref(),
-            campaign_id: &p.campaign_id,
-            identified: req.identified.unwrap_or(p.has_form_responses),
+        let view = RoutingView {
+            account: &account,
+            placement: Placement {
+                website_id: p.website_id.as_deref(),
+                master_form_id: master_form_id.as_deref(),
+                campaign_id: &p.campaign_id,
+                identified: req.identified.unwrap_or(p.has_form_responses),
+            },
+            state: &p.state,
+            complete: p.is_complete(),
         };
-        let routes = tracing::info_span!("route", pushwire.routes = tracing::field::Empty)
-            .in_scope(|| {
-                let routes = table.route(&account, &placement);
-                tracing::Span::current().record("pushwire.routes", routes.len());
-                routes
+        let plan =
+            tracing::info_span!("route", pushwire.routes = tracing::field::Empty).in_scope(|| {
+                let plan = router::plan(&table, &view, only.as_deref());
+                tracing::Span::current().record("pushwire.routes", plan.routed());
+                plan
             });
         let started = Instant::now();
         let parent = req
@@ -268,52 +274,43 @@ impl Ingest {
         let participation_id: Arc<str> = Arc::from(p.id.as_str());
         let body = Bytes::from(req.participation_json);
 
-        let work = routes
-            .into_iter()
-            .filter(|r| only.as_ref().is_none_or(|o| o.contains(&r.integration.name)))
-            .map(|route| {
-                let integration = route.integration;
-                let skip = (!p.is_complete()
-                    && integration.incomplete_participations == IncompletePolicy::Skip)
-                    .then(|| {
-                        format!(
-                            "participation state is {}; the integration receives completed participations only",
-                            p.state
-                        )
-                    });
-                let job = Job {
-                    integration: integration.clone(),
-                    participation_id: participation_id.clone(),
-                    body: body.clone(),
-                    traceparent: Some(TraceParent::child_of(parent.as_ref()).to_string()),
+        let work = plan.decisions.into_iter().map(|decision| {
+            let integration = decision.route().integration.clone();
+            let job = Job {
+                integration: integration.clone(),
+                participation_id: participation_id.clone(),
+                body: body.clone(),
+                traceparent: Some(TraceParent::child_of(parent.as_ref()).to_string()),
+            };
+            let span = tracing::info_span!(
+                "deliver",
+                pushwire.integration = %integration.name,
+                pushwire.outcome = tracing::field::Empty,
+                pushwire.attempts = tracing::field::Empty,
+            );
+            async move {
+                let outcome = match decision {
+                    Decision::Send(_) => self.dispatcher.deliver(job).await,
+                    Decision::Skip { reason, .. } => Outcome::Skipped {
+                        reason: reason.to_string(),
+                    },
                 };
-                let span = tracing::info_span!(
-                    "deliver",
-                    pushwire.integration = %integration.name,
-                    pushwire.outcome = tracing::field::Empty,
-                    pushwire.attempts = tracing::field::Empty,
-                );
-                async move {
-                    let outcome = match skip {
-                        Some(reason) => Outcome::Skipped { reason },
-                        None => self.dispatcher.deliver(job).await,
-                    };
-                    let span = tracing::Span::current();
-                    span.record("pushwire.outcome", label(&outcome));
-                    if let Outcome::Delivered { attempts, .. } | Outcome::Failed { attempts, .. } =
-                        &outcome
-                    {
-                        span.record("pushwire.attempts", attempts);
-                    }
-                    if let Outcome::Delivered { .. } = &outcome {
-                        self.metrics
-                            .delivery_latency
-                            .observe(started.elapsed().as_secs_f64());
-                    }
-                    (integration.name.to_string(), outcome)
+                let span = tracing::Span::current();
+                span.record("pushwire.outcome", label(&outcome));
+                if let Outcome::Delivered { attempts, .. } | Outcome::Failed { attempts, .. } =
+                    &outcome
+                {
+                    span.record("pushwire.attempts", attempts);
                 }
-                .instrument(span)
-            });
+                if let Outcome::Delivered { .. } = &outcome {
+                    self.metrics
+                        .delivery_latency
+                        .observe(started.elapsed().as_secs_f64());
+                }
+                (integration.name.to_string(), outcome)
+            }
+            .instrument(span)
+        });
         // Polls only the deliveries that were woken (join_all polls all, entering each span).
         let outcomes: Vec<_> = work.collect::<FuturesOrdered<_>>().collect().await;
 

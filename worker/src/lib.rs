@@ -3,15 +3,18 @@
 //!
 //! - [`config`]: flags; [`run`]: the standalone worker; [`Worker`]: its parts, also embedded
 //!   by `control-plane --with-worker`;
-//! - [`config_watch`] keeps a [`router::RoutingTable`] in step with the control plane;
-//! - [`ingest`]: the gRPC `IngestService` (parse, route, acknowledge);
+//! - [`config_watch`] decodes the control plane's configuration stream and keeps a
+//!   [`router::RoutingTable`] in step with it, over the [`control_plane`] channel;
+//! - [`router`] (pure): the routing table, and the plan of one participation's deliveries;
+//! - [`ingest`]: the gRPC `IngestService` (parse, plan, deliver, acknowledge);
 //! - [`deliver`]: per-integration queues, breakers, retries, signing and the HTTP client;
 //! - [`disable`]: turns `410 Gone` answers into control-plane updates;
 //! - [`in_process`]: the in-memory channel of the worker embedded by `--with-worker`;
-//! - [`http`]: health, readiness and metrics; [`trace`]: W3C `traceparent`.
+//! - [`http`]: health, readiness and metrics ([`metrics`]); [`trace`]: W3C `traceparent`.
 
 pub mod config;
 pub mod config_watch;
+pub mod control_plane;
 pub mod deliver;
 pub mod disable;
 pub mod http;
@@ -24,28 +27,22 @@ pub mod trace;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pushwire_common::auth::Bearer;
 use pushwire_common::domain::{Integration, IntegrationName};
 use pushwire_common::pb::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 pub use config::Config;
 use config::{AccessError, DeliveryArgs, DeliveryConfigError, IngestArgs};
+pub use config_watch::TableWatch;
+pub use control_plane::ControlPlaneChannel;
 use deliver::dispatch::{Dispatcher, IntegrationSource};
+pub use http::Status;
 use ingest::{Ingest, IngestOptions};
 use metrics::Metrics;
 pub use pushwire_common::shutdown::Listeners;
-use router::RoutingTable;
-
-/// A channel to the control plane whose calls carry the worker's token.
-pub type ControlPlaneChannel = InterceptedService<Channel, Bearer>;
-
-/// The routing table of the moment; `None` until the first snapshot.
-pub type TableWatch = watch::Receiver<Option<Arc<RoutingTable>>>;
 
 /// Why the worker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -62,36 +59,6 @@ pub enum RunError {
     /// A listener failed.
     #[error("server failed")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
-}
-
-/// What readiness and metrics read; cheap to clone.
-#[derive(Clone, Debug)]
-pub struct Status {
-    table: TableWatch,
-    metrics: Arc<Metrics>,
-    dispatcher: Dispatcher,
-}
-
-impl Status {
-    /// The configuration revision in use, or why the worker is not ready.
-    pub fn ready(&self) -> Result<i64, String> {
-        self.table
-            .borrow()
-            .as_ref()
-            .map(|t| t.revision())
-            .ok_or_else(|| "no configuration received from the control plane yet".to_owned())
-    }
-
-    /// The routing table of the moment.
-    pub fn table(&self) -> TableWatch {
-        self.table.clone()
-    }
-
-    /// The worker's metrics in the Prometheus text format.
-    pub fn encode_metrics(&self) -> String {
-        self.metrics.set_lanes(self.dispatcher.stats());
-        self.metrics.encode()
-    }
 }
 
 /// A started worker: the config watch and the 410 consumer run in the background; the
@@ -158,11 +125,7 @@ impl Worker {
         );
         Ok(Self {
             ingest,
-            status: Status {
-                table,
-                metrics,
-                dispatcher,
-            },
+            status: Status::new(table, metrics, dispatcher),
             tasks,
         })
     }

@@ -1,4 +1,5 @@
-//! The worker's Prometheus metrics (served on `/metrics`).
+//! The worker's Prometheus metrics (served on `/metrics`). A leaf module: it imports nothing
+//! from the rest of the worker; the modules that record here depend on it, not the reverse.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -6,6 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use pushwire_common::domain::IntegrationName;
 
 /// Latency buckets, in seconds: 1 ms to about 16 min, doubling (retries take minutes).
 const LATENCY_BUCKETS: [f64; 21] = [
@@ -43,6 +45,19 @@ pub struct StatusClassLabel {
 pub struct ResultLabel {
     /// `acknowledged`, `rejected` or `interrupted`.
     pub result: &'static str,
+}
+
+/// One integration's lane as the dispatcher reports it, for the per-integration gauges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaneStats {
+    /// The integration.
+    pub integration: IntegrationName,
+    /// Attempts in flight.
+    pub in_flight: usize,
+    /// Attempts waiting for a slot.
+    pub queued: usize,
+    /// Whether its breaker is not closed.
+    pub breaker_open: bool,
 }
 
 /// Every metric of the worker, registered once.
@@ -176,7 +191,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Sets the per-integration gauges from the dispatcher's lanes.
-    pub fn set_lanes(&self, mut lanes: Vec<crate::deliver::dispatch::LaneStats>) {
+    pub fn set_lanes(&self, mut lanes: Vec<LaneStats>) {
         self.lane_in_flight.clear();
         self.lane_queued.clear();
         let open = lanes.iter().filter(|l| l.breaker_open).count();

@@ -4,8 +4,9 @@
 //! so URL and secret changes apply to retries too. Knows nothing of gRPC.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use pushwire_common::domain::{Integration, IntegrationName};
@@ -15,11 +16,14 @@ use tokio_util::sync::CancellationToken;
 use pushwire_common::telemetry;
 use tracing::Instrument as _;
 
+// `LaneStats` is defined by the metrics it feeds (so `metrics` imports nothing from here);
+// re-exported where the dispatcher's users have always found it.
+pub use crate::metrics::LaneStats;
 use crate::metrics::{Metrics, StatusClassLabel};
 
 use super::breaker::{Admission, Breaker, BreakerOptions};
-use super::client::{AttemptError, WebhookClient};
-use super::lane::{Lane, Priority};
+use super::client::{AttemptError, HttpResponse, WebhookClient};
+use super::lane::{Lane, LanePermit, Priority};
 use super::request;
 use super::retry::{self, RetryPolicy, Verdict};
 
@@ -141,19 +145,6 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
-/// Per-integration counts, for metrics.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LaneStats {
-    /// The integration.
-    pub integration: IntegrationName,
-    /// Attempts in flight.
-    pub in_flight: usize,
-    /// Attempts waiting for a slot.
-    pub queued: usize,
-    /// Whether its breaker is not closed.
-    pub breaker_open: bool,
-}
-
 impl Dispatcher {
     /// A dispatcher sending with `client`; 410 answers are reported on `disable`.
     pub fn new(
@@ -241,200 +232,34 @@ impl Dispatcher {
             .collect()
     }
 
-    /// Delivers `job` to its final outcome.
+    /// Delivers `job` to its final outcome: rounds of slot, breaker, attempt and verdict until
+    /// one ends it.
     pub async fn deliver(&self, job: Job) -> Outcome {
-        let name = job.integration.name.clone();
-        let entry = self.lane(&name);
-        let started = Instant::now();
-        let deadline = started + self.opts.retry.window;
-        let mut attempts = 0u32;
-        let mut last_status = None;
-        let mut last_error = String::new();
+        let mut delivery = Delivery::new(self, &job);
         loop {
-            // Nothing new starts once shutdown began, even when a slot is free.
-            if self.shutdown.is_cancelled() {
-                return Outcome::Interrupted;
+            if let ControlFlow::Break(outcome) = delivery.round().await {
+                return outcome;
             }
-            if let Err(why) = self.sendable(&name) {
-                return skipped_or_failed(attempts, last_status, last_error, why);
-            }
-            let priority = if attempts == 0 {
-                Priority::First
-            } else {
-                Priority::Retry
-            };
-            // `biased`: shutdown wins over a free slot. The retry window bounds the wait for a
-            // slot as it bounds the waits between attempts: behind a slow endpoint a queued job
-            // would otherwise start long after its window and delay the acknowledgement.
-            let permit = tokio::select! {
-                biased;
-                () = self.shutdown.cancelled() => return Outcome::Interrupted,
-                p = entry.lane.acquire(priority) => p,
-                () = tokio::time::sleep_until(deadline.into()) => {
-                    return window_ended(attempts, last_status, last_error);
-                }
-            };
-            // Read again: the wait for a slot may have been long.
-            let integration = match self.sendable(&name) {
-                Ok(integration) => integration,
-                Err(why) => return skipped_or_failed(attempts, last_status, last_error, why),
-            };
-            let admission = entry
-                .breaker
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .admit(Instant::now());
-            if let Admission::Rejected { retry_at } = admission {
-                drop(permit);
-                if retry_at >= deadline {
-                    return Outcome::Failed {
-                        attempts,
-                        last_status,
-                        last_error: if last_error.is_empty() {
-                            "circuit breaker open".into()
-                        } else {
-                            last_error
-                        },
-                    };
-                }
-                if !self.sleep_until(retry_at).await {
-                    return Outcome::Interrupted;
-                }
-                continue;
-            }
-            // A probe whose delivery is dropped mid-request (its task aborted) must free the
-            // probe slot, or every job of the integration waits out the probe timeout.
-            let mut probe = ProbeGuard {
-                breaker: &entry.breaker,
-                armed: admission == Admission::Probe,
-            };
-            attempts += 1;
-            let span = tracing::info_span!(
-                "attempt",
-                otel.kind = "client",
-                pushwire.participation.id = %job.participation_id,
-                pushwire.integration = %name,
-                pushwire.attempt = attempts,
-                http.request.method = "POST",
-                url.full = %request::redacted_url(&integration.url),
-                http.response.status_code = tracing::field::Empty,
-                error.type = tracing::field::Empty,
-            );
-            // The receiver's spans join ours under this attempt.
-            let traceparent = telemetry::traceparent_of(&span).or_else(|| job.traceparent.clone());
-            let req = request::build(
-                &integration,
-                &job.participation_id,
-                job.body.clone(),
-                SystemTime::now(),
-                traceparent.as_deref(),
-            );
-            let sent = Instant::now();
-            // An attempt in flight is cut short at shutdown: the participation is not
-            // acknowledged, so its publisher sends it again.
-            let result = tokio::select! {
-                biased;
-                r = self.client.post(&req).instrument(span.clone()) => r,
-                () = self.shutdown.cancelled() => return Outcome::Interrupted,
-            };
-            drop(permit);
-            self.record_attempt(&span, &result, sent);
-            let (verdict, retry_after) = match &result {
-                Ok(resp) => {
-                    last_status = Some(resp.status);
-                    let retry_after = resp
-                        .headers
-                        .iter()
-                        .find(|(n, _)| n == "retry-after")
-                        .and_then(|(_, v)| retry::parse_retry_after(v, SystemTime::now()));
-                    (retry::classify_status(resp.status), retry_after)
-                }
-                Err(e) => {
-                    last_status = None;
-                    (
-                        if e.is_retryable() {
-                            Verdict::Retry
-                        } else {
-                            Verdict::Final
-                        },
-                        None,
-                    )
-                }
-            };
-            {
-                let mut breaker = entry.breaker.lock().unwrap_or_else(|e| e.into_inner());
-                // Only the endpoint's health counts: a 4xx answer is the endpoint working.
-                match (&result, verdict) {
-                    (Ok(_), Verdict::Delivered | Verdict::Final | Verdict::Gone) => {
-                        breaker.on_success()
-                    }
-                    _ => breaker.on_failure(Instant::now()),
-                }
-                probe.armed = false;
-            }
-            last_error = describe(&result);
-            match verdict {
-                Verdict::Delivered => {
-                    return Outcome::Delivered {
-                        attempts,
-                        status: last_status.unwrap_or_default(),
-                    };
-                }
-                Verdict::Final => {
-                    return Outcome::Failed {
-                        attempts,
-                        last_status,
-                        last_error,
-                    };
-                }
-                Verdict::Gone => {
-                    let reason = format!(
-                        "endpoint answered 410 Gone; disabled by the worker at {}",
-                        humantime::format_rfc3339_seconds(SystemTime::now())
-                    );
-                    if self
-                        .disable
-                        .try_send(DisableRequest {
-                            integration: name.clone(),
-                            reason,
-                            revision: integration.revision,
-                        })
-                        .is_err()
-                    {
-                        tracing::warn!(integration = %name, "disable queue full; the next 410 will ask again");
-                    }
-                    return Outcome::Failed {
-                        attempts,
-                        last_status,
-                        last_error,
-                    };
-                }
-                Verdict::Retry => {
-                    let Some(delay) = retry::next_delay(
-                        &self.opts.retry,
-                        attempts,
-                        retry_after,
-                        rand::random::<f64>(),
-                    ) else {
-                        return Outcome::Failed {
-                            attempts,
-                            last_status,
-                            last_error,
-                        };
-                    };
-                    let at = Instant::now() + delay;
-                    if at >= deadline {
-                        return Outcome::Failed {
-                            attempts,
-                            last_status,
-                            last_error,
-                        };
-                    }
-                    if !self.sleep_until(at).await {
-                        return Outcome::Interrupted;
-                    }
-                }
-            }
+        }
+    }
+
+    /// Asks the control plane to disable `integration` after a `410 Gone` from the version at
+    /// `revision`; a full queue is only logged (the next 410 asks again).
+    fn request_disable(&self, integration: &IntegrationName, revision: i64) {
+        let reason = format!(
+            "endpoint answered 410 Gone; disabled by the worker at {}",
+            humantime::format_rfc3339_seconds(SystemTime::now())
+        );
+        if self
+            .disable
+            .try_send(DisableRequest {
+                integration: integration.clone(),
+                reason,
+                revision,
+            })
+            .is_err()
+        {
+            tracing::warn!(integration = %integration, "disable queue full; the next 410 will ask again");
         }
     }
 
@@ -442,7 +267,7 @@ impl Dispatcher {
     fn record_attempt(
         &self,
         span: &tracing::Span,
-        result: &Result<super::client::HttpResponse, AttemptError>,
+        result: &Result<HttpResponse, AttemptError>,
         sent: Instant,
     ) {
         let class = match result {
@@ -488,13 +313,302 @@ impl Dispatcher {
     }
 }
 
-/// Reports an admitted probe as abandoned when dropped still armed (see `deliver`).
-struct ProbeGuard<'a> {
-    breaker: &'a Mutex<Breaker>,
+/// What a step of a [`Delivery`] says: go on (with a value), or stop with the final outcome.
+type Step<T = ()> = ControlFlow<Outcome, T>;
+
+/// One job on its way to a final outcome: what its rounds share.
+struct Delivery<'a> {
+    dispatcher: &'a Dispatcher,
+    job: &'a Job,
+    entry: Arc<LaneEntry>,
+    /// End of the retry window: no wait (for a slot, a breaker, a retry) goes past it.
+    deadline: Instant,
+    /// Attempts made so far.
+    attempts: u32,
+    /// Status of the last answer, if it was one.
+    last_status: Option<u16>,
+    /// Why the last attempt failed (empty when it did not).
+    last_error: String,
+}
+
+impl<'a> Delivery<'a> {
+    fn new(dispatcher: &'a Dispatcher, job: &'a Job) -> Self {
+        let entry = dispatcher.lane(&job.integration.name);
+        Self {
+            dispatcher,
+            job,
+            entry,
+            deadline: Instant::now() + dispatcher.opts.retry.window,
+            attempts: 0,
+            last_status: None,
+            last_error: String::new(),
+        }
+    }
+
+    /// One round: a slot, the breaker's leave, one attempt, and what its answer means.
+    /// `Continue` to go round again, after the wait the round asked for.
+    async fn round(&mut self) -> Step {
+        let (permit, integration) = self.acquire_slot().await?;
+        let probe = match self.admit() {
+            Ok(probe) => probe,
+            Err(retry_at) => {
+                drop(permit);
+                return self.wait_for_breaker(retry_at).await;
+            }
+        };
+        // Dropped still armed (shutdown cut the attempt, or the task was aborted), `probe`
+        // frees the breaker's probe slot.
+        let result = self.attempt(&integration, permit).await?;
+        let (verdict, retry_after) = self.classify(&result);
+        self.record_health(&result, verdict, probe);
+        self.finish(verdict, &integration)?;
+        self.schedule_retry(retry_after).await
+    }
+
+    /// Waits for a slot in the integration's lane, and reads the integration as it is now.
+    /// Stops at shutdown (nothing new starts then, even when a slot is free), when the
+    /// integration was deleted or disabled, and when the retry window ends first: behind a
+    /// slow endpoint a queued job would otherwise start long after its window and delay the
+    /// acknowledgement.
+    async fn acquire_slot(&self) -> Step<(LanePermit, Arc<Integration>)> {
+        let shutdown = &self.dispatcher.shutdown;
+        if shutdown.is_cancelled() {
+            return ControlFlow::Break(Outcome::Interrupted);
+        }
+        self.sendable()?;
+        let priority = if self.attempts == 0 {
+            Priority::First
+        } else {
+            Priority::Retry
+        };
+        // `biased`: shutdown wins over a free slot.
+        let permit = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return ControlFlow::Break(Outcome::Interrupted),
+            p = self.entry.lane.acquire(priority) => p,
+            () = tokio::time::sleep_until(self.deadline.into()) => {
+                return ControlFlow::Break(self.window_ended());
+            }
+        };
+        // Read again: the wait for a slot may have been long.
+        let integration = self.sendable()?;
+        ControlFlow::Continue((permit, integration))
+    }
+
+    /// The newest version of the integration, or the outcome when it may no longer be sent to.
+    fn sendable(&self) -> Step<Arc<Integration>> {
+        match self.dispatcher.sendable(&self.job.integration.name) {
+            Ok(integration) => ControlFlow::Continue(integration),
+            Err(why) => ControlFlow::Break(self.skipped_or_failed(why)),
+        }
+    }
+
+    /// Asks the circuit breaker for leave to attempt: a guard for the probe slot when it
+    /// grants one (half-open), or when to ask again.
+    fn admit(&self) -> Result<ProbeGuard, Instant> {
+        let admission = self
+            .entry
+            .breaker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(Instant::now());
+        match admission {
+            Admission::Rejected { retry_at } => Err(retry_at),
+            Admission::Allowed | Admission::Probe => Ok(ProbeGuard {
+                breaker: Arc::clone(&self.entry.breaker),
+                armed: admission == Admission::Probe,
+            }),
+        }
+    }
+
+    /// The breaker refused: waits until it may let an attempt through, unless that is past
+    /// the retry window.
+    async fn wait_for_breaker(&self, retry_at: Instant) -> Step {
+        if retry_at >= self.deadline {
+            let last_error = if self.last_error.is_empty() {
+                "circuit breaker open".into()
+            } else {
+                self.last_error.clone()
+            };
+            return ControlFlow::Break(self.failed(last_error));
+        }
+        self.wait_until(retry_at).await
+    }
+
+    /// Makes one attempt in `permit`'s slot, frees the slot once answered and records the
+    /// attempt (span, metrics). An attempt in flight is cut short at shutdown: the
+    /// participation is not acknowledged, so its publisher sends it again.
+    async fn attempt(
+        &mut self,
+        integration: &Integration,
+        permit: LanePermit,
+    ) -> Step<Result<HttpResponse, AttemptError>> {
+        self.attempts += 1;
+        let span = tracing::info_span!(
+            "attempt",
+            otel.kind = "client",
+            pushwire.participation.id = %self.job.participation_id,
+            pushwire.integration = %integration.name,
+            pushwire.attempt = self.attempts,
+            http.request.method = "POST",
+            url.full = %request::redacted_url(&integration.url),
+            http.response.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        // The receiver's spans join ours under this attempt.
+        let traceparent = telemetry::traceparent_of(&span).or_else(|| self.job.traceparent.clone());
+        let req = request::build(
+            integration,
+            &self.job.participation_id,
+            self.job.body.clone(),
+            SystemTime::now(),
+            traceparent.as_deref(),
+        );
+        let sent = Instant::now();
+        let result = tokio::select! {
+            biased;
+            r = self.dispatcher.client.post(&req).instrument(span.clone()) => r,
+            () = self.dispatcher.shutdown.cancelled() => {
+                return ControlFlow::Break(Outcome::Interrupted);
+            }
+        };
+        drop(permit);
+        self.dispatcher.record_attempt(&span, &result, sent);
+        ControlFlow::Continue(result)
+    }
+
+    /// What an attempt's answer means: the verdict, and the delay a `Retry-After` header asked
+    /// for. Keeps its status and error for the outcome.
+    fn classify(
+        &mut self,
+        result: &Result<HttpResponse, AttemptError>,
+    ) -> (Verdict, Option<Duration>) {
+        self.last_error = describe(result);
+        match result {
+            Ok(resp) => {
+                self.last_status = Some(resp.status);
+                let retry_after = resp
+                    .headers
+                    .iter()
+                    .find(|(n, _)| n == "retry-after")
+                    .and_then(|(_, v)| retry::parse_retry_after(v, SystemTime::now()));
+                (retry::classify_status(resp.status), retry_after)
+            }
+            Err(e) => {
+                self.last_status = None;
+                let verdict = if e.is_retryable() {
+                    Verdict::Retry
+                } else {
+                    Verdict::Final
+                };
+                (verdict, None)
+            }
+        }
+    }
+
+    /// Tells the breaker how the endpoint did, and settles the probe. Only the endpoint's
+    /// health counts: a 4xx answer is the endpoint working.
+    fn record_health(
+        &self,
+        result: &Result<HttpResponse, AttemptError>,
+        verdict: Verdict,
+        mut probe: ProbeGuard,
+    ) {
+        let mut breaker = self.entry.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        match (result, verdict) {
+            (Ok(_), Verdict::Delivered | Verdict::Final | Verdict::Gone) => breaker.on_success(),
+            _ => breaker.on_failure(Instant::now()),
+        }
+        probe.armed = false;
+    }
+
+    /// Ends the delivery on a final verdict (after `410 Gone`, asking for the integration to
+    /// be disabled); `Continue` when the verdict is to retry.
+    fn finish(&self, verdict: Verdict, integration: &Integration) -> Step {
+        match verdict {
+            Verdict::Delivered => ControlFlow::Break(Outcome::Delivered {
+                attempts: self.attempts,
+                status: self.last_status.unwrap_or_default(),
+            }),
+            Verdict::Final => ControlFlow::Break(self.failed(self.last_error.clone())),
+            Verdict::Gone => {
+                self.dispatcher
+                    .request_disable(&integration.name, integration.revision);
+                ControlFlow::Break(self.failed(self.last_error.clone()))
+            }
+            Verdict::Retry => ControlFlow::Continue(()),
+        }
+    }
+
+    /// Waits before the next attempt, as long as the retry policy says (or `retry_after`);
+    /// fails when the policy has no more attempts or the wait would end past the window.
+    async fn schedule_retry(&self, retry_after: Option<Duration>) -> Step {
+        let delay = retry::next_delay(
+            &self.dispatcher.opts.retry,
+            self.attempts,
+            retry_after,
+            rand::random::<f64>(),
+        );
+        let Some(at) = delay
+            .map(|delay| Instant::now() + delay)
+            .filter(|at| *at < self.deadline)
+        else {
+            return ControlFlow::Break(self.failed(self.last_error.clone()));
+        };
+        self.wait_until(at).await
+    }
+
+    /// Sleeps until `at`; interrupted by shutdown.
+    async fn wait_until(&self, at: Instant) -> Step {
+        if self.dispatcher.sleep_until(at).await {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(Outcome::Interrupted)
+        }
+    }
+
+    /// Failed after the attempts made so far.
+    fn failed(&self, last_error: String) -> Outcome {
+        Outcome::Failed {
+            attempts: self.attempts,
+            last_status: self.last_status,
+            last_error,
+        }
+    }
+
+    /// The retry window ended while waiting for a slot.
+    fn window_ended(&self) -> Outcome {
+        let why = "retry window ended while waiting for a delivery slot";
+        self.failed(if self.attempts == 0 {
+            why.to_owned()
+        } else {
+            format!("{why}; last: {}", self.last_error)
+        })
+    }
+
+    /// The integration may no longer be sent to: skipped when nothing was attempted yet,
+    /// failed otherwise.
+    fn skipped_or_failed(&self, why: &str) -> Outcome {
+        if self.attempts == 0 {
+            Outcome::Skipped {
+                reason: why.to_owned(),
+            }
+        } else {
+            self.failed(format!(
+                "{why} after {} attempt(s); last: {}",
+                self.attempts, self.last_error
+            ))
+        }
+    }
+}
+
+/// Reports an admitted probe as abandoned when dropped still armed (see [`Delivery::round`]).
+struct ProbeGuard {
+    breaker: Arc<Mutex<Breaker>>,
     armed: bool,
 }
 
-impl Drop for ProbeGuard<'_> {
+impl Drop for ProbeGuard {
     fn drop(&mut self) {
         if self.armed {
             self.breaker
@@ -505,42 +619,10 @@ impl Drop for ProbeGuard<'_> {
     }
 }
 
-fn describe(result: &Result<super::client::HttpResponse, AttemptError>) -> String {
+fn describe(result: &Result<HttpResponse, AttemptError>) -> String {
     match result {
         Ok(resp) if (200..300).contains(&resp.status) => String::new(),
         Ok(resp) => format!("HTTP {}", resp.status),
         Err(e) => e.to_string(),
-    }
-}
-
-fn window_ended(attempts: u32, last_status: Option<u16>, last_error: String) -> Outcome {
-    let why = "retry window ended while waiting for a delivery slot";
-    Outcome::Failed {
-        attempts,
-        last_status,
-        last_error: if attempts == 0 {
-            why.to_owned()
-        } else {
-            format!("{why}; last: {last_error}")
-        },
-    }
-}
-
-fn skipped_or_failed(
-    attempts: u32,
-    last_status: Option<u16>,
-    last_error: String,
-    why: &str,
-) -> Outcome {
-    if attempts == 0 {
-        Outcome::Skipped {
-            reason: why.to_owned(),
-        }
-    } else {
-        Outcome::Failed {
-            attempts,
-            last_status,
-            last_error: format!("{why} after {attempts} attempt(s); last: {last_error}"),
-        }
     }
 }

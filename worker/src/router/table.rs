@@ -1,28 +1,41 @@
-//! The worker's routing table: every account's integrations and push scopes at one config
-//! revision, immutable, rebuilt per revision with per-account structural sharing, and the
-//! routing of a placement through `matching::resolve` (the one push-scope matcher). Pure: it
-//! knows nothing of gRPC, streams or delivery; `config_watch` feeds it, ingest reads it.
+//! The routing table: every account's integrations and push scopes at one config revision,
+//! immutable, rebuilt per revision with per-account structural sharing, and the routing of a
+//! placement through `matching::resolve` (the one push-scope matcher). Built and updated from
+//! domain values only ([`Snapshot`], [`Change`]): decoding the `WatchConfig` messages is the
+//! config watch's job.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use pb::config_change::Change;
-use pushwire_common::domain::convert::InvalidField;
 use pushwire_common::domain::matching::{self, Placement};
 use pushwire_common::domain::{
     AccountName, Integration, IntegrationName, PushScope, PushScopeName,
 };
-use pushwire_common::pb::v1 as pb;
 
-/// An integration a participation goes to, and the scope that decided it.
+use super::Route;
+
+/// The whole configuration at one revision, as a `WatchConfig` snapshot carries it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Every integration, disabled ones included.
+    pub integrations: Vec<Integration>,
+    /// Every push scope.
+    pub push_scopes: Vec<PushScope>,
+}
+
+/// One change to the configuration, as a `WatchConfig` message carries it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    /// The integration to deliver to (as of the table's revision).
-    pub integration: Arc<Integration>,
-    /// The push scope that made it fire.
-    pub decided_by: PushScopeName,
+pub enum Change {
+    /// An integration was created or updated.
+    UpsertIntegration(Integration),
+    /// An integration was deleted (its scopes are deleted by changes of their own).
+    DeleteIntegration(IntegrationName),
+    /// A push scope was created or updated.
+    UpsertPushScope(PushScope),
+    /// A push scope was deleted.
+    DeletePushScope(PushScopeName),
 }
 
 /// One account's configuration, with what routing needs laid out ahead of time.
@@ -112,24 +125,6 @@ type Parts = (
     BTreeMap<PushScopeName, PushScope>,
 );
 
-/// Rewrites a decoding error's field path to its place in the `WatchConfig` message: `path`
-/// replaces the `own` prefix the conversion uses (`push_scope.` for scopes, none for
-/// integration configs), so errors read `changes[3].upsert_push_scope.level`.
-fn within(path: String, own: &'static str) -> impl FnOnce(InvalidField) -> InvalidField {
-    move |e| {
-        let rest = e.field.strip_prefix(own).unwrap_or(&e.field);
-        let field = if rest.is_empty() {
-            path
-        } else {
-            format!("{path}.{rest}")
-        };
-        InvalidField {
-            field,
-            reason: e.reason,
-        }
-    }
-}
-
 impl RoutingTable {
     /// No configuration at all (revision 0): routes nothing.
     pub fn empty() -> Self {
@@ -141,25 +136,17 @@ impl RoutingTable {
         self.revision
     }
 
-    /// Builds the table from a `WatchConfig` snapshot. Any field that does not decode fails
-    /// the whole snapshot: routing on part of a configuration could skip an exclusion.
-    pub fn from_snapshot(
-        revision: i64,
-        snapshot: pb::ConfigSnapshot,
-    ) -> Result<Self, InvalidField> {
+    /// Builds the table at `revision` from a whole configuration.
+    pub fn from_snapshot(revision: i64, snapshot: Snapshot) -> Self {
         let mut parts: HashMap<AccountName, Parts> = HashMap::new();
-        for (n, config) in snapshot.integrations.into_iter().enumerate() {
-            let integration = Integration::try_from(config)
-                .map_err(within(format!("snapshot.integrations[{n}]"), ""))?;
+        for integration in snapshot.integrations {
             parts
                 .entry(integration.name.account().clone())
                 .or_default()
                 .0
                 .insert(integration.name.clone(), Arc::new(integration));
         }
-        for (n, scope) in snapshot.push_scopes.into_iter().enumerate() {
-            let scope = PushScope::try_from(scope)
-                .map_err(within(format!("snapshot.push_scopes[{n}]"), "push_scope."))?;
+        for scope in snapshot.push_scopes {
             parts
                 .entry(scope.name.account().clone())
                 .or_default()
@@ -172,62 +159,42 @@ impl RoutingTable {
                 (account, Arc::new(Account::build(integrations, scopes)))
             })
             .collect();
-        Ok(Self {
+        Self {
             revision,
             accounts,
             changed_at: None,
-        })
+        }
     }
 
     /// A new table at `revision`: this one with `changes` applied, in order, as one unit
     /// (the changes of one store transaction). Only the accounts the changes touch are
-    /// rebuilt; the others are shared with `self`. On a decoding error nothing is applied.
-    pub fn apply(
-        &self,
-        revision: i64,
-        changes: Vec<pb::ConfigChange>,
-    ) -> Result<Self, InvalidField> {
+    /// rebuilt; the others are shared with `self`.
+    pub fn apply(&self, revision: i64, changes: Vec<Change>) -> Self {
         let mut touched: HashMap<AccountName, Parts> = HashMap::new();
         let mut changed_at: Option<SystemTime> = None;
         let mut written = |t: SystemTime| changed_at = changed_at.max(Some(t));
-        for (n, change) in changes.into_iter().enumerate() {
-            let bad = |field: &str, reason: String| {
-                InvalidField::new(format!("changes[{n}].{field}"), reason)
-            };
-            match change.change {
-                Some(Change::UpsertIntegration(config)) => {
-                    let integration = Integration::try_from(config)
-                        .map_err(within(format!("changes[{n}].upsert_integration"), ""))?;
+        for change in changes {
+            match change {
+                Change::UpsertIntegration(integration) => {
                     written(integration.update_time);
                     self.parts_of(&mut touched, integration.name.account())
                         .0
                         .insert(integration.name.clone(), Arc::new(integration));
                 }
-                Some(Change::DeleteIntegration(name)) => {
-                    let name = IntegrationName::parse(&name)
-                        .map_err(|e| bad("delete_integration", e.to_string()))?;
+                Change::DeleteIntegration(name) => {
                     // Its scopes stay (the control plane deletes them with their own
                     // changes); without the integration `resolve` ignores them anyway.
                     self.parts_of(&mut touched, name.account()).0.remove(&name);
                 }
-                Some(Change::UpsertPushScope(scope)) => {
-                    let scope = PushScope::try_from(scope).map_err(within(
-                        format!("changes[{n}].upsert_push_scope"),
-                        "push_scope.",
-                    ))?;
+                Change::UpsertPushScope(scope) => {
                     written(scope.update_time);
                     self.parts_of(&mut touched, scope.name.account())
                         .1
                         .insert(scope.name.clone(), scope);
                 }
-                Some(Change::DeletePushScope(name)) => {
-                    let name = PushScopeName::parse(&name)
-                        .map_err(|e| bad("delete_push_scope", e.to_string()))?;
+                Change::DeletePushScope(name) => {
                     self.parts_of(&mut touched, name.account()).1.remove(&name);
                 }
-                // An empty oneof, or a kind of change this worker does not know (a newer
-                // control plane): refuse rather than silently diverge.
-                None => return Err(bad("change", "missing or of an unknown kind".into())),
             }
         }
         let mut accounts = self.accounts.clone();
@@ -239,11 +206,11 @@ impl RoutingTable {
                 accounts.insert(account, Arc::new(rebuilt));
             }
         }
-        Ok(Self {
+        Self {
             revision,
             accounts,
             changed_at,
-        })
+        }
     }
 
     /// When the newest resource written by the changes that made this table was written
@@ -320,7 +287,6 @@ impl RoutingTable {
 mod tests {
     use std::time::SystemTime;
 
-    use pushwire_common::domain::convert::integration_config;
     use pushwire_common::domain::{
         Audience, IncompletePolicy, PayloadVariables, PushAction, ScopeTarget, SignatureScheme,
     };
@@ -380,32 +346,24 @@ mod tests {
         }
     }
 
-    fn snapshot(integrations: &[Integration], scopes: &[PushScope]) -> pb::ConfigSnapshot {
-        pb::ConfigSnapshot {
-            integrations: integrations.iter().map(integration_config).collect(),
-            push_scopes: scopes.iter().map(pb::PushScope::from).collect(),
+    fn snapshot(integrations: &[Integration], scopes: &[PushScope]) -> Snapshot {
+        Snapshot {
+            integrations: integrations.to_vec(),
+            push_scopes: scopes.to_vec(),
         }
     }
 
-    fn upsert_integration(i: &Integration) -> pb::ConfigChange {
-        pb::ConfigChange {
-            change: Some(Change::UpsertIntegration(integration_config(i))),
-        }
+    fn upsert_integration(i: &Integration) -> Change {
+        Change::UpsertIntegration(i.clone())
     }
-    fn delete_integration(name: &str) -> pb::ConfigChange {
-        pb::ConfigChange {
-            change: Some(Change::DeleteIntegration(name.into())),
-        }
+    fn delete_integration(name: &str) -> Change {
+        Change::DeleteIntegration(IntegrationName::parse(name).unwrap())
     }
-    fn upsert_scope(s: &PushScope) -> pb::ConfigChange {
-        pb::ConfigChange {
-            change: Some(Change::UpsertPushScope(s.into())),
-        }
+    fn upsert_scope(s: &PushScope) -> Change {
+        Change::UpsertPushScope(s.clone())
     }
-    fn delete_scope(name: &str) -> pb::ConfigChange {
-        pb::ConfigChange {
-            change: Some(Change::DeletePushScope(name.into())),
-        }
+    fn delete_scope(name: &str) -> Change {
+        Change::DeletePushScope(PushScopeName::parse(name).unwrap())
     }
 
     fn web(id: &str) -> ScopeTarget {
@@ -507,7 +465,7 @@ mod tests {
     #[test]
     fn snapshot_routes_like_resolve() {
         let (integrations, scopes) = acme();
-        let t = RoutingTable::from_snapshot(7, snapshot(&integrations, &scopes)).unwrap();
+        let t = RoutingTable::from_snapshot(7, snapshot(&integrations, &scopes));
         assert_eq!(t.revision(), 7);
         assert_eq!((t.integration_count(), t.push_scope_count()), (3, 5));
         let acme = account("acme");
@@ -587,7 +545,7 @@ mod tests {
                 action,
             ));
         }
-        let t = RoutingTable::from_snapshot(1, snapshot(&ints, &scopes)).unwrap();
+        let t = RoutingTable::from_snapshot(1, snapshot(&ints, &scopes));
         let mut checked = 0;
         for website in [None, Some("1"), Some("2"), Some("3")] {
             for form in [None, Some("f"), Some("g")] {
@@ -615,27 +573,25 @@ mod tests {
     #[test]
     fn changes_of_both_kinds_apply_in_order() {
         let (integrations, scopes) = acme();
-        let t1 = RoutingTable::from_snapshot(10, snapshot(&integrations, &scopes)).unwrap();
+        let t1 = RoutingTable::from_snapshot(10, snapshot(&integrations, &scopes));
         let acme = account("acme");
         let p = at(Some("7"), "1");
 
         // Enable "off", add a campaign exclusion for erp, delete crm's website scope.
-        let t2 = t1
-            .apply(
-                11,
-                vec![
-                    upsert_integration(&integration("acme", "off", true)),
-                    upsert_scope(&scope(
-                        "acme",
-                        "erp-not-1",
-                        "erp",
-                        camp("1"),
-                        PushAction::DoNotPush,
-                    )),
-                    delete_scope("accounts/acme/pushScopes/crm-web-7"),
-                ],
-            )
-            .unwrap();
+        let t2 = t1.apply(
+            11,
+            vec![
+                upsert_integration(&integration("acme", "off", true)),
+                upsert_scope(&scope(
+                    "acme",
+                    "erp-not-1",
+                    "erp",
+                    camp("1"),
+                    PushAction::DoNotPush,
+                )),
+                delete_scope("accounts/acme/pushScopes/crm-web-7"),
+            ],
+        );
         assert_eq!(t2.revision(), 11);
         assert_eq!(
             ids(&t2.route(&acme, &p)),
@@ -646,15 +602,13 @@ mod tests {
 
         // Delete the integration: its scopes stay but it no longer routes; an upsert after a
         // delete in one batch wins (order matters).
-        let t3 = t2
-            .apply(
-                12,
-                vec![
-                    delete_integration("accounts/acme/integrations/off"),
-                    upsert_integration(&integration("acme", "ghost", true)),
-                ],
-            )
-            .unwrap();
+        let t3 = t2.apply(
+            12,
+            vec![
+                delete_integration("accounts/acme/integrations/off"),
+                upsert_integration(&integration("acme", "ghost", true)),
+            ],
+        );
         assert_eq!(
             ids(&t3.route(&acme, &p)),
             [("ghost".to_owned(), "ghost-all".to_owned())]
@@ -666,39 +620,33 @@ mod tests {
         assert_eq!(t3.push_scope_count(), 5);
 
         // A new account appears; deleting everything of it removes it again.
-        let t4 = t3
-            .apply(
-                13,
-                vec![
-                    upsert_integration(&integration("beta", "hub", true)),
-                    upsert_scope(&scope(
-                        "beta",
-                        "all",
-                        "hub",
-                        ScopeTarget::Account,
-                        PushAction::Push,
-                    )),
-                ],
-            )
-            .unwrap();
+        let t4 = t3.apply(
+            13,
+            vec![
+                upsert_integration(&integration("beta", "hub", true)),
+                upsert_scope(&scope(
+                    "beta",
+                    "all",
+                    "hub",
+                    ScopeTarget::Account,
+                    PushAction::Push,
+                )),
+            ],
+        );
         assert_eq!(
             ids(&t4.route(&account("beta"), &p)),
             [("hub".to_owned(), "all".to_owned())]
         );
-        let t5 = t4
-            .apply(
-                14,
-                vec![
-                    delete_scope("accounts/beta/pushScopes/all"),
-                    delete_integration("accounts/beta/integrations/hub"),
-                ],
-            )
-            .unwrap();
+        let t5 = t4.apply(
+            14,
+            vec![
+                delete_scope("accounts/beta/pushScopes/all"),
+                delete_integration("accounts/beta/integrations/hub"),
+            ],
+        );
         assert!(!t5.accounts.contains_key(&account("beta")));
         // Deleting what does not exist is harmless (a change the table already reflects).
-        let t6 = t5
-            .apply(15, vec![delete_scope("accounts/beta/pushScopes/none")])
-            .unwrap();
+        let t6 = t5.apply(15, vec![delete_scope("accounts/beta/pushScopes/none")]);
         assert!(t6.route(&account("beta"), &p).is_empty());
     }
 
@@ -713,19 +661,17 @@ mod tests {
             ScopeTarget::Account,
             PushAction::Push,
         ));
-        let t1 = RoutingTable::from_snapshot(1, snapshot(&integrations, &scopes)).unwrap();
-        let t2 = t1
-            .apply(
-                2,
-                vec![upsert_scope(&scope(
-                    "acme",
-                    "crm-all",
-                    "crm",
-                    ScopeTarget::Account,
-                    PushAction::Push,
-                ))],
-            )
-            .unwrap();
+        let t1 = RoutingTable::from_snapshot(1, snapshot(&integrations, &scopes));
+        let t2 = t1.apply(
+            2,
+            vec![upsert_scope(&scope(
+                "acme",
+                "crm-all",
+                "crm",
+                ScopeTarget::Account,
+                PushAction::Push,
+            ))],
+        );
         assert!(Arc::ptr_eq(
             &t1.accounts[&account("beta")],
             &t2.accounts[&account("beta")]
@@ -746,59 +692,11 @@ mod tests {
             &t2.integration(&erp).unwrap()
         ));
         // An empty batch shares everything.
-        let t3 = t2.apply(3, Vec::new()).unwrap();
+        let t3 = t2.apply(3, Vec::new());
         assert!(
             t2.accounts
                 .iter()
                 .all(|(a, acc)| Arc::ptr_eq(acc, &t3.accounts[a]))
-        );
-    }
-
-    #[test]
-    fn decoding_errors_name_the_field_and_apply_nothing() {
-        let (integrations, scopes) = acme();
-        let t = RoutingTable::from_snapshot(1, snapshot(&integrations, &scopes)).unwrap();
-
-        let mut bad_scope = pb::PushScope::from(&scopes[0]);
-        bad_scope.level = 0;
-        let err = t
-            .apply(
-                2,
-                vec![
-                    upsert_integration(&integration("acme", "new", true)),
-                    pb::ConfigChange {
-                        change: Some(Change::UpsertPushScope(bad_scope.clone())),
-                    },
-                ],
-            )
-            .unwrap_err();
-        assert_eq!(err.field, "changes[1].upsert_push_scope.level");
-
-        for (change, field) in [
-            (
-                delete_integration("nonsense"),
-                "changes[0].delete_integration",
-            ),
-            (
-                delete_scope("accounts/acme/integrations/crm"),
-                "changes[0].delete_push_scope",
-            ),
-            (pb::ConfigChange { change: None }, "changes[0].change"),
-            (
-                pb::ConfigChange {
-                    change: Some(Change::UpsertIntegration(pb::IntegrationConfig::default())),
-                },
-                "changes[0].upsert_integration.integration",
-            ),
-        ] {
-            assert_eq!(t.apply(2, vec![change]).unwrap_err().field, field);
-        }
-
-        let mut snap = snapshot(&integrations, &scopes);
-        snap.push_scopes[2] = bad_scope;
-        assert_eq!(
-            RoutingTable::from_snapshot(1, snap).unwrap_err().field,
-            "snapshot.push_scopes[2].level"
         );
     }
 
@@ -809,7 +707,7 @@ mod tests {
             secret: pushwire_common::domain::Secret::new("s3cr3t-value"),
             expire_time: None,
         }];
-        let t = RoutingTable::from_snapshot(4, snapshot(&[i], &[])).unwrap();
+        let t = RoutingTable::from_snapshot(4, snapshot(&[i], &[]));
         let printed = format!("{t:?}");
         assert!(
             printed.contains("revision: 4") && !printed.contains("s3cr3t"),
