@@ -416,7 +416,7 @@ impl Ingest {
 /// parse is left to [`Ingest::check`], which refuses it in the response.
 fn permitted(who: &Principal, req: &pb::PublishRequest) -> Result<(), Status> {
     match AccountName::parse(&req.account) {
-        Ok(account) => who.account(&account),
+        Ok(account) => Ok(who.account(&account)?),
         Err(_) => Ok(()),
     }
 }
