@@ -21,7 +21,7 @@ use pushwire_common::domain::matching::Placement;
 use pushwire_common::domain::{AccountName, IncompletePolicy, IntegrationName, convert};
 use pushwire_common::participation::{self, Participation};
 use pushwire_common::pb::v1 as pb;
-use pushwire_common::telemetry;
+use pushwire_common::server::telemetry;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::Stream;

@@ -12,7 +12,7 @@ use pushwire_common::domain::{Integration, IntegrationName};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use pushwire_common::telemetry;
+use pushwire_common::server::telemetry;
 use tracing::Instrument as _;
 
 use crate::metrics::{Metrics, StatusClassLabel};
