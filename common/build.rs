@@ -10,17 +10,14 @@ const PROTOS: &[&str] = &[
     "pushwire/v1/push_scopes.proto",
     "pushwire/v1/ingest.proto",
     "pushwire/v1/config.proto",
-    "pushwire/storage/v1/records.proto",
 ];
 
 /// Messages that carry secrets: their `Debug` is written by hand in `pb.rs` and redacts them.
-/// (Storage records hold secrets only encrypted; `EncryptedValue`'s prints no bytes.)
 const REDACTED_DEBUG: &[&str] = &[
     ".pushwire.v1.Integration",
     ".pushwire.v1.AuthHeader",
     ".pushwire.v1.IntegrationConfig",
     ".pushwire.v1.SigningSecret",
-    ".pushwire.storage.v1.EncryptedValue",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -7,17 +7,22 @@
 //! - [`participation`]: parsing and validation of participation documents;
 //! - [`payload`]: the body transformations an integration can ask for (the `variables`
 //!   object);
-//! - [`publisher`]: the client that publishes participations to workers, holding each until
-//!   acknowledged (the `publish` command is built on it).
+//! - [`publisher`] (feature `publisher`): the client that publishes participations to
+//!   workers, holding each until acknowledged (the `publish` command is built on it);
+//! - [`server`] (feature `server`): what both servers run on: token and TLS flags, the gRPC
+//!   server stack, health, shutdown, telemetry and gRPC metrics.
+//!
+//! A Rust service that only publishes takes `default-features = false, features =
+//! ["publisher"]` and compiles none of the server crates.
 
 pub mod auth;
 pub mod backoff;
 pub mod domain;
-pub mod grpc_metrics;
 pub mod participation;
 pub mod payload;
 pub mod pb;
+#[cfg(feature = "publisher")]
 pub mod publisher;
-pub mod shutdown;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod signing;
-pub mod telemetry;

@@ -1,5 +1,6 @@
-//! Generated protobuf and gRPC bindings (`pushwire.v1`, `pushwire.storage.v1`), plus the
-//! hand-written `Debug` of the messages that carry secrets, which must never print them.
+//! Generated protobuf and gRPC bindings (`pushwire.v1`), plus the hand-written `Debug` of the
+//! messages that carry secrets, which must never print them. (The storage records are the
+//! control plane's: `pushwire_control_plane::store::pb`.)
 
 #![allow(
     missing_docs,
@@ -13,15 +14,8 @@ mod pushwire {
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/pushwire.v1.rs"));
     }
-    pub mod storage {
-        pub mod v1 {
-            include!(concat!(env!("OUT_DIR"), "/pushwire.storage.v1.rs"));
-        }
-    }
 }
 
-/// Storage records, package `pushwire.storage.v1`.
-pub use pushwire::storage::v1 as storage;
 /// The public API, package `pushwire.v1`.
 pub use pushwire::v1;
 
@@ -83,15 +77,6 @@ impl fmt::Debug for v1::SigningSecret {
             .field("secret", &redact(&self.secret))
             .field("expire_time", &self.expire_time)
             .finish()
-    }
-}
-
-impl fmt::Debug for storage::EncryptedValue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EncryptedValue")
-            .field("key_id", &self.key_id)
-            .field("ciphertext_len", &self.ciphertext.len())
-            .finish_non_exhaustive()
     }
 }
 

@@ -8,6 +8,8 @@ use std::path::Path;
 use pushwire_common::auth::{self, Authenticator, Principal, Role};
 use pushwire_common::domain::Secret;
 use pushwire_common::pb::v1 as pb;
+use pushwire_common::server::grpc_metrics::GrpcMetrics;
+use pushwire_common::server::stack::ServerStack;
 use pushwire_worker::in_process::Incoming;
 use tokio_util::sync::CancellationToken;
 
@@ -123,14 +125,18 @@ pub async fn serve_in_process(
     >,
     config: pb::config_service_server::ConfigServiceServer<crate::api::ConfigApi>,
     auth: Authenticator,
-    metrics: pushwire_common::grpc_metrics::GrpcMetrics,
+    metrics: GrpcMetrics,
     incoming: Incoming,
     shutdown: CancellationToken,
 ) {
-    let served = tonic::transport::Server::builder()
-        .trace_fn(pushwire_common::telemetry::grpc_server_span)
-        .layer(metrics)
-        .layer(auth.layer())
+    let mut server = match ServerStack::new(&auth, metrics).server() {
+        Ok(server) => server,
+        Err(e) => {
+            tracing::error!(error = %e, "in-process gRPC server not started");
+            return;
+        }
+    };
+    let served = server
         .add_service(integrations)
         .add_service(config)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use pushwire_common::telemetry::LogFormat;
-use pushwire_worker::config::{AccessArgs, DeliveryArgs, IngestArgs};
+use pushwire_common::server::access::AccessArgs;
+use pushwire_common::server::telemetry::LogFormat;
+use pushwire_worker::config::{DeliveryArgs, IngestArgs};
 
 /// Pushwire control plane: stores integrations and push scopes (in etcd, or in an embedded
 /// single-file store) and streams them to workers.

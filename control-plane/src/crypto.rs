@@ -18,11 +18,11 @@ use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::store::pb::EncryptedValue;
 use aes_gcm::aead::{Aead as _, KeyInit as _, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
 use pushwire_common::domain::Secret;
-use pushwire_common::pb::storage::EncryptedValue;
 use rand::{RngCore as _, TryRngCore as _};
 use zeroize::Zeroizing;
 

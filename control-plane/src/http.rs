@@ -50,7 +50,7 @@ impl Ops {
     pub fn new(
         feed: ConfigFeed,
         store: Arc<dyn Store>,
-        grpc: &pushwire_common::grpc_metrics::GrpcMetrics,
+        grpc: &pushwire_common::server::grpc_metrics::GrpcMetrics,
         store_metrics: &crate::store::metered::StoreMetrics,
         worker: Option<pushwire_worker::Status>,
     ) -> Self {

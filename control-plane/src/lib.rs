@@ -24,7 +24,12 @@ use pushwire_worker::Worker;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
-pub use pushwire_common::shutdown::Listeners;
+pub use pushwire_common::server::Listeners;
+use pushwire_common::server::access::AccessError;
+use pushwire_common::server::grpc_metrics::GrpcMetrics;
+use pushwire_common::server::health::report_health;
+use pushwire_common::server::shutdown::interrupt_after_grace;
+use pushwire_common::server::stack::{self, Layers, Reflection, ServerStack, StackError};
 use service::{Catalog, CatalogOptions, ConfigFeed};
 use store::{EmbeddedStore, EtcdStore, Store, StoreError};
 
@@ -42,7 +47,7 @@ pub enum RunError {
     Encryption(#[source] store::encryption::EncryptionError),
     /// The token file or the TLS files are unusable.
     #[error("invalid tokens or TLS settings")]
-    Access(#[source] pushwire_worker::config::AccessError),
+    Access(#[source] AccessError),
     /// The delivery flags are unusable (bad `--allow-cidr`, unreadable `--extra-ca-file`).
     #[error("invalid delivery settings")]
     Delivery(#[source] pushwire_worker::config::DeliveryConfigError),
@@ -134,7 +139,7 @@ pub async fn run(
             (Some(worker), Some(incoming))
         }
     };
-    let grpc_metrics = pushwire_common::grpc_metrics::GrpcMetrics::default();
+    let grpc_metrics = GrpcMetrics::default();
     let (grpc, in_process_task) = grpc_server(
         catalog,
         client,
@@ -149,13 +154,7 @@ pub async fn run(
     let http_addr = listeners.http.local_addr().ok();
     tracing::info!(grpc = ?grpc_addr, http = ?http_addr, "control plane listening");
 
-    let grpc_shutdown = shutdown.clone();
-    let grpc_task = grpc.serve_with_incoming_shutdown(
-        pushwire_common::shutdown::nodelay_incoming(listeners.grpc),
-        async move {
-            grpc_shutdown.cancelled().await;
-        },
-    );
+    let grpc_task = stack::serve(grpc, listeners.grpc, shutdown.clone());
     let http_shutdown = shutdown.clone();
     let ops = http::Ops::new(
         feed,
@@ -174,14 +173,7 @@ pub async fn run(
     };
     let grace = config.shutdown_grace;
     // The in-process worker's deliveries get half the grace period to finish.
-    let interrupter = {
-        let (shutdown, interrupt) = (shutdown.clone(), interrupt.clone());
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace / 2).await;
-            interrupt.cancel();
-        })
-    };
+    let interrupter = interrupt_after_grace(&shutdown, grace / 2, &interrupt);
     let result = tokio::select! {
         r = servers => r,
         () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
@@ -214,7 +206,7 @@ fn start_worker(
 ) -> Result<(Worker, pushwire_worker::in_process::Incoming), RunError> {
     let (channel, incoming) = pushwire_worker::in_process::channel();
     let bearer = pushwire_common::auth::Bearer::new(token)
-        .map_err(|e| RunError::Access(pushwire_worker::config::AccessError::Token("worker", e)))?;
+        .map_err(|e| RunError::Access(AccessError::Token("worker", e)))?;
     let worker = Worker::start(
         tonic::service::interceptor::InterceptedService::new(channel, bearer),
         &config.ingest,
@@ -235,12 +227,7 @@ type Access<'a> = (
 
 /// The public gRPC server, and the task serving the in-process worker (`--with-worker`).
 type GrpcServer = (
-    tonic::transport::server::Router<
-        tower_layer::Stack<
-            pushwire_common::auth::AuthLayer,
-            tower_layer::Stack<pushwire_common::grpc_metrics::GrpcMetrics, tower_layer::Identity>,
-        >,
-    >,
+    tonic::transport::server::Router<Layers>,
     Option<tokio::task::JoinHandle<()>>,
 );
 
@@ -249,32 +236,36 @@ async fn grpc_server(
     client: pushwire_worker::deliver::client::WebhookClient,
     feed: ConfigFeed,
     worker: Option<&Worker>,
-    grpc_metrics: pushwire_common::grpc_metrics::GrpcMetrics,
+    grpc_metrics: GrpcMetrics,
     (auth, tls, in_process): Access<'_>,
     shutdown: CancellationToken,
 ) -> Result<GrpcServer, RunError> {
-    let reflection = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(pushwire_common::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let (router, health) = ServerStack::new(auth, grpc_metrics.clone())
+        .tls(tls)
+        .public(Reflection::V1AndV1Alpha)
+        .map_err(|e| match e {
+            StackError::Access(e) => RunError::Access(e),
+            StackError::Reflection(e) => RunError::Serve(e.into()),
+        })?;
+    let loaded = {
+        let feed = feed.clone();
+        // Not a watcher: the config_watchers metric counts subscribers.
+        async move {
+            let mut view = feed.subscribe();
+            view.next(0).await.is_some()
+        }
     };
-    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1()
-        .map_err(|e| RunError::Serve(e.into()))?;
-    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1alpha()
-        .map_err(|e| RunError::Serve(e.into()))?;
-
-    let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(
         health.clone(),
-        feed.clone(),
+        CONTROL_PLANE_SERVICES,
+        loaded,
         shutdown.clone(),
     ));
     if let Some(worker) = worker {
-        tokio::spawn(pushwire_worker::report_health(
+        tokio::spawn(report_health(
             health,
             &["pushwire.v1.IngestService"],
-            worker.status().table(),
+            worker.status().until_ready(),
             shutdown.clone(),
         ));
     }
@@ -298,21 +289,7 @@ async fn grpc_server(
             shutdown.clone(),
         ))
     });
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls).map_err(|e| {
-            RunError::Access(pushwire_worker::config::AccessError::Tls(format!(
-                "--tls-cert/--tls-key: {e}"
-            )))
-        })?;
-    }
-    let router = server
-        .trace_fn(pushwire_common::telemetry::grpc_server_span)
-        .layer(grpc_metrics)
-        .layer(auth.layer())
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+    let router = router
         .add_service(integrations)
         .add_service(
             pb::push_scope_service_server::PushScopeServiceServer::new(api::PushScopeApi::new(
@@ -330,41 +307,11 @@ async fn grpc_server(
     Ok((router, in_process_task))
 }
 
-/// gRPC health follows the feed: SERVING once the configuration is loaded, NOT_SERVING on
-/// shutdown.
-async fn report_health(
-    health: tonic_health::server::HealthReporter,
-    feed: ConfigFeed,
-    shutdown: CancellationToken,
-) {
-    use tonic_health::ServingStatus;
-    const SERVICES: &[&str] = &[
-        "",
-        "pushwire.v1.IntegrationService",
-        "pushwire.v1.PushScopeService",
-        "pushwire.v1.ConfigService",
-    ];
-    for s in SERVICES {
-        health
-            .set_service_status(*s, ServingStatus::NotServing)
-            .await;
-    }
-    let mut view = feed.subscribe();
-    let loaded = tokio::select! {
-        loaded = view.next(0) => loaded.is_some(),
-        () = shutdown.cancelled() => false,
-    };
-    // Not a watcher: the config_watchers metric counts subscribers.
-    drop(view);
-    if loaded {
-        for s in SERVICES {
-            health.set_service_status(*s, ServingStatus::Serving).await;
-        }
-    }
-    shutdown.cancelled().await;
-    for s in SERVICES {
-        health
-            .set_service_status(*s, ServingStatus::NotServing)
-            .await;
-    }
-}
+/// The services whose gRPC health follows the feed: SERVING once the configuration is
+/// loaded, NOT_SERVING on shutdown.
+const CONTROL_PLANE_SERVICES: &[&str] = &[
+    "",
+    "pushwire.v1.IntegrationService",
+    "pushwire.v1.PushScopeService",
+    "pushwire.v1.ConfigService",
+];

@@ -2,7 +2,7 @@
 //! SIGINT (or, with `--reencrypt`, [`pushwire_control_plane::reencrypt`] once).
 
 use clap::Parser as _;
-use pushwire_common::shutdown::serve_until_signal;
+use pushwire_common::server::shutdown::serve_until_signal;
 use pushwire_control_plane::{Config, Listeners, run};
 
 #[tokio::main]

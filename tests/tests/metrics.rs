@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use pushwire_common::pb::v1 as pb;
-use pushwire_common::telemetry::{self, LogFormat, Settings};
+use pushwire_common::server::telemetry::{self, LogFormat, Settings};
 use pushwire_tests::receiver::{Reply, TestReceiver};
 use pushwire_tests::worker::{COMPLETED, Stack, integration, request};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

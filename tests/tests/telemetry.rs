@@ -15,7 +15,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use pushwire_common::pb::v1 as pb;
-use pushwire_common::telemetry::{self, LogFormat, Settings};
+use pushwire_common::server::telemetry::{self, LogFormat, Settings};
 use pushwire_tests::receiver::{Reply, TestReceiver};
 use pushwire_tests::worker::{COMPLETED, COMPLETED_ID, Stack, integration, request};
 use tokio::net::TcpListener;

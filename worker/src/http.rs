@@ -47,6 +47,14 @@ impl Status {
         self.table.clone()
     }
 
+    /// Completes with `true` once the first snapshot is applied (the worker is ready), with
+    /// `false` when none ever will be (the config watch stopped): the readiness gRPC health
+    /// follows (see [`pushwire_common::server::health::report_health`]).
+    pub fn until_ready(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let mut table = self.table.clone();
+        async move { table.wait_for(Option::is_some).await.is_ok() }
+    }
+
     /// The worker's metrics in the Prometheus text format.
     pub fn encode_metrics(&self) -> String {
         self.metrics.set_lanes(self.dispatcher.stats());

@@ -22,7 +22,7 @@ use pushwire_common::domain::matching::Placement;
 use pushwire_common::domain::{AccountName, IntegrationName, convert};
 use pushwire_common::participation::{self, Participation};
 use pushwire_common::pb::v1 as pb;
-use pushwire_common::telemetry;
+use pushwire_common::server::telemetry;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::Stream;
@@ -413,7 +413,7 @@ impl Ingest {
 /// parse is left to [`Ingest::check`], which refuses it in the response.
 fn permitted(who: &Principal, req: &pb::PublishRequest) -> Result<(), Status> {
     match AccountName::parse(&req.account) {
-        Ok(account) => who.account(&account),
+        Ok(account) => Ok(who.account(&account)?),
         Err(_) => Ok(()),
     }
 }

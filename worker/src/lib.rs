@@ -35,14 +35,18 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 
 pub use config::Config;
-use config::{AccessError, DeliveryArgs, DeliveryConfigError, IngestArgs};
+use config::{DeliveryArgs, DeliveryConfigError, IngestArgs};
 pub use config_watch::TableWatch;
 pub use control_plane::ControlPlaneChannel;
 use deliver::dispatch::{Dispatcher, IntegrationSource};
 pub use http::Status;
 use ingest::{Ingest, IngestOptions};
 use metrics::Metrics;
-pub use pushwire_common::shutdown::Listeners;
+pub use pushwire_common::server::Listeners;
+use pushwire_common::server::access::AccessError;
+use pushwire_common::server::health::report_health;
+use pushwire_common::server::shutdown::interrupt_after_grace;
+use pushwire_common::server::stack::{self, Reflection, ServerStack, StackError};
 
 /// Why the worker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -166,37 +170,6 @@ async fn observe_tables(mut table: TableWatch, metrics: Arc<Metrics>, stop: Canc
     }
 }
 
-/// Keeps gRPC health in step with readiness: SERVING once the first snapshot is applied,
-/// NOT_SERVING from `shutdown` on.
-pub async fn report_health(
-    health: tonic_health::server::HealthReporter,
-    services: &[&str],
-    mut table: TableWatch,
-    shutdown: CancellationToken,
-) {
-    use tonic_health::ServingStatus;
-    for s in services {
-        health
-            .set_service_status(*s, ServingStatus::NotServing)
-            .await;
-    }
-    let ready = tokio::select! {
-        r = table.wait_for(Option::is_some) => r.is_ok(),
-        () = shutdown.cancelled() => false,
-    };
-    if ready {
-        for s in services {
-            health.set_service_status(*s, ServingStatus::Serving).await;
-        }
-    }
-    shutdown.cancelled().await;
-    for s in services {
-        health
-            .set_service_status(*s, ServingStatus::NotServing)
-            .await;
-    }
-}
-
 /// Runs a standalone worker until `shutdown`; then stops reading streams, lets deliveries in
 /// flight finish within `config.shutdown_grace`, and interrupts the rest.
 pub async fn run(
@@ -227,59 +200,38 @@ pub async fn run(
     )
     .map_err(RunError::Delivery)?;
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let tls_on = tls.is_some();
+    let (router, health) = ServerStack::new(&auth, worker.status.metrics.grpc.clone())
+        .tls(tls)
+        .public(Reflection::V1)
+        .map_err(|e| match e {
+            StackError::Access(e) => RunError::Access(e),
+            StackError::Reflection(e) => RunError::Serve(e.into()),
+        })?;
     tokio::spawn(report_health(
         health,
         &["", "pushwire.v1.IngestService"],
-        worker.status.table.clone(),
+        worker.status.until_ready(),
         shutdown.clone(),
     ));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pushwire_common::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| RunError::Serve(e.into()))?;
     tracing::info!(
         grpc = ?listeners.grpc.local_addr().ok(),
         http = ?listeners.http.local_addr().ok(),
         control_plane = %config.control_plane,
-        tls = tls.is_some(),
+        tls = tls_on,
         "worker listening"
     );
-    let grpc_shutdown = shutdown.clone();
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls).map_err(|e| {
-            RunError::Access(AccessError::Tls(format!("--tls-cert/--tls-key: {e}")))
-        })?;
-    }
-    let grpc = server
-        .trace_fn(pushwire_common::telemetry::grpc_server_span)
-        .layer(worker.status.metrics.grpc.clone())
-        .layer(auth.layer())
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(worker.ingest_service())
-        .serve_with_incoming_shutdown(
-            pushwire_common::shutdown::nodelay_incoming(listeners.grpc),
-            async move {
-                grpc_shutdown.cancelled().await;
-            },
-        );
+    let grpc = stack::serve(
+        router.add_service(worker.ingest_service()),
+        listeners.grpc,
+        shutdown.clone(),
+    );
     let http_shutdown = shutdown.clone();
     let http = axum::serve(listeners.http, http::router(worker.status()))
         .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
 
     // Deliveries still running `shutdown_grace` after the signal are interrupted.
-    let grace = config.shutdown_grace;
-    let interrupter = {
-        let (shutdown, interrupt) = (shutdown.clone(), interrupt.clone());
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-            interrupt.cancel();
-        })
-    };
+    let interrupter = interrupt_after_grace(&shutdown, config.shutdown_grace, &interrupt);
     let (g, h) = tokio::join!(grpc, http);
     interrupt.cancel();
     interrupter.abort();

@@ -1,7 +1,7 @@
 //! `worker` binary: flags → telemetry → [`pushwire_worker::run`] until SIGTERM or SIGINT.
 
 use clap::Parser as _;
-use pushwire_common::shutdown::serve_until_signal;
+use pushwire_common::server::shutdown::serve_until_signal;
 use pushwire_worker::{Config, Listeners, run};
 
 #[tokio::main]

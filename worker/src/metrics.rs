@@ -66,7 +66,7 @@ pub struct Metrics {
     /// The registry to encode.
     pub registry: Registry,
     /// gRPC calls served (a layer of the standalone worker's server).
-    pub grpc: pushwire_common::grpc_metrics::GrpcMetrics,
+    pub grpc: pushwire_common::server::grpc_metrics::GrpcMetrics,
     /// Participations handled, by result.
     pub participations: Family<ResultLabel, Counter>,
     /// Deliveries (one participation to one integration) by final outcome.
@@ -97,7 +97,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("pushwire_worker");
-        let grpc = pushwire_common::grpc_metrics::GrpcMetrics::default();
+        let grpc = pushwire_common::server::grpc_metrics::GrpcMetrics::default();
         grpc.register(&mut registry);
         let participations = Family::<ResultLabel, Counter>::default();
         let deliveries = Family::<OutcomeLabel, Counter>::default();

@@ -268,12 +268,12 @@ mod tests {
     use std::sync::Arc;
     use std::time::UNIX_EPOCH;
 
+    use crate::store::pb as rec;
     use prost::Message as _;
     use pushwire_common::domain::{
         AccountName, AuthHeader, IncompletePolicy, Integration, IntegrationName, PayloadVariables,
         Secret, SignatureScheme, SigningSecret,
     };
-    use pushwire_common::pb::storage as rec;
 
     use super::*;
     use crate::store::EmbeddedStore;

@@ -9,6 +9,7 @@ pub mod encryption;
 mod etcd;
 pub mod keys;
 pub mod metered;
+pub mod pb;
 pub mod records;
 
 use std::pin::Pin;

@@ -14,9 +14,10 @@ use pushwire_common::domain::{
     AccountName, AuthHeader, Integration, IntegrationName, PushScope, PushScopeName, Secret,
     SigningSecret,
 };
-use pushwire_common::pb::{storage as rec, v1 as pb};
+use pushwire_common::pb::v1 as pb;
 
 use super::keys::{self, Parsed};
+use super::pb as rec;
 use super::{KeyValue, StoreError};
 use crate::crypto::Keyring;
 

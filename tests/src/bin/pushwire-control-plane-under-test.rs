@@ -5,7 +5,7 @@
 //! [`exit_with_parent`], so that a test run that dies leaves no control plane behind.
 
 use clap::Parser as _;
-use pushwire_common::shutdown::serve_until_signal;
+use pushwire_common::server::shutdown::serve_until_signal;
 use pushwire_control_plane::{Config, Listeners, run};
 use pushwire_tests::process::exit_with_parent;
 

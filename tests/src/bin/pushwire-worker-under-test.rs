@@ -4,7 +4,7 @@
 //! worker behind.
 
 use clap::Parser as _;
-use pushwire_common::shutdown::serve_until_signal;
+use pushwire_common::server::shutdown::serve_until_signal;
 use pushwire_tests::process::exit_with_parent;
 use pushwire_worker::{Config, Listeners, run};
 

@@ -409,7 +409,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
-        pushwire_common::shutdown::signal().await;
+        pushwire_common::server::shutdown::signal().await;
         on_signal.cancel();
     });
     run(args, shutdown).await

@@ -13,7 +13,7 @@ use pushwire_common::domain::{Integration, IntegrationName};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use pushwire_common::telemetry;
+use pushwire_common::server::telemetry;
 use tracing::Instrument as _;
 
 // `LaneStats` is defined by the metrics it feeds (so `metrics` imports nothing from here);
