@@ -7,6 +7,8 @@
 //! - [`participation`]: parsing and validation of participation documents;
 //! - [`payload`]: the body transformations an integration can ask for (the `variables`
 //!   object);
+//! - [`webhook`]: signing, request building, the SSRF guard and the HTTP client of webhooks
+//!   (feature `server`);
 //! - [`publisher`]: the client that publishes participations to workers, holding each until
 //!   acknowledged (the `publish` command is built on it).
 
@@ -19,5 +21,6 @@ pub mod payload;
 pub mod pb;
 pub mod publisher;
 pub mod shutdown;
-pub mod signing;
 pub mod telemetry;
+#[cfg(feature = "server")]
+pub mod webhook;

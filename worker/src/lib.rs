@@ -5,7 +5,8 @@
 //!   by `control-plane --with-worker`;
 //! - [`config_watch`] keeps a [`router::RoutingTable`] in step with the control plane;
 //! - [`ingest`]: the gRPC `IngestService` (parse, route, acknowledge);
-//! - [`deliver`]: per-integration queues, breakers, retries, signing and the HTTP client;
+//! - [`deliver`]: per-integration queues, breakers and retries (requests are built, signed and
+//!   sent by `pushwire_common::webhook`);
 //! - [`disable`]: turns `410 Gone` answers into control-plane updates;
 //! - [`in_process`]: the in-memory channel of the worker embedded by `--with-worker`;
 //! - [`http`]: health, readiness and metrics; [`trace`]: W3C `traceparent`.
@@ -27,6 +28,7 @@ use std::time::Duration;
 use pushwire_common::auth::Bearer;
 use pushwire_common::domain::{Integration, IntegrationName};
 use pushwire_common::pb::v1 as pb;
+use pushwire_common::webhook::{DeliveryConfigError, WebhookArgs};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +36,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 pub use config::Config;
-use config::{AccessError, DeliveryArgs, DeliveryConfigError, IngestArgs};
+use config::{AccessError, DeliveryArgs, IngestArgs};
 use deliver::dispatch::{Dispatcher, IntegrationSource};
 use ingest::{Ingest, IngestOptions};
 use metrics::Metrics;
@@ -122,11 +124,12 @@ impl Worker {
     pub fn start(
         control_plane: ControlPlaneChannel,
         ingest: &IngestArgs,
+        webhook: &WebhookArgs,
         delivery: &DeliveryArgs,
         intake: CancellationToken,
         interrupt: CancellationToken,
     ) -> Result<Self, DeliveryConfigError> {
-        let client = delivery.client()?;
+        let client = webhook.client()?;
         let metrics = Arc::new(Metrics::default());
         let (table_tx, table) = watch::channel(None);
         let (disable_tx, disable_rx) = mpsc::channel(disable::QUEUE);
@@ -258,6 +261,7 @@ pub async fn run(
     let worker = Worker::start(
         channel,
         &config.ingest,
+        &config.webhook,
         &config.delivery,
         shutdown.clone(),
         interrupt.clone(),

@@ -9,8 +9,8 @@ use pushwire_common::auth::{Action, authorize};
 use pushwire_common::domain::convert;
 use pushwire_common::domain::{Integration, Secret};
 use pushwire_common::pb::v1 as pb;
-use pushwire_worker::deliver::client::{AttemptError, HttpResponse, WebhookClient};
-use pushwire_worker::deliver::request::{self, SAMPLE_PARTICIPATION, SAMPLE_PARTICIPATION_ID};
+use pushwire_common::webhook::client::{AttemptError, HttpResponse, WebhookClient};
+use pushwire_common::webhook::request::{self, SAMPLE_PARTICIPATION, SAMPLE_PARTICIPATION_ID};
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 

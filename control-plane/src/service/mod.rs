@@ -15,7 +15,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use pushwire_common::domain::convert::InvalidField;
 use pushwire_common::domain::{AccountName, Integration, PushScope};
-use pushwire_worker::deliver::ssrf::AllowList;
+use pushwire_common::webhook::ssrf::AllowList;
 use rand::Rng as _;
 
 pub use feed::{Change, ConfigFeed, FeedUpdate, FeedView};

@@ -13,14 +13,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use pushwire_common::telemetry;
+use pushwire_common::webhook::client::{AttemptError, HttpResponse, WebhookClient};
+use pushwire_common::webhook::request;
 use tracing::Instrument as _;
 
 use crate::metrics::{Metrics, StatusClassLabel};
 
 use super::breaker::{Admission, Breaker, BreakerOptions};
-use super::client::{AttemptError, WebhookClient};
 use super::lane::{Lane, Priority};
-use super::request;
 use super::retry::{self, RetryPolicy, Verdict};
 
 /// Settings of the [`Dispatcher`].
@@ -442,7 +442,7 @@ impl Dispatcher {
     fn record_attempt(
         &self,
         span: &tracing::Span,
-        result: &Result<super::client::HttpResponse, AttemptError>,
+        result: &Result<HttpResponse, AttemptError>,
         sent: Instant,
     ) {
         let class = match result {
@@ -505,7 +505,7 @@ impl Drop for ProbeGuard<'_> {
     }
 }
 
-fn describe(result: &Result<super::client::HttpResponse, AttemptError>) -> String {
+fn describe(result: &Result<HttpResponse, AttemptError>) -> String {
     match result {
         Ok(resp) if (200..300).contains(&resp.status) => String::new(),
         Ok(resp) => format!("HTTP {}", resp.status),
