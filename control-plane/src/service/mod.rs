@@ -1,11 +1,13 @@
 //! The configuration's rules: validation, invariants and the transactions that keep them
 //! (unique ids and display names, scopes only for existing integrations of the same account,
-//! etag checks, atomic forced deletes). Knows the [`Store`] contract and the domain types,
-//! never gRPC: the `api` module turns requests into calls here and errors into statuses.
+//! etag checks, atomic forced deletes), and `TestIntegration`'s test request. Knows the
+//! [`Store`] contract and the domain types, never gRPC: the `api` module turns requests into
+//! calls here and errors into statuses.
 
 pub mod feed;
 mod integrations;
 mod push_scopes;
+mod test_integration;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -21,6 +23,7 @@ use rand::Rng as _;
 pub use feed::{Change, ConfigFeed, FeedUpdate, FeedView};
 pub use integrations::{AuthHeaderInput, IntegrationPatch};
 pub use push_scopes::PushScopePatch;
+pub use test_integration::{TestAnswer, TestReport};
 
 use crate::crypto::Keyring;
 use crate::store::records::{self, Record};
