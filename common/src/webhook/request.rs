@@ -2,7 +2,7 @@
 //! integration's auth header, `traceparent`) and the body: exactly as published, or with the
 //! `variables` object the integration asks for ([`crate::payload`]). Pure: the clock
 //! is passed in and nothing is sent; sending is the [`client`](super::client)'s job. Signing
-//! rules live in [`signing`](super::signing); this module only picks the secrets.
+//! rules live in [`signing`]; this module only picks the secrets.
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
