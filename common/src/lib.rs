@@ -7,6 +7,8 @@
 //! - [`participation`]: parsing and validation of participation documents;
 //! - [`payload`]: the body transformations an integration can ask for (the `variables`
 //!   object);
+//! - [`webhook`] (feature `server`): signing, request building, the SSRF guard and the HTTP
+//!   client of webhooks, shared by the worker and TestIntegration;
 //! - [`publisher`] (feature `publisher`): the client that publishes participations to
 //!   workers, holding each until acknowledged (the `publish` command is built on it);
 //! - [`server`] (feature `server`): what both servers run on: token and TLS flags, the gRPC
@@ -25,4 +27,5 @@ pub mod pb;
 pub mod publisher;
 #[cfg(feature = "server")]
 pub mod server;
-pub mod signing;
+#[cfg(feature = "server")]
+pub mod webhook;

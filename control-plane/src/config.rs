@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use pushwire_common::server::access::AccessArgs;
 use pushwire_common::server::telemetry::LogFormat;
+use pushwire_common::webhook::WebhookArgs;
 use pushwire_worker::config::{DeliveryArgs, IngestArgs};
 
 /// Pushwire control plane: stores integrations and push scopes (in etcd, or in an embedded
@@ -84,10 +85,16 @@ pub struct Config {
     #[command(flatten)]
     pub access: AccessArgs,
 
+    /// Ingest settings of the worker of --with-worker.
     #[command(flatten)]
     pub ingest: IngestArgs,
 
-    /// Delivery settings: used by TestIntegration, and by the worker of --with-worker.
+    /// How webhooks are sent: used by TestIntegration and URL checks, and by the worker of
+    /// --with-worker.
+    #[command(flatten)]
+    pub webhook: WebhookArgs,
+
+    /// Retries and isolation of the worker of --with-worker.
     #[command(flatten)]
     pub delivery: DeliveryArgs,
 

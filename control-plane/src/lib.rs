@@ -50,7 +50,7 @@ pub enum RunError {
     Access(#[source] AccessError),
     /// The delivery flags are unusable (bad `--allow-cidr`, unreadable `--extra-ca-file`).
     #[error("invalid delivery settings")]
-    Delivery(#[source] pushwire_worker::config::DeliveryConfigError),
+    Delivery(#[source] pushwire_common::webhook::DeliveryConfigError),
     /// A listener failed.
     #[error("server failed")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -90,7 +90,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let client = config.delivery.client().map_err(RunError::Delivery)?;
+    let client = config.webhook.client().map_err(RunError::Delivery)?;
     let keys = Arc::new(crypto::Keyring::from_config(&config).map_err(encryption_error)?);
     let store_metrics = store::metered::StoreMetrics::default();
     let store: Arc<dyn Store> = Arc::new(store::metered::Metered::new(
@@ -210,6 +210,7 @@ fn start_worker(
     let worker = Worker::start(
         tonic::service::interceptor::InterceptedService::new(channel, bearer),
         &config.ingest,
+        &config.webhook,
         &config.delivery,
         shutdown.clone(),
         interrupt.clone(),
@@ -233,7 +234,7 @@ type GrpcServer = (
 
 async fn grpc_server(
     catalog: Catalog,
-    client: pushwire_worker::deliver::client::WebhookClient,
+    client: pushwire_common::webhook::client::WebhookClient,
     feed: ConfigFeed,
     worker: Option<&Worker>,
     grpc_metrics: GrpcMetrics,

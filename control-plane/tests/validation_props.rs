@@ -66,7 +66,7 @@ impl Server {
         let mut config = Config::defaults();
         config.data_dir = dir.path().join("data");
         config.allow_insecure_http = true;
-        config.delivery.allow_cidr = vec!["127.0.0.0/8".into()];
+        config.webhook.allow_cidr = vec!["127.0.0.0/8".into()];
         config.max_integrations_per_account = MAX_INTEGRATIONS;
         config.max_push_scopes_per_account = MAX_SCOPES;
         config.access.admin_token = Some(pushwire_common::domain::Secret::new(TOKEN));

@@ -52,7 +52,7 @@ pub fn worker_config(dir: &Path) -> Config {
     let mut config = test_config(&Backend::Embedded(dir.join("data")));
     config.with_worker = true;
     config.allow_insecure_http = true;
-    config.delivery.allow_cidr = vec!["127.0.0.0/8".into()];
+    config.webhook.allow_cidr = vec!["127.0.0.0/8".into()];
     config.delivery.retry_schedule = Schedule(vec![Duration::from_millis(50); 10]);
     config.delivery.retry_window = Duration::from_secs(2);
     config

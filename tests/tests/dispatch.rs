@@ -19,15 +19,15 @@ use pushwire_common::domain::{
     AccountName, AuthHeader, IncompletePolicy, Integration, IntegrationName, PayloadVariables,
     Secret, SignatureScheme, SigningSecret,
 };
-use pushwire_common::signing;
+use pushwire_common::webhook::client::{ClientOptions, WebhookClient};
+use pushwire_common::webhook::signing;
+use pushwire_common::webhook::ssrf::AllowList;
 use pushwire_tests::receiver::{Received, Reply, TestReceiver, serve};
 use pushwire_worker::deliver::breaker::BreakerOptions;
-use pushwire_worker::deliver::client::{ClientOptions, WebhookClient};
 use pushwire_worker::deliver::dispatch::{
     DisableRequest, DispatchOptions, Dispatcher, IntegrationSource, Job, LaneStats, Outcome,
 };
 use pushwire_worker::deliver::retry::RetryPolicy;
-use pushwire_worker::deliver::ssrf::AllowList;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;

@@ -11,7 +11,7 @@ use futures_util::StreamExt as _;
 use prost::Message as _;
 use pushwire_common::domain::Secret;
 use pushwire_common::pb::v1 as pb;
-use pushwire_common::signing;
+use pushwire_common::webhook::signing;
 use pushwire_control_plane::store::pb as rec;
 use pushwire_control_plane::{Config, Listeners};
 use pushwire_tests::control_plane::{Backend, ControlPlane, test_config};
@@ -52,7 +52,7 @@ fn on_etcd(etcd: &EtcdServer, key_file: Option<&Path>) -> Config {
 }
 
 fn allow_loopback(config: &mut Config) {
-    config.delivery.allow_cidr = vec!["127.0.0.0/8".into(), "::1/128".into()];
+    config.webhook.allow_cidr = vec!["127.0.0.0/8".into(), "::1/128".into()];
 }
 
 /// Runs a control plane that must fail to start, and returns its error with every cause.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use pushwire_common::domain::Secret;
 use pushwire_common::pb::v1 as pb;
-use pushwire_common::signing;
+use pushwire_common::webhook::signing;
 use pushwire_tests::receiver::{Received, Reply, TestReceiver};
 use pushwire_tests::worker::{
     COMPLETED, COMPLETED_ID, FIXTURE_CAMPAIGN, FIXTURE_WEBSITE, INCOMPLETE, INCOMPLETE_ID, Stack,
@@ -332,7 +332,7 @@ async fn standard_webhooks_signatures_verify_with_the_reference_library() -> any
         // Over HTTPS this time, trusting the receiver's CA.
         let receiver = TestReceiver::https().await?;
         let stack = Stack::start_with(|c, dir| {
-            c.delivery.extra_ca_file = Some(receiver.write_ca_file(dir)?);
+            c.webhook.extra_ca_file = Some(receiver.write_ca_file(dir)?);
             Ok(())
         })
         .await?;
@@ -1176,7 +1176,7 @@ async fn a_stream_holds_at_most_its_window_in_flight() -> anyhow::Result<()> {
         let stack = Stack::start_with(|c, _| {
             c.ingest.window = WINDOW as u32;
             // Hung attempts end after 2 s and are retried at once.
-            c.delivery.request_timeout = Duration::from_secs(2);
+            c.webhook.request_timeout = Duration::from_secs(2);
             c.delivery.retry_schedule = Schedule(vec![Duration::from_millis(10); 3]);
             c.delivery.retry_window = Duration::from_secs(10);
             Ok(())

@@ -595,7 +595,7 @@ async fn the_allow_list_lets_its_networks_through_but_never_cloud_metadata() -> 
     let dir = tempfile::tempdir()?;
     let data = Backend::Embedded(dir.path().join("data"));
     let mut config = test_config(&data);
-    config.delivery.allow_cidr = vec!["127.0.0.0/8".into(), "169.254.0.0/16".into()];
+    config.webhook.allow_cidr = vec!["127.0.0.0/8".into(), "169.254.0.0/16".into()];
     let cp = ControlPlane::start(config).await?;
     let account = "accounts/42";
     for (id, url) in [

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use pushwire_common::domain::Secret;
 use pushwire_common::pb::v1 as pb;
-use pushwire_common::signing;
+use pushwire_common::webhook::signing;
 use pushwire_tests::control_plane::AuthChannel;
 use pushwire_tests::control_plane::{Backend, ControlPlane, test_config};
 use pushwire_tests::receiver::{Received, TestReceiver};
@@ -69,7 +69,7 @@ async fn start(dir: &std::path::Path) -> anyhow::Result<ControlPlane> {
     let mut config = test_config(&Backend::Embedded(dir.join("data")));
     config.with_worker = true;
     config.allow_insecure_http = true;
-    config.delivery.allow_cidr = vec!["127.0.0.0/8".into()];
+    config.webhook.allow_cidr = vec!["127.0.0.0/8".into()];
     ControlPlane::start(config).await
 }
 

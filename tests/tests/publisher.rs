@@ -64,7 +64,7 @@ async fn publishes_over_mtls_by_name_with_a_token() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = pki(dir.path())?;
     let mut cp_config = test_config(&Backend::Embedded(dir.path().join("data")));
-    cp_config.delivery.allow_cidr = vec!["127.0.0.0/8".into()];
+    cp_config.webhook.allow_cidr = vec!["127.0.0.0/8".into()];
     let cp = ControlPlane::start(cp_config).await?;
     let receiver = CountingReceiver::start().await?;
     let name = cp
@@ -95,7 +95,7 @@ async fn publishes_over_mtls_by_name_with_a_token() -> anyhow::Result<()> {
     config.access.tls_cert = Some(pki.server.0.clone());
     config.access.tls_key = Some(pki.server.1.clone());
     config.access.tls_client_ca = Some(pki.ca.clone());
-    config.delivery.allow_cidr = vec!["127.0.0.0/8".into()];
+    config.webhook.allow_cidr = vec!["127.0.0.0/8".into()];
     config.shutdown_grace = Duration::from_secs(1);
     let listeners = pushwire_worker::Listeners {
         grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await?,

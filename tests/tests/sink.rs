@@ -1,13 +1,13 @@
 //! Runs the real `sink` binary on a free loopback port and checks what it answers and prints:
 //! signature verdicts for correctly and wrongly signed deliveries (signed with
-//! `pushwire_common::signing`), `--fail-first`, and the refusal of non-loopback addresses.
+//! `pushwire_common::webhook::signing`), `--fail-first`, and the refusal of non-loopback addresses.
 //! Every child is killed when its guard drops, panics included.
 
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pushwire_common::domain::Secret;
-use pushwire_common::signing::{qualifio_signature, standard_webhooks_signature};
+use pushwire_common::webhook::signing::{qualifio_signature, standard_webhooks_signature};
 use pushwire_tests::receiver::send;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};

@@ -7,12 +7,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pushwire_common::domain::Secret;
 use pushwire_common::pb::v1 as pb;
-use pushwire_common::signing;
-use pushwire_tests::control_plane::{Backend, ControlPlane, test_config};
-use pushwire_tests::receiver::{Received, Reply, TestReceiver};
-use pushwire_worker::deliver::request::{
+use pushwire_common::webhook::request::{
     SAMPLE_PARTICIPATION, SAMPLE_PARTICIPATION_ID, USER_AGENT,
 };
+use pushwire_common::webhook::signing;
+use pushwire_tests::control_plane::{Backend, ControlPlane, test_config};
+use pushwire_tests::receiver::{Received, Reply, TestReceiver};
 use tonic::Code;
 
 const ACCOUNT: &str = "accounts/42";
@@ -38,13 +38,13 @@ async fn start(dir: &Path, delivery: Delivery<'_>) -> anyhow::Result<ControlPlan
     let mut config = test_config(&Backend::Embedded(dir.join("data")));
     if delivery.allow_loopback {
         // ::1 too: `localhost` may resolve to both, and one refused answer refuses the host.
-        config.delivery.allow_cidr = vec!["127.0.0.0/8".into(), "::1/128".into()];
+        config.webhook.allow_cidr = vec!["127.0.0.0/8".into(), "::1/128".into()];
     }
     if let Some(receiver) = delivery.trust {
-        config.delivery.extra_ca_file = Some(receiver.write_ca_file(dir)?);
+        config.webhook.extra_ca_file = Some(receiver.write_ca_file(dir)?);
     }
     if let Some(timeout) = delivery.request_timeout {
-        config.delivery.request_timeout = timeout;
+        config.webhook.request_timeout = timeout;
     }
     ControlPlane::start(config).await
 }

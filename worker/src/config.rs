@@ -1,7 +1,8 @@
 //! Command-line flags of the worker, each with a `PUSHWIRE_*` environment variable.
-//! [`DeliveryArgs`] are shared with the control plane, which sends `TestIntegration` requests
-//! with the same client and runs an in-process worker with `--with-worker`; the token and TLS
-//! flags of the server ([`AccessArgs`]) are `pushwire_common::server::access`.
+//! [`WebhookArgs`] (how webhooks are sent) come from `pushwire_common::webhook` and the token
+//! and TLS flags ([`AccessArgs`]) from `pushwire_common::server::access`; [`IngestArgs`] and
+//! [`DeliveryArgs`] are also taken by the control plane for its in-process worker
+//! (`--with-worker`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,38 +13,16 @@ use pushwire_common::auth::Bearer;
 use pushwire_common::domain::Secret;
 use pushwire_common::server::access::{AccessArgs, AccessError, read_file, secret_from_env};
 use pushwire_common::server::telemetry::LogFormat;
+use pushwire_common::webhook::WebhookArgs;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use crate::deliver::client::{ClientBuildError, ClientOptions, WebhookClient};
 use crate::deliver::dispatch::DispatchOptions;
 use crate::deliver::retry::{self, RetryPolicy};
-use crate::deliver::ssrf::AllowList;
 
-/// How webhooks are sent: timeouts, SSRF allow-list, trusted CAs, retries, isolation.
+/// The worker's own delivery flags: retries and isolation. How webhooks are sent (timeouts,
+/// SSRF allow-list, trusted CAs) is [`WebhookArgs`], shared with the control plane.
 #[derive(Clone, Debug, Args)]
 pub struct DeliveryArgs {
-    /// Time to resolve, connect and finish the TLS handshake of one attempt.
-    #[arg(long, env = "PUSHWIRE_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub connect_timeout: Duration,
-
-    /// Time for one whole attempt, reading the response included.
-    #[arg(long, env = "PUSHWIRE_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
-    pub request_timeout: Duration,
-
-    /// Non-public network that receivers may be on anyway (repeatable, e.g. 127.0.0.0/8 for
-    /// tests or 10.20.0.0/16 for on-premises receivers). Everything non-global is refused
-    /// otherwise.
-    #[arg(
-        long = "allow-cidr",
-        env = "PUSHWIRE_ALLOW_CIDR",
-        value_delimiter = ','
-    )]
-    pub allow_cidr: Vec<String>,
-
-    /// PEM file of CA certificates trusted for HTTPS receivers, beside the built-in roots.
-    #[arg(long, env = "PUSHWIRE_EXTRA_CA_FILE")]
-    pub extra_ca_file: Option<PathBuf>,
-
     /// Delays between attempts, comma-separated; the first attempt is immediate (e.g.
     /// "5s,30s,2m,5m,10m"). Each delay gets ±20 % jitter.
     #[arg(long, env = "PUSHWIRE_RETRY_SCHEDULE", default_value = "5s,30s,2m,5m,10m", value_parser = Schedule::parse)]
@@ -73,25 +52,6 @@ impl Schedule {
     }
 }
 
-/// Why the delivery settings are unusable.
-#[derive(Debug, thiserror::Error)]
-pub enum DeliveryConfigError {
-    /// An `--allow-cidr` value is not a network.
-    #[error("--allow-cidr: {0}")]
-    AllowCidr(String),
-    /// The `--extra-ca-file` cannot be read.
-    #[error("--extra-ca-file {path}: {source}")]
-    CaFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The client could not be built (e.g. no certificate in the CA file).
-    #[error(transparent)]
-    Client(#[from] ClientBuildError),
-}
-
 impl DeliveryArgs {
     /// The defaults, as if given no flags.
     pub fn defaults() -> Self {
@@ -101,30 +61,6 @@ impl DeliveryArgs {
             delivery: DeliveryArgs,
         }
         Only::parse_from(["delivery"]).delivery
-    }
-
-    /// The HTTP client these settings describe (reads the CA file).
-    pub fn client(&self) -> Result<WebhookClient, DeliveryConfigError> {
-        let allow = AllowList::parse(&self.allow_cidr)
-            .map_err(|e| DeliveryConfigError::AllowCidr(e.to_string()))?;
-        let extra_ca_pem = match &self.extra_ca_file {
-            Some(path) => {
-                Some(
-                    std::fs::read(path).map_err(|source| DeliveryConfigError::CaFile {
-                        path: path.clone(),
-                        source,
-                    })?,
-                )
-            }
-            None => None,
-        };
-        Ok(WebhookClient::new(ClientOptions {
-            connect_timeout: self.connect_timeout,
-            request_timeout: self.request_timeout,
-            allow,
-            extra_ca_pem,
-            ..ClientOptions::default()
-        })?)
     }
 
     /// Retry and isolation settings.
@@ -271,6 +207,9 @@ pub struct Config {
     pub ingest: IngestArgs,
 
     #[command(flatten)]
+    pub webhook: WebhookArgs,
+
+    #[command(flatten)]
     pub delivery: DeliveryArgs,
 
     /// Time allowed to finish in-flight attempts after SIGTERM/SIGINT; unacknowledged
@@ -305,9 +244,9 @@ mod tests {
         assert_eq!(d.retry.window, retry::DEFAULT_WINDOW);
         assert_eq!(d.concurrency, 32);
         assert_eq!(d.breaker_threshold, 10);
-        assert_eq!(c.delivery.connect_timeout, Duration::from_secs(5));
-        assert_eq!(c.delivery.request_timeout, Duration::from_secs(15));
-        assert!(c.delivery.client().is_ok());
+        assert_eq!(c.webhook.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.webhook.request_timeout, Duration::from_secs(15));
+        assert!(c.webhook.client().is_ok());
     }
 
     #[test]
@@ -325,23 +264,23 @@ mod tests {
             "--window",
             "8",
         ]);
-        assert_eq!(c.delivery.allow_cidr, ["127.0.0.0/8", "::1/128"]);
+        assert_eq!(c.webhook.allow_cidr, ["127.0.0.0/8", "::1/128"]);
         assert_eq!(
             c.delivery.retry_schedule.0,
             [Duration::from_millis(10), Duration::from_millis(20)]
         );
         assert_eq!(c.ingest.window, 8);
-        assert!(c.delivery.client().is_ok());
+        assert!(c.webhook.client().is_ok());
     }
 
     #[test]
     fn bad_values_are_refused_with_the_flag_named() {
         let bad_cidr = Config::parse_from(["worker", "--allow-cidr", "10.0.0.0/33"]);
-        let err = bad_cidr.delivery.client().unwrap_err().to_string();
+        let err = bad_cidr.webhook.client().unwrap_err().to_string();
         assert!(err.starts_with("--allow-cidr"), "{err}");
 
         let missing_ca = Config::parse_from(["worker", "--extra-ca-file", "/nonexistent/ca.pem"]);
-        let err = missing_ca.delivery.client().unwrap_err().to_string();
+        let err = missing_ca.webhook.client().unwrap_err().to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
 
         assert!(Config::try_parse_from(["worker", "--window", "0"]).is_err());

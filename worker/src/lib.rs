@@ -7,7 +7,8 @@
 //!   [`router::RoutingTable`] in step with it, over the [`control_plane`] channel;
 //! - [`router`] (pure): the routing table, and the plan of one participation's deliveries;
 //! - [`ingest`]: the gRPC `IngestService` (parse, plan, deliver, acknowledge);
-//! - [`deliver`]: per-integration queues, breakers, retries, signing and the HTTP client;
+//! - [`deliver`]: per-integration queues, breakers and retries (requests are built, signed and
+//!   sent by `pushwire_common::webhook`);
 //! - [`disable`]: turns `410 Gone` answers into control-plane updates;
 //! - [`in_process`]: the in-memory channel of the worker embedded by `--with-worker`;
 //! - [`http`]: health, readiness and metrics ([`metrics`]); [`trace`]: W3C `traceparent`.
@@ -29,13 +30,14 @@ use std::time::Duration;
 
 use pushwire_common::domain::{Integration, IntegrationName};
 use pushwire_common::pb::v1 as pb;
+use pushwire_common::webhook::{DeliveryConfigError, WebhookArgs};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 
 pub use config::Config;
-use config::{DeliveryArgs, DeliveryConfigError, IngestArgs};
+use config::{DeliveryArgs, IngestArgs};
 pub use config_watch::TableWatch;
 pub use control_plane::ControlPlaneChannel;
 use deliver::dispatch::{Dispatcher, IntegrationSource};
@@ -93,11 +95,12 @@ impl Worker {
     pub fn start(
         control_plane: ControlPlaneChannel,
         ingest: &IngestArgs,
+        webhook: &WebhookArgs,
         delivery: &DeliveryArgs,
         intake: CancellationToken,
         interrupt: CancellationToken,
     ) -> Result<Self, DeliveryConfigError> {
-        let client = delivery.client()?;
+        let client = webhook.client()?;
         let metrics = Arc::new(Metrics::default());
         let (table_tx, table) = watch::channel(None);
         let (disable_tx, disable_rx) = mpsc::channel(disable::QUEUE);
@@ -194,6 +197,7 @@ pub async fn run(
     let worker = Worker::start(
         channel,
         &config.ingest,
+        &config.webhook,
         &config.delivery,
         shutdown.clone(),
         interrupt.clone(),

@@ -10,11 +10,11 @@ use pushwire_common::domain::{
 };
 
 use super::{
-    AccountView, Catalog, MAX_ATTEMPTS, Page, PageRequest, Result, ServiceError, check_etag,
-    generate_id, paginate, too_busy, validate,
+    AccountView, Attempt, Catalog, Page, PageRequest, Result, ServiceError, check_etag,
+    generate_id, paginate, validate,
 };
 use crate::store::records::{self, Record};
-use crate::store::{Compare, Op, Txn, TxnOutcome, keys};
+use crate::store::{Compare, Op, Txn, keys};
 
 /// How many replaced secrets keep signing at once; older ones are dropped early.
 const MAX_PREVIOUS_SECRETS: usize = 4;
@@ -84,50 +84,52 @@ impl Catalog {
             revision: 0,
         };
         self.apply(&mut integration, patch, now)?;
-        for _ in 0..MAX_ATTEMPTS {
-            let view = self.view(account).await?;
-            if view.integrations.contains_key(integration.name.id()) {
-                if generated {
-                    integration.name = IntegrationName::new(account, &generate_id())
-                        .expect("generated ids are valid");
-                    continue;
-                }
-                return Err(ServiceError::AlreadyExists(format!(
-                    "{} already exists",
-                    integration.name
-                )));
-            }
-            // Guarded like the unique display name: a concurrent create makes the prefix
-            // compare below fail, and the count is taken again.
-            let max = self.opts.max_integrations_per_account;
-            if view.integrations.len() >= max {
-                return Err(ServiceError::ResourceExhausted(format!(
-                    "{account} has {} integrations, the most allowed per account \
-                     (--max-integrations-per-account {max}); delete one first",
-                    view.integrations.len()
-                )));
-            }
-            check_unique_display_name(&view, &integration)?;
-            let key = records::integration_key(&integration.name);
-            let txn = Txn {
-                compares: vec![
-                    Compare::Absent(key.clone()),
-                    Compare::PrefixUnchangedSince {
-                        prefix: keys::integrations_prefix(account.id()),
-                        revision: view.revision,
-                    },
-                ],
-                ops: vec![Op::Put {
-                    key,
-                    value: records::encode_integration(&integration, &self.keys),
-                }],
-            };
-            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
-                integration.revision = revision;
-                return Ok(integration);
-            }
-        }
-        Err(too_busy())
+        let ((), revision) = self
+            .transact(
+                move || self.view(account),
+                |view| {
+                    if view.integrations.contains_key(integration.name.id()) {
+                        if generated {
+                            integration.name = IntegrationName::new(account, &generate_id())
+                                .expect("generated ids are valid");
+                            return Ok(Attempt::Again);
+                        }
+                        return Err(ServiceError::AlreadyExists(format!(
+                            "{} already exists",
+                            integration.name
+                        )));
+                    }
+                    // Guarded like the unique display name: a concurrent create makes the
+                    // prefix compare below fail, and the count is taken again.
+                    let max = self.opts.max_integrations_per_account;
+                    if view.integrations.len() >= max {
+                        return Err(ServiceError::ResourceExhausted(format!(
+                            "{account} has {} integrations, the most allowed per account \
+                             (--max-integrations-per-account {max}); delete one first",
+                            view.integrations.len()
+                        )));
+                    }
+                    check_unique_display_name(&view, &integration)?;
+                    let key = records::integration_key(&integration.name);
+                    let txn = Txn {
+                        compares: vec![
+                            Compare::Absent(key.clone()),
+                            Compare::PrefixUnchangedSince {
+                                prefix: keys::integrations_prefix(account.id()),
+                                revision: view.revision,
+                            },
+                        ],
+                        ops: vec![Op::Put {
+                            key,
+                            value: records::encode_integration(&integration, &self.keys),
+                        }],
+                    };
+                    Ok(Attempt::Commit { txn, value: () })
+                },
+            )
+            .await?;
+        integration.revision = revision;
+        Ok(integration)
     }
 
     /// Reads one integration.
@@ -166,39 +168,44 @@ impl Catalog {
         etag: Option<i64>,
         patch: IntegrationPatch,
     ) -> Result<Integration> {
-        for _ in 0..MAX_ATTEMPTS {
-            let view = self.view(name.account()).await?;
-            let current = view
-                .integrations
-                .get(name.id())
-                .ok_or_else(|| ServiceError::NotFound(name.to_string()))?;
-            check_etag(name, etag, current.revision)?;
-            let now = SystemTime::now();
-            let mut updated = current.clone();
-            self.apply(&mut updated, patch.clone(), now)?;
-            updated.update_time = now;
-            let key = records::integration_key(name);
-            let mut compares = vec![Compare::ModRevision(key.clone(), current.revision)];
-            if updated.display_name != current.display_name {
-                check_unique_display_name(&view, &updated)?;
-                compares.push(Compare::PrefixUnchangedSince {
-                    prefix: keys::integrations_prefix(name.account().id()),
-                    revision: view.revision,
-                });
-            }
-            let txn = Txn {
-                compares,
-                ops: vec![Op::Put {
-                    key,
-                    value: records::encode_integration(&updated, &self.keys),
-                }],
-            };
-            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
-                updated.revision = revision;
-                return Ok(updated);
-            }
-        }
-        Err(too_busy())
+        let (mut updated, revision) = self
+            .transact(
+                move || self.view(name.account()),
+                |view| {
+                    let current = view
+                        .integrations
+                        .get(name.id())
+                        .ok_or_else(|| ServiceError::NotFound(name.to_string()))?;
+                    check_etag(name, etag, current.revision)?;
+                    let now = SystemTime::now();
+                    let mut updated = current.clone();
+                    self.apply(&mut updated, patch.clone(), now)?;
+                    updated.update_time = now;
+                    let key = records::integration_key(name);
+                    let mut compares = vec![Compare::ModRevision(key.clone(), current.revision)];
+                    if updated.display_name != current.display_name {
+                        check_unique_display_name(&view, &updated)?;
+                        compares.push(Compare::PrefixUnchangedSince {
+                            prefix: keys::integrations_prefix(name.account().id()),
+                            revision: view.revision,
+                        });
+                    }
+                    let txn = Txn {
+                        compares,
+                        ops: vec![Op::Put {
+                            key,
+                            value: records::encode_integration(&updated, &self.keys),
+                        }],
+                    };
+                    Ok(Attempt::Commit {
+                        txn,
+                        value: updated,
+                    })
+                },
+            )
+            .await?;
+        updated.revision = revision;
+        Ok(updated)
     }
 
     /// Deletes an integration; with `force`, also the scopes that refer to it, atomically.
@@ -208,56 +215,57 @@ impl Catalog {
         etag: Option<i64>,
         force: bool,
     ) -> Result<()> {
-        for _ in 0..MAX_ATTEMPTS {
-            let view = self.view(name.account()).await?;
-            let current = view
-                .integrations
-                .get(name.id())
-                .ok_or_else(|| ServiceError::NotFound(name.to_string()))?;
-            check_etag(name, etag, current.revision)?;
-            let referring: Vec<_> = view
-                .scopes
-                .values()
-                .filter(|s| &s.integration == name)
-                .collect();
-            if !referring.is_empty() && !force {
-                let listed: Vec<String> = referring
-                    .iter()
-                    .take(5)
-                    .map(|s| s.name.to_string())
+        self.transact(
+            move || self.view(name.account()),
+            |view| {
+                let current = view
+                    .integrations
+                    .get(name.id())
+                    .ok_or_else(|| ServiceError::NotFound(name.to_string()))?;
+                check_etag(name, etag, current.revision)?;
+                let referring: Vec<_> = view
+                    .scopes
+                    .values()
+                    .filter(|s| &s.integration == name)
                     .collect();
-                return Err(ServiceError::FailedPrecondition(format!(
-                    "{name} is used by {} push scope(s) ({}{}); delete them first or set force",
-                    referring.len(),
-                    listed.join(", "),
-                    if referring.len() > listed.len() {
-                        ", ..."
-                    } else {
-                        ""
-                    },
-                )));
-            }
-            let key = records::integration_key(name);
-            let mut ops = vec![Op::Delete { key: key.clone() }];
-            ops.extend(referring.iter().map(|s| Op::Delete {
-                key: records::push_scope_key(&s.name),
-            }));
-            let txn = Txn {
-                compares: vec![
-                    Compare::ModRevision(key, current.revision),
-                    // A scope created meanwhile for this integration would be left dangling.
-                    Compare::PrefixUnchangedSince {
-                        prefix: keys::push_scopes_prefix(name.account().id()),
-                        revision: view.revision,
-                    },
-                ],
-                ops,
-            };
-            if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
-                return Ok(());
-            }
-        }
-        Err(too_busy())
+                if !referring.is_empty() && !force {
+                    let listed: Vec<String> = referring
+                        .iter()
+                        .take(5)
+                        .map(|s| s.name.to_string())
+                        .collect();
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "{name} is used by {} push scope(s) ({}{}); delete them first or set force",
+                        referring.len(),
+                        listed.join(", "),
+                        if referring.len() > listed.len() {
+                            ", ..."
+                        } else {
+                            ""
+                        },
+                    )));
+                }
+                let key = records::integration_key(name);
+                let mut ops = vec![Op::Delete { key: key.clone() }];
+                ops.extend(referring.iter().map(|s| Op::Delete {
+                    key: records::push_scope_key(&s.name),
+                }));
+                let txn = Txn {
+                    compares: vec![
+                        Compare::ModRevision(key, current.revision),
+                        // A scope created meanwhile for this integration would be left dangling.
+                        Compare::PrefixUnchangedSince {
+                            prefix: keys::push_scopes_prefix(name.account().id()),
+                            revision: view.revision,
+                        },
+                    ],
+                    ops,
+                };
+                Ok(Attempt::Commit { txn, value: () })
+            },
+        )
+        .await?;
+        Ok(())
     }
 
     /// Validates `patch` and applies it to `i`.

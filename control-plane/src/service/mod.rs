@@ -1,11 +1,13 @@
 //! The configuration's rules: validation, invariants and the transactions that keep them
 //! (unique ids and display names, scopes only for existing integrations of the same account,
-//! etag checks, atomic forced deletes). Knows the [`Store`] contract and the domain types,
-//! never gRPC: the `api` module turns requests into calls here and errors into statuses.
+//! etag checks, atomic forced deletes), and `TestIntegration`'s test request. Knows the
+//! [`Store`] contract and the domain types, never gRPC: the `api` module turns requests into
+//! calls here and errors into statuses.
 
 pub mod feed;
 mod integrations;
 mod push_scopes;
+mod test_integration;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -15,16 +17,17 @@ use std::time::Duration;
 use base64::Engine as _;
 use pushwire_common::domain::convert::InvalidField;
 use pushwire_common::domain::{AccountName, Integration, PushScope};
-use pushwire_worker::deliver::ssrf::AllowList;
+use pushwire_common::webhook::ssrf::AllowList;
 use rand::Rng as _;
 
 pub use feed::{Change, ConfigFeed, FeedUpdate, FeedView};
 pub use integrations::{AuthHeaderInput, IntegrationPatch};
 pub use push_scopes::PushScopePatch;
+pub use test_integration::{TestAnswer, TestReport};
 
 use crate::crypto::Keyring;
 use crate::store::records::{self, Record};
-use crate::store::{Store, StoreError, keys};
+use crate::store::{Store, StoreError, Txn, TxnOutcome, keys};
 
 /// How often a mutation is retried when a concurrent change in the same account made its
 /// transaction's guards fail; each retry re-reads and re-validates.
@@ -185,6 +188,46 @@ fn check_etag(name: &dyn std::fmt::Display, etag: Option<i64>, current: i64) -> 
 
 fn too_busy() -> ServiceError {
     ServiceError::Aborted("too many concurrent changes in this account; retry".into())
+}
+
+/// What one try of an optimistic transaction ([`Catalog::transact`]) decided.
+enum Attempt<T> {
+    /// Commit `txn`, whose guards hold only if nothing it read has changed since; `value` is
+    /// what the call returns once it commits.
+    Commit {
+        /// The guarded transaction.
+        txn: Txn,
+        /// The result, without its new revision.
+        value: T,
+    },
+    /// Read and check again (e.g. a generated id is taken); counts as a try.
+    Again,
+}
+
+impl Catalog {
+    /// Runs an optimistic transaction: reads with `read`, then `attempt` checks the rules on
+    /// what was read and returns the guarded transaction to commit. When a guard fails because
+    /// of a concurrent change in the account, it reads and checks again, [`MAX_ATTEMPTS`] times
+    /// at most (then ABORTED). A rule `attempt` refuses ends the call. Returns the value and
+    /// the revision committed at.
+    async fn transact<V, T, R>(
+        &self,
+        read: impl Fn() -> R,
+        mut attempt: impl FnMut(V) -> Result<Attempt<T>>,
+    ) -> Result<(T, i64)>
+    where
+        R: Future<Output = Result<V>>,
+    {
+        for _ in 0..MAX_ATTEMPTS {
+            let Attempt::Commit { txn, value } = attempt(read().await?)? else {
+                continue;
+            };
+            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
+                return Ok((value, revision));
+            }
+        }
+        Err(too_busy())
+    }
 }
 
 /// A random id for resources created without one: a letter then 11 letters or digits.

@@ -11,11 +11,11 @@ use pushwire_common::domain::{
 };
 
 use super::{
-    AccountView, Catalog, MAX_ATTEMPTS, Page, PageRequest, Result, ServiceError, check_etag,
-    generate_id, paginate, too_busy,
+    AccountView, Attempt, Catalog, Page, PageRequest, Result, ServiceError, check_etag,
+    generate_id, paginate,
 };
 use crate::store::records::{self, Record};
-use crate::store::{Compare, Op, Txn, TxnOutcome, keys};
+use crate::store::{Compare, Op, Txn, keys};
 
 /// The fields a create or update sets; `None` leaves a field as it is (or at its default).
 #[derive(Clone, Debug, Default)]
@@ -133,60 +133,65 @@ impl Catalog {
         };
         let (integration, target, audience, action) = draft.apply(account, patch)?;
         let now = SystemTime::now();
-        for _ in 0..MAX_ATTEMPTS {
-            let view = self.view(account).await?;
-            if view.scopes.contains_key(name.id()) {
-                if id.is_none() {
-                    name = PushScopeName::new(account, &generate_id())
-                        .expect("generated ids are valid");
-                    continue;
-                }
-                return Err(ServiceError::AlreadyExists(format!(
-                    "{name} already exists"
-                )));
-            }
-            // Guarded by the prefix compare below: concurrent creates cannot both take the
-            // last place.
-            let max = self.opts.max_push_scopes_per_account;
-            if view.scopes.len() >= max {
-                return Err(ServiceError::ResourceExhausted(format!(
-                    "{account} has {} push scopes, the most allowed per account \
-                     (--max-push-scopes-per-account {max}); delete one first",
-                    view.scopes.len()
-                )));
-            }
-            let mut scope = PushScope {
-                name: name.clone(),
-                integration: integration.clone(),
-                target: target.clone(),
-                audience,
-                action,
-                create_time: now,
-                update_time: now,
-                revision: 0,
-            };
-            let integration_rev = check_scope(&view, &scope)?;
-            let key = records::push_scope_key(&scope.name);
-            let txn = Txn {
-                compares: vec![
-                    Compare::Absent(key.clone()),
-                    Compare::ModRevision(records::integration_key(&integration), integration_rev),
-                    Compare::PrefixUnchangedSince {
-                        prefix: keys::push_scopes_prefix(account.id()),
-                        revision: view.revision,
-                    },
-                ],
-                ops: vec![Op::Put {
-                    key,
-                    value: records::encode_push_scope(&scope),
-                }],
-            };
-            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
-                scope.revision = revision;
-                return Ok(scope);
-            }
-        }
-        Err(too_busy())
+        let (mut scope, revision) = self
+            .transact(
+                move || self.view(account),
+                |view| {
+                    if view.scopes.contains_key(name.id()) {
+                        if id.is_none() {
+                            name = PushScopeName::new(account, &generate_id())
+                                .expect("generated ids are valid");
+                            return Ok(Attempt::Again);
+                        }
+                        return Err(ServiceError::AlreadyExists(format!(
+                            "{name} already exists"
+                        )));
+                    }
+                    // Guarded by the prefix compare below: concurrent creates cannot both take
+                    // the last place.
+                    let max = self.opts.max_push_scopes_per_account;
+                    if view.scopes.len() >= max {
+                        return Err(ServiceError::ResourceExhausted(format!(
+                            "{account} has {} push scopes, the most allowed per account \
+                             (--max-push-scopes-per-account {max}); delete one first",
+                            view.scopes.len()
+                        )));
+                    }
+                    let scope = PushScope {
+                        name: name.clone(),
+                        integration: integration.clone(),
+                        target: target.clone(),
+                        audience,
+                        action,
+                        create_time: now,
+                        update_time: now,
+                        revision: 0,
+                    };
+                    let integration_rev = check_scope(&view, &scope)?;
+                    let key = records::push_scope_key(&scope.name);
+                    let txn = Txn {
+                        compares: vec![
+                            Compare::Absent(key.clone()),
+                            Compare::ModRevision(
+                                records::integration_key(&integration),
+                                integration_rev,
+                            ),
+                            Compare::PrefixUnchangedSince {
+                                prefix: keys::push_scopes_prefix(account.id()),
+                                revision: view.revision,
+                            },
+                        ],
+                        ops: vec![Op::Put {
+                            key,
+                            value: records::encode_push_scope(&scope),
+                        }],
+                    };
+                    Ok(Attempt::Commit { txn, value: scope })
+                },
+            )
+            .await?;
+        scope.revision = revision;
+        Ok(scope)
     }
 
     /// Reads one push scope.
@@ -228,65 +233,71 @@ impl Catalog {
         etag: Option<i64>,
         patch: PushScopePatch,
     ) -> Result<PushScope> {
-        for _ in 0..MAX_ATTEMPTS {
-            let view = self.view(name.account()).await?;
-            let current = view
-                .scopes
-                .get(name.id())
-                .ok_or_else(|| ServiceError::NotFound(name.to_string()))?;
-            check_etag(name, etag, current.revision)?;
-            let (integration, target, audience, action) =
-                Draft::of(current).apply(name.account(), patch.clone())?;
-            let mut updated = PushScope {
-                integration,
-                target,
-                audience,
-                action,
-                update_time: SystemTime::now(),
-                ..current.clone()
-            };
-            let integration_rev = check_scope(&view, &updated)?;
-            let key = records::push_scope_key(name);
-            let txn = Txn {
-                compares: vec![
-                    Compare::ModRevision(key.clone(), current.revision),
-                    Compare::ModRevision(
-                        records::integration_key(&updated.integration),
-                        integration_rev,
-                    ),
-                    Compare::PrefixUnchangedSince {
-                        prefix: keys::push_scopes_prefix(name.account().id()),
-                        revision: view.revision,
-                    },
-                ],
-                ops: vec![Op::Put {
-                    key,
-                    value: records::encode_push_scope(&updated),
-                }],
-            };
-            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
-                updated.revision = revision;
-                return Ok(updated);
-            }
-        }
-        Err(too_busy())
+        let (mut updated, revision) = self
+            .transact(
+                move || self.view(name.account()),
+                |view| {
+                    let current = view
+                        .scopes
+                        .get(name.id())
+                        .ok_or_else(|| ServiceError::NotFound(name.to_string()))?;
+                    check_etag(name, etag, current.revision)?;
+                    let (integration, target, audience, action) =
+                        Draft::of(current).apply(name.account(), patch.clone())?;
+                    let updated = PushScope {
+                        integration,
+                        target,
+                        audience,
+                        action,
+                        update_time: SystemTime::now(),
+                        ..current.clone()
+                    };
+                    let integration_rev = check_scope(&view, &updated)?;
+                    let key = records::push_scope_key(name);
+                    let txn = Txn {
+                        compares: vec![
+                            Compare::ModRevision(key.clone(), current.revision),
+                            Compare::ModRevision(
+                                records::integration_key(&updated.integration),
+                                integration_rev,
+                            ),
+                            Compare::PrefixUnchangedSince {
+                                prefix: keys::push_scopes_prefix(name.account().id()),
+                                revision: view.revision,
+                            },
+                        ],
+                        ops: vec![Op::Put {
+                            key,
+                            value: records::encode_push_scope(&updated),
+                        }],
+                    };
+                    Ok(Attempt::Commit {
+                        txn,
+                        value: updated,
+                    })
+                },
+            )
+            .await?;
+        updated.revision = revision;
+        Ok(updated)
     }
 
     /// Deletes a push scope.
     pub async fn delete_push_scope(&self, name: &PushScopeName, etag: Option<i64>) -> Result<()> {
-        for _ in 0..MAX_ATTEMPTS {
-            let current = self.get_push_scope(name).await?;
-            check_etag(name, etag, current.revision)?;
-            let key = records::push_scope_key(name);
-            let txn = Txn {
-                compares: vec![Compare::ModRevision(key.clone(), current.revision)],
-                ops: vec![Op::Delete { key }],
-            };
-            if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
-                return Ok(());
-            }
-        }
-        Err(too_busy())
+        self.transact(
+            move || self.get_push_scope(name),
+            |current| {
+                check_etag(name, etag, current.revision)?;
+                let key = records::push_scope_key(name);
+                let txn = Txn {
+                    compares: vec![Compare::ModRevision(key.clone(), current.revision)],
+                    ops: vec![Op::Delete { key }],
+                };
+                Ok(Attempt::Commit { txn, value: () })
+            },
+        )
+        .await?;
+        Ok(())
     }
 
     /// The integrations that would fire for a participation at `placement`, with the scope

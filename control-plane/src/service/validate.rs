@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use base64::Engine as _;
 use pushwire_common::domain::convert::InvalidField;
-use pushwire_worker::deliver::ssrf::{self, AllowList};
+use pushwire_common::webhook::ssrf::{self, AllowList};
 
 /// Longest display name, in characters.
 pub const MAX_DISPLAY_NAME_CHARS: usize = 100;

@@ -1,7 +1,7 @@
 //! `sink`: a loopback webhook receiver for people checking their Pushwire set-up. Prints each
 //! delivery (headers, signature verdicts, body) and answers with a chosen status and delay.
 //! Serving and TLS come from `pushwire_tests::receiver`; signature checks from
-//! `pushwire_common::signing`. It never listens beyond loopback.
+//! `pushwire_common::webhook::signing`. It never listens beyond loopback.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use clap::Parser;
 use pushwire_common::domain::Secret;
-use pushwire_common::signing::{verify_qualifio, verify_standard_webhooks};
+use pushwire_common::webhook::signing::{verify_qualifio, verify_standard_webhooks};
 use pushwire_tests::receiver::{Received, Reply, TlsIdentity, serve};
 use serde_json::json;
 use tokio::net::TcpListener;

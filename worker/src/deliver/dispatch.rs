@@ -14,6 +14,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use pushwire_common::server::telemetry;
+use pushwire_common::webhook::client::{AttemptError, HttpResponse, WebhookClient};
+use pushwire_common::webhook::request;
 use tracing::Instrument as _;
 
 // `LaneStats` is defined by the metrics it feeds (so `metrics` imports nothing from here);
@@ -22,9 +24,7 @@ pub use crate::metrics::LaneStats;
 use crate::metrics::{Metrics, StatusClassLabel};
 
 use super::breaker::{Admission, Breaker, BreakerOptions};
-use super::client::{AttemptError, HttpResponse, WebhookClient};
 use super::lane::{Lane, LanePermit, Priority};
-use super::request;
 use super::retry::{self, RetryPolicy, Verdict};
 
 /// Settings of the [`Dispatcher`].

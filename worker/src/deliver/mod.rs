@@ -1,9 +1,7 @@
-//! Delivery: per-integration queues, HTTP client with the SSRF guard, retries and breakers.
+//! Delivery: per-integration queues, retries and breakers. Requests are built, signed and sent
+//! by [`pushwire_common::webhook`] (HTTP client with the SSRF guard).
 
 pub mod breaker;
-pub mod client;
 pub mod dispatch;
 pub mod lane;
-pub mod request;
 pub mod retry;
-pub mod ssrf;

@@ -1,15 +1,17 @@
 //! One webhook attempt's request (DESIGN §4): URL, headers (ids, timestamp, signatures, the
 //! integration's auth header, `traceparent`) and the body: exactly as published, or with the
-//! `variables` object the integration asks for ([`pushwire_common::payload`]). Pure: the clock
+//! `variables` object the integration asks for ([`crate::payload`]). Pure: the clock
 //! is passed in and nothing is sent; sending is the [`client`](super::client)'s job. Signing
-//! rules live in [`pushwire_common::signing`]; this module only picks the secrets.
+//! rules live in [`signing`]; this module only picks the secrets.
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use pushwire_common::domain::{Integration, PayloadVariables, SignatureScheme};
-use pushwire_common::{payload, signing};
+
+use super::signing;
+use crate::domain::{Integration, PayloadVariables, SignatureScheme};
+use crate::payload;
 
 /// `User-Agent` of every webhook.
 pub const USER_AGENT: &str = concat!("Pushwire/", env!("CARGO_PKG_VERSION"));
@@ -226,7 +228,7 @@ fn with_variables(integration: &Integration, participation_id: &str, body: Bytes
 mod tests {
     use std::time::Duration;
 
-    use pushwire_common::domain::{
+    use crate::domain::{
         AccountName, AuthHeader, IncompletePolicy, IntegrationName, PayloadVariables, Secret,
         SigningSecret,
     };
@@ -516,9 +518,9 @@ mod tests {
 
     #[test]
     fn sample_participation_is_a_valid_completed_participation() {
-        let p = pushwire_common::participation::parse(
+        let p = crate::participation::parse(
             SAMPLE_PARTICIPATION,
-            pushwire_common::participation::DEFAULT_MAX_BYTES,
+            crate::participation::DEFAULT_MAX_BYTES,
         )
         .unwrap();
         assert!(p.is_complete());
