@@ -1,4 +1,4 @@
-//! Harness of the fault-injection suite (`tests/tests/faults.rs`): the control plane and the
+//! Harness of the fault-injection suite (`tests/tests/it/faults.rs`): the control plane and the
 //! workers as real processes (the `*-under-test` binaries) on loopback ports that survive their
 //! restarts; in-process receivers whose answers a scenario sets (random 500s, a stall, slow
 //! answers) and which count every delivery by participation; a routing set-up over three

@@ -19,7 +19,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// An incomplete participation of the same campaign: routed to both integrations and skipped by
 /// both (their default policy), so publishing it shows routing without sending anything.
-const PROBE: &str = include_str!("../../common/tests/data/participation-v2-incomplete.json");
+const PROBE: &str = include_str!("../../../common/tests/data/participation-v2-incomplete.json");
 
 /// A completed participation with every answer shape, pretty-printed as a publisher might.
 const PARTICIPATION_ID: &str = "B1E7C0DE-0000-4A5B-8C9D-0E1F2A3B4C5D";

@@ -1,7 +1,7 @@
 //! Traces end to end: a real OTLP/gRPC collector (opentelemetry-proto's `TraceService`) on
 //! loopback receives the spans of a participation published with a known parent trace through
 //! a control plane with its worker, to a receiver that fails once then succeeds. The telemetry
-//! is installed as in the binaries (`telemetry::init`), once for this test process.
+//! is installed as in the binaries (`telemetry::init`), in a test process of its own.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -78,9 +78,13 @@ fn hex_id(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_participation_is_traced_from_the_publisher_to_each_attempt() -> anyhow::Result<()> {
-    tokio::time::timeout(Duration::from_secs(60), traced()).await?
+/// In a process of its own: it installs the process-wide subscriber.
+#[test]
+fn a_participation_is_traced_from_the_publisher_to_each_attempt() {
+    crate::alone::in_own_process(
+        "telemetry::a_participation_is_traced_from_the_publisher_to_each_attempt",
+        async { tokio::time::timeout(Duration::from_secs(60), traced()).await? },
+    );
 }
 
 async fn traced() -> anyhow::Result<()> {

@@ -5,7 +5,7 @@
 //! stream did not acknowledge. Each scenario prints its figures (`--nocapture` to see them):
 //!
 //! ```sh
-//! cargo test -p pushwire-tests --test faults -- --nocapture
+//! cargo test -p pushwire-tests --test it -- faults:: --nocapture
 //! ```
 //!
 //! The scenarios run one at a time (they measure latency, and share two cores in CI).
