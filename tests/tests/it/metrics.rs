@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use pushwire_common::pb::v1 as pb;
 use pushwire_common::telemetry::{self, LogFormat, Settings};
+use pushwire_tests::admin::integration;
 use pushwire_tests::receiver::{Reply, TestReceiver};
-use pushwire_tests::worker::{COMPLETED, Stack, integration, request};
+use pushwire_tests::worker::{COMPLETED, Stack, request};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -70,12 +71,15 @@ async fn counted() -> anyhow::Result<()> {
     let refusing = TestReceiver::http().await?;
     refusing.set_default(Reply::status(400));
     stack
+        .admin()
         .create_routed("accounts/1", "ok", integration("Ok", &ok.url("/")))
         .await?;
     stack
+        .admin()
         .create_routed("accounts/2", "flaky", integration("Flaky", &flaky.url("/")))
         .await?;
     stack
+        .admin()
         .create_routed(
             "accounts/3",
             "refusing",
