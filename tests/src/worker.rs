@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::admin::{Admin, integration};
+use crate::admin::Admin;
+// The request literals live in `admin`; re-exported where the ingest tests first found them.
+pub use crate::admin::{integration, scope};
 use crate::control_plane::{AuthChannel, Backend, ControlPlane, as_admin, test_config};
 use crate::eventually::{Poll, eventually};
 
