@@ -67,7 +67,13 @@ pub async fn until(
 ) -> anyhow::Result<()> {
     eventually(what, limit, || {
         let done = condition();
-        async move { Ok(Poll::when(done, "false")) }
+        async move {
+            Ok(if done {
+                Poll::Ready(())
+            } else {
+                Poll::NotYet("the condition does not hold".to_owned())
+            })
+        }
     })
     .await
 }
@@ -83,4 +89,77 @@ pub async fn within<F: Future>(
         .await
         .ok()
         .with_context(|| format!("{what}: not within {limit:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn polls_until_ready_and_returns_the_value() {
+        let checks = AtomicUsize::new(0);
+        let started = tokio::time::Instant::now();
+        let got = eventually("the third check", Duration::from_secs(1), || async {
+            let n = checks.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(if n == 3 {
+                Poll::Ready(n)
+            } else {
+                Poll::not_yet(n)
+            })
+        })
+        .await
+        .expect("ready on the third check");
+        assert_eq!(got, 3);
+        assert_eq!(started.elapsed(), POLL * 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fails_at_the_limit_naming_what_and_the_last_state() {
+        let err = eventually("the answer", Duration::from_secs(1), || async {
+            Ok(Poll::<()>::not_yet("still 41"))
+        })
+        .await
+        .expect_err("never ready");
+        let message = err.to_string();
+        assert!(
+            message.contains("the answer") && message.contains("still 41"),
+            "{message}"
+        );
+        let err = until("the flag", Duration::from_millis(100), || false)
+            .await
+            .expect_err("never true");
+        assert!(err.to_string().contains("the flag"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_check_ends_the_wait_at_once() {
+        let started = tokio::time::Instant::now();
+        let err = eventually("anything", Duration::from_secs(60), || async {
+            Err::<Poll<()>, _>(anyhow::anyhow!("broken"))
+        })
+        .await
+        .expect_err("the check failed");
+        assert_eq!(err.to_string(), "broken");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn within_bounds_a_future() {
+        assert_eq!(
+            within("a ready future", Duration::from_secs(1), async { 7 })
+                .await
+                .expect("ready"),
+            7
+        );
+        let err = within(
+            "a pending future",
+            Duration::from_secs(1),
+            std::future::pending::<()>(),
+        )
+        .await
+        .expect_err("never ready");
+        assert!(err.to_string().contains("a pending future"), "{err}");
+    }
 }
