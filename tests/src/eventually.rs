@@ -1,4 +1,4 @@
-//! Bounded waits with a message naming what was awaited: one helper for every "until this
+//! Bounded waits with a message naming what was awaited: one function for every "until this
 //! holds" and "this must answer within" of the tests, instead of hand-written deadline loops.
 
 use std::future::Future;

@@ -1,5 +1,5 @@
 //! Pushwire's end-to-end tests: one test binary (one link of the workspace instead of one per
-//! area), a module per area. The tests of a module share its helpers; what several modules
+//! area), a module per area. The tests of a module share its functions; what several modules
 //! need lives in the harness (`pushwire_tests`).
 //!
 //! Every test may run beside any other in this process (the default parallel test threads):
