@@ -15,7 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::admin::Admin;
 use crate::etcd::EtcdServer;
+use crate::eventually::{Poll, eventually};
+use crate::tokens::{Accounts, entry, write_token_file};
 
 /// The admin token (every account) of the test configurations: their `PUSHWIRE_ADMIN_TOKEN`.
 pub const TEST_ADMIN_TOKEN: &str = "pushwire-test-admin-token";
@@ -48,14 +51,16 @@ pub fn test_token_file() -> std::path::PathBuf {
     FILE.get_or_init(|| {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("tokens.json");
-        let hash: String = pushwire_common::auth::hash_token(TEST_WORKER_TOKEN)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let text = format!(
-            r#"{{"tokens": [{{"name": "test worker", "sha256": "{hash}", "role": "worker", "accounts": "*"}}]}}"#
-        );
-        std::fs::write(&path, text).expect("writing the test token file");
+        write_token_file(
+            &path,
+            &[entry(
+                "test worker",
+                TEST_WORKER_TOKEN,
+                "worker",
+                Accounts::All,
+            )],
+        )
+        .expect("writing the test token file");
         (dir, path)
     })
     .1
@@ -171,27 +176,22 @@ impl ControlPlane {
     async fn wait_serving(&self, limit: Duration) -> anyhow::Result<()> {
         use tonic_health::pb::health_check_response::ServingStatus;
         use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if let Ok(channel) = self.try_channel().await {
-                let status = HealthClient::new(channel)
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .map(|r| r.into_inner().status);
-                if status.ok() == Some(ServingStatus::Serving as i32) {
-                    return Ok(());
-                }
-            }
-            if tokio::time::Instant::now() > deadline {
-                anyhow::bail!(
-                    "control plane on {} not serving after {limit:?}",
-                    self.grpc_addr
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("the control plane on {} SERVING", self.grpc_addr);
+        eventually(&what, limit, || async {
+            let channel = match self.try_channel().await {
+                Ok(channel) => channel,
+                Err(e) => return Ok(Poll::not_yet(e)),
+            };
+            let status = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().status);
+            let serving = status.as_ref().ok() == Some(&(ServingStatus::Serving as i32));
+            Ok(Poll::when(serving, status))
+        })
+        .await
     }
 
     /// A gRPC channel to it, sending no token.
@@ -214,20 +214,23 @@ impl ControlPlane {
         Ok(as_admin(self.raw_channel().await?))
     }
 
+    /// The admin API ([`TEST_ADMIN_TOKEN`]).
+    pub async fn admin(&self) -> anyhow::Result<Admin> {
+        Ok(Admin::new(self.channel().await?))
+    }
+
     /// An IntegrationService client (admin).
     pub async fn integrations(
         &self,
     ) -> anyhow::Result<pb::integration_service_client::IntegrationServiceClient<AuthChannel>> {
-        Ok(pb::integration_service_client::IntegrationServiceClient::new(self.channel().await?))
+        Ok(self.admin().await?.integrations())
     }
 
     /// A PushScopeService client (admin).
     pub async fn push_scopes(
         &self,
     ) -> anyhow::Result<pb::push_scope_service_client::PushScopeServiceClient<AuthChannel>> {
-        Ok(pb::push_scope_service_client::PushScopeServiceClient::new(
-            self.channel().await?,
-        ))
+        Ok(self.admin().await?.push_scopes())
     }
 
     /// A ConfigService client ([`TEST_WORKER_TOKEN`]: WatchConfig is for workers).
@@ -237,36 +240,6 @@ impl ControlPlane {
         Ok(pb::config_service_client::ConfigServiceClient::new(
             with_token(self.raw_channel().await?, Some(TEST_WORKER_TOKEN)),
         ))
-    }
-
-    /// Every integration and push scope of `account` (one page of up to 1,000 each).
-    pub async fn list_all(
-        &self,
-        account: &str,
-    ) -> anyhow::Result<(Vec<pb::Integration>, Vec<pb::PushScope>)> {
-        let integrations = self
-            .integrations()
-            .await?
-            .list_integrations(pb::ListIntegrationsRequest {
-                parent: account.into(),
-                page_size: 1000,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .integrations;
-        let scopes = self
-            .push_scopes()
-            .await?
-            .list_push_scopes(pb::ListPushScopesRequest {
-                parent: account.into(),
-                page_size: 1000,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .push_scopes;
-        Ok((integrations, scopes))
     }
 
     /// Stops it and waits for the end of its drain.

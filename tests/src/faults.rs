@@ -1,4 +1,4 @@
-//! Harness of the fault-injection suite (`tests/tests/faults.rs`): the control plane and the
+//! Harness of the fault-injection suite (`tests/tests/it/faults.rs`): the control plane and the
 //! workers as real processes (the `*-under-test` binaries) on loopback ports that survive their
 //! restarts; in-process receivers whose answers a scenario sets (random 500s, a stall, slow
 //! answers) and which count every delivery by participation; a routing set-up over three
@@ -14,20 +14,21 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use pushwire_common::auth::Bearer;
-use pushwire_common::domain::Secret;
 use pushwire_common::pb::v1 as pb;
 use pushwire_common::publisher::{Publisher, Receipt, ReceiptStatus};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::admin::{Admin, integration, scope};
+use crate::control_plane::with_token;
+use crate::eventually::{Poll, eventually};
 use crate::process::{Process, free_port};
 use crate::receiver::{self, Received, Reply};
-use crate::worker::{integration, participation, scope};
+use crate::tokens::{Accounts, entry, write_token_file};
+use crate::worker::participation;
 
 /// The account every scenario publishes for.
 pub const ACCOUNT: &str = "accounts/faults";
@@ -45,24 +46,21 @@ pub const PUBLISHER_TOKEN: &str = "faults-publisher-token";
 /// Writes `dir/tokens.json`, the token file of the control plane and the workers: the worker
 /// and publisher tokens, by hash.
 fn token_file(dir: &Path) -> anyhow::Result<PathBuf> {
-    let hex = |token: &str| -> String {
-        pushwire_common::auth::hash_token(token)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
-    let text = serde_json::json!({"tokens": [
-        {"name": "faults worker", "sha256": hex(WORKER_TOKEN), "role": "worker", "accounts": "*"},
-        {"name": "faults publisher", "sha256": hex(PUBLISHER_TOKEN), "role": "publisher",
-         "accounts": [ACCOUNT]},
-    ]});
     let path = dir.join("tokens.json");
-    std::fs::write(&path, text.to_string()).context("writing the token file")?;
+    write_token_file(
+        &path,
+        &[
+            entry("faults worker", WORKER_TOKEN, "worker", Accounts::All),
+            entry(
+                "faults publisher",
+                PUBLISHER_TOKEN,
+                "publisher",
+                Accounts::Only(&[ACCOUNT]),
+            ),
+        ],
+    )?;
     Ok(path)
 }
-
-/// A channel whose calls carry `token`.
-pub type AuthChannel = InterceptedService<Channel, Bearer>;
 
 /// Bound on a process becoming ready.
 pub const READY: Duration = Duration::from_secs(30);
@@ -97,23 +95,20 @@ async fn wait_ready(
     http: SocketAddr,
     limit: Duration,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    loop {
-        process.check_running()?;
-        let last = match http_get(http, "/readyz").await {
-            Ok((200, _)) => return Ok(()),
-            Ok((status, body)) => format!("{status} {body}"),
-            Err(e) => e.to_string(),
-        };
-        if Instant::now() > deadline {
-            anyhow::bail!(
-                "{} not ready after {limit:?} (last: {last}); log tail:\n{}",
-                process.name(),
-                process.log_tail()
-            );
+    let what = format!("{} ready", process.name());
+    let ready = eventually(&what, limit, || {
+        let running = process.check_running();
+        async move {
+            running?;
+            Ok(match http_get(http, "/readyz").await {
+                Ok((200, _)) => Poll::Ready(()),
+                Ok((status, body)) => Poll::not_yet(format!("{status} {body}")),
+                Err(e) => Poll::not_yet(e),
+            })
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    ready.with_context(|| format!("log tail:\n{}", process.log_tail()))
 }
 
 fn args(items: &[&str]) -> Vec<OsString> {
@@ -188,17 +183,14 @@ impl ControlPlaneProc {
         format!("http://{}", self.grpc)
     }
 
-    /// A gRPC channel to it, as admin.
-    pub async fn channel(&self) -> anyhow::Result<AuthChannel> {
+    /// Its admin API.
+    pub async fn admin(&self) -> anyhow::Result<Admin> {
         let channel = Channel::from_shared(self.url())?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(15))
             .connect()
             .await?;
-        Ok(InterceptedService::new(
-            channel,
-            Bearer::new(&Secret::new(ADMIN_TOKEN))?,
-        ))
+        Ok(Admin::new(with_token(channel, Some(ADMIN_TOKEN))))
     }
 }
 
@@ -330,20 +322,12 @@ impl WorkerProc {
 
     /// Waits until it routes with `revision` or later, at most `limit`.
     pub async fn wait_revision(&self, revision: i64, limit: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + limit;
-        loop {
+        let what = format!("{} at revision {revision}", self.process.name());
+        eventually(&what, limit, || async {
             let r = self.config_revision().await;
-            if r.as_ref().is_ok_and(|r| *r >= revision) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                anyhow::bail!(
-                    "{} at revision {r:?}, not {revision}, after {limit:?}",
-                    self.process.name()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            Ok(Poll::when(r.as_ref().is_ok_and(|r| *r >= revision), r))
+        })
+        .await
     }
 }
 
@@ -491,69 +475,46 @@ impl Drop for CountingReceiver {
     }
 }
 
-/// The admin API of a control plane.
-#[derive(Debug, Clone)]
-pub struct Admin {
-    channel: AuthChannel,
+/// Creates integration `id` of [`ACCOUNT`] posting to `url`; its name.
+pub async fn create_integration(admin: &Admin, id: &str, url: &str) -> anyhow::Result<String> {
+    Ok(admin
+        .create_integration(ACCOUNT, id, integration(id, url))
+        .await
+        .with_context(|| format!("creating integration {id}"))?
+        .name)
 }
 
-impl Admin {
-    /// Over `channel`.
-    pub fn new(channel: AuthChannel) -> Self {
-        Self { channel }
-    }
+/// Creates push scope `id` of [`ACCOUNT`]; the revision it was written at.
+pub async fn create_scope(admin: &Admin, id: &str, scope: pb::PushScope) -> anyhow::Result<i64> {
+    let created = admin
+        .create_scope(ACCOUNT, id, scope)
+        .await
+        .with_context(|| format!("creating push scope {id}"))?;
+    Ok(created.etag.parse()?)
+}
 
-    /// Creates integration `id` posting to `url`; its revision.
-    pub async fn integration(&self, id: &str, url: &str) -> anyhow::Result<(String, i64)> {
-        let created =
-            pb::integration_service_client::IntegrationServiceClient::new(self.channel.clone())
-                .create_integration(pb::CreateIntegrationRequest {
-                    parent: ACCOUNT.into(),
-                    integration_id: id.into(),
-                    integration: Some(integration(id, url)),
-                })
-                .await
-                .with_context(|| format!("creating integration {id}"))?
-                .into_inner();
-        Ok((created.name, created.etag.parse()?))
-    }
-
-    /// Creates push scope `id`; its revision.
-    pub async fn scope(&self, id: &str, scope: pb::PushScope) -> anyhow::Result<i64> {
-        let created =
-            pb::push_scope_service_client::PushScopeServiceClient::new(self.channel.clone())
-                .create_push_scope(pb::CreatePushScopeRequest {
-                    parent: ACCOUNT.into(),
-                    push_scope_id: id.into(),
-                    push_scope: Some(scope),
-                })
-                .await
-                .with_context(|| format!("creating push scope {id}"))?
-                .into_inner();
-        Ok(created.etag.parse()?)
-    }
-
-    /// Routes to three receivers: 0 gets everything, 1 the participations on website 1, 2
-    /// everything but campaign 3 (see [`expected_routes`]). The last revision written.
-    pub async fn route_three(&self, receivers: [&CountingReceiver; 3]) -> anyhow::Result<i64> {
-        let (all, _) = self.integration("all", &receivers[0].url()).await?;
-        self.scope("all", scope(&all, pb::PushScopeLevel::Account, ""))
-            .await?;
-        let (site, _) = self.integration("site-1", &receivers[1].url()).await?;
-        self.scope("site-1", scope(&site, pb::PushScopeLevel::Website, "1"))
-            .await?;
-        let (most, _) = self
-            .integration("not-campaign-3", &receivers[2].url())
-            .await?;
-        self.scope(
-            "not-campaign-3",
-            scope(&most, pb::PushScopeLevel::Account, ""),
-        )
-        .await?;
-        let mut except = scope(&most, pb::PushScopeLevel::Campaign, "3");
-        except.set_action(pb::PushAction::DoNotPush);
-        self.scope("not-campaign-3-except", except).await
-    }
+/// Routes to three receivers: 0 gets everything, 1 the participations on website 1, 2
+/// everything but campaign 3 (see [`expected_routes`]). The last revision written.
+pub async fn route_three(admin: &Admin, receivers: [&CountingReceiver; 3]) -> anyhow::Result<i64> {
+    let all = create_integration(admin, "all", &receivers[0].url()).await?;
+    create_scope(admin, "all", scope(&all, pb::PushScopeLevel::Account, "")).await?;
+    let site = create_integration(admin, "site-1", &receivers[1].url()).await?;
+    create_scope(
+        admin,
+        "site-1",
+        scope(&site, pb::PushScopeLevel::Website, "1"),
+    )
+    .await?;
+    let most = create_integration(admin, "not-campaign-3", &receivers[2].url()).await?;
+    create_scope(
+        admin,
+        "not-campaign-3",
+        scope(&most, pb::PushScopeLevel::Account, ""),
+    )
+    .await?;
+    let mut except = scope(&most, pb::PushScopeLevel::Campaign, "3");
+    except.set_action(pb::PushAction::DoNotPush);
+    create_scope(admin, "not-campaign-3-except", except).await
 }
 
 /// Participation `i`: id `fault-{i}`, campaign `1 + i % 4`, website `1 + i % 2`, completed and
@@ -564,7 +525,7 @@ pub fn doc(i: usize) -> (String, String) {
     (id, json)
 }
 
-/// Which of [`Admin::route_three`]'s receivers participation `i` goes to.
+/// Which of [`route_three`]'s receivers participation `i` goes to.
 pub fn expected_routes(i: usize) -> [bool; 3] {
     [true, i.is_multiple_of(2), i % 4 != 2]
 }
@@ -643,16 +604,11 @@ impl Publication {
 
     /// Waits until at least `count` receipts came, at most `limit`.
     pub async fn wait_receipts(&self, count: usize, limit: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + limit;
-        while self.acknowledged() < count {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "only {} of {count} receipts after {limit:?}",
-                self.acknowledged()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Ok(())
+        eventually(&format!("{count} receipts"), limit, || async {
+            let n = self.acknowledged();
+            Ok(Poll::when(n >= count, format!("{n} receipts")))
+        })
+        .await
     }
 
     /// Every receipt and when each participation was handed to the publisher, at most

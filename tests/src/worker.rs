@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use prost_types::FieldMask;
 use pushwire_common::pb::v1 as pb;
 use pushwire_control_plane::Config;
 use pushwire_worker::config::Schedule;
@@ -19,7 +18,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+use crate::admin::Admin;
+// The request literals live in `admin`; re-exported where the ingest tests first found them.
+pub use crate::admin::{integration, scope};
 use crate::control_plane::{AuthChannel, Backend, ControlPlane, as_admin, test_config};
+use crate::eventually::{Poll, eventually};
 
 /// The gRPC health service name the worker reports its readiness under.
 pub const INGEST_SERVICE: &str = "pushwire.v1.IngestService";
@@ -63,23 +66,21 @@ pub fn worker_config(dir: &Path) -> Config {
 pub async fn wait_ingest_ready(channel: &Channel, limit: Duration) -> anyhow::Result<()> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let mut health = HealthClient::new(channel.clone());
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let status = health
-            .check(HealthCheckRequest {
-                service: INGEST_SERVICE.into(),
-            })
-            .await
-            .map(|r| r.into_inner().status);
-        if status.as_ref().ok() == Some(&(ServingStatus::Serving as i32)) {
-            return Ok(());
+    let health = HealthClient::new(channel.clone());
+    eventually(&format!("{INGEST_SERVICE} SERVING"), limit, || {
+        let mut health = health.clone();
+        async move {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: INGEST_SERVICE.into(),
+                })
+                .await
+                .map(|r| r.into_inner().status);
+            let serving = status.as_ref().ok() == Some(&(ServingStatus::Serving as i32));
+            Ok(Poll::when(serving, status))
         }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("{INGEST_SERVICE} not SERVING after {limit:?} (last: {status:?})");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }
 
 /// A control plane with its in-process worker, ready to ingest; stopped on drop.
@@ -141,119 +142,9 @@ impl Stack {
         pb::ingest_service_client::IngestServiceClient::new(as_admin(self.channel.clone()))
     }
 
-    /// An IntegrationService client (admin).
-    pub fn integrations(
-        &self,
-    ) -> pb::integration_service_client::IntegrationServiceClient<AuthChannel> {
-        pb::integration_service_client::IntegrationServiceClient::new(as_admin(
-            self.channel.clone(),
-        ))
-    }
-
-    /// A PushScopeService client (admin).
-    pub fn push_scopes(
-        &self,
-    ) -> pb::push_scope_service_client::PushScopeServiceClient<AuthChannel> {
-        pb::push_scope_service_client::PushScopeServiceClient::new(as_admin(self.channel.clone()))
-    }
-
-    /// Creates integration `id` in `account`.
-    pub async fn create_integration(
-        &self,
-        account: &str,
-        id: &str,
-        integration: pb::Integration,
-    ) -> anyhow::Result<pb::Integration> {
-        Ok(self
-            .integrations()
-            .create_integration(pb::CreateIntegrationRequest {
-                parent: account.into(),
-                integration_id: id.into(),
-                integration: Some(integration),
-            })
-            .await
-            .with_context(|| format!("creating {account}/integrations/{id}"))?
-            .into_inner())
-    }
-
-    /// Creates push scope `id` in `account`.
-    pub async fn create_scope(
-        &self,
-        account: &str,
-        id: &str,
-        scope: pb::PushScope,
-    ) -> anyhow::Result<pb::PushScope> {
-        Ok(self
-            .push_scopes()
-            .create_push_scope(pb::CreatePushScopeRequest {
-                parent: account.into(),
-                push_scope_id: id.into(),
-                push_scope: Some(scope),
-            })
-            .await
-            .with_context(|| format!("creating {account}/pushScopes/{id}"))?
-            .into_inner())
-    }
-
-    /// Creates integration `id` in `account` with an ACCOUNT-level PUSH scope of the same id,
-    /// so that it receives every participation of the account; returns its name.
-    pub async fn create_routed(
-        &self,
-        account: &str,
-        id: &str,
-        integration: pb::Integration,
-    ) -> anyhow::Result<String> {
-        let name = self
-            .create_integration(account, id, integration)
-            .await?
-            .name;
-        self.create_scope(account, id, scope(&name, pb::PushScopeLevel::Account, ""))
-            .await?;
-        Ok(name)
-    }
-
-    /// Updates the fields of `integration` named in `paths`.
-    pub async fn update_integration(
-        &self,
-        integration: pb::Integration,
-        paths: &[&str],
-    ) -> anyhow::Result<pb::Integration> {
-        let name = integration.name.clone();
-        Ok(self
-            .integrations()
-            .update_integration(pb::UpdateIntegrationRequest {
-                integration: Some(integration),
-                update_mask: Some(FieldMask {
-                    paths: paths.iter().map(|p| (*p).to_owned()).collect(),
-                }),
-            })
-            .await
-            .with_context(|| format!("updating {name}"))?
-            .into_inner())
-    }
-
-    /// Reads an integration.
-    pub async fn get_integration(&self, name: &str) -> anyhow::Result<pb::Integration> {
-        Ok(self
-            .integrations()
-            .get_integration(pb::GetIntegrationRequest { name: name.into() })
-            .await
-            .with_context(|| format!("reading {name}"))?
-            .into_inner())
-    }
-
-    /// What `ResolvePushes` answers: the names of the integrations that would fire.
-    pub async fn resolve(&self, req: pb::ResolvePushesRequest) -> anyhow::Result<BTreeSet<String>> {
-        Ok(self
-            .push_scopes()
-            .resolve_pushes(req)
-            .await
-            .context("ResolvePushes")?
-            .into_inner()
-            .pushes
-            .into_iter()
-            .map(|p| p.integration)
-            .collect())
+    /// The admin API over the stack's address (admin token).
+    pub fn admin(&self) -> Admin {
+        Admin::new(as_admin(self.channel.clone()))
     }
 
     /// `PublishOne`, bounded by [`WAIT`].
@@ -289,51 +180,31 @@ impl Stack {
             incomplete_participations: pb::IncompleteParticipations::Skip.into(),
             ..integration(&format!("Probe {n}"), "http://127.0.0.1:9/never-called")
         };
-        let name = self.create_routed(PROBE_ACCOUNT, &id, probe).await?;
+        let name = self
+            .admin()
+            .create_routed(PROBE_ACCOUNT, &id, probe)
+            .await?;
         let req = pb::PublishRequest {
             only_integrations: vec![name.clone()],
             ..request(PROBE_ACCOUNT, INCOMPLETE)
         };
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let resp = self.publish_one(req.clone()).await??;
-            let routed = resp
-                .deliveries
-                .iter()
-                .any(|d| d.integration == name && d.outcome() == pb::DeliveryOutcome::Skipped);
-            if routed {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                resp.error.is_empty() && resp.deliveries.is_empty(),
-                "unexpected probe response: {resp:?}"
-            );
-            if tokio::time::Instant::now() > deadline {
-                anyhow::bail!("configuration not propagated to the worker after {WAIT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
-
-/// An enabled integration posting to `url`; no secret, default policy and schemes.
-pub fn integration(display_name: &str, url: &str) -> pb::Integration {
-    pb::Integration {
-        display_name: display_name.into(),
-        url: url.into(),
-        ..Default::default()
-    }
-}
-
-/// A PUSH scope for every audience.
-pub fn scope(integration: &str, level: pb::PushScopeLevel, target_id: &str) -> pb::PushScope {
-    pb::PushScope {
-        integration: integration.into(),
-        level: level.into(),
-        target_id: target_id.into(),
-        audience: pb::Audience::All.into(),
-        action: pb::PushAction::Push.into(),
-        ..Default::default()
+        eventually(
+            "the configuration propagated to the worker",
+            WAIT,
+            || async {
+                let resp = self.publish_one(req.clone()).await??;
+                let routed = resp
+                    .deliveries
+                    .iter()
+                    .any(|d| d.integration == name && d.outcome() == pb::DeliveryOutcome::Skipped);
+                anyhow::ensure!(
+                    routed || (resp.error.is_empty() && resp.deliveries.is_empty()),
+                    "unexpected probe response: {resp:?}"
+                );
+                Ok(Poll::when(routed, resp))
+            },
+        )
+        .await
     }
 }
 

@@ -103,3 +103,188 @@ async fn disable(
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    //! The retries on the paused Tokio clock: a fake control plane over the in-memory channel
+    //! (no socket), so the backoff's waits take no real time and are measured exactly.
+
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use pb::integration_service_server::{IntegrationService, IntegrationServiceServer};
+    use pushwire_common::auth::Bearer;
+    use pushwire_common::domain::IntegrationName;
+    use tonic::service::interceptor::InterceptedService;
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    /// Answers UpdateIntegration with the codes of its script in turn (OK once it is empty),
+    /// and records when each call came.
+    #[derive(Clone, Default)]
+    struct Fake {
+        script: Arc<Mutex<VecDeque<Code>>>,
+        calls: Arc<Mutex<Vec<Instant>>>,
+    }
+
+    impl Fake {
+        fn calls(&self) -> Vec<Instant> {
+            self.calls
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        }
+    }
+
+    fn unimplemented<T>() -> Result<Response<T>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    #[tonic::async_trait]
+    impl IntegrationService for Fake {
+        async fn create_integration(
+            &self,
+            _: Request<pb::CreateIntegrationRequest>,
+        ) -> Result<Response<pb::Integration>, Status> {
+            unimplemented()
+        }
+        async fn get_integration(
+            &self,
+            _: Request<pb::GetIntegrationRequest>,
+        ) -> Result<Response<pb::Integration>, Status> {
+            unimplemented()
+        }
+        async fn list_integrations(
+            &self,
+            _: Request<pb::ListIntegrationsRequest>,
+        ) -> Result<Response<pb::ListIntegrationsResponse>, Status> {
+            unimplemented()
+        }
+        async fn update_integration(
+            &self,
+            request: Request<pb::UpdateIntegrationRequest>,
+        ) -> Result<Response<pb::Integration>, Status> {
+            self.calls
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Instant::now());
+            let next = self
+                .script
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_front();
+            match next {
+                None | Some(Code::Ok) => Ok(Response::new(
+                    request.into_inner().integration.unwrap_or_default(),
+                )),
+                Some(code) => Err(Status::new(code, "scripted")),
+            }
+        }
+        async fn delete_integration(
+            &self,
+            _: Request<pb::DeleteIntegrationRequest>,
+        ) -> Result<Response<()>, Status> {
+            unimplemented()
+        }
+        async fn test_integration(
+            &self,
+            _: Request<pb::TestIntegrationRequest>,
+        ) -> Result<Response<pb::TestIntegrationResponse>, Status> {
+            unimplemented()
+        }
+    }
+
+    /// A client of `fake`, served in this runtime over in-memory pipes.
+    fn client_of(fake: &Fake) -> IntegrationServiceClient<ControlPlaneChannel> {
+        let (channel, incoming) = crate::in_process::channel();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(IntegrationServiceServer::new(fake.clone()))
+                .serve_with_incoming(incoming),
+        );
+        IntegrationServiceClient::new(InterceptedService::new(channel, Bearer::none()))
+    }
+
+    fn gone() -> DisableRequest {
+        DisableRequest {
+            integration: IntegrationName::parse("accounts/42/integrations/crm").expect("a name"),
+            reason: "410 Gone".into(),
+            revision: 7,
+        }
+    }
+
+    fn scripted(codes: &[Code]) -> Fake {
+        let fake = Fake::default();
+        fake.script
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(codes.iter().copied());
+        fake
+    }
+
+    /// The waits between consecutive calls.
+    fn gaps(calls: &[Instant]) -> Vec<Duration> {
+        calls.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_control_plane_is_retried_with_a_growing_backoff() {
+        let fake = scripted(&[Code::Unavailable, Code::DeadlineExceeded, Code::Unavailable]);
+        let mut client = client_of(&fake);
+        let settled = disable(&mut client, &gone(), &CancellationToken::new()).await;
+        assert!(settled, "disabled on the fourth call");
+        let calls = fake.calls();
+        assert_eq!(calls.len(), 4);
+        // Backoff from 200 ms, doubling, each wait jittered down to half at most.
+        let gaps = gaps(&calls);
+        for (gap, full) in gaps.iter().zip([200, 400, 800]) {
+            let full = Duration::from_millis(full);
+            assert!(*gap >= full / 2 && *gap <= full, "{gaps:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_end_after_five_attempts_and_refusals_are_not_retried() {
+        let fake = scripted(&[Code::Unavailable; 6]);
+        let mut client = client_of(&fake);
+        assert!(!disable(&mut client, &gone(), &CancellationToken::new()).await);
+        assert_eq!(fake.calls().len(), ATTEMPTS as usize);
+
+        for (code, settled) in [
+            (Code::Aborted, true),
+            (Code::NotFound, true),
+            (Code::PermissionDenied, false),
+        ] {
+            let fake = scripted(&[code]);
+            let mut client = client_of(&fake);
+            let got = disable(&mut client, &gone(), &CancellationToken::new()).await;
+            assert_eq!(got, settled, "{code:?}");
+            assert_eq!(fake.calls().len(), 1, "{code:?} is not retried");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_a_backoff_wait_at_once() {
+        let fake = scripted(&[Code::Unavailable; 6]);
+        let mut client = client_of(&fake);
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let calls = fake.clone();
+        tokio::spawn(async move {
+            // Once the first call failed, the loop is in its backoff wait.
+            while calls.calls().is_empty() {
+                tokio::task::yield_now().await;
+            }
+            stop.cancel();
+        });
+        let started = Instant::now();
+        assert!(!disable(&mut client, &gone(), &shutdown).await);
+        assert_eq!(fake.calls().len(), 1, "no call after shutdown");
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use prost_types::FieldMask;
 use pushwire_common::pb::v1 as pb;
+use pushwire_tests::admin::{Admin, integration, scope};
 use pushwire_tests::control_plane::{AuthChannel, with_token};
+use pushwire_tests::tokens::{Accounts, entry, write_token_file};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
@@ -171,17 +173,17 @@ struct Tokens {
 impl Tokens {
     /// Fresh random tokens; files in `dir`.
     fn write(dir: &std::path::Path) -> anyhow::Result<Self> {
-        use pushwire_common::auth::{generate_token, hash_token};
-        let hex =
-            |t: &str| -> String { hash_token(t).iter().map(|b| format!("{b:02x}")).collect() };
+        use pushwire_common::auth::generate_token;
         let [admin, publisher, worker] = [(); 3].map(|()| generate_token().expose().to_owned());
-        let text = serde_json::json!({"tokens": [
-            {"name": "bench admin", "sha256": hex(&admin), "role": "admin", "accounts": "*"},
-            {"name": "bench publisher", "sha256": hex(&publisher), "role": "publisher", "accounts": "*"},
-            {"name": "bench worker", "sha256": hex(&worker), "role": "worker", "accounts": "*"},
-        ]});
         let file = dir.join("tokens.json");
-        std::fs::write(&file, text.to_string())?;
+        write_token_file(
+            &file,
+            &[
+                entry("bench admin", &admin, "admin", Accounts::All),
+                entry("bench publisher", &publisher, "publisher", Accounts::All),
+                entry("bench worker", &worker, "worker", Accounts::All),
+            ],
+        )?;
         let worker_file = dir.join("worker-token");
         std::fs::write(&worker_file, &worker)?;
         Ok(Self {
@@ -256,15 +258,12 @@ impl Env {
     /// with an `Authorization` header and an ACCOUNT-level scope; its name and the revision
     /// of the last change.
     async fn routed(&self, account: &str, id: &str, url: &str) -> anyhow::Result<(String, i64)> {
-        let mut integrations =
-            pb::integration_service_client::IntegrationServiceClient::new(self.admin.clone());
-        let created = integrations
-            .create_integration(pb::CreateIntegrationRequest {
-                parent: account.into(),
-                integration_id: id.into(),
-                integration: Some(pb::Integration {
-                    display_name: id.into(),
-                    url: url.into(),
+        let admin = Admin::new(self.admin.clone());
+        let created = admin
+            .create_integration(
+                account,
+                id,
+                pb::Integration {
                     secret: SECRET.into(),
                     signature_schemes: vec![
                         pb::SignatureScheme::Qualifio.into(),
@@ -275,27 +274,19 @@ impl Env {
                         value: "Bearer bench-token".into(),
                         value_set: false,
                     }),
-                    ..Default::default()
-                }),
-            })
+                    ..integration(id, url)
+                },
+            )
             .await
-            .with_context(|| format!("creating {account}/integrations/{id}"))?
-            .into_inner();
-        let scope = pb::push_scope_service_client::PushScopeServiceClient::new(self.admin.clone())
-            .create_push_scope(pb::CreatePushScopeRequest {
-                parent: account.into(),
-                push_scope_id: id.into(),
-                push_scope: Some(pb::PushScope {
-                    integration: created.name.clone(),
-                    level: pb::PushScopeLevel::Account.into(),
-                    audience: pb::Audience::All.into(),
-                    action: pb::PushAction::Push.into(),
-                    ..Default::default()
-                }),
-            })
+            .with_context(|| format!("creating {account}/integrations/{id}"))?;
+        let scope = admin
+            .create_scope(
+                account,
+                id,
+                scope(&created.name, pb::PushScopeLevel::Account, ""),
+            )
             .await
-            .with_context(|| format!("creating {account}/pushScopes/{id}"))?
-            .into_inner();
+            .with_context(|| format!("creating {account}/pushScopes/{id}"))?;
         Ok((created.name, scope.etag.parse().context("scope etag")?))
     }
 

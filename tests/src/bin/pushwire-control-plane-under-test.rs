@@ -1,5 +1,5 @@
 //! The `control-plane` binary (serving only), for the fault-injection suite
-//! (`tests/tests/faults.rs`), which runs control planes as processes so as to SIGKILL them:
+//! (`tests/tests/it/faults.rs`), which runs control planes as processes so as to SIGKILL them:
 //! Cargo builds only the tests package's own binaries for its tests (`CARGO_BIN_EXE_*`). It
 //! is the serving path of `control-plane/src/main.rs` plus
 //! [`exit_with_parent`], so that a test run that dies leaves no control plane behind.

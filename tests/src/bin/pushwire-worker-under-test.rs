@@ -1,4 +1,4 @@
-//! The `worker` binary, for the fault-injection suite (`tests/tests/faults.rs`), which runs
+//! The `worker` binary, for the fault-injection suite (`tests/tests/it/faults.rs`), which runs
 //! workers as processes so as to SIGKILL and SIGTERM them: Cargo builds only the tests
 //! package's own binaries for its tests (`CARGO_BIN_EXE_*`). It is `worker/src/main.rs` plus [`exit_with_parent`], so that a test run that dies leaves no
 //! worker behind.

@@ -3,13 +3,15 @@
 //! integration adding the `variables` object and one sending the document as published; both
 //! bodies are checked byte for byte and their signatures verified over what was received.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pushwire_common::domain::Secret;
 use pushwire_common::pb::v1 as pb;
 use pushwire_common::webhook::signing;
+use pushwire_tests::admin::integration;
 use pushwire_tests::control_plane::AuthChannel;
 use pushwire_tests::control_plane::{Backend, ControlPlane, test_config};
+use pushwire_tests::eventually::{Poll, eventually};
 use pushwire_tests::receiver::{Received, TestReceiver};
 
 const ACCOUNT: &str = "accounts/77";
@@ -19,7 +21,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// An incomplete participation of the same campaign: routed to both integrations and skipped by
 /// both (their default policy), so publishing it shows routing without sending anything.
-const PROBE: &str = include_str!("../../common/tests/data/participation-v2-incomplete.json");
+const PROBE: &str = include_str!("../../../common/tests/data/participation-v2-incomplete.json");
 
 /// A completed participation with every answer shape, pretty-printed as a publisher might.
 const PARTICIPATION_ID: &str = "B1E7C0DE-0000-4A5B-8C9D-0E1F2A3B4C5D";
@@ -80,37 +82,32 @@ async fn create(
     url: String,
     payload_variables: Option<pb::PayloadVariables>,
 ) -> anyhow::Result<pb::Integration> {
-    let created = cp
-        .integrations()
-        .await?
-        .create_integration(pb::CreateIntegrationRequest {
-            parent: ACCOUNT.into(),
-            integration_id: id.into(),
-            integration: Some(pb::Integration {
-                display_name: id.into(),
-                url,
+    let admin = cp.admin().await?;
+    let created = admin
+        .create_integration(
+            ACCOUNT,
+            id,
+            pb::Integration {
                 secret: SECRET.into(),
                 signature_schemes: vec![
                     pb::SignatureScheme::Qualifio.into(),
                     pb::SignatureScheme::StandardWebhooks.into(),
                 ],
                 payload_variables: payload_variables.map(Into::into).unwrap_or_default(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner();
-    cp.push_scopes()
-        .await?
-        .create_push_scope(pb::CreatePushScopeRequest {
-            parent: ACCOUNT.into(),
-            push_scope_id: format!("all-to-{id}"),
-            push_scope: Some(pb::PushScope {
+                ..integration(id, &url)
+            },
+        )
+        .await?;
+    admin
+        .create_scope(
+            ACCOUNT,
+            &format!("all-to-{id}"),
+            pb::PushScope {
                 integration: created.name.clone(),
                 level: pb::PushScopeLevel::Account.into(),
                 ..Default::default()
-            }),
-        })
+            },
+        )
         .await?;
     Ok(created)
 }
@@ -125,27 +122,25 @@ fn publish_request(json: &str) -> pb::PublishRequest {
 
 /// Publishes [`PROBE`] until the worker is ready and routes it to every one of `names`.
 async fn wait_routed(channel: &AuthChannel, names: &[&str]) -> anyhow::Result<()> {
-    let mut ingest = pb::ingest_service_client::IngestServiceClient::new(channel.clone());
-    let deadline = Instant::now() + WAIT;
-    loop {
-        // Not ready yet answers UNAVAILABLE; an older configuration routes to fewer.
-        let last = ingest.publish_one(publish_request(PROBE)).await;
-        if let Ok(resp) = &last {
-            let routed: Vec<&str> = resp
-                .get_ref()
-                .deliveries
-                .iter()
-                .map(|d| d.integration.as_str())
-                .collect();
-            if names.iter().all(|n| routed.contains(n)) {
-                return Ok(());
-            }
+    let ingest = pb::ingest_service_client::IngestServiceClient::new(channel.clone());
+    eventually(&format!("{names:?} routed"), WAIT, || {
+        let mut ingest = ingest.clone();
+        async move {
+            // Not ready yet answers UNAVAILABLE; an older configuration routes to fewer.
+            let last = ingest.publish_one(publish_request(PROBE)).await;
+            let routed = last.as_ref().is_ok_and(|resp| {
+                let routed: Vec<&str> = resp
+                    .get_ref()
+                    .deliveries
+                    .iter()
+                    .map(|d| d.integration.as_str())
+                    .collect();
+                names.iter().all(|n| routed.contains(n))
+            });
+            Ok(Poll::when(routed, last))
         }
-        if Instant::now() > deadline {
-            anyhow::bail!("{names:?} not routed after {WAIT:?}; last answer {last:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 /// `got` is `body`, sent for integration `integration_id` and signed over what was received

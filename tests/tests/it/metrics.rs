@@ -1,14 +1,16 @@
 //! `/metrics` after known traffic: participations, deliveries, attempts by status class, the
 //! delivery latency histogram and gRPC calls move by exactly what the traffic implies. The
-//! telemetry is installed with an OTLP endpoint where nothing listens: deliveries must not care.
+//! telemetry is installed with an OTLP endpoint where nothing listens (deliveries must not
+//! care), in a test process of its own.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use pushwire_common::pb::v1 as pb;
 use pushwire_common::server::telemetry::{self, LogFormat, Settings};
+use pushwire_tests::admin::integration;
 use pushwire_tests::receiver::{Reply, TestReceiver};
-use pushwire_tests::worker::{COMPLETED, Stack, integration, request};
+use pushwire_tests::worker::{COMPLETED, Stack, request};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -43,9 +45,13 @@ fn delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, series: &s
     after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counters_follow_known_traffic_with_the_trace_exporter_down() -> anyhow::Result<()> {
-    tokio::time::timeout(Duration::from_secs(60), counted()).await?
+/// In a process of its own: it installs the process-wide subscriber.
+#[test]
+fn counters_follow_known_traffic_with_the_trace_exporter_down() {
+    crate::alone::in_own_process(
+        "metrics::counters_follow_known_traffic_with_the_trace_exporter_down",
+        async { tokio::time::timeout(Duration::from_secs(60), counted()).await? },
+    );
 }
 
 async fn counted() -> anyhow::Result<()> {
@@ -65,12 +71,15 @@ async fn counted() -> anyhow::Result<()> {
     let refusing = TestReceiver::http().await?;
     refusing.set_default(Reply::status(400));
     stack
+        .admin()
         .create_routed("accounts/1", "ok", integration("Ok", &ok.url("/")))
         .await?;
     stack
+        .admin()
         .create_routed("accounts/2", "flaky", integration("Flaky", &flaky.url("/")))
         .await?;
     stack
+        .admin()
         .create_routed(
             "accounts/3",
             "refusing",

@@ -4,7 +4,6 @@
 //! get. Standard Webhooks signatures are also checked with the reference Python library.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -12,11 +11,13 @@ use anyhow::Context as _;
 use pushwire_common::domain::Secret;
 use pushwire_common::pb::v1 as pb;
 use pushwire_common::webhook::signing;
+use pushwire_tests::admin::{integration, scope};
+use pushwire_tests::eventually::{Poll, eventually, within};
 use pushwire_tests::receiver::{Received, Reply, TestReceiver};
 use pushwire_tests::worker::{
     COMPLETED, COMPLETED_ID, FIXTURE_CAMPAIGN, FIXTURE_WEBSITE, INCOMPLETE, INCOMPLETE_ID, Stack,
-    WAIT, by_integration, completed_doc, delivered, delivered_once, integration, participation,
-    request, scope, wait_ingest_ready, worker_config,
+    WAIT, by_integration, completed_doc, delivered, delivered_once, participation, request,
+    wait_ingest_ready, worker_config,
 };
 use pushwire_worker::config::Schedule;
 use serde_json::json;
@@ -41,13 +42,6 @@ const WHSEC_OLD: &str = "whsec_cHVzaHdpcmUtcm90YXRpb24tb2xkLWtleS0wMDAx";
 const WHSEC_NEW: &str = "whsec_cHVzaHdpcmUtcm90YXRpb24tbmV3LWtleS0wMDAy";
 /// The W3C specification's example: a sampled trace.
 const PARENT_TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-
-/// Runs a test body within [`TEST_LIMIT`].
-async fn bounded(test: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    tokio::time::timeout(TEST_LIMIT, test)
-        .await
-        .with_context(|| format!("test did not finish within {TEST_LIMIT:?}"))?
-}
 
 fn name(account: &str, id: &str) -> String {
     format!("{account}/integrations/{id}")
@@ -119,10 +113,11 @@ fn webhook_parts(got: &Received) -> anyhow::Result<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_one_delivers_the_published_bytes_signed_with_the_trace_continued()
 -> anyhow::Result<()> {
-    bounded(async {
+    within("the test body", TEST_LIMIT, async {
         let stack = Stack::start().await?;
         let receiver = TestReceiver::http().await?;
         let crm = stack
+            .admin()
             .create_integration(
                 ACCOUNT,
                 "crm",
@@ -139,6 +134,7 @@ async fn publish_one_delivers_the_published_bytes_signed_with_the_trace_continue
             .await?
             .name;
         stack
+            .admin()
             .create_scope(
                 ACCOUNT,
                 "news",
@@ -243,7 +239,7 @@ async fn publish_one_delivers_the_published_bytes_signed_with_the_trace_continue
         assert_eq!(receiver.received_count(), 3);
         Ok(())
     })
-    .await
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -328,7 +324,7 @@ print(f"VERIFIED {doc['id']}")
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standard_webhooks_signatures_verify_with_the_reference_library() -> anyhow::Result<()> {
-    bounded(async {
+    within("the test body", TEST_LIMIT, async {
         // Over HTTPS this time, trusting the receiver's CA.
         let receiver = TestReceiver::https().await?;
         let stack = Stack::start_with(|c, dir| {
@@ -338,6 +334,7 @@ async fn standard_webhooks_signatures_verify_with_the_reference_library() -> any
         .await?;
         let standard = pb::SignatureScheme::StandardWebhooks as i32;
         let whsec = stack
+            .admin()
             .create_routed(
                 ACCOUNT,
                 "whsec",
@@ -350,6 +347,7 @@ async fn standard_webhooks_signatures_verify_with_the_reference_library() -> any
             .await?;
         const PLAIN: &str = "plain-signing-secret";
         let plain = stack
+            .admin()
             .create_routed(
                 ACCOUNT,
                 "plain",
@@ -410,7 +408,7 @@ async fn standard_webhooks_signatures_verify_with_the_reference_library() -> any
         ));
         Ok(())
     })
-    .await
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -418,10 +416,11 @@ async fn standard_webhooks_signatures_verify_with_the_reference_library() -> any
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_secret_signs_beside_the_previous_one() -> anyhow::Result<()> {
-    bounded(async {
+    within("the test body", TEST_LIMIT, async {
         let stack = Stack::start().await?;
         let receiver = TestReceiver::http().await?;
         let rot = stack
+            .admin()
             .create_routed(
                 ACCOUNT,
                 "rot",
@@ -453,8 +452,13 @@ async fn rotated_secret_signs_beside_the_previous_one() -> anyhow::Result<()> {
             sig
         ));
 
-        let before = stack.get_integration(&rot).await?.secret_fingerprint;
+        let before = stack
+            .admin()
+            .get_integration(&rot)
+            .await?
+            .secret_fingerprint;
         let updated = stack
+            .admin()
             .update_integration(
                 pb::Integration {
                     name: rot.clone(),
@@ -507,7 +511,7 @@ async fn rotated_secret_signs_beside_the_previous_one() -> anyhow::Result<()> {
         }
         Ok(())
     })
-    .await
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -563,12 +567,13 @@ impl Case {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_matches_resolve_pushes_across_levels_actions_and_audiences() -> anyhow::Result<()>
 {
-    bounded(async {
+    within("the test body", TEST_LIMIT, async {
         use pb::PushScopeLevel::{Account, Campaign, MasterForm, Website};
         let stack = Stack::start().await?;
         let receiver = TestReceiver::http().await?;
         for id in ["site", "known", "unknown", "quiz", "form", "most"] {
             stack
+                .admin()
                 .create_integration(ACCOUNT, id, integration(id, &receiver.url(id)))
                 .await?;
         }
@@ -576,8 +581,12 @@ async fn routing_matches_resolve_pushes_across_levels_actions_and_audiences() ->
             enabled: Some(false),
             ..integration("off", &receiver.url("off"))
         };
-        stack.create_integration(ACCOUNT, "off", off).await?;
         stack
+            .admin()
+            .create_integration(ACCOUNT, "off", off)
+            .await?;
+        stack
+            .admin()
             .create_routed(
                 OTHER_ACCOUNT,
                 "elsewhere",
@@ -615,7 +624,7 @@ async fn routing_matches_resolve_pushes_across_levels_actions_and_audiences() ->
             ("off", scope(&n("off"), Account, "")),
         ];
         for (id, s) in scopes {
-            stack.create_scope(ACCOUNT, id, s).await?;
+            stack.admin().create_scope(ACCOUNT, id, s).await?;
         }
         stack.sync().await?;
 
@@ -724,7 +733,7 @@ async fn routing_matches_resolve_pushes_across_levels_actions_and_audiences() ->
             assert_eq!(resp.error, "", "{}", case.id);
             assert_eq!(resp.participation_id, case.id);
             let expected: BTreeSet<String> = case.expected.iter().map(|i| n(i)).collect();
-            let resolved = stack.resolve(case.resolve_request()).await?;
+            let resolved = stack.admin().resolve(case.resolve_request()).await?;
             assert_eq!(resolved, expected, "ResolvePushes for {}", case.id);
             assert_eq!(delivered(resp), expected, "deliveries of {}", case.id);
             assert_eq!(
@@ -763,7 +772,7 @@ async fn routing_matches_resolve_pushes_across_levels_actions_and_audiences() ->
         }
         Ok(())
     })
-    .await
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -771,10 +780,11 @@ async fn routing_matches_resolve_pushes_across_levels_actions_and_audiences() ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incomplete_participations_are_skipped_or_sent_per_policy() -> anyhow::Result<()> {
-    bounded(async {
+    within("the test body", TEST_LIMIT, async {
         let stack = Stack::start().await?;
         let (skip_rx, send_rx) = (TestReceiver::http().await?, TestReceiver::http().await?);
         let skipper = stack
+            .admin()
             .create_routed(
                 ACCOUNT,
                 "skipper",
@@ -782,6 +792,7 @@ async fn incomplete_participations_are_skipped_or_sent_per_policy() -> anyhow::R
             )
             .await?;
         let sender = stack
+            .admin()
             .create_routed(
                 ACCOUNT,
                 "sender",
@@ -829,7 +840,7 @@ async fn incomplete_participations_are_skipped_or_sent_per_policy() -> anyhow::R
         assert_eq!(body(&next(&send_rx).await?)?, COMPLETED);
         Ok(())
     })
-    .await
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -837,7 +848,7 @@ async fn incomplete_participations_are_skipped_or_sent_per_policy() -> anyhow::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_follow_the_status_and_end_with_the_window() -> anyhow::Result<()> {
-    bounded(async {
+    within("the test body", TEST_LIMIT, async {
         const SCHEDULE: usize = 50;
         let stack = Stack::start_with(|c, _| {
             // 100 ms (± 20 %) apart, within 450 ms: a few attempts, then the window ends it
@@ -854,9 +865,11 @@ async fn retries_follow_the_status_and_end_with_the_window() -> anyhow::Result<(
         let down_rx = TestReceiver::http().await?;
         down_rx.set_default(Reply::status(503));
         let flaky = stack
+            .admin()
             .create_routed(ACCOUNT, "flaky", integration("Flaky", &flaky_rx.url("/")))
             .await?;
         let refusing = stack
+            .admin()
             .create_routed(
                 ACCOUNT,
                 "refusing",
@@ -864,6 +877,7 @@ async fn retries_follow_the_status_and_end_with_the_window() -> anyhow::Result<(
             )
             .await?;
         let down = stack
+            .admin()
             .create_routed(ACCOUNT, "down", integration("Down", &down_rx.url("/")))
             .await?;
         stack.sync().await?;
@@ -917,7 +931,7 @@ async fn retries_follow_the_status_and_end_with_the_window() -> anyhow::Result<(
         }
         Ok(())
     })
-    .await
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -925,15 +939,17 @@ async fn retries_follow_the_status_and_end_with_the_window() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_fails_and_disables_the_integration() -> anyhow::Result<()> {
-    bounded(async {
+    within("the test body", TEST_LIMIT, async {
         let stack = Stack::start().await?;
         let gone_rx = TestReceiver::http().await?;
         gone_rx.set_default(Reply::status(410));
         let alive_rx = TestReceiver::http().await?;
         let gone = stack
+            .admin()
             .create_routed(ACCOUNT, "gone", integration("Gone", &gone_rx.url("/")))
             .await?;
         let alive = stack
+            .admin()
             .create_routed(ACCOUNT, "alive", integration("Alive", &alive_rx.url("/")))
             .await?;
         stack.sync().await?;
@@ -947,22 +963,22 @@ async fn gone_fails_and_disables_the_integration() -> anyhow::Result<()> {
         assert!(g.last_error.contains("410"), "{:?}", g.last_error);
 
         // The worker disables it through the control plane.
-        let deadline = Instant::now() + WAIT;
-        let disabled = loop {
-            let i = stack.get_integration(&gone).await?;
-            if i.enabled == Some(false) {
-                break i;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "{gone} not disabled: {i:?}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+        let disabled = eventually(&format!("{gone} disabled"), WAIT, || async {
+            let i = stack.admin().get_integration(&gone).await?;
+            Ok(if i.enabled == Some(false) {
+                Poll::Ready(i)
+            } else {
+                Poll::not_yet(i)
+            })
+        })
+        .await?;
         assert!(
             disabled.disabled_reason.contains("410"),
             "{:?}",
             disabled.disabled_reason
         );
         assert_eq!(
-            stack.get_integration(&alive).await?.enabled,
+            stack.admin().get_integration(&alive).await?.enabled,
             Some(true),
             "only the integration that answered 410"
         );
@@ -977,7 +993,7 @@ async fn gone_fails_and_disables_the_integration() -> anyhow::Result<()> {
             identified: Some(true),
         };
         assert_eq!(
-            stack.resolve(placement).await?,
+            stack.admin().resolve(placement).await?,
             BTreeSet::from([alive.clone()])
         );
         let later = participation("AFTER-410", 418207, Some(5120), true);
@@ -987,7 +1003,7 @@ async fn gone_fails_and_disables_the_integration() -> anyhow::Result<()> {
         assert_eq!(alive_rx.received_count(), 2);
         Ok(())
     })
-    .await
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -995,10 +1011,11 @@ async fn gone_fails_and_disables_the_integration() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_get_errors_and_the_stream_stays_open() -> anyhow::Result<()> {
-    bounded(async {
+    within("the test body", TEST_LIMIT, async {
         let stack = Stack::start().await?;
         let receiver = TestReceiver::http().await?;
         let crm = stack
+            .admin()
             .create_routed(ACCOUNT, "crm", integration("CRM", &receiver.url("/")))
             .await?;
         stack.sync().await?;
@@ -1087,7 +1104,7 @@ async fn malformed_messages_get_errors_and_the_stream_stays_open() -> anyhow::Re
         assert!(matches!(end, Ok(None)), "{end:?}");
         Ok(())
     })
-    .await
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1095,13 +1112,15 @@ async fn malformed_messages_get_errors_and_the_stream_stays_open() -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_integrations_limits_a_republish() -> anyhow::Result<()> {
-    bounded(async {
+    within("the test body", TEST_LIMIT, async {
         let stack = Stack::start().await?;
         let (first_rx, second_rx) = (TestReceiver::http().await?, TestReceiver::http().await?);
         let first = stack
+            .admin()
             .create_routed(ACCOUNT, "first", integration("First", &first_rx.url("/")))
             .await?;
         let second = stack
+            .admin()
             .create_routed(
                 ACCOUNT,
                 "second",
@@ -1161,7 +1180,7 @@ async fn only_integrations_limits_a_republish() -> anyhow::Result<()> {
         assert_eq!(first_rx.received_count() + second_rx.received_count(), 3);
         Ok(())
     })
-    .await
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1169,7 +1188,7 @@ async fn only_integrations_limits_a_republish() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_holds_at_most_its_window_in_flight() -> anyhow::Result<()> {
-    bounded(async {
+    within("the test body", TEST_LIMIT, async {
         const WINDOW: usize = 2;
         const MESSAGES: usize = 10;
         const REPLY_DELAY: Duration = Duration::from_millis(100);
@@ -1185,6 +1204,7 @@ async fn a_stream_holds_at_most_its_window_in_flight() -> anyhow::Result<()> {
         let receiver = TestReceiver::http().await?;
         receiver.set_default(Reply::hang());
         let slow = stack
+            .admin()
             .create_routed(ACCOUNT, "slow", integration("Slow", &receiver.url("/")))
             .await?;
         stack.sync().await?;
@@ -1258,7 +1278,7 @@ async fn a_stream_holds_at_most_its_window_in_flight() -> anyhow::Result<()> {
         assert!(matches!(end, Ok(None)), "{end:?}");
         Ok(())
     })
-    .await
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1266,10 +1286,11 @@ async fn a_stream_holds_at_most_its_window_in_flight() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_url_applies_to_the_next_participation() -> anyhow::Result<()> {
-    bounded(async {
+    within("the test body", TEST_LIMIT, async {
         let stack = Stack::start().await?;
         let (old_rx, new_rx) = (TestReceiver::http().await?, TestReceiver::http().await?);
         let moving = stack
+            .admin()
             .create_routed(ACCOUNT, "moving", integration("Moving", &old_rx.url("/v1")))
             .await?;
         stack.sync().await?;
@@ -1279,6 +1300,7 @@ async fn a_new_url_applies_to_the_next_participation() -> anyhow::Result<()> {
         assert_eq!(body(&next(&old_rx).await?)?, p1);
 
         stack
+            .admin()
             .update_integration(
                 pb::Integration {
                     name: moving.clone(),
@@ -1298,7 +1320,7 @@ async fn a_new_url_applies_to_the_next_participation() -> anyhow::Result<()> {
         assert_eq!(new_rx.received_count(), 1);
         Ok(())
     })
-    .await
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1306,10 +1328,11 @@ async fn a_new_url_applies_to_the_next_participation() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_account_without_integrations_is_acknowledged_with_no_delivery() -> anyhow::Result<()> {
-    bounded(async {
+    within("the test body", TEST_LIMIT, async {
         let stack = Stack::start().await?;
         let receiver = TestReceiver::http().await?;
         stack
+            .admin()
             .create_routed(ACCOUNT, "crm", integration("CRM", &receiver.url("/")))
             .await?;
         stack.sync().await?;
@@ -1330,14 +1353,14 @@ async fn an_account_without_integrations_is_acknowledged_with_no_delivery() -> a
         assert_eq!(receiver.received_count(), 0);
         Ok(())
     })
-    .await
+    .await?
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_refuses_participations_until_it_has_a_configuration() -> anyhow::Result<()> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    bounded(async {
+    within("the test body", TEST_LIMIT, async {
         let dir = tempfile::tempdir()?;
         // The control plane's port is taken now and served later: until then the worker gets
         // no snapshot.
@@ -1368,21 +1391,22 @@ async fn a_worker_refuses_participations_until_it_has_a_configuration() -> anyho
             .connect()
             .await?;
 
-        let mut health = HealthClient::new(channel.clone());
+        let health = HealthClient::new(channel.clone());
         let check = HealthCheckRequest {
             service: pushwire_tests::worker::INGEST_SERVICE.into(),
         };
         // The status is registered as the server starts; until then the service is unknown.
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            match health.check(check.clone()).await {
-                Ok(r) => break r.into_inner().status,
-                Err(s) if s.code() == Code::NotFound && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+        let status = eventually("the ingest health status registered", WAIT, || {
+            let (mut health, check) = (health.clone(), check.clone());
+            async move {
+                match health.check(check).await {
+                    Ok(r) => Ok(Poll::Ready(r.into_inner().status)),
+                    Err(s) if s.code() == Code::NotFound => Ok(Poll::not_yet(s)),
+                    Err(s) => Err(s.into()),
                 }
-                Err(s) => return Err(s.into()),
             }
-        };
+        })
+        .await?;
         assert_eq!(status, ServingStatus::NotServing as i32);
         let mut ingest = pb::ingest_service_client::IngestServiceClient::new(
             pushwire_tests::control_plane::as_admin(channel.clone()),
@@ -1430,7 +1454,7 @@ async fn a_worker_refuses_participations_until_it_has_a_configuration() -> anyho
         cp.await??;
         Ok(())
     })
-    .await
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1438,7 +1462,7 @@ async fn a_worker_refuses_participations_until_it_has_a_configuration() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_document_gets_an_error_naming_the_limit() -> anyhow::Result<()> {
-    bounded(async {
+    within("the test body", TEST_LIMIT, async {
         const LIMIT: usize = 2048;
         let stack = Stack::start_with(|c, _| {
             c.ingest.max_participation_bytes = LIMIT;
@@ -1447,6 +1471,7 @@ async fn an_oversized_document_gets_an_error_naming_the_limit() -> anyhow::Resul
         .await?;
         let receiver = TestReceiver::http().await?;
         let crm = stack
+            .admin()
             .create_routed(ACCOUNT, "crm", integration("CRM", &receiver.url("/")))
             .await?;
         stack.sync().await?;
@@ -1523,7 +1548,7 @@ async fn an_oversized_document_gets_an_error_naming_the_limit() -> anyhow::Resul
         assert_eq!(receiver.received_count(), 2);
         Ok(())
     })
-    .await
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1546,6 +1571,7 @@ async fn shutdown_while_delivering(
     let receiver = TestReceiver::http().await?;
     receiver.set_default(reply);
     stack
+        .admin()
         .create_routed(ACCOUNT, "stuck", integration("Stuck", &receiver.url("/")))
         .await?;
     stack.sync().await?;
@@ -1580,18 +1606,26 @@ async fn shutdown_while_delivering(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_hands_back_a_participation_waiting_for_a_retry() -> anyhow::Result<()> {
-    bounded(shutdown_while_delivering(Reply::status(503), |c| {
-        // The retry would come long after the grace.
-        c.delivery.retry_schedule = Schedule(vec![Duration::from_secs(30)]);
-        c.delivery.retry_window = Duration::from_secs(60);
-    }))
-    .await
+    within(
+        "the test body",
+        TEST_LIMIT,
+        shutdown_while_delivering(Reply::status(503), |c| {
+            // The retry would come long after the grace.
+            c.delivery.retry_schedule = Schedule(vec![Duration::from_secs(30)]);
+            c.delivery.retry_window = Duration::from_secs(60);
+        }),
+    )
+    .await?
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_interrupts_an_attempt_in_flight() -> anyhow::Result<()> {
-    bounded(shutdown_while_delivering(Reply::hang(), |c| {
-        c.delivery.retry_window = Duration::from_secs(600);
-    }))
-    .await
+    within(
+        "the test body",
+        TEST_LIMIT,
+        shutdown_while_delivering(Reply::hang(), |c| {
+            c.delivery.retry_window = Duration::from_secs(600);
+        }),
+    )
+    .await?
 }

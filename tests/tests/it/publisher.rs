@@ -9,11 +9,12 @@ use std::time::Duration;
 use pushwire_common::domain::Secret;
 use pushwire_common::pb::v1 as pb;
 use pushwire_common::publisher::{Publisher, PublisherOptions, ReceiptStatus, TlsOptions};
+use pushwire_tests::admin::{integration, scope};
 use pushwire_tests::control_plane::{
     Backend, ControlPlane, TEST_ADMIN_TOKEN, TEST_WORKER_TOKEN, test_config,
 };
 use pushwire_tests::faults::CountingReceiver;
-use pushwire_tests::worker::{integration, participation, scope};
+use pushwire_tests::worker::participation;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -67,24 +68,17 @@ async fn publishes_over_mtls_by_name_with_a_token() -> anyhow::Result<()> {
     cp_config.webhook.allow_cidr = vec!["127.0.0.0/8".into()];
     let cp = ControlPlane::start(cp_config).await?;
     let receiver = CountingReceiver::start().await?;
-    let name = cp
-        .integrations()
+    let admin = cp.admin().await?;
+    let name = admin
+        .create_integration(ACCOUNT, "hook", integration("Hook", &receiver.url()))
         .await?
-        .create_integration(pb::CreateIntegrationRequest {
-            parent: ACCOUNT.into(),
-            integration_id: "hook".into(),
-            integration: Some(integration("Hook", &receiver.url())),
-        })
-        .await?
-        .into_inner()
         .name;
-    cp.push_scopes()
-        .await?
-        .create_push_scope(pb::CreatePushScopeRequest {
-            parent: ACCOUNT.into(),
-            push_scope_id: "all".into(),
-            push_scope: Some(scope(&name, pb::PushScopeLevel::Account, "")),
-        })
+    admin
+        .create_scope(
+            ACCOUNT,
+            "all",
+            scope(&name, pb::PushScopeLevel::Account, ""),
+        )
         .await?;
 
     // A standalone worker serving TLS only, requiring certificates of the CA.

@@ -1,30 +1,43 @@
 //! TLS and mTLS between workers and the control plane: a control plane serving TLS and
 //! requiring client certificates of its CA (`--tls-cert`, `--tls-key`, `--tls-client-ca`); a
 //! standalone worker (`pushwire_worker::run`) with a certificate of that CA becomes ready, one
-//! without a certificate or with one of another CA never does, and the control plane refuses
-//! their handshakes.
+//! without a certificate or with one of another CA never does (it connects, again and again,
+//! and no call of it ever reaches the control plane: the handshake is refused), and one with a
+//! valid certificate but no worker token is refused WatchConfig with PERMISSION_DENIED.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use pushwire_common::domain::Secret;
 use pushwire_common::pb::v1 as pb;
 use pushwire_tests::control_plane::{
-    Backend, TEST_ADMIN_TOKEN, TEST_WORKER_TOKEN, as_admin, test_config,
+    Backend, TEST_ADMIN_TOKEN, TEST_WORKER_TOKEN, as_admin, test_config, with_token,
 };
+use pushwire_tests::eventually::{Poll, eventually, until};
+use pushwire_tests::faults::http_get;
 use pushwire_tests::worker::{INGEST_SERVICE, wait_ingest_ready};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-/// How long a worker without a valid certificate is watched for becoming ready (it must not).
-const NEVER_READY_WINDOW: Duration = Duration::from_secs(3);
+/// Bound of every wait of these tests.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The control plane's count of WatchConfig calls that ended with `code`.
+fn watch_calls(code: &str) -> String {
+    format!(
+        r#"pushwire_grpc_calls_total{{method="pushwire.v1.ConfigService/WatchConfig",code="{code}"}}"#
+    )
+}
 
 /// PEM files of a certificate and its key.
 struct Pem {
@@ -101,6 +114,8 @@ fn pki() -> anyhow::Result<Pki> {
 /// A process part started in this test: its task and how to stop it.
 struct Running {
     addr: SocketAddr,
+    /// The HTTP operations address (`/metrics`).
+    http: SocketAddr,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -125,6 +140,7 @@ async fn start_control_plane(pki: &Pki) -> anyhow::Result<Running> {
         http: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
     };
     let addr = listeners.grpc.local_addr()?;
+    let http = listeners.http.local_addr()?;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn({
         let shutdown = shutdown.clone();
@@ -132,6 +148,7 @@ async fn start_control_plane(pki: &Pki) -> anyhow::Result<Running> {
     });
     Ok(Running {
         addr,
+        http,
         shutdown,
         task,
     })
@@ -152,6 +169,7 @@ async fn start_worker(pki: &Pki, cp: SocketAddr, client: Option<&Pem>) -> anyhow
         http: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
     };
     let addr = listeners.grpc.local_addr()?;
+    let http = listeners.http.local_addr()?;
     let shutdown = CancellationToken::new();
     config.shutdown_grace = Duration::from_secs(1);
     let task = tokio::spawn({
@@ -160,6 +178,7 @@ async fn start_worker(pki: &Pki, cp: SocketAddr, client: Option<&Pem>) -> anyhow
     });
     Ok(Running {
         addr,
+        http,
         shutdown,
         task,
     })
@@ -198,26 +217,81 @@ async fn health(channel: Channel) -> Result<i32, tonic::Status> {
         .map(|r| r.into_inner().status)
 }
 
-/// Whether the worker behind `channel` stays not ready for `window`.
-async fn never_ready(channel: &Channel, window: Duration) -> anyhow::Result<()> {
+/// The worker behind `channel` reports NOT_SERVING (it has no configuration).
+async fn assert_not_ready(channel: &Channel, what: &str) -> anyhow::Result<()> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let mut health = HealthClient::new(channel.clone());
-    let until = tokio::time::Instant::now() + window;
-    while tokio::time::Instant::now() < until {
-        let status = health
-            .check(HealthCheckRequest {
-                service: INGEST_SERVICE.into(),
-            })
-            .await
-            .map(|r| r.into_inner().status);
-        anyhow::ensure!(
-            status.as_ref().ok() != Some(&(ServingStatus::Serving as i32)),
-            "a worker without a valid client certificate became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: INGEST_SERVICE.into(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    anyhow::ensure!(
+        status == ServingStatus::NotServing as i32,
+        "{what}: status {status}, not NOT_SERVING"
+    );
     Ok(())
+}
+
+/// The value of `series` in the `/metrics` of the server at `http` (0 when absent).
+async fn metric(http: SocketAddr, series: &str) -> anyhow::Result<f64> {
+    let (status, body) = http_get(http, "/metrics").await?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    Ok(body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0))
+}
+
+/// A loopback TCP relay to a target address that counts the connections made through it:
+/// evidence that a worker keeps trying.
+struct Relay {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                // Ends with the connection, which the refused handshake closes.
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            connections,
+            task,
+        })
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,16 +300,11 @@ async fn only_workers_with_a_client_certificate_of_the_ca_can_watch_config() -> 
     let cp = start_control_plane(&pki).await?;
 
     // A client of the CA gets through: health, and the admin API with a token.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match health(tls_channel(&pki, cp.addr, Some(&pki.client)).await?).await {
-            Ok(1) => break,
-            other if tokio::time::Instant::now() > deadline => {
-                anyhow::bail!("control plane not serving over TLS: {other:?}")
-            }
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    eventually("the control plane serving over TLS", WAIT, || async {
+        let status = health(tls_channel(&pki, cp.addr, Some(&pki.client)).await?).await;
+        Ok(Poll::when(status.as_ref().is_ok_and(|s| *s == 1), status))
+    })
+    .await?;
     let admin = as_admin(tls_channel(&pki, cp.addr, Some(&pki.client)).await?);
     pb::integration_service_client::IntegrationServiceClient::new(admin)
         .list_integrations(pb::ListIntegrationsRequest {
@@ -260,17 +329,32 @@ async fn only_workers_with_a_client_certificate_of_the_ca_can_watch_config() -> 
     };
     assert!(plaintext.is_err(), "plaintext: {plaintext:?}");
 
-    // Workers: the one with our certificate becomes ready; the others never do.
+    // Workers: the one with our certificate becomes ready; the others reach the control
+    // plane through relays that count their connections, and never get further.
     let good = start_worker(&pki, cp.addr, Some(&pki.client)).await?;
-    let none = start_worker(&pki, cp.addr, None).await?;
-    let rogue = start_worker(&pki, cp.addr, Some(&pki.rogue_client)).await?;
-    wait_ingest_ready(&plain(good.addr).await?, Duration::from_secs(20)).await?;
-    let (a, b) = tokio::join!(
-        async { never_ready(&plain(none.addr).await?, NEVER_READY_WINDOW).await },
-        async { never_ready(&plain(rogue.addr).await?, NEVER_READY_WINDOW).await },
-    );
-    a.context("worker without a client certificate")?;
-    b.context("worker with another CA's certificate")?;
+    let (none_relay, rogue_relay) = (Relay::start(cp.addr).await?, Relay::start(cp.addr).await?);
+    let none = start_worker(&pki, none_relay.addr, None).await?;
+    let rogue = start_worker(&pki, rogue_relay.addr, Some(&pki.rogue_client)).await?;
+    wait_ingest_ready(&plain(good.addr).await?, WAIT).await?;
+    for (what, relay, worker) in [
+        ("a worker without a client certificate", &none_relay, &none),
+        (
+            "a worker with another CA's certificate",
+            &rogue_relay,
+            &rogue,
+        ),
+    ] {
+        // A second connection: the first one failed and the worker tried again.
+        until(&format!("{what} connecting twice"), WAIT, || {
+            relay.connections() >= 2
+        })
+        .await?;
+        assert_not_ready(&plain(worker.addr).await?, what).await?;
+    }
+    // None of their calls reached the control plane: refused at the handshake, not by auth.
+    for code in ["UNAUTHENTICATED", "PERMISSION_DENIED"] {
+        assert_eq!(metric(cp.http, &watch_calls(code)).await?, 0.0, "{code}");
+    }
 
     for w in [good, none, rogue] {
         w.stop().await?;
@@ -295,15 +379,35 @@ async fn a_worker_needs_a_worker_token_even_with_a_valid_certificate() -> anyhow
         http: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
     };
     let addr = listeners.grpc.local_addr()?;
+    let http = listeners.http.local_addr()?;
     let shutdown = CancellationToken::new();
     let worker = Running {
         addr,
+        http,
         shutdown: shutdown.clone(),
         task: tokio::spawn(
             async move { Ok(pushwire_worker::run(config, listeners, shutdown).await?) },
         ),
     };
-    never_ready(&plain(worker.addr).await?, NEVER_READY_WINDOW).await?;
+    // The control plane refuses its WatchConfig with PERMISSION_DENIED, again on each retry,
+    // and the worker stays not ready.
+    let denied = watch_calls("PERMISSION_DENIED");
+    eventually("WatchConfig refused twice", WAIT, || async {
+        let n = metric(cp.http, &denied).await?;
+        Ok(Poll::when(n >= 2.0, n))
+    })
+    .await?;
+    assert_not_ready(&plain(worker.addr).await?, "a worker with an admin token").await?;
+    // The same credentials, called directly: the specific refusal.
+    let mut as_that_worker = pb::config_service_client::ConfigServiceClient::new(with_token(
+        tls_channel(&pki, cp.addr, Some(&pki.client)).await?,
+        Some(TEST_ADMIN_TOKEN),
+    ));
+    let refused = as_that_worker
+        .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+        .await
+        .expect_err("an admin token is no worker token");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     worker.stop().await?;
     cp.stop().await
 }

@@ -13,6 +13,7 @@ use pushwire_control_plane::store::{
     WatchBatch, WatchStream, keys,
 };
 use pushwire_tests::etcd::EtcdServer;
+use pushwire_tests::eventually::{Poll, eventually};
 
 /// Bound on every wait for a watch stream, so a bug fails the test instead of hanging it.
 const STREAM_WAIT: Duration = Duration::from_secs(10);
@@ -613,16 +614,17 @@ async fn etcd_outage_yields_unavailable_then_recovers() -> anyhow::Result<()> {
 
     server.resume()?;
     // The client reconnects on its own; poll until it does, within a bound.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let revision = loop {
-        match store.revision().await {
-            Ok(revision) => break revision,
-            Err(err) if tokio::time::Instant::now() >= deadline => {
-                return Err(err).context("etcd client did not reconnect");
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    };
+    let revision = eventually(
+        "the etcd client reconnected",
+        Duration::from_secs(20),
+        || async {
+            Ok(match store.revision().await {
+                Ok(revision) => Poll::Ready(revision),
+                Err(err) => Poll::not_yet(err),
+            })
+        },
+    )
+    .await?;
     assert_eq!(revision, 2, "etcd kept its data over the restart");
     assert_eq!(store.get(&a()).await?, Some(kv(&a(), "a", 2, 2)));
     server.restart()?;

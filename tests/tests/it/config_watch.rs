@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -12,9 +13,11 @@ use pushwire_common::domain::matching::Placement;
 use pushwire_common::domain::{AccountName, IntegrationName, Secret};
 use pushwire_common::pb::v1 as pb;
 use pushwire_control_plane::{Config, Listeners};
+use pushwire_tests::admin::{Admin, integration};
 use pushwire_tests::control_plane::{
     AuthChannel, TEST_ADMIN_TOKEN, TEST_WORKER_TOKEN, as_admin, test_token_file, with_token,
 };
+use pushwire_tests::eventually::{until, within};
 use pushwire_worker::config_watch;
 use pushwire_worker::router::RoutingTable;
 use tokio::net::TcpListener;
@@ -73,20 +76,16 @@ impl ControlPlane {
     }
 
     async fn create_integration(&self, account: &str, id: &str) -> anyhow::Result<pb::Integration> {
-        let mut client =
-            pb::integration_service_client::IntegrationServiceClient::new(self.channel().await?);
         let integration = pb::Integration {
-            display_name: id.to_uppercase(),
-            url: format!("https://{id}.example.com/hook"),
             secret: "s3cr3t-for-the-test".into(),
-            ..Default::default()
+            ..integration(
+                &id.to_uppercase(),
+                &format!("https://{id}.example.com/hook"),
+            )
         };
-        let req = pb::CreateIntegrationRequest {
-            parent: account.into(),
-            integration_id: id.into(),
-            integration: Some(integration),
-        };
-        Ok(client.create_integration(req).await?.into_inner())
+        Ok(Admin::new(self.channel().await?)
+            .create_integration(account, id, integration)
+            .await?)
     }
 
     async fn create_account_scope(
@@ -95,20 +94,15 @@ impl ControlPlane {
         id: &str,
         integration: &str,
     ) -> anyhow::Result<pb::PushScope> {
-        let mut client =
-            pb::push_scope_service_client::PushScopeServiceClient::new(self.channel().await?);
         let scope = pb::PushScope {
             integration: integration.into(),
             level: pb::PushScopeLevel::Account.into(),
             action: pb::PushAction::Push.into(),
             ..Default::default()
         };
-        let req = pb::CreatePushScopeRequest {
-            parent: account.into(),
-            push_scope_id: id.into(),
-            push_scope: Some(scope),
-        };
-        Ok(client.create_push_scope(req).await?.into_inner())
+        Ok(Admin::new(self.channel().await?)
+            .create_scope(account, id, scope)
+            .await?)
     }
 
     async fn stop(self) -> anyhow::Result<()> {
@@ -134,9 +128,58 @@ async fn wait_for(
                 .context("config watch dropped the table sender")?;
         }
     };
-    tokio::time::timeout(WAIT, wait)
+    within(what, WAIT, wait).await?
+}
+
+/// A listener that accepts connections, counts them and closes them at once: a control plane
+/// address where nothing answers, observable.
+struct ClosingListener {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl ClosingListener {
+    async fn bind(addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let addr = listener.local_addr()?;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(conn);
+            }
+        });
+        Ok(Self {
+            addr,
+            accepted,
+            task,
+        })
+    }
+
+    /// Waits until `n` connections were accepted.
+    async fn wait_connections(&self, n: usize) -> anyhow::Result<()> {
+        until(&format!("{n} connections from the watch"), WAIT, || {
+            self.accepted.load(Ordering::SeqCst) >= n
+        })
         .await
-        .with_context(|| format!("waiting for {what}"))?
+    }
+
+    /// Stops listening; the address is free again on return.
+    async fn close(mut self) {
+        self.task.abort();
+        // Resolves once the task, and the listener with it, is dropped.
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for ClosingListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 fn name(s: &str) -> IntegrationName {
@@ -199,11 +242,15 @@ async fn follows_the_control_plane_and_survives_its_restart() -> anyhow::Result<
         "the table is at the scope's revision"
     );
 
-    // The control plane goes away: the worker keeps the table it has.
+    // The control plane goes away: the worker keeps the table it has. Barrier: on its
+    // address, a listener that closes every connection sees the watch fail and come back
+    // twice; the table has not changed meanwhile.
     cp.stop().await?;
-    let unchanged = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+    let closing = ClosingListener::bind(addr).await?;
+    closing.wait_connections(2).await?;
+    closing.close().await;
     assert!(
-        unchanged.is_err(),
+        !rx.has_changed()?,
         "the table must not change while the control plane is down"
     );
     let kept = rx.borrow().clone().context("table kept")?;
@@ -240,18 +287,20 @@ async fn follows_the_control_plane_and_survives_its_restart() -> anyhow::Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_for_an_unreachable_control_plane_and_stops_on_shutdown() -> anyhow::Result<()> {
-    // A port nobody listens on: connection refused, again and again.
-    let addr = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+    // A peer that closes every connection: no control plane, again and again.
+    let closing = ClosingListener::bind("127.0.0.1:0".parse()?).await?;
+    let addr = closing.addr;
     let channel = config_watch::endpoint(format!("http://{addr}"))?.connect_lazy();
-    let (tx, mut rx) = watch::channel::<Table>(None);
+    let (tx, rx) = watch::channel::<Table>(None);
     let shutdown = CancellationToken::new();
     let watcher = tokio::spawn(config_watch::run(
         with_token(channel, Some(TEST_WORKER_TOKEN)),
         tx,
         shutdown.clone(),
     ));
-    let nothing = tokio::time::timeout(Duration::from_millis(300), rx.changed()).await;
-    assert!(nothing.is_err(), "no table without a control plane");
+    // Barrier: the watch failed and tried again twice.
+    closing.wait_connections(3).await?;
+    assert!(!rx.has_changed()?, "no table without a control plane");
     assert!(rx.borrow().is_none());
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(2), watcher)

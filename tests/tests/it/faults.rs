@@ -5,7 +5,7 @@
 //! stream did not acknowledge. Each scenario prints its figures (`--nocapture` to see them):
 //!
 //! ```sh
-//! cargo test -p pushwire-tests --test faults -- --nocapture
+//! cargo test -p pushwire-tests --test it -- faults:: --nocapture
 //! ```
 //!
 //! The scenarios run one at a time (they measure latency, and share two cores in CI).
@@ -17,12 +17,14 @@ use std::time::{Duration, Instant};
 use pushwire_common::domain::Secret;
 use pushwire_common::pb::v1 as pb;
 use pushwire_common::publisher::{Publisher, PublisherOptions};
+use pushwire_tests::admin::{Admin, scope};
 use pushwire_tests::etcd::EtcdServer;
+use pushwire_tests::eventually::{Poll, eventually};
 use pushwire_tests::faults::{
-    ACCOUNT, Admin, Behaviour, ControlPlaneProc, CountingReceiver, Figures, PUBLISHER_TOKEN,
-    Publication, Store, WorkerFlags, WorkerProc, doc, expected_routes, http_get, tally,
+    ACCOUNT, Behaviour, ControlPlaneProc, CountingReceiver, Figures, PUBLISHER_TOKEN, Publication,
+    Store, WorkerFlags, WorkerProc, create_integration, create_scope, doc, expected_routes,
+    http_get, route_three, tally,
 };
-use pushwire_tests::worker::scope;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_pushwire-worker-under-test");
 const CONTROL_PLANE: &str = env!("CARGO_BIN_EXE_pushwire-control-plane-under-test");
@@ -45,7 +47,7 @@ fn publisher_options(window: u32) -> PublisherOptions {
     }
 }
 
-/// Three receivers routed as [`Admin::route_three`] says, a control plane on `store` and two
+/// Three receivers routed as [`route_three`] says, a control plane on `store` and two
 /// workers with `flags`, every worker on the routing revision.
 struct Rig {
     cp: ControlPlaneProc,
@@ -63,10 +65,8 @@ impl Rig {
             CountingReceiver::start().await?,
             CountingReceiver::start().await?,
         ];
-        let admin = Admin::new(cp.channel().await?);
-        let revision = admin
-            .route_three([&receivers[0], &receivers[1], &receivers[2]])
-            .await?;
+        let admin = cp.admin().await?;
+        let revision = route_three(&admin, [&receivers[0], &receivers[1], &receivers[2]]).await?;
         let bin = Path::new(WORKER);
         let workers = [
             WorkerProc::start(bin, dir, 1, &cp.url(), &flags).await?,
@@ -99,16 +99,11 @@ impl Rig {
 
     /// Waits until the publisher has a stream to each worker again, at most `limit`.
     async fn wait_streams(&self, n: usize, limit: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + limit;
-        while self.publisher.stats().open_streams < n {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "{:?} after {limit:?}",
-                self.publisher.stats()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
+        eventually(&format!("{n} publisher streams open"), limit, || async {
+            let stats = self.publisher.stats();
+            Ok(Poll::when(stats.open_streams >= n, stats))
+        })
+        .await
     }
 }
 
@@ -298,7 +293,8 @@ async fn control_plane_and_etcd_restarts_lose_nothing() -> anyhow::Result<()> {
         let before = publication.acknowledged();
         let answer = tokio::time::timeout(
             Duration::from_secs(15),
-            pb::integration_service_client::IntegrationServiceClient::new(rig.cp.channel().await?)
+            rig.admin
+                .integrations()
                 .list_integrations(pb::ListIntegrationsRequest {
                     parent: ACCOUNT.into(),
                     ..Default::default()
@@ -322,10 +318,13 @@ async fn control_plane_and_etcd_restarts_lose_nothing() -> anyhow::Result<()> {
         // A change after the recovery reaches both workers; new participations follow it.
         let late = CountingReceiver::start().await?;
         let revision = retry_until_ok(Duration::from_secs(20), || async {
-            let (name, _) = rig.admin.integration("late", &late.url()).await?;
-            rig.admin
-                .scope("late", scope(&name, pb::PushScopeLevel::Account, ""))
-                .await
+            let name = create_integration(&rig.admin, "late", &late.url()).await?;
+            create_scope(
+                &rig.admin,
+                "late",
+                scope(&name, pb::PushScopeLevel::Account, ""),
+            )
+            .await
         })
         .await?;
         let propagated = Instant::now();
@@ -382,14 +381,16 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
-    let deadline = Instant::now() + limit;
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() > deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+    eventually("a call answered after the restart", limit, || {
+        let call = f();
+        async move {
+            Ok(match call.await {
+                Ok(v) => Poll::Ready(v),
+                Err(e) => Poll::not_yet(e),
+            })
         }
-    }
+    })
+    .await
 }
 
 /// A worker gets SIGTERM mid-run while attempts are in flight (slow answers, retries): it

@@ -14,6 +14,7 @@ use pushwire_common::pb::v1 as pb;
 use pushwire_common::webhook::signing;
 use pushwire_control_plane::store::pb as rec;
 use pushwire_control_plane::{Config, Listeners};
+use pushwire_tests::admin::integration;
 use pushwire_tests::control_plane::{Backend, ControlPlane, test_config};
 use pushwire_tests::etcd::EtcdServer;
 use pushwire_tests::receiver::TestReceiver;
@@ -74,8 +75,6 @@ async fn start_fails(config: Config) -> anyhow::Result<String> {
 
 async fn create(cp: &ControlPlane, id: &str, url: &str) -> anyhow::Result<pb::Integration> {
     let integration = pb::Integration {
-        display_name: id.into(),
-        url: url.into(),
         auth_header: Some(pb::AuthHeader {
             name: "Authorization".into(),
             value: AUTH_VALUE.into(),
@@ -83,18 +82,13 @@ async fn create(cp: &ControlPlane, id: &str, url: &str) -> anyhow::Result<pb::In
         }),
         secret: SECRET.into(),
         signature_schemes: vec![pb::SignatureScheme::Qualifio.into()],
-        ..Default::default()
+        ..integration(id, url)
     };
     Ok(cp
-        .integrations()
+        .admin()
         .await?
-        .create_integration(pb::CreateIntegrationRequest {
-            parent: ACCOUNT.into(),
-            integration_id: id.into(),
-            integration: Some(integration),
-        })
-        .await?
-        .into_inner())
+        .create_integration(ACCOUNT, id, integration)
+        .await?)
 }
 
 /// Every key and value in etcd, read with etcd's own client.
@@ -253,14 +247,7 @@ async fn etcd_holds_no_secret_in_clear_and_wrong_keys_refuse_to_start() -> anyho
     assert!(ids.iter().all(|(_, id)| id == "old"), "{ids:?}");
 
     // The API never reads a secret back; the worker's stream carries them decrypted.
-    let read = cp
-        .integrations()
-        .await?
-        .get_integration(pb::GetIntegrationRequest {
-            name: created.name.clone(),
-        })
-        .await?
-        .into_inner();
+    let read = cp.admin().await?.get_integration(&created.name).await?;
     assert!(read.secret.is_empty() && read.secret_set);
     assert_no_secret_in("GetIntegration", format!("{read:?}").as_bytes());
     assert_no_secret_in("GetIntegration", &read.encode_to_vec());

@@ -10,18 +10,20 @@
 //! - the token file is reloaded on change, an invalid one keeps the previous tokens, and an
 //!   invalid one at start refuses the start.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use prost_types::FieldMask;
-use pushwire_common::auth::{RELOAD_INTERVAL, hash_token};
+use pushwire_common::auth::RELOAD_INTERVAL;
 use pushwire_common::pb::v1 as pb;
+use pushwire_tests::admin::{Admin, integration, scope};
 use pushwire_tests::control_plane::{
     AuthChannel, TEST_ADMIN_TOKEN, TEST_WORKER_TOKEN, test_config, with_token,
 };
-use pushwire_tests::worker::{COMPLETED, PublishStream, Stack, WAIT, integration, request, scope};
+use pushwire_tests::eventually::{Poll, eventually};
+use pushwire_tests::tokens::{Accounts, entry, write_atomically, write_token_file};
+use pushwire_tests::worker::{COMPLETED, PublishStream, Stack, WAIT, request};
 use tonic::{Code, Status};
 
 /// The account the limited tokens may use.
@@ -35,25 +37,6 @@ const ADMIN_OWN: &str = "tok-admin-own";
 const VIEWER_OWN: &str = "tok-viewer-own";
 const PUBLISHER_OWN: &str = "tok-publisher-own";
 const UNKNOWN: &str = "tok-unknown-to-the-server";
-
-fn hex(token: &str) -> String {
-    hash_token(token)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// A token file entry.
-fn entry(name: &str, token: &str, role: &str, accounts: &str) -> String {
-    format!(
-        r#"{{"name": "{name}", "sha256": "{}", "role": "{role}", "accounts": {accounts}}}"#,
-        hex(token)
-    )
-}
-
-fn token_file(entries: &[String]) -> String {
-    format!("{{\"tokens\": [\n  {}\n]}}\n", entries.join(",\n  "))
-}
 
 /// The RPCs of `pushwire.v1`, and the two open services.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,23 +172,24 @@ struct Fixture {
 impl Fixture {
     async fn start() -> anyhow::Result<Self> {
         let stack = Stack::start_with(|config, dir| {
-            let own = format!("[\"{OWN}\"]");
+            let own = Accounts::Only(&[OWN]);
             let path = dir.join("tokens.json");
-            std::fs::write(
+            write_token_file(
                 &path,
-                token_file(&[
-                    entry("admin own", ADMIN_OWN, "admin", &own),
-                    entry("viewer own", VIEWER_OWN, "viewer", &own),
-                    entry("publisher own", PUBLISHER_OWN, "publisher", &own),
-                    entry("worker", TEST_WORKER_TOKEN, "worker", "\"*\""),
-                ]),
+                &[
+                    entry("admin own", ADMIN_OWN, "admin", own),
+                    entry("viewer own", VIEWER_OWN, "viewer", own),
+                    entry("publisher own", PUBLISHER_OWN, "publisher", own),
+                    entry("worker", TEST_WORKER_TOKEN, "worker", Accounts::All),
+                ],
             )?;
             config.access.token_file = Some(path);
             Ok(())
         })
         .await?;
+        let admin = stack.admin();
         for account in [OWN, OTHER] {
-            stack
+            admin
                 .create_integration(
                     account,
                     "crm",
@@ -215,7 +199,7 @@ impl Fixture {
                     },
                 )
                 .await?;
-            stack
+            admin
                 .create_scope(
                     account,
                     "all",
@@ -250,21 +234,19 @@ impl Fixture {
         let ch = self.channel(token);
         let n = self.next();
         let crm = format!("{account}/integrations/crm");
+        let as_caller = Admin::new(ch.clone());
         let mut integrations = IntegrationServiceClient::new(ch.clone());
         let mut scopes = PushScopeServiceClient::new(ch.clone());
         match rpc {
-            Rpc::CreateIntegration => integrations
-                .create_integration(pb::CreateIntegrationRequest {
-                    parent: account.into(),
-                    integration_id: format!("c{n}"),
-                    integration: Some(integration(&format!("c{n}"), "http://127.0.0.1:9/c")),
-                })
+            Rpc::CreateIntegration => as_caller
+                .create_integration(
+                    account,
+                    &format!("c{n}"),
+                    integration(&format!("c{n}"), "http://127.0.0.1:9/c"),
+                )
                 .await
                 .map(drop),
-            Rpc::GetIntegration => integrations
-                .get_integration(pb::GetIntegrationRequest { name: crm })
-                .await
-                .map(drop),
+            Rpc::GetIntegration => as_caller.get_integration(&crm).await.map(drop),
             Rpc::ListIntegrations => integrations
                 .list_integrations(pb::ListIntegrationsRequest {
                     parent: account.into(),
@@ -272,36 +254,33 @@ impl Fixture {
                 })
                 .await
                 .map(drop),
-            Rpc::UpdateIntegration => integrations
-                .update_integration(pb::UpdateIntegrationRequest {
-                    integration: Some(pb::Integration {
+            Rpc::UpdateIntegration => as_caller
+                .update_integration(
+                    pb::Integration {
                         name: crm,
                         display_name: format!("CRM {n}"),
                         ..Default::default()
-                    }),
-                    update_mask: Some(FieldMask {
-                        paths: vec!["display_name".into()],
-                    }),
-                })
+                    },
+                    &["display_name"],
+                )
                 .await
                 .map(drop),
-            Rpc::DisableIntegration => integrations
-                .update_integration(pb::UpdateIntegrationRequest {
-                    integration: Some(pb::Integration {
+            Rpc::DisableIntegration => as_caller
+                .update_integration(
+                    pb::Integration {
                         name: crm,
                         enabled: Some(false),
                         disabled_reason: "410 Gone".into(),
                         ..Default::default()
-                    }),
-                    update_mask: Some(FieldMask {
-                        paths: vec!["enabled".into(), "disabled_reason".into()],
-                    }),
-                })
+                    },
+                    &["enabled", "disabled_reason"],
+                )
                 .await
                 .map(drop),
             Rpc::DeleteIntegration => {
                 let victim = self
                     .stack
+                    .admin()
                     .create_integration(
                         account,
                         &format!("v{n}"),
@@ -321,12 +300,12 @@ impl Fixture {
                 .test_integration(pb::TestIntegrationRequest { name: crm })
                 .await
                 .map(drop),
-            Rpc::CreatePushScope => scopes
-                .create_push_scope(pb::CreatePushScopeRequest {
-                    parent: account.into(),
-                    push_scope_id: format!("s{n}"),
-                    push_scope: Some(scope(&crm, pb::PushScopeLevel::Campaign, &n.to_string())),
-                })
+            Rpc::CreatePushScope => as_caller
+                .create_scope(
+                    account,
+                    &format!("s{n}"),
+                    scope(&crm, pb::PushScopeLevel::Campaign, &n.to_string()),
+                )
                 .await
                 .map(drop),
             Rpc::GetPushScope => scopes
@@ -358,6 +337,7 @@ impl Fixture {
             Rpc::DeletePushScope => {
                 let victim = self
                     .stack
+                    .admin()
                     .create_scope(
                         account,
                         &format!("d{n}"),
@@ -574,12 +554,12 @@ async fn the_token_file_is_reloaded_and_a_bad_one_keeps_the_last_good_tokens() -
     let kept = path.clone();
     let stack = Stack::start_with(move |config, dir| {
         let file = dir.join("tokens.json");
-        std::fs::write(
+        write_token_file(
             &file,
-            token_file(&[
-                entry("one", "tok-one", "viewer", "\"*\""),
-                entry("worker", TEST_WORKER_TOKEN, "worker", "\"*\""),
-            ]),
+            &[
+                entry("one", "tok-one", "viewer", Accounts::All),
+                entry("worker", TEST_WORKER_TOKEN, "worker", Accounts::All),
+            ],
         )?;
         config.access.token_file = Some(file.clone());
         *kept.lock().expect("not poisoned") = Some(file);
@@ -608,22 +588,18 @@ async fn the_token_file_is_reloaded_and_a_bad_one_keeps_the_last_good_tokens() -
     assert_eq!(list("tok-two").await, Err(Code::Unauthenticated));
 
     // A new file: tok-two in, tok-one out, within a few reload intervals.
-    write_atomically(
+    write_token_file(
         &file,
-        &token_file(&[
-            entry("two", "tok-two", "viewer", "\"*\""),
-            entry("worker", TEST_WORKER_TOKEN, "worker", "\"*\""),
-        ]),
+        &[
+            entry("two", "tok-two", "viewer", Accounts::All),
+            entry("worker", TEST_WORKER_TOKEN, "worker", Accounts::All),
+        ],
     )?;
-    let deadline = tokio::time::Instant::now() + RELOAD_INTERVAL * 5;
-    while list("tok-two").await != Ok(()) {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the new token was not accepted within {:?}",
-            RELOAD_INTERVAL * 5
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the new token accepted", RELOAD_INTERVAL * 5, || async {
+        let answer = list("tok-two").await;
+        Ok(Poll::when(answer.is_ok(), answer))
+    })
+    .await?;
     assert_eq!(list("tok-one").await, Err(Code::Unauthenticated));
 
     // An invalid file is not taken: the last good tokens stay, however long it is there.
@@ -632,13 +608,6 @@ async fn the_token_file_is_reloaded_and_a_bad_one_keeps_the_last_good_tokens() -
     assert_eq!(list("tok-two").await, Ok(()));
     assert_eq!(list("tok-one").await, Err(Code::Unauthenticated));
     stack.stop().await
-}
-
-/// Replaces `path` in one step (as Kubernetes updates a mounted Secret).
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use pushwire_tests::eventually::{Poll, eventually};
 use pushwire_tests::receiver::{Reply, TestReceiver, TlsIdentity, send};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -149,10 +150,9 @@ async fn drop_stops_listening() {
     drop(receiver);
     // The listener closes when the aborted task is dropped by the runtime, which is prompt but
     // asynchronous: retry, bounded, until connections are refused.
-    tokio::time::timeout(WAIT, async {
-        while tokio::net::TcpStream::connect(addr).await.is_ok() {
-            tokio::task::yield_now().await;
-        }
+    eventually("the listener closed after drop", WAIT, || async move {
+        let connected = tokio::net::TcpStream::connect(addr).await.is_ok();
+        Ok(Poll::when(!connected, "connections accepted"))
     })
     .await
     .expect("listener closed after drop");

@@ -11,6 +11,7 @@ use pushwire_common::webhook::request::{
     SAMPLE_PARTICIPATION, SAMPLE_PARTICIPATION_ID, USER_AGENT,
 };
 use pushwire_common::webhook::signing;
+use pushwire_tests::admin::integration;
 use pushwire_tests::control_plane::{Backend, ControlPlane, test_config};
 use pushwire_tests::receiver::{Received, Reply, TestReceiver};
 use tonic::Code;
@@ -57,10 +58,8 @@ fn loopback() -> Delivery<'static> {
 }
 
 /// An integration with an auth header and a secret, signed with both schemes.
-fn integration(url: &str) -> pb::Integration {
+fn crm(url: &str) -> pb::Integration {
     pb::Integration {
-        display_name: "CRM".into(),
-        url: url.into(),
         auth_header: Some(pb::AuthHeader {
             name: "Authorization".into(),
             value: AUTH_VALUE.into(),
@@ -71,22 +70,17 @@ fn integration(url: &str) -> pb::Integration {
             pb::SignatureScheme::Qualifio.into(),
             pb::SignatureScheme::StandardWebhooks.into(),
         ],
-        ..Default::default()
+        ..integration("CRM", url)
     }
 }
 
 async fn create(cp: &ControlPlane, id: &str, i: pb::Integration) -> anyhow::Result<String> {
-    let created = cp
-        .integrations()
+    Ok(cp
+        .admin()
         .await?
-        .create_integration(pb::CreateIntegrationRequest {
-            parent: ACCOUNT.into(),
-            integration_id: id.into(),
-            integration: Some(i),
-        })
+        .create_integration(ACCOUNT, id, i)
         .await?
-        .into_inner();
-    Ok(created.name)
+        .name)
 }
 
 async fn test_integration(
@@ -102,12 +96,7 @@ async fn test_integration(
 }
 
 async fn get(cp: &ControlPlane, name: &str) -> anyhow::Result<pb::Integration> {
-    Ok(cp
-        .integrations()
-        .await?
-        .get_integration(pb::GetIntegrationRequest { name: name.into() })
-        .await?
-        .into_inner())
+    Ok(cp.admin().await?.get_integration(name).await?)
 }
 
 /// Neither the auth header value nor the signing secret nor the URL's query appears anywhere
@@ -187,7 +176,7 @@ async fn https_answer_is_reported_and_the_request_is_a_signed_sample() -> anyhow
     )
     .await?;
     let url = receiver.localhost_url(&format!("/hooks/qualifio?token={QUERY_TOKEN}"));
-    let name = create(&cp, "crm", integration(&url)).await?;
+    let name = create(&cp, "crm", crm(&url)).await?;
 
     let before = unix_now();
     let resp = test_integration(&cp, &name).await??;
@@ -243,7 +232,7 @@ async fn http_error_statuses_are_answers_and_410_disables_nothing() -> anyhow::R
         Reply::status(410).with_body("gone for good"),
     ]);
     let cp = start(dir.path(), loopback()).await?;
-    let name = create(&cp, "crm", integration(&receiver.url("/hook"))).await?;
+    let name = create(&cp, "crm", crm(&receiver.url("/hook"))).await?;
 
     let resp = test_integration(&cp, &name).await??;
     assert_eq!((resp.status_code, resp.error.as_str()), (500, ""));
@@ -294,7 +283,7 @@ async fn ssrf_guard_refuses_loopback_without_the_allow_list() -> anyhow::Result<
     // The production default (no --allow-cidr) refuses such URLs when they are set...
     let cp = start(dir.path(), Delivery::default()).await?;
     for (id, host, url) in &urls {
-        let mut i = integration(url);
+        let mut i = crm(url);
         i.display_name = (*id).into();
         let err = create(&cp, id, i).await.unwrap_err();
         let status = err.downcast_ref::<tonic::Status>().expect("a gRPC error");
@@ -314,7 +303,7 @@ async fn ssrf_guard_refuses_loopback_without_the_allow_list() -> anyhow::Result<
     let cp = start(dir.path(), loopback()).await?;
     let mut names = Vec::new();
     for (id, _, url) in &urls {
-        let mut i = integration(url);
+        let mut i = crm(url);
         i.display_name = (*id).into();
         names.push(create(&cp, id, i).await?);
     }
@@ -356,7 +345,7 @@ async fn nothing_listening_is_a_connection_error() -> anyhow::Result<()> {
     };
     let cp = start(dir.path(), loopback()).await?;
     let url = format!("http://127.0.0.1:{port}/hook?token={QUERY_TOKEN}");
-    let name = create(&cp, "crm", integration(&url)).await?;
+    let name = create(&cp, "crm", crm(&url)).await?;
     let resp = test_integration(&cp, &name).await??;
     assert_eq!(resp.status_code, 0);
     assert!(
@@ -385,7 +374,7 @@ async fn untrusted_certificate_and_timeout_are_errors() -> anyhow::Result<()> {
     )
     .await?;
 
-    let name = create(&cp, "tls", integration(&tls.localhost_url("/hook"))).await?;
+    let name = create(&cp, "tls", crm(&tls.localhost_url("/hook"))).await?;
     let resp = test_integration(&cp, &name).await??;
     assert_eq!(resp.status_code, 0);
     assert!(
@@ -395,7 +384,7 @@ async fn untrusted_certificate_and_timeout_are_errors() -> anyhow::Result<()> {
     );
     assert_eq!(tls.received_count(), 0);
 
-    let mut i = integration(&silent.url("/hook"));
+    let mut i = crm(&silent.url("/hook"));
     i.display_name = "silent".into();
     let name = create(&cp, "silent", i).await?;
     let resp = test_integration(&cp, &name).await??;
@@ -410,7 +399,7 @@ async fn sample_shows_the_added_variables() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let receiver = TestReceiver::http().await?;
     let cp = start(dir.path(), loopback()).await?;
-    let mut i = integration(&receiver.url("/hook"));
+    let mut i = crm(&receiver.url("/hook"));
     i.payload_variables = pb::PayloadVariables::Add.into();
     let name = create(&cp, "crm", i).await?;
     assert_eq!(
@@ -461,7 +450,7 @@ async fn disabled_integration_is_tested_and_stays_disabled() -> anyhow::Result<(
     let receiver = TestReceiver::http().await?;
     receiver.set_default(Reply::status(204));
     let cp = start(dir.path(), loopback()).await?;
-    let mut i = integration(&receiver.url("/hook"));
+    let mut i = crm(&receiver.url("/hook"));
     i.enabled = Some(false);
     i.disabled_reason = "checking the endpoint first".into();
     let name = create(&cp, "crm", i).await?;
@@ -486,7 +475,7 @@ async fn unknown_and_invalid_names_are_grpc_errors() -> anyhow::Result<()> {
     let receiver = TestReceiver::http().await?;
     let cp = start(dir.path(), loopback()).await?;
     // An integration exists in the account: only the asked one is missing.
-    create(&cp, "crm", integration(&receiver.url("/hook"))).await?;
+    create(&cp, "crm", crm(&receiver.url("/hook"))).await?;
 
     for missing in [
         "accounts/42/integrations/other",
@@ -534,7 +523,7 @@ async fn echoed_secrets_are_not_returned() -> anyhow::Result<()> {
             )),
     );
     let cp = start(dir.path(), loopback()).await?;
-    let name = create(&cp, "crm", integration(&receiver.url("/echo"))).await?;
+    let name = create(&cp, "crm", crm(&receiver.url("/echo"))).await?;
     let resp = test_integration(&cp, &name).await??;
     assert_eq!(resp.status_code, 401);
     assert_eq!(

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use futures_util::future::join_all;
 use pushwire_common::pb::v1 as pb;
 use pushwire_control_plane::Config;
+use pushwire_tests::admin::{Admin, integration};
 use pushwire_tests::control_plane::{Backend, Backends, ControlPlane, test_config};
 use pushwire_tests::worker::{Stack, completed_doc, request};
 use tonic::Code;
@@ -15,12 +16,11 @@ use tonic::Code;
 const MAX_INTEGRATIONS: usize = 3;
 const MAX_SCOPES: usize = 4;
 
-fn integration(display_name: &str, url: &str) -> pb::Integration {
-    pb::Integration {
-        display_name: display_name.into(),
-        url: url.into(),
-        ..Default::default()
-    }
+/// The admin API of `cp`; a failure to connect as a status, like the refusals.
+async fn admin(cp: &ControlPlane) -> Result<Admin, tonic::Status> {
+    cp.admin()
+        .await
+        .map_err(|e| tonic::Status::unknown(e.to_string()))
 }
 
 async fn create_integration(
@@ -29,18 +29,7 @@ async fn create_integration(
     id: &str,
     i: pb::Integration,
 ) -> Result<pb::Integration, tonic::Status> {
-    let mut client = cp
-        .integrations()
-        .await
-        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
-    client
-        .create_integration(pb::CreateIntegrationRequest {
-            parent: account.into(),
-            integration_id: id.into(),
-            integration: Some(i),
-        })
-        .await
-        .map(tonic::Response::into_inner)
+    admin(cp).await?.create_integration(account, id, i).await
 }
 
 async fn update_integration(
@@ -48,21 +37,10 @@ async fn update_integration(
     i: pb::Integration,
     paths: &[&str],
 ) -> Result<pb::Integration, tonic::Status> {
-    let mut client = cp
-        .integrations()
-        .await
-        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
-    client
-        .update_integration(pb::UpdateIntegrationRequest {
-            integration: Some(i),
-            update_mask: Some(prost_types::FieldMask {
-                paths: paths.iter().map(|p| (*p).to_owned()).collect(),
-            }),
-        })
-        .await
-        .map(tonic::Response::into_inner)
+    admin(cp).await?.update_integration(i, paths).await
 }
 
+/// Creates a CAMPAIGN scope `id` for `target` in `account`.
 async fn create_scope(
     cp: &ControlPlane,
     account: &str,
@@ -70,23 +48,13 @@ async fn create_scope(
     integration: &str,
     target: &str,
 ) -> Result<pb::PushScope, tonic::Status> {
-    let mut client = cp
-        .push_scopes()
-        .await
-        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
-    client
-        .create_push_scope(pb::CreatePushScopeRequest {
-            parent: account.into(),
-            push_scope_id: id.into(),
-            push_scope: Some(pb::PushScope {
-                integration: integration.into(),
-                level: pb::PushScopeLevel::Campaign.into(),
-                target_id: target.into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .map(tonic::Response::into_inner)
+    let scope = pb::PushScope {
+        integration: integration.into(),
+        level: pb::PushScopeLevel::Campaign.into(),
+        target_id: target.into(),
+        ..Default::default()
+    };
+    admin(cp).await?.create_scope(account, id, scope).await
 }
 
 fn assert_refused(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
@@ -158,7 +126,10 @@ async fn per_account_limits(cp: &ControlPlane) -> anyhow::Result<()> {
         Code::ResourceExhausted,
         "--max-integrations-per-account",
     );
-    assert_eq!(cp.list_all(account).await?.0.len(), MAX_INTEGRATIONS);
+    assert_eq!(
+        cp.admin().await?.list_all(account).await?.0.len(),
+        MAX_INTEGRATIONS
+    );
     // Limits are per account.
     create_integration(
         cp,
@@ -185,7 +156,10 @@ async fn per_account_limits(cp: &ControlPlane) -> anyhow::Result<()> {
         Code::ResourceExhausted,
         "accounts/7 has 4 push scopes, the most allowed per account (--max-push-scopes-per-account 4)",
     );
-    assert_eq!(cp.list_all(account).await?.1.len(), MAX_SCOPES);
+    assert_eq!(
+        cp.admin().await?.list_all(account).await?.1.len(),
+        MAX_SCOPES
+    );
 
     // Deleting makes room again.
     cp.push_scopes()
@@ -234,7 +208,7 @@ async fn per_account_limits(cp: &ControlPlane) -> anyhow::Result<()> {
             );
         }
     }
-    let (integrations, _) = cp.list_all(burst).await?;
+    let (integrations, _) = cp.admin().await?.list_all(burst).await?;
     assert_eq!(integrations.len(), created);
     assert!(
         (1..=MAX_INTEGRATIONS).contains(&created),
@@ -256,7 +230,7 @@ async fn per_account_limits(cp: &ControlPlane) -> anyhow::Result<()> {
             );
         }
     }
-    let (_, scopes) = cp.list_all(burst).await?;
+    let (_, scopes) = cp.admin().await?.list_all(burst).await?;
     assert_eq!(scopes.len(), created);
     assert!((1..=MAX_SCOPES).contains(&created), "{created} created");
     Ok(())
@@ -402,7 +376,7 @@ async fn field_limits_are_refused_with_the_field_named_and_nothing_written() -> 
         );
     }
     // Nothing half-written: the one integration, unchanged.
-    let (integrations, scopes) = cp.list_all(account).await?;
+    let (integrations, scopes) = cp.admin().await?.list_all(account).await?;
     assert_eq!(integrations, vec![existing]);
     assert!(scopes.is_empty());
 
@@ -448,7 +422,10 @@ async fn oversized_admin_requests_are_refused_before_parsing() -> anyhow::Result
         })
         .await;
     assert_eq!(refused.expect_err("too large").code(), Code::OutOfRange);
-    assert_eq!(cp.list_all("accounts/42").await?, (vec![], vec![]));
+    assert_eq!(
+        cp.admin().await?.list_all("accounts/42").await?,
+        (vec![], vec![])
+    );
     // A request just under the limit is read and refused for what it holds.
     let refused = create_integration(
         &cp,
@@ -579,7 +556,10 @@ async fn literal_non_public_urls_are_refused_at_create_and_update() -> anyhow::R
         );
     }
     // Nothing written; the existing integration unchanged. Names are not resolved here.
-    assert_eq!(cp.list_all(account).await?.0, vec![existing.clone()]);
+    assert_eq!(
+        cp.admin().await?.list_all(account).await?.0,
+        vec![existing.clone()]
+    );
     create_integration(
         &cp,
         account,
@@ -630,7 +610,7 @@ async fn the_allow_list_lets_its_networks_through_but_never_cloud_metadata() -> 
         Code::InvalidArgument,
         "cloud metadata (169.254.169.254), never contacted, even when allow-listed",
     );
-    assert_eq!(cp.list_all(account).await?.0.len(), 4);
+    assert_eq!(cp.admin().await?.list_all(account).await?.0.len(), 4);
     cp.stop().await?;
 
     // The same store under the production default (no allow-list): what is stored stays

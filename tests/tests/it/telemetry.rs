@@ -1,7 +1,7 @@
 //! Traces end to end: a real OTLP/gRPC collector (opentelemetry-proto's `TraceService`) on
 //! loopback receives the spans of a participation published with a known parent trace through
 //! a control plane with its worker, to a receiver that fails once then succeeds. The telemetry
-//! is installed as in the binaries (`telemetry::init`), once for this test process.
+//! is installed as in the binaries (`telemetry::init`), in a test process of its own.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,8 +16,10 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use pushwire_common::pb::v1 as pb;
 use pushwire_common::server::telemetry::{self, LogFormat, Settings};
+use pushwire_tests::admin::integration;
+use pushwire_tests::eventually::{Poll, eventually};
 use pushwire_tests::receiver::{Reply, TestReceiver};
-use pushwire_tests::worker::{COMPLETED, COMPLETED_ID, Stack, integration, request};
+use pushwire_tests::worker::{COMPLETED, COMPLETED_ID, Stack, request};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -78,9 +80,13 @@ fn hex_id(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_participation_is_traced_from_the_publisher_to_each_attempt() -> anyhow::Result<()> {
-    tokio::time::timeout(Duration::from_secs(60), traced()).await?
+/// In a process of its own: it installs the process-wide subscriber.
+#[test]
+fn a_participation_is_traced_from_the_publisher_to_each_attempt() {
+    crate::alone::in_own_process(
+        "telemetry::a_participation_is_traced_from_the_publisher_to_each_attempt",
+        async { tokio::time::timeout(Duration::from_secs(60), traced()).await? },
+    );
 }
 
 async fn traced() -> anyhow::Result<()> {
@@ -103,6 +109,7 @@ async fn traced() -> anyhow::Result<()> {
     let receiver = TestReceiver::http().await?;
     receiver.respond_with(vec![Reply::status(500)]);
     let name = stack
+        .admin()
         .create_routed(
             "accounts/7",
             "traced",
@@ -152,29 +159,29 @@ async fn traced() -> anyhow::Result<()> {
     assert_ne!(sent[0].1, sent[1].1);
 
     // The spans of our trace, once both attempts are exported.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let spans: Vec<(String, Span)> = loop {
-        telemetry.flush().await;
-        let spans: Vec<(String, Span)> = collector
-            .spans
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, s)| hex_id(&s.trace_id) == TRACE_ID)
-            .cloned()
-            .collect();
-        if spans.iter().filter(|(_, s)| s.name == "attempt").count() == 2
-            && spans.iter().any(|(_, s)| s.name == "publish")
-        {
-            break spans;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "spans not exported: {:?}",
-            spans.iter().map(|(_, s)| &s.name).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let spans = eventually(
+        "both attempts exported",
+        Duration::from_secs(20),
+        || async {
+            telemetry.flush().await;
+            let spans: Vec<(String, Span)> = collector
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, s)| hex_id(&s.trace_id) == TRACE_ID)
+                .cloned()
+                .collect();
+            if spans.iter().filter(|(_, s)| s.name == "attempt").count() == 2
+                && spans.iter().any(|(_, s)| s.name == "publish")
+            {
+                return Ok(Poll::Ready(spans));
+            }
+            let names: Vec<String> = spans.into_iter().map(|(_, s)| s.name).collect();
+            Ok(Poll::not_yet(names))
+        },
+    )
+    .await?;
     let one = |name: &str| -> &Span {
         let found: Vec<&Span> = spans
             .iter()

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use prost_types::FieldMask;
 use pushwire_common::pb::v1 as pb;
+use pushwire_tests::admin::integration;
 use pushwire_tests::control_plane::{Backend, Backends, ControlPlane, test_config};
 use tonic::Code;
 
@@ -21,31 +22,13 @@ async fn next_msg(
         .context("stream ended")??)
 }
 
-fn integration(display_name: &str, url: &str) -> pb::Integration {
-    pb::Integration {
-        display_name: display_name.into(),
-        url: url.into(),
-        ..Default::default()
-    }
-}
-
 async fn create(
     cp: &ControlPlane,
     account: &str,
     id: &str,
     i: pb::Integration,
 ) -> anyhow::Result<pb::Integration> {
-    let req = pb::CreateIntegrationRequest {
-        parent: account.into(),
-        integration_id: id.into(),
-        integration: Some(i),
-    };
-    Ok(cp
-        .integrations()
-        .await?
-        .create_integration(req)
-        .await?
-        .into_inner())
+    Ok(cp.admin().await?.create_integration(account, id, i).await?)
 }
 
 fn scope(
@@ -69,17 +52,7 @@ async fn create_scope(
     id: &str,
     s: pb::PushScope,
 ) -> anyhow::Result<pb::PushScope> {
-    let req = pb::CreatePushScopeRequest {
-        parent: account.into(),
-        push_scope_id: id.into(),
-        push_scope: Some(s),
-    };
-    Ok(cp
-        .push_scopes()
-        .await?
-        .create_push_scope(req)
-        .await?
-        .into_inner())
+    Ok(cp.admin().await?.create_scope(account, id, s).await?)
 }
 
 /// Runs `body` against a fresh control plane on each backend.
@@ -275,7 +248,7 @@ async fn integration_and_scope_lifecycle() -> anyhow::Result<()> {
             (pb::PushScopeLevel::Account as i32, "")
         );
 
-        let (integrations, scopes) = cp.list_all("accounts/42").await?;
+        let (integrations, scopes) = cp.admin().await?.list_all("accounts/42").await?;
         assert_eq!(integrations.len(), 1);
         assert_eq!(scopes.len(), 2);
         let only_other = cp
@@ -326,7 +299,7 @@ async fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
             integration("Theirs", "https://theirs.example.com/"),
         )
         .await?;
-        let before = cp.list_all("accounts/42").await?;
+        let before = cp.admin().await?.list_all("accounts/42").await?;
 
         let with = |f: &dyn Fn(&mut pb::Integration)| {
             let mut i = integration("New", "https://new.example.com/");
@@ -596,7 +569,11 @@ async fn bad_input_is_refused_and_changes_nothing() -> anyhow::Result<()> {
             "{resolve_err:?}"
         );
 
-        assert_eq!(cp.list_all("accounts/42").await?, before, "nothing changed");
+        assert_eq!(
+            cp.admin().await?.list_all("accounts/42").await?,
+            before,
+            "nothing changed"
+        );
         Ok(())
     }
     on_both_backends!(body)
@@ -748,7 +725,10 @@ async fn etags_references_and_forced_deletes() -> anyhow::Result<()> {
                 "accounts/42/pushScopes/w"
             ]
         );
-        assert_eq!(cp.list_all("accounts/42").await?, (vec![], vec![]));
+        assert_eq!(
+            cp.admin().await?.list_all("accounts/42").await?,
+            (vec![], vec![])
+        );
         Ok(())
     }
     on_both_backends!(body)
@@ -783,7 +763,7 @@ async fn secrets_are_never_read_back_but_reach_workers() -> anyhow::Result<()> {
             .into_inner();
         assert_ne!(rotated.secret_fingerprint, created.secret_fingerprint);
 
-        let (listed, _) = cp.list_all("accounts/42").await?;
+        let (listed, _) = cp.admin().await?.list_all("accounts/42").await?;
         let got = cp
             .integrations()
             .await?
@@ -1179,8 +1159,8 @@ async fn etcd_holds_the_records_and_replicas_share_them() -> anyhow::Result<()> 
         ["accounts/42/integrations/crm", "accounts/42/pushScopes/all"]
     );
     assert_eq!(
-        second.list_all("accounts/42").await?,
-        first.list_all("accounts/42").await?
+        second.admin().await?.list_all("accounts/42").await?,
+        first.admin().await?.list_all("accounts/42").await?
     );
 
     // Read etcd directly: the records sit under /pushwire/v1/, beside the encryption check.
