@@ -270,6 +270,7 @@ pub fn delivered_once(integration: &str) -> pb::Delivery {
         last_status_code: 200,
         last_error: String::new(),
         skip_reason: String::new(),
+        next_attempt_time: None,
     }
 }
 

@@ -403,7 +403,7 @@ fn summary(report: &Report, unreadable: usize, stats: &Stats, elapsed: Duration)
     let secs = elapsed.as_secs_f64().max(1e-3);
     format!(
         "publish: {} participations in {:.1}s ({:.0}/s): {} done, {} failed, {} rejected, {} given up, \
-         {} unreadable line(s); deliveries: {} delivered, {} failed, {} skipped; {} sent again \
+         {} unreadable line(s); deliveries: {} delivered, {} queued, {} failed, {} skipped; {} sent again \
          after a stream failure ({} stream failures)",
         report.receipts,
         secs,
@@ -414,6 +414,7 @@ fn summary(report: &Report, unreadable: usize, stats: &Stats, elapsed: Duration)
         report.gave_up,
         unreadable,
         report.delivered_deliveries,
+        report.queued_deliveries,
         report.failed_deliveries,
         report.skipped_deliveries,
         report.resent,

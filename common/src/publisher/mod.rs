@@ -297,6 +297,9 @@ pub struct Report {
     pub failed_deliveries: u64,
     /// Deliveries `SKIPPED`.
     pub skipped_deliveries: u64,
+    /// Deliveries `QUEUED`: handed to the worker's delivery store, which retries them; done as
+    /// far as the publisher is concerned.
+    pub queued_deliveries: u64,
     /// Participations written to more than one stream.
     pub resent: u64,
     /// Longest time from publishing to a receipt.
@@ -319,6 +322,7 @@ impl Report {
                     pb::DeliveryOutcome::Delivered => self.delivered_deliveries += 1,
                     pb::DeliveryOutcome::Failed => self.failed_deliveries += 1,
                     pb::DeliveryOutcome::Skipped => self.skipped_deliveries += 1,
+                    pb::DeliveryOutcome::Queued => self.queued_deliveries += 1,
                     pb::DeliveryOutcome::Unspecified => {}
                 }
             }

@@ -59,6 +59,8 @@ fn response_for(req: &pb::PublishRequest) -> pb::PublishResponse {
     } else {
         let outcome = if id.starts_with("fail") {
             pb::DeliveryOutcome::Failed
+        } else if id.starts_with("queued") {
+            pb::DeliveryOutcome::Queued
         } else {
             pb::DeliveryOutcome::Delivered
         };
@@ -281,6 +283,32 @@ async fn the_window_bounds_what_is_in_flight_per_stream() {
     let max = a.fake.0.max_in_flight.load(Ordering::SeqCst);
     assert!((2..=5).contains(&max), "max in flight {max}");
     assert_eq!(a.fake.0.streams.load(Ordering::SeqCst), 1, "one stream");
+}
+
+#[tokio::test]
+async fn queued_is_done_and_counted_apart() {
+    let a = Server::start().await;
+    let p = Publisher::connect(&[a.url()], ACCOUNT, quick()).unwrap();
+    let queued = p.publish(doc("queued-1")).await.await;
+    assert_eq!(
+        queued.status(),
+        ReceiptStatus::Done,
+        "the store owns it now"
+    );
+    assert!(queued.republish().is_none(), "nothing to publish again");
+    let mut report = Report::default();
+    report.add(queued);
+    report.add(p.publish(doc("ok-1")).await.await);
+    assert_eq!(
+        (
+            report.done,
+            report.queued_deliveries,
+            report.delivered_deliveries
+        ),
+        (2, 1, 1),
+        "{report:?}"
+    );
+    assert_eq!(a.received().len(), 2, "neither was sent again");
 }
 
 #[tokio::test]
