@@ -7,11 +7,15 @@
 //! - [`participation`]: parsing and validation of participation documents;
 //! - [`payload`]: the body transformations an integration can ask for (the `variables`
 //!   object);
+//! - [`delivery_store`]: where deliveries live once handed off (PostgreSQL, embedded SQLite),
+//!   their attempts and bodies (`server` feature);
 //! - [`publisher`]: the client that publishes participations to workers, holding each until
 //!   acknowledged (the `publish` command is built on it).
 
 pub mod auth;
 pub mod backoff;
+#[cfg(feature = "server")]
+pub mod delivery_store;
 pub mod domain;
 pub mod grpc_metrics;
 pub mod participation;

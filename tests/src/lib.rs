@@ -4,6 +4,7 @@
 pub mod control_plane;
 pub mod etcd;
 pub mod faults;
+pub mod postgres;
 pub mod process;
 pub mod receiver;
 pub mod worker;
