@@ -203,11 +203,22 @@ pub struct ClaimRequest {
     pub lease: Duration,
     /// The caller's clock: due means `next_attempt <= now`.
     pub now: SystemTime,
-    /// At most this many deliveries, spread across integrations: each due integration gets its
-    /// first delivery before any integration gets its second, and so on.
+    /// At most this many deliveries, spread across integrations.
     pub limit: u32,
+    /// At most this many per integration (e.g. the free slots of its lane); 0 means `limit`.
+    pub max_per_integration: u32,
     /// Integrations not to claim for (e.g. their circuit breaker is open).
     pub exclude: Vec<IntegrationName>,
+}
+
+impl ClaimRequest {
+    /// The per-integration cap in force: `max_per_integration`, at most `limit`.
+    pub fn per_integration_limit(&self) -> u32 {
+        match self.max_per_integration {
+            0 => self.limit,
+            cap => cap.min(self.limit),
+        }
+    }
 }
 
 /// The proof of a claim, required to finish the delivery. A lease that was taken over by a newer
@@ -243,6 +254,17 @@ pub struct ClaimedDelivery {
     pub create_time: SystemTime,
     /// The body to send; `None` only if it is no longer retained (then skip the delivery).
     pub body: Option<Bytes>,
+}
+
+/// One finish of a [`DeliveryStore::finish_batch`].
+#[derive(Clone, Debug)]
+pub struct Finish {
+    /// The claim being finished.
+    pub lease: Lease,
+    /// The attempt just made, if any.
+    pub attempt: Option<Attempt>,
+    /// The outcome: final, or `Queued` to reschedule.
+    pub outcome: Outcome,
 }
 
 /// Whether a [`DeliveryStore::finish`] applied.
@@ -382,7 +404,10 @@ pub trait DeliveryStore: fmt::Debug + Send + Sync {
     ) -> Result<(), StoreError>;
 
     /// Claims due deliveries (`QUEUED`, `next_attempt <= now`, not under an unexpired claim),
-    /// fairly across integrations, for `request.lease`.
+    /// fairly across integrations, for `request.lease`: every due integration gets one before
+    /// any gets a second, the oldest due first within an integration. May return fewer than
+    /// `limit` while more are due (each integration's share is taken, not more); empty means
+    /// nothing due is left unclaimed. Claim again while the result is not empty.
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<ClaimedDelivery>, StoreError>;
 
     /// Finishes a claimed delivery with an outcome (`Queued` reschedules it) and the attempt
@@ -394,7 +419,26 @@ pub trait DeliveryStore: fmt::Debug + Send + Sync {
         attempt: Option<&Attempt>,
         outcome: &Outcome,
         now: SystemTime,
-    ) -> Result<FinishResult, StoreError>;
+    ) -> Result<FinishResult, StoreError> {
+        let finish = Finish {
+            lease: lease.clone(),
+            attempt: attempt.cloned(),
+            outcome: outcome.clone(),
+        };
+        let results = self
+            .finish_batch(std::slice::from_ref(&finish), now)
+            .await?;
+        Ok(results.first().copied().unwrap_or(FinishResult::LeaseLost))
+    }
+
+    /// [`DeliveryStore::finish`] for many claimed deliveries in one transaction (one commit for
+    /// all: a worker collects the finishes of a few milliseconds). Returns one result per
+    /// finish, in order; a delivery finished twice in the batch is finished once, by the first.
+    async fn finish_batch(
+        &self,
+        batch: &[Finish],
+        now: SystemTime,
+    ) -> Result<Vec<FinishResult>, StoreError>;
 
     /// Ends every queued delivery of `integration` as `SKIPPED` with `reason` (the integration
     /// was deleted), claimed or not; returns how many.
@@ -506,6 +550,15 @@ impl<'a> PreparedBatch<'a> {
     }
 }
 
+/// The indexes of `batch` to apply, sorted by key (so concurrent writers lock rows in the same
+/// order), the first of each key only; the others are refused.
+fn unique_finishes(batch: &[Finish]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by(|a, b| batch[*a].lease.key.cmp(&batch[*b].lease.key).then(a.cmp(b)));
+    order.dedup_by(|later, first| batch[*later].lease.key == batch[*first].lease.key);
+    order
+}
+
 /// The last attempt's status and error, as stored on the delivery row.
 fn last_attempt_columns(attempts: &[Attempt]) -> (Option<i32>, Option<String>) {
     match attempts.last() {
@@ -582,6 +635,25 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("without its body"), "{err}");
+    }
+
+    #[test]
+    fn a_finish_batch_applies_the_first_finish_of_each_key_in_key_order() {
+        let finish = |id: &str, token: i64| Finish {
+            lease: Lease {
+                key: DeliveryKey::new(
+                    IntegrationName::parse(&format!("accounts/1/integrations/{id}")).unwrap(),
+                    "p1",
+                ),
+                worker: "w".into(),
+                token,
+                expires: UNIX_EPOCH,
+            },
+            attempt: None,
+            outcome: Outcome::Delivered,
+        };
+        let batch = [finish("b", 1), finish("a", 2), finish("b", 3)];
+        assert_eq!(unique_finishes(&batch), [1, 0]);
     }
 
     #[test]

@@ -14,9 +14,9 @@ use super::migrations::{self, Migration, VERSIONS_TABLE_SQL};
 use super::rows::{attempt_from_row, claimed_from_row, record_from_row};
 use super::sql;
 use super::{
-    Attempt, ClaimRequest, ClaimedDelivery, DeliveryKey, DeliveryRecord, DeliveryStore,
-    FinishResult, Lease, NewDelivery, OpenOptions, Outcome, PreparedBatch, PurgeStats, StoreError,
-    StoreUrl, attempt_error_text, duration_ms, last_attempt_columns, to_ms,
+    ClaimRequest, ClaimedDelivery, DeliveryKey, DeliveryRecord, DeliveryStore, Finish,
+    FinishResult, NewDelivery, OpenOptions, PreparedBatch, PurgeStats, StoreError, StoreUrl,
+    attempt_error_text, duration_ms, last_attempt_columns, to_ms, unique_finishes,
 };
 use crate::domain::IntegrationName;
 
@@ -56,9 +56,13 @@ SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::int4[],
     $7::text[], $8::int8[])";
 
 /// Walks the integrations that have queued rows (a recursive skip scan over the queued index),
-/// takes up to `limit` due, unclaimed rows of each, ranks them within their integration and
-/// keeps the `limit` best ranks: every due integration gets its first delivery before any gets
-/// its second. The update re-checks the row, so a concurrent claimer's rows are left alone.
+/// keeps those with a due, unclaimed row and not excluded, and takes the oldest due rows of each:
+/// its share of the `$2` wanted (at least one, at most `$7`). Ranked within their integration,
+/// the best `$2` ranks are claimed, ties in random order: every due integration gets its first
+/// delivery before any gets its second, and when more integrations are due than `$2`, which of
+/// them go first is drawn anew each claim, so none waits behind another's backlog. Candidates
+/// are locked as they are read, skipping rows another claim is locking, so concurrent claimers
+/// take different rows instead of queueing for the same ones; the update re-checks each row.
 const CLAIM: &str = "
 WITH RECURSIVE integrations(account, integration) AS (
     (SELECT account, integration FROM pushwire_deliveries
@@ -70,25 +74,39 @@ WITH RECURSIVE integrations(account, integration) AS (
         WHERE d.state = 'QUEUED' AND (d.account, d.integration) > (i.account, i.integration)
         ORDER BY d.account, d.integration LIMIT 1) n
 ),
+due AS (
+    -- A LATERAL probe rather than EXISTS: one index look-up per integration, never a semi-join
+    -- over every queued row.
+    SELECT i.account, i.integration FROM integrations i
+    CROSS JOIN LATERAL (
+        SELECT 1 FROM pushwire_deliveries d
+        WHERE d.account = i.account AND d.integration = i.integration AND d.state = 'QUEUED'
+          AND d.next_attempt_ms <= $1
+          AND (d.lease_expires_ms IS NULL OR d.lease_expires_ms <= $1)
+        ORDER BY d.next_attempt_ms LIMIT 1) probe
+    WHERE NOT EXISTS (
+        SELECT 1 FROM UNNEST($3::text[], $4::text[]) AS x(account, integration)
+        WHERE x.account = i.account AND x.integration = i.integration)
+),
 candidates AS (
-    SELECT c.account, c.integration, c.participation_id, c.next_attempt_ms,
+    SELECT c.account, c.integration, c.participation_id,
         row_number() OVER (PARTITION BY c.account, c.integration
                            ORDER BY c.next_attempt_ms, c.participation_id) AS rank
-    FROM integrations i
+    FROM due i
     CROSS JOIN LATERAL (
         SELECT d.account, d.integration, d.participation_id, d.next_attempt_ms
         FROM pushwire_deliveries d
         WHERE d.account = i.account AND d.integration = i.integration AND d.state = 'QUEUED'
           AND d.next_attempt_ms <= $1
           AND (d.lease_expires_ms IS NULL OR d.lease_expires_ms <= $1)
-        ORDER BY d.next_attempt_ms LIMIT $2) c
-    WHERE NOT EXISTS (
-        SELECT 1 FROM UNNEST($3::text[], $4::text[]) AS x(account, integration)
-        WHERE x.account = i.account AND x.integration = i.integration)
+        ORDER BY d.next_attempt_ms
+        LIMIT (SELECT LEAST($7, GREATEST(1, CEIL($2::float8 / GREATEST(count(*), 1))))::int8
+               FROM due)
+        FOR UPDATE OF d SKIP LOCKED) c
 ),
 picked AS (
     SELECT account, integration, participation_id FROM candidates
-    ORDER BY rank, next_attempt_ms LIMIT $2
+    ORDER BY rank, random() LIMIT $2
 ),
 claimed AS (
     UPDATE pushwire_deliveries d
@@ -107,31 +125,45 @@ LEFT JOIN pushwire_delivery_bodies b
     ON b.account = c.account AND b.participation_id = c.participation_id
 ORDER BY c.next_attempt_ms";
 
+/// Finishes the deliveries whose claim (`worker`, `token`) still holds, recording the attempts
+/// of those; returns the keys finished.
 const FINISH: &str = "
-WITH done AS (
-    UPDATE pushwire_deliveries SET
-        state = $6,
-        attempt_count = attempt_count + CASE WHEN $7::bool THEN 1 ELSE 0 END,
-        last_status_code = CASE WHEN $7::bool THEN $8::int4 ELSE last_status_code END,
-        last_error = CASE WHEN $7::bool THEN $9::text ELSE last_error END,
-        skip_reason = $10,
-        next_attempt_ms = $11,
+WITH input AS (
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[],
+        $6::text[], $7::bool[], $8::int4[], $9::text[], $10::text[], $11::int8[], $12::int8[],
+        $13::text[], $14::text[], $15::int8[])
+    AS t(account, integration, participation_id, worker, token, state, has_attempt,
+         status_code, last_error, skip_reason, next_attempt_ms, attempt_ms, error_class,
+         error_message, duration_ms)
+),
+done AS (
+    UPDATE pushwire_deliveries AS d SET
+        state = i.state,
+        attempt_count = d.attempt_count + CASE WHEN i.has_attempt THEN 1 ELSE 0 END,
+        last_status_code = CASE WHEN i.has_attempt THEN i.status_code ELSE d.last_status_code END,
+        last_error = CASE WHEN i.has_attempt THEN i.last_error ELSE d.last_error END,
+        skip_reason = i.skip_reason,
+        next_attempt_ms = i.next_attempt_ms,
         lease_owner = NULL,
         lease_expires_ms = NULL,
-        update_ms = $12
-    WHERE account = $1 AND integration = $2 AND participation_id = $3
-      AND state = 'QUEUED' AND lease_owner = $4 AND lease_token = $5
-    RETURNING account, integration, participation_id
+        update_ms = $16
+    FROM input i
+    WHERE d.account = i.account AND d.integration = i.integration
+      AND d.participation_id = i.participation_id
+      AND d.state = 'QUEUED' AND d.lease_owner = i.worker AND d.lease_token = i.token
+    RETURNING d.account, d.integration, d.participation_id
 ),
-attempt AS (
+attempts AS (
     INSERT INTO pushwire_delivery_attempts (
         account, integration, participation_id, attempt_ms, status_code, error_class,
         error_message, duration_ms)
-    SELECT account, integration, participation_id, $13, $8::int4, $14, $15, $16 FROM done
-    WHERE $7::bool
+    SELECT i.account, i.integration, i.participation_id, i.attempt_ms, i.status_code,
+        i.error_class, i.error_message, i.duration_ms
+    FROM input i JOIN done USING (account, integration, participation_id)
+    WHERE i.has_attempt
     RETURNING 1
 )
-SELECT count(*) FROM done";
+SELECT account, integration, participation_id FROM done";
 
 const PURGE_DELIVERIES: &str = "
 WITH doomed AS (
@@ -318,6 +350,7 @@ impl DeliveryStore for PostgresStore {
             .bind(excluded_integrations)
             .bind(&request.worker)
             .bind(expires)
+            .bind(i64::from(request.per_integration_limit()))
             .fetch_all(&self.pool)
             .await
             .map_err(self.error())?;
@@ -326,38 +359,56 @@ impl DeliveryStore for PostgresStore {
             .collect()
     }
 
-    async fn finish(
+    async fn finish_batch(
         &self,
-        lease: &Lease,
-        attempt: Option<&Attempt>,
-        outcome: &Outcome,
+        batch: &[Finish],
         now: SystemTime,
-    ) -> Result<FinishResult, StoreError> {
-        let done: i64 = sqlx::query_scalar(FINISH)
-            .bind(lease.key.integration.account().id())
-            .bind(lease.key.integration.id())
-            .bind(&lease.key.participation_id)
-            .bind(&lease.worker)
-            .bind(lease.token)
-            .bind(outcome.state().as_str())
-            .bind(attempt.is_some())
-            .bind(attempt.and_then(|a| a.status_code).map(i32::from))
-            .bind(attempt.and_then(attempt_error_text))
-            .bind(outcome.skip_reason())
-            .bind(outcome.next_attempt_ms())
+    ) -> Result<Vec<FinishResult>, StoreError> {
+        let apply = unique_finishes(batch);
+        let mut results = vec![FinishResult::LeaseLost; batch.len()];
+        if apply.is_empty() {
+            return Ok(results);
+        }
+        let columns = FinishColumns::new(apply.iter().map(|i| &batch[*i]));
+        let rows = sqlx::query(FINISH)
+            .bind(columns.account)
+            .bind(columns.integration)
+            .bind(columns.participation_id)
+            .bind(columns.worker)
+            .bind(columns.token)
+            .bind(columns.state)
+            .bind(columns.has_attempt)
+            .bind(columns.status_code)
+            .bind(columns.last_error)
+            .bind(columns.skip_reason)
+            .bind(columns.next_attempt_ms)
+            .bind(columns.attempt_ms)
+            .bind(columns.error_class)
+            .bind(columns.error_message)
+            .bind(columns.duration_ms)
             .bind(to_ms(now))
-            .bind(attempt.map(|a| to_ms(a.time)))
-            .bind(attempt.and_then(|a| a.error_class.as_deref()))
-            .bind(attempt.and_then(|a| a.error_message.as_deref()))
-            .bind(attempt.map(|a| duration_ms(a.duration)))
-            .fetch_one(&self.pool)
+            .fetch_all(&self.pool)
             .await
             .map_err(self.error())?;
-        Ok(if done > 0 {
-            FinishResult::Applied
-        } else {
-            FinishResult::LeaseLost
-        })
+        let mut done = std::collections::HashSet::with_capacity(rows.len());
+        for row in &rows {
+            let account: String = row.try_get("account").map_err(self.error())?;
+            let integration: String = row.try_get("integration").map_err(self.error())?;
+            let participation: String = row.try_get("participation_id").map_err(self.error())?;
+            done.insert((account, integration, participation));
+        }
+        for index in apply {
+            let key = &batch[index].lease.key;
+            let finished = done.contains(&(
+                key.integration.account().id().to_owned(),
+                key.integration.id().to_owned(),
+                key.participation_id.clone(),
+            ));
+            if finished {
+                results[index] = FinishResult::Applied;
+            }
+        }
+        Ok(results)
     }
 
     async fn skip_integration(
@@ -517,6 +568,61 @@ impl<'a> DeliveryColumns<'a> {
             columns
                 .tracestate
                 .push(d.trace.as_ref().map(|t| t.tracestate.as_str()));
+        }
+        columns
+    }
+}
+
+/// A batch of finishes as one array per column, for `UNNEST`.
+#[derive(Default)]
+struct FinishColumns<'a> {
+    account: Vec<&'a str>,
+    integration: Vec<&'a str>,
+    participation_id: Vec<&'a str>,
+    worker: Vec<&'a str>,
+    token: Vec<i64>,
+    state: Vec<&'static str>,
+    has_attempt: Vec<bool>,
+    status_code: Vec<Option<i32>>,
+    last_error: Vec<Option<String>>,
+    skip_reason: Vec<Option<&'a str>>,
+    next_attempt_ms: Vec<Option<i64>>,
+    attempt_ms: Vec<Option<i64>>,
+    error_class: Vec<Option<&'a str>>,
+    error_message: Vec<Option<&'a str>>,
+    duration_ms: Vec<Option<i64>>,
+}
+
+impl<'a> FinishColumns<'a> {
+    fn new(finishes: impl Iterator<Item = &'a Finish>) -> Self {
+        let mut columns = Self::default();
+        for f in finishes {
+            let attempt = f.attempt.as_ref();
+            columns.account.push(f.lease.key.integration.account().id());
+            columns.integration.push(f.lease.key.integration.id());
+            columns.participation_id.push(&f.lease.key.participation_id);
+            columns.worker.push(&f.lease.worker);
+            columns.token.push(f.lease.token);
+            columns.state.push(f.outcome.state().as_str());
+            columns.has_attempt.push(attempt.is_some());
+            columns
+                .status_code
+                .push(attempt.and_then(|a| a.status_code).map(i32::from));
+            columns
+                .last_error
+                .push(attempt.and_then(attempt_error_text));
+            columns.skip_reason.push(f.outcome.skip_reason());
+            columns.next_attempt_ms.push(f.outcome.next_attempt_ms());
+            columns.attempt_ms.push(attempt.map(|a| to_ms(a.time)));
+            columns
+                .error_class
+                .push(attempt.and_then(|a| a.error_class.as_deref()));
+            columns
+                .error_message
+                .push(attempt.and_then(|a| a.error_message.as_deref()));
+            columns
+                .duration_ms
+                .push(attempt.map(|a| duration_ms(a.duration)));
         }
         columns
     }

@@ -16,9 +16,9 @@ use super::migrations::{self, Migration, VERSIONS_TABLE_SQL};
 use super::rows::{attempt_from_row, claimed_from_row, record_from_row};
 use super::sql;
 use super::{
-    Attempt, ClaimRequest, ClaimedDelivery, DeliveryKey, DeliveryRecord, DeliveryStore,
-    FinishResult, Lease, NewDelivery, OpenOptions, Outcome, PreparedBatch, PurgeStats, StoreError,
-    StoreUrl, attempt_error_text, duration_ms, last_attempt_columns, to_ms,
+    Attempt, ClaimRequest, ClaimedDelivery, DeliveryKey, DeliveryRecord, DeliveryStore, Finish,
+    FinishResult, NewDelivery, OpenOptions, PreparedBatch, PurgeStats, StoreError, StoreUrl,
+    attempt_error_text, duration_ms, last_attempt_columns, to_ms, unique_finishes,
 };
 use crate::domain::IntegrationName;
 
@@ -49,9 +49,10 @@ INSERT INTO pushwire_delivery_attempts (
     duration_ms)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
-/// Due, unclaimed deliveries ranked within their integration; the `$2` best ranks: every due
-/// integration gets its first delivery before any gets its second. `$3` is a JSON array of
-/// excluded integration names.
+/// Due, unclaimed deliveries ranked within their integration, at most `$4` of each; the `$2`
+/// best ranks, ties in random order: every due integration gets its first delivery before any
+/// gets its second, and none waits behind another's backlog. `$3` is a JSON array of excluded
+/// integration names. (One writer at a time: no claim races to care about.)
 const CLAIM_CANDIDATES: &str = "
 SELECT account, integration, participation_id FROM (
     SELECT account, integration, participation_id, next_attempt_ms,
@@ -64,8 +65,8 @@ SELECT account, integration, participation_id FROM (
           SELECT 1 FROM json_each($3) AS x
           WHERE x.value = 'accounts/' || account || '/integrations/' || integration)
 )
-WHERE rank <= $2
-ORDER BY rank, next_attempt_ms
+WHERE rank <= $4
+ORDER BY rank, random()
 LIMIT $2";
 
 const CLAIM_ONE: &str = "
@@ -258,6 +259,42 @@ async fn insert_attempt(
         .map(drop)
 }
 
+/// Finishes one delivery if its claim still holds; whether it did.
+async fn finish_one(
+    conn: &mut SqliteConnection,
+    finish: &Finish,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let Finish {
+        lease,
+        attempt,
+        outcome,
+    } = finish;
+    let done = sqlx::query(FINISH)
+        .bind(lease.key.integration.account().id())
+        .bind(lease.key.integration.id())
+        .bind(&lease.key.participation_id)
+        .bind(&lease.worker)
+        .bind(lease.token)
+        .bind(outcome.state().as_str())
+        .bind(i64::from(attempt.is_some()))
+        .bind(attempt.as_ref().and_then(|a| a.status_code).map(i32::from))
+        .bind(attempt.as_ref().and_then(attempt_error_text))
+        .bind(outcome.skip_reason())
+        .bind(outcome.next_attempt_ms())
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if done == 0 {
+        return Ok(false);
+    }
+    if let Some(attempt) = attempt {
+        insert_attempt(conn, &lease.key, attempt).await?;
+    }
+    Ok(true)
+}
+
 #[async_trait]
 impl DeliveryStore for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -318,6 +355,7 @@ impl DeliveryStore for SqliteStore {
             .bind(now)
             .bind(i64::from(request.limit))
             .bind(excluded)
+            .bind(i64::from(request.per_integration_limit()))
             .fetch_all(&mut *tx)
             .await
             .map_err(self.error())?;
@@ -350,42 +388,27 @@ impl DeliveryStore for SqliteStore {
         Ok(claimed)
     }
 
-    async fn finish(
+    async fn finish_batch(
         &self,
-        lease: &Lease,
-        attempt: Option<&Attempt>,
-        outcome: &Outcome,
+        batch: &[Finish],
         now: SystemTime,
-    ) -> Result<FinishResult, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let done = sqlx::query(FINISH)
-            .bind(lease.key.integration.account().id())
-            .bind(lease.key.integration.id())
-            .bind(&lease.key.participation_id)
-            .bind(&lease.worker)
-            .bind(lease.token)
-            .bind(outcome.state().as_str())
-            .bind(i64::from(attempt.is_some()))
-            .bind(attempt.and_then(|a| a.status_code).map(i32::from))
-            .bind(attempt.and_then(attempt_error_text))
-            .bind(outcome.skip_reason())
-            .bind(outcome.next_attempt_ms())
-            .bind(to_ms(now))
-            .execute(&mut *tx)
-            .await
-            .map_err(self.error())?
-            .rows_affected();
-        if done == 0 {
-            // Nothing written; dropping the transaction rolls it back.
-            return Ok(FinishResult::LeaseLost);
+    ) -> Result<Vec<FinishResult>, StoreError> {
+        let apply = unique_finishes(batch);
+        let mut results = vec![FinishResult::LeaseLost; batch.len()];
+        if apply.is_empty() {
+            return Ok(results);
         }
-        if let Some(attempt) = attempt {
-            insert_attempt(&mut tx, &lease.key, attempt)
+        let mut tx = self.begin_write().await?;
+        for index in apply {
+            if finish_one(&mut tx, &batch[index], to_ms(now))
                 .await
-                .map_err(self.error())?;
+                .map_err(self.error())?
+            {
+                results[index] = FinishResult::Applied;
+            }
         }
         tx.commit().await.map_err(self.error())?;
-        Ok(FinishResult::Applied)
+        Ok(results)
     }
 
     async fn skip_integration(
