@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use pushwire_common::delivery_store::{
     self, Attempt, ClaimRequest, ClaimedDelivery, DeliveryKey, DeliveryState, DeliveryStore,
-    Finish, FinishResult, NewDelivery, OpenOptions, Outcome, StoreUrl, TraceContext,
+    Finish, FinishResult, NewDelivery, OpenOptions, Outcome, StoreError, StoreUrl, TraceContext,
 };
 use pushwire_common::domain::IntegrationName;
 use pushwire_tests::postgres::PostgresServer;
@@ -853,4 +853,84 @@ async fn postgres_credentials_never_appear_in_errors_or_debug() {
     let err = StoreUrl::parse(&format!("mysql://root:{wrong}@127.0.0.1/x")).unwrap_err();
     assert!(err.to_string().contains("mysql"), "{err}");
     assert!(!err.to_string().contains(wrong), "{err}");
+}
+
+#[tokio::test]
+async fn postgres_outage_is_transient_and_the_store_recovers_by_itself() {
+    let mut server = tokio::task::spawn_blocking(PostgresServer::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = StoreUrl::parse(&server.create_database("deliveries").unwrap()).unwrap();
+    let options = OpenOptions {
+        max_connections: 2,
+        acquire_timeout: Duration::from_secs(2),
+    };
+    let store = delivery_store::open(&url, &options).await.unwrap();
+    store
+        .hand_off(&[queued(key("1", "crm", "p1"), t0())], t0())
+        .await
+        .unwrap();
+
+    let server = tokio::task::spawn_blocking(move || {
+        server.stop().unwrap();
+        server
+    })
+    .await
+    .unwrap();
+    let err = store
+        .count_queued()
+        .await
+        .expect_err("the database is down");
+    assert!(err.is_transient(), "{err}");
+    let err = store
+        .hand_off(&[queued(key("1", "crm", "p2"), t0())], t0())
+        .await
+        .expect_err("the database is down");
+    assert!(err.is_transient(), "{err}");
+
+    let mut server = server;
+    let server = tokio::task::spawn_blocking(move || {
+        server.resume().unwrap();
+        server
+    })
+    .await
+    .unwrap();
+    // The pool reconnects on its own; the row handed off before the outage is there.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match store.count_queued().await {
+            Ok(count) => {
+                assert_eq!(count, 1);
+                break;
+            }
+            Err(err) if tokio::time::Instant::now() < deadline => {
+                assert!(err.is_transient(), "{err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => panic!("the store did not recover: {err}"),
+        }
+    }
+    drop(server);
+
+    // Not transient: a URL that names no store.
+    let err = StoreError::from(StoreUrl::parse("mysql://x/y").unwrap_err());
+    assert!(!err.is_transient());
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_not_transient() {
+    let server = tokio::task::spawn_blocking(PostgresServer::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = StoreUrl::parse(&format!(
+        "postgres://pushwire:wrong@127.0.0.1:{}/postgres",
+        server.port()
+    ))
+    .unwrap();
+    let err = delivery_store::open(&url, &OpenOptions::default())
+        .await
+        .expect_err("refused");
+    assert!(!err.is_transient(), "{err}");
 }

@@ -360,6 +360,45 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// Whether trying again later may succeed: the database is unreachable, restarting or
+    /// overloaded, a connection could not be had in time, or a transaction lost a race
+    /// (deadlock, serialization, SQLite's lock). A worker keeps what it could not write and
+    /// retries; anything else is a bug or a misconfiguration.
+    pub fn is_transient(&self) -> bool {
+        let (url, source) = match self {
+            Self::Database { url, source } | Self::Migration { url, source, .. } => (url, source),
+            Self::Url(_) | Self::InvalidArgument(_) | Self::Corrupt(_) => return false,
+        };
+        match source {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(err) => {
+                let Some(code) = err.code() else {
+                    return false;
+                };
+                if url.is_postgres() {
+                    // SQLSTATE classes: 08 connection exception, 40 transaction rollback
+                    // (deadlock, serialization), 53 insufficient resources, 57 operator
+                    // intervention (shutdown, crash recovery).
+                    ["08", "40", "53", "57"]
+                        .iter()
+                        .any(|class| code.starts_with(class))
+                } else {
+                    // SQLite's extended codes; the primary code is the low byte: BUSY, LOCKED.
+                    code.parse::<i32>()
+                        .is_ok_and(|code| matches!(code & 0xff, 5 | 6))
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Options for [`open`].
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
