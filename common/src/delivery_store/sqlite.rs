@@ -1,8 +1,10 @@
 //! The embedded SQLite delivery store (`control-plane --with-worker`, one node): one file in WAL
-//! mode, every write in a `BEGIN IMMEDIATE` transaction (so writers queue on the file lock, also
-//! across processes, instead of failing), row by row inside it.
+//! mode, every write in a `BEGIN IMMEDIATE` transaction (so writers wait for the file lock,
+//! also across processes, instead of failing), one writer of the process at a time in arrival
+//! order, row by row inside it; readers run beside it.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -11,6 +13,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Executor as _, Row, Sqlite, Transaction};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::migrations::{self, Migration, VERSIONS_TABLE_SQL};
 use super::rows::{attempt_from_row, claimed_from_row, record_from_row};
@@ -119,6 +122,8 @@ const PURGE_DELIVERIES: &str = concat!(
 pub struct SqliteStore {
     url: StoreUrl,
     pool: SqlitePool,
+    /// One write transaction at a time in this process, first come first served.
+    writer: Arc<Mutex<()>>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -162,6 +167,7 @@ impl SqliteStore {
         Ok(Self {
             url: url.clone(),
             pool,
+            writer: Arc::new(Mutex::new(())),
         })
     }
 
@@ -172,12 +178,19 @@ impl SqliteStore {
         }
     }
 
-    /// A write transaction holding the file's write lock from its start.
-    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        self.pool
+    /// A write transaction holding the file's write lock from its start, and this process's
+    /// turn to write: writers of one process queue in order here rather than polling for the
+    /// file lock, where a busy one could starve the others past the busy timeout.
+    async fn begin_write(
+        &self,
+    ) -> Result<(OwnedMutexGuard<()>, Transaction<'static, Sqlite>), StoreError> {
+        let turn = Arc::clone(&self.writer).lock_owned().await;
+        let tx = self
+            .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
-            .map_err(self.error())
+            .map_err(self.error())?;
+        Ok((turn, tx))
     }
 
     async fn write(
@@ -191,7 +204,7 @@ impl SqliteStore {
             return Ok(());
         }
         let now = to_ms(now);
-        let mut tx = self.begin_write().await?;
+        let (_writing, mut tx) = self.begin_write().await?;
         for (account, participation_id, body) in &prepared.bodies {
             sqlx::query(INSERT_BODY)
                 .bind(*account)
@@ -299,7 +312,7 @@ async fn finish_one(
 impl DeliveryStore for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         // The write lock serialises concurrent runs, across processes too.
-        let mut tx = self.begin_write().await?;
+        let (_writing, mut tx) = self.begin_write().await?;
         tx.execute(VERSIONS_TABLE_SQL).await.map_err(self.error())?;
         let applied: Vec<i64> =
             sqlx::query_scalar("SELECT version FROM pushwire_schema_migrations")
@@ -350,7 +363,7 @@ impl DeliveryStore for SqliteStore {
                 .collect::<Vec<_>>(),
         )
         .to_string();
-        let mut tx = self.begin_write().await?;
+        let (_writing, mut tx) = self.begin_write().await?;
         let candidates = sqlx::query(CLAIM_CANDIDATES)
             .bind(now)
             .bind(i64::from(request.limit))
@@ -398,7 +411,7 @@ impl DeliveryStore for SqliteStore {
         if apply.is_empty() {
             return Ok(results);
         }
-        let mut tx = self.begin_write().await?;
+        let (_writing, mut tx) = self.begin_write().await?;
         for index in apply {
             if finish_one(&mut tx, &batch[index], to_ms(now))
                 .await
@@ -419,7 +432,7 @@ impl DeliveryStore for SqliteStore {
     ) -> Result<u64, StoreError> {
         let mut skipped = 0;
         loop {
-            let mut tx = self.begin_write().await?;
+            let (_writing, mut tx) = self.begin_write().await?;
             let done = sqlx::query(sql::SKIP_INTEGRATION)
                 .bind(integration.account().id())
                 .bind(integration.id())
@@ -452,7 +465,7 @@ impl DeliveryStore for SqliteStore {
         let batch = i64::from(batch_size.max(1));
         let mut stats = PurgeStats::default();
         loop {
-            let mut tx = self.begin_write().await?;
+            let (_writing, mut tx) = self.begin_write().await?;
             let attempts = sqlx::query(PURGE_ATTEMPTS)
                 .bind(before)
                 .bind(batch)
@@ -475,7 +488,7 @@ impl DeliveryStore for SqliteStore {
             }
         }
         loop {
-            let mut tx = self.begin_write().await?;
+            let (_writing, mut tx) = self.begin_write().await?;
             let bodies = sqlx::query(sql::PURGE_BODIES)
                 .bind(before)
                 .bind(batch)
