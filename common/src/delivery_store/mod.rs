@@ -2,7 +2,7 @@
 //! attempts and final outcomes, and the participation bodies they need to be sent again. One
 //! trait, [`DeliveryStore`], with a PostgreSQL implementation (production) and an embedded SQLite
 //! one (`control-plane --with-worker`), both opened from a [`StoreUrl`] by [`open`], and schema
-//! migrations shipped in the binary ([`migrations`]). SQL appears only in this module.
+//! migrations shipped in the binary (`migrations/`). SQL appears only in this module.
 //!
 //! Driver: `sqlx` 0.8 without its query macros (so no database at build time and no proc-macro
 //! compile cost), with rustls + ring for TLS (no OpenSSL, no aws-lc). One well-kept async driver
@@ -188,8 +188,8 @@ pub struct NewDelivery {
     pub attempts: Vec<Attempt>,
     /// The participation body as published. Stored once per participation (deliveries of the
     /// same participation share it; pass the same bytes) and kept while any of its deliveries is
-    /// stored. Required for a hand-off; optional for a final outcome (without it the delivery
-    /// cannot be redelivered).
+    /// stored. Required when queued; optional for a final outcome (without it, and with no
+    /// other delivery of the participation holding it, the delivery cannot be redelivered).
     pub body: Option<Bytes>,
 }
 
@@ -547,26 +547,25 @@ struct PreparedBatch<'a> {
 }
 
 impl<'a> PreparedBatch<'a> {
-    fn new(batch: &'a [NewDelivery], require_queued_body: bool) -> Result<Self, StoreError> {
+    fn new(batch: &'a [NewDelivery], hand_off: bool) -> Result<Self, StoreError> {
         let mut deliveries: std::collections::BTreeMap<&DeliveryKey, &NewDelivery> =
             std::collections::BTreeMap::new();
         let mut bodies: std::collections::BTreeMap<(&str, &str), &[u8]> =
             std::collections::BTreeMap::new();
         for delivery in batch {
-            if require_queued_body {
-                if !matches!(delivery.outcome, Outcome::Queued { .. }) {
-                    return Err(StoreError::InvalidArgument(format!(
-                        "hand-off of {} with state {}: only QUEUED deliveries are handed off",
-                        delivery.key.webhook_id(),
-                        delivery.outcome.state().as_str()
-                    )));
-                }
-                if delivery.body.is_none() {
-                    return Err(StoreError::InvalidArgument(format!(
-                        "hand-off of {} without its body",
-                        delivery.key.webhook_id()
-                    )));
-                }
+            let queued = matches!(delivery.outcome, Outcome::Queued { .. });
+            if hand_off && !queued {
+                return Err(StoreError::InvalidArgument(format!(
+                    "hand-off of {} with state {}: only QUEUED deliveries are handed off",
+                    delivery.key.webhook_id(),
+                    delivery.outcome.state().as_str()
+                )));
+            }
+            if queued && delivery.body.is_none() {
+                return Err(StoreError::InvalidArgument(format!(
+                    "{} queued without its body",
+                    delivery.key.webhook_id()
+                )));
             }
             if let Some(body) = &delivery.body {
                 bodies.insert(
@@ -671,6 +670,10 @@ mod tests {
         };
         delivery.body = None;
         let err = PreparedBatch::new(std::slice::from_ref(&delivery), true)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("without its body"), "{err}");
+        let err = PreparedBatch::new(std::slice::from_ref(&delivery), false)
             .err()
             .unwrap();
         assert!(err.to_string().contains("without its body"), "{err}");
