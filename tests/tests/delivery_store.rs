@@ -255,6 +255,8 @@ async fn lease_expiry_returns_claims(backend: &Backend) {
     assert_eq!(keys(&second), [key("1", "crm", "p1")]);
     assert_eq!(second[0].lease.worker, "w2");
     assert_ne!(second[0].lease.token, first[0].lease.token);
+    assert!(!first[0].lease_expired);
+    assert!(second[0].lease_expired, "w1's claim ran out");
     assert_eq!(second[0].body.as_deref(), Some(&body_of("p1")[..]));
 }
 
@@ -449,6 +451,7 @@ async fn rescheduled_delivery_is_claimed_again_when_due(backend: &Backend) {
     );
     let again = store.claim_due(&claim("w2", next, 1)).await.unwrap();
     assert_eq!(keys(&again), [k]);
+    assert!(!again[0].lease_expired, "the last claim was finished");
     assert_eq!(again[0].attempt_count, 2);
 }
 

@@ -254,6 +254,9 @@ pub struct ClaimedDelivery {
     pub create_time: SystemTime,
     /// The body to send; `None` only if it is no longer retained (then skip the delivery).
     pub body: Option<Bytes>,
+    /// Whether an earlier claim ran out without a finish (its worker died or stalled): a lease
+    /// expiry, for the metrics.
+    pub lease_expired: bool,
 }
 
 /// One finish of a [`DeliveryStore::finish_batch`].

@@ -89,12 +89,12 @@ due AS (
         WHERE x.account = i.account AND x.integration = i.integration)
 ),
 candidates AS (
-    SELECT c.account, c.integration, c.participation_id,
+    SELECT c.account, c.integration, c.participation_id, c.lease_owner IS NOT NULL AS expired,
         row_number() OVER (PARTITION BY c.account, c.integration
                            ORDER BY c.next_attempt_ms, c.participation_id) AS rank
     FROM due i
     CROSS JOIN LATERAL (
-        SELECT d.account, d.integration, d.participation_id, d.next_attempt_ms
+        SELECT d.account, d.integration, d.participation_id, d.next_attempt_ms, d.lease_owner
         FROM pushwire_deliveries d
         WHERE d.account = i.account AND d.integration = i.integration AND d.state = 'QUEUED'
           AND d.next_attempt_ms <= $1
@@ -105,7 +105,7 @@ candidates AS (
         FOR UPDATE OF d SKIP LOCKED) c
 ),
 picked AS (
-    SELECT account, integration, participation_id FROM candidates
+    SELECT account, integration, participation_id, expired FROM candidates
     ORDER BY rank, random() LIMIT $2
 ),
 claimed AS (
@@ -118,7 +118,7 @@ claimed AS (
       AND (d.lease_expires_ms IS NULL OR d.lease_expires_ms <= $1)
     RETURNING d.account, d.integration, d.participation_id, d.campaign_id, d.website_id,
         d.attempt_count, d.next_attempt_ms, d.create_ms, d.traceparent, d.tracestate,
-        d.lease_token
+        d.lease_token, p.expired
 )
 SELECT c.*, b.body FROM claimed c
 LEFT JOIN pushwire_delivery_bodies b

@@ -23,6 +23,15 @@ pub(super) trait Columns {
     fn opt_int4(&self, name: &str) -> Result<Option<i32>, sqlx::Error>;
     fn flag(&self, name: &str) -> Result<bool, sqlx::Error>;
     fn opt_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, sqlx::Error>;
+
+    /// A flag the row may not have.
+    fn try_flag(&self, name: &str) -> Result<Option<bool>, sqlx::Error> {
+        match self.flag(name) {
+            Ok(flag) => Ok(Some(flag)),
+            Err(sqlx::Error::ColumnNotFound(_)) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
 }
 
 macro_rules! columns_for {
@@ -80,7 +89,8 @@ fn status(code: Option<i32>) -> Option<u16> {
     code.and_then(|code| u16::try_from(code).ok())
 }
 
-/// A row of the claim query: the delivery's columns, `lease_token` and `body`.
+/// A row of the claim query: the delivery's columns, `lease_token`, `body` and, where the query
+/// has it, `expired`.
 pub(super) fn claimed_from_row(
     row: &impl Columns,
     worker: &str,
@@ -105,6 +115,7 @@ pub(super) fn claimed_from_row(
             next_attempt: from_ms(row.int8("next_attempt_ms")?),
             create_time: from_ms(row.int8("create_ms")?),
             body: row.opt_bytes("body")?.map(Bytes::from),
+            lease_expired: row.try_flag("expired")?.unwrap_or(false),
         })
     };
     read().map_err(corrupt)

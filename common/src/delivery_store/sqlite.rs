@@ -57,8 +57,9 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 /// gets its second, and none waits behind another's backlog. `$3` is a JSON array of excluded
 /// integration names. (One writer at a time: no claim races to care about.)
 const CLAIM_CANDIDATES: &str = "
-SELECT account, integration, participation_id FROM (
+SELECT account, integration, participation_id, expired FROM (
     SELECT account, integration, participation_id, next_attempt_ms,
+        lease_owner IS NOT NULL AS expired,
         row_number() OVER (PARTITION BY account, integration
                            ORDER BY next_attempt_ms, participation_id) AS rank
     FROM pushwire_deliveries
@@ -395,7 +396,10 @@ impl DeliveryStore for SqliteStore {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(self.error())?;
-            claimed.push(claimed_from_row(&row, &request.worker, expires)?);
+            let expired: bool = candidate.try_get("expired").map_err(self.error())?;
+            let mut delivery = claimed_from_row(&row, &request.worker, expires)?;
+            delivery.lease_expired = expired;
+            claimed.push(delivery);
         }
         tx.commit().await.map_err(self.error())?;
         Ok(claimed)
