@@ -7,6 +7,8 @@
 //! - [`participation`]: parsing and validation of participation documents;
 //! - [`payload`]: the body transformations an integration can ask for (the `variables`
 //!   object);
+//! - [`delivery_store`] (feature `server`): where deliveries live once handed off
+//!   (PostgreSQL, embedded SQLite), their attempts and bodies;
 //! - [`webhook`] (feature `server`): signing, request building, the SSRF guard and the HTTP
 //!   client of webhooks, shared by the worker and TestIntegration;
 //! - [`publisher`] (feature `publisher`): the client that publishes participations to
@@ -19,6 +21,8 @@
 
 pub mod auth;
 pub mod backoff;
+#[cfg(feature = "server")]
+pub mod delivery_store;
 pub mod domain;
 pub mod participation;
 pub mod payload;

@@ -6,6 +6,7 @@ pub mod control_plane;
 pub mod etcd;
 pub mod eventually;
 pub mod faults;
+pub mod postgres;
 pub mod process;
 pub mod receiver;
 pub mod tokens;
