@@ -4,7 +4,8 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use crate::phases::{Isolation, Latency, Memory, Plan, Propagation, Rate};
+use crate::phases::{Isolation, Latency, Memory, Propagation, Rate};
+use crate::setup::Plan;
 
 /// The targets of issue 8.
 pub const TARGET_RATIO: f64 = 0.7;

@@ -23,6 +23,8 @@ mod phases;
 mod procs;
 #[path = "../bench/report.rs"]
 mod report;
+#[path = "../bench/setup.rs"]
+mod setup;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,8 +34,8 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 
-use phases::{Env, Plan};
 use report::Results;
+use setup::{Env, Plan};
 
 #[derive(Parser, Debug)]
 #[command(

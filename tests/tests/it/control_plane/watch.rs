@@ -1,0 +1,296 @@
+//! WatchConfig: secrets reach workers but are never read back, resuming without gaps or
+//! repeats, and a fresh snapshot after a forgotten revision.
+
+use anyhow::Context as _;
+use pushwire_common::pb::v1 as pb;
+use pushwire_tests::admin::integration;
+use pushwire_tests::control_plane::{Backends, ControlPlane, test_config};
+
+use super::{create, create_scope, next_msg, scope};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_never_read_back_but_reach_workers() -> anyhow::Result<()> {
+    async fn body(cp: &ControlPlane) -> anyhow::Result<()> {
+        const FIRST: &str = "first-signing-secret";
+        const SECOND: &str = "second-signing-secret";
+        const HEADER: &str = "Bearer header-secret-value";
+        let mut i = integration("CRM", "https://crm.example.com/hook");
+        i.secret = FIRST.into();
+        i.auth_header = Some(pb::AuthHeader {
+            name: "Authorization".into(),
+            value: HEADER.into(),
+            value_set: false,
+        });
+        let created = create(cp, "accounts/42", "crm", i).await?;
+        let rotated = cp
+            .integrations()
+            .await?
+            .update_integration(pb::UpdateIntegrationRequest {
+                integration: Some(pb::Integration {
+                    name: created.name.clone(),
+                    secret: SECOND.into(),
+                    ..Default::default()
+                }),
+                update_mask: None,
+            })
+            .await?
+            .into_inner();
+        assert_ne!(rotated.secret_fingerprint, created.secret_fingerprint);
+
+        let (listed, _) = cp.admin().await?.list_all("accounts/42").await?;
+        let got = cp
+            .integrations()
+            .await?
+            .get_integration(pb::GetIntegrationRequest {
+                name: created.name.clone(),
+            })
+            .await?
+            .into_inner();
+        for read in [&created, &rotated, &got, &listed[0]] {
+            let bytes = prost::Message::encode_to_vec(read);
+            for secret in [FIRST, SECOND, HEADER] {
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{secret} read back"
+                );
+            }
+            assert!(
+                read.secret_set
+                    && read
+                        .auth_header
+                        .as_ref()
+                        .is_some_and(|h| h.value_set && h.value.is_empty())
+            );
+        }
+
+        // Workers get both secrets during the grace period, newest first, and the header value.
+        let mut watch = cp
+            .config()
+            .await?
+            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .await?
+            .into_inner();
+        // The feed may serve a snapshot from before the rotation: follow it until the rotation
+        // arrives (each read is bounded).
+        let snapshot = next_msg(&mut watch).await?;
+        let mut cfg = snapshot
+            .snapshot
+            .context("snapshot")?
+            .integrations
+            .first()
+            .cloned();
+        while cfg.as_ref().is_none_or(|c| c.signing_secrets.len() < 2) {
+            let msg = next_msg(&mut watch).await?;
+            for change in msg.changes {
+                if let Some(pb::config_change::Change::UpsertIntegration(c)) = change.change {
+                    cfg = Some(c);
+                }
+            }
+        }
+        let cfg = cfg.context("integration")?;
+        assert_eq!(cfg.auth_header_value, HEADER);
+        let secrets: Vec<_> = cfg
+            .signing_secrets
+            .iter()
+            .map(|s| (s.secret.as_str(), s.expire_time.is_some()))
+            .collect();
+        assert_eq!(secrets, [(SECOND, false), (FIRST, true)]);
+        Ok(())
+    }
+    on_both_backends!(body)
+}
+
+/// Applies a WatchConfig message to a map of name → etag, as a worker would.
+fn apply(state: &mut std::collections::BTreeMap<String, String>, msg: &pb::WatchConfigResponse) {
+    use pb::config_change::Change;
+    if let Some(s) = &msg.snapshot {
+        state.clear();
+        for i in &s.integrations {
+            let i = i.integration.as_ref().expect("integration");
+            state.insert(i.name.clone(), i.etag.clone());
+        }
+        for p in &s.push_scopes {
+            state.insert(p.name.clone(), p.etag.clone());
+        }
+    }
+    for c in &msg.changes {
+        match c.change.as_ref().expect("change") {
+            Change::UpsertIntegration(i) => {
+                let i = i.integration.as_ref().expect("integration");
+                state.insert(i.name.clone(), i.etag.clone());
+            }
+            Change::UpsertPushScope(p) => {
+                state.insert(p.name.clone(), p.etag.clone());
+            }
+            Change::DeleteIntegration(n) | Change::DeletePushScope(n) => {
+                state.remove(n);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<()> {
+    async fn body(cp: &ControlPlane) -> anyhow::Result<()> {
+        let mut config = cp.config().await?;
+        let mut watch = config
+            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .await?
+            .into_inner();
+        let first = next_msg(&mut watch).await?;
+        assert!(
+            first.snapshot.is_some(),
+            "a fresh watch starts with a snapshot"
+        );
+        let mut state = std::collections::BTreeMap::new();
+        apply(&mut state, &first);
+        let mut revisions = vec![first.revision];
+
+        // Changes while connected.
+        for n in 0..3 {
+            create(
+                cp,
+                "accounts/1",
+                &format!("i{n}"),
+                integration(&format!("I{n}"), "https://a.example.com/"),
+            )
+            .await?;
+        }
+        while state.len() < 3 {
+            let msg = next_msg(&mut watch).await?;
+            assert!(msg.snapshot.is_none());
+            revisions.push(msg.revision);
+            apply(&mut state, &msg);
+        }
+        drop(watch);
+
+        // Changes while disconnected, then resume from the last revision seen.
+        create_scope(
+            cp,
+            "accounts/1",
+            "s",
+            scope(
+                "accounts/1/integrations/i0",
+                pb::PushScopeLevel::Account,
+                "",
+                pb::PushAction::Push,
+            ),
+        )
+        .await?;
+        cp.integrations()
+            .await?
+            .delete_integration(pb::DeleteIntegrationRequest {
+                name: "accounts/1/integrations/i2".into(),
+                etag: String::new(),
+                force: false,
+            })
+            .await?;
+        let i1 = create(
+            cp,
+            "accounts/1",
+            "i3",
+            integration("I3", "https://b.example.com/"),
+        )
+        .await?;
+        let mut watch = config
+            .watch_config(pb::WatchConfigRequest {
+                from_revision: *revisions.last().unwrap(),
+            })
+            .await?
+            .into_inner();
+        loop {
+            let msg = next_msg(&mut watch).await?;
+            assert!(msg.snapshot.is_none(), "resume must not re-send a snapshot");
+            revisions.push(msg.revision);
+            apply(&mut state, &msg);
+            if msg.revision >= i1.etag.parse::<i64>()? {
+                break;
+            }
+        }
+        assert!(
+            revisions.windows(2).all(|w| w[0] < w[1]),
+            "revisions strictly increase: {revisions:?}"
+        );
+        assert_eq!(
+            revisions.len(),
+            1 + 3 + 3,
+            "one message per change: {revisions:?}"
+        );
+
+        // The state built from the stream equals a fresh snapshot.
+        let mut fresh = config
+            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .await?
+            .into_inner();
+        let snap = next_msg(&mut fresh).await?;
+        let mut expected = std::collections::BTreeMap::new();
+        apply(&mut expected, &snap);
+        assert_eq!(state, expected);
+        assert_eq!(
+            state.keys().cloned().collect::<Vec<_>>(),
+            [
+                "accounts/1/integrations/i0",
+                "accounts/1/integrations/i1",
+                "accounts/1/integrations/i3",
+                "accounts/1/pushScopes/s"
+            ]
+        );
+        Ok(())
+    }
+    on_both_backends!(body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_from_forgotten_revision_gets_a_fresh_snapshot() -> anyhow::Result<()> {
+    let backends = Backends::start()?;
+    for backend in backends.all() {
+        let mut config = test_config(&backend);
+        config.watch_history = 2;
+        let cp = ControlPlane::start(config).await?;
+        let first = create(
+            &cp,
+            "accounts/1",
+            "a",
+            integration("A", "https://a.example.com/"),
+        )
+        .await?;
+        let mut last = first.clone();
+        for n in 0..4 {
+            last = create(
+                &cp,
+                "accounts/1",
+                &format!("b{n}"),
+                integration(&format!("B{n}"), "https://a.example.com/"),
+            )
+            .await?;
+        }
+        // The feed follows the store asynchronously: wait until it has applied the last change.
+        let mut probe = cp
+            .config()
+            .await?
+            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .await?
+            .into_inner();
+        let target = last.etag.parse::<i64>()?;
+        while next_msg(&mut probe).await?.revision < target {}
+
+        let from = first.etag.parse::<i64>()?;
+        let mut watch = cp
+            .config()
+            .await?
+            .watch_config(pb::WatchConfigRequest {
+                from_revision: from,
+            })
+            .await?
+            .into_inner();
+        let msg = next_msg(&mut watch).await?;
+        let described = format!("{msg:?}");
+        let snapshot = msg
+            .snapshot
+            .with_context(|| format!("{backend:?}: expected a snapshot, got {described}"))?;
+        assert_eq!(msg.revision, target);
+        assert_eq!(snapshot.integrations.len(), 5, "{backend:?}");
+        cp.stop().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! Per-integration lanes: the concurrency limit, isolation between integrations,
+//! shutdown of waiting jobs, and dropping the lanes of deleted integrations.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use pushwire_tests::eventually::{until, within};
+use pushwire_tests::receiver::{Received, Reply, TestReceiver};
+use pushwire_worker::deliver::dispatch::{DispatchOptions, Outcome};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::{
+    Harness, HookReceiver, LIMIT, WAIT, client_options, delivered, dispatch_options, job, next,
+    wait_count,
+};
+
+// ---------------------------------------------------------------------------------------------
+// 11, 12. Concurrency limit and isolation
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrency_is_limited_per_integration() {
+    const JOBS: usize = 10;
+    within("the test body", LIMIT, async {
+        // The receiver counts requests being answered at once, and holds each one until a
+        // second is in (or it is the last), so the limit is reached and not merely allowed.
+        let current = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let (ids_tx, mut ids) = mpsc::unbounded_channel();
+        let receiver = HookReceiver::start({
+            let (current, peak, arrived) = (current.clone(), peak.clone(), arrived.clone());
+            move |r: Received| {
+                let (current, peak, arrived) = (current.clone(), peak.clone(), arrived.clone());
+                let _ = ids_tx.send(r.header("webhook-id").unwrap_or_default().to_owned());
+                async move {
+                    let now = current.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    let all_in = arrived.fetch_add(1, Ordering::SeqCst) + 1 >= JOBS;
+                    if !all_in {
+                        // Held at most 2 s: then answered anyway (the peak assertion fails).
+                        let _ = until("a second request in", Duration::from_secs(2), || {
+                            current.load(Ordering::SeqCst) >= 2
+                                || arrived.load(Ordering::SeqCst) >= JOBS
+                        })
+                        .await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    current.fetch_sub(1, Ordering::SeqCst);
+                    Reply::ok()
+                }
+            }
+        })
+        .await;
+        let h = Harness::new(
+            DispatchOptions {
+                concurrency: 2,
+                ..dispatch_options(&[20], Duration::from_secs(15))
+            },
+            client_options(Duration::from_secs(10)),
+        );
+        let crm = h.add("crm", &receiver.url);
+
+        let jobs: Vec<_> = (0..JOBS)
+            .map(|n| h.spawn(job(&crm, &format!("P-{n}"))))
+            .collect();
+        // Sample the lane while the jobs run.
+        let (mut max_in_flight, mut max_queued) = (0, 0);
+        while !jobs.iter().all(JoinHandle::is_finished) {
+            if let Some(s) = h.stats(&crm) {
+                max_in_flight = max_in_flight.max(s.in_flight);
+                max_queued = max_queued.max(s.queued);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for j in jobs {
+            assert_eq!(j.await.unwrap(), delivered(1, 200));
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), 2, "receiver-side concurrency");
+        assert!(max_in_flight <= 2, "in flight {max_in_flight}");
+        assert!(max_queued > 0, "jobs waited for a slot");
+        let mut seen = HashSet::new();
+        while let Ok(id) = ids.try_recv() {
+            assert!(seen.insert(id), "each job sent once");
+        }
+        assert_eq!(seen.len(), JOBS);
+        assert_eq!(h.stats(&crm).map(|s| (s.in_flight, s.queued)), Some((0, 0)));
+    })
+    .await
+    .expect("the test finished within its limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_integration_does_not_delay_another() {
+    within("the test body", LIMIT, async {
+        let stuck = TestReceiver::http().await.unwrap();
+        stuck.set_default(Reply::hang());
+        let fine = TestReceiver::http().await.unwrap();
+        let h = Harness::new(
+            DispatchOptions {
+                concurrency: 2,
+                ..dispatch_options(&[], Duration::from_secs(60))
+            },
+            client_options(Duration::from_secs(30)),
+        );
+        let x = h.add("x", &stuck.url("/"));
+        let y = h.add("y", &fine.url("/"));
+
+        // X's two slots hang and two more jobs queue behind them.
+        let x_jobs: Vec<_> = (0..4)
+            .map(|n| h.spawn(job(&x, &format!("X-{n}"))))
+            .collect();
+        wait_count(&stuck, 2).await;
+        h.wait_stats(&x, |s| s.in_flight == 2 && s.queued == 2)
+            .await;
+
+        // Y delivers every job while X is still stuck.
+        for n in 0..5 {
+            assert_eq!(
+                h.deliver(job(&y, &format!("Y-{n}"))).await,
+                delivered(1, 200)
+            );
+        }
+        assert_eq!(fine.received_count(), 5);
+        assert!(x_jobs.iter().all(|j| !j.is_finished()), "X is still stuck");
+        assert_eq!(stuck.received_count(), 2);
+        for j in x_jobs {
+            j.abort();
+        }
+    })
+    .await
+    .expect("the test finished within its limit");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13. Shutdown
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_interrupts_a_job_waiting_for_its_retry() {
+    within("the test body", LIMIT, async {
+        let receiver = TestReceiver::http().await.unwrap();
+        receiver.set_default(Reply::status(500));
+        // The retry is 30 s away: only shutdown can end the job within the limit.
+        let h = Harness::new(
+            dispatch_options(&[30_000], Duration::from_secs(60)),
+            client_options(Duration::from_secs(5)),
+        );
+        let crm = h.add("crm", &receiver.url("/"));
+        let waiting = h.spawn(job(&crm, "P-1"));
+        next(&receiver).await;
+        h.wait_stats(&crm, |s| s.in_flight == 0).await;
+        assert!(!waiting.is_finished());
+
+        h.shutdown.cancel();
+        let outcome = tokio::time::timeout(WAIT, waiting)
+            .await
+            .expect("interrupted promptly")
+            .unwrap();
+        assert_eq!(outcome, Outcome::Interrupted);
+
+        // After shutdown nothing new is sent.
+        for n in 0..20 {
+            assert_eq!(
+                h.deliver(job(&crm, &format!("late-{n}"))).await,
+                Outcome::Interrupted
+            );
+        }
+        // Each of them reported Interrupted without an attempt: nothing can be in flight.
+        assert_eq!(receiver.received_count(), 1);
+    })
+    .await
+    .expect("the test finished within its limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_interrupts_a_job_waiting_for_a_slot() {
+    within("the test body", LIMIT, async {
+        let receiver = TestReceiver::http().await.unwrap();
+        receiver.set_default(Reply::hang());
+        let h = Harness::new(
+            DispatchOptions {
+                concurrency: 1,
+                ..dispatch_options(&[20], Duration::from_secs(60))
+            },
+            client_options(Duration::from_millis(1500)),
+        );
+        let crm = h.add("crm", &receiver.url("/"));
+        let running = h.spawn(job(&crm, "P-run"));
+        next(&receiver).await;
+        let queued = h.spawn(job(&crm, "P-queued"));
+        h.wait_stats(&crm, |s| s.queued == 1).await;
+
+        h.shutdown.cancel();
+        let outcome = tokio::time::timeout(WAIT, queued)
+            .await
+            .expect("interrupted promptly")
+            .unwrap();
+        assert_eq!(outcome, Outcome::Interrupted);
+        // The attempt in flight is finished (here: its timeout), then not retried.
+        assert_eq!(running.await.unwrap(), Outcome::Interrupted);
+        assert_eq!(receiver.received_count(), 1);
+        assert_eq!(h.stats(&crm).map(|s| (s.in_flight, s.queued)), Some((0, 0)));
+    })
+    .await
+    .expect("the test finished within its limit");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lanes of deleted integrations
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_of_deleted_integrations_are_dropped() {
+    within("the test body", LIMIT, async {
+        let receiver = TestReceiver::http().await.unwrap();
+        let h = Harness::new(
+            dispatch_options(&[], Duration::from_secs(10)),
+            client_options(Duration::from_secs(5)),
+        );
+        let many: Vec<_> = (0..100)
+            .map(|n| h.add(&format!("i{n}"), &receiver.url("/")))
+            .collect();
+        for i in &many {
+            assert_eq!(h.deliver(job(i, "P-1")).await, delivered(1, 200));
+        }
+        assert_eq!(
+            h.dispatcher.stats().len(),
+            100,
+            "live integrations keep their lanes"
+        );
+        for i in &many {
+            h.source.remove(&i.name);
+        }
+        // New integrations come and go; the lanes of the deleted ones do not pile up.
+        let fresh: Vec<_> = (0..100)
+            .map(|n| h.add(&format!("j{n}"), &receiver.url("/")))
+            .collect();
+        for i in &fresh {
+            assert_eq!(h.deliver(job(i, "P-2")).await, delivered(1, 200));
+        }
+        let lanes: HashSet<_> = h
+            .dispatcher
+            .stats()
+            .into_iter()
+            .map(|s| s.integration)
+            .collect();
+        let live: HashSet<_> = fresh.iter().map(|i| i.name.clone()).collect();
+        assert_eq!(lanes, live, "only live integrations keep lanes");
+        assert_eq!(receiver.received_count(), 200);
+    })
+    .await
+    .expect("the test finished within its limit");
+}
