@@ -75,6 +75,7 @@ async fn retries_follow_the_status_and_end_with_the_window() -> anyhow::Result<(
                 last_status_code: 400,
                 last_error: "HTTP 400".into(),
                 skip_reason: String::new(),
+                next_attempt_time: None,
             },
             "a 400 is final"
         );
