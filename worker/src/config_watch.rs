@@ -369,28 +369,12 @@ mod tests {
     use std::time::SystemTime;
 
     use pushwire_common::domain::convert::integration_config;
-    use pushwire_common::domain::{
-        AccountName, IncompletePolicy, PayloadVariables, PushAction, ScopeTarget, SignatureScheme,
-    };
+    use pushwire_common::domain::{AccountName, PushAction, ScopeTarget};
 
     use super::*;
 
     fn integration(id: &str) -> Integration {
-        Integration {
-            name: IntegrationName::new(&AccountName::from_id("acme").unwrap(), id).unwrap(),
-            display_name: id.to_owned(),
-            url: format!("https://{id}.example.org/hook"),
-            enabled: true,
-            disabled_reason: String::new(),
-            incomplete_participations: IncompletePolicy::Skip,
-            payload_variables: PayloadVariables::AsPublished,
-            auth_header: None,
-            secrets: Vec::new(),
-            signature_schemes: vec![SignatureScheme::Qualifio],
-            create_time: SystemTime::UNIX_EPOCH,
-            update_time: SystemTime::UNIX_EPOCH,
-            revision: 1,
-        }
+        Integration::example("acme", id)
     }
 
     fn scope(id: &str, integration: &str) -> PushScope {

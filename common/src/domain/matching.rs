@@ -127,9 +127,7 @@ mod tests {
     use PushAction::{DoNotPush, Push as P};
 
     use super::*;
-    use crate::domain::{
-        AccountName, IncompletePolicy, PayloadVariables, PushScopeName, SignatureScheme,
-    };
+    use crate::domain::{AccountName, PushScopeName};
 
     const ACCOUNT: &str = "acme";
 
@@ -139,19 +137,8 @@ mod tests {
 
     fn integration(id: &str, enabled: bool) -> Integration {
         Integration {
-            name: IntegrationName::new(&account(), id).unwrap(),
-            display_name: id.to_owned(),
-            url: format!("https://{id}.example.org/hook"),
             enabled,
-            disabled_reason: String::new(),
-            incomplete_participations: IncompletePolicy::Skip,
-            payload_variables: PayloadVariables::AsPublished,
-            auth_header: None,
-            secrets: Vec::new(),
-            signature_schemes: vec![SignatureScheme::Qualifio],
-            create_time: SystemTime::UNIX_EPOCH,
-            update_time: SystemTime::UNIX_EPOCH,
-            revision: 1,
+            ..Integration::example(ACCOUNT, id)
         }
     }
 

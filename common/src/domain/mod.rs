@@ -45,6 +45,43 @@ pub struct Integration {
 }
 
 impl Integration {
+    /// A new integration as the API creates it before the request's fields apply: enabled,
+    /// incomplete participations skipped, the body as published, no auth header and no secret,
+    /// the Qualifio signature, created and updated at `now`, not stored yet (revision 0).
+    pub fn new(name: IntegrationName, now: SystemTime) -> Self {
+        Self {
+            name,
+            display_name: String::new(),
+            url: String::new(),
+            enabled: true,
+            disabled_reason: String::new(),
+            incomplete_participations: IncompletePolicy::Skip,
+            payload_variables: PayloadVariables::AsPublished,
+            auth_header: None,
+            secrets: Vec::new(),
+            signature_schemes: vec![SignatureScheme::Qualifio],
+            create_time: now,
+            update_time: now,
+            revision: 0,
+        }
+    }
+
+    /// A stored integration for tests: `id` of `account`, named after its id, posting to
+    /// `https://{id}.example.org/hook`, at revision 1 (feature `test-fixtures`).
+    #[cfg(any(test, feature = "test-fixtures"))]
+    pub fn example(account: &str, id: &str) -> Self {
+        let account = AccountName::from_id(account).expect("a valid account id");
+        Self {
+            display_name: id.to_owned(),
+            url: format!("https://{id}.example.org/hook"),
+            revision: 1,
+            ..Self::new(
+                IntegrationName::new(&account, id).expect("a valid integration id"),
+                SystemTime::UNIX_EPOCH,
+            )
+        }
+    }
+
     /// The secrets still valid at `now`, newest first.
     pub fn valid_secrets(&self, now: SystemTime) -> impl Iterator<Item = &Secret> {
         self.secrets

@@ -68,21 +68,7 @@ impl Catalog {
         };
         let generated = id.is_none();
         let now = SystemTime::now();
-        let mut integration = Integration {
-            name,
-            display_name: String::new(),
-            url: String::new(),
-            enabled: true,
-            disabled_reason: String::new(),
-            incomplete_participations: IncompletePolicy::Skip,
-            payload_variables: PayloadVariables::AsPublished,
-            auth_header: None,
-            secrets: Vec::new(),
-            signature_schemes: vec![SignatureScheme::Qualifio],
-            create_time: now,
-            update_time: now,
-            revision: 0,
-        };
+        let mut integration = Integration::new(name, now);
         self.apply(&mut integration, patch, now)?;
         let ((), revision) = self
             .transact(

@@ -142,8 +142,7 @@ mod tests {
     use std::time::SystemTime;
 
     use pushwire_common::domain::{
-        Audience, Integration, PayloadVariables, PushAction, PushScope, PushScopeName, ScopeTarget,
-        SignatureScheme,
+        Audience, Integration, PushAction, PushScope, PushScopeName, ScopeTarget,
     };
 
     use super::*;
@@ -160,19 +159,9 @@ mod tests {
         enabled: bool,
     ) -> Integration {
         Integration {
-            name: IntegrationName::new(&account(account_id), id).unwrap(),
-            display_name: id.to_owned(),
-            url: format!("https://{id}.example.org/hook"),
             enabled,
-            disabled_reason: String::new(),
             incomplete_participations: policy,
-            payload_variables: PayloadVariables::AsPublished,
-            auth_header: None,
-            secrets: Vec::new(),
-            signature_schemes: vec![SignatureScheme::Qualifio],
-            create_time: SystemTime::UNIX_EPOCH,
-            update_time: SystemTime::UNIX_EPOCH,
-            revision: 1,
+            ..Integration::example(account_id, id)
         }
     }
 

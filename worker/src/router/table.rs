@@ -287,9 +287,7 @@ impl RoutingTable {
 mod tests {
     use std::time::SystemTime;
 
-    use pushwire_common::domain::{
-        Audience, IncompletePolicy, PayloadVariables, PushAction, ScopeTarget, SignatureScheme,
-    };
+    use pushwire_common::domain::{Audience, PushAction, ScopeTarget};
 
     use super::*;
 
@@ -299,19 +297,8 @@ mod tests {
 
     fn integration(account_id: &str, id: &str, enabled: bool) -> Integration {
         Integration {
-            name: IntegrationName::new(&account(account_id), id).unwrap(),
-            display_name: id.to_owned(),
-            url: format!("https://{id}.example.org/hook"),
             enabled,
-            disabled_reason: String::new(),
-            incomplete_participations: IncompletePolicy::Skip,
-            payload_variables: PayloadVariables::AsPublished,
-            auth_header: None,
-            secrets: Vec::new(),
-            signature_schemes: vec![SignatureScheme::Qualifio],
-            create_time: SystemTime::UNIX_EPOCH,
-            update_time: SystemTime::UNIX_EPOCH,
-            revision: 1,
+            ..Integration::example(account_id, id)
         }
     }
 
