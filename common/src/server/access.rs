@@ -15,7 +15,7 @@ use crate::domain::Secret;
 #[derive(Clone, Debug, Args)]
 pub struct AccessArgs {
     /// JSON file of the accepted tokens, by SHA-256 (never the tokens themselves), each with a
-    /// role and accounts (see the README); reloaded within seconds when it changes. Health and
+    /// role and accounts (see docs/operations.md); reloaded within seconds when it changes. Health and
     /// reflection need no token.
     #[arg(long, env = "PUSHWIRE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,

@@ -186,7 +186,7 @@ pub(crate) fn check_txn(txn: &Txn) -> Result<(), StoreError> {
 }
 
 /// The storage contract. Implementations must give the same answers for the same calls; the
-/// conformance suite in `tests/tests/store_conformance.rs` checks that.
+/// conformance suite in `tests/tests/it/store_conformance.rs` checks that.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Reads one key.
