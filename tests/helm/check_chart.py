@@ -113,7 +113,7 @@ SECRET_FLAGS = {
     "delivery-store": {
         "env": "PUSHWIRE_DELIVERY_STORE",
         "binaries": ("control-plane", "worker"),
-        "values": "deliveryStore.existingSecret or postgresql.bundled (a URL with a password: a Secret)",
+        "values": "deliveryStore.existingSecret or postgresql.bundled; the URL holds a password",
     },
 }
 DELIVERY_STORE_ENV = SECRET_FLAGS["delivery-store"]["env"]
@@ -1326,6 +1326,9 @@ class Checks:
             f"PGDATA {pgdata} is not below the data volume"
         for path in ("/var/run/postgresql", "/tmp"):
             assert path in mounts, f"{path} is not a volume (the root filesystem is read-only)"
+        pod = sts["spec"]["template"]["spec"].get("securityContext", {})
+        assert not pod.get("fsGroup") or pod.get("fsGroupChangePolicy") == "OnRootMismatch", \
+            "fsGroup changes at every mount would give PGDATA group permissions, which PostgreSQL refuses"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c.get(probe, {}).get("exec", {}).get("command", [""])[0] == "pg_isready", f"no pg_isready {probe}"
         res = c.get("resources", {})
