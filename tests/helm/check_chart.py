@@ -1580,8 +1580,11 @@ class Checks:
         pg = store["pg"]
         if all("delivery-store" in self.bins[b] for b in SECRET_FLAGS["delivery-store"]["binaries"]):
             # Every replica started at once, each running the migrations.
-            n = pg.psql("SELECT count(*) FROM pushwire_schema_migrations;", store["user"], store["password"],
-                        store["database"], store["sslmode"])
+            try:
+                n = pg.psql("SELECT count(*) FROM pushwire_schema_migrations;", store["user"], store["password"],
+                            store["database"], store["sslmode"])
+            except AssertionError as e:
+                raise AssertionError(f"the binaries read --delivery-store but recorded no migration in it: {e}")
             assert int(n) > 0, "no migration recorded in the delivery store"
             store_note = (f"delivery store: {store['where']} URL used by every replica, "
                           f"{n} migration(s) recorded in PostgreSQL {pg.version}")
