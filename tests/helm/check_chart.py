@@ -47,11 +47,12 @@ installs both, pinned, into .tools/venv. This script installs nothing.
    environment and the files of its mounted Secrets, on loopback, a real etcd (Debian's
    etcd-server) standing for the cluster's, and a real PostgreSQL (Debian's postgresql, TLS on)
    for the delivery store: the bundled one's rendered role, password and database, or those in
-   the URL of the steps' Secret, the URL's host and port rewritten to it. Once the binaries read
-   --delivery-store, their migrations must be recorded there; until then the URL must log in. All must become ready; an integration made with
-   the steps' $TOKEN must receive a participation published with their $PUBLISHER_TOKEN
-   (grpcurl, next to this Python or on PATH), NOTES.txt must read the same tokens, and no
-   token nor the database password may appear in a log. The production steps use ci/ha-values.yaml.
+   the URL of the steps' Secret, the URL's host and port rewritten to it. All must become
+   ready; an integration made with the steps' $TOKEN must receive a participation published
+   with their $PUBLISHER_TOKEN (grpcurl, next to this Python or on PATH), NOTES.txt must read
+   the same tokens, and no token nor the database password may appear in a log. Once the
+   binaries read --delivery-store, their migrations must be recorded in that PostgreSQL; until
+   then the URL must log in to it. The production steps use ci/ha-values.yaml.
 
 Ends with a `chart: N passed, N failed` line; exits non-zero on any failure.
 """
@@ -1475,7 +1476,8 @@ class Checks:
             svc_port = next(p for p in svc["spec"]["ports"] if p["name"] == "postgresql")
             assert (host, port) == (svc["metadata"]["name"], svc_port["port"]), \
                 f"the delivery store URL names {host}:{port}, not the bundled PostgreSQL's Service"
-            assert svc_port["targetPort"] in [p["name"] for p in c["ports"]] + [p["containerPort"] for p in c["ports"]]
+            assert svc_port["targetPort"] in [p["name"] for p in c["ports"]] + [p["containerPort"] for p in c["ports"]], \
+                f"the PostgreSQL Service targets {svc_port['targetPort']}, no port of the container"
             assert (user, database) == (penv.get("POSTGRES_USER"), penv.get("POSTGRES_DB")), \
                 f"the URL's user and database ({user}, {database}) are not the bundled PostgreSQL's"
             assert password == penv.get("POSTGRES_PASSWORD"), "the URL's password is not the bundled PostgreSQL's"
