@@ -18,7 +18,10 @@ installs both, pinned, into .tools/venv. This script installs nothing.
    the example in values.schema.json) puts exactly that flag's environment variable and value
    in the Deployment; so does sharedFlags in both Deployments. The only exceptions are
    MODE_FLAGS: flags that make a binary do one thing and exit (control-plane --reencrypt) are
-   run by hand in a pod, not deployed; the check prints each with its reason.
+   run by hand in a pod, not deployed; the check prints each with its reason; and SECRET_FLAGS:
+   flags whose value holds a password (--delivery-store), which come from a Secret through
+   secretKeyRef, never a plain value (a binary that does not have such a flag yet is noted,
+   and its variable accepted).
 4. In every render, the Deployments listen on all interfaces, their container ports are the
    ports of PUSHWIRE_GRPC_ADDR / PUSHWIRE_HTTP_ADDR (the binary's default when unset), the
    probes are GET /healthz and /readyz on the http port, Services target those ports, the
@@ -30,7 +33,10 @@ installs both, pinned, into .tools/venv. This script installs nothing.
    With default values the chart generates a token Secret (admin, publisher and worker token
    and the token file of their SHA-256), kept by helm uninstall, its token file mounted into
    every component and its worker token into the workers; a tokenFile flag with extraVolumes
-   replaces it. Chart.yaml's version and appVersion are the workspace version (Cargo.toml).
+   replaces it. Every control plane and worker gets PUSHWIRE_DELIVERY_STORE from a Secret (the
+   bundled PostgreSQL's, generated and kept by helm uninstall, or deliveryStore.existingSecret),
+   except a lone control plane running the worker on the embedded store (its SQLite default).
+   Chart.yaml's version and appVersion are the workspace version (Cargo.toml).
 5. The chart refuses impossible values, and every value is documented (schema description,
    comment in values.yaml).
 6. The documentation's install steps (the sh blocks between <!-- chart-check:install:begin -->
@@ -39,10 +45,14 @@ installs both, pinned, into .tools/venv. This script installs nothing.
    which render the chart with the values the steps give and keep the Secrets. Then the release
    runs: every control-plane and worker replica as a real process with its rendered
    environment and the files of its mounted Secrets, on loopback, a real etcd (Debian's
-   etcd-server) standing for the cluster's. All must become ready; an integration made with
-   the steps' $TOKEN must receive a participation published with their $PUBLISHER_TOKEN
-   (grpcurl, next to this Python or on PATH), NOTES.txt must read the same tokens, and no
-   token may appear in a log. The production steps use ci/ha-values.yaml.
+   etcd-server) standing for the cluster's, and a real PostgreSQL (Debian's postgresql, TLS on)
+   for the delivery store: the bundled one's rendered role, password and database, or those in
+   the URL of the steps' Secret, the URL's host and port rewritten to it. All must become
+   ready; an integration made with the steps' $TOKEN must receive a participation published
+   with their $PUBLISHER_TOKEN (grpcurl, next to this Python or on PATH), NOTES.txt must read
+   the same tokens, and no token nor the database password may appear in a log. Once the
+   binaries read --delivery-store, their migrations must be recorded in that PostgreSQL; until
+   then the URL must log in to it. The production steps use ci/ha-values.yaml.
 
 Ends with a `chart: N passed, N failed` line; exits non-zero on any failure.
 """
@@ -53,6 +63,7 @@ import hashlib
 import http.server
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -64,6 +75,7 @@ import threading
 import time
 import tomllib
 import traceback
+import urllib.parse
 import urllib.request
 
 import helm_python as helm
@@ -94,19 +106,36 @@ MODE_FLAGS = {
 }
 # Where the chart mounts the control plane's encryption key Secret.
 ENCRYPTION_DIR = "/etc/pushwire/encryption/"
+# Flags whose value holds a password: not a plain value but a Secret the chart passes through
+# secretKeyRef, to the binaries listed. Each with the values that give it. The binaries may not
+# have such a flag yet (it lands with their own change): the check then says so, and the chart's
+# variable is accepted as the one the binary will read (clap ignores unknown variables).
+SECRET_FLAGS = {
+    "delivery-store": {
+        "env": "PUSHWIRE_DELIVERY_STORE",
+        "binaries": ("control-plane", "worker"),
+        "values": "deliveryStore.existingSecret or postgresql.bundled; the URL holds a password",
+    },
+}
+DELIVERY_STORE_ENV = SECRET_FLAGS["delivery-store"]["env"]
+# Debian's PostgreSQL server binaries (package postgresql).
+POSTGRES_ROOT = "/usr/lib/postgresql"
 # Branches of the templates that neither the default values nor ci/ take.
 VARIANTS = {
-    "variant: 3-member bundled etcd on emptyDir, fixed workers, no PDBs, ConfigMap CA": {
+    "variant: 3-member bundled etcd and bundled PostgreSQL on emptyDir, fixed workers, no PDBs, ConfigMap CA": {
         "etcd": {"bundled": {"replicas": 3, "persistence": {"enabled": False}}},
         "worker": {"autoscaling": {"enabled": False}, "replicas": 4, "pdb": {"enabled": False},
                    "preStopSleepSeconds": 0},
         "controlPlane": {"pdb": {"enabled": False}},
+        "postgresql": {"bundled": {"persistence": {"enabled": False}}},
         "extraCa": {"existingConfigMap": "receivers-ca", "key": "bundle.pem"},
         "serviceAccount": {"create": False},
     },
     "variant: embedded store on emptyDir with separate workers, OTLP headers, in-flight HPA only, "
-    "encryption key from an existing Secret": {
+    "encryption key and delivery store URL from existing Secrets": {
         "etcd": {"bundled": {"enabled": False}},
+        "postgresql": {"bundled": {"enabled": False}},
+        "deliveryStore": {"existingSecret": "pushwire-db", "key": "dsn"},
         "encryption": {"existingSecret": "pushwire-keys", "key": "keys.txt"},
         "controlPlane": {"replicas": 1, "persistence": {"enabled": False}},
         "worker": {"autoscaling": {"targetCPUUtilizationPercentage": None,
@@ -159,8 +188,8 @@ def binary_flags(path):
 
 
 def deployable(binary, flags):
-    """The flags of `binary` that configure a deployment: all but its MODE_FLAGS."""
-    return {f: info for f, info in flags.items() if f not in MODE_FLAGS.get(binary, {})}
+    """The flags of `binary` that are values: all but its MODE_FLAGS and SECRET_FLAGS."""
+    return {f: info for f, info in flags.items() if f not in MODE_FLAGS.get(binary, {}) and f not in SECRET_FLAGS}
 
 
 def camel(flag):
@@ -560,12 +589,16 @@ class Processes:
     def __init__(self, tmp):
         self.tmp = tmp
         self.running = []  # (label, proc, log path)
+        self.dirs = []  # removed by stop(), once their processes are gone
 
-    def start(self, label, argv, env, cwd):
+    def start(self, label, argv, env, cwd, user=None):
         log_path = os.path.join(self.tmp, f"{label}.log")
         with open(log_path, "w") as log:
+            if user:
+                os.chown(log_path, user[0], user[1])
             proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT)
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    user=user[0] if user else None, group=user[1] if user else None)
         self.running.append((label, proc, log_path))
         return proc, log_path
 
@@ -585,6 +618,9 @@ class Processes:
             if proc.returncode != 0 and not label.startswith("etcd"):
                 bad.append(f"{label}: exit {proc.returncode}:\n{tail(log_path)}")
         self.running = []
+        for path in self.dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        self.dirs = []
         return bad
 
     def logs(self):
@@ -608,6 +644,107 @@ def start_etcd(procs, tmp):
     ], {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, tmp)
     wait_http(f"{client_url}/health", proc, time.time() + 30, "etcd", log_path)
     return client_url
+
+
+class Postgres:
+    """A throw-away PostgreSQL (Debian's postgresql package) standing for the release's delivery
+    store: a cluster made with initdb in a temporary directory, served on a free loopback port with password
+    authentication (scram-sha-256) over TCP and TLS on (a self-signed certificate, enough for
+    sslmode=require), fsync off. initdb refuses to run as root: as root the cluster belongs to the
+    `postgres` system user, which runs the server. Stopped with the other processes."""
+
+    SUPERUSER = "chart_check"
+
+    def __init__(self, procs):
+        majors = sorted((d for d in os.listdir(POSTGRES_ROOT) if d.isdigit()), key=int) \
+            if os.path.isdir(POSTGRES_ROOT) else []
+        assert majors, f"no PostgreSQL server in {POSTGRES_ROOT} (Debian package postgresql)"
+        self.bin = os.path.join(POSTGRES_ROOT, majors[-1], "bin")
+        self.version = majors[-1]
+        # Its own directory: the server's user must reach it, and `tmp` is root's alone.
+        self.dir = tempfile.mkdtemp(prefix="chart-check-pg-")
+        procs.dirs.append(self.dir)
+        self.user = None
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam("postgres")
+            self.user = (entry.pw_uid, entry.pw_gid)
+            os.chown(self.dir, *self.user)
+        self.password = base64.b64encode(os.urandom(24)).decode().translate(str.maketrans("+/", "xy"))
+        pwfile = self.own_file("pwfile", self.password + "\n")
+        run = dict(capture_output=True, text=True, user=self.user[0] if self.user else None,
+                   group=self.user[1] if self.user else None)
+        out = subprocess.run([os.path.join(self.bin, "initdb"), "-D", os.path.join(self.dir, "data"),
+                              "-U", self.SUPERUSER, f"--pwfile={pwfile}", "-E", "UTF8", "--no-locale",
+                              "--no-sync", "--auth-local=trust", "--auth-host=scram-sha-256"], **run)
+        assert out.returncode == 0, f"initdb failed:\n{out.stdout}{out.stderr}"
+        cert, key = os.path.join(self.dir, "server.crt"), os.path.join(self.dir, "server.key")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=127.0.0.1"],
+                       check=True, capture_output=True)
+        for path in (cert, key):
+            os.chmod(path, 0o600)
+            if self.user:
+                os.chown(path, *self.user)
+        self.port = free_port()
+        self.proc, self.log_path = procs.start("postgres", [
+            os.path.join(self.bin, "postgres"), "-D", os.path.join(self.dir, "data"), "-p", str(self.port),
+            "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}",
+            "-c", "ssl=on", "-c", f"ssl_cert_file={cert}", "-c", f"ssl_key_file={key}",
+            "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200",
+        ], {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}, self.dir, user=self.user)
+        deadline = time.time() + 30
+        while subprocess.run([os.path.join(self.bin, "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
+                             capture_output=True).returncode != 0:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"postgres exited with {self.proc.returncode}:\n{tail(self.log_path)}")
+            assert time.time() < deadline, f"postgres not accepting connections in time:\n{tail(self.log_path)}"
+            time.sleep(0.2)
+
+    def own_file(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(text)
+        if self.user:
+            os.chown(path, *self.user)
+        return path
+
+    def psql(self, sql, user=None, password=None, database="postgres", sslmode="disable"):
+        """Runs `sql` (on stdin, so no value of it is on a command line): as the superuser over
+        the Unix socket, or as `user` with `password` over TCP (the password in PGPASSWORD)."""
+        if user is None:
+            conn, env = ["-h", self.dir, "-U", self.SUPERUSER], {}
+        else:
+            conn, env = ["-h", "127.0.0.1", "-U", user], {"PGPASSWORD": password, "PGSSLMODE": sslmode}
+        out = subprocess.run([os.path.join(self.bin, "psql"), "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
+                              "-p", str(self.port), *conn, "-d", database], input=sql, capture_output=True,
+                             text=True, env=dict(os.environ, **env))
+        assert out.returncode == 0, f"psql: {out.stderr.strip()}"
+        return out.stdout.strip()
+
+    def create_owner(self, user, password, database):
+        """The role `user` (LOGIN, `password`) and its own database, as a reader's DBA makes them."""
+        ident = '"' + user.replace('"', '""') + '"'
+        literal = "'" + password.replace("'", "''") + "'"
+        self.psql(f"CREATE ROLE {ident} LOGIN PASSWORD {literal};")
+        self.psql(f'CREATE DATABASE "{database.replace(chr(34), chr(34) * 2)}" OWNER {ident};')
+
+
+def parse_store_url(url):
+    """(user, password, host, port, database, query dict) of a postgres:// URL."""
+    u = urllib.parse.urlsplit(url)
+    assert u.scheme in ("postgres", "postgresql"), f"delivery store URL scheme {u.scheme!r}, expected postgres://"
+    assert u.username and u.password is not None and u.hostname, \
+        "the delivery store URL lacks a user, password or host (postgres://USER:PASSWORD@HOST:PORT/DATABASE)"
+    return (urllib.parse.unquote(u.username), urllib.parse.unquote(u.password), u.hostname, u.port or 5432,
+            urllib.parse.unquote(u.path.lstrip("/")) or urllib.parse.unquote(u.username),
+            dict(urllib.parse.parse_qsl(u.query)))
+
+
+def local_store_url(url, port):
+    """`url` with its host and port replaced by 127.0.0.1:`port`, everything else as written."""
+    u = urllib.parse.urlsplit(url)
+    userinfo = u.netloc.rpartition("@")[0]
+    return urllib.parse.urlunsplit((u.scheme, f"{userinfo}@127.0.0.1:{port}", u.path, u.query, u.fragment))
 
 
 def pod_files(cluster, ns, dep, c, root):
@@ -824,6 +961,18 @@ class Checks:
         detail = f"{len(want)} flags, each a value"
         for flag, reason in modes.items():
             detail += f"; not a value: --{flag}, {reason}"
+        for flag, info in SECRET_FLAGS.items():
+            if binary not in info["binaries"]:
+                continue
+            assert camel(flag) not in props, \
+                f"{section}.{camel(flag)}: --{flag} holds a password, it comes from a Secret ({info['values']})"
+            if flag in self.bins[binary]:
+                got = self.bins[binary][flag]["env"]
+                assert got == info["env"], f"{binary} --{flag} reads {got}, the chart sets {info['env']}"
+                detail += f"; from a Secret: --{flag} ({info['values']})"
+            else:
+                detail += (f"; --{flag} is not in this {binary}'s --help yet: the chart sets {info['env']} "
+                           "from a Secret for when it is (re-run this check with the binaries that have it)")
         return detail
 
     def shared_flags_match(self):
@@ -905,12 +1054,14 @@ class Checks:
     def deployment(self, label, objects, binary, dep):
         flags = self.bins[binary]
         envs = {info["env"] for info in flags.values()}
+        envs |= {info["env"] for info in SECRET_FLAGS.values() if binary in info["binaries"]}
         c = container(dep, binary)
         env = env_of(c)
         unknown = sorted(n for n in env if n.startswith("PUSHWIRE_") and n not in envs)
         assert not unknown, f"{binary}: env vars that are no flag of the binary: {unknown}"
         if binary == "control-plane":
             self.encryption_key(objects, dep, c, env)
+        self.delivery_store_env(objects, binary, dep, c, env)
 
         def effective(flag):
             return env.get(flags[flag]["env"], flags[flag]["default"])
@@ -954,6 +1105,28 @@ class Checks:
         grpc_port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
         return svc["metadata"]["name"], grpc_port
 
+    def delivery_store_env(self, objects, binary, dep, c, env):
+        """PUSHWIRE_DELIVERY_STORE comes from a Secret (secretKeyRef), never a plain value; only a
+        control plane running the worker alone on the embedded store (its data volume mounted)
+        goes without, on its SQLite default. No ConfigMap holds a database URL."""
+        entry = next((e for e in c.get("env", []) if e["name"] == DELIVERY_STORE_ENV), None)
+        if entry:
+            ref = (entry.get("valueFrom") or {}).get("secretKeyRef")
+            assert ref and "value" not in entry, f"{binary}: {DELIVERY_STORE_ENV} is not from a Secret (secretKeyRef)"
+            secret = rendered_secret(objects, ref["name"])
+            if secret:
+                assert ref["key"] in secret.get("data", {}), f"Secret {ref['name']} has no key {ref['key']!r}"
+        else:
+            data_dir = env.get("PUSHWIRE_DATA_DIR", "")
+            mounted = any(m["mountPath"].rstrip("/") == data_dir.rstrip("/") for m in c.get("volumeMounts", []))
+            assert binary == "control-plane" and env.get("PUSHWIRE_WITH_WORKER") == "true" \
+                and not find(objects, "Deployment", "worker") and not env.get("PUSHWIRE_ETCD_ENDPOINTS") \
+                and mounted, f"{binary}: no {DELIVERY_STORE_ENV}: only a control plane running the worker alone " \
+                             "on the embedded store (its dataDir on a volume) may use its SQLite default"
+        for cm in find(objects, "ConfigMap"):
+            assert not any("postgres" in str(v) for v in (cm.get("data") or {}).values()), \
+                f"ConfigMap {cm['metadata']['name']} holds a database URL"
+
     def encryption_key(self, objects, dep, c, env):
         """On etcd the control plane refuses to start without a key; the key file the chart
         mounts comes read-only from a Secret holding that item."""
@@ -984,7 +1157,8 @@ class Checks:
     def binary_accepts(self, label):
         """Starts each binary with its rendered PUSHWIRE_* environment: clap and the delivery
         settings must accept every value. Only what points elsewhere is replaced: listen
-        addresses (free loopback ports), the store (an embedded one in a temporary directory),
+        addresses (free loopback ports), the store (an embedded one in a temporary directory), the
+        delivery store (an SQLite file there; the documented installs below use a real PostgreSQL),
         the control plane's URL (a closed loopback port), the CA file and the token and TLS files
         (MOUNTED_FILES: not mounted here). The control plane's encryption key file is replaced by a
         private copy of the chart's generated Secret when the render has it, else by a fresh key."""
@@ -1003,6 +1177,9 @@ class Checks:
                                PUSHWIRE_DATA_DIR=os.path.join(tmp, "data"))
                     if binary == "control-plane":
                         env.pop("PUSHWIRE_CONTROL_PLANE")
+                    if any(e["name"] == DELIVERY_STORE_ENV for e in container(dep, binary).get("env", [])):
+                        # From a Secret (no value here): an SQLite file stands for the PostgreSQL.
+                        env[DELIVERY_STORE_ENV] = "sqlite://" + os.path.join(tmp, "deliveries.db")
                     if env.get("PUSHWIRE_ENCRYPTION_KEY_FILE"):
                         text, origin = self.key_file_text(objects, dep, env["PUSHWIRE_ENCRYPTION_KEY_FILE"])
                         key_path = os.path.join(tmp, "encryption.key")
@@ -1131,6 +1308,70 @@ class Checks:
         assert "/etc/my-tokens/tokens.json" in notes, "NOTES.txt does not name the token file"
         return None
 
+    def bundled_postgresql(self, label):
+        """The bundled PostgreSQL: the official image at a pinned tag, one replica on a PVC, probed
+        with pg_isready, non-root (checked with every pod owner); its Secret (kept by uninstall)
+        holds a generated password and the URL of its Service, user and database, which every
+        control plane and worker gets through secretKeyRef."""
+        objects = self.renders[label][0]
+        sts = one(objects, "StatefulSet", "postgresql")
+        c = container(sts, "postgresql")
+        repo, _, tag = c["image"].rpartition(":")
+        assert repo == "postgres" and tag and tag != "latest", f"image {c['image']}: not the official one, pinned"
+        assert sts["spec"]["replicas"] == 1, "the bundled PostgreSQL is single-instance"
+        claims = sts["spec"].get("volumeClaimTemplates") or []
+        assert [t["metadata"]["name"] for t in claims] == ["data"], "no PVC for the data"
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        pgdata = next(e["value"] for e in c["env"] if e["name"] == "PGDATA")
+        assert mounts.get("/var/lib/postgresql/data") == "data" and pgdata.startswith("/var/lib/postgresql/data/"), \
+            f"PGDATA {pgdata} is not below the data volume"
+        for path in ("/var/run/postgresql", "/tmp"):
+            assert path in mounts, f"{path} is not a volume (the root filesystem is read-only)"
+        pod = sts["spec"]["template"]["spec"].get("securityContext", {})
+        assert not pod.get("fsGroup") or pod.get("fsGroupChangePolicy") == "OnRootMismatch", \
+            "fsGroup changes at every mount would give PGDATA group permissions, which PostgreSQL refuses"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c.get(probe, {}).get("exec", {}).get("command", [""])[0] == "pg_isready", f"no pg_isready {probe}"
+        res = c.get("resources", {})
+        assert res.get("requests") and res.get("limits"), "PostgreSQL resources need requests and limits"
+        secret = one(objects, "Secret", "postgresql")
+        name = secret["metadata"]["name"]
+        assert (secret["metadata"].get("annotations") or {}).get("helm.sh/resource-policy") == "keep", \
+            f"Secret {name} is not kept by helm uninstall"
+        data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+        assert sorted(data) == ["password", "url"], f"Secret {name}: keys {sorted(data)}"
+        assert re.fullmatch(r"[A-Za-z0-9]{32}", data["password"]), "the generated password is not 32 letters and digits"
+        penv = {e["name"]: e for e in c["env"]}
+        assert penv["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": name, "key": "password"}, \
+            "POSTGRES_PASSWORD is not the Secret's password"
+        svc = one(objects, "Service", "postgresql")
+        user, password, host, port, database, _ = parse_store_url(data["url"])
+        assert (user, password, host, port, database) == (penv["POSTGRES_USER"]["value"], data["password"],
+                                                          svc["metadata"]["name"], 5432, penv["POSTGRES_DB"]["value"]), \
+            "the Secret's url is not the bundled PostgreSQL's user, password, Service and database"
+        for binary in ("control-plane", "worker"):
+            ref = self.store_ref(one(objects, "Deployment", binary), binary)
+            assert ref == {"name": name, "key": "url"}, f"{binary}: {DELIVERY_STORE_ENV} from {ref}, not Secret {name} url"
+        return f"postgres:{tag}, Secret {name} (password, url), helm.sh/resource-policy: keep"
+
+    def store_ref(self, dep, binary):
+        entry = next((e for e in container(dep, binary).get("env", []) if e["name"] == DELIVERY_STORE_ENV), None)
+        assert entry, f"{binary}: no {DELIVERY_STORE_ENV}"
+        return (entry.get("valueFrom") or {}).get("secretKeyRef")
+
+    def existing_store(self, label):
+        """deliveryStore.existingSecret: every control plane and worker gets that Secret's key;
+        nothing bundled, nothing generated."""
+        objects, _, values = self.renders[label]
+        want = {"name": values["deliveryStore"]["existingSecret"], "key": values["deliveryStore"].get("key", "url")}
+        assert not find(objects, "StatefulSet", "postgresql") and not find(objects, "Secret", "postgresql"), \
+            "a bundled PostgreSQL beside existingSecret"
+        for binary in ("control-plane", "worker"):
+            for dep in find(objects, "Deployment", binary):
+                ref = self.store_ref(dep, binary)
+                assert ref == want, f"{binary}: {DELIVERY_STORE_ENV} from {ref}, expected {want}"
+        return f"Secret {want['name']} key {want['key']}"
+
     def key_from_env(self):
         """PUSHWIRE_ENCRYPTION_KEY in controlPlane.extraEnv replaces the key file: no Secret
         generated, none mounted (the binary refuses both at once)."""
@@ -1212,8 +1453,50 @@ class Checks:
             assert not stopped, "not stopped cleanly:\n" + "\n".join(stopped)
             return result
 
+    def start_delivery_store(self, cluster, ns, objects, procs):
+        """Starts a real PostgreSQL for the release's delivery store: the URL every control plane
+        and worker gets (the same for all, from its Secret) names the bundled PostgreSQL's Service
+        and its rendered user, password and database when the chart has one, else the reader's
+        PostgreSQL, whose role and database the check makes as their DBA would. Then that user
+        logs in to it with the URL's password and sslmode. Returns what the pods need."""
+        urls = {}
+        for dep in find(objects, "Deployment"):
+            for c in dep["spec"]["template"]["spec"]["containers"]:
+                if any(e["name"] == DELIVERY_STORE_ENV for e in c.get("env", [])):
+                    urls[c["name"]] = pod_env(cluster, ns, c, c["name"], {})[DELIVERY_STORE_ENV]
+        assert urls, f"no Deployment gets {DELIVERY_STORE_ENV}"
+        assert len(set(urls.values())) == 1, "the control planes and workers get different delivery store URLs"
+        url = next(iter(urls.values()))
+        user, password, host, port, database, query = parse_store_url(url)
+        bundled = find(objects, "StatefulSet", "postgresql")
+        if bundled:
+            c = container(bundled[0], "postgresql")
+            penv = pod_env(cluster, ns, c, f"{bundled[0]['metadata']['name']}-0", {})
+            svc = one(objects, "Service", "postgresql")
+            svc_port = next(p for p in svc["spec"]["ports"] if p["name"] == "postgresql")
+            assert (host, port) == (svc["metadata"]["name"], svc_port["port"]), \
+                f"the delivery store URL names {host}:{port}, not the bundled PostgreSQL's Service"
+            assert svc_port["targetPort"] in [p["name"] for p in c["ports"]] + [p["containerPort"] for p in c["ports"]], \
+                f"the PostgreSQL Service targets {svc_port['targetPort']}, no port of the container"
+            assert (user, database) == (penv.get("POSTGRES_USER"), penv.get("POSTGRES_DB")), \
+                f"the URL's user and database ({user}, {database}) are not the bundled PostgreSQL's"
+            assert password == penv.get("POSTGRES_PASSWORD"), "the URL's password is not the bundled PostgreSQL's"
+            where = f"the bundled PostgreSQL's ({c['image']})"
+        else:
+            where = f"the reader's PostgreSQL's ({host}:{port})"
+        pg = Postgres(procs)
+        pg.create_owner(user, password, database)
+        sslmode = query.get("sslmode", "prefer")
+        got = pg.psql("SELECT current_user || ' ' || current_database();", user, password, database, sslmode)
+        assert got == f"{user} {database}", f"logged in as {got!r}"
+        return {"url": url, "local": local_store_url(url, pg.port), "pg": pg, "user": user, "password": password,
+                "database": database, "sslmode": sslmode, "where": where}
+
     def run_release(self, cluster, ns, objects, tokens, procs, receiver, tmp):
         etcd_url = start_etcd(procs, tmp)
+        store = self.start_delivery_store(cluster, ns, objects, procs)
+        # Checked with the tokens: the database password must not appear in a log either.
+        tokens["DELIVERY_STORE_PASSWORD"] = store["password"]
         ready = {}  # component: [(grpc address, label)]
         cp_dep = one(objects, "Deployment", "control-plane")
         workers = find(objects, "Deployment", "worker")
@@ -1249,6 +1532,8 @@ class Checks:
                         f"worker: PUSHWIRE_CONTROL_PLANE={env.get('PUSHWIRE_CONTROL_PLANE')!r}, not {cp_url}"
                     cps = ready["control-plane"]
                     env["PUSHWIRE_CONTROL_PLANE"] = "http://" + cps[i % len(cps)][0]
+                assert env.get(DELIVERY_STORE_ENV) == store["url"], f"{label}: not the release's delivery store URL"
+                env[DELIVERY_STORE_ENV] = store["local"]
                 proc, log_path = procs.start(label, [self.paths[binary]] + (c.get("args") or []), env, root)
                 started.append((proc, log_path, http_port, grpc_port, label))
             deadline = time.time() + 90
@@ -1294,8 +1579,22 @@ class Checks:
         pid = json.loads(participation)["id"]
         assert path == "/webhooks" and str(pid) in body.decode(), f"the receiver got {path} without participation {pid}"
         assert any(k.lower() == "webhook-signature" for k in headers), "the delivery is not signed"
+        pg = store["pg"]
+        if all("delivery-store" in self.bins[b] for b in SECRET_FLAGS["delivery-store"]["binaries"]):
+            # Every replica started at once, each running the migrations.
+            try:
+                n = pg.psql("SELECT count(*) FROM pushwire_schema_migrations;", store["user"], store["password"],
+                            store["database"], store["sslmode"])
+            except AssertionError as e:
+                raise AssertionError(f"the binaries read --delivery-store but recorded no migration in it: {e}")
+            assert int(n) > 0, "no migration recorded in the delivery store"
+            store_note = (f"delivery store: {store['where']} URL used by every replica, "
+                          f"{n} migration(s) recorded in PostgreSQL {pg.version}")
+        else:
+            store_note = (f"delivery store: {store['where']} URL logs in to PostgreSQL {pg.version} "
+                          f"(sslmode={store['sslmode']}); these binaries do not read --delivery-store yet")
         return (f"{len(ready['control-plane'])} control planes and {len(ready['worker'])} workers ready "
-                f"on etcd; participation {pid} published with $PUBLISHER_TOKEN reached the receiver")
+                f"on etcd; participation {pid} published with $PUBLISHER_TOKEN reached the receiver; {store_note}")
 
     # 5. refusals and documentation
 
@@ -1373,19 +1672,23 @@ def main():
                    [("Deployment", "control-plane", 1), ("Deployment", "worker", 1),
                     ("StatefulSet", "etcd", 1), ("HorizontalPodAutoscaler", "worker", 1),
                     ("Secret", "control-plane", 1), ("Secret", "tokens", 1),
+                    ("StatefulSet", "postgresql", 1), ("Service", "postgresql", 1), ("Secret", "postgresql", 1),
                     ("PodDisruptionBudget", "control-plane", 1), ("PodDisruptionBudget", "worker", 1),
                     ("Service", "worker", 1), ("Service", "control-plane", 1)])
     if "ci/ha-values.yaml" in checks.renders:
-        checks.run("ci/ha-values.yaml: external etcd, ServiceMonitors, no bundled etcd, existing key and "
-                   "token Secrets", checks.expected_objects, "ci/ha-values.yaml",
+        checks.run("ci/ha-values.yaml: external etcd and PostgreSQL, ServiceMonitors, no bundled etcd or "
+                   "PostgreSQL, existing key, token and delivery store Secrets", checks.expected_objects,
+                   "ci/ha-values.yaml",
                    [("StatefulSet", "etcd", 0), ("Secret", "control-plane", 0), ("Secret", "tokens", 0),
+                    ("StatefulSet", "postgresql", 0), ("Secret", "postgresql", 0),
                     ("ServiceMonitor", "control-plane", 1),
                     ("ServiceMonitor", "worker", 1), ("HorizontalPodAutoscaler", "worker", 1)])
     if "ci/minimal-values.yaml" in checks.renders:
-        checks.run("ci/minimal-values.yaml: one control plane with its worker, embedded store on a PVC",
-                   checks.expected_objects, "ci/minimal-values.yaml",
+        checks.run("ci/minimal-values.yaml: one control plane with its worker, embedded store and SQLite "
+                   "delivery store on a PVC", checks.expected_objects, "ci/minimal-values.yaml",
                    [("Deployment", "control-plane", 1), ("Deployment", "worker", 0),
                     ("PersistentVolumeClaim", "control-plane", 1), ("StatefulSet", "etcd", 0),
+                    ("StatefulSet", "postgresql", 0), ("Secret", "postgresql", 0),
                     ("Secret", "control-plane", 0), ("Secret", "tokens", 1)])
     if "default values" in checks.renders:
         checks.run("the generated encryption key (default values): one key line, kept by helm uninstall",
@@ -1396,6 +1699,14 @@ def main():
             checks.run(f"the generated tokens ({label}): token file, worker token mounted, kept by helm uninstall",
                        checks.generated_tokens, label)
     checks.run("a tokenFile flag with extraVolumes replaces the token Secret", checks.own_token_file)
+    if "default values" in checks.renders:
+        checks.run("the bundled PostgreSQL (default values): generated password kept by helm uninstall, "
+                   "its URL to every control plane and worker from the Secret, PVC, probes",
+                   checks.bundled_postgresql, "default values")
+    for label in ("ci/ha-values.yaml", "variant: embedded store on emptyDir with separate workers, OTLP headers, "
+                  "in-flight HPA only, encryption key and delivery store URL from existing Secrets"):
+        if label in checks.renders:
+            checks.run(f"the delivery store URL from an existing Secret ({label})", checks.existing_store, label)
     checks.run("Chart.yaml version and appVersion are the workspace version", checks.version_follows_project)
 
     for binary in checks.bins:
@@ -1427,6 +1738,16 @@ def main():
     checks.run("refuses tokens.existingSecret together with a tokenFile flag", checks.refuses,
                {"tokens": {"existingSecret": "pushwire-tokens"}, "worker": {"flags": {"tokenFile": "/t.json"}}},
                "both give the token file")
+    checks.run("refuses the bundled PostgreSQL together with deliveryStore.existingSecret", checks.refuses,
+               {"deliveryStore": {"existingSecret": "pushwire-delivery-store"}}, "choose one")
+    checks.run("refuses workers with no delivery store", checks.refuses,
+               {"postgresql": {"bundled": {"enabled": False}}}, "no delivery store")
+    checks.run("refuses a control plane running the worker on etcd with no delivery store", checks.refuses,
+               {"postgresql": {"bundled": {"enabled": False}}, "worker": {"enabled": False},
+                "controlPlane": {"flags": {"withWorker": True}}}, "no delivery store")
+    checks.run("refuses the delivery store URL as a plain extraEnv value", checks.refuses,
+               {"worker": {"extraEnv": [{"name": "PUSHWIRE_DELIVERY_STORE", "value": "postgres://u:p@db/d"}]}},
+               "deliveryStore.existingSecret")
     checks.run("refuses a misspelt flag", checks.refuses,
                {"worker": {"flags": {"retryWindw": "1m"}}}, "retryWindw")
     checks.run("refuses a host name as a listen address", checks.refuses,

@@ -32,6 +32,10 @@ Names, labels, the flags → environment mapping, and the checks that refuse imp
 {{- printf "%s-etcd" (include "pushwire.fullname" .) }}
 {{- end }}
 
+{{- define "pushwire.postgresql.fullname" -}}
+{{- printf "%s-postgresql" (include "pushwire.fullname" .) }}
+{{- end }}
+
 {{- define "pushwire.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -152,6 +156,46 @@ tokens.generate, no tokens.existingSecret and no tokenFile flag. Empty when none
 {{- define "pushwire.tokens.secret" -}}
 {{- if not (include "pushwire.tokens.own" .) }}
 {{- default (include "pushwire.tokens.generatedSecret" .) .Values.tokens.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret holding the delivery store's URL: deliveryStore.existingSecret, or the bundled
+PostgreSQL's Secret (key url). Empty when neither: only a control plane running the worker on
+the embedded store may go without (its SQLite file in dataDir; pushwire.validate refuses the
+rest).
+*/}}
+{{- define "pushwire.deliveryStore.secret" -}}
+{{- if .Values.deliveryStore.existingSecret }}
+{{- .Values.deliveryStore.existingSecret }}
+{{- else if .Values.postgresql.bundled.enabled }}
+{{- include "pushwire.postgresql.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{/* The key of the URL in that Secret. */}}
+{{- define "pushwire.deliveryStore.key" -}}
+{{- if .Values.deliveryStore.existingSecret }}{{ .Values.deliveryStore.key }}{{ else }}url{{ end }}
+{{- end }}
+
+{{/*
+PUSHWIRE_DELIVERY_STORE (--delivery-store) of a container, from the Secret through secretKeyRef:
+the URL holds a password, so it is never a plain value.
+*/}}
+{{- define "pushwire.deliveryStore.env" -}}
+{{- with include "pushwire.deliveryStore.secret" . }}
+- name: PUSHWIRE_DELIVERY_STORE
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ include "pushwire.deliveryStore.key" $ }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when controlPlane.extraEnv or worker.extraEnv sets PUSHWIRE_DELIVERY_STORE. */}}
+{{- define "pushwire.deliveryStore.fromEnv" -}}
+{{- range concat .Values.controlPlane.extraEnv .Values.worker.extraEnv }}
+{{- if eq (toString .name) "PUSHWIRE_DELIVERY_STORE" }}true{{ end }}
 {{- end }}
 {{- end }}
 
@@ -406,6 +450,18 @@ podAntiAffinity:
 {{- end }}
 {{- if and .Values.tokens.existingSecret (include "pushwire.tokens.own" .) }}
 {{- fail "tokens.existingSecret and a tokenFile flag (sharedFlags, controlPlane.flags or worker.flags) both give the token file: choose one" }}
+{{- end }}
+{{- if and .Values.postgresql.bundled.enabled .Values.deliveryStore.existingSecret }}
+{{- fail (printf "deliveryStore.existingSecret (%s) names a delivery store while postgresql.bundled.enabled is true: choose one (set postgresql.bundled.enabled=false to use your PostgreSQL)" .Values.deliveryStore.existingSecret) }}
+{{- end }}
+{{- if include "pushwire.deliveryStore.fromEnv" . }}
+{{- fail "PUSHWIRE_DELIVERY_STORE is set in controlPlane.extraEnv or worker.extraEnv: the URL holds a password, give it with deliveryStore.existingSecret (a Secret) instead" }}
+{{- end }}
+{{- if not (include "pushwire.deliveryStore.secret" .) }}
+{{- $sqliteOk := and (not .Values.worker.enabled) .Values.controlPlane.flags.withWorker (eq $store "embedded") }}
+{{- if not $sqliteOk }}
+{{- fail (printf "no delivery store: %s refuse to start without one. Set deliveryStore.existingSecret to a Secret whose key %q holds the URL (postgres://USER:PASSWORD@HOST:5432/DATABASE; docs/kubernetes.md \"Delivery store\"), or postgresql.bundled.enabled=true for evaluation. Only one control plane on the embedded store running the worker itself (controlPlane.flags.withWorker=true, worker.enabled=false, as ci/minimal-values.yaml) may go without: it keeps an SQLite file in its dataDir" (ternary "the workers" "control planes running the worker on etcd" .Values.worker.enabled) .Values.deliveryStore.key) }}
+{{- end }}
 {{- end }}
 {{- if and .Values.otel.enabled (not .Values.otel.endpoint) }}
 {{- fail "otel.enabled=true needs otel.endpoint" }}
