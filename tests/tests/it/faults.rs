@@ -219,11 +219,12 @@ async fn flaky_and_stalled_receivers_delay_no_one_else() -> anyhow::Result<()> {
             "receiver 2 was stalled: {:?}",
             f.max_delivery_latency
         );
-        // The healthy receiver's deliveries did not wait for the others.
+        // The healthy receiver's deliveries did not wait for the stalled one: none took as
+        // long as half the stall (the figures themselves are printed above, and measured by
+        // the benchmark; a latency threshold here would only measure the machine's load).
         assert!(
-            f.p99_delivery_latency[1] < Duration::from_millis(500)
-                && f.max_delivery_latency[1] < Duration::from_secs(3),
-            "receiver 1 latency: p99 {:?}, max {:?}",
+            f.max_delivery_latency[1] < STALL / 2,
+            "receiver 1 waited for the stalled receiver: p99 {:?}, max {:?}",
             f.p99_delivery_latency[1],
             f.max_delivery_latency[1]
         );
