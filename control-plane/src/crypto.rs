@@ -56,6 +56,21 @@ struct Key {
 /// The keys of the control plane; the first encrypts. `Debug` shows the ids only.
 pub struct Keyring {
     keys: Vec<Key>,
+    /// Keys the fingerprints of secrets that reads show (see [`Keyring::fingerprint`]):
+    /// derived from the current key, never stored.
+    fingerprint_key: Zeroizing<[u8; KEY_BYTES]>,
+}
+
+/// Label of the derivation of the fingerprint key from the current encryption key.
+const FINGERPRINT_LABEL: &[u8] = b"pushwire secret fingerprint v1";
+
+/// HMAC-SHA256 keyed with `key`.
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    use hmac::{KeyInit as _, Mac as _};
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(msg);
+    mac.finalize().into_bytes().into()
 }
 
 impl fmt::Debug for Keyring {
@@ -148,6 +163,7 @@ impl Keyring {
     /// Parses key lines; `origin` names their source in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, KeyError> {
         let mut keys: Vec<Key> = Vec::new();
+        let mut fingerprint_key = None;
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -177,15 +193,21 @@ impl Keyring {
                     bytes.len()
                 ))
             })?;
+            if fingerprint_key.is_none() {
+                fingerprint_key = Some(Zeroizing::new(hmac_sha256(&bytes, FINGERPRINT_LABEL)));
+            }
             keys.push(Key {
                 id: id.to_owned(),
                 cipher,
             });
         }
-        if keys.is_empty() {
+        let Some(fingerprint_key) = fingerprint_key else {
             return Err(KeyError::Empty(origin.to_owned()));
-        }
-        Ok(Self { keys })
+        };
+        Ok(Self {
+            keys,
+            fingerprint_key,
+        })
     }
 
     /// Reads a key file; warns when group or others may read it.
@@ -243,6 +265,16 @@ impl Keyring {
             "generated an encryption key for the secrets at rest; back it up with the data"
         );
         Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The fingerprint of a secret that reads show: `hmac-sha256:` and the first 12 hex digits
+    /// of HMAC-SHA256 of the secret, keyed with a key derived from the current encryption key.
+    /// It tells secrets apart (a rotation changes it) but, unlike a plain hash, nobody without
+    /// the key can test a guess against it. Rotating the encryption key changes every
+    /// fingerprint.
+    pub fn fingerprint(&self, secret: &Secret) -> String {
+        let mac = hmac_sha256(self.fingerprint_key.as_ref(), secret.expose().as_bytes());
+        format!("hmac-sha256:{}", &hex::encode(mac)[..12])
     }
 
     /// Id of the key that encrypts.

@@ -159,7 +159,11 @@ def main():
             stderr = "".join(stderr_lines)
         if code != 0:
             sys.exit(f"control plane exited with {code} after SIGTERM:\n{stderr}")
-        for secret in ("quickstart-token", "quickstart-signing-secret", "cXVpY2tzdGFydC1zaW5rLXNlY3JldA"):
+        for secret in (
+            "quickstart-token",
+            "cXVpY2tzdGFydC1jcm0tc2lnbmluZy1zZWNyZXQtMzI",
+            "cXVpY2tzdGFydC1zaW5rLXNpZ25pbmctc2VjcmV0MzI",
+        ):
             if secret in stderr:
                 sys.exit(f"a secret reached the logs: {secret}")
         if token and stderr.count(token[0]) != 1:

@@ -2,8 +2,8 @@
 
 use pb::integration_service_server::IntegrationService;
 use pushwire_common::auth::{Action, authorize};
-use pushwire_common::domain::Secret;
 use pushwire_common::domain::convert;
+use pushwire_common::domain::{Integration, Secret};
 use pushwire_common::pb::v1 as pb;
 use pushwire_common::webhook::client::WebhookClient;
 use tonic::{Request, Response, Status};
@@ -23,6 +23,13 @@ impl IntegrationApi {
     /// The service over `catalog`.
     pub fn new(catalog: Catalog, client: WebhookClient) -> Self {
         Self { catalog, client }
+    }
+
+    /// What a read shows of `i`: no secret, and the keyed fingerprint of the current one.
+    fn read(&self, i: &Integration) -> pb::Integration {
+        let mut read = pb::Integration::from(i);
+        read.secret_fingerprint = self.catalog.secret_fingerprint(i).unwrap_or_default();
+        read
     }
 }
 
@@ -139,7 +146,7 @@ impl IntegrationService for IntegrationApi {
             .catalog
             .create_integration(&account, id, patch(integration, None)?)
             .await?;
-        Ok(Response::new((&created).into()))
+        Ok(Response::new(self.read(&created)))
     }
 
     async fn get_integration(
@@ -150,7 +157,7 @@ impl IntegrationService for IntegrationApi {
         let name = integration_name("name", &request.get_ref().name)?;
         who.account(name.account())?;
         Ok(Response::new(
-            (&self.catalog.get_integration(&name).await?).into(),
+            self.read(&self.catalog.get_integration(&name).await?),
         ))
     }
 
@@ -173,7 +180,7 @@ impl IntegrationService for IntegrationApi {
             )
             .await?;
         Ok(Response::new(pb::ListIntegrationsResponse {
-            integrations: page.items.iter().map(Into::into).collect(),
+            integrations: page.items.iter().map(|i| self.read(i)).collect(),
             next_page_token: page.next_token,
         }))
     }
@@ -199,7 +206,7 @@ impl IntegrationService for IntegrationApi {
         let paths = mask_paths(req.update_mask, UPDATABLE)?;
         let patch = patch(integration, paths.as_deref())?;
         let updated = self.catalog.update_integration(&name, etag, patch).await?;
-        Ok(Response::new((&updated).into()))
+        Ok(Response::new(self.read(&updated)))
     }
 
     async fn delete_integration(

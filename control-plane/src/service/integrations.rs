@@ -118,6 +118,15 @@ impl Catalog {
         Ok(integration)
     }
 
+    /// The keyed fingerprint of `i`'s current signing secret, if it has one (see
+    /// [`crate::crypto::Keyring::fingerprint`]).
+    pub fn secret_fingerprint(&self, i: &Integration) -> Option<String> {
+        i.secrets
+            .first()
+            .filter(|s| s.expire_time.is_none())
+            .map(|s| self.keys.fingerprint(&s.secret))
+    }
+
     /// Reads one integration.
     pub async fn get_integration(&self, name: &IntegrationName) -> Result<Integration> {
         let kv = self.store.get(&records::integration_key(name)).await?;
@@ -256,6 +265,12 @@ impl Catalog {
 
     /// Validates `patch` and applies it to `i`.
     fn apply(&self, i: &mut Integration, patch: IntegrationPatch, now: SystemTime) -> Result<()> {
+        let previous_url = i.url.clone();
+        let had_auth_header = i.auth_header.is_some();
+        let had_secret = !i.secrets.is_empty();
+        let gives_auth_header = patch.auth_header.is_some();
+        let gives_secret = patch.secret.is_some();
+        let signing_changes = gives_secret || patch.signature_schemes.is_some();
         if let Some(name) = patch.display_name {
             validate::display_name("integration.display_name", &name)?;
             i.display_name = name.trim().to_owned();
@@ -328,6 +343,23 @@ impl Catalog {
                 now + self.opts.secret_rotation_grace,
             );
         }
+        // Checked on the result, and only when this change touches signing: an integration
+        // stored before the rule stays updatable (disabling it, say).
+        if signing_changes
+            && let Some(current) = i.secrets.first().filter(|s| s.expire_time.is_none())
+        {
+            validate::secret_for_schemes(
+                "integration.secret",
+                current.secret.expose(),
+                &i.signature_schemes,
+            )?;
+        }
+        if !previous_url.is_empty() && validate::origin_changes(&previous_url, &i.url) {
+            check_credentials_follow(
+                had_auth_header && !gives_auth_header,
+                had_secret && !gives_secret,
+            )?;
+        }
         Ok(())
     }
 }
@@ -365,6 +397,26 @@ fn rotate(
             expire_time: None,
         },
     );
+}
+
+/// A change of origin (scheme, host or port) sends requests to another server: the stored
+/// credentials do not go with them unless the same update gives them again (or removes them).
+/// Refused rather than cleared, so that a move never silently stops authenticating or signing.
+fn check_credentials_follow(auth_header_stays: bool, secret_stays: bool) -> Result<()> {
+    let missing: Vec<&str> = [(auth_header_stays, "auth_header"), (secret_stays, "secret")]
+        .into_iter()
+        .filter_map(|(stays, field)| stays.then_some(field))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(ServiceError::FailedPrecondition(format!(
+        "integration.url: the new URL is another origin (scheme, host or port), and the stored \
+         {} would not go to it unless given again: set {} in the same update (the same values, \
+         new ones, or none to remove them)",
+        missing.join(" and "),
+        missing.join(" and "),
+    )))
 }
 
 fn check_unique_display_name(view: &AccountView, candidate: &Integration) -> Result<()> {

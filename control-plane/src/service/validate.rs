@@ -5,6 +5,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use base64::Engine as _;
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use pushwire_common::domain::SignatureScheme;
 use pushwire_common::domain::convert::InvalidField;
 use pushwire_common::webhook::ssrf::{self, AllowList};
 
@@ -18,6 +21,22 @@ pub const MAX_HEADER_NAME_BYTES: usize = 256;
 pub const MAX_HEADER_VALUE_BYTES: usize = 4 * 1024;
 /// Longest signing secret, in bytes.
 pub const MAX_SECRET_BYTES: usize = 1024;
+/// Shortest signing key, in bytes: a plain secret's UTF-8 bytes, or the key a `whsec_` secret
+/// holds. The Standard Webhooks specification asks for 24 to 64 bytes; anything shorter can be
+/// guessed from one signed request.
+pub const MIN_SECRET_KEY_BYTES: usize = 24;
+/// Longest key of a `whsec_` secret, in bytes (Standard Webhooks: 24 to 64).
+pub const MAX_WHSEC_KEY_BYTES: usize = 64;
+/// How to make a good secret, for the errors.
+const MAKE_SECRET: &str = "make one with `echo \"whsec_$(head -c 32 /dev/urandom | base64)\"`";
+
+/// Standard base64, padding optional: both official Standard Webhooks libraries accept
+/// `whsec_` secrets without their trailing `=`, and so does the signer.
+const B64_LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
 /// Longest `disabled_reason`, in characters.
 pub const MAX_REASON_CHARS: usize = 500;
 
@@ -209,8 +228,10 @@ pub fn header_value(field: &str, value: &str) -> Result<(), InvalidField> {
     Ok(())
 }
 
-/// A signing secret: 1 to 1024 bytes without control characters; a `whsec_` secret must be
-/// base64 after the prefix (that is how Standard Webhooks reads it). Never echoed.
+/// A signing secret of at most 1024 bytes without control characters, holding a key of at
+/// least [`MIN_SECRET_KEY_BYTES`]: a `whsec_` secret must be base64 after the prefix (padding
+/// optional) of a 24 to 64 byte key (how Standard Webhooks reads it); any other secret is its
+/// UTF-8 bytes and must be at least 24 of them. Never echoed.
 pub fn secret(field: &str, secret: &str) -> Result<(), InvalidField> {
     if secret.len() > MAX_SECRET_BYTES {
         return Err(invalid(field, format!("at most {MAX_SECRET_BYTES} bytes")));
@@ -219,17 +240,62 @@ pub fn secret(field: &str, secret: &str) -> Result<(), InvalidField> {
         return Err(invalid(field, "must not contain control characters"));
     }
     if let Some(b64) = secret.strip_prefix("whsec_") {
-        let key = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|_| invalid(field, "a whsec_ secret must be base64 after the prefix"))?;
-        if key.is_empty() {
+        let key = B64_LENIENT.decode(b64).map_err(|_| {
+            invalid(
+                field,
+                "a whsec_ secret must be base64 after the prefix (standard alphabet)",
+            )
+        })?;
+        if !(MIN_SECRET_KEY_BYTES..=MAX_WHSEC_KEY_BYTES).contains(&key.len()) {
             return Err(invalid(
                 field,
-                "a whsec_ secret must hold a key after the prefix",
+                format!(
+                    "a whsec_ secret must hold a key of {MIN_SECRET_KEY_BYTES} to \
+                     {MAX_WHSEC_KEY_BYTES} bytes after the prefix; {MAKE_SECRET}"
+                ),
             ));
         }
+    } else if secret.len() < MIN_SECRET_KEY_BYTES {
+        return Err(invalid(
+            field,
+            format!(
+                "at least {MIN_SECRET_KEY_BYTES} bytes: a shorter secret can be guessed from \
+                 one signed request; {MAKE_SECRET}"
+            ),
+        ));
     }
     Ok(())
+}
+
+/// The current secret against the schemes it signs with: Standard Webhooks libraries read a
+/// secret as `whsec_` and base64, so a plain secret there would sign requests that their
+/// verifiers reject. Never echoes the secret.
+pub fn secret_for_schemes(
+    field: &str,
+    secret: &str,
+    schemes: &[SignatureScheme],
+) -> Result<(), InvalidField> {
+    if schemes.contains(&SignatureScheme::StandardWebhooks) && !secret.starts_with("whsec_") {
+        return Err(invalid(
+            field,
+            format!(
+                "SIGNATURE_SCHEME_STANDARD_WEBHOOKS takes a whsec_ secret (whsec_ and the base64 \
+                 of {MIN_SECRET_KEY_BYTES} to {MAX_WHSEC_KEY_BYTES} random bytes), the form \
+                 Standard Webhooks verifiers read; {MAKE_SECRET}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether moving from `old` to `new` changes the origin (scheme, host or port, default ports
+/// filled in): a request to another origin goes to another server. URLs that do not parse
+/// count as changed.
+pub fn origin_changes(old: &str, new: &str) -> bool {
+    match (url::Url::parse(old), url::Url::parse(new)) {
+        (Ok(old), Ok(new)) => old.origin() != new.origin(),
+        _ => true,
+    }
 }
 
 /// A short free-text reason, without control characters.
@@ -419,8 +485,65 @@ mod tests {
         assert!(display_name("d", "  ").is_err());
         assert!(display_name("d", "a\nb").is_err());
         assert!(secret("s", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_ok());
-        assert!(secret("s", "plain secret").is_ok());
+        assert!(secret("s", "a plain secret of 24 byte").is_ok());
         assert!(secret("s", "whsec_not base64!").is_err());
         assert!(secret("s", &"x".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn secrets_too_short_to_sign_are_refused() {
+        for short in ["hunter2", "s", &"x".repeat(MIN_SECRET_KEY_BYTES - 1)] {
+            let err = secret("s", short).unwrap_err();
+            assert!(err.reason.contains("at least 24 bytes"), "{err}");
+            assert!(short.len() < 3 || !err.to_string().contains(short), "{err}");
+        }
+        assert!(secret("s", &"x".repeat(MIN_SECRET_KEY_BYTES)).is_ok());
+        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+        for n in [1, 16, 23, 65, 200] {
+            let err = secret("s", &format!("whsec_{}", b64(n))).unwrap_err();
+            assert!(err.reason.contains("24 to 64 bytes"), "{n}: {err}");
+        }
+        for n in [24, 32, 64] {
+            assert_eq!(secret("s", &format!("whsec_{}", b64(n))), Ok(()), "{n}");
+        }
+    }
+
+    #[test]
+    fn unpadded_whsec_secrets_are_accepted() {
+        // 32 bytes: base64 ends with one `=`; 25 bytes: with `==`.
+        for n in [32, 25] {
+            let padded = base64::engine::general_purpose::STANDARD.encode(vec![9u8; n]);
+            assert!(padded.ends_with('='), "{padded}");
+            let unpadded = format!("whsec_{}", padded.trim_end_matches('='));
+            assert_eq!(secret("s", &unpadded), Ok(()), "{unpadded}");
+        }
+    }
+
+    #[test]
+    fn standard_webhooks_takes_whsec_secrets_only() {
+        let both = [SignatureScheme::Qualifio, SignatureScheme::StandardWebhooks];
+        let plain = "a plain secret of 24 bytes or more";
+        let err = secret_for_schemes("s", plain, &both).unwrap_err();
+        assert!(err.reason.contains("takes a whsec_ secret"), "{err}");
+        assert!(!err.to_string().contains(plain), "{err}");
+        assert_eq!(
+            secret_for_schemes("s", plain, &[SignatureScheme::Qualifio]),
+            Ok(())
+        );
+        assert_eq!(
+            secret_for_schemes("s", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", &both),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn origins() {
+        let a = "https://crm.example.com/hooks/a?x=1";
+        assert!(!origin_changes(a, "https://crm.example.com/other"));
+        assert!(!origin_changes(a, "https://CRM.example.com:443/a"));
+        assert!(origin_changes(a, "https://evil.example.com/hooks/a?x=1"));
+        assert!(origin_changes(a, "http://crm.example.com/hooks/a"));
+        assert!(origin_changes(a, "https://crm.example.com:8443/hooks/a"));
+        assert!(origin_changes(a, "not a url"));
     }
 }

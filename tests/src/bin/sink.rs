@@ -55,9 +55,10 @@ struct Args {
     ca_out: PathBuf,
 
     /// Signing secret of the integration; verifies X-Qualifio-Signature and the Standard
-    /// Webhooks webhook-signature.
+    /// Webhooks webhook-signature. Give it twice to accept either of two secrets, as a
+    /// receiver does while the integration's secret is rotated.
     #[arg(long, env = "SINK_SECRET", hide_env_values = true)]
-    secret: Option<String>,
+    secret: Vec<String>,
 
     /// Status to answer with.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u16).range(100..=599))]
@@ -144,17 +145,24 @@ fn unix_now(now: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// The verdicts of `received`'s signatures against any of `secrets` (none: unchecked).
 fn check(
     received: &Received,
-    secret: Option<&Secret>,
+    secrets: &[Secret],
     now: SystemTime,
 ) -> (Verdict, Verdict, Vec<String>) {
     let mut warnings = Vec::new();
-    let qualifio = match (received.header("x-qualifio-signature"), secret) {
-        (None, _) => Verdict::Absent,
-        (Some(_), None) => Verdict::Unchecked,
-        (Some(sig), Some(secret)) if verify_qualifio(secret, &received.body, sig) => Verdict::Ok,
-        (Some(_), Some(_)) => Verdict::Mismatch,
+    let qualifio = match received.header("x-qualifio-signature") {
+        None => Verdict::Absent,
+        Some(_) if secrets.is_empty() => Verdict::Unchecked,
+        Some(sig)
+            if secrets
+                .iter()
+                .any(|s| verify_qualifio(s, &received.body, sig)) =>
+        {
+            Verdict::Ok
+        }
+        Some(_) => Verdict::Mismatch,
     };
 
     let timestamp = received
@@ -180,17 +188,19 @@ fn check(
         None => {}
     }
 
-    let standard = match (received.header("webhook-signature"), secret) {
-        (None, _) => Verdict::Absent,
-        (Some(_), None) => Verdict::Unchecked,
-        (Some(sig), Some(secret)) => {
+    let standard = match received.header("webhook-signature") {
+        None => Verdict::Absent,
+        Some(_) if secrets.is_empty() => Verdict::Unchecked,
+        Some(sig) => {
             let id = received.header("webhook-id");
             if id.is_none() {
                 warnings.push("webhook-signature without webhook-id".to_owned());
             }
             match (id, timestamp) {
                 (Some(id), Some(Ok(ts)))
-                    if verify_standard_webhooks(secret, id, ts, &received.body, sig) =>
+                    if secrets
+                        .iter()
+                        .any(|s| verify_standard_webhooks(s, id, ts, &received.body, sig)) =>
                 {
                     Verdict::Ok
                 }
@@ -306,7 +316,7 @@ fn json_line(received: &Received, report: &Report) -> String {
 #[derive(Debug)]
 struct Sink {
     args: Args,
-    secret: Option<Secret>,
+    secrets: Vec<Secret>,
     seen: AtomicU64,
 }
 
@@ -319,7 +329,7 @@ impl Sink {
             self.args.status
         };
         let time = SystemTime::now();
-        let (qualifio, standard, warnings) = check(&received, self.secret.as_ref(), time);
+        let (qualifio, standard, warnings) = check(&received, &self.secrets, time);
         let report = Report {
             seq,
             time,
@@ -372,23 +382,24 @@ async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
             args.status
         ),
     }
-    let secret = args
+    let secrets: Vec<Secret> = args
         .secret
-        .clone()
+        .iter()
         .filter(|s| !s.is_empty())
-        .map(Secret::new);
+        .map(Secret::new)
+        .collect();
     eprintln!(
         "  signatures: {}",
-        if secret.is_some() {
-            "checked with the given secret"
-        } else {
-            "not checked (no --secret or SINK_SECRET)"
+        match secrets.len() {
+            0 => "not checked (no --secret or SINK_SECRET)",
+            1 => "checked with the given secret",
+            _ => "checked: any of the given secrets verifies",
         }
     );
 
     let sink = Arc::new(Sink {
         args,
-        secret,
+        secrets,
         seen: AtomicU64::new(0),
     });
     let handler = move |received| std::future::ready(sink.on_request(received));

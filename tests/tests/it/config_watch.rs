@@ -77,7 +77,7 @@ impl ControlPlane {
 
     async fn create_integration(&self, account: &str, id: &str) -> anyhow::Result<pb::Integration> {
         let integration = pb::Integration {
-            secret: "s3cr3t-for-the-test".into(),
+            secret: "s3cr3t-for-the-test-24-bytes".into(),
             ..integration(
                 &id.to_uppercase(),
                 &format!("https://{id}.example.com/hook"),
@@ -234,7 +234,7 @@ async fn follows_the_control_plane_and_survives_its_restart() -> anyhow::Result<
         .valid_secrets(std::time::SystemTime::now())
         .map(|s| s.expose().to_owned())
         .collect();
-    assert_eq!(secrets, ["s3cr3t-for-the-test"]);
+    assert_eq!(secrets, ["s3cr3t-for-the-test-24-bytes"]);
     let revision = table.revision();
     assert_eq!(
         revision.to_string(),

@@ -32,3 +32,4 @@ mod store_conformance;
 mod telemetry;
 mod test_integration;
 mod tls;
+mod write_only;

@@ -15,7 +15,8 @@ use pushwire_tests::eventually::{Poll, eventually};
 use pushwire_tests::receiver::{Received, TestReceiver};
 
 const ACCOUNT: &str = "accounts/77";
-const SECRET: &str = "whsec_cGF5bG9hZC12YXJpYWJsZXMtdGVzdA==";
+/// `whsec_` + base64("payload-variables-test-key").
+const SECRET: &str = "whsec_cGF5bG9hZC12YXJpYWJsZXMtdGVzdC1rZXk=";
 /// Bound of every wait: worker readiness, configuration propagation, deliveries.
 const WAIT: Duration = Duration::from_secs(15);
 

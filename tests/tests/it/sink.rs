@@ -191,3 +191,30 @@ async fn refuses_non_loopback_listen_address() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("not a loopback address"), "{stderr}");
 }
+
+/// The Qualifio-scheme rotation of docs/operations.md, step 1: a receiver that accepts either
+/// of two secrets verifies `x-qualifio-signature` (one value, the newest secret's) before and
+/// after the integration's secret changes.
+#[tokio::test]
+async fn two_secrets_accept_either_for_a_rotation() {
+    const NEW: &str = "whsec_cm90YXRlZC1zaW5rLXNpZ25pbmctc2VjcmV0LTMy";
+    let mut sink = SinkProcess::start(&["--secret", SECRET, "--secret", NEW, "--json"]).await;
+    let body = br#"{"participation":{"id":"pa1"},"n":2}"#;
+    for secret in [SECRET, NEW] {
+        assert_eq!(
+            post_signed(&sink, &Secret::new(secret), now(), body).await,
+            200
+        );
+        let got = sink.next_delivery().await;
+        assert_eq!(got["verdicts"]["qualifio"], "ok", "{secret}: {got}");
+        assert_eq!(
+            got["verdicts"]["standard_webhooks"], "ok",
+            "{secret}: {got}"
+        );
+    }
+    let other = Secret::new("whsec_b3RoZXItc2lnbmluZy1zZWNyZXQtb2YtMzItYnl0ZQ==");
+    post_signed(&sink, &other, now(), body).await;
+    let got = sink.next_delivery().await;
+    assert_eq!(got["verdicts"]["qualifio"], "mismatch", "{got}");
+    assert_eq!(got["verdicts"]["standard_webhooks"], "mismatch", "{got}");
+}

@@ -18,7 +18,8 @@ use tonic::Code;
 
 const ACCOUNT: &str = "accounts/42";
 const AUTH_VALUE: &str = "Bearer test-auth-t0ken-value";
-const SECRET: &str = "test-signing-s3cret-value";
+/// `whsec_` + base64("test-integration-signing-key").
+const SECRET: &str = "whsec_dGVzdC1pbnRlZ3JhdGlvbi1zaWduaW5nLWtleQ==";
 /// In the URL's query: receivers sometimes take a token there; it must not show in errors.
 const QUERY_TOKEN: &str = "q-t0ken-in-query";
 /// A request that reached the receiver is recorded before it answers, so by the time
@@ -103,7 +104,13 @@ async fn get(cp: &ControlPlane, name: &str) -> anyhow::Result<pb::Integration> {
 /// in `resp`.
 fn assert_no_secret(resp: &pb::TestIntegrationResponse) {
     let printed = format!("{resp:?}");
-    for hidden in [AUTH_VALUE, "test-auth-t0ken", SECRET, QUERY_TOKEN] {
+    for hidden in [
+        AUTH_VALUE,
+        "test-auth-t0ken",
+        SECRET,
+        "test-integration-signing-key",
+        QUERY_TOKEN,
+    ] {
         assert!(!printed.contains(hidden), "{hidden} in {printed}");
     }
 }
@@ -115,9 +122,26 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
-/// The request is the sample participation, sent and signed as a worker would.
+/// The request is the sample participation (under a fresh id), sent and signed as a worker
+/// would.
 fn assert_sample_delivery(got: &Received, integration_id: &str, sent: (i64, i64)) {
-    assert_delivery_of(got, SAMPLE_PARTICIPATION.as_bytes(), integration_id, sent);
+    let sample = sample_under_id(&sample_id(got));
+    assert_delivery_of(got, sample.as_bytes(), integration_id, sent);
+}
+
+/// The participation id of a TestIntegration request: a fresh one each time, never the
+/// fixture's (a de-duplicating receiver would drop the real participation of that id).
+fn sample_id(got: &Received) -> String {
+    let json = got.json().expect("JSON body");
+    let id = json["id"].as_str().expect("an id").to_owned();
+    assert_ne!(id, SAMPLE_PARTICIPATION_ID, "the fixture's id");
+    assert_eq!(id.len(), SAMPLE_PARTICIPATION_ID.len(), "{id}");
+    id
+}
+
+/// The sample participation as sent under `id`.
+fn sample_under_id(id: &str) -> String {
+    SAMPLE_PARTICIPATION.replacen(SAMPLE_PARTICIPATION_ID, id, 1)
 }
 
 /// The request carries `body` (the sample participation or a transformation of it), sent and
@@ -127,7 +151,7 @@ fn assert_delivery_of(got: &Received, body: &[u8], integration_id: &str, sent: (
     assert_eq!(got.header("content-type"), Some("application/json"));
     assert_eq!(got.header("user-agent"), Some(USER_AGENT));
     assert!(USER_AGENT.starts_with("Pushwire/"), "{USER_AGENT}");
-    let msg_id = format!("{SAMPLE_PARTICIPATION_ID}_{integration_id}");
+    let msg_id = format!("{}_{integration_id}", sample_id(got));
     assert_eq!(got.header("webhook-id"), Some(msg_id.as_str()));
     let ts: i64 = got
         .header("webhook-timestamp")
@@ -137,8 +161,6 @@ fn assert_delivery_of(got: &Received, body: &[u8], integration_id: &str, sent: (
     assert!(sent.0 <= ts && ts <= sent.1, "{ts} not in {sent:?}");
     assert_eq!(got.header("authorization"), Some(AUTH_VALUE));
     assert_eq!(got.body, body);
-    let json = got.json().expect("JSON body");
-    assert_eq!(json["id"], SAMPLE_PARTICIPATION_ID);
 
     let secret = Secret::new(SECRET);
     let qualifio = got
@@ -413,12 +435,13 @@ async fn sample_shows_the_added_variables() -> anyhow::Result<()> {
     assert_eq!((resp.status_code, resp.error.as_str()), (200, ""));
     let got = receiver.next(RECORD_WAIT).await.expect("a request");
     // The sample ends with `  ]\n}\n`: the object follows the last member, the rest is as is.
-    let at = SAMPLE_PARTICIPATION.len() - "\n}\n".len();
+    let sample = sample_under_id(&sample_id(&got));
+    let at = sample.len() - "\n}\n".len();
     let want = format!(
         "{}{}{}",
-        &SAMPLE_PARTICIPATION[..at],
+        &sample[..at],
         r#","variables":{"email":"jo.peeters@example.org","gender":"F","newsletter":"1","q_shortest_day":"December"}"#,
-        &SAMPLE_PARTICIPATION[at..],
+        &sample[at..],
     );
     assert_delivery_of(&got, want.as_bytes(), "crm", (before, after));
 
@@ -530,15 +553,91 @@ async fn echoed_secrets_are_not_returned() -> anyhow::Result<()> {
         resp.response_headers
             .get("x-echo-authorization")
             .map(String::as_str),
-        Some("<redacted>")
+        Some("<withheld: it held a stored credential>")
     );
     assert_eq!(
         resp.response_body_prefix,
-        r#"{"authorization":"<redacted>","secret":"<redacted>","ok":false}"#
+        "<withheld: it held a stored credential>"
     );
     assert_no_secret(&resp);
-    // The receiver did get the real values: redaction is on the way back only.
+    // The receiver did get the real values: withholding is on the way back only.
     let got = receiver.next(RECORD_WAIT).await.expect("a request");
     assert_eq!(got.header("authorization"), Some(AUTH_VALUE));
+    Ok(())
+}
+
+#[tokio::test]
+async fn each_test_sends_a_fresh_participation_id() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = TestReceiver::http().await?;
+    let cp = start(dir.path(), loopback()).await?;
+    let name = create(&cp, "crm", crm(&receiver.url("/hook"))).await?;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        test_integration(&cp, &name).await??;
+        let got = receiver.next(RECORD_WAIT).await.expect("a request");
+        let id = sample_id(&got);
+        assert_eq!(got.header("webhook-id"), Some(format!("{id}_crm").as_str()));
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1]);
+    Ok(())
+}
+
+/// A receiver that echoes the auth header value back, in each of the forms the outside check
+/// saw (and a few more): none reaches the caller; what holds one is withheld whole.
+#[tokio::test]
+async fn echoed_credentials_are_withheld_in_every_form() -> anyhow::Result<()> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    const WITHHELD: &str = "<withheld: it held a stored credential>";
+    let json_escaped: String = AUTH_VALUE
+        .chars()
+        .map(|c| format!("\\u{:04X}", c as u32))
+        .collect();
+    let (first, second) = AUTH_VALUE.split_at(AUTH_VALUE.len() / 2);
+    let forms = [
+        format!(r#"{{"headers":{{"authorization":"{json_escaped}"}}}}"#),
+        format!(
+            "authorization={}",
+            AUTH_VALUE.replace(' ', "%20").replace('-', "%2D")
+        ),
+        format!("echo {}", STANDARD.encode(AUTH_VALUE)),
+        format!("echo {}", URL_SAFE_NO_PAD.encode(AUTH_VALUE)),
+        AUTH_VALUE.to_uppercase(),
+        format!(r#"{{"a":"{first}","b":"{second}"}}"#),
+        format!(
+            "hex {}",
+            AUTH_VALUE
+                .bytes()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ),
+    ];
+    let receiver = TestReceiver::http().await?;
+    receiver.respond_with(
+        forms
+            .iter()
+            .map(|form| {
+                Reply::status(401)
+                    .with_header("x-echo", form)
+                    .with_body(form.clone())
+            })
+            .collect(),
+    );
+    let dir = tempfile::tempdir()?;
+    let cp = start(dir.path(), loopback()).await?;
+    let name = create(&cp, "crm", crm(&receiver.url("/hook"))).await?;
+    for form in &forms {
+        let resp = test_integration(&cp, &name).await??;
+        assert_eq!(resp.status_code, 401, "{form}: {resp:?}");
+        assert_eq!(resp.response_body_prefix, WITHHELD, "{form}");
+        assert_eq!(
+            resp.response_headers.get("x-echo").map(String::as_str),
+            Some(WITHHELD),
+            "{form}"
+        );
+        assert_no_secret(&resp);
+    }
     Ok(())
 }

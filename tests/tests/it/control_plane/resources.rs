@@ -30,7 +30,7 @@ async fn integration_and_scope_lifecycle() -> anyhow::Result<()> {
             created.signature_schemes,
             vec![pb::SignatureScheme::Qualifio as i32]
         );
-        assert!(created.secret_set && created.secret_fingerprint.starts_with("sha256:"));
+        assert!(created.secret_set && created.secret_fingerprint.starts_with("hmac-sha256:"));
         assert!(created.create_time.is_some() && !created.etag.is_empty());
 
         let got = cp

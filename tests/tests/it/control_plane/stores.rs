@@ -59,7 +59,7 @@ async fn etcd_holds_the_records_and_replicas_share_them() -> anyhow::Result<()> 
     let snapshot = next_msg(&mut watch).await?;
 
     let mut i = integration("CRM", "https://crm.example.com/hook");
-    i.secret = "plain-for-now".into();
+    i.secret = "plain-for-now-24-bytes-long".into();
     let created = create(&first, "accounts/42", "crm", i).await?;
     create_scope(
         &first,

@@ -11,8 +11,8 @@ use super::{create, create_scope, next_msg, scope};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_are_never_read_back_but_reach_workers() -> anyhow::Result<()> {
     async fn body(cp: &ControlPlane) -> anyhow::Result<()> {
-        const FIRST: &str = "first-signing-secret";
-        const SECOND: &str = "second-signing-secret";
+        const FIRST: &str = "first-signing-secret-of-24b";
+        const SECOND: &str = "second-signing-secret-of-24b";
         const HEADER: &str = "Bearer header-secret-value";
         let mut i = integration("CRM", "https://crm.example.com/hook");
         i.secret = FIRST.into();

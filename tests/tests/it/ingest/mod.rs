@@ -23,12 +23,14 @@ const RECORD_WAIT: Duration = Duration::from_secs(5);
 /// The Standard Webhooks reference library the signature test runs (also in `./dev`).
 const STANDARDWEBHOOKS_PIN: &str = "standardwebhooks==1.1.0";
 
-const QUALIFIO_SECRET: &str = "crm-signing-s3cret";
+const QUALIFIO_SECRET: &str = "crm-signing-s3cret-of-24-bytes";
 const AUTH_VALUE: &str = "Bearer ingest-t0ken";
 /// `whsec_` + base64("pushwire-rotation-old-key-0001").
 const WHSEC_OLD: &str = "whsec_cHVzaHdpcmUtcm90YXRpb24tb2xkLWtleS0wMDAx";
 /// `whsec_` + base64("pushwire-rotation-new-key-0002").
 const WHSEC_NEW: &str = "whsec_cHVzaHdpcmUtcm90YXRpb24tbmV3LWtleS0wMDAy";
+/// `whsec_` + base64("pushwire-unpadded-whsec-key-0032") without its trailing `=`.
+const WHSEC_UNPADDED: &str = "whsec_cHVzaHdpcmUtdW5wYWRkZWQtd2hzZWMta2V5LTAwMzI";
 /// The W3C specification's example: a sampled trace.
 const PARENT_TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 

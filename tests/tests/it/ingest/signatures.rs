@@ -19,7 +19,7 @@ use serde_json::json;
 
 use super::{
     ACCOUNT, AUTH_VALUE, PARENT_TRACEPARENT, QUALIFIO_SECRET, STANDARDWEBHOOKS_PIN, TEST_LIMIT,
-    WHSEC_NEW, WHSEC_OLD, body, header, next, traceparent_parts, unix_now,
+    WHSEC_NEW, WHSEC_OLD, WHSEC_UNPADDED, body, header, next, traceparent_parts, unix_now,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -260,10 +260,25 @@ async fn standard_webhooks_signatures_verify_with_the_reference_library() -> any
                 },
             )
             .await?;
-        const PLAIN: &str = "plain-signing-secret";
-        let plain = stack
+        // Unpadded base64 after the prefix, which both official libraries accept.
+        let unpadded = stack
             .admin()
             .create_routed(
+                ACCOUNT,
+                "unpadded",
+                pb::Integration {
+                    secret: WHSEC_UNPADDED.into(),
+                    signature_schemes: vec![pb::SignatureScheme::Qualifio as i32, standard],
+                    ..integration("Unpadded", &receiver.url("/unpadded"))
+                },
+            )
+            .await?;
+        // A plain secret would sign what the libraries, given that secret, cannot verify:
+        // refused, with the way to make a good one.
+        const PLAIN: &str = "plain-signing-secret-of-24-bytes";
+        let refused = stack
+            .admin()
+            .create_integration(
                 ACCOUNT,
                 "plain",
                 pb::Integration {
@@ -272,7 +287,16 @@ async fn standard_webhooks_signatures_verify_with_the_reference_library() -> any
                     ..integration("Plain", &receiver.url("/plain"))
                 },
             )
-            .await?;
+            .await
+            .expect_err("a plain secret with STANDARD_WEBHOOKS");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().contains("integration.secret")
+                && refused.message().contains("takes a whsec_ secret")
+                && refused.message().contains("head -c 32 /dev/urandom"),
+            "{refused:?}"
+        );
+        assert!(!refused.message().contains(PLAIN), "{refused:?}");
         stack.sync().await?;
 
         // Multi-byte characters: the signed content is the UTF-8 bytes.
@@ -283,7 +307,7 @@ async fn standard_webhooks_signatures_verify_with_the_reference_library() -> any
         let resp = stack.publish_one(request(ACCOUNT, &body)).await??;
         assert_eq!(
             by_integration(&resp).into_values().collect::<Vec<_>>(),
-            vec![delivered_once(&plain), delivered_once(&whsec)]
+            vec![delivered_once(&unpadded), delivered_once(&whsec)]
         );
 
         let mut got: BTreeMap<String, Received> = BTreeMap::new();
@@ -307,19 +331,19 @@ async fn standard_webhooks_signatures_verify_with_the_reference_library() -> any
         let refused = reference_verify(dir.path(), w, WHSEC_NEW, false).await?;
         assert!(refused.is_err(), "another key must not verify: {refused:?}");
 
-        // A plain secret's key is its UTF-8 bytes, which the library takes as bytes.
-        let p = &got["/plain"];
-        assert_eq!(header(p, "webhook-id")?, "SW-1_plain");
+        // The unpadded secret, as given, in the library's normal use.
+        let u = &got["/unpadded"];
+        assert_eq!(header(u, "webhook-id")?, "SW-1_unpadded");
         assert_eq!(
-            reference_verify(dir.path(), p, PLAIN, true).await?,
+            reference_verify(dir.path(), u, WHSEC_UNPADDED, false).await?,
             Ok("SW-1".to_owned())
         );
-        let refused = reference_verify(dir.path(), p, "plain-signing-secreT", true).await?;
+        let refused = reference_verify(dir.path(), u, WHSEC_OLD, false).await?;
         assert!(refused.is_err(), "another key must not verify: {refused:?}");
         assert!(signing::verify_qualifio(
-            &Secret::new(PLAIN),
+            &Secret::new(WHSEC_UNPADDED),
             body.as_bytes(),
-            header(p, "x-qualifio-signature")?
+            header(u, "x-qualifio-signature")?
         ));
         Ok(())
     })
