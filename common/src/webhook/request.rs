@@ -126,6 +126,24 @@ pub fn redacted_url(raw: &str) -> String {
     out
 }
 
+/// The host and port `raw` is sent to (the scheme's port when none is written), for the
+/// `server.address` and `server.port` attributes of an attempt's span; `("", 0)` for a URL that
+/// does not parse.
+pub fn server_of(raw: &str) -> (String, u16) {
+    url::Url::parse(raw)
+        .ok()
+        .map(|u| {
+            let host = u.host_str().unwrap_or_default();
+            // An IPv6 literal without its brackets, as the convention writes it.
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            (host, u.port_or_known_default().unwrap_or(0))
+        })
+        .unwrap_or_default()
+}
+
 /// Builds the request of one attempt of `body` (participation `participation_id`) to
 /// `integration` at `now`.
 ///
