@@ -280,6 +280,11 @@ impl Ingest {
             .trace_context
             .as_ref()
             .and_then(|t| TraceParent::parse(&t.traceparent));
+        // Forwarded only within the publisher's trace: a new trace starts without state.
+        let tracestate = parent
+            .and(req.trace_context.as_ref())
+            .map(|t| t.tracestate.clone())
+            .unwrap_or_default();
         let participation_id: Arc<str> = Arc::from(p.id.as_str());
         let body = Bytes::from(req.participation_json);
 
@@ -290,6 +295,7 @@ impl Ingest {
                 participation_id: participation_id.clone(),
                 body: body.clone(),
                 traceparent: Some(TraceParent::child_of(parent.as_ref()).to_string()),
+                tracestate: tracestate.clone(),
             };
             let span = tracing::info_span!(
                 "deliver",

@@ -56,13 +56,14 @@ impl Catalog {
     ) -> Result<TestReport> {
         let integration = self.get_integration(name).await?;
         let span = tracing::info_span!("test_integration", integration = %name);
+        let traceparent = test_traceparent(&span);
         let report = async {
             let req = request::build(
                 &integration,
                 SAMPLE_PARTICIPATION_ID,
                 Bytes::from_static(SAMPLE_PARTICIPATION.as_bytes()),
                 SystemTime::now(),
-                None,
+                Some(&traceparent),
             );
             let outcome = client.post(&req).await;
             match &outcome {
@@ -84,6 +85,13 @@ impl Catalog {
 /// The report of `outcome`. Secret values of `integration` echoed by the endpoint (an echo
 /// service reflecting the auth header, say) are replaced by [`REDACTED`] in headers and body:
 /// they are write-only.
+/// The `traceparent` of the test webhook, like every delivery's: the test span's when traces
+/// are exported (the receiver's spans join the caller's trace), else a new sampled trace.
+fn test_traceparent(span: &tracing::Span) -> String {
+    pushwire_common::server::telemetry::traceparent_of(span)
+        .unwrap_or_else(|| pushwire_worker::trace::TraceParent::child_of(None).to_string())
+}
+
 fn report(integration: &Integration, outcome: Result<HttpResponse, AttemptError>) -> TestReport {
     let resp = match outcome {
         Ok(resp) => resp,

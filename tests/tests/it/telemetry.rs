@@ -25,6 +25,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 const TRACE_ID: &str = "5a1e0c2f9b8d4e6f8a7b6c5d4e3f2a1b";
 const PUBLISHER_SPAN: &str = "1f2e3d4c5b6a7988";
+const TRACESTATE: &str = "pushwire-test=t61,other=x";
 const SECRET: &str = "whsec_dGVsZW1ldHJ5LXRlc3Qtc2lnbmluZy1zZWNyZXQ=";
 const AUTH_VALUE: &str = "Bearer telemetry-test-token-7c41";
 
@@ -153,7 +154,7 @@ async fn traced() -> anyhow::Result<()> {
         .publish_one(pb::PublishRequest {
             trace_context: Some(pb::TraceContext {
                 traceparent: format!("00-{TRACE_ID}-{PUBLISHER_SPAN}-01"),
-                tracestate: String::new(),
+                tracestate: TRACESTATE.into(),
             }),
             ..request("accounts/7", COMPLETED)
         })
@@ -168,6 +169,8 @@ async fn traced() -> anyhow::Result<()> {
     let sent: Vec<(String, String)> = got
         .iter()
         .map(|r| {
+            // The publisher's tracestate travels with its trace.
+            assert_eq!(r.header("tracestate"), Some(TRACESTATE));
             let tp = r.header("traceparent").expect("traceparent sent");
             let parts: Vec<&str> = tp.split('-').collect();
             assert_eq!(parts.len(), 4, "{tp}");

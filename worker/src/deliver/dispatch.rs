@@ -59,6 +59,8 @@ pub struct Job {
     pub body: Bytes,
     /// `traceparent` to send.
     pub traceparent: Option<String>,
+    /// The publisher's `tracestate`, forwarded with a `traceparent` of its trace (empty: none).
+    pub tracestate: String,
 }
 
 /// The final outcome of a job.
@@ -471,6 +473,8 @@ impl<'a> Delivery<'a> {
             SystemTime::now(),
             traceparent.as_deref(),
         );
+        let mut req = req;
+        request::add_tracestate(&mut req, &self.job.tracestate);
         let sent = Instant::now();
         let result = tokio::select! {
             biased;
