@@ -25,6 +25,9 @@ const INTEGRATION: &str = "accounts/7/integrations/crm";
 struct Fake {
     requests: Arc<Mutex<Vec<pb::PublishRequest>>>,
     authorization: Arc<Mutex<Vec<String>>>,
+    /// When set, a stream without `authorization: Bearer <this>` is refused UNAUTHENTICATED
+    /// at its start, as the worker's authentication does.
+    token: Arc<Mutex<Option<String>>>,
 }
 
 type Responses = Pin<Box<dyn Stream<Item = Result<pb::PublishResponse, Status>> + Send>>;
@@ -37,14 +40,22 @@ impl IngestService for Fake {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Responses>, Status> {
-        self.authorization.lock().unwrap().push(
-            request
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned(),
-        );
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        self.authorization
+            .lock()
+            .unwrap()
+            .push(authorization.clone());
+        let required = self.token.lock().unwrap().clone();
+        if let Some(token) = required
+            && authorization != format!("Bearer {token}")
+        {
+            return Err(Status::unauthenticated("unknown token"));
+        }
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let requests = self.requests.clone();
@@ -313,8 +324,6 @@ async fn no_worker_or_bad_usage_exits_two() {
         run.stderr
     );
 
-    let run = publish(&["--workers", "127.0.0.1:1"], None, &[]).await;
-    assert_eq!(run.code, 2, "missing --account: {}", run.stderr);
     let run = publish(
         &["--workers", "ftp://w", "--account", "accounts/7"],
         None,
@@ -341,4 +350,67 @@ async fn no_worker_or_bad_usage_exits_two() {
         "{}",
         run.stderr
     );
+}
+
+/// A wrong or missing token is said as such at once, not after the connect timeout (60 s
+/// here, longer than `publish` is given to end) as "cannot reach any worker".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_reported_at_once() {
+    let (fake, url) = fake_worker().await;
+    *fake.token.lock().unwrap() = Some("pwt_right".into());
+    for env in [&[("PUSHWIRE_PUBLISH_TOKEN", "pwt_wrong")][..], &[]] {
+        let run = publish(
+            &[
+                "--workers",
+                &url,
+                "--account",
+                "accounts/7",
+                "--connect-timeout",
+                "60s",
+                "-",
+            ],
+            Some(&doc("x")),
+            env,
+        )
+        .await;
+        assert_eq!(run.code, 2, "{}", run.stderr);
+        assert!(
+            run.stderr.contains("the token was refused") && run.stderr.contains("Unauthenticated"),
+            "{}",
+            run.stderr
+        );
+        assert!(!run.stderr.contains("cannot reach"), "{}", run.stderr);
+        assert!(
+            !run.stderr.contains("pwt_wrong"),
+            "no token in errors: {}",
+            run.stderr
+        );
+    }
+    assert!(fake.requests.lock().unwrap().is_empty());
+}
+
+/// Without --account, lines that name their account are published; one that names none is
+/// listed and not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_account_may_come_from_every_line() {
+    let (fake, url) = fake_worker().await;
+    let named = |id: &str, account: &str| {
+        serde_json::json!({"account": account, "participationJson": doc(id)}).to_string()
+    };
+    let input = [
+        named("a1", "accounts/7"),
+        named("a2", "accounts/8"),
+        doc("bare"),
+    ]
+    .join("\n");
+    let run = publish(&["--workers", &url, "-"], Some(&input), &[]).await;
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("line 3") && run.stdout.contains("no account"),
+        "{}",
+        run.stdout
+    );
+    let sent = fake.requests.lock().unwrap().clone();
+    let accounts: Vec<&str> = sent.iter().map(|r| r.account.as_str()).collect();
+    assert_eq!(accounts, ["accounts/7", "accounts/8"]);
 }

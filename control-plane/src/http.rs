@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use pushwire_common::server::exposition::Format;
 
 use crate::service::ConfigFeed;
 use crate::store::Store;
@@ -131,7 +132,10 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
+/// The control plane's metrics (and its in-process worker's), in the format the `Accept`
+/// header asks for (see [`pushwire_common::server::exposition`]).
+async fn metrics(State(ops): State<Ops>, headers: HeaderMap) -> impl IntoResponse {
+    let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     let m = &ops.metrics;
     m.revision.set(ops.feed.revision());
     m.watchers
@@ -156,10 +160,7 @@ async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
     }
     (
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
+        [(header::CONTENT_TYPE, format.content_type())],
+        format.render(body),
     )
 }

@@ -29,7 +29,7 @@ use pushwire_common::server::access::AccessError;
 use pushwire_common::server::grpc_metrics::GrpcMetrics;
 use pushwire_common::server::health::report_health;
 use pushwire_common::server::shutdown::interrupt_after_grace;
-use pushwire_common::server::stack::{self, Layers, Reflection, ServerStack, StackError};
+use pushwire_common::server::stack::{self, Layers, ServerStack, StackError};
 use service::{Catalog, CatalogOptions, ConfigFeed};
 use store::{EmbeddedStore, EtcdStore, Store, StoreError};
 
@@ -243,7 +243,7 @@ async fn grpc_server(
 ) -> Result<GrpcServer, RunError> {
     let (router, health) = ServerStack::new(auth, grpc_metrics.clone())
         .tls(tls)
-        .public(Reflection::V1AndV1Alpha)
+        .public(SERVED)
         .map_err(|e| match e {
             StackError::Access(e) => RunError::Access(e),
             StackError::Reflection(e) => RunError::Serve(e.into()),
@@ -315,4 +315,13 @@ const CONTROL_PLANE_SERVICES: &[&str] = &[
     "pushwire.v1.IntegrationService",
     "pushwire.v1.PushScopeService",
     "pushwire.v1.ConfigService",
+];
+
+/// The application services the public server serves (the in-process worker's
+/// `IngestService`, or the one that refuses every publish): what reflection lists.
+const SERVED: &[&str] = &[
+    "pushwire.v1.IntegrationService",
+    "pushwire.v1.PushScopeService",
+    "pushwire.v1.ConfigService",
+    "pushwire.v1.IngestService",
 ];

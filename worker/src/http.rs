@@ -1,12 +1,13 @@
 //! The operations endpoint: `/healthz` (the process is up), `/readyz` (a configuration
-//! snapshot is applied; says why not) and `/metrics` (Prometheus text format), over the
-//! [`Status`] they read.
+//! snapshot is applied; says why not) and `/metrics` (OpenMetrics or the classic Prometheus
+//! text format, as the scraper asks), over the [`Status`] they read.
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use pushwire_common::server::exposition::Format;
 
 use std::sync::Arc;
 
@@ -55,7 +56,7 @@ impl Status {
         async move { table.wait_for(Option::is_some).await.is_ok() }
     }
 
-    /// The worker's metrics in the Prometheus text format.
+    /// The worker's metrics in the OpenMetrics text format (ending with `# EOF`).
     pub fn encode_metrics(&self) -> String {
         self.metrics.set_lanes(self.dispatcher.stats());
         self.metrics.encode()
@@ -84,12 +85,12 @@ async fn readyz(State(status): State<Status>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(status): State<Status>) -> impl IntoResponse {
+/// The exposition in the format the `Accept` header asks for (see
+/// [`pushwire_common::server::exposition`]).
+async fn metrics(State(status): State<Status>, headers: HeaderMap) -> impl IntoResponse {
+    let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        status.encode_metrics(),
+        [(header::CONTENT_TYPE, format.content_type())],
+        format.render(status.encode_metrics()),
     )
 }

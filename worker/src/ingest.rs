@@ -34,7 +34,7 @@ use tracing::Instrument as _;
 use crate::deliver::dispatch::{Dispatcher, Job, Outcome};
 use crate::metrics::{Metrics, OutcomeLabel, ResultLabel};
 use crate::router::{self, Decision, RoutingTable, RoutingView};
-use crate::trace::TraceParent;
+use pushwire_common::webhook::traceparent::TraceParent;
 
 /// Room for the request's fields around the document in one gRPC message.
 const ENVELOPE_BYTES: usize = 64 * 1024;
@@ -135,6 +135,7 @@ impl Ingest {
             pushwire.account = tracing::field::Empty,
             pushwire.deliveries = tracing::field::Empty,
             error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
         );
         if let Some(t) = &req.trace_context {
             telemetry::set_remote_parent(&span, &t.traceparent, &t.tracestate);
@@ -151,6 +152,7 @@ impl Ingest {
         let response = match self.check(&req) {
             Err(Rejection(error)) => {
                 span.record("error.type", "invalid_request");
+                telemetry::set_error(span);
                 tracing::info!(error = %error, "participation refused");
                 self.count("rejected");
                 pb::PublishResponse {
@@ -168,10 +170,14 @@ impl Ingest {
                 let deliveries = self.deliver(req, checked).await;
                 let Some(deliveries) = deliveries else {
                     span.record("error.type", "interrupted");
+                    telemetry::set_error(span);
                     self.count("interrupted");
                     return None;
                 };
-                span.record("pushwire.deliveries", deliveries.len());
+                span.record(
+                    "pushwire.deliveries",
+                    i64::try_from(deliveries.len()).unwrap_or(i64::MAX),
+                );
                 self.count("acknowledged");
                 pb::PublishResponse {
                     participation_id,
@@ -263,7 +269,10 @@ impl Ingest {
         let plan =
             tracing::info_span!("route", pushwire.routes = tracing::field::Empty).in_scope(|| {
                 let plan = router::plan(&table, &view, only.as_deref());
-                tracing::Span::current().record("pushwire.routes", plan.routed());
+                tracing::Span::current().record(
+                    "pushwire.routes",
+                    i64::try_from(plan.routed()).unwrap_or(i64::MAX),
+                );
                 plan
             });
         let started = Instant::now();
@@ -271,6 +280,11 @@ impl Ingest {
             .trace_context
             .as_ref()
             .and_then(|t| TraceParent::parse(&t.traceparent));
+        // Forwarded only within the publisher's trace: a new trace starts without state.
+        let tracestate = parent
+            .and(req.trace_context.as_ref())
+            .map(|t| t.tracestate.clone())
+            .unwrap_or_default();
         let participation_id: Arc<str> = Arc::from(p.id.as_str());
         let body = Bytes::from(req.participation_json);
 
@@ -281,12 +295,14 @@ impl Ingest {
                 participation_id: participation_id.clone(),
                 body: body.clone(),
                 traceparent: Some(TraceParent::child_of(parent.as_ref()).to_string()),
+                tracestate: tracestate.clone(),
             };
             let span = tracing::info_span!(
                 "deliver",
                 pushwire.integration = %integration.name,
                 pushwire.outcome = tracing::field::Empty,
                 pushwire.attempts = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
             );
             async move {
                 let outcome = match decision {
@@ -300,7 +316,10 @@ impl Ingest {
                 if let Outcome::Delivered { attempts, .. } | Outcome::Failed { attempts, .. } =
                     &outcome
                 {
-                    span.record("pushwire.attempts", attempts);
+                    span.record("pushwire.attempts", i64::from(*attempts));
+                }
+                if let Outcome::Failed { .. } | Outcome::Interrupted = &outcome {
+                    telemetry::set_error(&span);
                 }
                 if let Outcome::Delivered { .. } = &outcome {
                     self.metrics

@@ -11,7 +11,7 @@
 //!   sent by `pushwire_common::webhook`);
 //! - [`disable`]: turns `410 Gone` answers into control-plane updates;
 //! - [`in_process`]: the in-memory channel of the worker embedded by `--with-worker`;
-//! - [`http`]: health, readiness and metrics ([`metrics`]); [`trace`]: W3C `traceparent`.
+//! - [`http`]: health, readiness and metrics ([`metrics`]).
 
 pub mod config;
 pub mod config_watch;
@@ -23,7 +23,6 @@ pub mod in_process;
 pub mod ingest;
 pub mod metrics;
 pub mod router;
-pub mod trace;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,7 +47,7 @@ pub use pushwire_common::server::Listeners;
 use pushwire_common::server::access::AccessError;
 use pushwire_common::server::health::report_health;
 use pushwire_common::server::shutdown::interrupt_after_grace;
-use pushwire_common::server::stack::{self, Reflection, ServerStack, StackError};
+use pushwire_common::server::stack::{self, ServerStack, StackError};
 
 /// Why the worker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -207,7 +206,7 @@ pub async fn run(
     let tls_on = tls.is_some();
     let (router, health) = ServerStack::new(&auth, worker.status.metrics.grpc.clone())
         .tls(tls)
-        .public(Reflection::V1)
+        .public(&["pushwire.v1.IngestService"])
         .map_err(|e| match e {
             StackError::Access(e) => RunError::Access(e),
             StackError::Reflection(e) => RunError::Serve(e.into()),

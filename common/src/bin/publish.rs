@@ -43,9 +43,10 @@ struct Args {
     workers: Vec<String>,
 
     /// Account of the participations, `accounts/{id}` (a PublishRequest line may name its
-    /// own).
+    /// own). Not needed when every line is a PublishRequest naming its account; without it, a
+    /// line that names none is listed as a problem and not sent.
     #[arg(long, env = "PUSHWIRE_ACCOUNT")]
-    account: String,
+    account: Option<String>,
 
     /// NDJSON file: one participation document per line, or one PublishRequest in protobuf
     /// JSON; `-` for standard input.
@@ -191,11 +192,17 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         tls: tls(&args)?,
         ..PublisherOptions::default()
     };
-    let publisher = Publisher::connect(&args.workers, &args.account, opts)?;
-    publisher
-        .wait_connected(args.connect_timeout)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach any worker: {e}"))?;
+    let account = args.account.clone().unwrap_or_default();
+    let publisher = Publisher::connect(&args.workers, &account, opts)?;
+    if let Err(e) = publisher.wait_connected(args.connect_timeout).await {
+        // A refused token is said at once, as such: retrying or another worker won't help.
+        if publisher.token_refused().is_some() {
+            anyhow::bail!(
+                "{e} (give a publisher token of the account with --token-file or {TOKEN_ENV})"
+            );
+        }
+        anyhow::bail!("cannot reach any worker: {e}");
+    }
 
     let started = Instant::now();
     let mut progress = Progress::new(!args.quiet && std::io::stderr().is_terminal());
@@ -233,6 +240,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                         continue;
                     }
                     match parse_line(&text) {
+                        Ok(request) if request.account.is_empty() && account.is_empty() => {
+                            problems.push((line_no, Problem::Unreadable(
+                                "no account: give --account or name it in the line (a PublishRequest with \"account\")".to_owned(),
+                            )));
+                        }
                         Ok(request) => {
                             let (tx, line) = (tx.clone(), line_no);
                             publisher

@@ -176,6 +176,7 @@ struct OpenStream<'a>(&'a Shared);
 
 impl<'a> OpenStream<'a> {
     fn new(shared: &'a Shared) -> Self {
+        shared.token_refused.send_replace(None);
         shared.open_streams.send_modify(|n| *n += 1);
         Self(shared)
     }
@@ -212,8 +213,18 @@ impl Session<'_> {
         };
         let mut responses = match opening {
             Ok(Ok(response)) => response.into_inner(),
-            // Refused at the start: nothing was sent, nobody to blame.
-            Ok(Err(status)) => return Err(describe(&status).into()),
+            // Refused at the start: nothing was sent, nobody to blame. The authentication
+            // refuses the token there, before any message (wait_connected says so at once).
+            Ok(Err(status)) => {
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) {
+                    let why = format!("{}: {}", self.addr, describe(&status));
+                    self.shared.token_refused.send_replace(Some(why));
+                }
+                return Err(describe(&status).into());
+            }
             Err(_) => {
                 return Err(format!(
                     "no answer to Publish within {:?}",

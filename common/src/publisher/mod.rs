@@ -363,14 +363,17 @@ impl std::fmt::Debug for Shared {
 
 impl Publisher {
     /// A publisher to the workers at `endpoints`, for `account` (`accounts/{id}`: the account
-    /// of requests that name none). Returns at once (call it inside a tokio runtime): streams
+    /// of requests that name none; empty when every request names its own, a request naming
+    /// none is then refused by the worker as a malformed message). Returns at once (call it inside a tokio runtime): streams
     /// are opened in the background, see [`Publisher::wait_connected`].
     pub fn connect<S: AsRef<str>>(
         endpoints: &[S],
         account: &str,
         opts: PublisherOptions,
     ) -> Result<Self, ConnectError> {
-        AccountName::parse(account).map_err(|e| ConnectError::Account(e.to_string()))?;
+        if !account.is_empty() {
+            AccountName::parse(account).map_err(|e| ConnectError::Account(e.to_string()))?;
+        }
         let mut targets = Vec::new();
         for e in endpoints {
             let t = Target::parse(e.as_ref())?;
@@ -469,16 +472,34 @@ impl Publisher {
     }
 
     /// Waits until a stream is open to some worker, at most `limit`; the last connection
-    /// error otherwise.
+    /// error otherwise. A refused token ends the wait at once, with an error that starts with
+    /// `the token was refused` (see [`Publisher::token_refused`]).
     pub async fn wait_connected(&self, limit: Duration) -> Result<(), String> {
         let mut open = self.shared.open_streams.subscribe();
-        match tokio::time::timeout(limit, open.wait_for(|n| *n > 0)).await {
-            Ok(Ok(_)) => Ok(()),
+        let mut refused = self.shared.token_refused.subscribe();
+        // True once a stream is open, false on a refused token.
+        let connected = async {
+            tokio::select! {
+                r = open.wait_for(|n| *n > 0) => r.is_ok(),
+                _ = refused.wait_for(Option::is_some) => false,
+            }
+        };
+        match tokio::time::timeout(limit, connected).await {
+            Ok(true) => Ok(()),
             _ => Err(self
-                .shared
-                .last_error()
+                .token_refused()
+                .map(|why| format!("the token was refused: {why}"))
+                .or_else(|| self.shared.last_error())
                 .unwrap_or_else(|| format!("no worker answered within {limit:?}"))),
         }
+    }
+
+    /// Why a worker refused the publisher's token (`UNAUTHENTICATED`: no token or one it does
+    /// not know; `PERMISSION_DENIED`: not a `publisher` token) when no stream could open since;
+    /// `None` once a stream is open. [`Publisher::wait_connected`] returns as soon as this is
+    /// set: every worker reads the same token file, so waiting would not change the answer.
+    pub fn token_refused(&self) -> Option<String> {
+        self.shared.token_refused.borrow().clone()
     }
 
     /// What the publisher is doing.

@@ -112,6 +112,10 @@ pub(crate) struct Shared {
     pub(crate) stream_failures: AtomicU64,
     pub(crate) lanes: AtomicUsize,
     last_error: Mutex<Option<String>>,
+    /// Why the last stream that could not open was refused for its token
+    /// (`UNAUTHENTICATED`, `PERMISSION_DENIED` at the start of the call); cleared when a stream
+    /// opens.
+    pub(crate) token_refused: watch::Sender<Option<String>>,
 }
 
 impl Shared {
@@ -133,6 +137,7 @@ impl Shared {
             stream_failures: AtomicU64::new(0),
             lanes: AtomicUsize::new(0),
             last_error: Mutex::default(),
+            token_refused: watch::channel(None).0,
         }
     }
 

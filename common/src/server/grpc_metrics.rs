@@ -128,6 +128,9 @@ where
                 metrics,
                 method,
                 started,
+                // The call's server span (`telemetry::grpc_server_span`), entered around this
+                // call: it gets the status code too.
+                span: tracing::Span::current(),
             });
             // Trailers-only answer: the status is in the headers and the body is empty.
             if let Some(code) = code_of(response.headers())
@@ -148,11 +151,13 @@ struct Tally {
     metrics: GrpcMetrics,
     method: String,
     started: Instant,
+    span: tracing::Span,
 }
 
 impl Tally {
-    fn finish(self, code: &'static str) {
-        self.metrics.record(&self.method, code, self.started);
+    fn finish(self, code: tonic::Code) {
+        self.metrics.record(&self.method, name(code), self.started);
+        super::telemetry::record_grpc_status(&self.span, code);
     }
 }
 
@@ -198,16 +203,15 @@ impl<B: Body> Body for MeteredBody<B> {
 impl<B> Drop for MeteredBody<B> {
     fn drop(&mut self) {
         if let Some(t) = self.tally.take() {
-            t.finish("CANCELLED");
+            t.finish(tonic::Code::Cancelled);
         }
     }
 }
 
-/// The status code name of a `grpc-status` header, if present.
-fn code_of(headers: &http::HeaderMap) -> Option<&'static str> {
+/// The status code of a `grpc-status` header, if present.
+fn code_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
     let value = headers.get("grpc-status")?.to_str().ok()?;
-    let code = tonic::Code::from_bytes(value.as_bytes());
-    Some(name(code))
+    Some(tonic::Code::from_bytes(value.as_bytes()))
 }
 
 fn name(code: tonic::Code) -> &'static str {

@@ -6,9 +6,11 @@
 //! - [`health`]: gRPC health in step with readiness;
 //! - [`shutdown`]: listeners, signals, the body of a server binary and the
 //!   interrupt-after-grace task;
-//! - [`telemetry`]: logs and traces; [`grpc_metrics`]: the gRPC call metrics.
+//! - [`telemetry`]: logs and traces; [`grpc_metrics`]: the gRPC call metrics;
+//! - [`exposition`]: `/metrics` as OpenMetrics or the classic text format, as asked.
 
 pub mod access;
+pub mod exposition;
 pub mod grpc_metrics;
 pub mod health;
 pub mod shutdown;

@@ -18,15 +18,6 @@ use crate::auth::{AuthLayer, Authenticator};
 /// The layers in front of every service, outermost first: gRPC metrics, then authentication.
 pub type Layers = Stack<AuthLayer, Stack<GrpcMetrics, Identity>>;
 
-/// Which server reflection protocols a public server answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reflection {
-    /// `grpc.reflection.v1` only.
-    V1,
-    /// `grpc.reflection.v1` and the older `v1alpha` that some clients still ask for.
-    V1AndV1Alpha,
-}
-
 /// Why a server stack could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
@@ -80,31 +71,41 @@ impl ServerStack {
     /// A public server: [`Self::server`] with gRPC health and server reflection (both open
     /// without a token), and the reporter that sets the health of each service (see
     /// [`super::health::report_health`]).
-    pub fn public(
-        self,
-        reflection: Reflection,
-    ) -> Result<(Router<Layers>, HealthReporter), StackError> {
+    ///
+    /// Reflection answers both `grpc.reflection.v1` and the older `v1alpha` (grpcurl 1.8 and
+    /// other clients still ask for it only), and lists exactly `services` (the full names of
+    /// the application services the caller adds to the router) plus health and reflection:
+    /// a client must not see, and try, services this server does not serve. The descriptors
+    /// of every Pushwire file stay resolvable (a service's messages live there).
+    pub fn public(self, services: &[&str]) -> Result<(Router<Layers>, HealthReporter), StackError> {
         let builder = || {
-            tonic_reflection::server::Builder::configure()
+            let builder = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+            services
+                .iter()
+                .copied()
+                .chain(ALWAYS_SERVED)
+                .fold(builder, |b, name| b.with_service_name(name))
         };
         let v1 = builder().build_v1().map_err(StackError::Reflection)?;
-        let v1alpha = match reflection {
-            Reflection::V1 => None,
-            Reflection::V1AndV1Alpha => {
-                Some(builder().build_v1alpha().map_err(StackError::Reflection)?)
-            }
-        };
+        let v1alpha = builder().build_v1alpha().map_err(StackError::Reflection)?;
         let (health, health_service) = tonic_health::server::health_reporter();
         let router = self
             .server()?
             .add_service(health_service)
             .add_service(v1)
-            .add_optional_service(v1alpha);
+            .add_service(v1alpha);
         Ok((router, health))
     }
 }
+
+/// The services every public server serves besides its own (see [`ServerStack::public`]).
+pub const ALWAYS_SERVED: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
 /// Serves `router` on the connections accepted on `listener` (with `TCP_NODELAY`) until
 /// `shutdown`, then lets the calls in progress finish.

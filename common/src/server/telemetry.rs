@@ -148,6 +148,10 @@ pub fn init(settings: Settings) -> Result<Telemetry, InitError> {
             .with_tracer(tracer)
             .with_threads(false)
             .with_location(false)
+            // Not OpenTelemetry attributes: the Rust module (`target`) and the time the
+            // span's future spent polled or waiting (`busy_ns`, `idle_ns`).
+            .with_target(false)
+            .with_tracked_inactivity(false)
             .with_filter(LevelFilter::INFO)
     });
     Registry::default()
@@ -253,8 +257,10 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     carrier.remove("traceparent")
 }
 
-/// A server span for a gRPC call, child of the caller's `traceparent` metadata if any; for
-/// `tonic::transport::Server::trace_fn`. Health checks and reflection get none (noise).
+/// A server span for a gRPC call, named after the method (`pushwire.v1.IngestService/Publish`),
+/// child of the caller's `traceparent` metadata if any; for
+/// `tonic::transport::Server::trace_fn`. Health checks and reflection get none (noise). The
+/// gRPC metrics layer records the status code when the call ends ([`record_grpc_status`]).
 pub fn grpc_server_span<B>(req: &tonic::codegen::http::Request<B>) -> tracing::Span {
     let path = req.uri().path();
     if path.starts_with("/grpc.") {
@@ -271,6 +277,8 @@ pub fn grpc_server_span<B>(req: &tonic::codegen::http::Request<B>) -> tracing::S
         rpc.system = "grpc",
         rpc.service = %service,
         rpc.method = %method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
     );
     let header = |name| {
         req.headers()
@@ -280,6 +288,31 @@ pub fn grpc_server_span<B>(req: &tonic::codegen::http::Request<B>) -> tracing::S
     };
     set_remote_parent(&span, header("traceparent"), header("tracestate"));
     span
+}
+
+/// Records a gRPC call's status on its server span: `rpc.grpc.status_code` (an integer), and
+/// the span status Error for the codes the semantic conventions count as server errors
+/// (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS); a client's
+/// mistake (INVALID_ARGUMENT, NOT_FOUND, …) leaves the server span's status unset.
+pub fn record_grpc_status(span: &tracing::Span, code: tonic::Code) {
+    use tonic::Code;
+    span.record("rpc.grpc.status_code", code as i64);
+    if matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    ) {
+        span.record("otel.status_code", "error");
+    }
+}
+
+/// Marks `span` failed: the OpenTelemetry span status Error (its `error.type` says why).
+pub fn set_error(span: &tracing::Span) {
+    span.record("otel.status_code", "error");
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! - [`request`]: one attempt's request (headers, signatures, body), pure;
 //! - [`ssrf`]: which addresses a webhook may go to, and the `--allow-cidr` allow-list;
 //! - [`client`]: the one HTTP client, with the SSRF guard wired into name resolution;
+//! - [`traceparent`]: the W3C `traceparent` a webhook carries, continuing the publisher's trace;
 //! - [`WebhookArgs`]: the flags both binaries take to build that client.
 //!
 //! Nothing here knows about retries, breakers, metrics or routing: those are the worker's.
@@ -15,5 +16,6 @@ pub mod client;
 pub mod request;
 pub mod signing;
 pub mod ssrf;
+pub mod traceparent;
 
 pub use args::{DeliveryConfigError, WebhookArgs};

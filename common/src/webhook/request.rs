@@ -126,6 +126,41 @@ pub fn redacted_url(raw: &str) -> String {
     out
 }
 
+/// W3C `tracestate` header name.
+pub const TRACESTATE: &str = "tracestate";
+
+/// Adds the publisher's `tracestate` to `req`, as the W3C Trace Context asks of a participant
+/// that continues a trace: forwarded as received, when it is a header value the specification
+/// allows (at most 512 characters of printable ASCII; otherwise dropped, never repaired).
+pub fn add_tracestate(req: &mut WebhookRequest, tracestate: &str) {
+    let tracestate = tracestate.trim();
+    if !tracestate.is_empty()
+        && tracestate.len() <= 512
+        && tracestate.bytes().all(|b| (0x20..0x7f).contains(&b))
+    {
+        req.headers
+            .push((TRACESTATE.to_owned(), tracestate.to_owned()));
+    }
+}
+
+/// The host and port `raw` is sent to (the scheme's port when none is written), for the
+/// `server.address` and `server.port` attributes of an attempt's span; `("", 0)` for a URL that
+/// does not parse.
+pub fn server_of(raw: &str) -> (String, u16) {
+    url::Url::parse(raw)
+        .ok()
+        .map(|u| {
+            let host = u.host_str().unwrap_or_default();
+            // An IPv6 literal without its brackets, as the convention writes it.
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            (host, u.port_or_known_default().unwrap_or(0))
+        })
+        .unwrap_or_default()
+}
+
 /// Builds the request of one attempt of `body` (participation `participation_id`) to
 /// `integration` at `now`.
 ///

@@ -85,9 +85,7 @@ impl ConfigService for ConfigApi {
         authorize(&request, Action::WatchConfig)?.all_accounts()?;
         let from = request.get_ref().from_revision;
         if from < 0 {
-            return Err(Status::invalid_argument(
-                "from_revision: must not be negative",
-            ));
+            return Err(super::invalid("from_revision", "must not be negative"));
         }
         let (tx, rx) = mpsc::channel(WATCHER_BUFFER);
         let mut view = self.feed.subscribe();

@@ -8,7 +8,7 @@ use pushwire_common::pb::v1 as pb;
 use pushwire_common::webhook::client::WebhookClient;
 use tonic::{Request, Response, Status};
 
-use super::{account, integration_name, invalid, mask_paths};
+use super::{account, bad_request, integration_name, invalid, mask_paths, snake_case};
 use crate::service::{AuthHeaderInput, Catalog, IntegrationPatch, PageRequest, TestReport};
 
 /// Serves `IntegrationService` from the [`Catalog`]; `TestIntegration` sends with `client`,
@@ -73,14 +73,14 @@ fn patch(i: pb::Integration, paths: Option<&[String]>) -> Result<IntegrationPatc
                 "integration.incomplete_participations",
                 i.incomplete_participations,
             )
-            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .map_err(|e| bad_request(&e))?
             .unwrap_or_default(),
         );
     }
     if wanted("payload_variables", i.payload_variables != 0) {
         patch.payload_variables = Some(
             convert::payload_variables("integration.payload_variables", i.payload_variables)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?
+                .map_err(|e| bad_request(&e))?
                 .unwrap_or_default(),
         );
     }
@@ -107,7 +107,7 @@ fn patch(i: pb::Integration, paths: Option<&[String]>) -> Result<IntegrationPatc
     if wanted("signature_schemes", !i.signature_schemes.is_empty()) {
         patch.signature_schemes = Some(
             convert::signature_schemes("integration.signature_schemes", &i.signature_schemes)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                .map_err(|e| bad_request(&e))?,
         );
     }
     Ok(patch)
@@ -120,9 +120,9 @@ fn only_disables(req: &pb::UpdateIntegrationRequest) -> bool {
     let (Some(mask), Some(i)) = (&req.update_mask, &req.integration) else {
         return false;
     };
-    mask.paths.iter().any(|p| p == "enabled")
-        && mask
-            .paths
+    let paths: Vec<String> = mask.paths.iter().map(|p| snake_case(p)).collect();
+    paths.iter().any(|p| p == "enabled")
+        && paths
             .iter()
             .all(|p| p == "enabled" || p == "disabled_reason")
         && i.enabled == Some(false)
@@ -201,8 +201,8 @@ impl IntegrationService for IntegrationApi {
             .ok_or_else(|| invalid("integration", "required"))?;
         let name = integration_name("integration.name", &integration.name)?;
         who.account(name.account())?;
-        let etag = convert::etag("integration.etag", &integration.etag)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let etag =
+            convert::etag("integration.etag", &integration.etag).map_err(|e| bad_request(&e))?;
         let paths = mask_paths(req.update_mask, UPDATABLE)?;
         let patch = patch(integration, paths.as_deref())?;
         let updated = self.catalog.update_integration(&name, etag, patch).await?;
@@ -217,8 +217,7 @@ impl IntegrationService for IntegrationApi {
         let req = request.into_inner();
         let name = integration_name("name", &req.name)?;
         who.account(name.account())?;
-        let etag = convert::etag("etag", &req.etag)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let etag = convert::etag("etag", &req.etag).map_err(|e| bad_request(&e))?;
         self.catalog
             .delete_integration(&name, etag, req.force)
             .await?;

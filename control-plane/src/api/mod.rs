@@ -13,7 +13,8 @@ pub use integrations::IntegrationApi;
 pub use push_scopes::PushScopeApi;
 use pushwire_common::domain::convert::InvalidField;
 use pushwire_common::domain::{AccountName, IntegrationName, PushScopeName};
-use tonic::Status;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::service::ServiceError;
 use crate::store::StoreError;
@@ -27,12 +28,22 @@ pub const MAX_ADMIN_REQUEST_BYTES: usize = 64 * 1024;
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
         match e {
-            ServiceError::InvalidArgument(f) => Status::invalid_argument(f.to_string()),
+            ServiceError::InvalidArgument(f) => bad_request(&f),
             ServiceError::NotFound(name) => Status::not_found(format!("{name} not found")),
             ServiceError::AlreadyExists(m) => Status::already_exists(m),
             ServiceError::Aborted(m) => Status::aborted(m),
-            ServiceError::FailedPrecondition(m) => Status::failed_precondition(m),
-            ServiceError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            ServiceError::FailedPrecondition(m) => {
+                let details = ErrorDetails::with_precondition_failure_violation(
+                    "STATE",
+                    subject(&m),
+                    m.clone(),
+                );
+                Status::with_error_details(Code::FailedPrecondition, m, details)
+            }
+            ServiceError::ResourceExhausted(m) => {
+                let details = ErrorDetails::with_quota_failure_violation(subject(&m), m.clone());
+                Status::with_error_details(Code::ResourceExhausted, m, details)
+            }
             ServiceError::Store(e @ StoreError::Unavailable(_)) => {
                 tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "store unavailable");
                 Status::unavailable("configuration store unavailable; retry later")
@@ -45,8 +56,41 @@ impl From<ServiceError> for Status {
     }
 }
 
+/// `INVALID_ARGUMENT` naming the field in the message and, for generated clients, in a
+/// `google.rpc.BadRequest` field violation (`field`: the proto path, snake_case, e.g.
+/// `integration.url`; `description`: what is wrong).
+fn bad_request(f: &InvalidField) -> Status {
+    let details = ErrorDetails::with_bad_request_violation(f.field.clone(), f.reason.clone());
+    Status::with_error_details(Code::InvalidArgument, f.to_string(), details)
+}
+
+/// The resource a precondition or quota error is about: the first resource name
+/// (`accounts/…`) its message names, else empty.
+fn subject(message: &str) -> String {
+    message
+        .split_whitespace()
+        .find(|w| w.starts_with("accounts/"))
+        .map(|w| w.trim_end_matches([',', ';', ':', '.', ')']).to_owned())
+        .unwrap_or_default()
+}
+
 fn invalid(field: &str, e: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(InvalidField::new(field, e.to_string()).to_string())
+    bad_request(&InvalidField::new(field, e.to_string()))
+}
+
+/// An update mask path as the proto names it: protobuf JSON and most non-Rust clients write
+/// field names in lowerCamelCase (`displayName`), which is accepted as the snake_case name.
+fn snake_case(path: &str) -> String {
+    let mut out = String::with_capacity(path.len() + 4);
+    for c in path.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn account(field: &str, raw: &str) -> Result<AccountName, Status> {
@@ -66,7 +110,12 @@ fn mask_paths(
     mask: Option<prost_types::FieldMask>,
     allowed: &[&str],
 ) -> Result<Option<Vec<String>>, Status> {
-    let paths = mask.map(|m| m.paths).unwrap_or_default();
+    let paths: Vec<String> = mask
+        .map(|m| m.paths)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| snake_case(p))
+        .collect();
     if paths.is_empty() {
         return Ok(None);
     }

@@ -26,7 +26,7 @@ impl PushScopeApi {
 const UPDATABLE: &[&str] = &["integration", "level", "target_id", "audience", "action"];
 
 fn bad(e: convert::InvalidField) -> Status {
-    Status::invalid_argument(e.to_string())
+    super::bad_request(&e)
 }
 
 /// Reads the fields of `s` named by `paths` (every populated field when `None`) into a patch.

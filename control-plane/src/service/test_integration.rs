@@ -59,9 +59,16 @@ impl Catalog {
     ) -> Result<TestReport> {
         let integration = self.get_integration(name).await?;
         let span = tracing::info_span!("test_integration", integration = %name);
+        let traceparent = test_traceparent(&span);
         let report = async {
             let (id, body) = fresh_sample();
-            let req = request::build(&integration, &id, body, SystemTime::now(), None);
+            let req = request::build(
+                &integration,
+                &id,
+                body,
+                SystemTime::now(),
+                Some(&traceparent),
+            );
             let outcome = client.post(&req).await;
             match &outcome {
                 Ok(r) => tracing::info!(
@@ -102,6 +109,14 @@ fn fresh_sample() -> (String, Bytes) {
 
 fn hex_upper(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
+}
+
+/// The `traceparent` of the test webhook, like every delivery's: the test span's when traces
+/// are exported (the receiver's spans join the caller's trace), else a new sampled trace.
+fn test_traceparent(span: &tracing::Span) -> String {
+    pushwire_common::server::telemetry::traceparent_of(span).unwrap_or_else(|| {
+        pushwire_common::webhook::traceparent::TraceParent::child_of(None).to_string()
+    })
 }
 
 /// The report of `outcome`. The endpoint was sent the auth header value and may echo it back

@@ -28,6 +28,7 @@ mod payload_variables;
 mod publisher;
 mod receiver;
 mod sink;
+mod standard_tools;
 mod store_conformance;
 mod telemetry;
 mod test_integration;

@@ -14,11 +14,14 @@ use pushwire_tests::worker::{COMPLETED, Stack, request};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Every sample of a Prometheus text exposition, by series (name and labels as written).
+/// Every sample of the OpenMetrics exposition (what a Prometheus server asks for), by series
+/// (name and labels as written).
 async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<HashMap<String, f64>> {
     let mut conn = TcpStream::connect(addr).await?;
-    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await?;
+    conn.write_all(
+        b"GET /metrics HTTP/1.0\r\nHost: localhost\r\nAccept: application/openmetrics-text\r\n\r\n",
+    )
+    .await?;
     let mut text = String::new();
     conn.read_to_string(&mut text).await?;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));

@@ -25,6 +25,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 const TRACE_ID: &str = "5a1e0c2f9b8d4e6f8a7b6c5d4e3f2a1b";
 const PUBLISHER_SPAN: &str = "1f2e3d4c5b6a7988";
+const TRACESTATE: &str = "pushwire-test=t61,other=x";
 const SECRET: &str = "whsec_dGVsZW1ldHJ5LXRlc3Qtc2lnbmluZy1zZWNyZXQ=";
 const AUTH_VALUE: &str = "Bearer telemetry-test-token-7c41";
 
@@ -74,6 +75,25 @@ fn attr(span: &Span, key: &str) -> Option<String> {
         .iter()
         .find(|kv| kv.key == key)
         .and_then(|kv| string(kv.value.as_ref()?.value.as_ref()?))
+}
+
+/// An attribute that must be an integer (the conventions' type), not its digits as a string.
+fn int_attr(span: &Span, key: &str) -> Option<i64> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            AnyValue::IntValue(i) => Some(*i),
+            _ => None,
+        })
+}
+
+/// Whether the span's status is Error.
+fn is_error(span: &Span) -> bool {
+    use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+    span.status
+        .as_ref()
+        .is_some_and(|s| s.code == StatusCode::Error as i32)
 }
 
 fn hex_id(bytes: &[u8]) -> String {
@@ -134,7 +154,7 @@ async fn traced() -> anyhow::Result<()> {
         .publish_one(pb::PublishRequest {
             trace_context: Some(pb::TraceContext {
                 traceparent: format!("00-{TRACE_ID}-{PUBLISHER_SPAN}-01"),
-                tracestate: String::new(),
+                tracestate: TRACESTATE.into(),
             }),
             ..request("accounts/7", COMPLETED)
         })
@@ -149,6 +169,8 @@ async fn traced() -> anyhow::Result<()> {
     let sent: Vec<(String, String)> = got
         .iter()
         .map(|r| {
+            // The publisher's tracestate travels with its trace.
+            assert_eq!(r.header("tracestate"), Some(TRACESTATE));
             let tp = r.header("traceparent").expect("traceparent sent");
             let parts: Vec<&str> = tp.split('-').collect();
             assert_eq!(parts.len(), 4, "{tp}");
@@ -241,8 +263,82 @@ async fn traced() -> anyhow::Result<()> {
         // The receiver saw this attempt's span as its parent.
         assert_eq!(sent[n].1, hex_id(&attempt.span_id));
     }
-    assert_eq!(attr(attempts[0], "error.type").as_deref(), Some("http_500"));
+    // The semantic conventions: integers, the status code as error.type, the server's address
+    // and port, Error status on the failed attempt only, no non-OpenTelemetry attributes.
+    let port = i64::from(receiver.addr().port());
+    for (n, attempt) in attempts.iter().enumerate() {
+        assert_eq!(int_attr(attempt, "pushwire.attempt"), Some(n as i64 + 1));
+        assert_eq!(
+            attr(attempt, "server.address").as_deref(),
+            Some("127.0.0.1")
+        );
+        assert_eq!(int_attr(attempt, "server.port"), Some(port));
+    }
+    assert_eq!(
+        int_attr(attempts[0], "http.response.status_code"),
+        Some(500)
+    );
+    assert_eq!(
+        int_attr(attempts[1], "http.response.status_code"),
+        Some(200)
+    );
+    assert_eq!(attr(attempts[0], "error.type").as_deref(), Some("500"));
     assert_eq!(attr(attempts[1], "error.type"), None);
+    assert!(is_error(attempts[0]), "{:?}", attempts[0].status);
+    assert!(!is_error(attempts[1]), "{:?}", attempts[1].status);
+    assert!(!is_error(deliver) && !is_error(publish));
+    assert_eq!(int_attr(deliver, "pushwire.attempts"), Some(2));
+    assert_eq!(int_attr(publish, "pushwire.deliveries"), Some(1));
+    assert_eq!(int_attr(route, "pushwire.routes"), Some(1));
+    for (_, span) in &spans {
+        for leak in [
+            "target",
+            "busy_ns",
+            "idle_ns",
+            "code.namespace",
+            "thread.id",
+        ] {
+            assert!(attr(span, leak).is_none(), "{leak} on {}", span.name);
+        }
+    }
+
+    // A gRPC call's server span: named after the method, with the status code as an integer;
+    // a client's mistake (INVALID_ARGUMENT) leaves the server span's status unset.
+    let refused = stack
+        .admin()
+        .integrations()
+        .get_integration(pb::GetIntegrationRequest {
+            name: "not a name".into(),
+        })
+        .await
+        .expect_err("a malformed name is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let get = eventually(
+        "the GetIntegration span exported",
+        Duration::from_secs(20),
+        || async {
+            telemetry.flush().await;
+            let found = collector
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, s)| s)
+                .find(|s| s.name == "pushwire.v1.IntegrationService/GetIntegration")
+                .cloned();
+            Ok(match found {
+                Some(span) => Poll::Ready(span),
+                None => Poll::not_yet("no GetIntegration span yet"),
+            })
+        },
+    )
+    .await?;
+    assert_eq!(
+        int_attr(&get, "rpc.grpc.status_code"),
+        Some(tonic::Code::InvalidArgument as i64)
+    );
+    assert_eq!(attr(&get, "rpc.system").as_deref(), Some("grpc"));
+    assert!(!is_error(&get), "{:?}", get.status);
 
     // Nothing secret and no body in any exported attribute or event of any span.
     let everything = format!("{:?}", collector.spans.lock().unwrap());

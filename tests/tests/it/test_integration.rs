@@ -151,6 +151,12 @@ fn assert_delivery_of(got: &Received, body: &[u8], integration_id: &str, sent: (
     assert_eq!(got.header("content-type"), Some("application/json"));
     assert_eq!(got.header("user-agent"), Some(USER_AGENT));
     assert!(USER_AGENT.starts_with("Pushwire/"), "{USER_AGENT}");
+    // A traceparent, as every delivery has: the receiver's spans join a trace.
+    let traceparent = got.header("traceparent").expect("a traceparent");
+    assert!(
+        pushwire_common::webhook::traceparent::TraceParent::parse(traceparent).is_some(),
+        "{traceparent}"
+    );
     let msg_id = format!("{}_{integration_id}", sample_id(got));
     assert_eq!(got.header("webhook-id"), Some(msg_id.as_str()));
     let ts: i64 = got

@@ -59,6 +59,8 @@ pub struct Job {
     pub body: Bytes,
     /// `traceparent` to send.
     pub traceparent: Option<String>,
+    /// The publisher's `tracestate`, forwarded with a `traceparent` of its trace (empty: none).
+    pub tracestate: String,
 }
 
 /// The final outcome of a job.
@@ -272,9 +274,11 @@ impl Dispatcher {
     ) {
         let class = match result {
             Ok(resp) => {
-                span.record("http.response.status_code", resp.status);
+                // Integers, and the status code as `error.type`, as the conventions ask.
+                span.record("http.response.status_code", i64::from(resp.status));
                 if !(200..300).contains(&resp.status) {
-                    span.record("error.type", format!("http_{}", resp.status));
+                    span.record("error.type", resp.status.to_string());
+                    telemetry::set_error(span);
                 }
                 match resp.status {
                     200..=299 => "2xx",
@@ -285,6 +289,7 @@ impl Dispatcher {
             }
             Err(e) => {
                 span.record("error.type", e.kind());
+                telemetry::set_error(span);
                 "error"
             }
         };
@@ -444,16 +449,20 @@ impl<'a> Delivery<'a> {
         permit: LanePermit,
     ) -> Step<Result<HttpResponse, AttemptError>> {
         self.attempts += 1;
+        let (server_address, server_port) = request::server_of(&integration.url);
         let span = tracing::info_span!(
             "attempt",
             otel.kind = "client",
             pushwire.participation.id = %self.job.participation_id,
             pushwire.integration = %integration.name,
-            pushwire.attempt = self.attempts,
+            pushwire.attempt = i64::from(self.attempts),
             http.request.method = "POST",
             url.full = %request::redacted_url(&integration.url),
+            server.address = %server_address,
+            server.port = i64::from(server_port),
             http.response.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
         );
         // The receiver's spans join ours under this attempt.
         let traceparent = telemetry::traceparent_of(&span).or_else(|| self.job.traceparent.clone());
@@ -464,6 +473,8 @@ impl<'a> Delivery<'a> {
             SystemTime::now(),
             traceparent.as_deref(),
         );
+        let mut req = req;
+        request::add_tracestate(&mut req, &self.job.tracestate);
         let sent = Instant::now();
         let result = tokio::select! {
             biased;

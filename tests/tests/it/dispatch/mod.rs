@@ -233,6 +233,7 @@ fn job(integration: &Integration, participation: &str) -> Job {
         participation_id: participation.into(),
         body: Bytes::from_static(BODY.as_bytes()),
         traceparent: Some(TRACEPARENT.to_owned()),
+        tracestate: String::new(),
     }
 }
 
