@@ -279,7 +279,7 @@ impl Catalog {
             // Only a URL being set: an integration stored under another allow-list stays
             // updatable (disabling it, say); the worker's guard still refuses to deliver.
             validate::endpoint_host("integration.url", &url, &self.opts.ssrf_allow)?;
-            i.url = url;
+            i.url = validate::normalize_url(&url);
         }
         // Creation checks the required fields here too, so a create without them fails
         // before anything is read.

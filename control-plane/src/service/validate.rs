@@ -46,7 +46,38 @@ fn invalid(field: &str, reason: impl Into<String>) -> InvalidField {
     InvalidField::new(field, reason)
 }
 
-/// 1 to 100 characters, not only spaces, no control characters.
+/// Whether `c` is invisible or reorders the text around it: the Unicode default-ignorable code
+/// points (zero-width spaces and joiners, word joiner, soft hyphen, variation selectors, tags,
+/// the byte-order mark, Hangul fillers...) and the bidirectional controls (U+061C, U+200E/F,
+/// U+202A–U+202E, U+2066–U+2069, all default-ignorable too). Such a character makes a name
+/// or URL look like another one: `C\u{200B}RM` reads as `CRM`, U+202E prints what follows
+/// reversed.
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{AD}'
+            | '\u{34F}'
+            | '\u{61C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
+}
+
+/// 1 to 100 characters, not only spaces, no control characters, no invisible or
+/// direction-changing characters ([`is_invisible`]) and no whitespace other than the ASCII
+/// space (a no-break or ideographic space looks like a space but is another name).
 pub fn display_name(field: &str, name: &str) -> Result<(), InvalidField> {
     if name.trim().is_empty() {
         return Err(invalid(field, "required"));
@@ -61,17 +92,46 @@ pub fn display_name(field: &str, name: &str) -> Result<(), InvalidField> {
     if name.chars().any(char::is_control) {
         return Err(invalid(field, "must not contain control characters"));
     }
+    if let Some(c) = name
+        .chars()
+        .find(|&c| is_invisible(c) || (c.is_whitespace() && c != ' '))
+    {
+        return Err(invalid(
+            field,
+            format!(
+                "must not contain invisible, direction-changing or non-ASCII space characters, \
+                 found U+{:04X}",
+                u32::from(c)
+            ),
+        ));
+    }
     Ok(())
 }
 
 /// An absolute `https://` URL with a host (`http://` only when allowed), no user info, no
-/// fragment.
+/// fragment, and no character that URL parsing would drop or that could not be seen: no
+/// control characters (CR, LF, NUL, tab...), no whitespace (spaces included: a space in a
+/// path is written `%20`) and no invisible or direction-changing character
+/// ([`is_invisible`]). What remains is stored as [`normalize_url`] writes it.
 pub fn endpoint_url(field: &str, raw: &str, allow_http: bool) -> Result<(), InvalidField> {
     if raw.is_empty() {
         return Err(invalid(field, "required"));
     }
     if raw.len() > MAX_URL_BYTES {
         return Err(invalid(field, format!("at most {MAX_URL_BYTES} bytes")));
+    }
+    if let Some((at, c)) = raw
+        .char_indices()
+        .find(|&(_, c)| c.is_control() || c.is_whitespace() || is_invisible(c))
+    {
+        return Err(invalid(
+            field,
+            format!(
+                "must not contain control, whitespace or invisible characters, found U+{:04X} \
+                 at byte {at} (write a space as %20)",
+                u32::from(c)
+            ),
+        ));
     }
     let url =
         url::Url::parse(raw).map_err(|e| invalid(field, format!("not an absolute URL: {e}")))?;
@@ -103,7 +163,24 @@ pub fn endpoint_url(field: &str, raw: &str, allow_http: bool) -> Result<(), Inva
     if url.fragment().is_some() {
         return Err(invalid(field, "must not have a #fragment"));
     }
+    if url.as_str().len() > MAX_URL_BYTES {
+        return Err(invalid(
+            field,
+            format!(
+                "at most {MAX_URL_BYTES} bytes once normalised (non-ASCII characters are \
+                 percent-encoded)"
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// The URL as it is called and stored: the serialisation of the parsed URL (scheme and host
+/// lower-cased, an internationalised host in its ASCII form, a default port dropped, an empty
+/// path written `/`, non-ASCII characters of the path and query percent-encoded). `raw` is
+/// expected to have passed [`endpoint_url`]; anything that does not parse is returned as is.
+pub fn normalize_url(raw: &str) -> String {
+    url::Url::parse(raw).map_or_else(|_| raw.to_owned(), String::from)
 }
 
 /// Refuses early a URL whose host is a literal IP address that is not public, or a
@@ -261,10 +338,48 @@ mod tests {
             ("http://crm.example.com/", "--allow-insecure-http"),
             ("https://user:pw@crm.example.com/", "credentials"),
             ("https://crm.example.com/#x", "fragment"),
+            // Characters URL parsing drops or hides: refused, not silently changed.
+            (
+                "https://crm.example.com/a\r\nX-Evil: 1",
+                "U+000D at byte 25",
+            ),
+            ("https://crm.example.com/a\nb", "U+000A"),
+            ("https://crm.example.com/\0", "U+0000"),
+            ("https://crm.exa\tmple.com/", "U+0009"),
+            (" https://crm.example.com/", "U+0020 at byte 0"),
+            ("https://crm.example.com/ ", "U+0020"),
+            ("https://crm.example.com/a b", "%20"),
+            ("https://crm.example.com/\u{a0}", "U+00A0"),
+            ("https://crm.exa\u{200b}mple.com/", "U+200B"),
+            ("https://crm.example.com/\u{202e}moc", "U+202E"),
         ] {
             let err = endpoint_url("url", bad, false).unwrap_err();
-            assert!(err.reason.contains(why), "{bad}: {err}");
+            assert!(err.reason.contains(why), "{bad:?}: {err}");
         }
+        // What is stored is what is called.
+        for (typed, stored) in [
+            (
+                "https://crm.example.com/hook?x=1",
+                "https://crm.example.com/hook?x=1",
+            ),
+            ("HTTPS://CRM.Example.COM", "https://crm.example.com/"),
+            ("https://crm.example.com:443/a", "https://crm.example.com/a"),
+            (
+                "https://bücher.example/caf\u{e9}",
+                "https://xn--bcher-kva.example/caf%C3%A9",
+            ),
+            (
+                "https://crm.example.com\\a\\b",
+                "https://crm.example.com/a/b",
+            ),
+        ] {
+            assert!(endpoint_url("url", typed, false).is_ok(), "{typed}");
+            assert_eq!(normalize_url(typed), stored);
+        }
+        let long = format!("https://crm.example.com/{}", "\u{e9}".repeat(1000));
+        assert!(long.len() <= MAX_URL_BYTES);
+        let err = endpoint_url("url", &long, false).unwrap_err();
+        assert!(err.reason.contains("once normalised"), "{err}");
     }
 
     #[test]
@@ -418,6 +533,21 @@ mod tests {
         assert!(display_name("d", &"é".repeat(101)).is_err());
         assert!(display_name("d", "  ").is_err());
         assert!(display_name("d", "a\nb").is_err());
+        assert!(display_name("d", "CRM sync (été) 🚀").is_ok());
+        for bad in [
+            "C\u{200b}RM",
+            "\u{202e}MRC",
+            "CRM\u{2066}",
+            "C\u{ad}RM",
+            "CRM\u{feff}",
+            "CRM\u{fe0f}",
+            "C\u{a0}RM",
+            "C\u{3000}RM",
+            "C\u{2028}RM",
+        ] {
+            let err = display_name("d", bad).unwrap_err();
+            assert!(err.reason.contains("invisible"), "{bad:?}: {err}");
+        }
         assert!(secret("s", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_ok());
         assert!(secret("s", "plain secret").is_ok());
         assert!(secret("s", "whsec_not base64!").is_err());
