@@ -27,6 +27,8 @@ pub struct Ops {
     metrics: Arc<Metrics>,
     /// The in-process worker of `--with-worker`.
     worker: Option<pushwire_worker::Status>,
+    /// The tokens the server accepts, for its token file's state.
+    auth: Option<pushwire_common::auth::Authenticator>,
 }
 
 impl std::fmt::Debug for Ops {
@@ -79,6 +81,7 @@ impl Ops {
             feed,
             store,
             worker,
+            auth: None,
             metrics: Arc::new(Metrics {
                 registry,
                 revision,
@@ -86,6 +89,12 @@ impl Ops {
                 store_up,
             }),
         }
+    }
+
+    /// The same, also not ready while `auth`'s token file is not in force.
+    pub fn with_token_file(mut self, auth: pushwire_common::auth::Authenticator) -> Self {
+        self.auth = Some(auth);
+        self
     }
 
     /// Checks the store within the probe timeout; the reason when it fails.
@@ -114,6 +123,14 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: configuration not loaded from the store yet\n".to_owned(),
+        );
+    }
+    if let Some(problem) = ops.auth.as_ref().and_then(|a| a.token_file_problem()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: token file not applied, the previous tokens stay in use: {problem}\n"
+            ),
         );
     }
     if let Some(Err(why)) = ops.worker.as_ref().map(|w| w.ready()) {

@@ -10,6 +10,8 @@ use axum::routing::get;
 
 use std::sync::Arc;
 
+use pushwire_common::auth::Authenticator;
+
 use crate::config_watch::TableWatch;
 use crate::deliver::dispatch::Dispatcher;
 use crate::metrics::Metrics;
@@ -20,6 +22,8 @@ pub struct Status {
     pub(crate) table: TableWatch,
     pub(crate) metrics: Arc<Metrics>,
     dispatcher: Dispatcher,
+    /// The tokens of the worker's own server, for its token file's state.
+    auth: Option<Authenticator>,
 }
 
 impl Status {
@@ -30,11 +34,29 @@ impl Status {
             table,
             metrics,
             dispatcher,
+            auth: None,
         }
     }
 
-    /// The configuration revision in use, or why the worker is not ready.
+    /// The same, also not ready while `auth`'s token file is not in force.
+    pub fn with_token_file(mut self, auth: Authenticator) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// The configuration revision in use, or why the worker is not ready: no configuration
+    /// yet, or a token file that cannot be applied (its previous tokens are still accepted,
+    /// not what the file says now).
     pub fn ready(&self) -> Result<i64, String> {
+        if let Some(problem) = self
+            .auth
+            .as_ref()
+            .and_then(Authenticator::token_file_problem)
+        {
+            return Err(format!(
+                "token file not applied, the previous tokens stay in use: {problem}"
+            ));
+        }
         self.table
             .borrow()
             .as_ref()
