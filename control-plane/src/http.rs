@@ -91,7 +91,7 @@ impl Ops {
         }
     }
 
-    /// The same, also not ready while `auth`'s token file is not in force.
+    /// The same, `/readyz` also saying when `auth`'s token file is not in force.
     pub fn with_token_file(mut self, auth: pushwire_common::auth::Authenticator) -> Self {
         self.auth = Some(auth);
         self
@@ -125,14 +125,6 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
             "not ready: configuration not loaded from the store yet\n".to_owned(),
         );
     }
-    if let Some(problem) = ops.auth.as_ref().and_then(|a| a.token_file_problem()) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "not ready: token file not applied, the previous tokens stay in use: {problem}\n"
-            ),
-        );
-    }
     if let Some(Err(why)) = ops.worker.as_ref().map(|w| w.ready()) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -140,7 +132,11 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
         );
     }
     match ops.store_ok().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(()) => {
+            let warning = ops.auth.as_ref().and_then(|a| a.readiness_warning());
+            let warning = warning.map(|w| format!("{w}\n")).unwrap_or_default();
+            (StatusCode::OK, format!("ready\n{warning}"))
+        }
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {why}\n"),

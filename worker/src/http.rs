@@ -38,25 +38,14 @@ impl Status {
         }
     }
 
-    /// The same, also not ready while `auth`'s token file is not in force.
+    /// The same, `/readyz` also saying when `auth`'s token file is not in force.
     pub fn with_token_file(mut self, auth: Authenticator) -> Self {
         self.auth = Some(auth);
         self
     }
 
-    /// The configuration revision in use, or why the worker is not ready: no configuration
-    /// yet, or a token file that cannot be applied (its previous tokens are still accepted,
-    /// not what the file says now).
+    /// The configuration revision in use, or why the worker is not ready.
     pub fn ready(&self) -> Result<i64, String> {
-        if let Some(problem) = self
-            .auth
-            .as_ref()
-            .and_then(Authenticator::token_file_problem)
-        {
-            return Err(format!(
-                "token file not applied, the previous tokens stay in use: {problem}"
-            ));
-        }
         self.table
             .borrow()
             .as_ref()
@@ -95,10 +84,17 @@ pub fn router(status: Status) -> Router {
 
 async fn readyz(State(status): State<Status>) -> impl IntoResponse {
     match status.ready() {
-        Ok(revision) => (
-            StatusCode::OK,
-            format!("ready: configuration revision {revision}\n"),
-        ),
+        Ok(revision) => {
+            let warning = status
+                .auth
+                .as_ref()
+                .and_then(Authenticator::readiness_warning);
+            let warning = warning.map(|w| format!("{w}\n")).unwrap_or_default();
+            (
+                StatusCode::OK,
+                format!("ready: configuration revision {revision}\n{warning}"),
+            )
+        }
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {why}\n"),

@@ -194,6 +194,16 @@ impl Authenticator {
             .clone()
     }
 
+    /// The line `/readyz` adds while the token file is not in force. Readiness itself does not
+    /// fail: the previous tokens still work, and a mistake in a file every replica mounts
+    /// would otherwise take every replica out of its Service at once (Prometheus treats a
+    /// configuration it cannot reload the same way).
+    pub fn readiness_warning(&self) -> Option<String> {
+        self.token_file_problem().map(|problem| {
+            format!("warning: token file not applied, the previous tokens stay in use: {problem}")
+        })
+    }
+
     /// Keeps `gauge` at 1 while the token file is in force (or there is none), 0 while it is
     /// not.
     pub fn report_to(&self, gauge: Gauge) {
