@@ -75,23 +75,13 @@ pub fn is_invisible(c: char) -> bool {
     )
 }
 
-/// 1 to 100 characters, not only spaces, no control characters, no invisible or
-/// direction-changing characters ([`is_invisible`]) and no whitespace other than the ASCII
-/// space (a no-break or ideographic space looks like a space but is another name).
-pub fn display_name(field: &str, name: &str) -> Result<(), InvalidField> {
-    if name.trim().is_empty() {
-        return Err(invalid(field, "required"));
-    }
-    // Count at most one past the limit: a 10 MB name must not cost a 10 MB scan twice.
-    if name.chars().take(MAX_DISPLAY_NAME_CHARS + 1).count() > MAX_DISPLAY_NAME_CHARS {
-        return Err(invalid(
-            field,
-            format!("at most {MAX_DISPLAY_NAME_CHARS} characters"),
-        ));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(invalid(field, "must not contain control characters"));
-    }
+/// A display name being set: a [`display_name`] without invisible or direction-changing
+/// characters ([`is_invisible`]) and without whitespace other than the ASCII space (a no-break
+/// or ideographic space looks like a space but makes another name).
+///
+/// Only for a name being set: one stored before this rule stays updatable (disabling it, say).
+pub fn new_display_name(field: &str, name: &str) -> Result<(), InvalidField> {
+    display_name(field, name)?;
     if let Some(c) = name
         .chars()
         .find(|&c| is_invisible(c) || (c.is_whitespace() && c != ' '))
@@ -108,18 +98,33 @@ pub fn display_name(field: &str, name: &str) -> Result<(), InvalidField> {
     Ok(())
 }
 
-/// An absolute `https://` URL with a host (`http://` only when allowed), no user info, no
-/// fragment, and no character that URL parsing would drop or that could not be seen: no
-/// control characters (CR, LF, NUL, tab...), no whitespace (spaces included: a space in a
-/// path is written `%20`) and no invisible or direction-changing character
-/// ([`is_invisible`]). What remains is stored as [`normalize_url`] writes it.
-pub fn endpoint_url(field: &str, raw: &str, allow_http: bool) -> Result<(), InvalidField> {
-    if raw.is_empty() {
+/// 1 to 100 characters, not only spaces, no control characters.
+pub fn display_name(field: &str, name: &str) -> Result<(), InvalidField> {
+    if name.trim().is_empty() {
         return Err(invalid(field, "required"));
     }
-    if raw.len() > MAX_URL_BYTES {
-        return Err(invalid(field, format!("at most {MAX_URL_BYTES} bytes")));
+    // Count at most one past the limit: a 10 MB name must not cost a 10 MB scan twice.
+    if name.chars().take(MAX_DISPLAY_NAME_CHARS + 1).count() > MAX_DISPLAY_NAME_CHARS {
+        return Err(invalid(
+            field,
+            format!("at most {MAX_DISPLAY_NAME_CHARS} characters"),
+        ));
     }
+    if name.chars().any(char::is_control) {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A URL being set: an [`endpoint_url`] without any character that URL parsing would drop or
+/// that could not be seen (no control characters such as CR, LF, NUL or tab, no whitespace,
+/// spaces included: a space in a path is written `%20`, no invisible or direction-changing
+/// character, see [`is_invisible`]), at most [`MAX_URL_BYTES`] once normalised. Returns it
+/// as it is stored and called: [`normalize_url`].
+///
+/// Only for a URL being set: one stored before these rules stays updatable (disabling it,
+/// say), [`endpoint_url`] still checks it.
+pub fn new_endpoint_url(field: &str, raw: &str, allow_http: bool) -> Result<String, InvalidField> {
     if let Some((at, c)) = raw
         .char_indices()
         .find(|&(_, c)| c.is_control() || c.is_whitespace() || is_invisible(c))
@@ -132,6 +137,29 @@ pub fn endpoint_url(field: &str, raw: &str, allow_http: bool) -> Result<(), Inva
                 u32::from(c)
             ),
         ));
+    }
+    endpoint_url(field, raw, allow_http)?;
+    let normalized = normalize_url(raw);
+    if normalized.len() > MAX_URL_BYTES {
+        return Err(invalid(
+            field,
+            format!(
+                "at most {MAX_URL_BYTES} bytes once normalised (non-ASCII characters are \
+                 percent-encoded)"
+            ),
+        ));
+    }
+    Ok(normalized)
+}
+
+/// An absolute `https://` URL with a host (`http://` only when allowed), no user info, no
+/// fragment.
+pub fn endpoint_url(field: &str, raw: &str, allow_http: bool) -> Result<(), InvalidField> {
+    if raw.is_empty() {
+        return Err(invalid(field, "required"));
+    }
+    if raw.len() > MAX_URL_BYTES {
+        return Err(invalid(field, format!("at most {MAX_URL_BYTES} bytes")));
     }
     let url =
         url::Url::parse(raw).map_err(|e| invalid(field, format!("not an absolute URL: {e}")))?;
@@ -162,15 +190,6 @@ pub fn endpoint_url(field: &str, raw: &str, allow_http: bool) -> Result<(), Inva
     }
     if url.fragment().is_some() {
         return Err(invalid(field, "must not have a #fragment"));
-    }
-    if url.as_str().len() > MAX_URL_BYTES {
-        return Err(invalid(
-            field,
-            format!(
-                "at most {MAX_URL_BYTES} bytes once normalised (non-ASCII characters are \
-                 percent-encoded)"
-            ),
-        ));
     }
     Ok(())
 }
@@ -353,7 +372,7 @@ mod tests {
             ("https://crm.exa\u{200b}mple.com/", "U+200B"),
             ("https://crm.example.com/\u{202e}moc", "U+202E"),
         ] {
-            let err = endpoint_url("url", bad, false).unwrap_err();
+            let err = new_endpoint_url("url", bad, false).unwrap_err();
             assert!(err.reason.contains(why), "{bad:?}: {err}");
         }
         // What is stored is what is called.
@@ -373,13 +392,15 @@ mod tests {
                 "https://crm.example.com/a/b",
             ),
         ] {
-            assert!(endpoint_url("url", typed, false).is_ok(), "{typed}");
-            assert_eq!(normalize_url(typed), stored);
+            assert_eq!(new_endpoint_url("url", typed, false), Ok(stored.to_owned()));
         }
         let long = format!("https://crm.example.com/{}", "\u{e9}".repeat(1000));
         assert!(long.len() <= MAX_URL_BYTES);
-        let err = endpoint_url("url", &long, false).unwrap_err();
+        assert!(endpoint_url("url", &long, false).is_ok());
+        let err = new_endpoint_url("url", &long, false).unwrap_err();
         assert!(err.reason.contains("once normalised"), "{err}");
+        // A URL stored before these rules still passes the check of stored ones.
+        assert!(endpoint_url("url", "https://crm.example.com/a b", false).is_ok());
     }
 
     #[test]
@@ -533,7 +554,9 @@ mod tests {
         assert!(display_name("d", &"é".repeat(101)).is_err());
         assert!(display_name("d", "  ").is_err());
         assert!(display_name("d", "a\nb").is_err());
-        assert!(display_name("d", "CRM sync (été) 🚀").is_ok());
+        assert!(new_display_name("d", "CRM sync (été) 🚀").is_ok());
+        // A name stored before the rule still passes the check of stored ones.
+        assert!(display_name("d", "C\u{200b}RM").is_ok());
         for bad in [
             "C\u{200b}RM",
             "\u{202e}MRC",
@@ -545,7 +568,7 @@ mod tests {
             "C\u{3000}RM",
             "C\u{2028}RM",
         ] {
-            let err = display_name("d", bad).unwrap_err();
+            let err = new_display_name("d", bad).unwrap_err();
             assert!(err.reason.contains("invisible"), "{bad:?}: {err}");
         }
         assert!(secret("s", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_ok());
