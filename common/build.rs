@@ -28,6 +28,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out.join("pushwire_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .skip_debug(REDACTED_DEBUG)
+        // prost's codec, except that a Publish request whose document is not UTF-8 is
+        // refused on its own rather than ending the stream (`pb/codec.rs`).
+        .codec_path("crate::pb::codec::PushwireCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -19,6 +19,8 @@ mod pushwire {
 /// The public API, package `pushwire.v1`.
 pub use pushwire::v1;
 
+pub mod codec;
+
 /// Encoded `FileDescriptorSet` of every Pushwire proto file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/pushwire_descriptor.bin"));

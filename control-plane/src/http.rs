@@ -28,6 +28,8 @@ pub struct Ops {
     metrics: Arc<Metrics>,
     /// The in-process worker of `--with-worker`.
     worker: Option<pushwire_worker::Status>,
+    /// The tokens the server accepts, for its token file's state.
+    auth: Option<pushwire_common::auth::Authenticator>,
 }
 
 impl std::fmt::Debug for Ops {
@@ -80,6 +82,7 @@ impl Ops {
             feed,
             store,
             worker,
+            auth: None,
             metrics: Arc::new(Metrics {
                 registry,
                 revision,
@@ -87,6 +90,12 @@ impl Ops {
                 store_up,
             }),
         }
+    }
+
+    /// The same, `/readyz` also saying when `auth`'s token file is not in force.
+    pub fn with_token_file(mut self, auth: pushwire_common::auth::Authenticator) -> Self {
+        self.auth = Some(auth);
+        self
     }
 
     /// Checks the store within the probe timeout; the reason when it fails.
@@ -124,7 +133,11 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
         );
     }
     match ops.store_ok().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(()) => {
+            let warning = ops.auth.as_ref().and_then(|a| a.readiness_warning());
+            let warning = warning.map(|w| format!("{w}\n")).unwrap_or_default();
+            (StatusCode::OK, format!("ready\n{warning}"))
+        }
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {why}\n"),

@@ -162,7 +162,8 @@ pub async fn run(
         &grpc_metrics,
         &store_metrics,
         worker.as_ref().map(|w| w.status()),
-    );
+    )
+    .with_token_file(auth.clone());
     let http_task = axum::serve(listeners.http, ops.router())
         .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
 

@@ -11,6 +11,8 @@ use pushwire_common::server::exposition::Format;
 
 use std::sync::Arc;
 
+use pushwire_common::auth::Authenticator;
+
 use crate::config_watch::TableWatch;
 use crate::deliver::dispatch::Dispatcher;
 use crate::metrics::Metrics;
@@ -21,6 +23,8 @@ pub struct Status {
     pub(crate) table: TableWatch,
     pub(crate) metrics: Arc<Metrics>,
     dispatcher: Dispatcher,
+    /// The tokens of the worker's own server, for its token file's state.
+    auth: Option<Authenticator>,
 }
 
 impl Status {
@@ -31,7 +35,14 @@ impl Status {
             table,
             metrics,
             dispatcher,
+            auth: None,
         }
+    }
+
+    /// The same, `/readyz` also saying when `auth`'s token file is not in force.
+    pub fn with_token_file(mut self, auth: Authenticator) -> Self {
+        self.auth = Some(auth);
+        self
     }
 
     /// The configuration revision in use, or why the worker is not ready.
@@ -74,10 +85,17 @@ pub fn router(status: Status) -> Router {
 
 async fn readyz(State(status): State<Status>) -> impl IntoResponse {
     match status.ready() {
-        Ok(revision) => (
-            StatusCode::OK,
-            format!("ready: configuration revision {revision}\n"),
-        ),
+        Ok(revision) => {
+            let warning = status
+                .auth
+                .as_ref()
+                .and_then(Authenticator::readiness_warning);
+            let warning = warning.map(|w| format!("{w}\n")).unwrap_or_default();
+            (
+                StatusCode::OK,
+                format!("ready: configuration revision {revision}\n{warning}"),
+            )
+        }
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {why}\n"),

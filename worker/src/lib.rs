@@ -230,7 +230,8 @@ pub async fn run(
         shutdown.clone(),
     );
     let http_shutdown = shutdown.clone();
-    let http = axum::serve(listeners.http, http::router(worker.status()))
+    let status = worker.status().with_token_file(auth.clone());
+    let http = axum::serve(listeners.http, http::router(status))
         .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
 
     // Deliveries still running `shutdown_grace` after the signal are interrupted.

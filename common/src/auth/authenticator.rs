@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 
 use super::policy::{Principal, Role};
@@ -35,6 +36,10 @@ struct Inner {
     table: RwLock<Arc<Table>>,
     /// The file's bytes as last loaded, to notice changes.
     loaded: RwLock<Option<Vec<u8>>>,
+    /// Why the file as it is now is not in force (the previous tokens are), if it is not.
+    problem: RwLock<Option<String>>,
+    /// Gauges set to 1 while the file is in force, 0 while it is not ([`Authenticator::report_to`]).
+    gauges: Mutex<Vec<Gauge>>,
 }
 
 impl fmt::Debug for Authenticator {
@@ -92,9 +97,21 @@ impl AuthenticatorBuilder {
                 fixed: self.fixed,
                 table: RwLock::new(Arc::default()),
                 loaded: RwLock::new(None),
+                problem: RwLock::new(None),
+                gauges: Mutex::new(Vec::new()),
             }),
         };
         auth.swap(Vec::new());
+        // A missing file at startup is a mistake (a wrong path, a volume not mounted); while
+        // running, deleting it revokes its tokens (see `reload`).
+        if let Some(path) = &auth.inner.file
+            && let Err(e) = std::fs::metadata(path)
+        {
+            return Err(TokenFileError {
+                path: path.clone(),
+                reason: e.to_string(),
+            });
+        }
         auth.reload()?;
         Ok(auth)
     }
@@ -132,15 +149,87 @@ impl Authenticator {
     }
 
     /// Reads the token file again; swaps the tokens in when it changed and is valid. `Ok(true)`
-    /// when new tokens are in use; on error the previous tokens stay.
+    /// when new tokens are in use; on error the previous tokens stay, and
+    /// [`Authenticator::token_file_problem`] says why until the file is in force again.
+    ///
+    /// An empty file (or only whitespace), and a file deleted while the server runs, hold no
+    /// token: every token of the file is revoked at once (those the process adds itself stay).
+    /// That is what an operator emptying it in an emergency expects; keeping the previous
+    /// tokens would revoke nothing.
     pub fn reload(&self) -> Result<bool, TokenFileError> {
+        let result = self.reload_file();
+        let problem = result.as_ref().err().map(|e| e.reason.clone());
+        let changed = {
+            let mut current = self
+                .inner
+                .problem
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            let changed = *current != problem;
+            current.clone_from(&problem);
+            changed
+        };
+        for gauge in self
+            .inner
+            .gauges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            gauge.set(i64::from(problem.is_none()));
+        }
+        if changed && problem.is_none() && self.inner.loaded.read().is_ok_and(|l| l.is_some()) {
+            tracing::info!("token file in force again");
+        }
+        result
+    }
+
+    /// Why the token file as it is now is not in force (the previous tokens are): unreadable or
+    /// invalid. `None` while it is, or without a token file.
+    pub fn token_file_problem(&self) -> Option<String> {
+        self.inner
+            .problem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The line `/readyz` adds while the token file is not in force. Readiness itself does not
+    /// fail: the previous tokens still work, and a mistake in a file every replica mounts
+    /// would otherwise take every replica out of its Service at once (Prometheus treats a
+    /// configuration it cannot reload the same way).
+    pub fn readiness_warning(&self) -> Option<String> {
+        self.token_file_problem().map(|problem| {
+            format!("warning: token file not applied, the previous tokens stay in use: {problem}")
+        })
+    }
+
+    /// Keeps `gauge` at 1 while the token file is in force (or there is none), 0 while it is
+    /// not.
+    pub fn report_to(&self, gauge: Gauge) {
+        gauge.set(i64::from(self.token_file_problem().is_none()));
+        self.inner
+            .gauges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(gauge);
+    }
+
+    fn reload_file(&self) -> Result<bool, TokenFileError> {
         let Some(path) = &self.inner.file else {
             return Ok(false);
         };
-        let bytes = std::fs::read(path).map_err(|e| TokenFileError {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            // Deleted: no token any more (a missing file at startup is refused by `build`).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(TokenFileError {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        };
         if self
             .inner
             .loaded
@@ -153,7 +242,13 @@ impl Authenticator {
         }
         let entries = std::str::from_utf8(&bytes)
             .map_err(|_| "not UTF-8".to_owned())
-            .and_then(parse_token_file)
+            .and_then(|text| {
+                if text.trim().is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    parse_token_file(text)
+                }
+            })
             .map_err(|reason| TokenFileError {
                 path: path.clone(),
                 reason,
@@ -161,7 +256,14 @@ impl Authenticator {
         let count = entries.len();
         self.swap(entries);
         *self.inner.loaded.write().unwrap_or_else(|e| e.into_inner()) = Some(bytes);
-        tracing::info!(path = %path.display(), tokens = count, "token file loaded");
+        if count == 0 {
+            tracing::warn!(
+                path = %path.display(),
+                "token file empty or deleted: none of its tokens is accepted any more"
+            );
+        } else {
+            tracing::info!(path = %path.display(), tokens = count, "token file loaded");
+        }
         Ok(true)
     }
 
@@ -190,7 +292,12 @@ impl Authenticator {
                 () = tokio::time::sleep(interval) => {}
                 () = stop.cancelled() => return,
             }
-            if let Err(e) = self.reload() {
+            let before = self.token_file_problem();
+            if let Err(e) = self.reload()
+                && before.as_deref() != Some(e.reason.as_str())
+            {
+                // Once per new problem, not every interval; /readyz and the
+                // token_file_applied gauge keep saying it.
                 tracing::error!(error = %e, "token file not reloaded; the previous tokens stay in use");
             }
         }
@@ -232,10 +339,43 @@ mod tests {
         assert!(auth.authenticate("one").is_none());
         assert_eq!(auth.authenticate("two").unwrap().role, Role::Publisher);
 
+        let gauge = Gauge::default();
+        auth.report_to(gauge.clone());
+        assert_eq!(gauge.get(), 1);
+        assert_eq!(auth.token_file_problem(), None);
         std::fs::write(&path, "{ broken").unwrap();
         assert!(auth.reload().is_err());
         assert_eq!(auth.authenticate("two").unwrap().role, Role::Publisher);
         assert!(auth.authenticate("boot").is_some());
+        // Not in force, and said so.
+        assert_eq!(gauge.get(), 0);
+        assert!(auth.token_file_problem().unwrap().contains("not JSON"));
+
+        // Emptied: every token of the file is revoked, the process's own stay.
+        // (Back to the tokens in use: in force again, nothing to swap.)
+        std::fs::write(&path, entry("two", "publisher")).unwrap();
+        assert!(!auth.reload().unwrap());
+        assert_eq!(gauge.get(), 1);
+        assert_eq!(auth.token_file_problem(), None);
+        std::fs::write(&path, " \n").unwrap();
+        assert!(auth.reload().unwrap());
+        assert!(auth.authenticate("two").is_none());
+        assert!(auth.authenticate("boot").is_some());
+        assert_eq!(auth.token_file_problem(), None);
+        // Deleted likewise.
+        std::fs::write(&path, entry("two", "publisher")).unwrap();
+        assert!(auth.reload().unwrap());
+        assert!(auth.authenticate("two").is_some());
+        std::fs::remove_file(&path).unwrap();
+        assert!(auth.reload().unwrap());
+        assert!(auth.authenticate("two").is_none());
+        assert_eq!(gauge.get(), 1);
+        // A missing file is still refused at startup.
+        let refused = Authenticator::builder()
+            .token_file(Some(path.clone()))
+            .build()
+            .unwrap_err();
+        assert!(refused.to_string().contains("tokens.json"), "{refused}");
 
         std::fs::write(&path, "{ broken").unwrap();
         let refused = Authenticator::builder()

@@ -4,6 +4,9 @@
 //! exact bytes received, or gets the one addition of [`crate::payload`]) nor decide routing
 //! (see [`crate::domain::matching`]).
 
+use std::borrow::Cow;
+use std::collections::HashSet;
+
 use serde_json::{Map, Value};
 
 /// Default maximum size of a document, 1 MiB.
@@ -28,8 +31,8 @@ const MAX_ECHO_CHARS: usize = 64;
 /// A validated participation: what routing needs, plus the parsed document for later use.
 #[derive(Clone, Debug)]
 pub struct Participation {
-    /// The participation id (`$.id`): non-empty, at most 200 characters, no `.` and no control
-    /// characters.
+    /// The participation id (`$.id`): non-empty, at most 200 characters, visible ASCII
+    /// characters only (it is the `webhook-id` header), no `.`.
     pub id: String,
     /// The participation state (`$.state`), e.g. `COMPLETED` or `STARTED`.
     pub state: String,
@@ -83,10 +86,17 @@ pub fn parse(json: &str, max_bytes: usize) -> Result<Participation, InvalidParti
             ),
         ));
     }
+    if let Some(at) = json.strip_prefix(NOT_UTF8) {
+        return Err(InvalidParticipation::new(
+            "$",
+            format!("not valid UTF-8 (from byte {at}); a document is UTF-8 JSON"),
+        ));
+    }
     // Checked before parsing, by a scan of the text, so that the error names where the
     // document is too deep whatever the depth (serde_json stops at 128 levels with a bare
     // "recursion limit exceeded").
-    if let Some(path) = too_deep(json) {
+    let scan = scan(json);
+    if let Some(path) = scan.too_deep {
         return Err(InvalidParticipation::new(
             path,
             format!("nested deeper than {MAX_DEPTH} levels of arrays and objects"),
@@ -100,6 +110,16 @@ pub fn parse(json: &str, max_bytes: usize) -> Result<Participation, InvalidParti
             format!("not valid JSON: {}", truncate(&e.to_string(), 200)),
         )
     })?;
+    // Reported only for a document that parses: on malformed JSON the scan may misread keys.
+    // serde_json keeps the last value of a duplicated key, other parsers the first: routing
+    // would see another document than some receivers.
+    if let Some(path) = scan.duplicate_key {
+        return Err(InvalidParticipation::new(
+            path,
+            "duplicate key: an object may hold each key once (parsers disagree on which value \
+             counts)",
+        ));
+    }
     let root = document.as_object().ok_or_else(|| {
         InvalidParticipation::new(
             "$",
@@ -153,13 +173,15 @@ fn participation_id(root: &Map<String, Value>) -> Result<String, InvalidParticip
             ),
         ));
     }
-    if id.chars().any(char::is_control) {
-        // The id is sent as an HTTP header value, where CR/LF would split the header.
+    if !id.bytes().all(|b| b.is_ascii_graphic()) {
+        // The id is sent as the webhook-id header: a header carries ASCII (other bytes are
+        // read differently by each receiver), and CR/LF would split it. Refused rather than
+        // encoded, so the header and the document's id stay the same string.
         return Err(InvalidParticipation::new(
             PATH,
             format!(
-                "must not contain control characters (it is sent as the webhook-id header), \
-                 found {:?}",
+                "must be visible ASCII characters, without spaces (it is sent as the \
+                 webhook-id header), found {:?}",
                 truncate(id, MAX_ECHO_CHARS)
             ),
         ));
@@ -269,50 +291,94 @@ fn numeric_id(v: &Value, path: &str) -> Result<String, InvalidParticipation> {
     }
 }
 
-/// The JSON path of the first array or object of `json` that opens at a depth over
-/// [`MAX_DEPTH`], or `None`. A linear scan of the text that only follows strings (to skip the
-/// brackets inside them), brackets, `,` and object keys; on malformed JSON it may point
-/// anywhere, but the parse that follows refuses such documents anyway.
-fn too_deep(json: &str) -> Option<String> {
-    enum Frame {
-        /// An object; the byte range of the key of the member being read, once met.
+/// A `participation_json` that is not UTF-8 reaches [`parse`] as this prefix followed by the
+/// offset of the first invalid byte: protobuf `string` fields must be UTF-8, so the gRPC codec
+/// (`crate::pb::codec`) puts it there instead of failing the whole stream, and the document is
+/// refused like any malformed one. A document cannot start so (it is not JSON).
+pub const NOT_UTF8: &str = "\u{0}pushwire:not-utf-8:";
+
+/// What [`scan`] found.
+struct Scan {
+    /// The JSON path of the first array or object that opens at a depth over [`MAX_DEPTH`].
+    too_deep: Option<String>,
+    /// The JSON path of the first key met a second time in the same object.
+    duplicate_key: Option<String>,
+}
+
+/// One linear scan of the text that only follows strings (to skip the brackets inside them),
+/// brackets, `,` and object keys: it finds the first array or object nested deeper than
+/// [`MAX_DEPTH`] (and stops there) and the first duplicated key (keys compared once
+/// unescaped). On malformed JSON it may point anywhere, but the parse that follows refuses
+/// such documents anyway.
+fn scan(json: &str) -> Scan {
+    enum Frame<'a> {
+        /// An object; the byte range of the key of the member being read, once met, and the
+        /// keys met so far.
         Object {
             key: Option<(usize, usize)>,
             expect_key: bool,
+            seen: HashSet<Cow<'a, str>>,
         },
         /// An array; the index of the element being read.
         Array { index: usize },
     }
+    let step = |f: &Frame<'_>| match f {
+        Frame::Object { key, .. } => Err(*key),
+        Frame::Array { index } => Ok(*index),
+    };
+    let mut found = Scan {
+        too_deep: None,
+        duplicate_key: None,
+    };
     let bytes = json.as_bytes();
-    let mut stack: Vec<Frame> = Vec::new();
+    let mut stack: Vec<Frame<'_>> = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
             b'"' => {
                 let start = i + 1;
                 i += 1;
+                let mut escaped = false;
                 while i < bytes.len() && bytes[i] != b'"' {
+                    escaped |= bytes[i] == b'\\';
                     i += if bytes[i] == b'\\' { 2 } else { 1 };
                 }
                 let end = i.min(bytes.len());
-                if let Some(Frame::Object { key, expect_key }) = stack.last_mut()
+                if let Some(Frame::Object {
+                    key,
+                    expect_key,
+                    seen,
+                }) = stack.last_mut()
                     && *expect_key
                 {
                     *key = Some((start, end));
                     *expect_key = false;
+                    if found.duplicate_key.is_none() {
+                        let raw = json.get(start..end).unwrap_or_default();
+                        let name = if escaped {
+                            // `"\u0073tate"` is the key `state`.
+                            json.get(start - 1..end + 1)
+                                .and_then(|quoted| serde_json::from_str::<String>(quoted).ok())
+                                .map_or(Cow::Borrowed(raw), Cow::Owned)
+                        } else {
+                            Cow::Borrowed(raw)
+                        };
+                        if !seen.insert(name) {
+                            found.duplicate_key = Some(json_path(json, &stack, step));
+                        }
+                    }
                 }
             }
             b'{' | b'[' => {
                 if stack.len() == MAX_DEPTH {
-                    return Some(json_path(json, &stack, |f| match f {
-                        Frame::Object { key, .. } => Err(*key),
-                        Frame::Array { index } => Ok(*index),
-                    }));
+                    found.too_deep = Some(json_path(json, &stack, step));
+                    return found;
                 }
                 stack.push(if bytes[i] == b'{' {
                     Frame::Object {
                         key: None,
                         expect_key: true,
+                        seen: HashSet::new(),
                     }
                 } else {
                     Frame::Array { index: 0 }
@@ -330,7 +396,7 @@ fn too_deep(json: &str) -> Option<String> {
         }
         i += 1;
     }
-    None
+    found
 }
 
 /// `$` followed by `.key` or `[index]` for each frame (`step` gives an array's index as `Ok`,

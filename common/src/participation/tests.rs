@@ -199,6 +199,13 @@ fn bad_documents_are_refused_with_their_path() {
             set("/id", json!("abc\r\nX-Evil: 1")),
             "$.id",
         ),
+        (
+            "id with non-ASCII",
+            set("/id", json!("caf\u{e9}-1")),
+            "$.id",
+        ),
+        ("id with a space", set("/id", json!("abc def")), "$.id"),
+        ("id with DEL", set("/id", json!("abc\u{7f}")), "$.id"),
         ("missing state", remove("", "state"), "$.state"),
         ("empty state", set("/state", json!("")), "$.state"),
         ("state not a string", set("/state", json!(true)), "$.state"),
@@ -452,4 +459,49 @@ fn errors_do_not_echo_huge_input() {
     doc["campaign"]["id"] = json!("9".repeat(10_000) + "x");
     let err = parse_value(&doc).unwrap_err();
     assert!(err.reason.chars().count() < 200, "{}", err.reason.len());
+}
+
+#[test]
+fn duplicate_keys_are_refused_with_their_path() {
+    let ok = r#"{"id": "p1", "state": "COMPLETED", "campaign": {"id": 1}}"#;
+    assert!(parse(ok, DEFAULT_MAX_BYTES).is_ok());
+    for (doc, path) in [
+        (
+            r#"{"id": "p1", "state": "STARTED", "campaign": {"id": 1}, "state": "COMPLETED"}"#,
+            "$.state",
+        ),
+        // The same key written with an escape is the same key.
+        (
+            r#"{"id": "p1", "state": "STARTED", "campaign": {"id": 1}, "st\u0061te": "COMPLETED"}"#,
+            "$.st\\u0061te",
+        ),
+        (
+            r#"{"id": "p1", "state": "S", "campaign": {"id": 1, "name": "a", "id": 2}}"#,
+            "$.campaign.id",
+        ),
+        (
+            r#"{"id": "p1", "state": "S", "campaign": {"id": 1}, "form": [{}, {"variable": "a", "variable": "b"}]}"#,
+            "$.form[1].variable",
+        ),
+    ] {
+        let err = parse(doc, DEFAULT_MAX_BYTES).unwrap_err();
+        assert_eq!(err.path, path, "{doc}");
+        assert!(err.reason.starts_with("duplicate key"), "{err}");
+    }
+    // The same key in different objects, or as a value, is fine.
+    let ok = r#"{"id": "id", "state": "S", "campaign": {"id": 1, "channel": {"id": 2, "website": {"id": 3}}}, "x": {"state": "state"}}"#;
+    assert!(parse(ok, DEFAULT_MAX_BYTES).is_ok());
+    // Malformed JSON is reported as such, not as a duplicate.
+    let err = parse(r#"{"id": "p1", "id""#, DEFAULT_MAX_BYTES).unwrap_err();
+    assert!(err.reason.starts_with("not valid JSON"), "{err}");
+}
+
+#[test]
+fn a_document_that_was_not_utf8_is_refused() {
+    let err = parse(&format!("{NOT_UTF8}12"), DEFAULT_MAX_BYTES).unwrap_err();
+    assert_eq!(err.path, "$");
+    assert!(
+        err.reason.contains("not valid UTF-8 (from byte 12)"),
+        "{err}"
+    );
 }

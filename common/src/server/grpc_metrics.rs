@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tonic::codegen::{Service, http};
@@ -35,6 +36,9 @@ struct MethodLabel {
 pub struct GrpcMetrics {
     calls: Family<CallLabels, Counter>,
     duration: Family<MethodLabel, Histogram>,
+    /// 1 while the token file the server authenticates with is in force, 0 while it is not
+    /// (kept by the server stack's [`crate::auth::Authenticator`]).
+    token_file_applied: Gauge,
 }
 
 impl Default for GrpcMetrics {
@@ -47,13 +51,26 @@ impl Default for GrpcMetrics {
                     10.0,
                 ])
             }),
+            token_file_applied: Gauge::default(),
         }
     }
 }
 
 impl GrpcMetrics {
-    /// Registers `grpc_calls_total` and `grpc_call_duration_seconds` in `registry`.
+    /// The gauge of whether the token file is in force, for the authenticator to keep.
+    pub fn token_file_applied(&self) -> Gauge {
+        self.token_file_applied.clone()
+    }
+
+    /// Registers `grpc_calls_total`, `grpc_call_duration_seconds` and `token_file_applied` in
+    /// `registry`.
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "token_file_applied",
+            "1 when the token file as it is now is in force (or there is none); 0 when it cannot \
+             be read or is invalid and the previous tokens stay in use",
+            self.token_file_applied.clone(),
+        );
         registry.register(
             "grpc_calls",
             "gRPC calls by method and status code",

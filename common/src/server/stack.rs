@@ -40,6 +40,7 @@ pub struct ServerStack {
 impl ServerStack {
     /// Calls authenticated by `auth` and counted in `metrics`; no TLS.
     pub fn new(auth: &Authenticator, metrics: GrpcMetrics) -> Self {
+        auth.report_to(metrics.token_file_applied());
         Self {
             auth: auth.clone(),
             metrics,

@@ -272,11 +272,12 @@ impl Catalog {
         let gives_secret = patch.secret.is_some();
         let signing_changes = gives_secret || patch.signature_schemes.is_some();
         if let Some(name) = patch.display_name {
-            validate::display_name("integration.display_name", &name)?;
+            validate::new_display_name("integration.display_name", &name)?;
             i.display_name = name.trim().to_owned();
         }
         if let Some(url) = patch.url {
-            validate::endpoint_url("integration.url", &url, self.opts.allow_insecure_http)?;
+            let url =
+                validate::new_endpoint_url("integration.url", &url, self.opts.allow_insecure_http)?;
             // Only a URL being set: an integration stored under another allow-list stays
             // updatable (disabling it, say); the worker's guard still refuses to deliver.
             validate::endpoint_host("integration.url", &url, &self.opts.ssrf_allow)?;

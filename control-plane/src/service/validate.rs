@@ -65,6 +65,58 @@ fn invalid(field: &str, reason: impl Into<String>) -> InvalidField {
     InvalidField::new(field, reason)
 }
 
+/// Whether `c` is invisible or reorders the text around it: the Unicode default-ignorable code
+/// points (zero-width spaces and joiners, word joiner, soft hyphen, variation selectors, tags,
+/// the byte-order mark, Hangul fillers...) and the bidirectional controls (U+061C, U+200E/F,
+/// U+202A–U+202E, U+2066–U+2069, all default-ignorable too). Such a character makes a name
+/// or URL look like another one: `C\u{200B}RM` reads as `CRM`, U+202E prints what follows
+/// reversed.
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{AD}'
+            | '\u{34F}'
+            | '\u{61C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
+}
+
+/// A display name being set: a [`display_name`] without invisible or direction-changing
+/// characters ([`is_invisible`]) and without whitespace other than the ASCII space (a no-break
+/// or ideographic space looks like a space but makes another name).
+///
+/// Only for a name being set: one stored before this rule stays updatable (disabling it, say).
+pub fn new_display_name(field: &str, name: &str) -> Result<(), InvalidField> {
+    display_name(field, name)?;
+    if let Some(c) = name
+        .chars()
+        .find(|&c| is_invisible(c) || (c.is_whitespace() && c != ' '))
+    {
+        return Err(invalid(
+            field,
+            format!(
+                "must not contain invisible, direction-changing or non-ASCII space characters, \
+                 found U+{:04X}",
+                u32::from(c)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// 1 to 100 characters, not only spaces, no control characters.
 pub fn display_name(field: &str, name: &str) -> Result<(), InvalidField> {
     if name.trim().is_empty() {
@@ -81,6 +133,42 @@ pub fn display_name(field: &str, name: &str) -> Result<(), InvalidField> {
         return Err(invalid(field, "must not contain control characters"));
     }
     Ok(())
+}
+
+/// A URL being set: an [`endpoint_url`] without any character that URL parsing would drop or
+/// that could not be seen (no control characters such as CR, LF, NUL or tab, no whitespace,
+/// spaces included: a space in a path is written `%20`, no invisible or direction-changing
+/// character, see [`is_invisible`]), at most [`MAX_URL_BYTES`] once normalised. Returns it
+/// as it is stored and called: [`normalize_url`].
+///
+/// Only for a URL being set: one stored before these rules stays updatable (disabling it,
+/// say), [`endpoint_url`] still checks it.
+pub fn new_endpoint_url(field: &str, raw: &str, allow_http: bool) -> Result<String, InvalidField> {
+    if let Some((at, c)) = raw
+        .char_indices()
+        .find(|&(_, c)| c.is_control() || c.is_whitespace() || is_invisible(c))
+    {
+        return Err(invalid(
+            field,
+            format!(
+                "must not contain control, whitespace or invisible characters, found U+{:04X} \
+                 at byte {at} (write a space as %20)",
+                u32::from(c)
+            ),
+        ));
+    }
+    endpoint_url(field, raw, allow_http)?;
+    let normalized = normalize_url(raw);
+    if normalized.len() > MAX_URL_BYTES {
+        return Err(invalid(
+            field,
+            format!(
+                "at most {MAX_URL_BYTES} bytes once normalised (non-ASCII characters are \
+                 percent-encoded)"
+            ),
+        ));
+    }
+    Ok(normalized)
 }
 
 /// An absolute `https://` URL with a host (`http://` only when allowed), no user info, no
@@ -123,6 +211,14 @@ pub fn endpoint_url(field: &str, raw: &str, allow_http: bool) -> Result<(), Inva
         return Err(invalid(field, "must not have a #fragment"));
     }
     Ok(())
+}
+
+/// The URL as it is called and stored: the serialisation of the parsed URL (scheme and host
+/// lower-cased, an internationalised host in its ASCII form, a default port dropped, an empty
+/// path written `/`, non-ASCII characters of the path and query percent-encoded). `raw` is
+/// expected to have passed [`endpoint_url`]; anything that does not parse is returned as is.
+pub fn normalize_url(raw: &str) -> String {
+    url::Url::parse(raw).map_or_else(|_| raw.to_owned(), String::from)
 }
 
 /// Refuses early a URL whose host is a literal IP address that is not public, or a
@@ -327,10 +423,50 @@ mod tests {
             ("http://crm.example.com/", "--allow-insecure-http"),
             ("https://user:pw@crm.example.com/", "credentials"),
             ("https://crm.example.com/#x", "fragment"),
+            // Characters URL parsing drops or hides: refused, not silently changed.
+            (
+                "https://crm.example.com/a\r\nX-Evil: 1",
+                "U+000D at byte 25",
+            ),
+            ("https://crm.example.com/a\nb", "U+000A"),
+            ("https://crm.example.com/\0", "U+0000"),
+            ("https://crm.exa\tmple.com/", "U+0009"),
+            (" https://crm.example.com/", "U+0020 at byte 0"),
+            ("https://crm.example.com/ ", "U+0020"),
+            ("https://crm.example.com/a b", "%20"),
+            ("https://crm.example.com/\u{a0}", "U+00A0"),
+            ("https://crm.exa\u{200b}mple.com/", "U+200B"),
+            ("https://crm.example.com/\u{202e}moc", "U+202E"),
         ] {
-            let err = endpoint_url("url", bad, false).unwrap_err();
-            assert!(err.reason.contains(why), "{bad}: {err}");
+            let err = new_endpoint_url("url", bad, false).unwrap_err();
+            assert!(err.reason.contains(why), "{bad:?}: {err}");
         }
+        // What is stored is what is called.
+        for (typed, stored) in [
+            (
+                "https://crm.example.com/hook?x=1",
+                "https://crm.example.com/hook?x=1",
+            ),
+            ("HTTPS://CRM.Example.COM", "https://crm.example.com/"),
+            ("https://crm.example.com:443/a", "https://crm.example.com/a"),
+            (
+                "https://bücher.example/caf\u{e9}",
+                "https://xn--bcher-kva.example/caf%C3%A9",
+            ),
+            (
+                "https://crm.example.com\\a\\b",
+                "https://crm.example.com/a/b",
+            ),
+        ] {
+            assert_eq!(new_endpoint_url("url", typed, false), Ok(stored.to_owned()));
+        }
+        let long = format!("https://crm.example.com/{}", "\u{e9}".repeat(1000));
+        assert!(long.len() <= MAX_URL_BYTES);
+        assert!(endpoint_url("url", &long, false).is_ok());
+        let err = new_endpoint_url("url", &long, false).unwrap_err();
+        assert!(err.reason.contains("once normalised"), "{err}");
+        // A URL stored before these rules still passes the check of stored ones.
+        assert!(endpoint_url("url", "https://crm.example.com/a b", false).is_ok());
     }
 
     #[test]
@@ -484,6 +620,23 @@ mod tests {
         assert!(display_name("d", &"é".repeat(101)).is_err());
         assert!(display_name("d", "  ").is_err());
         assert!(display_name("d", "a\nb").is_err());
+        assert!(new_display_name("d", "CRM sync (été) 🚀").is_ok());
+        // A name stored before the rule still passes the check of stored ones.
+        assert!(display_name("d", "C\u{200b}RM").is_ok());
+        for bad in [
+            "C\u{200b}RM",
+            "\u{202e}MRC",
+            "CRM\u{2066}",
+            "C\u{ad}RM",
+            "CRM\u{feff}",
+            "CRM\u{fe0f}",
+            "C\u{a0}RM",
+            "C\u{3000}RM",
+            "C\u{2028}RM",
+        ] {
+            let err = new_display_name("d", bad).unwrap_err();
+            assert!(err.reason.contains("invisible"), "{bad:?}: {err}");
+        }
         assert!(secret("s", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_ok());
         assert!(secret("s", "a plain secret of 24 byte").is_ok());
         assert!(secret("s", "whsec_not base64!").is_err());

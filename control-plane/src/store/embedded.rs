@@ -117,6 +117,7 @@ impl EmbeddedStore {
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|err| failed(Box::new(err)))?;
         }
+        create_private(path).map_err(|err| failed(Box::new(err)))?;
         let db = Database::create(path).map_err(|err| failed(Box::new(redb::Error::from(err))))?;
         let revision = initialise(&db)?;
         let (committed, _) = watch::channel(revision);
@@ -151,6 +152,36 @@ impl fmt::Debug for EmbeddedStore {
             .field("keep_revisions", &self.inner.keep_revisions)
             .field("revision", &*self.inner.committed.borrow())
             .finish()
+    }
+}
+
+/// Creates the store file, empty and readable by its owner only (0600, like the key and token
+/// files: it holds every integration, with encrypted secrets), when it does not exist yet;
+/// redb then initialises it. An existing file is left as it is, with a warning when group or
+/// others may read it (an operator may have chosen that mode, for a backup job say).
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            #[cfg(unix)]
+            if let Ok(meta) = std::fs::metadata(path) {
+                use std::os::unix::fs::PermissionsExt as _;
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        mode = format!("{mode:o}"),
+                        "the store file may be read by group or others; chmod 600 it"
+                    );
+                }
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -624,6 +655,22 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), stream.next())
             .await
             .expect("watch stream stalled")
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_store_file_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data").join("pushwire.redb");
+        let store = EmbeddedStore::open(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        drop(store);
+        // Reopening keeps it so, and still reads the file.
+        EmbeddedStore::open(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

@@ -11,7 +11,6 @@
 //!   invalid one at start refuses the start.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use anyhow::Context as _;
 use prost_types::FieldMask;
@@ -22,6 +21,7 @@ use pushwire_tests::control_plane::{
     AuthChannel, TEST_ADMIN_TOKEN, TEST_WORKER_TOKEN, test_config, with_token,
 };
 use pushwire_tests::eventually::{Poll, eventually};
+use pushwire_tests::faults::http_get;
 use pushwire_tests::tokens::{Accounts, entry, write_atomically, write_token_file};
 use pushwire_tests::worker::{COMPLETED, PublishStream, Stack, WAIT, request};
 use tonic::{Code, Status};
@@ -602,11 +602,60 @@ async fn the_token_file_is_reloaded_and_a_bad_one_keeps_the_last_good_tokens() -
     .await?;
     assert_eq!(list("tok-one").await, Err(Code::Unauthenticated));
 
-    // An invalid file is not taken: the last good tokens stay, however long it is there.
+    // An invalid file is not taken: the last good tokens stay, however long it is there, and
+    // /readyz and the token_file_applied gauge say that the file is not in force.
+    let http = stack.cp.http_addr;
     write_atomically(&file, "{\"tokens\": [{\"name\": \"x\"")?;
-    tokio::time::sleep(RELOAD_INTERVAL * 2 + Duration::from_millis(500)).await;
+    let readyz = eventually(
+        "/readyz names the token file",
+        RELOAD_INTERVAL * 5,
+        || async {
+            let (status, body) = http_get(http, "/readyz").await?;
+            // Still ready: the previous tokens work, and a mistake in a file every replica
+            // mounts must not take them all out of their Service.
+            Ok(if status == 200 && body.contains("token file") {
+                Poll::Ready(body)
+            } else {
+                Poll::not_yet((status, body))
+            })
+        },
+    )
+    .await?;
+    assert!(
+        readyz.contains("warning: token file not applied, the previous tokens stay in use")
+            && readyz.contains("not JSON"),
+        "{readyz}"
+    );
+    let (_, metrics) = http_get(http, "/metrics").await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "pushwire_token_file_applied 0"),
+        "{metrics}"
+    );
     assert_eq!(list("tok-two").await, Ok(()));
     assert_eq!(list("tok-one").await, Err(Code::Unauthenticated));
+
+    // Emptied in an emergency: every token of the file is refused.
+    write_atomically(&file, "")?;
+    eventually(
+        "the emptied file's tokens refused",
+        RELOAD_INTERVAL * 5,
+        || async {
+            let answer = list("tok-two").await;
+            Ok(Poll::when(answer == Err(Code::Unauthenticated), answer))
+        },
+    )
+    .await?;
+    let (_, metrics) = http_get(http, "/metrics").await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "pushwire_token_file_applied 1"),
+        "{metrics}"
+    );
+    let (_, readyz) = http_get(http, "/readyz").await?;
+    assert!(!readyz.contains("token file"), "{readyz}");
     stack.stop().await
 }
 

@@ -308,6 +308,30 @@ async fn field_limits_are_refused_with_the_field_named_and_nothing_written() -> 
             "integration.url: at most 2048 bytes".into(),
         ),
         (
+            "URL with CR LF",
+            with(&|i| i.url = "https://new.example.com/a\r\nX-Evil: 1".into()),
+            "url",
+            "integration.url: must not contain control, whitespace or invisible characters, found U+000D".into(),
+        ),
+        (
+            "URL with a trailing space",
+            with(&|i| i.url = "https://new.example.com/ ".into()),
+            "url",
+            "integration.url: must not contain control, whitespace or invisible characters, found U+0020".into(),
+        ),
+        (
+            "display name with a zero-width space",
+            with(&|i| i.display_name = "C\u{200b}RM".into()),
+            "display_name",
+            "integration.display_name: must not contain invisible".into(),
+        ),
+        (
+            "display name reversed by U+202E",
+            with(&|i| i.display_name = "\u{202e}MRC".into()),
+            "display_name",
+            "integration.display_name: must not contain invisible".into(),
+        ),
+        (
             "header name that is no token",
             with(&|i| i.auth_header = header("X Api Key", "v")),
             "auth_header",
@@ -390,6 +414,15 @@ async fn field_limits_are_refused_with_the_field_named_and_nothing_written() -> 
     };
     assert_eq!(at_limits.url.len(), 2048);
     create_integration(&cp, account, "at-limits", at_limits).await?;
+
+    // A URL is stored as it is called.
+    let typed = pb::Integration {
+        display_name: "Typed".into(),
+        url: "HTTPS://Typed.Example.COM:443".into(),
+        ..Default::default()
+    };
+    let stored = create_integration(&cp, account, "typed", typed).await?;
+    assert_eq!(stored.url, "https://typed.example.com/");
     cp.stop().await
 }
 

@@ -3,6 +3,7 @@
 //! store, tonic clients, and loopback `TestReceiver`s (HTTP and HTTPS) that record what they
 //! get. Standard Webhooks signatures are also checked with the reference Python library.
 
+mod documents;
 mod outcomes;
 mod routing;
 mod signatures;
