@@ -201,6 +201,18 @@ impl Breaker {
         self.state = State::Open { until };
     }
 
+    /// Whether [`Breaker::admit`] would refuse at `now` (open within its cool-down, or half-open
+    /// with its probe out), without changing anything: retries are not claimed for it.
+    pub fn is_rejecting(&self, now: Instant) -> bool {
+        match self.state {
+            State::Closed { .. } | State::HalfOpen { probe_since: None } => false,
+            State::Open { until } => now < until,
+            State::HalfOpen {
+                probe_since: Some(since),
+            } => now < since.checked_add(self.opts.probe_timeout).unwrap_or(since),
+        }
+    }
+
     /// The current state, for metrics. An open breaker whose cool-down has ended still reads
     /// `Open` until the next [`Breaker::admit`] turns it half-open.
     pub fn state(&self) -> BreakerState {
