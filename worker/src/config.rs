@@ -33,6 +33,12 @@ pub struct DeliveryArgs {
     #[arg(long, env = "PUSHWIRE_DELIVERY_STORE", value_parser = DeliveryStoreArg::parse, hide_env_values = true)]
     pub delivery_store: Option<DeliveryStoreArg>,
 
+    /// Also record the final outcomes of first attempts (delivered, failed, skipped), with
+    /// their attempts and bodies, in the delivery store (the delivery log), in batches the
+    /// acknowledgement does not wait for.
+    #[arg(long, env = "PUSHWIRE_DELIVERY_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub delivery_log: bool,
+
     /// Delays between attempts, comma-separated; the first attempt is immediate, the retries
     /// come from the delivery store. Each delay gets ±20 % jitter.
     #[arg(long, env = "PUSHWIRE_RETRY_SCHEDULE", default_value = retry::DEFAULT_SCHEDULE_FLAG, value_parser = Schedule::parse)]

@@ -43,7 +43,7 @@ use config::{DeliveryArgs, IngestArgs};
 pub use config_watch::TableWatch;
 pub use control_plane::ControlPlaneChannel;
 use deliver::dispatch::{Dispatcher, IntegrationSource};
-use deliver::store::{Handoff, StoreHandle};
+use deliver::store::{Handoff, OutcomeLog, StoreHandle};
 pub use http::Status;
 use ingest::{Ingest, IngestOptions};
 use metrics::Metrics;
@@ -141,7 +141,7 @@ impl Worker {
         let (table_tx, table) = watch::channel(None);
         let (disable_tx, disable_rx) = mpsc::channel(disable::QUEUE);
         let (handoff, writer) = Handoff::new(store.clone(), interrupt.clone());
-        let dispatcher = Dispatcher::new(
+        let mut dispatcher = Dispatcher::new(
             client,
             delivery.dispatch_options(),
             Arc::new(TableSource(table.clone())),
@@ -152,6 +152,11 @@ impl Worker {
         .with_metrics(metrics.clone());
         let mut tasks = JoinSet::new();
         tasks.spawn(writer);
+        if delivery.delivery_log {
+            let (log, log_writer) = OutcomeLog::new(store.clone(), interrupt.clone());
+            dispatcher = dispatcher.with_outcome_log(log);
+            tasks.spawn(log_writer);
+        }
         tasks.spawn(store.clone().count_queued(interrupt.clone()));
         tasks.spawn(deliver::retries::run(
             dispatcher.clone(),

@@ -310,3 +310,188 @@ async fn a_standalone_worker_without_a_delivery_store_refuses_to_start() -> anyh
     })
     .await?
 }
+
+/// A worker on PostgreSQL: while the database is down, hand-offs wait (the participations are
+/// not acknowledged, nothing is lost), `/readyz` answers 503 naming the delivery store and
+/// `pushwire_worker_delivery_store_up` is 0; once it is back, the waiting hand-offs are
+/// answered QUEUED and every delivery, queued before or during the outage, is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_store_outage_loses_nothing_on_postgresql() -> anyhow::Result<()> {
+    within("the test body", LIMIT, async {
+        const K: usize = 10;
+        let mut pg =
+            tokio::task::spawn_blocking(pushwire_tests::postgres::PostgresServer::start).await??;
+        let url = pg.create_database("deliveries")?;
+        let dir = tempfile::tempdir()?;
+        let cp = ControlPlaneProc::start(
+            Path::new(CONTROL_PLANE),
+            dir.path(),
+            &Store::Embedded(dir.path().join("data")),
+        )
+        .await?;
+        let receiver = TestReceiver::http().await?;
+        receiver.set_default(Reply::status(503));
+        let admin = cp.admin().await?;
+        let crm = admin
+            .create_integration(ACCOUNT, "crm", integration("CRM", &receiver.url("/")))
+            .await?
+            .name;
+        let created = admin
+            .create_scope(ACCOUNT, "all", scope(&crm, pb::PushScopeLevel::Account, ""))
+            .await?;
+        let revision: i64 = created.etag.parse()?;
+        let flags = WorkerFlags {
+            retry_schedule: format!("200ms{}", ",200ms".repeat(100)),
+            retry_window: "10m".into(),
+            breaker_threshold: 100_000,
+            delivery_store: Some(url.clone()),
+            ..WorkerFlags::default()
+        };
+        let w = WorkerProc::start(Path::new(WORKER), dir.path(), 1, &cp.url(), &flags).await?;
+        w.wait_revision(revision, Duration::from_secs(15)).await?;
+        let publisher = Publisher::connect(
+            &[w.url()],
+            ACCOUNT,
+            PublisherOptions {
+                token: Some(Secret::new(PUBLISHER_TOKEN)),
+                ..PublisherOptions::default()
+            },
+        )?;
+        publisher
+            .wait_connected(Duration::from_secs(10))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let publish = |i: usize| {
+            let json = participation(&format!("D-{i}"), 418207, Some(5120), true);
+            publisher.publish(request(ACCOUNT, &json))
+        };
+        let mut before = Vec::new();
+        for i in 0..K {
+            before.push(publish(i).await);
+        }
+        for p in before {
+            let receipt = p.await;
+            let resp = receipt
+                .outcome
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            assert_eq!(resp.deliveries[0].outcome(), pb::DeliveryOutcome::Queued);
+        }
+
+        let mut pg = tokio::task::spawn_blocking(move || pg.stop().map(|()| pg)).await??;
+        let mut during = Vec::new();
+        for i in K..2 * K {
+            during.push(publish(i).await);
+        }
+        eventually(
+            "readiness names the delivery store",
+            Duration::from_secs(30),
+            || async {
+                let (status, body) = http_get(w.http, "/readyz").await?;
+                Ok(Poll::when(
+                    status == 503 && body.contains("delivery store"),
+                    (status, body),
+                ))
+            },
+        )
+        .await?;
+        let (_, metrics) = http_get(w.http, "/metrics").await?;
+        assert!(
+            metrics.contains("pushwire_worker_delivery_store_up 0"),
+            "{metrics}"
+        );
+        assert!(
+            !metrics.contains(pg.password()),
+            "no password in the metrics"
+        );
+        assert!(
+            during
+                .iter_mut()
+                .all(|p| futures_util::FutureExt::now_or_never(p).is_none()),
+            "none acknowledged while down"
+        );
+
+        receiver.set_default(Reply::ok());
+        pg = tokio::task::spawn_blocking(move || pg.resume().map(|()| pg)).await??;
+        for p in during {
+            let receipt = p.await;
+            assert_eq!(receipt.status(), ReceiptStatus::Done, "{receipt:?}");
+        }
+        let store =
+            pushwire_common::delivery_store::open(&StoreUrl::parse(&url)?, &Default::default())
+                .await?;
+        let name = IntegrationName::parse(&crm)?;
+        for i in 0..2 * K {
+            let key = DeliveryKey::new(name.clone(), format!("D-{i}"));
+            eventually(
+                "delivered after the outage",
+                Duration::from_secs(30),
+                || async {
+                    let r = store.get(&key).await?;
+                    Ok(match r {
+                        Some(r) if r.state == DeliveryState::Delivered => Poll::Ready(()),
+                        other => Poll::not_yet(other.map(|r| (r.state, r.attempt_count))),
+                    })
+                },
+            )
+            .await?;
+        }
+        eventually("ready again", Duration::from_secs(30), || async {
+            let (status, body) = http_get(w.http, "/readyz").await?;
+            Ok(Poll::when(status == 200, (status, body)))
+        })
+        .await?;
+        let log = std::fs::read_to_string(dir.path().join("worker-1.log"))?;
+        assert!(!log.contains(pg.password()), "no password in the log");
+        drop(pg);
+        Ok(())
+    })
+    .await?
+}
+
+/// The delivery log: final outcomes of first attempts are recorded in the delivery store with
+/// their attempt, after the acknowledgement (it does not wait for them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_attempt_outcomes_are_logged_in_the_delivery_store() -> anyhow::Result<()> {
+    within("the test body", LIMIT, async {
+        let stack = Stack::start().await?;
+        let ok = TestReceiver::http().await?;
+        let refusing = TestReceiver::http().await?;
+        refusing.set_default(Reply::status(400));
+        let admin = stack.admin();
+        let ok_name = admin
+            .create_routed("accounts/log", "ok", integration("Ok", &ok.url("/")))
+            .await?;
+        let refusing_name = admin
+            .create_routed(
+                "accounts/log",
+                "refusing",
+                integration("Refusing", &refusing.url("/")),
+            )
+            .await?;
+        stack.sync().await?;
+        let json = participation("LOG-1", 418207, Some(5120), true);
+        let resp = stack.publish_one(request("accounts/log", &json)).await??;
+        assert_eq!(resp.deliveries.len(), 2, "{resp:?}");
+
+        let delivered = stack
+            .settled(&ok_name, "LOG-1", Duration::from_secs(10))
+            .await?;
+        assert_eq!(delivered.state, DeliveryState::Delivered);
+        assert_eq!(
+            (delivered.attempt_count, delivered.last_status_code),
+            (1, Some(200))
+        );
+        assert!(delivered.body_retained);
+        let failed = stack
+            .settled(&refusing_name, "LOG-1", Duration::from_secs(10))
+            .await?;
+        assert_eq!(failed.state, DeliveryState::Failed);
+        assert_eq!(
+            (failed.attempt_count, failed.last_status_code),
+            (1, Some(400))
+        );
+        Ok(())
+    })
+    .await?
+}

@@ -31,7 +31,7 @@ use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel, StatusClassLabel};
 use super::breaker::{Admission, Breaker, BreakerOptions};
 use super::lane::{Lane, LanePermit, Priority};
 use super::retry::{self, RetryPolicy, Verdict};
-use super::store::{Handoff, HandoffError, StoreHandle};
+use super::store::{Handoff, HandoffError, OutcomeLog, StoreHandle};
 
 /// Settings of the [`Dispatcher`].
 #[derive(Clone, Debug)]
@@ -162,6 +162,7 @@ pub struct Dispatcher {
     lanes: Arc<Mutex<Lanes>>,
     disable: mpsc::Sender<DisableRequest>,
     handoff: Handoff,
+    log: Option<OutcomeLog>,
     shutdown: CancellationToken,
     metrics: Option<Arc<Metrics>>,
 }
@@ -197,6 +198,7 @@ impl Dispatcher {
             lanes: Arc::default(),
             disable,
             handoff,
+            log: None,
             shutdown,
             metrics: None,
         }
@@ -208,6 +210,14 @@ impl Dispatcher {
     #[must_use]
     pub fn with_breaker_options(mut self, opts: BreakerOptions) -> Self {
         self.breaker = Arc::new(opts);
+        self
+    }
+
+    /// Records the final outcomes of first attempts (delivered, failed, skipped) in the
+    /// delivery log.
+    #[must_use]
+    pub fn with_outcome_log(mut self, log: OutcomeLog) -> Self {
+        self.log = Some(log);
         self
     }
 
@@ -290,32 +300,70 @@ impl Dispatcher {
     /// a saturated lane hands the delivery off to the store and answers `Queued` once it is
     /// committed; without retries (an empty schedule) those end as `Failed`.
     pub async fn deliver(&self, job: Job) -> Outcome {
+        let (outcome, attempt) = self.first_attempt(&job).await;
+        if let Some(log) = &self.log
+            && matches!(
+                outcome,
+                Outcome::Delivered { .. } | Outcome::Failed { .. } | Outcome::Skipped { .. }
+            )
+        {
+            log.record(self.log_entry(&job, &outcome, attempt)).await;
+        }
+        outcome
+    }
+
+    /// The delivery-log row of a final first-attempt outcome.
+    fn log_entry(&self, job: &Job, outcome: &Outcome, attempt: Option<Attempt>) -> NewDelivery {
+        NewDelivery {
+            key: DeliveryKey::new(
+                job.integration.name.clone(),
+                job.participation_id.to_string(),
+            ),
+            campaign_id: job.campaign_id.to_string(),
+            website_id: job.website_id.as_deref().map(str::to_owned),
+            trace: job.traceparent.clone().map(|traceparent| TraceContext {
+                traceparent,
+                tracestate: String::new(),
+            }),
+            outcome: match outcome {
+                Outcome::Delivered { .. } => ds::Outcome::Delivered,
+                Outcome::Skipped { reason } => ds::Outcome::Skipped {
+                    reason: reason.clone(),
+                },
+                _ => ds::Outcome::Failed,
+            },
+            attempts: attempt.into_iter().collect(),
+            body: Some(job.body.clone()),
+        }
+    }
+
+    /// [`Dispatcher::deliver`] without the log: the outcome, and the attempt when it is final
+    /// after one.
+    async fn first_attempt(&self, job: &Job) -> (Outcome, Option<Attempt>) {
         if self.shutdown.is_cancelled() {
-            return Outcome::Interrupted;
+            return (Outcome::Interrupted, None);
         }
         if let Err(why) = self.sendable(&job.integration.name) {
-            return Outcome::Skipped {
-                reason: why.to_owned(),
-            };
+            let reason = why.to_owned();
+            return (Outcome::Skipped { reason }, None);
         }
         let entry = self.lane(&job.integration.name);
         let permit = match self.first_slot(&entry).await {
             Slot::Got(permit) => permit,
-            Slot::Saturated => return self.hand_off(&job, Handed::saturated()).await,
-            Slot::Interrupted => return Outcome::Interrupted,
+            Slot::Saturated => return (self.hand_off(job, Handed::saturated()).await, None),
+            Slot::Interrupted => return (Outcome::Interrupted, None),
         };
         // Read again: the wait for a slot may have been long.
         let integration = match self.sendable(&job.integration.name) {
             Ok(integration) => integration,
             Err(why) => {
-                return Outcome::Skipped {
-                    reason: why.to_owned(),
-                };
+                let reason = why.to_owned();
+                return (Outcome::Skipped { reason }, None);
             }
         };
         let Some(probe) = admit(&entry) else {
             drop(permit);
-            return self.hand_off(&job, Handed::breaker()).await;
+            return (self.hand_off(job, Handed::breaker()).await, None);
         };
         let span = attempt_span(&job.participation_id, &integration, 1);
         let traceparent = telemetry::traceparent_of(&span).or_else(|| job.traceparent.clone());
@@ -330,10 +378,10 @@ impl Dispatcher {
             )
             .await
         else {
-            return Outcome::Interrupted;
+            return (Outcome::Interrupted, None);
         };
         record_health(&entry, &made, probe);
-        match made.verdict {
+        let outcome = match made.verdict {
             Verdict::Delivered => Outcome::Delivered {
                 attempts: 1,
                 status: made.record.status_code.unwrap_or_default(),
@@ -354,11 +402,12 @@ impl Dispatcher {
                             delay,
                             attempt: Some(made),
                         };
-                        self.hand_off(&job, handed).await
+                        return (self.hand_off(job, handed).await, None);
                     }
                 }
             }
-        }
+        };
+        (outcome, Some(made.record))
     }
 
     /// A slot for a first attempt: at once, or within [`DispatchOptions::slot_wait`] when the

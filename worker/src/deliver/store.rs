@@ -222,3 +222,79 @@ async fn write(store: StoreHandle, mut rx: mpsc::Receiver<Pending>, stop: Cancel
         }
     }
 }
+
+/// The delivery log of the live path (issue 15): final outcomes of first attempts, with their
+/// attempts and body, written in batches by a writer the acknowledgement does not wait for.
+/// Its channel is bounded: when the store falls behind (or is down), recording waits for room,
+/// so the window pushes back on the publisher; nothing is dropped while the worker runs.
+#[derive(Clone, Debug)]
+pub struct OutcomeLog {
+    tx: mpsc::Sender<NewDelivery>,
+    stop: CancellationToken,
+}
+
+impl OutcomeLog {
+    /// A log writer over `store`, and the task to run (it ends at `stop`; what it holds then
+    /// is not written).
+    pub fn new(
+        store: StoreHandle,
+        stop: CancellationToken,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let task = log_outcomes(store, rx, stop.clone());
+        (Self { tx, stop }, task)
+    }
+
+    /// Queues `delivery` (a final outcome) for the log; waits only for room in the queue.
+    pub async fn record(&self, delivery: NewDelivery) {
+        tokio::select! {
+            biased;
+            () = self.stop.cancelled() => {}
+            _ = self.tx.send(delivery) => {}
+        }
+    }
+}
+
+/// The log writer: one transaction per batch, retried with backoff while the store fails.
+async fn log_outcomes(
+    store: StoreHandle,
+    mut rx: mpsc::Receiver<NewDelivery>,
+    stop: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            next = rx.recv() => match next {
+                Some(d) => d,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        let gather_until = tokio::time::Instant::now() + BATCH_WAIT;
+        while batch.len() < MAX_BATCH {
+            match tokio::time::timeout_at(gather_until, rx.recv()).await {
+                Ok(Some(d)) => batch.push(d),
+                _ => break,
+            }
+        }
+        let mut backoff = BACKOFF.0;
+        loop {
+            let now = SystemTime::now();
+            match store
+                .call("record_outcomes", store.store.record_outcomes(&batch, now))
+                .await
+            {
+                Ok(()) => break,
+                Err(StoreError::InvalidArgument(_) | StoreError::Corrupt(_)) => break,
+                Err(_) => {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF.1);
+                }
+            }
+        }
+    }
+}
