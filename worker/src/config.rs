@@ -29,7 +29,7 @@ use crate::deliver::retry::{self, RetryPolicy};
 pub struct DeliveryArgs {
     /// Where deliveries whose first attempt did not succeed are handed off and retried from:
     /// postgres://USER:PASSWORD@HOST:PORT/DATABASE or sqlite://PATH. Required by a standalone
-    /// worker; control-plane --with-worker defaults to sqlite://<data-dir>/deliveries.sqlite3.
+    /// worker; control-plane --with-worker defaults to sqlite://DATA_DIR/deliveries.sqlite3.
     #[arg(long, env = "PUSHWIRE_DELIVERY_STORE", value_parser = DeliveryStoreArg::parse, hide_env_values = true)]
     pub delivery_store: Option<DeliveryStoreArg>,
 
