@@ -244,6 +244,26 @@ mod tests {
 
     const SEC: Duration = Duration::from_secs(1);
 
+    #[test]
+    fn is_rejecting_matches_admit_without_changing_the_state() {
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        assert!(!b.is_rejecting(t0));
+        b = opened(t0);
+        assert!(b.is_rejecting(t0));
+        let after = t0 + DEFAULT_COOL_DOWN;
+        assert!(!b.is_rejecting(after), "the cool-down is over");
+        assert_eq!(b.state(), BreakerState::Open, "asking changed nothing");
+        assert_eq!(b.admit(after), Admission::Probe);
+        assert!(b.is_rejecting(after), "the probe is out");
+        assert!(
+            !b.is_rejecting(after + DEFAULT_PROBE_TIMEOUT),
+            "the probe is lost"
+        );
+        b.on_probe_abandoned();
+        assert!(!b.is_rejecting(after));
+    }
+
     fn opened(t0: Instant) -> Breaker {
         let mut b = Breaker::default();
         for _ in 0..DEFAULT_FAILURE_THRESHOLD {
