@@ -36,6 +36,10 @@ use store::{EmbeddedStore, EtcdStore, Store, StoreError};
 /// File of the embedded store inside `--data-dir`.
 pub const EMBEDDED_STORE_FILE: &str = "pushwire.redb";
 
+/// File of the worker's delivery store inside `--data-dir`, for `--with-worker` without
+/// `--delivery-store`.
+pub const EMBEDDED_DELIVERY_STORE_FILE: &str = "deliveries.sqlite3";
+
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -51,6 +55,9 @@ pub enum RunError {
     /// The delivery flags are unusable (bad `--allow-cidr`, unreadable `--extra-ca-file`).
     #[error("invalid delivery settings")]
     Delivery(#[source] pushwire_common::webhook::DeliveryConfigError),
+    /// The worker of `--with-worker` could not start (its delivery store, say).
+    #[error("cannot start the worker of --with-worker")]
+    Worker(#[source] Box<pushwire_worker::RunError>),
     /// A listener failed.
     #[error("server failed")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -135,7 +142,7 @@ pub async fn run(
     let (worker, in_process) = match &worker_token {
         None => (None, None),
         Some(token) => {
-            let (worker, incoming) = start_worker(&config, token, &shutdown, &interrupt)?;
+            let (worker, incoming) = start_worker(&config, token, &shutdown, &interrupt).await?;
             (Some(worker), Some(incoming))
         }
     };
@@ -199,7 +206,7 @@ pub async fn run(
 
 /// Starts the in-process worker of `--with-worker`, presenting `token` (a worker token) on
 /// an in-memory channel whose connections come out of the returned stream.
-fn start_worker(
+async fn start_worker(
     config: &Config,
     token: &pushwire_common::domain::Secret,
     shutdown: &CancellationToken,
@@ -208,15 +215,25 @@ fn start_worker(
     let (channel, incoming) = pushwire_worker::in_process::channel();
     let bearer = pushwire_common::auth::Bearer::new(token)
         .map_err(|e| RunError::Access(AccessError::Token("worker", e)))?;
+    let mut delivery = config.delivery.clone();
+    if delivery.delivery_store.is_none() {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| RunError::Serve(format!("{}: {e}", config.data_dir.display()).into()))?;
+        let url = pushwire_common::delivery_store::StoreUrl::sqlite(
+            config.data_dir.join(EMBEDDED_DELIVERY_STORE_FILE),
+        );
+        delivery.delivery_store = Some(url.into());
+    }
     let worker = Worker::start(
         tonic::service::interceptor::InterceptedService::new(channel, bearer),
         &config.ingest,
         &config.webhook,
-        &config.delivery,
+        &delivery,
         shutdown.clone(),
         interrupt.clone(),
     )
-    .map_err(RunError::Delivery)?;
+    .await
+    .map_err(|e| RunError::Worker(Box::new(e)))?;
     Ok((worker, incoming))
 }
 

@@ -206,6 +206,13 @@ pub struct WorkerFlags {
     pub shutdown_grace: String,
     /// `--breaker-threshold`.
     pub breaker_threshold: u32,
+    /// `--delivery-store`; `None`: an SQLite file in the test's directory, shared by the
+    /// workers of the test (`Some("")` starts the worker without one).
+    pub delivery_store: Option<String>,
+    /// `--delivery-lease`.
+    pub delivery_lease: String,
+    /// `--claim-interval`.
+    pub claim_interval: String,
 }
 
 impl Default for WorkerFlags {
@@ -219,9 +226,15 @@ impl Default for WorkerFlags {
             request_timeout: "2s".into(),
             shutdown_grace: "3s".into(),
             breaker_threshold: 10,
+            delivery_store: None,
+            delivery_lease: "5s".into(),
+            claim_interval: "20ms".into(),
         }
     }
 }
+
+/// The SQLite delivery store the workers of a test share, in its directory.
+pub const DELIVERY_STORE_FILE: &str = "deliveries.sqlite3";
 
 /// A worker process.
 #[derive(Debug)]
@@ -253,7 +266,11 @@ impl WorkerProc {
             flags.breaker_threshold.to_string(),
         );
         let tokens = dir.join("tokens.json");
-        let a = args(&[
+        let store = match &flags.delivery_store {
+            None => format!("sqlite://{}", dir.join(DELIVERY_STORE_FILE).display()),
+            Some(url) => url.clone(),
+        };
+        let mut a = args(&[
             "--grpc-addr",
             &g,
             "--http-addr",
@@ -278,7 +295,14 @@ impl WorkerProc {
             &flags.shutdown_grace,
             "--breaker-threshold",
             &b,
+            "--delivery-lease",
+            &flags.delivery_lease,
+            "--claim-interval",
+            &flags.claim_interval,
         ]);
+        if !store.is_empty() {
+            a.extend(args(&["--delivery-store", &store]));
+        }
         let process = Process::start(
             &format!("worker {n}"),
             bin,

@@ -50,7 +50,8 @@ pub const PROBE_ACCOUNT: &str = "accounts/pushwire-probe";
 pub const WAIT: Duration = Duration::from_secs(10);
 
 /// The test configuration of a control plane with its in-process worker, on the embedded store
-/// in `dir`: plain `http://` and loopback receivers allowed, retries 50 ms apart within 2 s.
+/// in `dir`: plain `http://` and loopback receivers allowed, retries 50 ms apart within 2 s from
+/// the default delivery store (SQLite in the data directory), claimed every 20 ms.
 pub fn worker_config(dir: &Path) -> Config {
     let mut config = test_config(&Backend::Embedded(dir.join("data")));
     config.with_worker = true;
@@ -58,6 +59,8 @@ pub fn worker_config(dir: &Path) -> Config {
     config.webhook.allow_cidr = vec!["127.0.0.0/8".into()];
     config.delivery.retry_schedule = Schedule(vec![Duration::from_millis(50); 10]);
     config.delivery.retry_window = Duration::from_secs(2);
+    config.delivery.claim_interval = Duration::from_millis(20);
+    config.delivery.delivery_lease = Duration::from_secs(5);
     config
 }
 
@@ -122,6 +125,43 @@ impl Stack {
     /// The stack's temporary directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The worker's delivery store (the default of `--with-worker`: SQLite in the data
+    /// directory), opened beside it.
+    pub async fn delivery_store(
+        &self,
+    ) -> anyhow::Result<std::sync::Arc<dyn pushwire_common::delivery_store::DeliveryStore>> {
+        let url = pushwire_common::delivery_store::StoreUrl::sqlite(
+            self.dir
+                .path()
+                .join("data")
+                .join(pushwire_control_plane::EMBEDDED_DELIVERY_STORE_FILE),
+        );
+        Ok(pushwire_common::delivery_store::open(&url, &Default::default()).await?)
+    }
+
+    /// The stored delivery of `participation` to `integration` (a resource name) once it has
+    /// a final outcome, waiting at most `limit`.
+    pub async fn settled(
+        &self,
+        integration: &str,
+        participation: &str,
+        limit: Duration,
+    ) -> anyhow::Result<pushwire_common::delivery_store::DeliveryRecord> {
+        use pushwire_common::delivery_store::{DeliveryKey, DeliveryState};
+        let store = self.delivery_store().await?;
+        let key = DeliveryKey::new(
+            pushwire_common::domain::IntegrationName::parse(integration)?,
+            participation,
+        );
+        eventually("the delivery settled in the store", limit, || async {
+            Ok(match store.get(&key).await? {
+                Some(r) if r.state != DeliveryState::Queued => Poll::Ready(r),
+                other => Poll::not_yet(other.map(|r| (r.state, r.attempt_count))),
+            })
+        })
+        .await
     }
 
     /// Stops the control plane (and its worker) and waits for the end of its drain.
@@ -259,6 +299,35 @@ pub fn delivered(resp: &pb::PublishResponse) -> BTreeSet<String> {
         .filter(|d| d.outcome() == pb::DeliveryOutcome::Delivered)
         .map(|d| d.integration.clone())
         .collect()
+}
+
+/// A delivery as the worker reports a first attempt answered `status` (a retryable failure)
+/// and handed off to the delivery store, without its `next_attempt_time` (compare with it
+/// cleared).
+pub fn queued_after(integration: &str, status: u16) -> pb::Delivery {
+    pb::Delivery {
+        integration: integration.into(),
+        outcome: pb::DeliveryOutcome::Queued.into(),
+        attempts: 1,
+        last_status_code: i32::from(status),
+        last_error: format!("HTTP {status}"),
+        skip_reason: String::new(),
+        next_attempt_time: None,
+    }
+}
+
+/// `d` without its `next_attempt_time` (after checking a QUEUED one has it).
+pub fn without_next_attempt(d: &pb::Delivery) -> pb::Delivery {
+    if d.outcome() == pb::DeliveryOutcome::Queued {
+        assert!(
+            d.next_attempt_time.is_some(),
+            "QUEUED without a time: {d:?}"
+        );
+    }
+    pb::Delivery {
+        next_attempt_time: None,
+        ..d.clone()
+    }
 }
 
 /// A delivery as the worker reports a first-try success with `200`.

@@ -16,22 +16,50 @@ use pushwire_common::server::telemetry::LogFormat;
 use pushwire_common::webhook::WebhookArgs;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
+use pushwire_common::delivery_store::{InvalidStoreUrl, StoreUrl};
+
 use crate::deliver::dispatch::DispatchOptions;
+use crate::deliver::retries::{self, RetryOptions};
 use crate::deliver::retry::{self, RetryPolicy};
 
-/// The worker's own delivery flags: retries and isolation. How webhooks are sent (timeouts,
-/// SSRF allow-list, trusted CAs) is [`WebhookArgs`], shared with the control plane.
+/// The worker's own delivery flags: the delivery store, retries and isolation. How webhooks
+/// are sent (timeouts, SSRF allow-list, trusted CAs) is [`WebhookArgs`], shared with the control
+/// plane.
 #[derive(Clone, Debug, Args)]
 pub struct DeliveryArgs {
-    /// Delays between attempts, comma-separated; the first attempt is immediate (e.g.
-    /// "5s,30s,2m,5m,10m"). Each delay gets ±20 % jitter.
-    #[arg(long, env = "PUSHWIRE_RETRY_SCHEDULE", default_value = "5s,30s,2m,5m,10m", value_parser = Schedule::parse)]
+    /// Where deliveries whose first attempt did not succeed are handed off and retried from:
+    /// postgres://USER:PASSWORD@HOST:PORT/DATABASE or sqlite://PATH. Required by a standalone
+    /// worker; control-plane --with-worker defaults to sqlite://DATA_DIR/deliveries.sqlite3.
+    #[arg(long, env = "PUSHWIRE_DELIVERY_STORE", value_parser = DeliveryStoreArg::parse, hide_env_values = true)]
+    pub delivery_store: Option<DeliveryStoreArg>,
+
+    /// Also record the final outcomes of first attempts (delivered, failed, skipped), with
+    /// their attempts and bodies, in the delivery store (the delivery log), in batches the
+    /// acknowledgement does not wait for.
+    #[arg(long, env = "PUSHWIRE_DELIVERY_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub delivery_log: bool,
+
+    /// Delays between attempts, comma-separated; the first attempt is immediate, the retries
+    /// come from the delivery store. Each delay gets ±20 % jitter.
+    #[arg(long, env = "PUSHWIRE_RETRY_SCHEDULE", default_value = retry::DEFAULT_SCHEDULE_FLAG, value_parser = Schedule::parse)]
     pub retry_schedule: Schedule,
 
-    /// Time from the first attempt after which no retry starts: the publisher gets its
-    /// acknowledgement within about this long.
-    #[arg(long, env = "PUSHWIRE_RETRY_WINDOW", default_value = "15m", value_parser = humantime::parse_duration)]
+    /// Time from a delivery's acceptance after which no retry starts: it then ends as FAILED.
+    #[arg(long, env = "PUSHWIRE_RETRY_WINDOW", default_value = "36h", value_parser = humantime::parse_duration)]
     pub retry_window: Duration,
+
+    /// How long a claim on a due delivery is exclusive; a killed worker's claims are retried
+    /// by another worker after it.
+    #[arg(long, env = "PUSHWIRE_DELIVERY_LEASE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub delivery_lease: Duration,
+
+    /// Pause between looks for due retries when none was due.
+    #[arg(long, env = "PUSHWIRE_CLAIM_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub claim_interval: Duration,
+
+    /// This worker's name on its claims (default: host name, process id and a random suffix).
+    #[arg(long, env = "PUSHWIRE_WORKER_ID")]
+    pub worker_id: Option<String>,
 
     /// Attempts in flight per integration.
     #[arg(long, env = "PUSHWIRE_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -40,6 +68,23 @@ pub struct DeliveryArgs {
     /// Consecutive failures that open an integration's circuit breaker.
     #[arg(long, env = "PUSHWIRE_BREAKER_THRESHOLD", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub breaker_threshold: u32,
+}
+
+/// `--delivery-store` as given. Parsing never fails here (a parse error would quote the URL,
+/// password included): an invalid URL is reported, redacted, when the worker starts.
+#[derive(Clone, Debug)]
+pub struct DeliveryStoreArg(pub Result<StoreUrl, InvalidStoreUrl>);
+
+impl DeliveryStoreArg {
+    fn parse(s: &str) -> Result<Self, std::convert::Infallible> {
+        Ok(Self(StoreUrl::parse(s)))
+    }
+}
+
+impl From<StoreUrl> for DeliveryStoreArg {
+    fn from(url: StoreUrl) -> Self {
+        Self(Ok(url))
+    }
 }
 
 /// The waits between attempts, as given to `--retry-schedule` (empty: no retries).
@@ -73,6 +118,20 @@ impl DeliveryArgs {
             },
             concurrency: self.concurrency as usize,
             breaker_threshold: self.breaker_threshold,
+            slot_wait: crate::deliver::dispatch::DEFAULT_SLOT_WAIT,
+        }
+    }
+
+    /// Claimer settings.
+    pub fn retry_options(&self) -> RetryOptions {
+        RetryOptions {
+            worker_id: self
+                .worker_id
+                .clone()
+                .unwrap_or_else(retries::default_worker_id),
+            lease: self.delivery_lease,
+            poll: self.claim_interval,
+            capacity: retries::DEFAULT_CAPACITY,
         }
     }
 }
@@ -213,7 +272,8 @@ pub struct Config {
     pub delivery: DeliveryArgs,
 
     /// Time allowed to finish in-flight attempts after SIGTERM/SIGINT; unacknowledged
-    /// participations are then left to the publisher to re-publish.
+    /// participations are then left to the publisher to re-publish, and claimed retries to
+    /// their leases.
     #[arg(long, env = "PUSHWIRE_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
@@ -285,5 +345,35 @@ mod tests {
 
         assert!(Config::try_parse_from(["worker", "--window", "0"]).is_err());
         assert!(Config::try_parse_from(["worker", "--retry-schedule", "soon"]).is_err());
+    }
+
+    #[test]
+    fn the_delivery_store_url_is_never_shown_with_its_password() {
+        let c = Config::parse_from([
+            "worker",
+            "--delivery-store",
+            "postgres://pushwire:hunter2@db:5432/pushwire",
+        ]);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(c.delivery.delivery_store.unwrap().0.is_ok());
+        let bad = Config::parse_from(["worker", "--delivery-store", "mysql://u:hunter2@db/x"]);
+        let err = bad
+            .delivery
+            .delivery_store
+            .unwrap()
+            .0
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn the_default_schedule_spans_a_day_within_the_window() {
+        let d = DeliveryArgs::defaults().dispatch_options();
+        let total: Duration = d.retry.delays.iter().sum();
+        assert!(total >= Duration::from_secs(24 * 3600), "{total:?}");
+        // Without jitter every step starts within the window.
+        assert!(total <= d.retry.window);
     }
 }

@@ -1,6 +1,7 @@
 //! The operations endpoint: `/healthz` (the process is up), `/readyz` (a configuration
-//! snapshot is applied; says why not) and `/metrics` (OpenMetrics or the classic Prometheus
-//! text format, as the scraper asks), over the [`Status`] they read.
+//! snapshot is applied and the delivery store answers; says why not) and `/metrics`
+//! (OpenMetrics or the classic Prometheus text format, as the scraper asks), over the
+//! [`Status`] they read.
 
 use axum::Router;
 use axum::extract::State;
@@ -15,6 +16,7 @@ use pushwire_common::auth::Authenticator;
 
 use crate::config_watch::TableWatch;
 use crate::deliver::dispatch::Dispatcher;
+use crate::deliver::store::StoreHandle;
 use crate::metrics::Metrics;
 
 /// What readiness and metrics read; cheap to clone.
@@ -25,17 +27,24 @@ pub struct Status {
     dispatcher: Dispatcher,
     /// The tokens of the worker's own server, for its token file's state.
     auth: Option<Authenticator>,
+    store: StoreHandle,
 }
 
 impl Status {
     /// Readiness and metrics over the routing table of the moment, the worker's metrics and
     /// the dispatcher's lanes.
-    pub(crate) fn new(table: TableWatch, metrics: Arc<Metrics>, dispatcher: Dispatcher) -> Self {
+    pub(crate) fn new(
+        table: TableWatch,
+        metrics: Arc<Metrics>,
+        dispatcher: Dispatcher,
+        store: StoreHandle,
+    ) -> Self {
         Self {
             table,
             metrics,
             dispatcher,
             auth: None,
+            store,
         }
     }
 
@@ -45,13 +54,19 @@ impl Status {
         self
     }
 
-    /// The configuration revision in use, or why the worker is not ready.
+    /// The configuration revision in use, or why the worker is not ready: no configuration
+    /// yet, or the delivery store is unreachable (hand-offs wait meanwhile).
     pub fn ready(&self) -> Result<i64, String> {
-        self.table
+        let revision = self
+            .table
             .borrow()
             .as_ref()
             .map(|t| t.revision())
-            .ok_or_else(|| "no configuration received from the control plane yet".to_owned())
+            .ok_or_else(|| "no configuration received from the control plane yet".to_owned())?;
+        match self.store.unreachable() {
+            Some(why) => Err(format!("the delivery store is unreachable: {why}")),
+            None => Ok(revision),
+        }
     }
 
     /// The routing table of the moment.

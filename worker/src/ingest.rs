@@ -1,7 +1,8 @@
 //! `pushwire.v1.IngestService` (DESIGN §3): parses each participation once, plans its
 //! deliveries with the routing table of the moment ([`router::plan`]: which integrations get
 //! it, which skip it and why), delivers it to every matched integration through the
-//! [`Dispatcher`] and acknowledges it once every one of them reached a final outcome.
+//! [`Dispatcher`] and acknowledges it once every one of them has an outcome the publisher may
+//! forget: final, or `QUEUED` (committed to the delivery store, which retries it).
 //!
 //! A Publish stream holds at most `window` participations in flight: when the window is full
 //! the stream is not read, so HTTP/2 flow control pushes back on the publisher and memory stays
@@ -286,6 +287,8 @@ impl Ingest {
             .map(|t| t.tracestate.clone())
             .unwrap_or_default();
         let participation_id: Arc<str> = Arc::from(p.id.as_str());
+        let campaign_id: Arc<str> = Arc::from(p.campaign_id.as_str());
+        let website_id: Option<Arc<str>> = p.website_id.as_deref().map(Arc::from);
         let body = Bytes::from(req.participation_json);
 
         let work = plan.decisions.into_iter().map(|decision| {
@@ -296,6 +299,8 @@ impl Ingest {
                 body: body.clone(),
                 traceparent: Some(TraceParent::child_of(parent.as_ref()).to_string()),
                 tracestate: tracestate.clone(),
+                campaign_id: campaign_id.clone(),
+                website_id: website_id.clone(),
             };
             let span = tracing::info_span!(
                 "deliver",
@@ -313,8 +318,9 @@ impl Ingest {
                 };
                 let span = tracing::Span::current();
                 span.record("pushwire.outcome", label(&outcome));
-                if let Outcome::Delivered { attempts, .. } | Outcome::Failed { attempts, .. } =
-                    &outcome
+                if let Outcome::Delivered { attempts, .. }
+                | Outcome::Failed { attempts, .. }
+                | Outcome::Queued { attempts, .. } = &outcome
                 {
                     span.record("pushwire.attempts", i64::from(*attempts));
                 }
@@ -465,6 +471,7 @@ fn label(outcome: &Outcome) -> &'static str {
         Outcome::Delivered { .. } => "delivered",
         Outcome::Failed { .. } => "failed",
         Outcome::Skipped { .. } => "skipped",
+        Outcome::Queued { .. } => "queued",
         Outcome::Interrupted => "interrupted",
     }
 }
@@ -494,6 +501,18 @@ fn to_pb(integration: String, outcome: Outcome) -> Option<pb::Delivery> {
         Outcome::Skipped { reason } => {
             d.set_outcome(pb::DeliveryOutcome::Skipped);
             d.skip_reason = reason;
+        }
+        Outcome::Queued {
+            attempts,
+            last_status,
+            last_error,
+            next_attempt,
+        } => {
+            d.set_outcome(pb::DeliveryOutcome::Queued);
+            d.attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
+            d.last_status_code = last_status.map(i32::from).unwrap_or(0);
+            d.last_error = last_error;
+            d.next_attempt_time = Some(prost_types::Timestamp::from(next_attempt));
         }
         Outcome::Interrupted => return None,
     }

@@ -7,8 +7,9 @@
 //!   [`router::RoutingTable`] in step with it, over the [`control_plane`] channel;
 //! - [`router`] (pure): the routing table, and the plan of one participation's deliveries;
 //! - [`ingest`]: the gRPC `IngestService` (parse, plan, deliver, acknowledge);
-//! - [`deliver`]: per-integration queues, breakers and retries (requests are built, signed and
-//!   sent by `pushwire_common::webhook`);
+//! - [`deliver`]: per-integration queues and breakers, the first attempt, the hand-off to the
+//!   delivery store and the retries claimed from it (requests are built, signed and sent by
+//!   `pushwire_common::webhook`);
 //! - [`disable`]: turns `410 Gone` answers into control-plane updates;
 //! - [`in_process`]: the in-memory channel of the worker embedded by `--with-worker`;
 //! - [`http`]: health, readiness and metrics ([`metrics`]).
@@ -27,6 +28,7 @@ pub mod router;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pushwire_common::delivery_store::{self, InvalidStoreUrl, StoreError, StoreUrl};
 use pushwire_common::domain::{Integration, IntegrationName};
 use pushwire_common::pb::v1 as pb;
 use pushwire_common::webhook::{DeliveryConfigError, WebhookArgs};
@@ -40,6 +42,7 @@ use config::{DeliveryArgs, IngestArgs};
 pub use config_watch::TableWatch;
 pub use control_plane::ControlPlaneChannel;
 use deliver::dispatch::{Dispatcher, IntegrationSource};
+use deliver::store::{Handoff, OutcomeLog, StoreHandle};
 pub use http::Status;
 use ingest::{Ingest, IngestOptions};
 use metrics::Metrics;
@@ -55,6 +58,23 @@ pub enum RunError {
     /// The delivery flags are unusable.
     #[error("invalid delivery settings")]
     Delivery(#[source] DeliveryConfigError),
+    /// A standalone worker was started without a delivery store.
+    #[error(
+        "no delivery store: set --delivery-store (or PUSHWIRE_DELIVERY_STORE) to postgres://USER:PASSWORD@HOST:PORT/DATABASE or sqlite://PATH; deliveries whose first attempt fails are handed off and retried from there"
+    )]
+    NoDeliveryStore,
+    /// `--delivery-store` is not a delivery store URL.
+    #[error("--delivery-store: {0}")]
+    DeliveryStoreUrl(#[source] InvalidStoreUrl),
+    /// The delivery store could not be opened or its schema brought up to date.
+    #[error("--delivery-store {url}: cannot open the delivery store: {source}")]
+    DeliveryStore {
+        /// The store, redacted.
+        url: StoreUrl,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
     /// The `--control-plane` address is not a URI.
     #[error("--control-plane: {0}")]
     ControlPlane(String),
@@ -91,27 +111,60 @@ impl Worker {
     /// `intake` stops the intake: streams stop reading and end with `UNAVAILABLE` once what
     /// they hold is settled. `interrupt`, cancelled some grace period later, interrupts the
     /// deliveries still waiting (they are not acknowledged) and stops the background tasks.
-    pub fn start(
+    ///
+    /// Opens the delivery store (`--delivery-store`, required) and brings its schema up to
+    /// date first; a store that cannot be opened is an error (the process exits and its
+    /// supervisor starts it again).
+    pub async fn start(
         control_plane: ControlPlaneChannel,
         ingest: &IngestArgs,
         webhook: &WebhookArgs,
         delivery: &DeliveryArgs,
         intake: CancellationToken,
         interrupt: CancellationToken,
-    ) -> Result<Self, DeliveryConfigError> {
-        let client = webhook.client()?;
+    ) -> Result<Self, RunError> {
+        let client = webhook.client().map_err(RunError::Delivery)?;
+        let url = match &delivery.delivery_store {
+            None => return Err(RunError::NoDeliveryStore),
+            Some(arg) => arg.0.clone().map_err(RunError::DeliveryStoreUrl)?,
+        };
+        let store = delivery_store::open(&url, &delivery_store::OpenOptions::default())
+            .await
+            .map_err(|source| RunError::DeliveryStore {
+                url: url.clone(),
+                source,
+            })?;
+        tracing::info!(delivery_store = %url, "delivery store open");
         let metrics = Arc::new(Metrics::default());
+        let store = StoreHandle::new(store, metrics.clone());
         let (table_tx, table) = watch::channel(None);
         let (disable_tx, disable_rx) = mpsc::channel(disable::QUEUE);
-        let dispatcher = Dispatcher::new(
+        let (handoff, writer) = Handoff::new(store.clone(), interrupt.clone());
+        let mut dispatcher = Dispatcher::new(
             client,
             delivery.dispatch_options(),
             Arc::new(TableSource(table.clone())),
             disable_tx,
+            handoff,
             interrupt.clone(),
         )
         .with_metrics(metrics.clone());
         let mut tasks = JoinSet::new();
+        tasks.spawn(writer);
+        if delivery.delivery_log {
+            let (log, log_writer) = OutcomeLog::new(store.clone(), interrupt.clone());
+            dispatcher = dispatcher.with_outcome_log(log);
+            tasks.spawn(log_writer);
+        }
+        tasks.spawn(store.clone().count_queued(interrupt.clone()));
+        tasks.spawn(deliver::retries::run(
+            dispatcher.clone(),
+            store.clone(),
+            metrics.clone(),
+            delivery.retry_options(),
+            // No new claims once the intake stops; attempts in flight end at `interrupt`.
+            intake.clone(),
+        ));
         tasks.spawn(config_watch::run(
             control_plane.clone(),
             table_tx,
@@ -131,7 +184,7 @@ impl Worker {
         );
         Ok(Self {
             ingest,
-            status: Status::new(table, metrics, dispatcher),
+            status: Status::new(table, metrics, dispatcher, store),
             tasks,
         })
     }
@@ -201,7 +254,7 @@ pub async fn run(
         shutdown.clone(),
         interrupt.clone(),
     )
-    .map_err(RunError::Delivery)?;
+    .await?;
 
     let tls_on = tls.is_some();
     let (router, health) = ServerStack::new(&auth, worker.status.metrics.grpc.clone())

@@ -18,7 +18,8 @@ const LATENCY_BUCKETS: [f64; 21] = [
 /// Label of [`Metrics::deliveries`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
-    /// `delivered`, `failed`, `skipped` or `interrupted`.
+    /// `delivered`, `failed`, `skipped`, `queued` (handed off to the delivery store) or
+    /// `interrupted`.
     pub outcome: &'static str,
 }
 
@@ -38,6 +39,31 @@ pub const MAX_INTEGRATION_SERIES: usize = 50;
 pub struct StatusClassLabel {
     /// `2xx`, `3xx`, `4xx`, `5xx`, or `error` (no answer: connection, TLS, timeout, refused).
     pub class: &'static str,
+}
+
+/// Label of [`Metrics::handoffs`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `failure` (a retryable first attempt), `breaker` (open, no attempt) or `saturated` (no
+    /// slot in the lane promptly, no attempt).
+    pub reason: &'static str,
+}
+
+/// Label of the delivery store call metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabel {
+    /// The store operation: `hand_off`, `claim_due`, `finish`, `count_queued`, `record_outcomes`.
+    pub operation: &'static str,
+}
+
+/// Buckets of the delivery store's call latency, in seconds: 0.5 ms to about 16 s.
+const STORE_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048,
+    4.096, 8.192, 16.384,
+];
+
+fn store_histogram() -> Histogram {
+    Histogram::new(STORE_BUCKETS.iter().copied())
 }
 
 /// Label of [`Metrics::participations`].
@@ -92,6 +118,23 @@ pub struct Metrics {
     /// Time from a configuration write (its `update_time`) to its routing table being in
     /// use here, in seconds; assumes the control plane's and the worker's clocks agree.
     pub config_propagation_lag: Histogram,
+    /// Deliveries handed off to the delivery store, by reason.
+    pub handoffs: Family<ReasonLabel, Counter>,
+    /// Due deliveries claimed from the delivery store.
+    pub claims: Counter,
+    /// Attempts of claimed deliveries, by what they ended in (`delivered`, `failed`,
+    /// `skipped`, `requeued`).
+    pub retries: Family<OutcomeLabel, Counter>,
+    /// Claims that took over an expired lease (the worker holding it died or stalled).
+    pub lease_expiries: Counter,
+    /// Deliveries queued in the delivery store (all workers'; refreshed periodically).
+    pub queued_deliveries: Gauge,
+    /// Time of delivery store calls, by operation, in seconds.
+    pub store_latency: Family<OperationLabel, Histogram, fn() -> Histogram>,
+    /// Failed delivery store calls, by operation.
+    pub store_errors: Family<OperationLabel, Counter>,
+    /// 1 while the last delivery store call succeeded, 0 while it is unreachable.
+    pub store_up: Gauge,
 }
 
 impl Default for Metrics {
@@ -111,6 +154,58 @@ impl Default for Metrics {
         let breakers_open = Gauge::default();
         let config_revision = Gauge::default();
         let config_propagation_lag = Histogram::new(LATENCY_BUCKETS.iter().copied());
+        let handoffs = Family::<ReasonLabel, Counter>::default();
+        let claims = Counter::default();
+        let retries = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "retries",
+            "Deliveries claimed from the delivery store, by what their turn ended in",
+            retries.clone(),
+        );
+        let lease_expiries = Counter::default();
+        let queued_deliveries = Gauge::default();
+        let store_latency =
+            Family::<OperationLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                store_histogram,
+            );
+        let store_errors = Family::<OperationLabel, Counter>::default();
+        let store_up = Gauge::default();
+        registry.register(
+            "handoffs",
+            "Deliveries handed off to the delivery store (QUEUED), by reason",
+            handoffs.clone(),
+        );
+        registry.register(
+            "claims",
+            "Due deliveries claimed from the delivery store for a retry",
+            claims.clone(),
+        );
+        registry.register(
+            "lease_expiries",
+            "Claims that took over an expired lease of another claim",
+            lease_expiries.clone(),
+        );
+        registry.register(
+            "queued_deliveries",
+            "Deliveries queued in the delivery store (refreshed periodically)",
+            queued_deliveries.clone(),
+        );
+        registry.register_with_unit(
+            "delivery_store_latency",
+            "Time of delivery store calls, by operation",
+            prometheus_client::registry::Unit::Seconds,
+            store_latency.clone(),
+        );
+        registry.register(
+            "delivery_store_errors",
+            "Failed delivery store calls, by operation",
+            store_errors.clone(),
+        );
+        registry.register(
+            "delivery_store_up",
+            "1 while the delivery store answers, 0 while it is unreachable",
+            store_up.clone(),
+        );
         registry.register(
             "participations",
             "Participations handled, by result",
@@ -185,6 +280,14 @@ impl Default for Metrics {
             breakers_open,
             config_revision,
             config_propagation_lag,
+            handoffs,
+            claims,
+            retries,
+            lease_expiries,
+            queued_deliveries,
+            store_latency,
+            store_errors,
+            store_up,
         }
     }
 }

@@ -242,6 +242,16 @@ impl Env {
             "--control-plane-token-file".into(),
             self.tokens.worker_file.display().to_string(),
         ];
+        if !extra.contains(&"--delivery-store") {
+            // An SQLite store of its own unless the phase names one (PostgreSQL, say).
+            args.push("--delivery-store".into());
+            args.push(format!(
+                "sqlite://{}",
+                self.dir
+                    .join(format!("deliveries-{name}.sqlite3"))
+                    .display()
+            ));
+        }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let proc = Proc::spawn(
             &format!("worker ({name})"),

@@ -233,6 +233,34 @@ async fn flaky_and_stalled_receivers_delay_no_one_else() -> anyhow::Result<()> {
     .await
 }
 
+/// Waits (at most [`SETTLE`]) until every expected delivery of `ids` arrived: the receipts of
+/// participations handed off (QUEUED) come before the store's retries deliver them. Missing
+/// ones are then reported by the tally.
+async fn wait_delivered(
+    receivers: &[&CountingReceiver],
+    ids: std::ops::Range<usize>,
+    routes: impl Fn(usize) -> Vec<bool>,
+) {
+    let _ = eventually("every expected delivery made", SETTLE, || {
+        let delivered: Vec<_> = receivers.iter().map(|rx| rx.delivered()).collect();
+        let missing = ids
+            .clone()
+            .map(|i| {
+                let id = format!("fault-{i:05}");
+                let r = routes(i);
+                (0..delivered.len())
+                    .filter(|k| r[*k] && !delivered[*k].contains_key(&id))
+                    .count()
+            })
+            .sum::<usize>();
+        async move { Ok(Poll::when(missing == 0, format!("{missing} missing"))) }
+    })
+    .await;
+}
+
+/// How long the retries from the store may take after the last receipt.
+const SETTLE: Duration = Duration::from_secs(60);
+
 /// Waits for every receipt of `publication` and tallies it.
 async fn publication_finish(
     publication: Publication,
@@ -242,6 +270,7 @@ async fn publication_finish(
     name: &str,
 ) -> anyhow::Result<(Figures, Vec<pushwire_common::publisher::Receipt>)> {
     let (receipts, at) = publication.finish(Duration::from_secs(150)).await?;
+    wait_delivered(&rig.receivers(), ids.clone(), routes3).await;
     let f = tally(
         name,
         &receipts,
@@ -340,6 +369,12 @@ async fn control_plane_and_etcd_restarts_lose_nothing() -> anyhow::Result<()> {
         let (receipts, at) = second.finish(Duration::from_secs(60)).await?;
         let mut receivers = rig.receivers();
         receivers.push(&late);
+        wait_delivered(&receivers, N..N + LATE, |i| {
+            let mut r = routes3(i);
+            r.push(true);
+            r
+        })
+        .await;
         let after = tally(
             "after-recovery",
             &receipts,

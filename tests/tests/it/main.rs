@@ -21,6 +21,7 @@ mod delivery_store;
 mod dispatch;
 mod encryption;
 mod faults;
+mod handoff;
 mod ingest;
 mod limits;
 mod metrics;

@@ -83,6 +83,10 @@ async fn publishes_over_mtls_by_name_with_a_token() -> anyhow::Result<()> {
 
     // A standalone worker serving TLS only, requiring certificates of the CA.
     let mut config = pushwire_worker::Config::defaults();
+    config.delivery.delivery_store = Some(
+        pushwire_common::delivery_store::StoreUrl::sqlite(dir.path().join("deliveries.sqlite3"))
+            .into(),
+    );
     config.control_plane = format!("http://{}", cp.grpc_addr);
     config.control_plane_client.control_plane_token = Some(Secret::new(TEST_WORKER_TOKEN));
     config.access.admin_token = Some(Secret::new(TEST_ADMIN_TOKEN));

@@ -160,8 +160,18 @@ async fn traced() -> anyhow::Result<()> {
         })
         .await??;
     assert_eq!(resp.deliveries.len(), 1, "{resp:?}");
-    assert_eq!(resp.deliveries[0].outcome(), pb::DeliveryOutcome::Delivered);
-    assert_eq!(resp.deliveries[0].attempts, 2);
+    // The first attempt fails: handed off to the delivery store, whose retry delivers it.
+    assert_eq!(resp.deliveries[0].outcome(), pb::DeliveryOutcome::Queued);
+    assert_eq!(resp.deliveries[0].attempts, 1);
+    eventually(
+        "the retry from the store",
+        Duration::from_secs(10),
+        || async {
+            let n = receiver.received_count();
+            Ok(Poll::when(n >= 2, n))
+        },
+    )
+    .await?;
 
     // Both attempts reached the receiver within our trace, each with its own span id.
     let got = receiver.drain();
@@ -219,7 +229,8 @@ async fn traced() -> anyhow::Result<()> {
             .all(|(service, _)| service == "pushwire-control-plane")
     );
 
-    // publish → (route, deliver → attempt ×2), under the publisher's span.
+    // publish → (route, deliver → (attempt, handoff)), under the publisher's span; the retry's
+    // attempt continues the trace from the stored traceparent (the deliver span).
     let publish = one("publish");
     assert_eq!(hex_id(&publish.parent_span_id), PUBLISHER_SPAN);
     assert_eq!(
@@ -234,9 +245,12 @@ async fn traced() -> anyhow::Result<()> {
         attr(deliver, "pushwire.integration").as_deref(),
         Some(name.as_str())
     );
+    assert_eq!(attr(deliver, "pushwire.outcome").as_deref(), Some("queued"));
+    let handoff = one("handoff");
+    assert_eq!(handoff.parent_span_id, deliver.span_id);
     assert_eq!(
-        attr(deliver, "pushwire.outcome").as_deref(),
-        Some("delivered")
+        attr(handoff, "pushwire.handoff.reason").as_deref(),
+        Some("failure")
     );
     let mut attempts: Vec<&Span> = spans
         .iter()

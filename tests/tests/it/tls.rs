@@ -157,6 +157,12 @@ async fn start_control_plane(pki: &Pki) -> anyhow::Result<Running> {
 /// A standalone worker following the control plane at `cp` over TLS, presenting `client`.
 async fn start_worker(pki: &Pki, cp: SocketAddr, client: Option<&Pem>) -> anyhow::Result<Running> {
     let mut config = pushwire_worker::Config::defaults();
+    config.delivery.delivery_store = Some(
+        pushwire_common::delivery_store::StoreUrl::sqlite(
+            pki._dir.path().join("deliveries.sqlite3"),
+        )
+        .into(),
+    );
     config.control_plane = format!("https://{cp}");
     let c = &mut config.control_plane_client;
     c.control_plane_ca = Some(pki.ca.clone());
@@ -367,6 +373,12 @@ async fn a_worker_needs_a_worker_token_even_with_a_valid_certificate() -> anyhow
     let pki = pki()?;
     let cp = start_control_plane(&pki).await?;
     let mut config = pushwire_worker::Config::defaults();
+    config.delivery.delivery_store = Some(
+        pushwire_common::delivery_store::StoreUrl::sqlite(
+            pki._dir.path().join("deliveries.sqlite3"),
+        )
+        .into(),
+    );
     config.control_plane = format!("https://{}", cp.addr);
     config.control_plane_client.control_plane_ca = Some(pki.ca.clone());
     config.control_plane_client.tls_client_cert = Some(pki.client.cert.clone());

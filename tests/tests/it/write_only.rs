@@ -91,7 +91,10 @@ async fn moving_to_another_origin_needs_the_credentials_again() -> anyhow::Resul
             &["url"],
         )
         .await?;
-    assert_eq!(same.url, "https://crm.example.com/v2/hook", "stored normalised");
+    assert_eq!(
+        same.url, "https://crm.example.com/v2/hook",
+        "stored normalised"
+    );
     assert!(same.secret_set && same.auth_header.as_ref().is_some_and(|h| h.value_set));
     assert_eq!(same.secret_fingerprint, created.secret_fingerprint);
 

@@ -201,6 +201,18 @@ impl Breaker {
         self.state = State::Open { until };
     }
 
+    /// Whether [`Breaker::admit`] would refuse at `now` (open within its cool-down, or half-open
+    /// with its probe out), without changing anything: retries are not claimed for it.
+    pub fn is_rejecting(&self, now: Instant) -> bool {
+        match self.state {
+            State::Closed { .. } | State::HalfOpen { probe_since: None } => false,
+            State::Open { until } => now < until,
+            State::HalfOpen {
+                probe_since: Some(since),
+            } => now < since.checked_add(self.opts.probe_timeout).unwrap_or(since),
+        }
+    }
+
     /// The current state, for metrics. An open breaker whose cool-down has ended still reads
     /// `Open` until the next [`Breaker::admit`] turns it half-open.
     pub fn state(&self) -> BreakerState {
@@ -231,6 +243,26 @@ mod tests {
     use super::*;
 
     const SEC: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn is_rejecting_matches_admit_without_changing_the_state() {
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        assert!(!b.is_rejecting(t0));
+        b = opened(t0);
+        assert!(b.is_rejecting(t0));
+        let after = t0 + DEFAULT_COOL_DOWN;
+        assert!(!b.is_rejecting(after), "the cool-down is over");
+        assert_eq!(b.state(), BreakerState::Open, "asking changed nothing");
+        assert_eq!(b.admit(after), Admission::Probe);
+        assert!(b.is_rejecting(after), "the probe is out");
+        assert!(
+            !b.is_rejecting(after + DEFAULT_PROBE_TIMEOUT),
+            "the probe is lost"
+        );
+        b.on_probe_abandoned();
+        assert!(!b.is_rejecting(after));
+    }
 
     fn opened(t0: Instant) -> Breaker {
         let mut b = Breaker::default();

@@ -1,14 +1,19 @@
-//! Delivery of one participation to one integration: attempts through the integration's
-//! [`Lane`] and circuit breaker, retried per the [`RetryPolicy`] until a final outcome or the
-//! retry window ends. Reads the newest configuration of the integration before every attempt,
-//! so URL and secret changes apply to retries too. Knows nothing of gRPC.
+//! Delivery of one participation to one integration (DESIGN §3, §4): ONE first attempt in
+//! memory through the integration's [`Lane`] and circuit breaker; a retryable failure, an open
+//! breaker or a saturated lane hands the delivery off to the delivery store ([`Handoff`]), which
+//! owns its retries from then on ([`Dispatcher::retry`] makes each one, claimed by
+//! `deliver::retries`, through the same lanes after the first attempts). Reads the newest
+//! configuration of the integration before every attempt, so URL and secret changes apply to
+//! retries too. Knows nothing of gRPC.
 
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use pushwire_common::delivery_store::{
+    self as ds, Attempt, ClaimedDelivery, DeliveryKey, FinishResult, NewDelivery, TraceContext,
+};
 use pushwire_common::domain::{Integration, IntegrationName};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -21,11 +26,12 @@ use tracing::Instrument as _;
 // `LaneStats` is defined by the metrics it feeds (so `metrics` imports nothing from here);
 // re-exported where the dispatcher's users have always found it.
 pub use crate::metrics::LaneStats;
-use crate::metrics::{Metrics, StatusClassLabel};
+use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel, StatusClassLabel};
 
 use super::breaker::{Admission, Breaker, BreakerOptions};
 use super::lane::{Lane, LanePermit, Priority};
 use super::retry::{self, RetryPolicy, Verdict};
+use super::store::{Handoff, HandoffError, OutcomeLog, StoreHandle};
 
 /// Settings of the [`Dispatcher`].
 #[derive(Clone, Debug)]
@@ -36,7 +42,13 @@ pub struct DispatchOptions {
     pub concurrency: usize,
     /// Consecutive failures that open an integration's circuit breaker.
     pub breaker_threshold: u32,
+    /// Longest wait of a first attempt for a slot in its lane (when the lane's queue has
+    /// room); past it, or with the queue full, the delivery is handed off as saturated.
+    pub slot_wait: Duration,
 }
+
+/// Default [`DispatchOptions::slot_wait`].
+pub const DEFAULT_SLOT_WAIT: Duration = Duration::from_secs(1);
 
 impl Default for DispatchOptions {
     fn default() -> Self {
@@ -44,6 +56,7 @@ impl Default for DispatchOptions {
             retry: RetryPolicy::default(),
             concurrency: 32,
             breaker_threshold: 10,
+            slot_wait: DEFAULT_SLOT_WAIT,
         }
     }
 }
@@ -61,6 +74,10 @@ pub struct Job {
     pub traceparent: Option<String>,
     /// The publisher's `tracestate`, forwarded with a `traceparent` of its trace (empty: none).
     pub tracestate: String,
+    /// `$.campaign.id` of the participation (stored with a hand-off).
+    pub campaign_id: Arc<str>,
+    /// `$.campaign.channel.website.id`, if any (stored with a hand-off).
+    pub website_id: Option<Arc<str>>,
 }
 
 /// The final outcome of a job.
@@ -86,6 +103,17 @@ pub enum Outcome {
     Skipped {
         /// Why.
         reason: String,
+    },
+    /// Handed off: committed to the delivery store, which retries it from now on.
+    Queued {
+        /// Attempts made (0 when the breaker was open or the lane saturated).
+        attempts: u32,
+        /// Status of the last answer, if any.
+        last_status: Option<u16>,
+        /// Why the last attempt failed (empty without an attempt).
+        last_error: String,
+        /// When the store's next attempt is due.
+        next_attempt: SystemTime,
     },
     /// The worker is shutting down before a final outcome: not to be acknowledged.
     Interrupted,
@@ -135,6 +163,8 @@ pub struct Dispatcher {
     source: Arc<dyn IntegrationSource>,
     lanes: Arc<Mutex<Lanes>>,
     disable: mpsc::Sender<DisableRequest>,
+    handoff: Handoff,
+    log: Option<OutcomeLog>,
     shutdown: CancellationToken,
     metrics: Option<Arc<Metrics>>,
 }
@@ -148,12 +178,14 @@ impl std::fmt::Debug for Dispatcher {
 }
 
 impl Dispatcher {
-    /// A dispatcher sending with `client`; 410 answers are reported on `disable`.
+    /// A dispatcher sending with `client`, handing retries off with `handoff`; 410 answers are
+    /// reported on `disable`.
     pub fn new(
         client: WebhookClient,
         opts: DispatchOptions,
         source: Arc<dyn IntegrationSource>,
         disable: mpsc::Sender<DisableRequest>,
+        handoff: Handoff,
         shutdown: CancellationToken,
     ) -> Self {
         let breaker = BreakerOptions {
@@ -167,6 +199,8 @@ impl Dispatcher {
             source,
             lanes: Arc::default(),
             disable,
+            handoff,
+            log: None,
             shutdown,
             metrics: None,
         }
@@ -178,6 +212,14 @@ impl Dispatcher {
     #[must_use]
     pub fn with_breaker_options(mut self, opts: BreakerOptions) -> Self {
         self.breaker = Arc::new(opts);
+        self
+    }
+
+    /// Records the final outcomes of first attempts (delivered, failed, skipped) in the
+    /// delivery log.
+    #[must_use]
+    pub fn with_outcome_log(mut self, log: OutcomeLog) -> Self {
+        self.log = Some(log);
         self
     }
 
@@ -216,6 +258,28 @@ impl Dispatcher {
             .clone()
     }
 
+    /// The retry settings.
+    pub fn options(&self) -> &DispatchOptions {
+        &self.opts
+    }
+
+    /// Integrations whose circuit breaker is open now (not to be claimed for).
+    pub fn open_breakers(&self) -> Vec<IntegrationName> {
+        let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        lanes
+            .map
+            .iter()
+            .filter(|(_, e)| {
+                e.breaker
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_rejecting(now)
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// Per-integration counts of the lanes in use.
     pub fn stats(&self) -> Vec<LaneStats> {
         let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
@@ -234,15 +298,387 @@ impl Dispatcher {
             .collect()
     }
 
-    /// Delivers `job` to its final outcome: rounds of slot, breaker, attempt and verdict until
-    /// one ends it.
+    /// Delivers `job`: one attempt, and what it means. A retryable failure, an open breaker or
+    /// a saturated lane hands the delivery off to the store and answers `Queued` once it is
+    /// committed; without retries (an empty schedule) those end as `Failed`.
     pub async fn deliver(&self, job: Job) -> Outcome {
-        let mut delivery = Delivery::new(self, &job);
-        loop {
-            if let ControlFlow::Break(outcome) = delivery.round().await {
-                return outcome;
+        let (outcome, attempt) = self.first_attempt(&job).await;
+        if let Some(log) = &self.log
+            && matches!(
+                outcome,
+                Outcome::Delivered { .. } | Outcome::Failed { .. } | Outcome::Skipped { .. }
+            )
+        {
+            log.record(self.log_entry(&job, &outcome, attempt)).await;
+        }
+        outcome
+    }
+
+    /// The delivery-log row of a final first-attempt outcome.
+    fn log_entry(&self, job: &Job, outcome: &Outcome, attempt: Option<Attempt>) -> NewDelivery {
+        NewDelivery {
+            key: DeliveryKey::new(
+                job.integration.name.clone(),
+                job.participation_id.to_string(),
+            ),
+            campaign_id: job.campaign_id.to_string(),
+            website_id: job.website_id.as_deref().map(str::to_owned),
+            trace: job.traceparent.clone().map(|traceparent| TraceContext {
+                traceparent,
+                tracestate: job.tracestate.clone(),
+            }),
+            outcome: match outcome {
+                Outcome::Delivered { .. } => ds::Outcome::Delivered,
+                Outcome::Skipped { reason } => ds::Outcome::Skipped {
+                    reason: reason.clone(),
+                },
+                _ => ds::Outcome::Failed,
+            },
+            attempts: attempt.into_iter().collect(),
+            body: Some(job.body.clone()),
+        }
+    }
+
+    /// [`Dispatcher::deliver`] without the log: the outcome, and the attempt when it is final
+    /// after one.
+    async fn first_attempt(&self, job: &Job) -> (Outcome, Option<Attempt>) {
+        if self.shutdown.is_cancelled() {
+            return (Outcome::Interrupted, None);
+        }
+        if let Err(why) = self.sendable(&job.integration.name) {
+            let reason = why.to_owned();
+            return (Outcome::Skipped { reason }, None);
+        }
+        let entry = self.lane(&job.integration.name);
+        let permit = match self.first_slot(&entry).await {
+            Slot::Got(permit) => permit,
+            Slot::Saturated => return (self.hand_off(job, Handed::saturated()).await, None),
+            Slot::Interrupted => return (Outcome::Interrupted, None),
+        };
+        // Read again: the wait for a slot may have been long.
+        let integration = match self.sendable(&job.integration.name) {
+            Ok(integration) => integration,
+            Err(why) => {
+                let reason = why.to_owned();
+                return (Outcome::Skipped { reason }, None);
+            }
+        };
+        let Some(probe) = admit(&entry) else {
+            drop(permit);
+            return (self.hand_off(job, Handed::breaker()).await, None);
+        };
+        let span = attempt_span(&job.participation_id, &integration, 1);
+        let traceparent = telemetry::traceparent_of(&span).or_else(|| job.traceparent.clone());
+        let Some(made) = self
+            .attempt(
+                &integration,
+                &job.participation_id,
+                job.body.clone(),
+                (traceparent.as_deref(), &job.tracestate),
+                span,
+                permit,
+            )
+            .await
+        else {
+            return (Outcome::Interrupted, None);
+        };
+        record_health(&entry, &made, probe);
+        let outcome = match made.verdict {
+            Verdict::Delivered => Outcome::Delivered {
+                attempts: 1,
+                status: made.record.status_code.unwrap_or_default(),
+            },
+            Verdict::Final => made.failed(1),
+            Verdict::Gone => {
+                self.request_disable(&integration.name, integration.revision);
+                made.failed(1)
+            }
+            Verdict::Retry => {
+                let delay =
+                    retry::next_delay(&self.opts.retry, 1, made.retry_after, rand::random::<f64>());
+                match delay.filter(|d| *d <= self.opts.retry.window) {
+                    None => made.failed(1),
+                    Some(delay) => {
+                        let handed = Handed {
+                            reason: "failure",
+                            delay,
+                            attempt: Some(made),
+                        };
+                        return (self.hand_off(job, handed).await, None);
+                    }
+                }
+            }
+        };
+        (outcome, Some(made.record))
+    }
+
+    /// A slot for a first attempt: at once, or within [`DispatchOptions::slot_wait`] when the
+    /// lane's queue has room (fewer waiters than its concurrency); saturated otherwise.
+    async fn first_slot(&self, entry: &LaneEntry) -> Slot {
+        if let Some(permit) = entry.lane.try_acquire() {
+            return Slot::Got(permit);
+        }
+        if entry.lane.queued() >= self.opts.concurrency {
+            return Slot::Saturated;
+        }
+        tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => Slot::Interrupted,
+            permit = entry.lane.acquire(Priority::First) => Slot::Got(permit),
+            () = tokio::time::sleep(self.opts.slot_wait) => Slot::Saturated,
+        }
+    }
+
+    /// Hands `job` off to the store, due after `handed.delay`, and answers `Queued` once it is
+    /// committed.
+    async fn hand_off(&self, job: &Job, handed: Handed) -> Outcome {
+        let (attempts, last_status, last_error) = match &handed.attempt {
+            Some(made) => (1, made.record.status_code, made.error.clone()),
+            None => (0, None, String::new()),
+        };
+        let Some(delay) = (if handed.attempt.is_some() {
+            Some(handed.delay)
+        } else {
+            // No attempt: due after the schedule's first step.
+            retry::next_delay(&self.opts.retry, 1, None, rand::random::<f64>())
+        }) else {
+            let why = if handed.reason == "breaker" {
+                "circuit breaker open"
+            } else {
+                "delivery lane saturated"
+            };
+            return Outcome::Failed {
+                attempts,
+                last_status,
+                last_error: why.to_owned(),
+            };
+        };
+        let next_attempt = SystemTime::now() + delay;
+        let span = tracing::info_span!(
+            "handoff",
+            pushwire.participation.id = %job.participation_id,
+            pushwire.integration = %job.integration.name,
+            pushwire.handoff.reason = handed.reason,
+            pushwire.attempts = attempts,
+            error.type = tracing::field::Empty,
+        );
+        let traceparent = telemetry::traceparent_of(&tracing::Span::current())
+            .or_else(|| job.traceparent.clone());
+        let delivery = NewDelivery {
+            key: DeliveryKey::new(
+                job.integration.name.clone(),
+                job.participation_id.to_string(),
+            ),
+            campaign_id: job.campaign_id.to_string(),
+            website_id: job.website_id.as_deref().map(str::to_owned),
+            trace: traceparent.map(|traceparent| TraceContext {
+                traceparent,
+                tracestate: job.tracestate.clone(),
+            }),
+            outcome: ds::Outcome::Queued { next_attempt },
+            attempts: handed.attempt.map(|made| made.record).into_iter().collect(),
+            body: Some(job.body.clone()),
+        };
+        match self
+            .handoff
+            .hand_off(delivery)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(()) => {
+                if let Some(m) = &self.metrics {
+                    m.handoffs
+                        .get_or_create(&ReasonLabel {
+                            reason: handed.reason,
+                        })
+                        .inc();
+                }
+                Outcome::Queued {
+                    attempts,
+                    last_status,
+                    last_error,
+                    next_attempt,
+                }
+            }
+            Err(HandoffError::Interrupted) => {
+                span.record("error.type", "interrupted");
+                Outcome::Interrupted
+            }
+            Err(err @ HandoffError::Refused(_)) => {
+                span.record("error.type", "store_refused");
+                Outcome::Failed {
+                    attempts,
+                    last_status,
+                    last_error: err.to_string(),
+                }
             }
         }
+    }
+
+    /// Makes one attempt of a delivery claimed from the store (with `store`'s lease) and
+    /// finishes it there: delivered, failed, skipped (the integration was deleted or disabled,
+    /// or the body is gone) or rescheduled by the retry rules within the retry window, counted
+    /// from the delivery's creation. Interrupted by shutdown, it finishes nothing: the lease
+    /// gives it back.
+    pub async fn retry(&self, claimed: ClaimedDelivery, store: &StoreHandle, lease: Duration) {
+        let name = claimed.lease.key.integration.clone();
+        let Some((attempt, outcome)) = self.retry_outcome(&claimed, lease).await else {
+            return;
+        };
+        if let Some(m) = &self.metrics {
+            let outcome = match outcome {
+                ds::Outcome::Queued { .. } => "requeued",
+                ds::Outcome::Delivered => "delivered",
+                ds::Outcome::Failed => "failed",
+                ds::Outcome::Skipped { .. } => "skipped",
+            };
+            m.retries.get_or_create(&OutcomeLabel { outcome }).inc();
+        }
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let finished = store
+                .call(
+                    "finish",
+                    store.store().finish(
+                        &claimed.lease,
+                        attempt.as_ref(),
+                        &outcome,
+                        SystemTime::now(),
+                    ),
+                )
+                .await;
+            match finished {
+                Ok(FinishResult::Applied) => return,
+                Ok(FinishResult::LeaseLost) => {
+                    tracing::debug!(integration = %name, participation = %claimed.lease.key.participation_id, "lease lost before the finish");
+                    return;
+                }
+                Err(err) if err.is_transient() && SystemTime::now() < claimed.lease.expires => {
+                    if !self.sleep_until(Instant::now() + backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                // The lease runs out and another claim retries it.
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// The attempt (if one was made) and the outcome of a claimed delivery; `None` when
+    /// shutdown interrupted it.
+    async fn retry_outcome(
+        &self,
+        claimed: &ClaimedDelivery,
+        lease: Duration,
+    ) -> Option<(Option<Attempt>, ds::Outcome)> {
+        let name = &claimed.lease.key.integration;
+        let skipped = |reason: &str| {
+            Some((
+                None,
+                ds::Outcome::Skipped {
+                    reason: reason.to_owned(),
+                },
+            ))
+        };
+        if let Err(why) = self.sendable(name) {
+            return skipped(why);
+        }
+        let Some(body) = claimed.body.clone() else {
+            return skipped("participation body no longer retained");
+        };
+        let entry = self.lane(name);
+        let later = |after: Duration| {
+            Some((
+                None,
+                ds::Outcome::Queued {
+                    next_attempt: SystemTime::now() + after,
+                },
+            ))
+        };
+        // Behind the first attempts; given back (due again soon) rather than kept past half the
+        // lease, so no other worker claims it while it waits here.
+        let permit = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return None,
+            permit = entry.lane.acquire(Priority::Retry) => permit,
+            () = tokio::time::sleep(lease / 2) => return later(Duration::from_secs(1)),
+        };
+        let integration = match self.sendable(name) {
+            Ok(integration) => integration,
+            Err(why) => return skipped(why),
+        };
+        let Some(probe) = admit(&entry) else {
+            return later(self.opts.retry.delays.first().copied().unwrap_or_default());
+        };
+        let number = claimed.attempt_count.saturating_add(1);
+        let span = attempt_span(&claimed.lease.key.participation_id, &integration, number);
+        if let Some(trace) = &claimed.trace {
+            telemetry::set_remote_parent(&span, &trace.traceparent, &trace.tracestate);
+        }
+        let traceparent = telemetry::traceparent_of(&span)
+            .or_else(|| claimed.trace.as_ref().map(|t| t.traceparent.clone()));
+        let tracestate = claimed.trace.as_ref().map_or("", |t| t.tracestate.as_str());
+        let made = self
+            .attempt(
+                &integration,
+                &claimed.lease.key.participation_id,
+                body,
+                (traceparent.as_deref(), tracestate),
+                span,
+                permit,
+            )
+            .await?;
+        record_health(&entry, &made, probe);
+        let outcome = match made.verdict {
+            Verdict::Delivered => ds::Outcome::Delivered,
+            Verdict::Final => ds::Outcome::Failed,
+            Verdict::Gone => {
+                self.request_disable(&integration.name, integration.revision);
+                ds::Outcome::Failed
+            }
+            Verdict::Retry => {
+                let window_end = claimed.create_time + self.opts.retry.window;
+                retry::next_delay(
+                    &self.opts.retry,
+                    number,
+                    made.retry_after,
+                    rand::random::<f64>(),
+                )
+                .map(|delay| SystemTime::now() + delay)
+                .filter(|at| *at <= window_end)
+                .map_or(ds::Outcome::Failed, |next_attempt| ds::Outcome::Queued {
+                    next_attempt,
+                })
+            }
+        };
+        Some((Some(made.record), outcome))
+    }
+
+    /// Makes one attempt in `permit`'s slot, frees the slot once answered and records it
+    /// (span, metrics). Cut short at shutdown (`None`): a first attempt's participation is
+    /// then not acknowledged, a retry's lease gives it back.
+    async fn attempt(
+        &self,
+        integration: &Integration,
+        participation_id: &str,
+        body: Bytes,
+        (traceparent, tracestate): (Option<&str>, &str),
+        span: tracing::Span,
+        permit: LanePermit,
+    ) -> Option<Made> {
+        let time = SystemTime::now();
+        let mut req = request::build(integration, participation_id, body, time, traceparent);
+        request::add_tracestate(&mut req, tracestate);
+        let sent = Instant::now();
+        let result = tokio::select! {
+            biased;
+            r = self.client.post(&req).instrument(span.clone()) => r,
+            () = self.shutdown.cancelled() => return None,
+        };
+        drop(permit);
+        self.record_attempt(&span, &result, sent);
+        Some(Made::new(result, time, sent.elapsed()))
     }
 
     /// Asks the control plane to disable `integration` after a `410 Gone` from the version at
@@ -318,299 +754,154 @@ impl Dispatcher {
     }
 }
 
-/// What a step of a [`Delivery`] says: go on (with a value), or stop with the final outcome.
-type Step<T = ()> = ControlFlow<Outcome, T>;
-
-/// One job on its way to a final outcome: what its rounds share.
-struct Delivery<'a> {
-    dispatcher: &'a Dispatcher,
-    job: &'a Job,
-    entry: Arc<LaneEntry>,
-    /// End of the retry window: no wait (for a slot, a breaker, a retry) goes past it.
-    deadline: Instant,
-    /// Attempts made so far.
-    attempts: u32,
-    /// Status of the last answer, if it was one.
-    last_status: Option<u16>,
-    /// Why the last attempt failed (empty when it did not).
-    last_error: String,
+/// What [`Dispatcher::first_slot`] got.
+enum Slot {
+    Got(LanePermit),
+    Saturated,
+    Interrupted,
 }
 
-impl<'a> Delivery<'a> {
-    fn new(dispatcher: &'a Dispatcher, job: &'a Job) -> Self {
-        let entry = dispatcher.lane(&job.integration.name);
+/// Why and when a delivery is handed off.
+struct Handed {
+    /// `failure`, `breaker` or `saturated`.
+    reason: &'static str,
+    /// Until the store's first attempt (for `failure`; the others take the schedule's first
+    /// step).
+    delay: Duration,
+    /// The first attempt, if one was made.
+    attempt: Option<Made>,
+}
+
+impl Handed {
+    fn saturated() -> Self {
         Self {
-            dispatcher,
-            job,
-            entry,
-            deadline: Instant::now() + dispatcher.opts.retry.window,
-            attempts: 0,
-            last_status: None,
-            last_error: String::new(),
+            reason: "saturated",
+            delay: Duration::ZERO,
+            attempt: None,
         }
     }
 
-    /// One round: a slot, the breaker's leave, one attempt, and what its answer means.
-    /// `Continue` to go round again, after the wait the round asked for.
-    async fn round(&mut self) -> Step {
-        let (permit, integration) = self.acquire_slot().await?;
-        let probe = match self.admit() {
-            Ok(probe) => probe,
-            Err(retry_at) => {
-                drop(permit);
-                return self.wait_for_breaker(retry_at).await;
-            }
-        };
-        // Dropped still armed (shutdown cut the attempt, or the task was aborted), `probe`
-        // frees the breaker's probe slot.
-        let result = self.attempt(&integration, permit).await?;
-        let (verdict, retry_after) = self.classify(&result);
-        self.record_health(&result, verdict, probe);
-        self.finish(verdict, &integration)?;
-        self.schedule_retry(retry_after).await
-    }
-
-    /// Waits for a slot in the integration's lane, and reads the integration as it is now.
-    /// Stops at shutdown (nothing new starts then, even when a slot is free), when the
-    /// integration was deleted or disabled, and when the retry window ends first: behind a
-    /// slow endpoint a queued job would otherwise start long after its window and delay the
-    /// acknowledgement.
-    async fn acquire_slot(&self) -> Step<(LanePermit, Arc<Integration>)> {
-        let shutdown = &self.dispatcher.shutdown;
-        if shutdown.is_cancelled() {
-            return ControlFlow::Break(Outcome::Interrupted);
-        }
-        self.sendable()?;
-        let priority = if self.attempts == 0 {
-            Priority::First
-        } else {
-            Priority::Retry
-        };
-        // `biased`: shutdown wins over a free slot.
-        let permit = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return ControlFlow::Break(Outcome::Interrupted),
-            p = self.entry.lane.acquire(priority) => p,
-            () = tokio::time::sleep_until(self.deadline.into()) => {
-                return ControlFlow::Break(self.window_ended());
-            }
-        };
-        // Read again: the wait for a slot may have been long.
-        let integration = self.sendable()?;
-        ControlFlow::Continue((permit, integration))
-    }
-
-    /// The newest version of the integration, or the outcome when it may no longer be sent to.
-    fn sendable(&self) -> Step<Arc<Integration>> {
-        match self.dispatcher.sendable(&self.job.integration.name) {
-            Ok(integration) => ControlFlow::Continue(integration),
-            Err(why) => ControlFlow::Break(self.skipped_or_failed(why)),
+    fn breaker() -> Self {
+        Self {
+            reason: "breaker",
+            delay: Duration::ZERO,
+            attempt: None,
         }
     }
+}
 
-    /// Asks the circuit breaker for leave to attempt: a guard for the probe slot when it
-    /// grants one (half-open), or when to ask again.
-    fn admit(&self) -> Result<ProbeGuard, Instant> {
-        let admission = self
-            .entry
-            .breaker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .admit(Instant::now());
-        match admission {
-            Admission::Rejected { retry_at } => Err(retry_at),
-            Admission::Allowed | Admission::Probe => Ok(ProbeGuard {
-                breaker: Arc::clone(&self.entry.breaker),
-                armed: admission == Admission::Probe,
-            }),
-        }
-    }
+/// An attempt made: its verdict, the wait a `Retry-After` asked for, and its record for the
+/// store.
+struct Made {
+    verdict: Verdict,
+    retry_after: Option<Duration>,
+    /// Whether the endpoint answered (its health is judged on answers).
+    answered: bool,
+    /// Why it failed (empty when it did not).
+    error: String,
+    record: Attempt,
+}
 
-    /// The breaker refused: waits until it may let an attempt through, unless that is past
-    /// the retry window.
-    async fn wait_for_breaker(&self, retry_at: Instant) -> Step {
-        if retry_at >= self.deadline {
-            let last_error = if self.last_error.is_empty() {
-                "circuit breaker open".into()
-            } else {
-                self.last_error.clone()
-            };
-            return ControlFlow::Break(self.failed(last_error));
-        }
-        self.wait_until(retry_at).await
-    }
-
-    /// Makes one attempt in `permit`'s slot, frees the slot once answered and records the
-    /// attempt (span, metrics). An attempt in flight is cut short at shutdown: the
-    /// participation is not acknowledged, so its publisher sends it again.
-    async fn attempt(
-        &mut self,
-        integration: &Integration,
-        permit: LanePermit,
-    ) -> Step<Result<HttpResponse, AttemptError>> {
-        self.attempts += 1;
-        let (server_address, server_port) = request::server_of(&integration.url);
-        let span = tracing::info_span!(
-            "attempt",
-            otel.kind = "client",
-            pushwire.participation.id = %self.job.participation_id,
-            pushwire.integration = %integration.name,
-            pushwire.attempt = i64::from(self.attempts),
-            http.request.method = "POST",
-            url.full = %request::redacted_url(&integration.url),
-            server.address = %server_address,
-            server.port = i64::from(server_port),
-            http.response.status_code = tracing::field::Empty,
-            error.type = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
-        // The receiver's spans join ours under this attempt.
-        let traceparent = telemetry::traceparent_of(&span).or_else(|| self.job.traceparent.clone());
-        let req = request::build(
-            integration,
-            &self.job.participation_id,
-            self.job.body.clone(),
-            SystemTime::now(),
-            traceparent.as_deref(),
-        );
-        let mut req = req;
-        request::add_tracestate(&mut req, &self.job.tracestate);
-        let sent = Instant::now();
-        let result = tokio::select! {
-            biased;
-            r = self.dispatcher.client.post(&req).instrument(span.clone()) => r,
-            () = self.dispatcher.shutdown.cancelled() => {
-                return ControlFlow::Break(Outcome::Interrupted);
-            }
-        };
-        drop(permit);
-        self.dispatcher.record_attempt(&span, &result, sent);
-        ControlFlow::Continue(result)
-    }
-
-    /// What an attempt's answer means: the verdict, and the delay a `Retry-After` header asked
-    /// for. Keeps its status and error for the outcome.
-    fn classify(
-        &mut self,
-        result: &Result<HttpResponse, AttemptError>,
-    ) -> (Verdict, Option<Duration>) {
-        self.last_error = describe(result);
+impl Made {
+    fn new(result: Result<HttpResponse, AttemptError>, time: SystemTime, took: Duration) -> Self {
+        let error = describe(&result);
         match result {
             Ok(resp) => {
-                self.last_status = Some(resp.status);
                 let retry_after = resp
                     .headers
                     .iter()
                     .find(|(n, _)| n == "retry-after")
                     .and_then(|(_, v)| retry::parse_retry_after(v, SystemTime::now()));
-                (retry::classify_status(resp.status), retry_after)
+                let failed = !(200..300).contains(&resp.status);
+                Self {
+                    verdict: retry::classify_status(resp.status),
+                    retry_after,
+                    answered: true,
+                    record: Attempt {
+                        time,
+                        status_code: Some(resp.status),
+                        error_class: failed.then(|| "status".to_owned()),
+                        error_message: failed.then(|| error.clone()),
+                        duration: took,
+                    },
+                    error,
+                }
             }
-            Err(e) => {
-                self.last_status = None;
-                let verdict = if e.is_retryable() {
+            Err(e) => Self {
+                verdict: if e.is_retryable() {
                     Verdict::Retry
                 } else {
                     Verdict::Final
-                };
-                (verdict, None)
-            }
+                },
+                retry_after: None,
+                answered: false,
+                record: Attempt {
+                    time,
+                    status_code: None,
+                    error_class: Some(e.kind().to_owned()),
+                    error_message: Some(error.clone()),
+                    duration: took,
+                },
+                error,
+            },
         }
     }
 
-    /// Tells the breaker how the endpoint did, and settles the probe. Only the endpoint's
-    /// health counts: a 4xx answer is the endpoint working.
-    fn record_health(
-        &self,
-        result: &Result<HttpResponse, AttemptError>,
-        verdict: Verdict,
-        mut probe: ProbeGuard,
-    ) {
-        let mut breaker = self.entry.breaker.lock().unwrap_or_else(|e| e.into_inner());
-        match (result, verdict) {
-            (Ok(_), Verdict::Delivered | Verdict::Final | Verdict::Gone) => breaker.on_success(),
-            _ => breaker.on_failure(Instant::now()),
-        }
-        probe.armed = false;
-    }
-
-    /// Ends the delivery on a final verdict (after `410 Gone`, asking for the integration to
-    /// be disabled); `Continue` when the verdict is to retry.
-    fn finish(&self, verdict: Verdict, integration: &Integration) -> Step {
-        match verdict {
-            Verdict::Delivered => ControlFlow::Break(Outcome::Delivered {
-                attempts: self.attempts,
-                status: self.last_status.unwrap_or_default(),
-            }),
-            Verdict::Final => ControlFlow::Break(self.failed(self.last_error.clone())),
-            Verdict::Gone => {
-                self.dispatcher
-                    .request_disable(&integration.name, integration.revision);
-                ControlFlow::Break(self.failed(self.last_error.clone()))
-            }
-            Verdict::Retry => ControlFlow::Continue(()),
-        }
-    }
-
-    /// Waits before the next attempt, as long as the retry policy says (or `retry_after`);
-    /// fails when the policy has no more attempts or the wait would end past the window.
-    async fn schedule_retry(&self, retry_after: Option<Duration>) -> Step {
-        let delay = retry::next_delay(
-            &self.dispatcher.opts.retry,
-            self.attempts,
-            retry_after,
-            rand::random::<f64>(),
-        );
-        let Some(at) = delay
-            .map(|delay| Instant::now() + delay)
-            .filter(|at| *at < self.deadline)
-        else {
-            return ControlFlow::Break(self.failed(self.last_error.clone()));
-        };
-        self.wait_until(at).await
-    }
-
-    /// Sleeps until `at`; interrupted by shutdown.
-    async fn wait_until(&self, at: Instant) -> Step {
-        if self.dispatcher.sleep_until(at).await {
-            ControlFlow::Continue(())
-        } else {
-            ControlFlow::Break(Outcome::Interrupted)
-        }
-    }
-
-    /// Failed after the attempts made so far.
-    fn failed(&self, last_error: String) -> Outcome {
+    /// Failed after `attempts`, this one the last.
+    fn failed(&self, attempts: u32) -> Outcome {
         Outcome::Failed {
-            attempts: self.attempts,
-            last_status: self.last_status,
-            last_error,
+            attempts,
+            last_status: self.record.status_code,
+            last_error: self.error.clone(),
         }
     }
+}
 
-    /// The retry window ended while waiting for a slot.
-    fn window_ended(&self) -> Outcome {
-        let why = "retry window ended while waiting for a delivery slot";
-        self.failed(if self.attempts == 0 {
-            why.to_owned()
-        } else {
-            format!("{why}; last: {}", self.last_error)
-        })
-    }
+/// The span of one HTTP attempt.
+fn attempt_span(participation_id: &str, integration: &Integration, number: u32) -> tracing::Span {
+    let (server_address, server_port) = request::server_of(&integration.url);
+    tracing::info_span!(
+        "attempt",
+        otel.kind = "client",
+        pushwire.participation.id = %participation_id,
+        pushwire.integration = %integration.name,
+        pushwire.attempt = i64::from(number),
+        http.request.method = "POST",
+        url.full = %request::redacted_url(&integration.url),
+        server.address = %server_address,
+        server.port = i64::from(server_port),
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
+}
 
-    /// The integration may no longer be sent to: skipped when nothing was attempted yet,
-    /// failed otherwise.
-    fn skipped_or_failed(&self, why: &str) -> Outcome {
-        if self.attempts == 0 {
-            Outcome::Skipped {
-                reason: why.to_owned(),
-            }
-        } else {
-            self.failed(format!(
-                "{why} after {} attempt(s); last: {}",
-                self.attempts, self.last_error
-            ))
-        }
+/// Asks the circuit breaker for leave to attempt: a guard for the probe slot when it grants
+/// one (half-open), `None` when it refuses.
+fn admit(entry: &LaneEntry) -> Option<ProbeGuard> {
+    let admission = entry
+        .breaker
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .admit(Instant::now());
+    match admission {
+        Admission::Rejected { .. } => None,
+        Admission::Allowed | Admission::Probe => Some(ProbeGuard {
+            breaker: Arc::clone(&entry.breaker),
+            armed: admission == Admission::Probe,
+        }),
     }
+}
+
+/// Tells the breaker how the endpoint did, and settles the probe. Only the endpoint's health
+/// counts: a 4xx answer is the endpoint working.
+fn record_health(entry: &LaneEntry, made: &Made, mut probe: ProbeGuard) {
+    let mut breaker = entry.breaker.lock().unwrap_or_else(|e| e.into_inner());
+    match (made.answered, made.verdict) {
+        (true, Verdict::Delivered | Verdict::Final | Verdict::Gone) => breaker.on_success(),
+        _ => breaker.on_failure(Instant::now()),
+    }
+    probe.armed = false;
 }
 
 /// Reports an admitted probe as abandoned when dropped still armed (see [`Delivery::round`]).

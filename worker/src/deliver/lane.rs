@@ -65,6 +65,17 @@ impl Lane {
         s.first.len() + s.retry.len()
     }
 
+    /// A slot if one is free now (nobody waits for one).
+    pub fn try_acquire(self: &Arc<Self>) -> Option<LanePermit> {
+        let mut s = self.lock();
+        if s.available > 0 {
+            s.available -= 1;
+            s.in_flight += 1;
+            return Some(LanePermit { lane: self.clone() });
+        }
+        None
+    }
+
     /// Waits for a slot.
     pub async fn acquire(self: &Arc<Self>, priority: Priority) -> LanePermit {
         let rx = {

@@ -5,24 +5,35 @@
 
 use std::time::{Duration, SystemTime};
 
-/// Waits before the retries of the default schedule. DESIGN §4 says "immediately, 5 s, 30 s,
-/// 2 min, 5 min, 10 min": "immediately" is the FIRST attempt, so the retries come 5 s, 30 s,
-/// 2 min, 5 min and 10 min after the attempt before them (six attempts at most). An immediate
-/// retry would hit an endpoint that just failed before it had any chance to recover, and a zero
-/// step would also turn `Retry-After` off (it is clamped to zero).
-pub const DEFAULT_SCHEDULE: [Duration; 5] = [
+/// Waits before the retries of the default schedule (DESIGN §4): 5 s, 30 s, 2 min, 10 min,
+/// 30 min, 1 h, 2 h, 4 h, then 8 h three times, about 32 hours in all, so a receiver's outage of a
+/// day loses nothing (Svix retries for about 33 h). The first attempt is immediate; retries come
+/// from the delivery store, so they survive restarts. An immediate retry would hit an endpoint
+/// that just failed before it had any chance to recover, and a zero step would also turn
+/// `Retry-After` off (it is clamped to zero).
+pub const DEFAULT_SCHEDULE: [Duration; 11] = [
     Duration::from_secs(5),
     Duration::from_secs(30),
     Duration::from_secs(2 * 60),
-    Duration::from_secs(5 * 60),
     Duration::from_secs(10 * 60),
+    Duration::from_secs(30 * 60),
+    Duration::from_secs(3600),
+    Duration::from_secs(2 * 3600),
+    Duration::from_secs(4 * 3600),
+    Duration::from_secs(8 * 3600),
+    Duration::from_secs(8 * 3600),
+    Duration::from_secs(8 * 3600),
 ];
+
+/// The default schedule as `--retry-schedule` takes it.
+pub const DEFAULT_SCHEDULE_FLAG: &str = "5s,30s,2m,10m,30m,1h,2h,4h,8h,8h,8h";
 
 /// Default jitter: each scheduled wait is spread over ±20 %.
 pub const DEFAULT_JITTER: f64 = 0.2;
 
-/// Default retry window: no attempt starts later than this after the first one.
-pub const DEFAULT_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Default retry window: no attempt starts later than this after the delivery was accepted
+/// (room for the whole default schedule and its jitter).
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(36 * 3600);
 
 /// How a failed delivery is retried.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,7 +45,7 @@ pub struct RetryPolicy {
     /// retries of a burst of failures from coming back in lockstep.
     pub jitter: f64,
     /// No attempt starts after `first attempt + window` (enforced by the caller, which owns the
-    /// clock): the publisher gets a final answer within a bounded time.
+    /// clock; from the store, the delivery's creation time).
     pub window: Duration,
 }
 
@@ -180,10 +191,27 @@ mod tests {
     #[test]
     fn default_policy_reads_the_design_schedule() {
         let p = RetryPolicy::default();
-        assert_eq!(p.delays, [S(5), S(30), S(120), S(300), S(600)]);
-        assert_eq!(p.max_attempts(), 6);
+        let h = |n: u64| S(n * 3600);
+        assert_eq!(
+            p.delays,
+            [
+                S(5),
+                S(30),
+                S(120),
+                S(600),
+                S(1800),
+                h(1),
+                h(2),
+                h(4),
+                h(8),
+                h(8),
+                h(8)
+            ]
+        );
+        assert_eq!(p.delays, parse_schedule(DEFAULT_SCHEDULE_FLAG).unwrap());
+        assert_eq!(p.max_attempts(), 12);
         assert!((p.jitter - 0.2).abs() < f64::EPSILON);
-        assert_eq!(p.window, S(900));
+        assert_eq!(p.window, h(36));
     }
 
     #[test]
@@ -252,8 +280,8 @@ mod tests {
             (2, 0.5, S(30)),
             (2, 0.0, S(24)),
             (3, 0.25, S(108)),
-            (5, 0.5, S(600)),
-            (5, 0.0, S(480)),
+            (5, 0.5, S(1800)),
+            (5, 0.0, S(1440)),
             // Out-of-range randomness is clamped rather than trusted.
             (2, -3.0, S(24)),
             (2, 7.0, S(36)),
@@ -311,7 +339,7 @@ mod tests {
         let none = policy(&[]);
         assert_eq!(none.max_attempts(), 1);
         assert_eq!(next_delay(&none, 1, None, 0.5), None);
-        assert_eq!(next_delay(&RetryPolicy::default(), 6, None, 0.0), None);
+        assert_eq!(next_delay(&RetryPolicy::default(), 12, None, 0.0), None);
     }
 
     #[test]

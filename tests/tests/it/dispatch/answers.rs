@@ -26,7 +26,8 @@ async fn delivered_on_first_try_with_a_signed_request() {
         let h = Harness::new(
             dispatch_options(&[20, 40], Duration::from_secs(10)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/hooks/crm?tenant=7"));
 
         let outcome = h.deliver(job(&crm, "P-1")).await;
@@ -60,7 +61,8 @@ async fn any_2xx_is_delivered_over_https_with_a_private_ca() {
                 extra_ca_pem: Some(receiver.ca_pem().expect("CA").as_bytes().to_vec()),
                 ..client_options(Duration::from_secs(5))
             },
-        );
+        )
+        .await;
         let crm = h.add("crm-tls", &receiver.localhost_url("/in"));
         assert_eq!(h.deliver(job(&crm, "P-9")).await, delivered(1, 204));
         check_webhook(&next(&receiver).await, &crm, "P-9", SECRET);
@@ -81,7 +83,8 @@ async fn server_errors_are_retried_with_a_stable_webhook_id() {
         let h = Harness::new(
             dispatch_options(&[20, 40, 80, 160], Duration::from_secs(10)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/"));
 
         assert_eq!(h.deliver(job(&crm, "P-1")).await, delivered(3, 200));
@@ -113,7 +116,8 @@ async fn statuses_429_408_and_503_are_retried() {
         let h = Harness::new(
             dispatch_options(&[20; 6], Duration::from_secs(10)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/"));
         assert_eq!(h.deliver(job(&crm, "P-1")).await, delivered(5, 201));
         assert_eq!(receiver.received_count(), 5);
@@ -136,7 +140,8 @@ async fn retry_after_is_capped_at_twice_the_scheduled_delay() {
         let h = Harness::new(
             dispatch_options(&[20, 20], Duration::from_secs(10)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/"));
         assert_eq!(h.deliver(job(&crm, "P-1")).await, delivered(3, 200));
     })
@@ -155,7 +160,8 @@ async fn client_errors_are_final() {
         let h = Harness::new(
             dispatch_options(&[20, 20, 20], Duration::from_secs(10)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/"));
         for (n, status) in [400u16, 404, 401, 403, 422].into_iter().enumerate() {
             receiver.respond_with(vec![Reply::status(status)]);
@@ -182,7 +188,8 @@ async fn redirects_are_final_and_not_followed() {
         let h = Harness::new(
             dispatch_options(&[20, 20, 20], Duration::from_secs(10)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/"));
         for (n, status) in [301u16, 302, 307, 308].into_iter().enumerate() {
             receiver.respond_with(vec![
@@ -208,7 +215,8 @@ async fn gone_fails_and_asks_to_disable_the_integration() {
         let mut h = Harness::new(
             dispatch_options(&[20, 20], Duration::from_secs(10)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/"));
         let error = failed(1, Some(410), &h.deliver(job(&crm, "P-1")).await);
         assert!(error.contains("410"), "{error}");
@@ -238,7 +246,8 @@ async fn a_hanging_endpoint_times_out_and_is_retried_until_the_schedule_ends() {
         let h = Harness::new(
             dispatch_options(&[20, 40], Duration::from_secs(15)),
             client_options(Duration::from_millis(300)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/"));
         let error = failed(3, None, &h.deliver(job(&crm, "P-1")).await);
         assert!(error.contains("timed out"), "{error}");
@@ -262,7 +271,8 @@ async fn the_retry_window_ends_retries_before_the_schedule_does() {
         let h = Harness::new(
             dispatch_options(&[100; 20], Duration::from_millis(350)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/"));
         let outcome = h.deliver(job(&crm, "P-1")).await;
         let Outcome::Failed {
@@ -284,10 +294,10 @@ async fn the_retry_window_ends_retries_before_the_schedule_does() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queued_first_attempt_does_not_start_after_the_window() {
+async fn a_first_attempt_behind_a_saturated_lane_does_not_wait_for_it() {
     // Concurrency 1: job A holds the only slot on a hanging endpoint for 1.5 s; job B, queued
-    // behind it, must get its final answer when its 300 ms window ends, not start an attempt
-    // once A's slot frees up long after the window.
+    // behind it, gets its answer when its slot wait ends (with no retries to hand off to: a
+    // failure naming the saturated lane), and never starts an attempt once A's slot frees up.
     within("the test body", LIMIT, async {
         let receiver = TestReceiver::http().await.unwrap();
         receiver.set_default(Reply::hang());
@@ -297,7 +307,8 @@ async fn a_queued_first_attempt_does_not_start_after_the_window() {
                 ..dispatch_options(&[], Duration::from_millis(300))
             },
             client_options(Duration::from_millis(1500)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/"));
         let a = h.spawn(job(&crm, "P-A"));
         let first = next(&receiver).await;
@@ -305,7 +316,7 @@ async fn a_queued_first_attempt_does_not_start_after_the_window() {
 
         let b = h.deliver(job(&crm, "P-B")).await;
         let error = failed(0, None, &b);
-        assert!(error.contains("window"), "{error}");
+        assert!(error.contains("saturated"), "{error}");
 
         let a = a.await.unwrap();
         assert!(failed(1, None, &a).contains("timed out"));
@@ -336,7 +347,8 @@ async fn connection_refused_is_retried_then_fails_without_a_status() {
         let h = Harness::new(
             dispatch_options(&[20, 20], Duration::from_secs(10)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &format!("http://127.0.0.1:{port}/hook"));
         let error = failed(3, None, &h.deliver(job(&crm, "P-1")).await);
         assert!(error.contains("connection"), "{error}");
@@ -356,7 +368,8 @@ async fn a_blocked_address_is_final() {
                 allow: AllowList::default(),
                 ..client_options(Duration::from_secs(5))
             },
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/"));
         let error = failed(1, None, &h.deliver(job(&crm, "P-1")).await);
         assert!(error.contains("127.0.0.1"), "{error}");

@@ -34,7 +34,8 @@ async fn the_breaker_opens_holds_jobs_back_and_one_probe_closes_it() {
             dispatch_options(&[], Duration::from_secs(15)),
             client_options(Duration::from_secs(10)),
             test_breaker(3, Duration::from_millis(400)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url);
 
         // Three consecutive failures open it.
@@ -46,39 +47,41 @@ async fn the_breaker_opens_holds_jobs_back_and_one_probe_closes_it() {
         assert!(h.stats(&crm).expect("lane").breaker_open);
         while seen.try_recv().is_ok() {}
 
+        // While open, a job is answered at once without an attempt (with no retries to hand
+        // off to: a failure).
+        let error = failed(0, None, &h.deliver(job(&crm, "H-1")).await);
+        assert!(error.contains("circuit breaker open"), "{error}");
+        assert_eq!(state.count(), 3);
+
         // The endpoint recovers, but answers are held so the probe stays in flight.
         state.set_status(200);
         state.hold(true);
-        let jobs: Vec<_> = (1..=4)
-            .map(|n| h.spawn(job(&crm, &format!("R-{n}"))))
-            .collect();
-        // While open nothing is sent; after the cool-down exactly one probe goes out.
-        let probe = tokio::time::timeout(WAIT, seen.recv())
+        h.wait_cool_down(&crm).await;
+        let probe = h.spawn(job(&crm, "R-1"));
+        let sent = tokio::time::timeout(WAIT, seen.recv())
             .await
             .expect("a probe after the cool-down")
             .expect("receiver alive");
+        assert_eq!(sent.header("webhook-id"), Some("R-1_crm"));
+        // One probe at a time while half-open: the others are refused without sending.
+        for n in 2..=4 {
+            let error = failed(0, None, &h.deliver(job(&crm, &format!("R-{n}"))).await);
+            assert!(error.contains("circuit breaker open"), "{error}");
+        }
         assert_eq!(state.count(), 4, "one probe, the other jobs held back");
-        // Other jobs keep asking every 20 ms (`probe_recheck`) while the probe is out: still
-        // nothing sent after a dozen of their rechecks. (A span of time on purpose: the
-        // rechecks themselves are not observable from here.)
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        assert_eq!(state.count(), 4, "one probe at a time while half-open");
-        assert!(jobs.iter().all(|j| !j.is_finished()));
         assert!(h.stats(&crm).expect("lane").breaker_open);
 
-        // The probe succeeds: the breaker closes and the held-back jobs go.
+        // The probe succeeds: the breaker closes and jobs go again.
         state.hold(false);
-        for j in jobs {
-            assert_eq!(j.await.unwrap(), delivered(1, 200));
+        assert_eq!(probe.await.unwrap(), delivered(1, 200));
+        assert!(!h.stats(&crm).expect("lane").breaker_open);
+        for n in 5..=7 {
+            assert_eq!(
+                h.deliver(job(&crm, &format!("R-{n}"))).await,
+                delivered(1, 200)
+            );
         }
         assert_eq!(state.count(), 7, "each job sent exactly once");
-        assert!(!h.stats(&crm).expect("lane").breaker_open);
-        let mut ids: Vec<String> = vec![probe.header("webhook-id").unwrap().to_owned()];
-        while let Ok(r) = seen.try_recv() {
-            ids.push(r.header("webhook-id").unwrap().to_owned());
-        }
-        ids.sort();
-        assert_eq!(ids, ["R-1_crm", "R-2_crm", "R-3_crm", "R-4_crm"]);
 
         // A failing probe opens it again.
         state.set_status(500);
@@ -87,6 +90,7 @@ async fn the_breaker_opens_holds_jobs_back_and_one_probe_closes_it() {
         }
         assert!(h.stats(&crm).expect("lane").breaker_open);
         let before = state.count();
+        h.wait_cool_down(&crm).await;
         failed(1, Some(500), &h.deliver(job(&crm, "F-probe")).await);
         assert_eq!(state.count(), before + 1, "the probe itself was sent");
         assert!(h.stats(&crm).expect("lane").breaker_open, "re-opened");
@@ -104,7 +108,8 @@ async fn an_open_breaker_outlasting_the_window_fails_jobs_without_sending() {
             dispatch_options(&[], Duration::from_millis(500)),
             client_options(Duration::from_secs(5)),
             test_breaker(2, Duration::from_secs(60)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/"));
         for n in 0..2 {
             failed(1, Some(503), &h.deliver(job(&crm, &format!("F-{n}"))).await);
@@ -130,7 +135,8 @@ async fn the_breaker_is_per_integration_and_client_errors_do_not_open_it() {
             dispatch_options(&[], Duration::from_millis(500)),
             client_options(Duration::from_secs(5)),
             test_breaker(1, Duration::from_secs(60)),
-        );
+        )
+        .await;
         let x = h.add("x", &bad.url("/"));
         let y = h.add("y", &good.url("/"));
         failed(1, Some(500), &h.deliver(job(&x, "P-1")).await);
@@ -158,7 +164,8 @@ async fn an_abandoned_probe_does_not_wedge_the_breaker() {
             dispatch_options(&[], Duration::from_secs(5)),
             client_options(Duration::from_secs(10)),
             test_breaker(1, Duration::from_millis(100)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url);
         failed(1, Some(500), &h.deliver(job(&crm, "P-1")).await);
         assert!(h.stats(&crm).unwrap().breaker_open);
@@ -166,6 +173,7 @@ async fn an_abandoned_probe_does_not_wedge_the_breaker() {
 
         state.set_status(200);
         state.hold(true);
+        h.wait_cool_down(&crm).await;
         let probe = h.spawn(job(&crm, "P-probe"));
         let r = tokio::time::timeout(WAIT, seen.recv())
             .await

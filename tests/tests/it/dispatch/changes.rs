@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::{
     Harness, HookReceiver, LIMIT, SECRET, check_webhook, client_options, delivered,
-    dispatch_options, failed, job, next,
+    dispatch_options, failed, job, next, settled,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -28,7 +28,8 @@ async fn a_retry_goes_to_the_new_url() {
         let h = Harness::new(
             dispatch_options(&[20, 20], Duration::from_secs(10)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let crm = h.add("crm", "http://127.0.0.1:9/unused");
         // Receiver A moves the integration to B before answering 500, so the change is in
         // place before the retry reads the configuration.
@@ -66,7 +67,8 @@ async fn a_retry_is_signed_with_the_rotated_secret() {
         let h = Harness::new(
             dispatch_options(&[20, 20], Duration::from_secs(10)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let (seen_tx, mut seen) = mpsc::unbounded_channel();
         let crm = h.add("crm", "http://127.0.0.1:9/unused");
         let a = HookReceiver::start({
@@ -126,12 +128,13 @@ async fn a_retry_is_signed_with_the_rotated_secret() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleted_between_attempts_fails_with_the_reason() {
+async fn deleted_between_attempts_is_skipped_with_its_attempt_kept() {
     within("the test body", LIMIT, async {
         let h = Harness::new(
             dispatch_options(&[20, 20], Duration::from_secs(10)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let crm = h.add("crm", "http://127.0.0.1:9/unused");
         let count = Arc::new(AtomicUsize::new(0));
         let a = HookReceiver::start({
@@ -145,9 +148,17 @@ async fn deleted_between_attempts_fails_with_the_reason() {
         .await;
         h.source.update(&crm.name, |i| i.url.clone_from(&a.url));
 
-        let error = failed(1, Some(500), &h.deliver(job(&crm, "P-1")).await);
-        assert!(error.contains("deleted"), "{error}");
-        assert!(error.contains("500"), "keeps the last error: {error}");
+        assert_eq!(
+            h.deliver(job(&crm, "P-1")).await,
+            Outcome::Skipped {
+                reason: "integration deleted".into()
+            }
+        );
+        let record = settled(&h.store, &crm.name, "P-1").await;
+        assert_eq!(
+            (record.attempt_count, record.last_status_code),
+            (1, Some(500))
+        );
         assert_eq!(count.load(Ordering::SeqCst), 1);
     })
     .await
@@ -155,12 +166,13 @@ async fn deleted_between_attempts_fails_with_the_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disabled_between_attempts_fails_with_the_reason() {
+async fn disabled_between_attempts_is_skipped_with_its_attempt_kept() {
     within("the test body", LIMIT, async {
         let h = Harness::new(
             dispatch_options(&[20, 20], Duration::from_secs(10)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let crm = h.add("crm", "http://127.0.0.1:9/unused");
         let count = Arc::new(AtomicUsize::new(0));
         let a = HookReceiver::start({
@@ -174,8 +186,17 @@ async fn disabled_between_attempts_fails_with_the_reason() {
         .await;
         h.source.update(&crm.name, |i| i.url.clone_from(&a.url));
 
-        let error = failed(1, Some(503), &h.deliver(job(&crm, "P-1")).await);
-        assert!(error.contains("disabled"), "{error}");
+        assert_eq!(
+            h.deliver(job(&crm, "P-1")).await,
+            Outcome::Skipped {
+                reason: "integration disabled".into()
+            }
+        );
+        let record = settled(&h.store, &crm.name, "P-1").await;
+        assert_eq!(
+            (record.attempt_count, record.last_status_code),
+            (1, Some(503))
+        );
         assert_eq!(count.load(Ordering::SeqCst), 1);
     })
     .await
@@ -189,7 +210,8 @@ async fn deleted_or_disabled_before_the_first_attempt_is_skipped() {
         let h = Harness::new(
             dispatch_options(&[20], Duration::from_secs(10)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let gone = h.add("gone", &receiver.url("/"));
         h.source.remove(&gone.name);
         match h.deliver(job(&gone, "P-1")).await {
@@ -223,7 +245,8 @@ async fn deleted_while_waiting_for_a_slot_is_not_sent() {
                 ..dispatch_options(&[], Duration::from_secs(10))
             },
             client_options(Duration::from_millis(800)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/"));
         let a = h.spawn(job(&crm, "P-A"));
         next(&receiver).await;

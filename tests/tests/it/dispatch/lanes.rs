@@ -4,7 +4,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use pushwire_common::delivery_store::{DeliveryKey, DeliveryState};
 
 use pushwire_tests::eventually::{until, within};
 use pushwire_tests::receiver::{Received, Reply, TestReceiver};
@@ -61,7 +63,8 @@ async fn concurrency_is_limited_per_integration() {
                 ..dispatch_options(&[20], Duration::from_secs(15))
             },
             client_options(Duration::from_secs(10)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url);
 
         let jobs: Vec<_> = (0..JOBS)
@@ -105,7 +108,8 @@ async fn a_stuck_integration_does_not_delay_another() {
                 ..dispatch_options(&[], Duration::from_secs(60))
             },
             client_options(Duration::from_secs(30)),
-        );
+        )
+        .await;
         let x = h.add("x", &stuck.url("/"));
         let y = h.add("y", &fine.url("/"));
 
@@ -140,28 +144,39 @@ async fn a_stuck_integration_does_not_delay_another() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_interrupts_a_job_waiting_for_its_retry() {
+async fn a_retryable_failure_is_queued_and_nothing_new_starts_after_shutdown() {
     within("the test body", LIMIT, async {
         let receiver = TestReceiver::http().await.unwrap();
         receiver.set_default(Reply::status(500));
-        // The retry is 30 s away: only shutdown can end the job within the limit.
+        // The retry is 30 s away: the first attempt's failure is handed off, not waited for.
         let h = Harness::new(
             dispatch_options(&[30_000], Duration::from_secs(60)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/"));
-        let waiting = h.spawn(job(&crm, "P-1"));
-        next(&receiver).await;
-        h.wait_stats(&crm, |s| s.in_flight == 0).await;
-        assert!(!waiting.is_finished());
+        let before = SystemTime::now();
+        let outcome = h.dispatcher.deliver(job(&crm, "P-1")).await;
+        let Outcome::Queued {
+            attempts: 1,
+            last_status: Some(500),
+            next_attempt,
+            ..
+        } = outcome
+        else {
+            panic!("expected QUEUED after one attempt, got {outcome:?}");
+        };
+        assert!(
+            next_attempt >= before + Duration::from_secs(30),
+            "{next_attempt:?}"
+        );
+        let key = DeliveryKey::new(crm.name.clone(), "P-1");
+        let record = h.store.store().get(&key).await.unwrap().expect("stored");
+        assert_eq!(record.state, DeliveryState::Queued);
+        assert_eq!(record.attempt_count, 1);
+        assert!(record.body_retained);
 
         h.shutdown.cancel();
-        let outcome = tokio::time::timeout(WAIT, waiting)
-            .await
-            .expect("interrupted promptly")
-            .unwrap();
-        assert_eq!(outcome, Outcome::Interrupted);
-
         // After shutdown nothing new is sent.
         for n in 0..20 {
             assert_eq!(
@@ -187,7 +202,8 @@ async fn shutdown_interrupts_a_job_waiting_for_a_slot() {
                 ..dispatch_options(&[20], Duration::from_secs(60))
             },
             client_options(Duration::from_millis(1500)),
-        );
+        )
+        .await;
         let crm = h.add("crm", &receiver.url("/"));
         let running = h.spawn(job(&crm, "P-run"));
         next(&receiver).await;
@@ -220,7 +236,8 @@ async fn lanes_of_deleted_integrations_are_dropped() {
         let h = Harness::new(
             dispatch_options(&[], Duration::from_secs(10)),
             client_options(Duration::from_secs(5)),
-        );
+        )
+        .await;
         let many: Vec<_> = (0..100)
             .map(|n| h.add(&format!("i{n}"), &receiver.url("/")))
             .collect();

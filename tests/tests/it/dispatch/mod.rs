@@ -3,6 +3,11 @@
 //! retried or final, 410 disabling, timeouts, the retry window, configuration changes between
 //! attempts, the circuit breaker, per-integration concurrency and isolation, and shutdown.
 //!
+//! The first attempt is the dispatcher's; the retries come from a real delivery store (SQLite
+//! in the test's temp dir) through the worker's claimer, as in the worker. [`Harness::deliver`]
+//! follows a delivery to its end: straight from the first attempt, or, once handed off
+//! (`QUEUED`), from the store's record.
+//!
 //! Timings are never asserted except as generous upper bounds that keep a broken dispatcher
 //! from hanging the suite: every test body runs under [`LIMIT`]. Ordering and counts are
 //! asserted instead, and receivers that must act "between attempts" do so from inside their
@@ -20,6 +25,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use pushwire_common::delivery_store::{
+    DeliveryKey, DeliveryRecord, DeliveryState, SqliteStore, StoreUrl,
+};
 use pushwire_common::domain::{
     AccountName, AuthHeader, IncompletePolicy, Integration, IntegrationName, PayloadVariables,
     Secret, SignatureScheme, SigningSecret,
@@ -27,13 +35,16 @@ use pushwire_common::domain::{
 use pushwire_common::webhook::client::{ClientOptions, WebhookClient};
 use pushwire_common::webhook::signing;
 use pushwire_common::webhook::ssrf::AllowList;
-use pushwire_tests::eventually::until;
+use pushwire_tests::eventually::{Poll, eventually, until};
 use pushwire_tests::receiver::{Received, Reply, TestReceiver, serve};
 use pushwire_worker::deliver::breaker::BreakerOptions;
 use pushwire_worker::deliver::dispatch::{
     DisableRequest, DispatchOptions, Dispatcher, IntegrationSource, Job, LaneStats, Outcome,
 };
+use pushwire_worker::deliver::retries::{self, RetryOptions};
 use pushwire_worker::deliver::retry::RetryPolicy;
+use pushwire_worker::deliver::store::{Handoff, StoreHandle};
+use pushwire_worker::metrics::Metrics;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -139,6 +150,7 @@ fn dispatch_options(delays_ms: &[u64], window: Duration) -> DispatchOptions {
         retry: retry_policy(delays_ms, window),
         concurrency: 32,
         breaker_threshold: 1_000,
+        slot_wait: Duration::from_secs(1),
     }
 }
 
@@ -157,41 +169,78 @@ struct Harness {
     source: Arc<Source>,
     disabled: mpsc::Receiver<DisableRequest>,
     shutdown: CancellationToken,
+    store: StoreHandle,
+    _dir: tempfile::TempDir,
 }
 
+/// Lease of the harness's claims.
+const LEASE: Duration = Duration::from_secs(5);
+
 impl Harness {
-    fn new(opts: DispatchOptions, client: ClientOptions) -> Self {
-        Self::build(opts, client, None)
+    async fn new(opts: DispatchOptions, client: ClientOptions) -> Self {
+        Self::build(opts, client, None).await
     }
 
-    fn with_breaker(opts: DispatchOptions, client: ClientOptions, breaker: BreakerOptions) -> Self {
-        Self::build(opts, client, Some(breaker))
+    async fn with_breaker(
+        opts: DispatchOptions,
+        client: ClientOptions,
+        breaker: BreakerOptions,
+    ) -> Self {
+        Self::build(opts, client, Some(breaker)).await
     }
 
-    fn build(
+    async fn build(
         opts: DispatchOptions,
         client: ClientOptions,
         breaker: Option<BreakerOptions>,
     ) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = StoreUrl::sqlite(dir.path().join("deliveries.sqlite3"));
+        let store = SqliteStore::open(&url, &Default::default())
+            .await
+            .expect("SQLite delivery store");
+        pushwire_common::delivery_store::DeliveryStore::migrate(&store)
+            .await
+            .expect("migrations");
+        let metrics = Arc::new(Metrics::default());
+        let store = StoreHandle::new(Arc::new(store), metrics.clone());
         let client = WebhookClient::new(client).expect("webhook client");
         let source = Arc::new(Source::default());
         let (tx, disabled) = mpsc::channel(8);
         let shutdown = CancellationToken::new();
+        let stop_claims = shutdown.child_token();
+        let (handoff, writer) = Handoff::new(store.clone(), shutdown.clone());
+        tokio::spawn(writer);
         let mut dispatcher = Dispatcher::new(
             client,
             opts,
             Arc::clone(&source) as Arc<dyn IntegrationSource>,
             tx,
+            handoff,
             shutdown.clone(),
         );
         if let Some(breaker) = breaker {
             dispatcher = dispatcher.with_breaker_options(breaker);
         }
+        tokio::spawn(retries::run(
+            dispatcher.clone(),
+            store.clone(),
+            metrics,
+            RetryOptions {
+                worker_id: "dispatch-tests".into(),
+                lease: LEASE,
+                poll: Duration::from_millis(10),
+                capacity: 64,
+            },
+            stop_claims,
+        ));
         Self {
             dispatcher,
             source,
             disabled,
             shutdown,
+            store,
+            _dir: dir,
         }
     }
 
@@ -200,13 +249,17 @@ impl Harness {
         self.source.put(integration(id, url))
     }
 
+    /// Delivers `job` to its end: the first attempt's outcome, or once handed off, the final
+    /// outcome of its retries from the store.
     async fn deliver(&self, job: Job) -> Outcome {
-        self.dispatcher.deliver(job).await
+        to_end(&self.dispatcher, &self.store, job).await
     }
 
+    /// [`Harness::deliver`] in a task.
     fn spawn(&self, job: Job) -> JoinHandle<Outcome> {
         let dispatcher = self.dispatcher.clone();
-        tokio::spawn(async move { dispatcher.deliver(job).await })
+        let store = self.store.clone();
+        tokio::spawn(async move { to_end(&dispatcher, &store, job).await })
     }
 
     fn stats(&self, integration: &Integration) -> Option<LaneStats> {
@@ -214,6 +267,16 @@ impl Harness {
             .stats()
             .into_iter()
             .find(|s| s.integration == integration.name)
+    }
+
+    /// Waits until the integration's breaker would let an attempt through (its cool-down is
+    /// over).
+    async fn wait_cool_down(&self, integration: &Integration) {
+        until("the breaker's cool-down ended", WAIT, || {
+            !self.dispatcher.open_breakers().contains(&integration.name)
+        })
+        .await
+        .expect("the cool-down ended");
     }
 
     /// Waits until the integration's lane matches `done`.
@@ -234,7 +297,53 @@ fn job(integration: &Integration, participation: &str) -> Job {
         body: Bytes::from_static(BODY.as_bytes()),
         traceparent: Some(TRACEPARENT.to_owned()),
         tracestate: String::new(),
+        campaign_id: "77".into(),
+        website_id: None,
     }
+}
+
+/// The first attempt's outcome of `job`, or once handed off, its final outcome from the store
+/// (as the first-attempt outcome types it).
+async fn to_end(dispatcher: &Dispatcher, store: &StoreHandle, job: Job) -> Outcome {
+    let outcome = dispatcher.deliver(job.clone()).await;
+    if !matches!(outcome, Outcome::Queued { .. }) {
+        return outcome;
+    }
+    let record = settled(store, &job.integration.name, &job.participation_id).await;
+    let attempts = record.attempt_count;
+    match record.state {
+        DeliveryState::Delivered => Outcome::Delivered {
+            attempts,
+            status: record.last_status_code.unwrap_or_default(),
+        },
+        DeliveryState::Failed => Outcome::Failed {
+            attempts,
+            last_status: record.last_status_code,
+            last_error: record.last_error.unwrap_or_default(),
+        },
+        DeliveryState::Skipped => Outcome::Skipped {
+            reason: record.skip_reason.unwrap_or_default(),
+        },
+        DeliveryState::Queued => unreachable!("settled"),
+    }
+}
+
+/// The stored delivery of `participation` to `integration`, once it has a final outcome.
+async fn settled(
+    store: &StoreHandle,
+    integration: &IntegrationName,
+    participation: &str,
+) -> DeliveryRecord {
+    let key = DeliveryKey::new(integration.clone(), participation);
+    eventually("the delivery settled in the store", LIMIT, || async {
+        let record = store.store().get(&key).await?;
+        Ok(match record {
+            Some(r) if r.state != DeliveryState::Queued => Poll::Ready(r),
+            other => Poll::not_yet(other.map(|r| (r.state, r.attempt_count))),
+        })
+    })
+    .await
+    .expect("the delivery settled")
 }
 
 fn delivered(attempts: u32, status: u16) -> Outcome {

@@ -1,16 +1,18 @@
-//! How deliveries end: retries within the window, 410 Gone disabling the integration,
-//! and shutdown handing unacknowledged participations back.
+//! How deliveries end: a retryable first attempt handed off (QUEUED) and retried from the
+//! delivery store within the window, 410 Gone disabling the integration, and shutdown handing
+//! unacknowledged participations back.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use pushwire_common::delivery_store::DeliveryState;
 use pushwire_common::pb::v1 as pb;
 use pushwire_tests::admin::integration;
 use pushwire_tests::eventually::{Poll, eventually, within};
 use pushwire_tests::receiver::{Reply, TestReceiver};
 use pushwire_tests::worker::{
     COMPLETED, COMPLETED_ID, FIXTURE_CAMPAIGN, FIXTURE_WEBSITE, Stack, WAIT, by_integration,
-    delivered_once, participation, request, worker_config,
+    delivered_once, participation, queued_after, request, without_next_attempt, worker_config,
 };
 use pushwire_worker::config::Schedule;
 use tonic::Code;
@@ -21,7 +23,8 @@ use super::{ACCOUNT, TEST_LIMIT, body, next, webhook_parts};
 // 6. Retries.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_follow_the_status_and_end_with_the_window() -> anyhow::Result<()> {
+async fn retryable_failures_are_queued_then_retried_from_the_store_within_the_window()
+-> anyhow::Result<()> {
     within("the test body", TEST_LIMIT, async {
         const SCHEDULE: usize = 50;
         let stack = Stack::start_with(|c, _| {
@@ -60,11 +63,8 @@ async fn retries_follow_the_status_and_end_with_the_window() -> anyhow::Result<(
         let outcomes = by_integration(&resp);
         assert_eq!(outcomes.len(), 3, "{resp:?}");
         assert_eq!(
-            outcomes[&flaky],
-            pb::Delivery {
-                attempts: 3,
-                ..delivered_once(&flaky)
-            }
+            without_next_attempt(&outcomes[&flaky]),
+            queued_after(&flaky, 500)
         );
         assert_eq!(
             outcomes[&refusing],
@@ -79,22 +79,29 @@ async fn retries_follow_the_status_and_end_with_the_window() -> anyhow::Result<(
             },
             "a 400 is final"
         );
-        let d = &outcomes[&down];
-        assert_eq!(d.outcome(), pb::DeliveryOutcome::Failed);
         assert_eq!(
-            (d.last_status_code, d.last_error.as_str()),
-            (503, "HTTP 503")
+            without_next_attempt(&outcomes[&down]),
+            queued_after(&down, 503)
         );
+
+        // The store retries: flaky is delivered at its third attempt, down fails when its
+        // next attempt would start after the 450 ms window.
+        let f = stack.settled(&flaky, COMPLETED_ID, WAIT).await?;
+        assert_eq!(f.state, DeliveryState::Delivered);
+        assert_eq!((f.attempt_count, f.last_status_code), (3, Some(200)));
+        let d = stack.settled(&down, COMPLETED_ID, WAIT).await?;
+        assert_eq!(d.state, DeliveryState::Failed);
+        assert_eq!(d.last_status_code, Some(503));
         assert!(
-            (2..=6).contains(&d.attempts),
+            (2..=6).contains(&d.attempt_count),
             "retried until the 450 ms window ended: {} attempts",
-            d.attempts
+            d.attempt_count
         );
 
         // Every attempt reached the receiver, with the same webhook-id and body.
         assert_eq!(flaky_rx.received_count(), 3);
         assert_eq!(refusing_rx.received_count(), 1);
-        assert_eq!(down_rx.received_count(), d.attempts as usize);
+        assert_eq!(down_rx.received_count(), d.attempt_count as usize);
         for (rx, id) in [(&flaky_rx, "flaky"), (&down_rx, "down")] {
             for got in rx.drain() {
                 assert_eq!(body(&got)?, COMPLETED);
@@ -235,16 +242,38 @@ async fn shutdown_while_delivering(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_hands_back_a_participation_waiting_for_a_retry() -> anyhow::Result<()> {
-    within(
-        "the test body",
-        TEST_LIMIT,
-        shutdown_while_delivering(Reply::status(503), |c| {
-            // The retry would come long after the grace.
+async fn a_participation_waiting_for_a_retry_is_acknowledged_queued_and_kept() -> anyhow::Result<()>
+{
+    within("the test body", TEST_LIMIT, async {
+        let stack = Stack::start_with(|c, _| {
+            // The retry comes long after the test.
             c.delivery.retry_schedule = Schedule(vec![Duration::from_secs(30)]);
             c.delivery.retry_window = Duration::from_secs(60);
-        }),
-    )
+            Ok(())
+        })
+        .await?;
+        let receiver = TestReceiver::http().await?;
+        receiver.set_default(Reply::status(503));
+        let stuck = stack
+            .admin()
+            .create_routed(ACCOUNT, "stuck", integration("Stuck", &receiver.url("/")))
+            .await?;
+        stack.sync().await?;
+        let before = std::time::SystemTime::now();
+        let resp = stack.publish_one(request(ACCOUNT, COMPLETED)).await??;
+        let d = &by_integration(&resp)[&stuck];
+        assert_eq!(without_next_attempt(d), queued_after(&stuck, 503));
+        let next_attempt = std::time::SystemTime::try_from(d.next_attempt_time.unwrap())?;
+        assert!(
+            next_attempt >= before + Duration::from_secs(24),
+            "{next_attempt:?}"
+        );
+
+        // The store holds it with its attempt, due then; the stop leaves it there.
+        stack.stop().await?;
+        assert_eq!(receiver.received_count(), 1);
+        Ok(())
+    })
     .await?
 }
 
