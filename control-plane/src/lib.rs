@@ -36,6 +36,10 @@ use store::{EmbeddedStore, EtcdStore, Store, StoreError};
 /// File of the embedded store inside `--data-dir`.
 pub const EMBEDDED_STORE_FILE: &str = "pushwire.redb";
 
+/// File of the SQLite delivery store `--with-worker` uses inside `--data-dir` when no
+/// `--delivery-store` is given.
+pub const DELIVERY_STORE_FILE: &str = "deliveries.sqlite3";
+
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -51,9 +55,51 @@ pub enum RunError {
     /// The delivery flags are unusable (bad `--allow-cidr`, unreadable `--extra-ca-file`).
     #[error("invalid delivery settings")]
     Delivery(#[source] pushwire_common::webhook::DeliveryConfigError),
+    /// The delivery store could not be opened.
+    #[error("cannot open the delivery store")]
+    DeliveryStore(#[source] pushwire_common::delivery_store::StoreError),
     /// A listener failed.
     #[error("server failed")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The delivery store the configuration names: `--delivery-store`, else with `--with-worker`
+/// the SQLite file in the data directory, else none.
+pub fn delivery_store_url(config: &Config) -> Option<pushwire_common::delivery_store::StoreUrl> {
+    match &config.deliveries.delivery_store {
+        Some(url) => Some(url.clone()),
+        None if config.with_worker => Some(pushwire_common::delivery_store::StoreUrl::sqlite(
+            config.data_dir.join(DELIVERY_STORE_FILE),
+        )),
+        None => None,
+    }
+}
+
+/// Opens the delivery store of the configuration, if any, and starts its retention loop.
+async fn open_delivery_store(
+    config: &Config,
+    metrics: &service::deliveries::RetentionMetrics,
+    shutdown: &CancellationToken,
+) -> Result<Option<Arc<dyn pushwire_common::delivery_store::DeliveryStore>>, RunError> {
+    let Some(url) = delivery_store_url(config) else {
+        tracing::info!("no delivery store: DeliveryService answers FAILED_PRECONDITION");
+        return Ok(None);
+    };
+    if config.deliveries.delivery_store.is_none() {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| RunError::Serve(e.into()))?;
+    }
+    let store = pushwire_common::delivery_store::open(&url, &Default::default())
+        .await
+        .map_err(RunError::DeliveryStore)?;
+    tracing::info!(store = %url, retention = ?config.deliveries.delivery_retention, "delivery store open");
+    tokio::spawn(service::deliveries::retain(
+        store.clone(),
+        config.deliveries.delivery_retention,
+        service::deliveries::PURGE_INTERVAL,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    Ok(Some(store))
 }
 
 /// Opens the store named by the configuration: etcd when endpoints are given, else the
@@ -101,6 +147,10 @@ pub async fn run(
     store::encryption::verify(store.as_ref(), &keys)
         .await
         .map_err(RunError::Encryption)?;
+    let retention_metrics = service::deliveries::RetentionMetrics::default();
+    let deliveries = service::deliveries::Deliveries::new(
+        open_delivery_store(&config, &retention_metrics, &shutdown).await?,
+    );
     let feed = ConfigFeed::new(config.watch_history);
     let feed_task = tokio::spawn(
         feed.clone()
@@ -142,6 +192,7 @@ pub async fn run(
     let grpc_metrics = GrpcMetrics::default();
     let (grpc, in_process_task) = grpc_server(
         catalog,
+        deliveries,
         client,
         feed.clone(),
         worker.as_ref(),
@@ -161,6 +212,7 @@ pub async fn run(
         store,
         &grpc_metrics,
         &store_metrics,
+        &retention_metrics,
         worker.as_ref().map(|w| w.status()),
     );
     let http_task = axum::serve(listeners.http, ops.router())
@@ -232,8 +284,10 @@ type GrpcServer = (
     Option<tokio::task::JoinHandle<()>>,
 );
 
+#[allow(clippy::too_many_arguments)]
 async fn grpc_server(
     catalog: Catalog,
+    deliveries: service::deliveries::Deliveries,
     client: pushwire_common::webhook::client::WebhookClient,
     feed: ConfigFeed,
     worker: Option<&Worker>,
@@ -299,6 +353,12 @@ async fn grpc_server(
             .max_decoding_message_size(api::MAX_ADMIN_REQUEST_BYTES),
         )
         .add_service(config_service)
+        .add_service(
+            pb::delivery_service_server::DeliveryServiceServer::new(api::DeliveryApi::new(
+                deliveries,
+            ))
+            .max_decoding_message_size(api::MAX_ADMIN_REQUEST_BYTES),
+        )
         .add_optional_service(worker.map(Worker::ingest_service))
         .add_optional_service(
             worker
@@ -315,4 +375,5 @@ const CONTROL_PLANE_SERVICES: &[&str] = &[
     "pushwire.v1.IntegrationService",
     "pushwire.v1.PushScopeService",
     "pushwire.v1.ConfigService",
+    "pushwire.v1.DeliveryService",
 ];

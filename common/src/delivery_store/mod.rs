@@ -530,6 +530,25 @@ pub trait DeliveryStore: fmt::Debug + Send + Sync {
     ) -> Result<u64, StoreError>;
 }
 
+/// Default of `--delivery-retention`.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The delivery store flags, shared by the control plane and the worker.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DeliveryStoreArgs {
+    /// Where deliveries, their attempts and bodies are kept: `postgres://user@host/db` (the
+    /// password from the URL or PGPASSWORD-style settings) or `sqlite://PATH`. The control
+    /// plane's DeliveryService reads it; `control-plane --with-worker` defaults to
+    /// `sqlite://<data-dir>/deliveries.sqlite3`.
+    #[arg(long, env = "PUSHWIRE_DELIVERY_STORE", value_parser = StoreUrl::parse)]
+    pub delivery_store: Option<StoreUrl>,
+
+    /// How long a delivery is kept after its final outcome (delivered, failed or skipped);
+    /// queued deliveries are never removed. Enforced by the control plane in batches.
+    #[arg(long, env = "PUSHWIRE_DELIVERY_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub delivery_retention: Duration,
+}
+
 /// Opens the store `url` names and brings its schema up to date.
 pub async fn open(
     url: &StoreUrl,
