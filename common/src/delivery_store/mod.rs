@@ -536,11 +536,13 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The delivery store flags, shared by the control plane and the worker.
 #[derive(Clone, Debug, clap::Args)]
 pub struct DeliveryStoreArgs {
-    /// Where deliveries, their attempts and bodies are kept: `postgres://user@host/db` (the
-    /// password from the URL or PGPASSWORD-style settings) or `sqlite://PATH`. The control
-    /// plane's DeliveryService reads it; `control-plane --with-worker` defaults to
-    /// `sqlite://<data-dir>/deliveries.sqlite3`.
-    #[arg(long, env = "PUSHWIRE_DELIVERY_STORE", value_parser = StoreUrl::parse)]
+    /// Where deliveries, their attempts and bodies are kept:
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE` or `sqlite://PATH`. The control plane's
+    /// DeliveryService reads it; `control-plane --with-worker` defaults to
+    /// `sqlite://<data-dir>/deliveries.sqlite3`. Prefer the variable to the flag when the URL
+    /// holds a password (command lines are visible to every local user); `--help` never shows
+    /// its value.
+    #[arg(long, env = "PUSHWIRE_DELIVERY_STORE", hide_env_values = true, value_parser = StoreUrl::parse)]
     pub delivery_store: Option<StoreUrl>,
 
     /// How long a delivery is kept after its final outcome (delivered, failed or skipped);
