@@ -55,9 +55,6 @@ pub enum RunError {
     /// The delivery flags are unusable (bad `--allow-cidr`, unreadable `--extra-ca-file`).
     #[error("invalid delivery settings")]
     Delivery(#[source] pushwire_common::webhook::DeliveryConfigError),
-    /// The delivery store could not be opened.
-    #[error("cannot open the delivery store")]
-    DeliveryStore(#[source] pushwire_common::delivery_store::StoreError),
     /// A listener failed.
     #[error("server failed")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -75,31 +72,61 @@ pub fn delivery_store_url(config: &Config) -> Option<pushwire_common::delivery_s
     }
 }
 
-/// Opens the delivery store of the configuration, if any, and starts its retention loop.
-async fn open_delivery_store(
+/// The delivery log of the configuration: no store, or its store opened in the background
+/// (tried once before the server starts, then again with a growing pause while it is
+/// unreachable: the configuration API does not depend on it), then its retention loop.
+async fn delivery_log(
     config: &Config,
     metrics: &service::deliveries::RetentionMetrics,
     shutdown: &CancellationToken,
-) -> Result<Option<Arc<dyn pushwire_common::delivery_store::DeliveryStore>>, RunError> {
+) -> service::deliveries::Deliveries {
     let Some(url) = delivery_store_url(config) else {
         tracing::info!("no delivery store: DeliveryService answers FAILED_PRECONDITION");
-        return Ok(None);
+        return service::deliveries::Deliveries::new(None);
     };
-    if config.deliveries.delivery_store.is_none() {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| RunError::Serve(e.into()))?;
+    if config.deliveries.delivery_store.is_none()
+        && let Err(e) = std::fs::create_dir_all(&config.data_dir)
+    {
+        tracing::warn!(error = %e, dir = %config.data_dir.display(), "cannot create the data directory");
     }
-    let store = pushwire_common::delivery_store::open(&url, &Default::default())
-        .await
-        .map_err(RunError::DeliveryStore)?;
-    tracing::info!(store = %url, retention = ?config.deliveries.delivery_retention, "delivery store open");
-    tokio::spawn(service::deliveries::retain(
-        store.clone(),
-        config.deliveries.delivery_retention,
-        service::deliveries::PURGE_INTERVAL,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-    Ok(Some(store))
+    let (deliveries, cell) = service::deliveries::Deliveries::pending();
+    let retention = config.deliveries.delivery_retention;
+    let open = |url: pushwire_common::delivery_store::StoreUrl| async move {
+        let opened = pushwire_common::delivery_store::open(&url, &Default::default()).await;
+        if let Err(e) = &opened {
+            tracing::warn!(store = %url, error = %e, "delivery store not open; DeliveryService answers UNAVAILABLE until it is");
+        }
+        opened.ok()
+    };
+    let first = open(url.clone()).await;
+    let metrics = metrics.clone();
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let mut pause = std::time::Duration::from_secs(1);
+        let mut store = first;
+        let store = loop {
+            if let Some(store) = store.take() {
+                break store;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(std::time::Duration::from_secs(30));
+            store = open(url.clone()).await;
+        };
+        tracing::info!(store = %url, ?retention, "delivery store open");
+        let _ = cell.set(store.clone());
+        service::deliveries::retain(
+            store,
+            retention,
+            service::deliveries::PURGE_INTERVAL,
+            metrics,
+            shutdown,
+        )
+        .await;
+    });
+    deliveries
 }
 
 /// Opens the store named by the configuration: etcd when endpoints are given, else the
@@ -148,9 +175,7 @@ pub async fn run(
         .await
         .map_err(RunError::Encryption)?;
     let retention_metrics = service::deliveries::RetentionMetrics::default();
-    let deliveries = service::deliveries::Deliveries::new(
-        open_delivery_store(&config, &retention_metrics, &shutdown).await?,
-    );
+    let deliveries = delivery_log(&config, &retention_metrics, &shutdown).await;
     let feed = ConfigFeed::new(config.watch_history);
     let feed_task = tokio::spawn(
         feed.clone()

@@ -33,6 +33,7 @@ impl From<DeliveryError> for Status {
             DeliveryError::InvalidArgument(f) => Status::invalid_argument(f.to_string()),
             DeliveryError::NotFound(name) => Status::not_found(format!("{name} not found")),
             DeliveryError::NoStore => Status::failed_precondition(e.to_string()),
+            DeliveryError::NotReady => Status::unavailable(e.to_string()),
             DeliveryError::Store(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "delivery store unavailable");
                 Status::unavailable("delivery store unavailable; retry later")

@@ -2,7 +2,7 @@
 //! deliveries of the delivery store, and the retention loop that purges old ones. Knows the
 //! [`DeliveryStore`] contract, never gRPC.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -39,6 +39,9 @@ pub enum DeliveryError {
     /// The delivery is not stored.
     #[error("{0} not found")]
     NotFound(String),
+    /// The delivery store is configured but could not be opened yet.
+    #[error("the delivery store is not reachable yet; retry later")]
+    NotReady,
     /// This control plane has no delivery store.
     #[error(
         "this control plane has no delivery store: start it with --delivery-store \
@@ -53,7 +56,8 @@ pub enum DeliveryError {
 /// The delivery log, over the delivery store when there is one.
 #[derive(Clone, Debug)]
 pub struct Deliveries {
-    store: Option<Arc<dyn DeliveryStore>>,
+    /// `None`: no delivery store configured; an empty cell: configured, not open yet.
+    store: Option<Arc<OnceLock<Arc<dyn DeliveryStore>>>>,
 }
 
 /// A ListDeliveries query as received.
@@ -82,11 +86,28 @@ impl Deliveries {
     /// The log over `store`; without one every call is refused with
     /// [`DeliveryError::NoStore`].
     pub fn new(store: Option<Arc<dyn DeliveryStore>>) -> Self {
-        Self { store }
+        Self {
+            store: store.map(|store| Arc::new(OnceLock::from(store))),
+        }
+    }
+
+    /// The log over a store being opened: calls are refused with [`DeliveryError::NotReady`]
+    /// until the returned cell is set.
+    pub fn pending() -> (Self, Arc<OnceLock<Arc<dyn DeliveryStore>>>) {
+        let cell = Arc::new(OnceLock::new());
+        (
+            Self {
+                store: Some(Arc::clone(&cell)),
+            },
+            cell,
+        )
     }
 
     fn store(&self) -> Result<&dyn DeliveryStore, DeliveryError> {
-        self.store.as_deref().ok_or(DeliveryError::NoStore)
+        let cell = self.store.as_ref().ok_or(DeliveryError::NoStore)?;
+        cell.get()
+            .map(|store| &**store)
+            .ok_or(DeliveryError::NotReady)
     }
 
     /// One page of deliveries.

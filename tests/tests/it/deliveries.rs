@@ -616,3 +616,30 @@ async fn retention_removes_what_is_older_and_keeps_the_rest() {
             .is_some()
     );
 }
+
+#[tokio::test]
+async fn an_unreachable_delivery_store_leaves_the_rest_of_the_control_plane_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = pushwire_tests::control_plane::Backend::Embedded(dir.path().join("data"));
+    let mut config = test_config(&backend);
+    // Nothing listens on port 1 of loopback.
+    config.deliveries.delivery_store =
+        Some(StoreUrl::parse("postgres://pushwire@127.0.0.1:1/pushwire").unwrap());
+    let cp = ControlPlane::start(config).await.unwrap();
+    let mut api = client(&cp, Some(TEST_ADMIN_TOKEN)).await;
+    let err = api
+        .list_deliveries(list("accounts/42", "", 0, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("not reachable"), "{}", err.message());
+    let mut integrations = cp.integrations().await.unwrap();
+    integrations
+        .list_integrations(pb::ListIntegrationsRequest {
+            parent: "accounts/42".into(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap();
+}
