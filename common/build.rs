@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "pushwire/v1/push_scopes.proto",
     "pushwire/v1/ingest.proto",
     "pushwire/v1/config.proto",
+    "pushwire/v1/deliveries.proto",
 ];
 
 /// Messages that carry secrets: their `Debug` is written by hand in `pb.rs` and redacts them.

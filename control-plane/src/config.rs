@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use pushwire_common::delivery_store::DeliveryLogArgs;
 use pushwire_common::server::access::AccessArgs;
 use pushwire_common::server::telemetry::LogFormat;
 use pushwire_common::webhook::WebhookArgs;
@@ -97,6 +98,10 @@ pub struct Config {
     /// Retries and isolation of the worker of --with-worker.
     #[command(flatten)]
     pub delivery: DeliveryArgs,
+
+    /// The delivery store DeliveryService reads, and its retention.
+    #[command(flatten)]
+    pub deliveries: DeliveryLogArgs,
 
     /// Log format: text or json.
     #[arg(long, env = "PUSHWIRE_LOG_FORMAT", default_value = "text")]

@@ -55,11 +55,13 @@ impl Ops {
         store: Arc<dyn Store>,
         grpc: &pushwire_common::server::grpc_metrics::GrpcMetrics,
         store_metrics: &crate::store::metered::StoreMetrics,
+        retention: &crate::service::deliveries::RetentionMetrics,
         worker: Option<pushwire_worker::Status>,
     ) -> Self {
         let mut registry = Registry::with_prefix("pushwire");
         grpc.register(&mut registry);
         store_metrics.register(&mut registry);
+        retention.register(&mut registry);
         let revision = Gauge::default();
         let watchers = Gauge::default();
         let store_up = Gauge::default();

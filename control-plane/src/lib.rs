@@ -36,9 +36,9 @@ use store::{EmbeddedStore, EtcdStore, Store, StoreError};
 /// File of the embedded store inside `--data-dir`.
 pub const EMBEDDED_STORE_FILE: &str = "pushwire.redb";
 
-/// File of the worker's delivery store inside `--data-dir`, for `--with-worker` without
-/// `--delivery-store`.
-pub const EMBEDDED_DELIVERY_STORE_FILE: &str = "deliveries.sqlite3";
+/// File of the SQLite delivery store `--with-worker` uses inside `--data-dir` when no
+/// `--delivery-store` is given.
+pub const DELIVERY_STORE_FILE: &str = "deliveries.sqlite3";
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -55,12 +55,89 @@ pub enum RunError {
     /// The delivery flags are unusable (bad `--allow-cidr`, unreadable `--extra-ca-file`).
     #[error("invalid delivery settings")]
     Delivery(#[source] pushwire_common::webhook::DeliveryConfigError),
+    /// `--delivery-store` is not a delivery store URL (shown with its password hidden).
+    #[error("--delivery-store")]
+    DeliveryStoreUrl(#[source] pushwire_common::delivery_store::InvalidStoreUrl),
     /// The worker of `--with-worker` could not start (its delivery store, say).
     #[error("cannot start the worker of --with-worker")]
     Worker(#[source] Box<pushwire_worker::RunError>),
     /// A listener failed.
     #[error("server failed")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The delivery store the configuration names: `--delivery-store`, else with `--with-worker`
+/// the SQLite file in the data directory, else none.
+pub fn delivery_store_url(
+    config: &Config,
+) -> Result<Option<pushwire_common::delivery_store::StoreUrl>, RunError> {
+    match &config.delivery.delivery_store {
+        Some(pushwire_worker::config::DeliveryStoreArg(Ok(url))) => Ok(Some(url.clone())),
+        Some(pushwire_worker::config::DeliveryStoreArg(Err(e))) => {
+            Err(RunError::DeliveryStoreUrl(e.clone()))
+        }
+        None if config.with_worker => Ok(Some(pushwire_common::delivery_store::StoreUrl::sqlite(
+            config.data_dir.join(DELIVERY_STORE_FILE),
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// The delivery log of the configuration: no store, or its store opened in the background
+/// (tried once before the server starts, then again with a growing pause while it is
+/// unreachable: the configuration API does not depend on it), then its retention loop.
+async fn delivery_log(
+    config: &Config,
+    metrics: &service::deliveries::RetentionMetrics,
+    shutdown: &CancellationToken,
+) -> Result<service::deliveries::Deliveries, RunError> {
+    let Some(url) = delivery_store_url(config)? else {
+        tracing::info!("no delivery store: DeliveryService answers FAILED_PRECONDITION");
+        return Ok(service::deliveries::Deliveries::new(None));
+    };
+    if config.delivery.delivery_store.is_none()
+        && let Err(e) = std::fs::create_dir_all(&config.data_dir)
+    {
+        tracing::warn!(error = %e, dir = %config.data_dir.display(), "cannot create the data directory");
+    }
+    let (deliveries, cell) = service::deliveries::Deliveries::pending();
+    let retention = config.deliveries.delivery_retention;
+    let open = |url: pushwire_common::delivery_store::StoreUrl| async move {
+        let opened = pushwire_common::delivery_store::open(&url, &Default::default()).await;
+        if let Err(e) = &opened {
+            tracing::warn!(store = %url, error = %e, "delivery store not open; DeliveryService answers UNAVAILABLE until it is");
+        }
+        opened.ok()
+    };
+    let first = open(url.clone()).await;
+    let metrics = metrics.clone();
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let mut pause = std::time::Duration::from_secs(1);
+        let mut store = first;
+        let store = loop {
+            if let Some(store) = store.take() {
+                break store;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(std::time::Duration::from_secs(30));
+            store = open(url.clone()).await;
+        };
+        tracing::info!(store = %url, ?retention, "delivery store open");
+        let _ = cell.set(store.clone());
+        service::deliveries::retain(
+            store,
+            retention,
+            service::deliveries::PURGE_INTERVAL,
+            metrics,
+            shutdown,
+        )
+        .await;
+    });
+    Ok(deliveries)
 }
 
 /// Opens the store named by the configuration: etcd when endpoints are given, else the
@@ -108,6 +185,8 @@ pub async fn run(
     store::encryption::verify(store.as_ref(), &keys)
         .await
         .map_err(RunError::Encryption)?;
+    let retention_metrics = service::deliveries::RetentionMetrics::default();
+    let deliveries = delivery_log(&config, &retention_metrics, &shutdown).await?;
     let feed = ConfigFeed::new(config.watch_history);
     let feed_task = tokio::spawn(
         feed.clone()
@@ -149,6 +228,7 @@ pub async fn run(
     let grpc_metrics = GrpcMetrics::default();
     let (grpc, in_process_task) = grpc_server(
         catalog,
+        deliveries,
         client,
         feed.clone(),
         worker.as_ref(),
@@ -168,6 +248,7 @@ pub async fn run(
         store,
         &grpc_metrics,
         &store_metrics,
+        &retention_metrics,
         worker.as_ref().map(|w| w.status()),
     )
     .with_token_file(auth.clone());
@@ -220,7 +301,7 @@ async fn start_worker(
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| RunError::Serve(format!("{}: {e}", config.data_dir.display()).into()))?;
         let url = pushwire_common::delivery_store::StoreUrl::sqlite(
-            config.data_dir.join(EMBEDDED_DELIVERY_STORE_FILE),
+            config.data_dir.join(DELIVERY_STORE_FILE),
         );
         delivery.delivery_store = Some(url.into());
     }
@@ -250,8 +331,10 @@ type GrpcServer = (
     Option<tokio::task::JoinHandle<()>>,
 );
 
+#[allow(clippy::too_many_arguments)]
 async fn grpc_server(
     catalog: Catalog,
+    deliveries: service::deliveries::Deliveries,
     client: pushwire_common::webhook::client::WebhookClient,
     feed: ConfigFeed,
     worker: Option<&Worker>,
@@ -317,6 +400,12 @@ async fn grpc_server(
             .max_decoding_message_size(api::MAX_ADMIN_REQUEST_BYTES),
         )
         .add_service(config_service)
+        .add_service(
+            pb::delivery_service_server::DeliveryServiceServer::new(api::DeliveryApi::new(
+                deliveries,
+            ))
+            .max_decoding_message_size(api::MAX_ADMIN_REQUEST_BYTES),
+        )
         .add_optional_service(worker.map(Worker::ingest_service))
         .add_optional_service(
             worker
@@ -333,6 +422,7 @@ const CONTROL_PLANE_SERVICES: &[&str] = &[
     "pushwire.v1.IntegrationService",
     "pushwire.v1.PushScopeService",
     "pushwire.v1.ConfigService",
+    "pushwire.v1.DeliveryService",
 ];
 
 /// The application services the public server serves (the in-process worker's

@@ -1546,7 +1546,7 @@ class Checks:
         out = grpcurl(cp, admin, "pushwire.v1.IntegrationService/CreateIntegration", {
             "parent": "accounts/42", "integrationId": "receiver",
             "integration": {"displayName": "chart check", "url": f"http://127.0.0.1:{receiver.port}/webhooks",
-                            "secret": "whsec_Y2hhcnQtY2hlY2stc2VjcmV0",
+                            "secret": "whsec_Y2hhcnQtY2hlY2stc2lnbmluZy1zZWNyZXQtMzItYnl0ZXM=",
                             "signatureSchemes": ["SIGNATURE_SCHEME_STANDARD_WEBHOOKS"]}})
         assert out.returncode == 0, f"CreateIntegration with $TOKEN: {out.stderr.strip()}"
         out = grpcurl(cp, admin, "pushwire.v1.PushScopeService/CreatePushScope", {

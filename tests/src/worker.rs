@@ -136,7 +136,7 @@ impl Stack {
             self.dir
                 .path()
                 .join("data")
-                .join(pushwire_control_plane::EMBEDDED_DELIVERY_STORE_FILE),
+                .join(pushwire_control_plane::DELIVERY_STORE_FILE),
         );
         Ok(pushwire_common::delivery_store::open(&url, &Default::default()).await?)
     }

@@ -15,6 +15,7 @@
 //! reads a clock: tests control time, and PostgreSQL and SQLite behave the same. Leases compare
 //! the callers' clocks, so workers' clocks must agree to well within a lease (NTP does).
 
+mod log;
 mod migrations;
 mod postgres;
 mod rows;
@@ -29,6 +30,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use self::log::{
+    DeliveryFilter, DeliveryPage, DeliveryParent, INCOMPLETE_SKIP_PREFIX, ListCursor, ListRequest,
+    StatsRequest, StatsRow,
+};
 pub use self::migrations::Migration;
 pub use self::postgres::PostgresStore;
 pub use self::sqlite::SqliteStore;
@@ -500,6 +505,42 @@ pub trait DeliveryStore: fmt::Debug + Send + Sync {
 
     /// One delivery with its attempts, if stored.
     async fn get(&self, key: &DeliveryKey) -> Result<Option<DeliveryRecord>, StoreError>;
+
+    /// How many deliveries are stored, in any state (the retention gauge).
+    async fn count_stored(&self) -> Result<u64, StoreError>;
+
+    /// A page of deliveries of an account or an integration matching a filter, newest first,
+    /// without their attempts. Pages follow each other by [`ListCursor`] (keyset): deliveries
+    /// written between two pages with a newer `create_time` do not shift or repeat later pages.
+    async fn list(&self, request: &ListRequest) -> Result<DeliveryPage, StoreError>;
+
+    /// Counts by state of the deliveries first written in a time range, grouped by campaign
+    /// and/or UTC day (one row in all when neither), ordered by day then campaign.
+    async fn stats(&self, request: &StatsRequest) -> Result<Vec<StatsRow>, StoreError>;
+
+    /// Re-queues the deliveries of `integration` matching `filter` whose participation body is
+    /// still stored, due at `now`, keeping their key (so their `webhook-id`); refreshes those
+    /// bodies' `touched_ms` in the same transaction so a concurrent purge keeps them. A delivery
+    /// already queued stays under its claim and is only made due. Returns how many.
+    async fn redeliver(
+        &self,
+        integration: &IntegrationName,
+        filter: &DeliveryFilter,
+        now: SystemTime,
+    ) -> Result<u64, StoreError>;
+}
+
+/// Default of `--delivery-retention`.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The delivery log's flags (control plane). `--delivery-store` itself is one flag of the
+/// worker's delivery flags, which the control plane takes too.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DeliveryLogArgs {
+    /// How long a delivery is kept after its final outcome (delivered, failed or skipped);
+    /// queued deliveries are never removed. Enforced by the control plane in batches.
+    #[arg(long, env = "PUSHWIRE_DELIVERY_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub delivery_retention: Duration,
 }
 
 /// Opens the store `url` names and brings its schema up to date.

@@ -15,13 +15,15 @@ use sqlx::sqlite::{
 use sqlx::{Executor as _, Row, Sqlite, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use super::log::{self, Param, Statement};
 use super::migrations::{self, Migration, VERSIONS_TABLE_SQL};
 use super::rows::{attempt_from_row, claimed_from_row, record_from_row};
 use super::sql;
 use super::{
-    Attempt, ClaimRequest, ClaimedDelivery, DeliveryKey, DeliveryRecord, DeliveryStore, Finish,
-    FinishResult, NewDelivery, OpenOptions, PreparedBatch, PurgeStats, StoreError, StoreUrl,
-    attempt_error_text, duration_ms, last_attempt_columns, to_ms, unique_finishes,
+    Attempt, ClaimRequest, ClaimedDelivery, DeliveryFilter, DeliveryKey, DeliveryPage,
+    DeliveryRecord, DeliveryStore, Finish, FinishResult, ListRequest, NewDelivery, OpenOptions,
+    PreparedBatch, PurgeStats, StatsRequest, StatsRow, StoreError, StoreUrl, attempt_error_text,
+    duration_ms, last_attempt_columns, to_ms, unique_finishes,
 };
 use crate::domain::IntegrationName;
 
@@ -533,6 +535,56 @@ impl DeliveryStore for SqliteStore {
             .collect::<Result<Vec<_>, _>>()?;
         record_from_row(&row, key, attempts).map(Some)
     }
+
+    async fn count_stored(&self) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM pushwire_deliveries")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(self.error())?;
+        Ok(count.unsigned_abs())
+    }
+
+    async fn list(&self, request: &ListRequest) -> Result<DeliveryPage, StoreError> {
+        let statement = log::list(request);
+        let rows = bound(&statement)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.error())?;
+        log::page_from_rows(&rows, request.page_size)
+    }
+
+    async fn stats(&self, request: &StatsRequest) -> Result<Vec<StatsRow>, StoreError> {
+        let statement = log::stats(request);
+        bound(&statement)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.error())?
+            .iter()
+            .map(log::stats_from_row)
+            .collect()
+    }
+
+    async fn redeliver(
+        &self,
+        integration: &IntegrationName,
+        filter: &DeliveryFilter,
+        now: SystemTime,
+    ) -> Result<u64, StoreError> {
+        let touch = log::redeliver_touch_bodies(integration, filter, now);
+        let requeue = log::redeliver_deliveries(integration, filter, now);
+        let (_writing, mut tx) = self.begin_write().await?;
+        bound(&touch)
+            .execute(&mut *tx)
+            .await
+            .map_err(self.error())?;
+        let redelivered = bound(&requeue)
+            .execute(&mut *tx)
+            .await
+            .map_err(self.error())?
+            .rows_affected();
+        tx.commit().await.map_err(self.error())?;
+        Ok(redelivered)
+    }
 }
 
 /// Runs one migration and records it, inside the caller's transaction.
@@ -550,4 +602,18 @@ async fn apply_migration(
     .execute(&mut *conn)
     .await
     .map(drop)
+}
+
+/// `statement`'s SQL with its parameters bound.
+fn bound<'q>(
+    statement: &'q Statement,
+) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    let mut query = sqlx::query(&statement.sql);
+    for param in &statement.params {
+        query = match param {
+            Param::Text(text) => query.bind(text.as_str()),
+            Param::Int(int) => query.bind(*int),
+        };
+    }
+    query
 }

@@ -3,11 +3,13 @@
 //! beyond reading update masks.
 
 mod config;
+mod deliveries;
 mod ingest;
 mod integrations;
 mod push_scopes;
 
 pub use config::ConfigApi;
+pub use deliveries::DeliveryApi;
 pub use ingest::IngestApi;
 pub use integrations::IntegrationApi;
 pub use push_scopes::PushScopeApi;

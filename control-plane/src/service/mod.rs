@@ -4,6 +4,8 @@
 //! [`Store`] contract and the domain types, never gRPC: the `api` module turns requests into
 //! calls here and errors into statuses.
 
+pub mod deliveries;
+mod delivery_filter;
 pub mod feed;
 mod integrations;
 mod push_scopes;

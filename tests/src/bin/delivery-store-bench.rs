@@ -4,7 +4,13 @@
 //! them all, and with `--dead-endpoint N` times claims for a healthy integration while N
 //! deliveries of a dead one are due.
 //!
+//! With `--log`, measures the delivery log instead: records `--deliveries` final outcomes
+//! (spread over 7 days, `--log-accounts` accounts, `--fan-out` integrations each, 1,000
+//! campaigns), then times ListDeliveries' query of one integration (first pages, filtered by
+//! state, and deep pages by token) and GetDeliveryStats' by campaign (an account, 7 days).
+//!
 //! `cargo run --release -p pushwire-tests --bin delivery-store-bench -- --deliveries 100000`
+//! `cargo run --release -p pushwire-tests --bin delivery-store-bench -- --log --fast --deliveries 1000000`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -16,7 +22,10 @@ use pushwire_common::delivery_store::{
     self, Attempt, ClaimRequest, DeliveryKey, DeliveryStore, Finish, FinishResult, NewDelivery,
     OpenOptions, Outcome, StoreUrl, TraceContext,
 };
-use pushwire_common::domain::IntegrationName;
+use pushwire_common::delivery_store::{
+    DeliveryFilter, DeliveryParent, DeliveryState, ListRequest, StatsRequest,
+};
+use pushwire_common::domain::{AccountName, IntegrationName};
 use pushwire_tests::postgres::{Durability, PostgresServer};
 
 #[derive(Debug, Parser)]
@@ -45,6 +54,15 @@ struct Args {
     /// PostgreSQL with fsync and synchronous commit off (not what production runs).
     #[arg(long)]
     fast: bool,
+    /// Measure the delivery log's queries (list, stats) instead of hand-offs and claims.
+    #[arg(long)]
+    log: bool,
+    /// Accounts the deliveries of `--log` are spread over.
+    #[arg(long, default_value_t = 10)]
+    log_accounts: usize,
+    /// Queries timed per measure of `--log`.
+    #[arg(long, default_value_t = 200)]
+    log_queries: usize,
 }
 
 #[tokio::main]
@@ -75,6 +93,9 @@ async fn main() -> anyhow::Result<()> {
         .context("opening the store")?;
 
     let body = Bytes::from(vec![b'x'; args.body_bytes]);
+    if args.log {
+        return log_bench(store, &args, &body).await;
+    }
     let batches: Vec<Vec<NewDelivery>> = (0..args.deliveries)
         .map(|i| delivery(i, args.fan_out, &body))
         .collect::<Vec<_>>()
@@ -351,4 +372,164 @@ fn delivery(i: usize, fan_out: usize, body: &Bytes) -> NewDelivery {
         }],
         body: Some(body.clone()),
     }
+}
+
+/// The delivery log's measures: load `args.deliveries` final outcomes, then time the list and
+/// stats queries.
+async fn log_bench(store: Arc<dyn DeliveryStore>, args: &Args, body: &Bytes) -> anyhow::Result<()> {
+    anyhow::ensure!(args.log_accounts > 0 && args.log_queries > 0);
+    let week = Duration::from_secs(7 * 24 * 3600);
+    let end = SystemTime::now();
+    let start = end - week;
+    let total = args.deliveries;
+    let loaded = Instant::now();
+    let batches: Vec<Vec<NewDelivery>> = (0..total)
+        .map(|i| {
+            let participation = i / args.fan_out;
+            let account = participation % args.log_accounts;
+            let integration = IntegrationName::parse(&format!(
+                "accounts/{account}/integrations/crm-{}",
+                i % args.fan_out
+            ))
+            .expect("valid name");
+            // Spread evenly over the week, in order of i.
+            let at = start + week.mul_f64(i as f64 / total as f64);
+            let outcome = match i % 20 {
+                0 => Outcome::Failed,
+                1 => Outcome::Skipped {
+                    reason: "participation state is STARTED; completed only".into(),
+                },
+                _ => Outcome::Delivered,
+            };
+            NewDelivery {
+                key: DeliveryKey::new(integration, format!("participation-{participation:09}")),
+                campaign_id: format!("{}", participation % 1000),
+                website_id: Some("42".into()),
+                trace: None,
+                outcome,
+                attempts: vec![Attempt {
+                    time: at,
+                    status_code: Some(200),
+                    error_class: None,
+                    error_message: None,
+                    duration: Duration::from_millis(20),
+                }],
+                body: Some(body.clone()),
+            }
+        })
+        .collect::<Vec<_>>()
+        .chunks(args.batch)
+        .map(<[NewDelivery]>::to_vec)
+        .collect();
+    // Recorded at their own time: the batches are in time order.
+    let batches = Arc::new(std::sync::Mutex::new(batches));
+    let writers: Vec<_> = (0..args.writers)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            let batches = Arc::clone(&batches);
+            tokio::spawn(async move {
+                loop {
+                    let Some(batch) = batches
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("poisoned"))?
+                        .pop()
+                    else {
+                        return anyhow::Ok(());
+                    };
+                    let at = batch[0].attempts[0].time;
+                    store.record_outcomes(&batch, at).await?;
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await??;
+    }
+    let held = store.count_stored().await?;
+    println!(
+        "delivery log: {held} deliveries over 7 days, {} accounts x {} integrations, 1000 campaigns (loaded in {:.0} s)",
+        args.log_accounts,
+        args.fan_out,
+        loaded.elapsed().as_secs_f64()
+    );
+
+    let integration =
+        DeliveryParent::Integration(IntegrationName::parse("accounts/0/integrations/crm-0")?);
+    let measures: [(&str, DeliveryFilter, usize); 3] = [
+        ("first page of 50", DeliveryFilter::default(), 0),
+        (
+            "first page of 50, state = FAILED",
+            DeliveryFilter {
+                state: Some(DeliveryState::Failed),
+                ..DeliveryFilter::default()
+            },
+            0,
+        ),
+        ("page 20 of 50 (by token)", DeliveryFilter::default(), 19),
+    ];
+    for (what, filter, skip_pages) in measures {
+        let mut latencies = Vec::new();
+        let mut after = None;
+        for _ in 0..skip_pages {
+            let page = store
+                .list(&ListRequest {
+                    parent: integration.clone(),
+                    filter: filter.clone(),
+                    page_size: 50,
+                    after,
+                })
+                .await?;
+            after = page.next;
+        }
+        for _ in 0..args.log_queries {
+            let started = Instant::now();
+            let page = store
+                .list(&ListRequest {
+                    parent: integration.clone(),
+                    filter: filter.clone(),
+                    page_size: 50,
+                    after: after.clone(),
+                })
+                .await?;
+            latencies.push(started.elapsed());
+            anyhow::ensure!(
+                page.deliveries.len() == 50,
+                "{} listed",
+                page.deliveries.len()
+            );
+        }
+        println!(
+            "ListDeliveries of one integration, {what}: p50 {:?}, p99 {:?}",
+            percentile(&mut latencies, 0.5),
+            percentile(&mut latencies, 0.99)
+        );
+    }
+    let account = DeliveryParent::Account(AccountName::from_id("0")?);
+    for (what, parent, by_day) in [
+        ("an account (7 days) by campaign", account.clone(), false),
+        ("an account (7 days) by campaign and day", account, true),
+        ("one integration (7 days) by campaign", integration, false),
+    ] {
+        let mut latencies = Vec::new();
+        for _ in 0..args.log_queries {
+            let started = Instant::now();
+            let rows = store
+                .stats(&StatsRequest {
+                    parent: parent.clone(),
+                    start,
+                    end: end + Duration::from_secs(1),
+                    by_campaign: true,
+                    by_day,
+                })
+                .await?;
+            latencies.push(started.elapsed());
+            anyhow::ensure!(!rows.is_empty());
+        }
+        println!(
+            "GetDeliveryStats of {what}: p50 {:?}, p99 {:?}",
+            percentile(&mut latencies, 0.5),
+            percentile(&mut latencies, 0.99)
+        );
+    }
+    Ok(())
 }

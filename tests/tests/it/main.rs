@@ -17,6 +17,7 @@ mod alone;
 mod auth;
 mod config_watch;
 mod control_plane;
+mod deliveries;
 mod delivery_store;
 mod dispatch;
 mod encryption;
