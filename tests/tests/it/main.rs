@@ -23,6 +23,7 @@ mod encryption;
 mod faults;
 mod ingest;
 mod limits;
+mod memory_budget;
 mod metrics;
 mod payload_variables;
 mod publisher;
