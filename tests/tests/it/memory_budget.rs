@@ -182,7 +182,12 @@ async fn streams_wait_and_publish_one_is_refused_at_the_budget() -> anyhow::Resu
     // The budget fills up: no room for one more document.
     eventually("the memory budget is spent", WAIT, || async {
         let held = metric(http, HELD).await? as u64;
-        Ok(Poll::when(held + share > BUDGET, held))
+        let state = (
+            ("held", held),
+            ("sent", sent.load(Ordering::SeqCst)),
+            ("received", received.load(Ordering::SeqCst)),
+        );
+        Ok(Poll::when(held + share > BUDGET, state))
     })
     .await?;
     eventually(
