@@ -441,12 +441,26 @@ fn permitted(who: &Principal, req: &pb::PublishRequest) -> Result<(), Status> {
 }
 
 /// The refusal of a `PublishOne` call that found no room on the memory budget.
+/// With the standard details: `RetryInfo` (try again in about the time waited) and
+/// `QuotaFailure` naming the flag.
 fn at_budget() -> Status {
-    Status::resource_exhausted(format!(
-        "worker is at its memory budget (--memory-budget): no room for this participation \
-         within {PUBLISH_ONE_BUDGET_WAIT:?}; retry later with backoff, or publish on a Publish \
-         stream, which waits for room instead"
-    ))
+    use tonic_types::{QuotaFailure, RetryInfo, StatusExt as _};
+    Status::with_error_details_vec(
+        tonic::Code::ResourceExhausted,
+        format!(
+            "worker is at its memory budget (--memory-budget): no room for this participation \
+             within {PUBLISH_ONE_BUDGET_WAIT:?}; retry later with backoff, or publish on a \
+             Publish stream, which waits for room instead"
+        ),
+        [
+            RetryInfo::new(Some(PUBLISH_ONE_BUDGET_WAIT)).into(),
+            QuotaFailure::with_violation(
+                "--memory-budget",
+                "bytes of participations held by this worker, all streams and calls together",
+            )
+            .into(),
+        ],
+    )
 }
 
 fn shutting_down() -> Status {

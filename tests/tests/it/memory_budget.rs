@@ -228,6 +228,15 @@ async fn streams_wait_and_publish_one_is_refused_at_the_budget() -> anyhow::Resu
         "{}",
         refused.message()
     );
+    {
+        use tonic_types::StatusExt as _;
+        let retry = refused.get_details_retry_info().context("RetryInfo")?;
+        assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));
+        let quota = refused
+            .get_details_quota_failure()
+            .context("QuotaFailure")?;
+        assert_eq!(quota.violations[0].subject, "--memory-budget");
+    }
     assert_eq!(
         metric(http, "pushwire_worker_memory_budget_refusals_total").await?,
         1.0
