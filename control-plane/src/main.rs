@@ -8,6 +8,9 @@ use pushwire_control_plane::{Config, Listeners, run};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    if config.with_worker {
+        config.ingest.check()?;
+    }
     serve_until_signal(
         "pushwire-control-plane",
         config.log_format,

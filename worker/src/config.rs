@@ -16,6 +16,7 @@ use pushwire_common::server::telemetry::LogFormat;
 use pushwire_common::webhook::WebhookArgs;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
+use crate::budget::{self, ByteSize};
 use pushwire_common::delivery_store::{InvalidStoreUrl, StoreUrl};
 
 use crate::deliver::dispatch::DispatchOptions;
@@ -147,6 +148,39 @@ pub struct IngestArgs {
     /// Largest participation document accepted, in bytes.
     #[arg(long, env = "PUSHWIRE_MAX_PARTICIPATION_BYTES", default_value_t = pushwire_common::participation::DEFAULT_MAX_BYTES)]
     pub max_participation_bytes: usize,
+
+    /// Bytes of participations held in memory, every stream and PublishOne call together
+    /// (each counts its document plus 8 KiB until acknowledged), e.g. 256MiB. When spent,
+    /// streams are not read and PublishOne waits up to 1 s, then gets RESOURCE_EXHAUSTED. At
+    /// least --max-participation-bytes.
+    #[arg(long, env = "PUSHWIRE_MEMORY_BUDGET", default_value_t = budget::DEFAULT_BUDGET)]
+    pub memory_budget: ByteSize,
+}
+
+/// `--memory-budget` cannot hold the largest participation allowed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--memory-budget {budget} is smaller than --max-participation-bytes {max}: the largest \
+     participation could never be held"
+)]
+pub struct BudgetTooSmall {
+    /// The budget given.
+    pub budget: ByteSize,
+    /// `--max-participation-bytes`.
+    pub max: usize,
+}
+
+impl IngestArgs {
+    /// Checks the flags together: the budget holds at least the largest participation.
+    pub fn check(&self) -> Result<(), BudgetTooSmall> {
+        if self.memory_budget.bytes() < self.max_participation_bytes as u64 {
+            return Err(BudgetTooSmall {
+                budget: self.memory_budget,
+                max: self.max_participation_bytes,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// How the worker authenticates to the control plane: its token and TLS.
@@ -334,6 +368,27 @@ mod tests {
     }
 
     #[test]
+    fn the_memory_budget_holds_the_largest_participation() {
+        let c = Config::defaults();
+        assert_eq!(c.ingest.memory_budget, budget::DEFAULT_BUDGET);
+        assert!(c.ingest.check().is_ok());
+        let c = Config::parse_from(["worker", "--memory-budget", "64MiB"]);
+        assert_eq!(c.ingest.memory_budget.bytes(), 64 << 20);
+        let small = Config::parse_from([
+            "worker",
+            "--memory-budget",
+            "512KiB",
+            "--max-participation-bytes",
+            "1048576",
+        ]);
+        let err = small.ingest.check().unwrap_err().to_string();
+        assert!(
+            err.starts_with("--memory-budget 512KiB is smaller than --max-participation-bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bad_values_are_refused_with_the_flag_named() {
         let bad_cidr = Config::parse_from(["worker", "--allow-cidr", "10.0.0.0/33"]);
         let err = bad_cidr.webhook.client().unwrap_err().to_string();
@@ -344,6 +399,7 @@ mod tests {
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
 
         assert!(Config::try_parse_from(["worker", "--window", "0"]).is_err());
+        assert!(Config::try_parse_from(["worker", "--memory-budget", "lots"]).is_err());
         assert!(Config::try_parse_from(["worker", "--retry-schedule", "soon"]).is_err());
     }
 

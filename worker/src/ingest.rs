@@ -9,6 +9,11 @@
 //! bounded. Responses come in completion order. A participation whose delivery is interrupted
 //! (shutdown, the publisher went away) is never acknowledged: the stream then ends with
 //! `UNAVAILABLE` and the publisher re-publishes what it holds.
+//!
+//! Every participation also holds its share of the worker-wide memory [`MemoryBudget`] from
+//! the moment it is read until its acknowledgement is sent: a stream whose next participation
+//! finds no room is not read until some is released (flow control again); a `PublishOne`
+//! call waits at most [`PUBLISH_ONE_BUDGET_WAIT`], then gets `RESOURCE_EXHAUSTED`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
+use crate::budget::{self, MemoryBudget};
 use crate::deliver::dispatch::{Dispatcher, Job, Outcome};
 use crate::metrics::{Metrics, OutcomeLabel, ResultLabel};
 use crate::router::{self, Decision, RoutingTable, RoutingView};
@@ -40,6 +46,9 @@ use pushwire_common::webhook::traceparent::TraceParent;
 /// Room for the request's fields around the document in one gRPC message.
 const ENVELOPE_BYTES: usize = 64 * 1024;
 
+/// How long a `PublishOne` call waits for room on the memory budget before it is refused.
+pub const PUBLISH_ONE_BUDGET_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Settings of the ingest service.
 #[derive(Clone, Copy, Debug)]
 pub struct IngestOptions {
@@ -47,6 +56,8 @@ pub struct IngestOptions {
     pub window: usize,
     /// Largest participation document accepted, in bytes.
     pub max_participation_bytes: usize,
+    /// Bytes of participations held in memory by all streams and calls together.
+    pub memory_budget: u64,
 }
 
 impl Default for IngestOptions {
@@ -54,6 +65,7 @@ impl Default for IngestOptions {
         Self {
             window: 256,
             max_participation_bytes: participation::DEFAULT_MAX_BYTES,
+            memory_budget: budget::DEFAULT_BUDGET.bytes(),
         }
     }
 }
@@ -64,6 +76,7 @@ pub struct Ingest {
     table: watch::Receiver<Option<Arc<RoutingTable>>>,
     dispatcher: Dispatcher,
     opts: IngestOptions,
+    budget: MemoryBudget,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 }
@@ -102,6 +115,7 @@ impl Ingest {
             table,
             dispatcher,
             opts,
+            budget: MemoryBudget::new(opts.memory_budget, &metrics),
             metrics,
             shutdown,
         }
@@ -357,8 +371,9 @@ impl Ingest {
     }
 
     /// Reads a Publish stream, delivering each request in its own task, at most `window` at a
-    /// time, sending responses on `out` as they complete. A request for an account `who` may
-    /// not use ends the stream with `PERMISSION_DENIED`, once what is in flight is settled.
+    /// time and within the memory budget, sending responses on `out` as they complete. A
+    /// request for an account `who` may not use ends the stream with `PERMISSION_DENIED`, once
+    /// what is in flight is settled.
     async fn drive(
         self,
         who: Arc<Principal>,
@@ -385,6 +400,13 @@ impl Ingest {
                     if let Err(status) = permitted(&who, &req) {
                         break Some(status);
                     }
+                    // Nothing more is read until the budget has room for this one.
+                    let share = MemoryBudget::share(req.participation_json.len());
+                    let charge = tokio::select! {
+                        c = self.budget.acquire(share) => c,
+                        () = out.closed() => break None,
+                        () = self.shutdown.cancelled() => break Some(shutting_down()),
+                    };
                     let this = self.clone();
                     let out = out.clone();
                     tasks.spawn(async move {
@@ -393,7 +415,7 @@ impl Ingest {
                         if let Some(r) = response {
                             let _ = out.send(Ok(r)).await;
                         }
-                        drop(permit);
+                        drop((permit, charge));
                         acked
                     });
                 }
@@ -441,6 +463,29 @@ fn permitted(who: &Principal, req: &pb::PublishRequest) -> Result<(), Status> {
         Ok(account) => Ok(who.account(&account)?),
         Err(_) => Ok(()),
     }
+}
+
+/// The refusal of a `PublishOne` call that found no room on the memory budget.
+/// With the standard details: `RetryInfo` (try again in about the time waited) and
+/// `QuotaFailure` naming the flag.
+fn at_budget() -> Status {
+    use tonic_types::{QuotaFailure, RetryInfo, StatusExt as _};
+    Status::with_error_details_vec(
+        tonic::Code::ResourceExhausted,
+        format!(
+            "worker is at its memory budget (--memory-budget): no room for this participation \
+             within {PUBLISH_ONE_BUDGET_WAIT:?}; retry later with backoff, or publish on a \
+             Publish stream, which waits for room instead"
+        ),
+        [
+            RetryInfo::new(Some(PUBLISH_ONE_BUDGET_WAIT)).into(),
+            QuotaFailure::with_violation(
+                "--memory-budget",
+                "bytes of participations held by this worker, all streams and calls together",
+            )
+            .into(),
+        ],
+    )
 }
 
 fn shutting_down() -> Status {
@@ -543,9 +588,19 @@ impl IngestService for Ingest {
         let who = auth::authorize(&request, Action::Publish)?;
         permitted(&who, request.get_ref())?;
         self.ready_table()?;
+        let req = request.into_inner();
+        let share = MemoryBudget::share(req.participation_json.len());
+        let Some(_charge) = self
+            .budget
+            .acquire_within(share, PUBLISH_ONE_BUDGET_WAIT)
+            .await
+        else {
+            self.metrics.memory_budget_refusals.inc();
+            return Err(at_budget());
+        };
         // A caller that hangs up drops this future and with it the deliveries: nobody is left
         // to take the acknowledgement, and the publisher re-publishes.
-        match self.handle(request.into_inner()).await {
+        match self.handle(req).await {
             Some(response) => Ok(Response::new(response)),
             None => Err(shutting_down()),
         }

@@ -6,7 +6,8 @@
 //! - [`config_watch`] decodes the control plane's configuration stream and keeps a
 //!   [`router::RoutingTable`] in step with it, over the [`control_plane`] channel;
 //! - [`router`] (pure): the routing table, and the plan of one participation's deliveries;
-//! - [`ingest`]: the gRPC `IngestService` (parse, plan, deliver, acknowledge);
+//! - [`ingest`]: the gRPC `IngestService` (parse, plan, deliver, acknowledge), within the
+//!   worker-wide memory [`budget`];
 //! - [`deliver`]: per-integration queues and breakers, the first attempt, the hand-off to the
 //!   delivery store and the retries claimed from it (requests are built, signed and sent by
 //!   `pushwire_common::webhook`);
@@ -14,6 +15,7 @@
 //! - [`in_process`]: the in-memory channel of the worker embedded by `--with-worker`;
 //! - [`http`]: health, readiness and metrics ([`metrics`]).
 
+pub mod budget;
 pub mod config;
 pub mod config_watch;
 pub mod control_plane;
@@ -178,6 +180,7 @@ impl Worker {
             IngestOptions {
                 window: ingest.window as usize,
                 max_participation_bytes: ingest.max_participation_bytes,
+                memory_budget: ingest.memory_budget.bytes(),
             },
             metrics.clone(),
             intake,

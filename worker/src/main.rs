@@ -7,6 +7,7 @@ use pushwire_worker::{Config, Listeners, run};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    config.ingest.check()?;
     serve_until_signal(
         "pushwire-worker",
         config.log_format,

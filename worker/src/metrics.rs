@@ -107,6 +107,14 @@ pub struct Metrics {
     pub in_flight: Gauge,
     /// Open Publish streams.
     pub streams: Gauge,
+    /// Bytes of participations held on the memory budget (`--memory-budget`).
+    pub memory_held: Gauge,
+    /// The memory budget, in bytes.
+    pub memory_budget: Gauge,
+    /// Time a participation waited for room on the memory budget, in seconds (only waits).
+    pub memory_budget_wait: Histogram,
+    /// `PublishOne` calls refused with `RESOURCE_EXHAUSTED`: no room on the memory budget.
+    pub memory_budget_refusals: Counter,
     /// Attempts in flight, for the busiest integrations (set at scrape time).
     pub lane_in_flight: Family<IntegrationLabel, Gauge>,
     /// Attempts waiting for a slot, for the busiest integrations (set at scrape time).
@@ -149,6 +157,10 @@ impl Default for Metrics {
         let attempt_latency = Histogram::new(LATENCY_BUCKETS.iter().copied());
         let in_flight = Gauge::default();
         let streams = Gauge::default();
+        let memory_held = Gauge::default();
+        let memory_budget = Gauge::default();
+        let memory_budget_wait = Histogram::new(LATENCY_BUCKETS.iter().copied());
+        let memory_budget_refusals = Counter::default();
         let lane_in_flight = Family::<IntegrationLabel, Gauge>::default();
         let lane_queued = Family::<IntegrationLabel, Gauge>::default();
         let breakers_open = Gauge::default();
@@ -239,6 +251,29 @@ impl Default for Metrics {
             in_flight.clone(),
         );
         registry.register("publish_streams", "Open Publish streams", streams.clone());
+        registry.register_with_unit(
+            "memory_held",
+            "Participations held in memory, as charged on the memory budget",
+            prometheus_client::registry::Unit::Bytes,
+            memory_held.clone(),
+        );
+        registry.register_with_unit(
+            "memory_budget",
+            "The memory budget for participations (--memory-budget)",
+            prometheus_client::registry::Unit::Bytes,
+            memory_budget.clone(),
+        );
+        registry.register_with_unit(
+            "memory_budget_wait",
+            "Time a participation waited for room on the memory budget (waits only)",
+            prometheus_client::registry::Unit::Seconds,
+            memory_budget_wait.clone(),
+        );
+        registry.register(
+            "memory_budget_refusals",
+            "PublishOne calls refused with RESOURCE_EXHAUSTED: the memory budget was full",
+            memory_budget_refusals.clone(),
+        );
         registry.register(
             "integration_in_flight_attempts",
             "Attempts in flight per integration (the busiest ones; the rest as other)",
@@ -275,6 +310,10 @@ impl Default for Metrics {
             delivery_latency,
             in_flight,
             streams,
+            memory_held,
+            memory_budget,
+            memory_budget_wait,
+            memory_budget_refusals,
             lane_in_flight,
             lane_queued,
             breakers_open,

@@ -530,3 +530,97 @@ pub async fn memory(env: &Env, limit: Duration) -> anyhow::Result<Memory> {
         accept_secs: accepted_at.as_secs_f64(),
     })
 }
+
+/// Document size of the memory-exhaustion attack (issue 14).
+pub const ATTACK_DOC_BYTES: usize = 512 * 1024;
+
+/// One run of the memory-exhaustion attack.
+#[derive(Clone, Debug, Default)]
+pub struct AttackRun {
+    /// The `--memory-budget` given.
+    pub budget: &'static str,
+    /// Requests the publishers handed to their streams.
+    pub sent: u64,
+    /// Participations the worker had read and not acknowledged at the end.
+    pub in_flight: u64,
+    /// Bytes held on the budget at the end (the worker's gauge).
+    pub held_bytes: u64,
+    /// Worker RSS when ready and idle, KiB.
+    pub idle_kib: u64,
+    /// Highest RSS sampled during the run, KiB.
+    pub max_kib: u64,
+    /// Peak RSS (VmHWM), KiB.
+    pub hwm_kib: u64,
+}
+
+/// The memory-exhaustion attack with and without the budget.
+#[derive(Clone, Debug, Default)]
+pub struct Attack {
+    /// Publish streams.
+    pub streams: usize,
+    /// Length of each run.
+    pub secs: f64,
+    /// One per budget.
+    pub runs: Vec<AttackRun>,
+}
+
+/// The memory-exhaustion attack of issue 14: four Publish streams of 512 KiB documents, as
+/// fast as the worker reads them, to a receiver that accepts connections and never answers;
+/// the worker's RSS over `length`, with no effective budget (`1024GiB`), the default budget
+/// and a small one.
+pub async fn attack(env: &Env, length: Duration) -> anyhow::Result<Attack> {
+    let account = "accounts/910030";
+    let hole = endpoint::start_blackhole(&env.rx, env.epoch)?;
+    let (_, rev) = env.routed(account, "attack", &hole.url("/attack")).await?;
+    let bodies = Arc::new(load::Bodies::new(ATTACK_DOC_BYTES, env.epoch)?);
+    let streams = env.plan.streams;
+    let mut out = Attack {
+        streams,
+        secs: length.as_secs_f64(),
+        runs: Vec::new(),
+    };
+    for budget in ["1024GiB", "256MiB", "64MiB"] {
+        let worker = env
+            .worker(
+                &format!("attack-{budget}"),
+                &["--memory-budget", budget],
+                rev,
+            )
+            .await?;
+        let (idle_kib, _) = worker.proc.rss_kib()?;
+        let stats = Arc::new(PubStats::default());
+        let target = load::Target {
+            bodies: bodies.clone(),
+            ..env.target(&worker)
+        };
+        let load = load::closed_loop(
+            &target,
+            vec![account.into()],
+            streams,
+            env.plan.window,
+            stats.clone(),
+            None,
+        )
+        .await?;
+        let started = Instant::now();
+        let mut max_kib = 0;
+        while started.elapsed() < length {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            max_kib = max_kib.max(worker.proc.rss_kib()?.0);
+        }
+        let (_, hwm_kib) = worker.proc.rss_kib()?;
+        let (_, metrics) = HttpConn::new(worker.http).get("/metrics").await?;
+        let gauge = |name| procs::metric(&metrics, name).unwrap_or(0.0) as u64;
+        out.runs.push(AttackRun {
+            budget,
+            sent: stats.sent.load(Ordering::Relaxed),
+            in_flight: gauge("pushwire_worker_in_flight_participations"),
+            held_bytes: gauge("pushwire_worker_memory_held_bytes"),
+            idle_kib,
+            max_kib,
+            hwm_kib,
+        });
+        load.stop();
+    }
+    Ok(out)
+}

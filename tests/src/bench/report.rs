@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use crate::phases::{Isolation, Latency, Memory, Propagation, Rate};
+use crate::phases::{Attack, Isolation, Latency, Memory, Propagation, Rate};
 use crate::setup::Plan;
 
 /// The targets of issue 8.
@@ -35,6 +35,8 @@ pub struct Results {
     pub isolation: Option<Result<Isolation, String>>,
     /// Memory.
     pub memory: Option<Result<Memory, String>>,
+    /// The memory-exhaustion attack.
+    pub attack: Option<Result<Attack, String>>,
 }
 
 /// The `q` quantile (0..=1) of sorted values, nearest rank.
@@ -116,6 +118,7 @@ pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
             r.isolation.as_ref().and_then(|r| r.as_ref().err()),
         ),
         ("memory", r.memory.as_ref().and_then(|r| r.as_ref().err())),
+        ("attack", r.attack.as_ref().and_then(|r| r.as_ref().err())),
     ]
     .into_iter()
     .filter_map(|(k, e)| e.map(|e| (k.to_owned(), json!(e))))
@@ -199,6 +202,20 @@ pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
                 "peak_rss_mib": mib(m.hwm_kib),
                 "kib_per_waiting": (m.rss_kib.saturating_sub(m.idle_kib)) as f64 / m.waiting.max(1) as f64,
                 "accept_secs": m.accept_secs,
+            })),
+            "attack": ok(&r.attack).map(|a| json!({
+                "streams": a.streams,
+                "document_kib": crate::phases::ATTACK_DOC_BYTES / 1024,
+                "secs": a.secs,
+                "runs": a.runs.iter().map(|run| json!({
+                    "memory_budget": run.budget,
+                    "sent": run.sent,
+                    "in_flight": run.in_flight,
+                    "held_mib": run.held_bytes as f64 / 1048576.0,
+                    "idle_rss_mib": mib(run.idle_kib),
+                    "max_rss_mib": mib(run.max_kib),
+                    "peak_rss_mib": mib(run.hwm_kib),
+                })).collect::<Vec<_>>(),
             })),
         },
         "errors": errors,
@@ -359,6 +376,39 @@ pub fn table(r: &Results, plan: &Plan) -> String {
             );
         }
         Some(Err(e)) => err(&mut t, "Memory", e),
+        None => {}
+    }
+    match &r.attack {
+        Some(Ok(a)) => {
+            for run in &a.runs {
+                let budget_mib = run
+                    .budget
+                    .parse::<pushwire_worker::budget::ByteSize>()
+                    .map_or(f64::INFINITY, |b| b.bytes() as f64 / 1048576.0);
+                let grown = run.max_kib.saturating_sub(run.idle_kib) as f64 / 1024.0;
+                let (target, verdict) = if budget_mib > 65536.0 {
+                    ("(no budget)", "")
+                } else {
+                    (
+                        "bounded by the budget",
+                        met(Some(grown <= budget_mib * 1.25)),
+                    )
+                };
+                let _ = writeln!(
+                    t,
+                    "| Memory-exhaustion attack: worker RSS, {} streams of {} KiB documents to a receiver that never answers, {:.0} s, `--memory-budget {}` | {:.0} MiB at most (idle {:.0} MiB; {} participations, {:.0} MiB held) | {target} | {verdict} |",
+                    a.streams,
+                    crate::phases::ATTACK_DOC_BYTES / 1024,
+                    a.secs,
+                    run.budget,
+                    run.max_kib as f64 / 1024.0,
+                    run.idle_kib as f64 / 1024.0,
+                    run.in_flight,
+                    run.held_bytes as f64 / 1048576.0,
+                );
+            }
+        }
+        Some(Err(e)) => err(&mut t, "Memory-exhaustion attack", e),
         None => {}
     }
     t

@@ -3,7 +3,8 @@
 //! keep-alive receiver), then the real thing (publisher streams → `worker` process →
 //! the same receiver, with a `control-plane` process, real signing), fan-out, latency at a
 //! fixed offered rate, config propagation, isolation from a blackholed endpoint and memory
-//! with 100,000 participations waiting. Prints a Markdown table and writes a JSON file.
+//! with 100,000 participations waiting, and under a memory-exhaustion attack with and without
+//! `--memory-budget`. Prints a Markdown table and writes a JSON file.
 //!
 //! ```sh
 //! cargo run --release -p pushwire-tests --bin bench -- --json bench.json [--quick]
@@ -91,6 +92,9 @@ enum Phase {
     Propagation,
     Isolation,
     Memory,
+    /// The memory-exhaustion attack (512 KiB documents, a receiver that never answers) with
+    /// and without `--memory-budget`.
+    Attack,
 }
 
 fn plan(args: &Args) -> Plan {
@@ -170,6 +174,16 @@ async fn run(env: &Env, only: &[Phase]) -> Results {
             "memory",
             limit,
             phases::memory(env, Duration::from_secs(accept)),
+        )
+        .await;
+    }
+    if wanted(Phase::Attack) {
+        let length = Duration::from_secs(if plan.quick { 8 } else { 20 });
+        let limit = (length + slack) * 3;
+        r.attack = phase(
+            "memory-exhaustion attack",
+            limit,
+            phases::attack(env, length),
         )
         .await;
     }

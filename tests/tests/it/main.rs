@@ -25,6 +25,7 @@ mod faults;
 mod handoff;
 mod ingest;
 mod limits;
+mod memory_budget;
 mod metrics;
 mod payload_variables;
 mod publisher;
