@@ -431,5 +431,6 @@ const SERVED: &[&str] = &[
     "pushwire.v1.IntegrationService",
     "pushwire.v1.PushScopeService",
     "pushwire.v1.ConfigService",
+    "pushwire.v1.DeliveryService",
     "pushwire.v1.IngestService",
 ];

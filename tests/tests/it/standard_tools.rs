@@ -268,6 +268,7 @@ async fn grpcurl_lists_describes_and_checks_a_standalone_worker() -> anyhow::Res
             "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",
             "pushwire.v1.ConfigService",
+            "pushwire.v1.DeliveryService",
             "pushwire.v1.IngestService",
             "pushwire.v1.IntegrationService",
             "pushwire.v1.PushScopeService",

@@ -54,7 +54,9 @@ pub(super) async fn list_all(
     seen
 }
 
-pub(super) async fn list_pages_newest_first_without_duplicates_or_gaps_while_rows_arrive(backend: &Backend) {
+pub(super) async fn list_pages_newest_first_without_duplicates_or_gaps_while_rows_arrive(
+    backend: &Backend,
+) {
     let store = backend.open().await;
     // 25 deliveries over two integrations, several sharing a create time (ties are ordered by
     // integration and participation id).

@@ -16,7 +16,11 @@ pub(super) struct Made {
 }
 
 impl Made {
-    pub(super) fn new(result: Result<HttpResponse, AttemptError>, time: SystemTime, took: Duration) -> Self {
+    pub(super) fn new(
+        result: Result<HttpResponse, AttemptError>,
+        time: SystemTime,
+        took: Duration,
+    ) -> Self {
         let error = describe(&result);
         match result {
             Ok(resp) => {
@@ -71,7 +75,11 @@ impl Made {
 }
 
 /// The span of one HTTP attempt.
-pub(super) fn attempt_span(participation_id: &str, integration: &Integration, number: u32) -> tracing::Span {
+pub(super) fn attempt_span(
+    participation_id: &str,
+    integration: &Integration,
+    number: u32,
+) -> tracing::Span {
     let (server_address, server_port) = request::server_of(&integration.url);
     tracing::info_span!(
         "attempt",

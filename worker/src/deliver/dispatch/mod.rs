@@ -653,4 +653,4 @@ impl Handed {
 mod attempt;
 mod from_store;
 
-use attempt::{Made, ProbeGuard, admit, attempt_span, record_health};
+use attempt::{Made, admit, attempt_span, record_health};
