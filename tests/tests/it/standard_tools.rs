@@ -121,6 +121,13 @@ async fn standalone_worker(
     config.access.admin_token = Some(Secret::new(TEST_ADMIN_TOKEN));
     config.webhook.allow_cidr = vec!["127.0.0.0/8".into()];
     config.shutdown_grace = Duration::from_secs(1);
+    // Its own delivery store, beside the stack's.
+    config.delivery.delivery_store = Some(
+        pushwire_common::delivery_store::StoreUrl::sqlite(
+            stack.dir().join("standalone-deliveries.sqlite3"),
+        )
+        .into(),
+    );
     let listeners = pushwire_worker::Listeners {
         grpc: TcpListener::bind("127.0.0.1:0").await?,
         http: TcpListener::bind("127.0.0.1:0").await?,
