@@ -326,9 +326,9 @@ impl Ingest {
             async move {
                 let outcome = match decision {
                     Decision::Send(_) => self.dispatcher.deliver(job).await,
-                    Decision::Skip { reason, .. } => Outcome::Skipped {
-                        reason: reason.to_string(),
-                    },
+                    Decision::Skip { reason, .. } => {
+                        self.dispatcher.skip(job, reason.to_string()).await
+                    }
                 };
                 let span = tracing::Span::current();
                 span.record("pushwire.outcome", label(&outcome));

@@ -491,6 +491,32 @@ async fn first_attempt_outcomes_are_logged_in_the_delivery_store() -> anyhow::Re
             (failed.attempt_count, failed.last_status_code),
             (1, Some(400))
         );
+
+        // An incomplete participation is skipped by integrations that want completed ones
+        // only: nothing is sent, and the log says why (the statistics count it apart).
+        let mut doc: serde_json::Value =
+            serde_json::from_str(&participation("LOG-2", 418207, Some(5120), true))?;
+        doc["state"] = serde_json::json!("STARTED");
+        let resp = stack
+            .publish_one(request("accounts/log", &doc.to_string()))
+            .await??;
+        assert!(
+            resp.deliveries
+                .iter()
+                .all(|d| d.outcome() == pb::DeliveryOutcome::Skipped),
+            "{resp:?}"
+        );
+        let skipped = stack
+            .settled(&ok_name, "LOG-2", Duration::from_secs(10))
+            .await?;
+        assert_eq!(skipped.state, DeliveryState::Skipped);
+        assert_eq!(skipped.attempt_count, 0);
+        assert!(
+            skipped.skip_reason.as_deref().is_some_and(
+                |r| r.starts_with(pushwire_common::delivery_store::INCOMPLETE_SKIP_PREFIX)
+            ),
+            "{skipped:?}"
+        );
         Ok(())
     })
     .await?

@@ -2,6 +2,7 @@
 //! and why. Pure: the same table and participation always give the same plan; the dispatcher
 //! checks again at delivery time whether an integration was deleted or disabled meanwhile.
 
+use pushwire_common::delivery_store::INCOMPLETE_SKIP_PREFIX;
 use std::fmt;
 
 use pushwire_common::domain::matching::Placement;
@@ -37,9 +38,10 @@ pub enum SkipReason {
 impl fmt::Display for SkipReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            // The prefix is what the delivery log's statistics count as incomplete skips.
             Self::Incomplete { state } => write!(
                 f,
-                "participation state is {state}; the integration receives completed participations only"
+                "{INCOMPLETE_SKIP_PREFIX}{state}; the integration receives completed participations only"
             ),
         }
     }

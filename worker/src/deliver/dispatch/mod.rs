@@ -314,6 +314,16 @@ impl Dispatcher {
         outcome
     }
 
+    /// A routing skip (an incomplete participation for an integration that takes completed
+    /// ones only): nothing is sent, and the delivery log records the skip with its reason.
+    pub async fn skip(&self, job: Job, reason: String) -> Outcome {
+        let outcome = Outcome::Skipped { reason };
+        if let Some(log) = &self.log {
+            log.record(self.log_entry(&job, &outcome, None)).await;
+        }
+        outcome
+    }
+
     /// The delivery-log row of a final first-attempt outcome.
     fn log_entry(&self, job: &Job, outcome: &Outcome, attempt: Option<Attempt>) -> NewDelivery {
         NewDelivery {
