@@ -127,6 +127,17 @@ impl ControlPlaneProc {
     /// Starts `bin` on `store` (plain `http://` loopback integrations allowed), its log in
     /// `dir`, and waits until it is ready.
     pub async fn start(bin: &Path, dir: &Path, store: &Store) -> anyhow::Result<Self> {
+        Self::start_with(bin, dir, store, &[]).await
+    }
+
+    /// [`ControlPlaneProc::start`] with `extra` flags (`--with-worker` and its delivery flags,
+    /// say).
+    pub async fn start_with(
+        bin: &Path,
+        dir: &Path,
+        store: &Store,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let (g, h) = (grpc.to_string(), http.to_string());
@@ -150,6 +161,7 @@ impl ControlPlaneProc {
                 a.extend([OsString::from("--etcd-endpoints"), endpoint.into()]);
             }
         }
+        a.extend(args(extra));
         let env = vec![
             ("PUSHWIRE_ENCRYPTION_KEY".into(), ENCRYPTION_KEY.into()),
             ("PUSHWIRE_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),

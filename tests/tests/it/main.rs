@@ -20,6 +20,7 @@ mod control_plane;
 mod deliveries;
 mod delivery_store;
 mod dispatch;
+mod durability;
 mod encryption;
 mod faults;
 mod handoff;
