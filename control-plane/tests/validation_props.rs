@@ -270,7 +270,11 @@ fn auth_header() -> impl Strategy<Value = Option<pb::AuthHeader>> {
 fn secret() -> impl Strategy<Value = String> {
     prop_oneof![
         6 => Just(String::new()),
-        6 => "s3cret-[a-z]{1,20}",
+        // Plain secrets of 24 to 47 bytes (the minimum is 24), now and then too short.
+        6 => "s3cret-[a-z]{17,40}",
+        1 => "s3cret-[a-z]{1,16}",
+        // A whsec_ key of 29 bytes (Standard Webhooks needs one) and one of 10 bytes (too short).
+        3 => Just("whsec_cHJvcGVydHktdGVzdC1zaWduaW5nLWtleS0zMmI=".to_owned()),
         1 => Just("whsec_czNjcmV0LWtleQ==".to_owned()),
         1 => Just("whsec_not base64!".to_owned()),
         1 => Just("s".repeat(1025)),
