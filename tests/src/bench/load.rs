@@ -102,6 +102,9 @@ pub struct PubStats {
     pub delivered: AtomicU64,
     /// Deliveries reported otherwise, and rejected requests.
     pub not_delivered: AtomicU64,
+    /// Deliveries reported `QUEUED` (handed off to the delivery store; also in
+    /// `not_delivered`).
+    pub queued: AtomicU64,
     recording: AtomicBool,
     ack_latencies_us: Mutex<Vec<u32>>,
     first_problem: Mutex<Option<String>>,
@@ -148,6 +151,9 @@ impl PubStats {
             self.note(format!("request {} rejected: {}", r.request_id, r.error));
         }
         for d in &r.deliveries {
+            if d.outcome() == pb::DeliveryOutcome::Queued {
+                self.queued.fetch_add(1, Ordering::Relaxed);
+            }
             if d.outcome() == pb::DeliveryOutcome::Delivered {
                 self.delivered.fetch_add(1, Ordering::Relaxed);
             } else {

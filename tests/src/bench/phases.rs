@@ -146,12 +146,30 @@ pub async fn baseline(env: &Env) -> anyhow::Result<Rate> {
 
 /// Publish → worker → receiver, one integration per participation, closed loop.
 pub async fn throughput(env: &Env) -> anyhow::Result<Rate> {
+    throughput_with(env, "throughput", "accounts/910001", &[]).await
+}
+
+/// As [`throughput`], with the worker's delivery log of first attempts off
+/// (`--delivery-log false`): what recording every outcome costs.
+pub async fn throughput_no_log(env: &Env) -> anyhow::Result<Rate> {
+    throughput_with(
+        env,
+        "throughput-no-log",
+        "accounts/910002",
+        &["--delivery-log", "false"],
+    )
+    .await
+}
+
+async fn throughput_with(
+    env: &Env,
+    name: &str,
+    account: &str,
+    flags: &[&str],
+) -> anyhow::Result<Rate> {
     let rx = endpoint::start_ok(&env.rx, env.epoch)?;
-    let account = "accounts/910001";
-    let (_, rev) = env
-        .routed(account, "throughput", &rx.url("/throughput"))
-        .await?;
-    let worker = env.worker("throughput", &[], rev).await?;
+    let (_, rev) = env.routed(account, name, &rx.url("/throughput")).await?;
+    let worker = env.worker(name, flags, rev).await?;
     let stats = Arc::new(PubStats::default());
     let load = load::closed_loop(
         &env.target(&worker),
@@ -163,7 +181,7 @@ pub async fn throughput(env: &Env) -> anyhow::Result<Rate> {
     )
     .await?;
     tokio::time::sleep(env.plan.warmup).await;
-    let perf = env.perf(&worker, "throughput", env.plan.measure);
+    let perf = env.perf(&worker, name, env.plan.measure);
     let mut rate = measure(
         || rx.stats.count(),
         || stats.acked.load(Ordering::Relaxed),
@@ -468,22 +486,16 @@ pub async fn isolation(env: &Env) -> anyhow::Result<Isolation> {
     Ok(out)
 }
 
-/// `waiting` participations accepted while their receiver refuses connections, retries 10
-/// minutes away: the worker's RSS once all are in flight.
+/// `waiting` participations published while their receiver refuses connections, retries 10
+/// minutes away: each first attempt fails (or meets the open breaker), is handed off to the
+/// worker's delivery store and acknowledged `QUEUED`; the worker's RSS once all are queued.
 pub async fn memory(env: &Env, limit: Duration) -> anyhow::Result<Memory> {
     let account = "accounts/910020";
     let down = procs::free_port()?;
     let (_, rev) = env
         .routed(account, "down", &format!("http://127.0.0.1:{down}/down"))
         .await?;
-    let flags = [
-        "--window",
-        "65536",
-        "--retry-schedule",
-        "10m",
-        "--retry-window",
-        "30m",
-    ];
+    let flags = ["--retry-schedule", "10m", "--retry-window", "30m"];
     let worker = env.worker("memory", &flags, rev).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (idle_kib, _) = worker.proc.rss_kib()?;
@@ -493,32 +505,35 @@ pub async fn memory(env: &Env, limit: Duration) -> anyhow::Result<Memory> {
     let load = load::closed_loop(
         &env.target(&worker),
         vec![account.into()],
-        2,
-        65_536,
+        env.plan.streams,
+        env.plan.window,
         stats.clone(),
         Some(n),
     )
     .await?;
-    let mut conn = HttpConn::new(worker.http);
     let deadline = started + limit;
     let accepted_at = loop {
-        let (_, metrics) = conn.get("/metrics").await?;
-        let in_flight = procs::metric(&metrics, "pushwire_worker_in_flight_participations");
-        if in_flight.is_some_and(|v| v >= n as f64) {
+        let acked = stats.acked.load(Ordering::Relaxed);
+        if acked >= n {
             break started.elapsed();
         }
         anyhow::ensure!(
-            stats.acked.load(Ordering::Relaxed) == 0,
-            "participations were acknowledged instead of waiting: {:?}",
-            stats.problem()
+            stats.delivered.load(Ordering::Relaxed) == 0,
+            "deliveries to a receiver that is down were reported delivered"
         );
         anyhow::ensure!(
             Instant::now() < deadline,
-            "only {in_flight:?} of {n} participations in flight after {limit:?}"
+            "only {acked} of {n} participations acknowledged after {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    // Let the last attempts fail and their tasks settle into their waits.
+    // Every one acknowledged QUEUED (not delivered, no rejection, no skip).
+    anyhow::ensure!(
+        stats.queued.load(Ordering::Relaxed) == n,
+        "not every participation was queued: {:?}",
+        stats.problem()
+    );
+    // Let the writer and the claim loop settle.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (rss_kib, hwm_kib) = worker.proc.rss_kib()?;
     load.stop();

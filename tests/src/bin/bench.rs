@@ -3,8 +3,9 @@
 //! keep-alive receiver), then the real thing (publisher streams → `worker` process →
 //! the same receiver, with a `control-plane` process, real signing), fan-out, latency at a
 //! fixed offered rate, config propagation, isolation from a blackholed endpoint and memory
-//! with 100,000 participations waiting, and under a memory-exhaustion attack with and without
-//! `--memory-budget`. Prints a Markdown table and writes a JSON file.
+//! with 100,000 deliveries handed off to the delivery store, and under a memory-exhaustion
+//! attack with and without `--memory-budget`; `--only throughput-no-log` repeats the
+//! throughput run with the delivery log off. Prints a Markdown table and writes a JSON file.
 //!
 //! ```sh
 //! cargo run --release -p pushwire-tests --bin bench -- --json bench.json [--quick]
@@ -87,6 +88,8 @@ struct Args {
 enum Phase {
     Baseline,
     Throughput,
+    /// As `throughput`, with the worker's delivery log off (`--delivery-log false`).
+    ThroughputNoLog,
     Latency,
     Fanout,
     Propagation,
@@ -150,6 +153,15 @@ async fn run(env: &Env, only: &[Phase]) -> Results {
     if wanted(Phase::Throughput) {
         let limit = plan.warmup + plan.measure + slack;
         r.throughput = phase("pushwire throughput", limit, phases::throughput(env)).await;
+    }
+    if wanted(Phase::ThroughputNoLog) {
+        let limit = plan.warmup + plan.measure + slack;
+        r.throughput_no_log = phase(
+            "pushwire throughput, delivery log off",
+            limit,
+            phases::throughput_no_log(env),
+        )
+        .await;
     }
     if wanted(Phase::Latency) {
         let limit = plan.warmup + plan.latency + slack;

@@ -63,6 +63,9 @@ struct Args {
     /// Queries timed per measure of `--log`.
     #[arg(long, default_value_t = 200)]
     log_queries: usize,
+    /// Print PostgreSQL's plan of an account's stats by campaign (`--log` only).
+    #[arg(long)]
+    log_explain: bool,
 }
 
 #[tokio::main]
@@ -94,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
 
     let body = Bytes::from(vec![b'x'; args.body_bytes]);
     if args.log {
-        return log_bench(store, &args, &body).await;
+        return log_bench(store, _server.as_ref(), &args, &body).await;
     }
     let batches: Vec<Vec<NewDelivery>> = (0..args.deliveries)
         .map(|i| delivery(i, args.fan_out, &body))
@@ -376,7 +379,12 @@ fn delivery(i: usize, fan_out: usize, body: &Bytes) -> NewDelivery {
 
 /// The delivery log's measures: load `args.deliveries` final outcomes, then time the list and
 /// stats queries.
-async fn log_bench(store: Arc<dyn DeliveryStore>, args: &Args, body: &Bytes) -> anyhow::Result<()> {
+async fn log_bench(
+    store: Arc<dyn DeliveryStore>,
+    server: Option<&PostgresServer>,
+    args: &Args,
+    body: &Bytes,
+) -> anyhow::Result<()> {
     anyhow::ensure!(args.log_accounts > 0 && args.log_queries > 0);
     let week = Duration::from_secs(7 * 24 * 3600);
     let end = SystemTime::now();
@@ -452,6 +460,32 @@ async fn log_bench(store: Arc<dyn DeliveryStore>, args: &Args, body: &Bytes) -> 
         args.fan_out,
         loaded.elapsed().as_secs_f64()
     );
+
+    if let Some(server) = server {
+        // What autovacuum does to a table after many inserts: statistics for the planner, and
+        // the visibility map that lets the stats be answered from an index alone.
+        let vacuumed = Instant::now();
+        server.psql("bench", "VACUUM ANALYZE pushwire_deliveries")?;
+        println!(
+            "VACUUM ANALYZE pushwire_deliveries: {:.1} s",
+            vacuumed.elapsed().as_secs_f64()
+        );
+        if args.log_explain {
+            let plan = server.psql(
+                "bench",
+                &format!(
+                    "EXPLAIN (ANALYZE, BUFFERS) SELECT campaign_id, \
+                     count(*) FILTER (WHERE state = 'DELIVERED'), \
+                     count(*) FILTER (WHERE state = 'SKIPPED' AND skip_reason LIKE 'x%') \
+                     FROM pushwire_deliveries WHERE account = '0' AND create_ms >= {} \
+                     AND create_ms < {} GROUP BY campaign_id",
+                    start.duration_since(SystemTime::UNIX_EPOCH)?.as_millis(),
+                    end.duration_since(SystemTime::UNIX_EPOCH)?.as_millis(),
+                ),
+            )?;
+            println!("{plan}");
+        }
+    }
 
     let integration =
         DeliveryParent::Integration(IntegrationName::parse("accounts/0/integrations/crm-0")?);
