@@ -217,7 +217,7 @@ impl Keyring {
             source,
         };
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
-        warn_if_shared(path);
+        warn_if_shared(path, "the encryption key file");
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -361,9 +361,11 @@ fn check_id(id: &str) -> Result<(), String> {
     }
 }
 
-/// Warns when group or others may read the key file. Not refused: Kubernetes mounts Secrets
-/// 0644 by default (and group-readable with `fsGroup`), inside a pod only the container reads it.
-fn warn_if_shared(path: &Path) {
+/// Warns when group or others may read `path` (`what`: "the encryption key file", "the store
+/// file"). Not refused: Kubernetes mounts Secrets 0644 by default (and group-readable with
+/// `fsGroup`), inside a pod only the container reads it; a readable store file may be meant
+/// for a backup job.
+pub(crate) fn warn_if_shared(path: &Path, what: &str) {
     #[cfg(unix)]
     if let Ok(meta) = std::fs::metadata(path) {
         use std::os::unix::fs::PermissionsExt as _;
@@ -372,7 +374,7 @@ fn warn_if_shared(path: &Path) {
             tracing::warn!(
                 path = %path.display(),
                 mode = format!("{mode:o}"),
-                "the encryption key file may be read by group or others; chmod 600 it"
+                "{what} may be read by group or others; chmod 600 it"
             );
         }
     }

@@ -167,18 +167,7 @@ fn create_private(path: &Path) -> std::io::Result<()> {
     match options.open(path) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            #[cfg(unix)]
-            if let Ok(meta) = std::fs::metadata(path) {
-                use std::os::unix::fs::PermissionsExt as _;
-                let mode = meta.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
-                    tracing::warn!(
-                        path = %path.display(),
-                        mode = format!("{mode:o}"),
-                        "the store file may be read by group or others; chmod 600 it"
-                    );
-                }
-            }
+            crate::crypto::warn_if_shared(path, "the store file");
             Ok(())
         }
         Err(e) => Err(e),
