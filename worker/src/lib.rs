@@ -159,14 +159,26 @@ impl Worker {
             tasks.spawn(log_writer);
         }
         tasks.spawn(store.clone().count_queued(interrupt.clone()));
-        tasks.spawn(deliver::retries::run(
+        // Retries start once the first configuration snapshot is applied: before it every
+        // integration would look deleted and its claimed deliveries would end SKIPPED.
+        let retries = deliver::retries::run(
             dispatcher.clone(),
             store.clone(),
             metrics.clone(),
             delivery.retry_options(),
             // No new claims once the intake stops; attempts in flight end at `interrupt`.
             intake.clone(),
-        ));
+        );
+        let (mut first_table, retries_stop) = (table.clone(), intake.clone());
+        tasks.spawn(async move {
+            let ready = tokio::select! {
+                ready = first_table.wait_for(Option::is_some) => ready.is_ok(),
+                () = retries_stop.cancelled() => false,
+            };
+            if ready {
+                retries.await;
+            }
+        });
         tasks.spawn(config_watch::run(
             control_plane.clone(),
             table_tx,
