@@ -1,7 +1,7 @@
 //! The embedded SQLite delivery store (`control-plane --with-worker`, one node): one file in WAL
 //! mode, every write in a `BEGIN IMMEDIATE` transaction (so writers wait for the file lock,
 //! also across processes, instead of failing), one writer of the process at a time in arrival
-//! order, row by row inside it; readers run beside it.
+//! order, a batch in a few multi-row statements; readers run beside it.
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{Executor as _, Row, Sqlite, Transaction};
+use sqlx::{Executor as _, QueryBuilder, Row, Sqlite, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::log::{self, Param, Statement};
@@ -33,20 +33,26 @@ const MAX_CONNECTIONS: u32 = 4;
 /// Rows changed per statement by [`DeliveryStore::skip_integration`].
 const SKIP_BATCH: i64 = 1000;
 
-const INSERT_BODY: &str = "
-INSERT INTO pushwire_delivery_bodies (account, participation_id, body, touched_ms)
-VALUES ($1, $2, $3, $4)
+/// Rows per multi-row statement of a batch write: 15 parameters a delivery row stay far below
+/// SQLite's limit of 32,766 parameters a statement.
+const ROWS_PER_STATEMENT: usize = 500;
+
+const INSERT_BODIES: &str =
+    "INSERT INTO pushwire_delivery_bodies (account, participation_id, body, touched_ms) ";
+
+const BODY_CONFLICT: &str = "
 ON CONFLICT (account, participation_id) DO UPDATE SET touched_ms = excluded.touched_ms";
 
-const UPSERT_DELIVERY: &str = concat!(
-    "
+const INSERT_DELIVERIES: &str = "
 INSERT INTO pushwire_deliveries AS d (
     account, integration, participation_id, campaign_id, website_id, state, attempt_count,
     last_status_code, last_error, skip_reason, next_attempt_ms, traceparent, tracestate,
-    create_ms, update_ms)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)",
-    sql::upsert_deliveries_on_conflict!()
-);
+    create_ms, update_ms) ";
+
+const INSERT_ATTEMPTS: &str = "
+INSERT INTO pushwire_delivery_attempts (
+    account, integration, participation_id, attempt_ms, status_code, error_class, error_message,
+    duration_ms) ";
 
 const INSERT_ATTEMPT: &str = "
 INSERT INTO pushwire_delivery_attempts (
@@ -196,6 +202,8 @@ impl SqliteStore {
         Ok((turn, tx))
     }
 
+    /// Writes a batch in one transaction, a few multi-row statements per table (a statement
+    /// per row cost a round trip to the connection's thread each).
     async fn write(
         &self,
         batch: &[NewDelivery],
@@ -207,53 +215,76 @@ impl SqliteStore {
             return Ok(());
         }
         let now = to_ms(now);
+        let attempts: Vec<(&DeliveryKey, &Attempt)> = prepared
+            .deliveries
+            .iter()
+            .flat_map(|d| d.attempts.iter().map(|a| (&d.key, a)))
+            .collect();
         let (_writing, mut tx) = self.begin_write().await?;
-        for (account, participation_id, body) in &prepared.bodies {
-            sqlx::query(INSERT_BODY)
-                .bind(*account)
-                .bind(*participation_id)
-                .bind(*body)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(self.error())?;
+        for chunk in prepared.bodies.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new(INSERT_BODIES);
+            q.push_values(chunk, |mut row, (account, participation_id, body)| {
+                row.push_bind(*account)
+                    .push_bind(*participation_id)
+                    .push_bind(*body)
+                    .push_bind(now);
+            });
+            q.push(BODY_CONFLICT);
+            execute(&mut tx, q).await.map_err(self.error())?;
         }
-        for delivery in &prepared.deliveries {
-            write_delivery(&mut tx, delivery, now)
-                .await
-                .map_err(self.error())?;
+        for chunk in prepared.deliveries.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new(INSERT_DELIVERIES);
+            q.push_values(chunk, |mut row, d| {
+                let (status, error) = last_attempt_columns(&d.attempts);
+                row.push_bind(d.key.integration.account().id())
+                    .push_bind(d.key.integration.id())
+                    .push_bind(d.key.participation_id.as_str())
+                    .push_bind(d.campaign_id.as_str())
+                    .push_bind(d.website_id.as_deref())
+                    .push_bind(d.outcome.state().as_str())
+                    .push_bind(i64::try_from(d.attempts.len()).unwrap_or(i64::MAX))
+                    .push_bind(status)
+                    .push_bind(error)
+                    .push_bind(d.outcome.skip_reason())
+                    .push_bind(d.outcome.next_attempt_ms())
+                    .push_bind(d.trace.as_ref().map(|t| t.traceparent.as_str()))
+                    .push_bind(d.trace.as_ref().map(|t| t.tracestate.as_str()))
+                    .push_bind(now)
+                    .push_bind(now);
+            });
+            q.push(sql::upsert_deliveries_on_conflict!());
+            execute(&mut tx, q).await.map_err(self.error())?;
+        }
+        for chunk in attempts.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new(INSERT_ATTEMPTS);
+            q.push_values(chunk, |mut row, (key, attempt)| {
+                row.push_bind(key.integration.account().id())
+                    .push_bind(key.integration.id())
+                    .push_bind(key.participation_id.as_str())
+                    .push_bind(to_ms(attempt.time))
+                    .push_bind(attempt.status_code.map(i32::from))
+                    .push_bind(attempt.error_class.as_deref())
+                    .push_bind(attempt.error_message.as_deref())
+                    .push_bind(duration_ms(attempt.duration));
+            });
+            execute(&mut tx, q).await.map_err(self.error())?;
         }
         tx.commit().await.map_err(self.error())
     }
 }
 
-async fn write_delivery(
+/// Runs a built statement once; not kept in the connection's statement cache (every batch
+/// size is another statement).
+async fn execute(
     conn: &mut SqliteConnection,
-    d: &NewDelivery,
-    now: i64,
+    mut query: QueryBuilder<'_, Sqlite>,
 ) -> Result<(), sqlx::Error> {
-    let (status, error) = last_attempt_columns(&d.attempts);
-    sqlx::query(UPSERT_DELIVERY)
-        .bind(d.key.integration.account().id())
-        .bind(d.key.integration.id())
-        .bind(&d.key.participation_id)
-        .bind(&d.campaign_id)
-        .bind(d.website_id.as_deref())
-        .bind(d.outcome.state().as_str())
-        .bind(i64::try_from(d.attempts.len()).unwrap_or(i64::MAX))
-        .bind(status)
-        .bind(error)
-        .bind(d.outcome.skip_reason())
-        .bind(d.outcome.next_attempt_ms())
-        .bind(d.trace.as_ref().map(|t| t.traceparent.as_str()))
-        .bind(d.trace.as_ref().map(|t| t.tracestate.as_str()))
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    for attempt in &d.attempts {
-        insert_attempt(&mut *conn, &d.key, attempt).await?;
-    }
-    Ok(())
+    query
+        .build()
+        .persistent(false)
+        .execute(conn)
+        .await
+        .map(drop)
 }
 
 async fn insert_attempt(

@@ -19,7 +19,7 @@ use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider, SpanData, SpanExporter};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::filter::{EnvFilter, FilterExt as _, LevelFilter, filter_fn};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{Layer as _, Registry};
@@ -141,21 +141,29 @@ pub fn init(settings: Settings) -> Result<Telemetry, InitError> {
     };
     // Spans are traced at INFO and above whatever RUST_LOG says about logs. Without an exporter
     // nobody reads them, yet recording them cost 15 % of a worker's CPU and 2.7 KiB per
-    // waiting participation: no OpenTelemetry layer then (the `traceparent` sent to receivers
-    // still continues the publisher's trace, see the worker's `trace` module).
-    let otel = settings.otlp_endpoint.is_some().then(|| {
-        tracing_opentelemetry::layer()
-            .with_tracer(tracer)
-            .with_threads(false)
-            .with_location(false)
-            // Not OpenTelemetry attributes: the Rust module (`target`) and the time the
-            // span's future spent polled or waiting (`busy_ns`, `idle_ns`).
-            .with_target(false)
-            .with_tracked_inactivity(false)
-            .with_filter(LevelFilter::INFO)
-    });
+    // waiting participation: the OpenTelemetry layer's filter is then OFF (not an absent
+    // layer: an absent `Option` layer counts as interested in everything, and the registry
+    // would still build every span). The `traceparent` sent to receivers still continues the
+    // publisher's trace, see the worker's `trace` module.
+    let spans = if settings.otlp_endpoint.is_some() {
+        LevelFilter::INFO
+    } else {
+        LevelFilter::OFF
+    };
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_threads(false)
+        .with_location(false)
+        // Not OpenTelemetry attributes: the Rust module (`target`) and the time the span's
+        // future spent polled or waiting (`busy_ns`, `idle_ns`).
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        .with_filter(spans);
+    // Log lines only: the log layer formatting every span's fields (for the span context of
+    // a log line) cost each delivery several allocations; log lines carry their own fields.
+    let events = filter.and(filter_fn(|meta| meta.is_event()));
     Registry::default()
-        .with(fmt.with_filter(filter))
+        .with(fmt.with_filter(events))
         .with(otel)
         .try_init()?;
     Ok(Telemetry { provider })

@@ -1,12 +1,18 @@
 //! One integration's concurrency limit with two priorities: a free slot goes to a waiting
 //! first attempt before any waiting retry, so a backlog of retries never delays fresh
 //! participations. Waiters are tasks that already hold a participation, so the queues are
-//! bounded by the ingest windows.
+//! bounded by the ingest windows. The lane also keeps a moving average of how long a slot is
+//! held, so a caller can tell at once whether a wait would be long ([`Lane::expected_wait`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// Weight of the newest hold time in the moving average.
+const HOLD_WEIGHT: f64 = 0.1;
 
 /// Whether an attempt is a participation's first or a retry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,8 +25,11 @@ pub enum Priority {
 
 #[derive(Debug)]
 struct State {
+    limit: usize,
     available: usize,
     in_flight: usize,
+    /// Moving average of how long a slot is held, in seconds (0 before the first release).
+    mean_hold: f64,
     first: VecDeque<oneshot::Sender<()>>,
     retry: VecDeque<oneshot::Sender<()>>,
 }
@@ -35,6 +44,7 @@ pub struct Lane {
 #[derive(Debug)]
 pub struct LanePermit {
     lane: Arc<Lane>,
+    since: Instant,
 }
 
 impl Lane {
@@ -42,8 +52,10 @@ impl Lane {
     pub fn new(limit: usize) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State {
+                limit: limit.max(1),
                 available: limit.max(1),
                 in_flight: 0,
+                mean_hold: 0.0,
                 first: VecDeque::new(),
                 retry: VecDeque::new(),
             }),
@@ -65,13 +77,34 @@ impl Lane {
         s.first.len() + s.retry.len()
     }
 
+    /// How long a new waiter of `priority` would likely wait for a slot: the waiters ahead of
+    /// it (and itself) served `limit` at a time, each holding its slot for the average hold
+    /// time so far. Zero before any slot was given back.
+    pub fn expected_wait(&self, priority: Priority) -> Duration {
+        let s = self.lock();
+        let ahead = match priority {
+            Priority::First => s.first.len(),
+            Priority::Retry => s.first.len() + s.retry.len(),
+        };
+        let rounds = (ahead + 1) as f64 / s.limit as f64;
+        Duration::try_from_secs_f64(rounds * s.mean_hold).unwrap_or(Duration::MAX)
+    }
+
+    fn permit(self: &Arc<Self>) -> LanePermit {
+        LanePermit {
+            lane: self.clone(),
+            since: Instant::now(),
+        }
+    }
+
     /// A slot if one is free now (nobody waits for one).
     pub fn try_acquire(self: &Arc<Self>) -> Option<LanePermit> {
         let mut s = self.lock();
         if s.available > 0 {
             s.available -= 1;
             s.in_flight += 1;
-            return Some(LanePermit { lane: self.clone() });
+            drop(s);
+            return Some(self.permit());
         }
         None
     }
@@ -83,7 +116,8 @@ impl Lane {
             if s.available > 0 {
                 s.available -= 1;
                 s.in_flight += 1;
-                return LanePermit { lane: self.clone() };
+                drop(s);
+                return self.permit();
             }
             let (tx, rx) = oneshot::channel();
             match priority {
@@ -99,16 +133,25 @@ impl Lane {
         let granted = waiter.rx.as_mut().expect("set above").await;
         waiter.rx = None;
         match granted {
-            Ok(()) => LanePermit { lane: self.clone() },
+            Ok(()) => self.permit(),
             // The lane never drops a sender without sending; keep the type honest anyway.
             Err(_) => Box::pin(self.acquire(priority)).await,
         }
     }
 
-    /// Hands the slot of a finished attempt to the next waiter, first attempts first.
-    fn release(&self) {
+    /// Hands the slot of a finished attempt (held for `held`, if it was used) to the next
+    /// waiter, first attempts first.
+    fn release(&self, held: Option<Duration>) {
         let mut s = self.lock();
         s.in_flight -= 1;
+        if let Some(held) = held {
+            let held = held.as_secs_f64();
+            s.mean_hold = if s.mean_hold == 0.0 {
+                held
+            } else {
+                s.mean_hold + HOLD_WEIGHT * (held - s.mean_hold)
+            };
+        }
         loop {
             let next = match s.first.pop_front() {
                 Some(tx) => Some(tx),
@@ -133,7 +176,7 @@ impl Lane {
 
 impl Drop for LanePermit {
     fn drop(&mut self) {
-        self.lane.release();
+        self.lane.release(Some(self.since.elapsed()));
     }
 }
 
@@ -148,9 +191,8 @@ impl Drop for Waiter {
         if let Some(mut rx) = self.rx.take()
             && rx.try_recv().is_ok()
         {
-            drop(LanePermit {
-                lane: self.lane.clone(),
-            });
+            // Granted but never used: not a hold time to learn from.
+            self.lane.release(None);
         }
     }
 }
@@ -221,5 +263,31 @@ mod tests {
         assert_eq!(lane.in_flight(), 2);
         drop(c);
         assert_eq!(lane.in_flight(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expected_wait_follows_hold_times_and_waiters() {
+        let lane = Lane::new(2);
+        assert_eq!(lane.expected_wait(Priority::First), Duration::ZERO);
+        let (a, b) = (lane.acquire(Priority::First).await, lane.try_acquire());
+        tokio::time::advance(Duration::from_millis(100)).await;
+        drop((a, b));
+        // Nobody waits: half a round of 100 ms.
+        assert_eq!(lane.expected_wait(Priority::First), Duration::from_millis(50));
+        let _held = (lane.try_acquire().unwrap(), lane.try_acquire().unwrap());
+        let mut waiters = Vec::new();
+        for p in [Priority::Retry, Priority::First, Priority::First] {
+            let task_lane = lane.clone();
+            waiters.push(tokio::spawn(async move { drop(task_lane.acquire(p).await) }));
+            while lane.queued() < waiters.len() {
+                tokio::task::yield_now().await;
+            }
+        }
+        // A first attempt waits behind the 2 first attempts only; a retry behind all 3.
+        assert_eq!(lane.expected_wait(Priority::First), Duration::from_millis(150));
+        assert_eq!(lane.expected_wait(Priority::Retry), Duration::from_millis(200));
+        for w in waiters {
+            w.abort();
+        }
     }
 }

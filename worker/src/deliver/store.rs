@@ -20,6 +20,10 @@ pub const MAX_BATCH: usize = 256;
 const BATCH_WAIT: Duration = Duration::from_millis(2);
 /// Hand-offs waiting for the writer (callers wait for room beyond it).
 const QUEUE: usize = 4 * MAX_BATCH;
+/// Most outcomes written in one delivery-log transaction.
+const LOG_BATCH: usize = 1024;
+/// Outcomes waiting for the log writer.
+const LOG_QUEUE: usize = 4 * LOG_BATCH;
 /// First and longest wait between tries while the store is down.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(5));
 /// How often the queued-deliveries gauge is refreshed.
@@ -240,7 +244,7 @@ impl OutcomeLog {
         store: StoreHandle,
         stop: CancellationToken,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (tx, rx) = mpsc::channel(LOG_QUEUE);
         let task = log_outcomes(store, rx, stop.clone());
         (Self { tx, stop }, task)
     }
@@ -272,7 +276,7 @@ async fn log_outcomes(
         };
         let mut batch = vec![first];
         let gather_until = tokio::time::Instant::now() + BATCH_WAIT;
-        while batch.len() < MAX_BATCH {
+        while batch.len() < LOG_BATCH {
             match tokio::time::timeout_at(gather_until, rx.recv()).await {
                 Ok(Some(d)) => batch.push(d),
                 _ => break,

@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::{
-    Harness, HookReceiver, LIMIT, WAIT, client_options, delivered, dispatch_options, job, next,
-    wait_count,
+    Harness, HookReceiver, LIMIT, WAIT, client_options, delivered, dispatch_options, failed, job,
+    next, wait_count,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -134,6 +134,78 @@ async fn a_stuck_integration_does_not_delay_another() {
         for j in x_jobs {
             j.abort();
         }
+    })
+    .await
+    .expect("the test finished within its limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_lane_queues_its_first_attempts_instead_of_handing_them_off() {
+    // One slot, 20 first attempts at once to a receiver that answers at once: the queue drains
+    // in milliseconds, so every one is delivered by its first attempt, none handed off.
+    const JOBS: usize = 20;
+    within("the test body", LIMIT, async {
+        let receiver = TestReceiver::http().await.unwrap();
+        let h = Harness::new(
+            DispatchOptions {
+                concurrency: 1,
+                slot_wait: Duration::from_secs(10),
+                ..dispatch_options(&[20], Duration::from_secs(15))
+            },
+            client_options(Duration::from_secs(5)),
+        )
+        .await;
+        let crm = h.add("crm", &receiver.url("/"));
+        let jobs: Vec<_> = (0..JOBS)
+            .map(|n| {
+                let (dispatcher, job) = (h.dispatcher.clone(), job(&crm, &format!("P-{n}")));
+                tokio::spawn(async move { dispatcher.deliver(job).await })
+            })
+            .collect();
+        for j in jobs {
+            assert_eq!(j.await.unwrap(), delivered(1, 200));
+        }
+        assert_eq!(receiver.received_count(), JOBS);
+    })
+    .await
+    .expect("the test finished within its limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_known_to_be_slow_hands_off_without_waiting() {
+    // One slot, attempts time out after 1.5 s, a first attempt waits up to 2 s for a slot.
+    // Once an attempt held the slot for 1.5 s, the lane expects 1.5 s per waiter: the first
+    // waiter behind a running attempt still waits (1.5 s < 2 s), the second (3 s) is handed
+    // off at once, while the attempt ahead of both is still running.
+    within("the test body", LIMIT, async {
+        let receiver = TestReceiver::http().await.unwrap();
+        receiver.set_default(Reply::hang());
+        let h = Harness::new(
+            DispatchOptions {
+                concurrency: 1,
+                slot_wait: Duration::from_secs(2),
+                ..dispatch_options(&[], Duration::from_secs(60))
+            },
+            client_options(Duration::from_millis(1500)),
+        )
+        .await;
+        let crm = h.add("crm", &receiver.url("/"));
+        let spawn = |id: &str| {
+            let (dispatcher, job) = (h.dispatcher.clone(), job(&crm, id));
+            tokio::spawn(async move { dispatcher.deliver(job).await })
+        };
+        assert!(failed(1, None, &h.deliver(job(&crm, "P-0")).await).contains("timed out"));
+
+        let a = spawn("P-A");
+        h.wait_stats(&crm, |s| s.in_flight == 1).await;
+        let b1 = spawn("P-B1");
+        h.wait_stats(&crm, |s| s.queued == 1).await;
+        let b2 = h.dispatcher.deliver(job(&crm, "P-B2")).await;
+        assert!(failed(0, None, &b2).contains("saturated"));
+        assert!(!a.is_finished(), "B2 was answered while A's attempt still ran");
+        assert_eq!(h.stats(&crm).map(|s| (s.in_flight, s.queued)), Some((1, 1)));
+        assert!(failed(1, None, &a.await.unwrap()).contains("timed out"));
+        assert!(failed(1, None, &b1.await.unwrap()).contains("timed out"));
     })
     .await
     .expect("the test finished within its limit");

@@ -42,8 +42,9 @@ pub struct DispatchOptions {
     pub concurrency: usize,
     /// Consecutive failures that open an integration's circuit breaker.
     pub breaker_threshold: u32,
-    /// Longest wait of a first attempt for a slot in its lane (when the lane's queue has
-    /// room); past it, or with the queue full, the delivery is handed off as saturated.
+    /// Longest wait of a first attempt for a slot in its lane; past it, or when the lane's
+    /// recent hold times say the wait would be longer, the delivery is handed off as
+    /// saturated.
     pub slot_wait: Duration,
 }
 
@@ -422,13 +423,15 @@ impl Dispatcher {
         (outcome, Some(made.record))
     }
 
-    /// A slot for a first attempt: at once, or within [`DispatchOptions::slot_wait`] when the
-    /// lane's queue has room (fewer waiters than its concurrency); saturated otherwise.
+    /// A slot for a first attempt: at once, or within [`DispatchOptions::slot_wait`] unless
+    /// the lane expects a longer wait (then saturated at once: a slow endpoint's participations
+    /// leave their streams' windows instead of waiting there). A fast endpoint's queue may be
+    /// long: it drains in milliseconds, and handing it off would cost a store write each.
     async fn first_slot(&self, entry: &LaneEntry) -> Slot {
         if let Some(permit) = entry.lane.try_acquire() {
             return Slot::Got(permit);
         }
-        if entry.lane.queued() >= self.opts.concurrency {
+        if entry.lane.expected_wait(Priority::First) > self.opts.slot_wait {
             return Slot::Saturated;
         }
         tokio::select! {
