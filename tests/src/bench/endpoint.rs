@@ -1,23 +1,25 @@
 //! The webhook receivers of the benchmark, on their own tokio runtime: a minimal HTTP/1.1
 //! keep-alive server answering `200` with an empty body and counting requests (the same one
-//! serves the baseline client and the worker), and a blackhole that accepts connections,
-//! reads what comes and never answers.
+//! serves the baseline client and the worker), the same server answering `503` to the first
+//! request of every other participation (so that those are retried from the delivery store),
+//! and a blackhole that accepts connections, reads what comes and never answers.
 //!
 //! While recording is on, the receiver takes the publish time out of each request's
 //! `webhook-id` (see [`crate::load::sent_ns`]) and keeps publish → delivered latencies.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::{Request, Response};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt as _;
 use tokio::net::{TcpListener, TcpStream};
@@ -34,7 +36,38 @@ pub struct Stats {
     recording: AtomicBool,
     /// Publish → delivered latencies recorded, in microseconds.
     latencies_us: Mutex<Vec<u32>>,
+    /// What a [`start_fail_first`] receiver saw of each participation.
+    participations: Mutex<FailFirst>,
     epoch: Instant,
+}
+
+/// The participations a [`start_fail_first`] receiver saw, by participation id.
+#[derive(Debug, Default)]
+struct FailFirst {
+    /// New participations seen so far (every other one's first request is answered `503`).
+    new: u64,
+    /// What became of each.
+    seen: HashMap<String, Seen>,
+}
+
+/// What a [`start_fail_first`] receiver did with one participation.
+#[derive(Clone, Copy, Debug)]
+enum Seen {
+    /// Its first request was answered `200`.
+    Answered,
+    /// Its first request was answered `503`; no second request yet.
+    Failed,
+    /// Its first request was answered `503`; the second arrived then (wall clock).
+    Retried(SystemTime),
+}
+
+/// How a receiver answers.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// `200` to everything.
+    Ok,
+    /// `503` to the first request of every other new participation, `200` otherwise.
+    FailEveryOtherFirst,
 }
 
 impl Stats {
@@ -43,6 +76,7 @@ impl Stats {
             requests: AtomicU64::new(0),
             recording: AtomicBool::new(false),
             latencies_us: Mutex::new(Vec::new()),
+            participations: Mutex::new(FailFirst::default()),
             epoch,
         }
     }
@@ -65,6 +99,62 @@ impl Stats {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         )
+    }
+
+    /// A [`start_fail_first`] receiver: how many participations' first request it answered
+    /// `503`, and when (wall clock) the second request of those that came again arrived, by
+    /// participation id.
+    pub fn retries(&self) -> (u64, HashMap<String, SystemTime>) {
+        let p = self
+            .participations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut failed = 0;
+        let mut arrived = HashMap::new();
+        for (id, seen) in &p.seen {
+            match seen {
+                Seen::Answered => {}
+                Seen::Failed => failed += 1,
+                Seen::Retried(at) => {
+                    failed += 1;
+                    arrived.insert(id.clone(), *at);
+                }
+            }
+        }
+        (failed, arrived)
+    }
+
+    /// The status a [`start_fail_first`] receiver gives the request of `webhook-id` `id`,
+    /// which arrived at `at`: `503` to every other new participation's first request, `200`
+    /// to the rest; notes the arrival of each second request.
+    fn fail_first(&self, id: Option<&str>, at: SystemTime) -> StatusCode {
+        let Some(participation) = id.and_then(|id| id.split('_').next()) else {
+            return StatusCode::OK;
+        };
+        let mut p = self
+            .participations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let FailFirst { new, seen } = &mut *p;
+        match seen.get_mut(participation) {
+            Some(state @ Seen::Failed) => {
+                *state = Seen::Retried(at);
+                StatusCode::OK
+            }
+            Some(Seen::Answered | Seen::Retried(_)) => StatusCode::OK,
+            None => {
+                *new += 1;
+                // Every other one: the integration's circuit breaker opens after 10 failures
+                // in a row, and an answer in between keeps it closed.
+                let (state, status) = if *new % 2 == 1 {
+                    (Seen::Failed, StatusCode::SERVICE_UNAVAILABLE)
+                } else {
+                    (Seen::Answered, StatusCode::OK)
+                };
+                seen.insert(participation.to_owned(), state);
+                status
+            }
+        }
     }
 }
 
@@ -111,13 +201,26 @@ pub fn start_ok_many(rt: &Handle, epoch: Instant, n: usize) -> anyhow::Result<Ve
         .collect()
 }
 
+/// Starts a receiver on `rt` that answers `503` to the first request of every other
+/// participation (the first, the third, …, in the order their first requests arrive) and
+/// `200` to every other request, noting when each failed participation's second request
+/// arrives ([`Stats::retries`]). Participations are told apart by the `webhook-id` header
+/// (`{participation id}_{integration id}`), so one integration per receiver.
+pub fn start_fail_first(rt: &Handle, epoch: Instant) -> anyhow::Result<Server> {
+    start_serving(rt, Arc::new(Stats::new(epoch)), Mode::FailEveryOtherFirst)
+}
+
 fn start_ok_counting(rt: &Handle, stats: Arc<Stats>) -> anyhow::Result<Server> {
+    start_serving(rt, stats, Mode::Ok)
+}
+
+fn start_serving(rt: &Handle, stats: Arc<Stats>, mode: Mode) -> anyhow::Result<Server> {
     let listener = bind()?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     rt.spawn(accept_loop(listener, shutdown.clone(), {
         let stats = stats.clone();
-        move |stream, shutdown| serve_ok(stream, stats.clone(), shutdown)
+        move |stream, shutdown| serve(stream, stats.clone(), mode, shutdown)
     }));
     Ok(Server {
         addr,
@@ -169,17 +272,23 @@ where
     // Connections end by themselves on `shutdown`.
 }
 
-async fn serve_ok(stream: TcpStream, stats: Arc<Stats>, shutdown: CancellationToken) {
+async fn serve(stream: TcpStream, stats: Arc<Stats>, mode: Mode, shutdown: CancellationToken) {
     let service = service_fn(move |req: Request<Incoming>| {
         let stats = stats.clone();
         async move {
+            let arrived = SystemTime::now();
+            let webhook_id = req
+                .headers()
+                .get("webhook-id")
+                .and_then(|v| v.to_str().ok());
             let sent = if stats.recording.load(Ordering::Relaxed) {
-                req.headers()
-                    .get("webhook-id")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(load::sent_ns)
+                webhook_id.and_then(load::sent_ns)
             } else {
                 None
+            };
+            let status = match mode {
+                Mode::Ok => StatusCode::OK,
+                Mode::FailEveryOtherFirst => stats.fail_first(webhook_id, arrived),
             };
             // Read the whole body, as any receiver does (and keep-alive needs).
             let _ = req.into_body().collect().await;
@@ -193,7 +302,9 @@ async fn serve_ok(stream: TcpStream, stats: Arc<Stats>, shutdown: CancellationTo
                     .unwrap_or_else(PoisonError::into_inner)
                     .push(us);
             }
-            Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+            let mut response = Response::new(Empty::<Bytes>::new());
+            *response.status_mut() = status;
+            Ok::<_, Infallible>(response)
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()

@@ -3,10 +3,11 @@
 //! participations in flight per stream; or paced, at a fixed offered rate); the baseline's
 //! plain HTTP/1.1 keep-alive client.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -107,6 +108,9 @@ pub struct PubStats {
     pub queued: AtomicU64,
     recording: AtomicBool,
     ack_latencies_us: Mutex<Vec<u32>>,
+    keeping_next_attempts: AtomicBool,
+    /// `next_attempt_time` of each delivery acknowledged `QUEUED`, by participation id.
+    next_attempts: Mutex<HashMap<String, SystemTime>>,
     first_problem: Mutex<Option<String>>,
 }
 
@@ -121,6 +125,22 @@ impl PubStats {
         std::mem::take(
             &mut *self
                 .ack_latencies_us
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Starts or stops keeping the `next_attempt_time` of deliveries acknowledged `QUEUED`
+    /// (streams publishing to one integration: one per participation).
+    pub fn keep_next_attempts(&self, on: bool) {
+        self.keeping_next_attempts.store(on, Ordering::SeqCst);
+    }
+
+    /// The `next_attempt_time`s kept so far, by participation id, emptied.
+    pub fn take_next_attempts(&self) -> HashMap<String, SystemTime> {
+        std::mem::take(
+            &mut *self
+                .next_attempts
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         )
@@ -153,6 +173,15 @@ impl PubStats {
         for d in &r.deliveries {
             if d.outcome() == pb::DeliveryOutcome::Queued {
                 self.queued.fetch_add(1, Ordering::Relaxed);
+                if self.keeping_next_attempts.load(Ordering::Relaxed)
+                    && let Some(at) = d.next_attempt_time
+                    && let Ok(at) = SystemTime::try_from(at)
+                {
+                    self.next_attempts
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(r.request_id.clone(), at);
+                }
             }
             if d.outcome() == pb::DeliveryOutcome::Delivered {
                 self.delivered.fetch_add(1, Ordering::Relaxed);

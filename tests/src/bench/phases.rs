@@ -4,10 +4,15 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
+use bytes::Bytes;
 use prost_types::FieldMask;
+use pushwire_common::delivery_store::{
+    self, Attempt, DeliveryKey, NewDelivery, OpenOptions, Outcome, StoreUrl,
+};
+use pushwire_common::domain::IntegrationName;
 use pushwire_common::pb::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
@@ -638,4 +643,287 @@ pub async fn attack(env: &Env, length: Duration) -> anyhow::Result<Attack> {
         load.stop();
     }
     Ok(out)
+}
+
+/// Participations published per second to the healthy integration of the retry start delay
+/// measurement; every other one's first attempt is answered `503`, so half are timed.
+pub const RETRY_DELAY_RATE: f64 = 100.0;
+/// Deliveries per hand-off (one transaction) when filling the store for a dead endpoint.
+const SEED_BATCH: u64 = 1_000;
+/// How long after the last timed retry was due its arrival is waited for.
+const RETRY_DRAIN: Duration = Duration::from_secs(10);
+/// How long the dead integration's circuit breaker is given to open before publishing.
+const BREAKER_WAIT: Duration = Duration::from_secs(15);
+
+/// The retry start delay run.
+#[derive(Clone, Debug, Default)]
+pub struct RetryDelay {
+    /// Deliveries queued for the dead integration before the worker started.
+    pub dead_queued: u64,
+    /// Time to hand them off to the store (batches of 1,000, one writer).
+    pub seed_secs: f64,
+    /// Time from the worker ready to its breaker for the dead integration open; `None` when
+    /// it had not opened within 15 s (then published to anyway).
+    pub breaker_secs: Option<f64>,
+    /// Participations published to the healthy integration per second.
+    pub rate: f64,
+    /// How long they were published.
+    pub secs: f64,
+    /// Participations published to the healthy integration.
+    pub published: u64,
+    /// Of them, acknowledged `QUEUED` with a `next_attempt_time`: the ones timed.
+    pub timed: u64,
+    /// Retry arrival at the receiver − `next_attempt_time` of each timed participation whose
+    /// retry arrived, milliseconds (negative when it came early), sorted.
+    pub delays_ms: Vec<f64>,
+    /// Timed participations whose retry had not arrived 10 s after the last was due.
+    pub missing: u64,
+    /// Circuit breakers open at the end (the worker's `pushwire_worker_open_breakers`).
+    pub open_breakers: Option<u64>,
+    /// The store's `claim_due` calls from the start of publishing to the end.
+    pub claims: u64,
+    /// Their mean time, ms (the worker's `pushwire_worker_delivery_store_latency_seconds`).
+    pub claim_ms: Option<f64>,
+    /// Deliveries still queued in the worker's store once it was stopped, every integration.
+    pub queued_at_end: Option<u64>,
+    /// What went wrong, if anything (each problem, `; ` between them).
+    pub problem: Option<String>,
+}
+
+impl RetryDelay {
+    /// The start delays, each missing retry counted as unbounded (`f64::INFINITY`), sorted:
+    /// what the quantiles are taken over.
+    pub fn with_missing(&self) -> Vec<f64> {
+        let mut all = self.delays_ms.clone();
+        all.extend((0..self.missing).map(|_| f64::INFINITY));
+        all
+    }
+}
+
+/// Opens the store `url` names and hands off `n` deliveries for `integration`, due now, each
+/// with the record of a refused connection and a small body of its own, in batches of
+/// [`SEED_BATCH`]; how long the hand-offs took.
+async fn seed_dead(url: &str, integration: &str, n: u64) -> anyhow::Result<Duration> {
+    let url = StoreUrl::parse(url).context("the worker's delivery store URL")?;
+    let store = delivery_store::open(&url, &OpenOptions::default())
+        .await
+        .context("opening the worker's delivery store")?;
+    let integration = IntegrationName::parse(integration).context("integration name")?;
+    let started = Instant::now();
+    let mut next = 0;
+    while next < n {
+        let now = SystemTime::now();
+        let batch: Vec<NewDelivery> = (next..(next + SEED_BATCH).min(n))
+            .map(|i| {
+                let id = format!("dead-{i:09}");
+                let body = format!(r#"{{"id":"{id}","bench":"retry-delay"}}"#);
+                NewDelivery {
+                    key: DeliveryKey::new(integration.clone(), id),
+                    campaign_id: "1".into(),
+                    website_id: None,
+                    trace: None,
+                    outcome: Outcome::Queued { next_attempt: now },
+                    attempts: vec![Attempt {
+                        time: now,
+                        status_code: None,
+                        error_class: Some("connect".into()),
+                        error_message: Some("connection refused".into()),
+                        duration: Duration::from_millis(1),
+                    }],
+                    body: Some(Bytes::from(body)),
+                }
+            })
+            .collect();
+        store
+            .hand_off(&batch, now)
+            .await
+            .with_context(|| format!("handing off deliveries {next}.."))?;
+        next += batch.len() as u64;
+    }
+    let took = started.elapsed();
+    let queued = store.count_queued().await.context("counting")?;
+    anyhow::ensure!(queued == n, "{queued} queued after handing off {n}");
+    Ok(took)
+}
+
+/// How many deliveries the store `url` holds queued (after its worker stopped).
+async fn count_queued(url: &str) -> anyhow::Result<u64> {
+    let url = StoreUrl::parse(url).context("the worker's delivery store URL")?;
+    let store = delivery_store::open(&url, &OpenOptions::default()).await?;
+    Ok(store.count_queued().await?)
+}
+
+/// What the retry start delay run reads of a worker's `/metrics`.
+#[derive(Clone, Copy, Debug, Default)]
+struct RetryGauges {
+    /// Circuit breakers open.
+    open_breakers: Option<u64>,
+    /// Time spent in the store's `claim_due` so far, seconds.
+    claim_secs: f64,
+    /// `claim_due` calls so far.
+    claims: f64,
+}
+
+impl RetryGauges {
+    /// Reads them from the worker's `/metrics`.
+    async fn read(conn: &mut HttpConn) -> anyhow::Result<Self> {
+        let (_, metrics) = conn.get("/metrics").await?;
+        let claim = |series: &str| {
+            procs::labelled_metric(
+                &metrics,
+                &format!("pushwire_worker_delivery_store_latency_seconds_{series}"),
+                "operation",
+                "claim_due",
+            )
+            .unwrap_or(0.0)
+        };
+        Ok(Self {
+            open_breakers: procs::metric(&metrics, "pushwire_worker_open_breakers")
+                .map(|v| v as u64),
+            claim_secs: claim("sum"),
+            claims: claim("count"),
+        })
+    }
+}
+
+/// Another integration's due retry while many deliveries are queued for a dead endpoint:
+/// `dead_queued` deliveries for an integration whose URL refuses connections are handed off
+/// into a worker's delivery store before the worker starts (`--retry-schedule 2s
+/// --retry-window 1h`), all due; once its breaker for the dead integration is open, one
+/// Publish stream sends [`RETRY_DELAY_RATE`] participations/s for `retry_delay` to a healthy
+/// integration whose receiver answers `503` to every other participation's first request.
+/// Those are acknowledged `QUEUED` with a `next_attempt_time`; each one's start delay is the
+/// arrival of its second request at the receiver (wall clock) − that time.
+pub async fn retry_delay(env: &Env) -> anyhow::Result<RetryDelay> {
+    let plan = &env.plan;
+    let name = "retry-delay";
+    let down = procs::free_port()?;
+    let (dead, dead_rev) = env
+        .routed(
+            "accounts/910040",
+            "dead",
+            &format!("http://127.0.0.1:{down}/dead"),
+        )
+        .await?;
+    let rx = endpoint::start_fail_first(&env.rx, env.epoch)?;
+    let account = "accounts/910041";
+    let (_, rev) = env.routed(account, "retried", &rx.url("/retried")).await?;
+    let store = env.store_url(name);
+    let seeded = seed_dead(&store, &dead, plan.dead_queued).await?;
+    let flags = ["--retry-schedule", "2s", "--retry-window", "1h"];
+    let worker = env.worker(name, &flags, rev.max(dead_rev)).await?;
+    let mut conn = HttpConn::new(worker.http);
+    // The state measured: the dead integration left out of claims, its breaker open.
+    let ready = Instant::now();
+    let breaker_secs = loop {
+        if RetryGauges::read(&mut conn)
+            .await?
+            .open_breakers
+            .is_some_and(|n| n >= 1)
+        {
+            break Some(ready.elapsed().as_secs_f64());
+        }
+        if ready.elapsed() >= BREAKER_WAIT {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    let before = RetryGauges::read(&mut conn).await?;
+    let stats = Arc::new(PubStats::default());
+    stats.keep_next_attempts(true);
+    let streams = load::paced_streams(&env.target(&worker), 1, stats.clone()).await?;
+    let stop = CancellationToken::new();
+    let paced = load::pace(
+        &streams,
+        account,
+        RETRY_DELAY_RATE,
+        plan.retry_delay,
+        &env.bodies,
+        &stats,
+        &stop,
+    )
+    .await?;
+    // Acknowledged once the first attempt is answered and the hand-off committed; bounded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.acked.load(Ordering::Relaxed) < stats.sent.load(Ordering::Relaxed)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let due = stats.take_next_attempts();
+    let last_due = due.values().max().copied().unwrap_or_else(SystemTime::now);
+    let deadline = Instant::now()
+        + last_due
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+        + RETRY_DRAIN;
+    let arrived = loop {
+        let (_, arrived) = rx.stats.retries();
+        if due.keys().all(|id| arrived.contains_key(id)) || Instant::now() >= deadline {
+            break arrived;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (failed_first, _) = rx.stats.retries();
+    let mut delays_ms = Vec::with_capacity(due.len());
+    let mut missing = 0;
+    for (id, at) in &due {
+        match arrived.get(id).map(|arrival| arrival.duration_since(*at)) {
+            Some(Ok(late)) => delays_ms.push(late.as_secs_f64() * 1e3),
+            Some(Err(early)) => delays_ms.push(-early.duration().as_secs_f64() * 1e3),
+            None => missing += 1,
+        }
+    }
+    delays_ms.sort_by(f64::total_cmp);
+    let after = RetryGauges::read(&mut conn).await.unwrap_or_default();
+    let claims = after.claims - before.claims;
+    drop(streams);
+    drop(worker);
+    let queued_at_end = tokio::time::timeout(Duration::from_secs(10), count_queued(&store))
+        .await
+        .ok()
+        .and_then(Result::ok);
+
+    let sent = stats.sent.load(Ordering::Relaxed);
+    let unacked = sent - stats.acked.load(Ordering::Relaxed);
+    let queued = stats.queued.load(Ordering::Relaxed);
+    let otherwise = stats.not_delivered.load(Ordering::Relaxed) - queued;
+    let mut problems = Vec::new();
+    if breaker_secs.is_none() {
+        problems.push(format!(
+            "the dead integration's breaker was not open after {BREAKER_WAIT:?}"
+        ));
+    }
+    if unacked > 0 {
+        problems.push(format!("{unacked} not acknowledged"));
+    }
+    if otherwise > 0 {
+        problems.push(format!(
+            "{otherwise} acknowledged neither DELIVERED nor QUEUED"
+        ));
+    }
+    if queued != failed_first || due.len() as u64 != queued {
+        problems.push(format!(
+            "{queued} acknowledged QUEUED ({} with a next attempt time), {failed_first} \
+             first requests answered 503",
+            due.len()
+        ));
+    }
+    Ok(RetryDelay {
+        dead_queued: plan.dead_queued,
+        seed_secs: seeded.as_secs_f64(),
+        breaker_secs,
+        rate: RETRY_DELAY_RATE,
+        secs: paced.elapsed.as_secs_f64(),
+        published: paced.sent,
+        timed: due.len() as u64,
+        delays_ms,
+        missing,
+        open_breakers: after.open_breakers,
+        claims: claims as u64,
+        claim_ms: (claims > 0.0).then(|| (after.claim_secs - before.claim_secs) / claims * 1e3),
+        queued_at_end,
+        problem: (!problems.is_empty()).then(|| problems.join("; ")),
+    })
 }

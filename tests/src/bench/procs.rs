@@ -300,3 +300,9 @@ pub fn metric(exposition: &str, name: &str) -> Option<f64> {
         rest.strip_prefix(' ')?.trim().parse().ok()
     })
 }
+
+/// The value of a series with one label, `name{label="value"}`, in a Prometheus text
+/// exposition.
+pub fn labelled_metric(exposition: &str, name: &str, label: &str, value: &str) -> Option<f64> {
+    metric(exposition, &format!("{name}{{{label}=\"{value}\"}}"))
+}

@@ -38,6 +38,10 @@ pub struct Plan {
     pub isolation: Duration,
     /// Participations left waiting for the memory measurement.
     pub waiting: u64,
+    /// Deliveries queued for a dead endpoint in the retry start delay measurement.
+    pub dead_queued: u64,
+    /// How long the retry start delay measurement publishes.
+    pub retry_delay: Duration,
     /// Publish streams of the throughput runs.
     pub streams: usize,
     /// Participations in flight per stream (the worker's default `--window`).
@@ -218,6 +222,17 @@ impl Env {
         Ok((created.name, scope.etag.parse().context("scope etag")?))
     }
 
+    /// The delivery store (`sqlite://PATH`) of the worker [`Env::worker`] starts as `name`
+    /// unless told another: a phase may fill it before the worker starts.
+    pub fn store_url(&self, name: &str) -> String {
+        format!(
+            "sqlite://{}",
+            self.dir
+                .join(format!("deliveries-{name}.sqlite3"))
+                .display()
+        )
+    }
+
     /// Starts a worker with the defaults plus `extra` flags, waits until it routes with
     /// configuration revision `revision` or later.
     pub async fn worker(
@@ -245,12 +260,7 @@ impl Env {
         if !extra.contains(&"--delivery-store") {
             // An SQLite store of its own unless the phase names one (PostgreSQL, say).
             args.push("--delivery-store".into());
-            args.push(format!(
-                "sqlite://{}",
-                self.dir
-                    .join(format!("deliveries-{name}.sqlite3"))
-                    .display()
-            ));
+            args.push(self.store_url(name));
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let proc = Proc::spawn(

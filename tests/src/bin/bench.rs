@@ -5,7 +5,9 @@
 //! fixed offered rate, config propagation, isolation from a blackholed endpoint and memory
 //! with 100,000 deliveries handed off to the delivery store, and under a memory-exhaustion
 //! attack with and without `--memory-budget`; `--only throughput-no-log` repeats the
-//! throughput run with the delivery log off. Prints a Markdown table and writes a JSON file.
+//! throughput run with the delivery log off, and `--only retry-delay` (not in a default run)
+//! times another integration's due retries while 200,000 deliveries are queued for a dead
+//! endpoint. Prints a Markdown table and writes a JSON file.
 //!
 //! ```sh
 //! cargo run --release -p pushwire-tests --bin bench -- --json bench.json [--quick]
@@ -62,7 +64,7 @@ struct Args {
     #[arg(long, default_value_t = 100_000)]
     waiting: u64,
 
-    /// Run only these measurements (repeatable; default: all).
+    /// Run only these measurements (repeatable; default: all but `retry-delay`).
     #[arg(long, value_enum)]
     only: Vec<Phase>,
 
@@ -98,6 +100,10 @@ enum Phase {
     /// The memory-exhaustion attack (512 KiB documents, a receiver that never answers) with
     /// and without `--memory-budget`.
     Attack,
+    /// Start delay of another integration's due retries while 200,000 deliveries (20,000 with
+    /// --quick) are queued for a dead endpoint. About a minute, so not in a default run: only
+    /// with `--only retry-delay`.
+    RetryDelay,
 }
 
 fn plan(args: &Args) -> Plan {
@@ -115,6 +121,8 @@ fn plan(args: &Args) -> Plan {
         changes,
         isolation: Duration::from_secs(isolation),
         waiting: args.waiting,
+        dead_queued: if args.quick { 20_000 } else { 200_000 },
+        retry_delay: Duration::from_secs(if args.quick { 10 } else { 20 }),
         streams: 4,
         window: 256,
         conns: 32,
@@ -196,6 +204,17 @@ async fn run(env: &Env, only: &[Phase]) -> Results {
             "memory-exhaustion attack",
             limit,
             phases::attack(env, length),
+        )
+        .await;
+    }
+    // Only when asked for: filling the store alone takes a while.
+    if only.contains(&Phase::RetryDelay) {
+        let seeding = Duration::from_secs(if plan.quick { 30 } else { 120 });
+        let limit = seeding + plan.retry_delay + slack * 2;
+        r.retry_delay = phase(
+            "retry start delay beside a dead endpoint's queue",
+            limit,
+            phases::retry_delay(env),
         )
         .await;
     }
@@ -301,6 +320,7 @@ fn main_result(args: Args) -> anyhow::Result<ExitCode> {
             "throughput": plan.measure.as_secs_f64(),
             "latency": plan.latency.as_secs_f64(),
             "isolation": plan.isolation.as_secs_f64(),
+            "retry_delay": plan.retry_delay.as_secs_f64(),
         },
     });
     let doc = report::to_json(&results, &plan, context);
