@@ -60,26 +60,28 @@ INSERT INTO pushwire_delivery_attempts (
     duration_ms)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
-/// Due, unclaimed deliveries ranked within their integration, at most `$4` of each; the `$2`
-/// best ranks, ties in random order: every due integration gets its first delivery before any
-/// gets its second, and none waits behind another's backlog. `$3` is a JSON array of excluded
-/// integration names. (One writer at a time: no claim races to care about.)
-const CLAIM_CANDIDATES: &str = "
-SELECT account, integration, participation_id, expired FROM (
-    SELECT account, integration, participation_id, next_attempt_ms,
-        lease_owner IS NOT NULL AS expired,
-        row_number() OVER (PARTITION BY account, integration
-                           ORDER BY next_attempt_ms, participation_id) AS rank
-    FROM pushwire_deliveries
-    WHERE state = 'QUEUED' AND next_attempt_ms <= $1
-      AND (lease_expires_ms IS NULL OR lease_expires_ms <= $1)
-      AND NOT EXISTS (
-          SELECT 1 FROM json_each($3) AS x
-          WHERE x.value = 'accounts/' || account || '/integrations/' || integration)
-)
-WHERE rank <= $4
-ORDER BY rank, random()
-LIMIT $2";
+/// The first integration with queued rows, in key order.
+const FIRST_QUEUED_INTEGRATION: &str = "
+SELECT account, integration FROM pushwire_deliveries WHERE state = 'QUEUED'
+ORDER BY account, integration LIMIT 1";
+
+/// The next integration of the same account with queued rows, after `$2`.
+const NEXT_QUEUED_INTEGRATION: &str = "
+SELECT account, integration FROM pushwire_deliveries
+WHERE state = 'QUEUED' AND account = $1 AND integration > $2
+ORDER BY integration LIMIT 1";
+
+/// The first integration with queued rows of the accounts after `$1`.
+const NEXT_QUEUED_ACCOUNT: &str = "
+SELECT account, integration FROM pushwire_deliveries WHERE state = 'QUEUED' AND account > $1
+ORDER BY account, integration LIMIT 1";
+
+/// One integration's due, unclaimed deliveries, due first, at most `$4`.
+const DUE_OF_INTEGRATION: &str = "
+SELECT participation_id, lease_owner IS NOT NULL AS expired FROM pushwire_deliveries
+WHERE account = $1 AND integration = $2 AND state = 'QUEUED' AND next_attempt_ms <= $3
+  AND (lease_expires_ms IS NULL OR lease_expires_ms <= $3)
+ORDER BY next_attempt_ms, participation_id LIMIT $4";
 
 const CLAIM_ONE: &str = "
 UPDATE pushwire_deliveries
@@ -306,6 +308,17 @@ async fn insert_attempt(
         .map(drop)
 }
 
+/// The `(account, integration)` a walk step found, if any.
+async fn fetch_pair<'q>(
+    conn: &mut SqliteConnection,
+    query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+) -> Result<Option<(String, String)>, sqlx::Error> {
+    match query.fetch_optional(conn).await? {
+        Some(row) => Ok(Some((row.try_get("account")?, row.try_get("integration")?))),
+        None => Ok(None),
+    }
+}
+
 /// Finishes one delivery if its claim still holds; whether it did.
 async fn finish_one(
     conn: &mut SqliteConnection,
@@ -383,58 +396,92 @@ impl DeliveryStore for SqliteStore {
         self.write(batch, now, false).await
     }
 
+    /// Walks the integrations that have queued rows (a skip scan over the queued index, one
+    /// seek each: a dead endpoint's 200,000 due rows cost nothing to step over), takes up to
+    /// the per-integration limit of due rows from each one not excluded, and claims the best
+    /// `limit` ranks, ties in random order: every due integration gets its first delivery
+    /// before any gets its second, and none waits behind another's backlog. (One writer at a
+    /// time: no claim races to care about.)
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<ClaimedDelivery>, StoreError> {
         if request.limit == 0 {
             return Ok(Vec::new());
         }
         let now = to_ms(request.now);
         let expires = to_ms(request.now + request.lease);
-        let excluded = serde_json::Value::from(
-            request
-                .exclude
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>(),
-        )
-        .to_string();
+        let excluded: std::collections::HashSet<String> =
+            request.exclude.iter().map(ToString::to_string).collect();
         let (_writing, mut tx) = self.begin_write().await?;
-        let candidates = sqlx::query(CLAIM_CANDIDATES)
-            .bind(now)
-            .bind(i64::from(request.limit))
-            .bind(excluded)
-            .bind(i64::from(request.per_integration_limit()))
-            .fetch_all(&mut *tx)
+        // (rank, tie-break, account, integration, participation, expired)
+        let mut candidates = Vec::new();
+        let mut next = fetch_pair(&mut tx, sqlx::query(FIRST_QUEUED_INTEGRATION))
             .await
             .map_err(self.error())?;
+        while let Some((account, integration)) = next {
+            let name = format!("accounts/{account}/integrations/{integration}");
+            if !excluded.contains(&name) {
+                let due = sqlx::query(DUE_OF_INTEGRATION)
+                    .bind(&account)
+                    .bind(&integration)
+                    .bind(now)
+                    .bind(i64::from(request.per_integration_limit()))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(self.error())?;
+                for (rank, row) in due.iter().enumerate() {
+                    let participation: String =
+                        row.try_get("participation_id").map_err(self.error())?;
+                    let expired: bool = row.try_get("expired").map_err(self.error())?;
+                    candidates.push((
+                        rank,
+                        rand::random::<u32>(),
+                        account.clone(),
+                        integration.clone(),
+                        participation,
+                        expired,
+                    ));
+                }
+            }
+            next = match fetch_pair(
+                &mut tx,
+                sqlx::query(NEXT_QUEUED_INTEGRATION)
+                    .bind(&account)
+                    .bind(&integration),
+            )
+            .await
+            .map_err(self.error())?
+            {
+                Some(pair) => Some(pair),
+                None => fetch_pair(&mut tx, sqlx::query(NEXT_QUEUED_ACCOUNT).bind(&account))
+                    .await
+                    .map_err(self.error())?,
+            };
+        }
+        candidates.sort_unstable_by_key(|c| (c.0, c.1));
+        candidates.truncate(usize::try_from(request.limit).unwrap_or(usize::MAX));
         let mut claimed = Vec::with_capacity(candidates.len());
-        for candidate in &candidates {
-            let account: String = candidate.try_get("account").map_err(self.error())?;
-            let integration: String = candidate.try_get("integration").map_err(self.error())?;
-            let participation: String = candidate
-                .try_get("participation_id")
-                .map_err(self.error())?;
+        for (_, _, account, integration, participation, expired) in &candidates {
             sqlx::query(CLAIM_ONE)
-                .bind(&account)
-                .bind(&integration)
-                .bind(&participation)
+                .bind(account)
+                .bind(integration)
+                .bind(participation)
                 .bind(&request.worker)
                 .bind(expires)
                 .execute(&mut *tx)
                 .await
                 .map_err(self.error())?;
             let row = sqlx::query(CLAIMED_ROW)
-                .bind(&account)
-                .bind(&integration)
-                .bind(&participation)
+                .bind(account)
+                .bind(integration)
+                .bind(participation)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(self.error())?;
-            let expired: bool = candidate.try_get("expired").map_err(self.error())?;
             let mut delivery = claimed_from_row(&row, &request.worker, expires)?;
-            delivery.lease_expired = expired;
+            delivery.lease_expired = *expired;
             claimed.push(delivery);
         }
         tx.commit().await.map_err(self.error())?;
+        claimed.sort_by_key(|d| d.next_attempt);
         Ok(claimed)
     }
 

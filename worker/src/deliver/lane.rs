@@ -273,19 +273,30 @@ mod tests {
         tokio::time::advance(Duration::from_millis(100)).await;
         drop((a, b));
         // Nobody waits: half a round of 100 ms.
-        assert_eq!(lane.expected_wait(Priority::First), Duration::from_millis(50));
+        assert_eq!(
+            lane.expected_wait(Priority::First),
+            Duration::from_millis(50)
+        );
         let _held = (lane.try_acquire().unwrap(), lane.try_acquire().unwrap());
         let mut waiters = Vec::new();
         for p in [Priority::Retry, Priority::First, Priority::First] {
             let task_lane = lane.clone();
-            waiters.push(tokio::spawn(async move { drop(task_lane.acquire(p).await) }));
+            waiters.push(tokio::spawn(
+                async move { drop(task_lane.acquire(p).await) },
+            ));
             while lane.queued() < waiters.len() {
                 tokio::task::yield_now().await;
             }
         }
         // A first attempt waits behind the 2 first attempts only; a retry behind all 3.
-        assert_eq!(lane.expected_wait(Priority::First), Duration::from_millis(150));
-        assert_eq!(lane.expected_wait(Priority::Retry), Duration::from_millis(200));
+        assert_eq!(
+            lane.expected_wait(Priority::First),
+            Duration::from_millis(150)
+        );
+        assert_eq!(
+            lane.expected_wait(Priority::Retry),
+            Duration::from_millis(200)
+        );
         for w in waiters {
             w.abort();
         }

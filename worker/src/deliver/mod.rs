@@ -4,6 +4,7 @@
 
 pub mod breaker;
 pub mod dispatch;
+pub mod due;
 pub mod lane;
 pub mod retries;
 pub mod retry;

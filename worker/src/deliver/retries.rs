@@ -24,7 +24,9 @@ pub struct RetryOptions {
     pub worker_id: String,
     /// How long a claim is exclusive; a killed worker's claims come back after it.
     pub lease: Duration,
-    /// Pause between claims when nothing was due.
+    /// Pause between claims when nothing was due, unless something this worker queued falls
+    /// due earlier ([`super::due::DueTimes`]): how late another worker's deliveries are
+    /// noticed when that worker is gone.
     pub poll: Duration,
     /// Retries in flight at most (claimed and not finished).
     pub capacity: usize,
@@ -71,6 +73,7 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     let mut backoff = opts.poll;
     let concurrency = u32::try_from(dispatcher.options().concurrency).unwrap_or(u32::MAX);
+    let due = dispatcher.due_times();
     loop {
         while tasks.try_join_next().is_some() {}
         // Wait for room: at least one free slot.
@@ -88,13 +91,20 @@ pub async fn run(
             max_per_integration: concurrency,
             exclude: dispatcher.open_breakers(),
         };
+        due.forget_through(request.now);
         let claimed = store
             .call("claim_due", store.store().claim_due(&request))
             .await;
         let pause = match claimed {
             Ok(claimed) if claimed.is_empty() => {
                 backoff = opts.poll;
-                Some(opts.poll)
+                // Until the poll interval, or earlier when something this worker queued falls
+                // due.
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = due.wait(opts.poll) => {}
+                }
+                None
             }
             Ok(claimed) => {
                 backoff = opts.poll;

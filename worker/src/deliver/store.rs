@@ -2,16 +2,18 @@
 //! call, counts its errors and keeps the store's health for `/readyz` and the metrics;
 //! [`Handoff`] batches hand-offs into one transaction per few milliseconds and answers each
 //! caller once its row is committed, retrying with backoff while the store is down (nothing is
-//! lost: the caller keeps its participation meanwhile, and its stream's window stays occupied).
+//! lost: the caller keeps its participation meanwhile, and its stream's window stays occupied),
+//! and notes when each falls due for the claimer ([`DueTimes`]).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use pushwire_common::delivery_store::{DeliveryStore, NewDelivery, StoreError};
+use pushwire_common::delivery_store::{DeliveryStore, NewDelivery, Outcome, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::due::DueTimes;
 use crate::metrics::{Metrics, OperationLabel};
 
 /// Most deliveries written in one hand-off transaction.
@@ -137,6 +139,7 @@ struct Pending {
 pub struct Handoff {
     tx: mpsc::Sender<Pending>,
     stop: CancellationToken,
+    due: Arc<DueTimes>,
 }
 
 impl std::fmt::Debug for Pending {
@@ -154,8 +157,15 @@ impl Handoff {
         stop: CancellationToken,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = write(store, rx, stop.clone());
-        (Self { tx, stop }, task)
+        let due = Arc::new(DueTimes::default());
+        let task = write(store, rx, Arc::clone(&due), stop.clone());
+        (Self { tx, stop, due }, task)
+    }
+
+    /// When the deliveries this worker queued fall due (hand-offs, and retries rescheduled
+    /// through [`DueTimes::note`]).
+    pub fn due_times(&self) -> &Arc<DueTimes> {
+        &self.due
     }
 
     /// Writes `delivery` (queued, with its body) and returns once it is committed; waits and
@@ -179,7 +189,12 @@ impl Handoff {
 
 /// The writer: one transaction per batch (up to [`MAX_BATCH`] rows gathered for
 /// [`BATCH_WAIT`]), each caller answered after the commit.
-async fn write(store: StoreHandle, mut rx: mpsc::Receiver<Pending>, stop: CancellationToken) {
+async fn write(
+    store: StoreHandle,
+    mut rx: mpsc::Receiver<Pending>,
+    due: Arc<DueTimes>,
+    stop: CancellationToken,
+) {
     loop {
         let first = tokio::select! {
             biased;
@@ -221,6 +236,13 @@ async fn write(store: StoreHandle, mut rx: mpsc::Receiver<Pending>, stop: Cancel
                 }
             }
         };
+        if result.is_ok() {
+            for row in &rows {
+                if let Outcome::Queued { next_attempt } = row.outcome {
+                    due.note(next_attempt);
+                }
+            }
+        }
         for done in waiters {
             let _ = done.send(result.clone());
         }

@@ -202,7 +202,10 @@ async fn a_lane_known_to_be_slow_hands_off_without_waiting() {
         h.wait_stats(&crm, |s| s.queued == 1).await;
         let b2 = h.dispatcher.deliver(job(&crm, "P-B2")).await;
         assert!(failed(0, None, &b2).contains("saturated"));
-        assert!(!a.is_finished(), "B2 was answered while A's attempt still ran");
+        assert!(
+            !a.is_finished(),
+            "B2 was answered while A's attempt still ran"
+        );
         assert_eq!(h.stats(&crm).map(|s| (s.in_flight, s.queued)), Some((1, 1)));
         assert!(failed(1, None, &a.await.unwrap()).contains("timed out"));
         assert!(failed(1, None, &b1.await.unwrap()).contains("timed out"));

@@ -37,7 +37,12 @@ impl Dispatcher {
                 )
                 .await;
             match finished {
-                Ok(FinishResult::Applied) => return,
+                Ok(FinishResult::Applied) => {
+                    if let ds::Outcome::Queued { next_attempt } = outcome {
+                        self.handoff.due_times().note(next_attempt);
+                    }
+                    return;
+                }
                 Ok(FinishResult::LeaseLost) => {
                     tracing::debug!(integration = %name, participation = %claimed.lease.key.participation_id, "lease lost before the finish");
                     return;

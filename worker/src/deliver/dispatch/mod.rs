@@ -259,6 +259,11 @@ impl Dispatcher {
             .clone()
     }
 
+    /// When the deliveries this worker queued fall due.
+    pub fn due_times(&self) -> Arc<super::due::DueTimes> {
+        Arc::clone(self.handoff.due_times())
+    }
+
     /// The retry settings.
     pub fn options(&self) -> &DispatchOptions {
         &self.opts
