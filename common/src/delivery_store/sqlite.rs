@@ -33,6 +33,23 @@ const MAX_CONNECTIONS: u32 = 4;
 /// Rows changed per statement by [`DeliveryStore::skip_integration`].
 const SKIP_BATCH: i64 = 1000;
 
+/// The next integration with queued rows in the account of the walk's row `w`.
+macro_rules! next_in_account {
+    () => {
+        "(SELECT d.integration FROM pushwire_deliveries d INDEXED BY pushwire_deliveries_queued
+          WHERE d.state = 'QUEUED' AND d.account = w.account AND d.integration > w.integration
+          ORDER BY d.integration LIMIT 1)"
+    };
+}
+
+/// The next account with queued rows after the walk's row `w`.
+macro_rules! next_account {
+    () => {
+        "(SELECT d.account FROM pushwire_deliveries d INDEXED BY pushwire_deliveries_queued
+          WHERE d.state = 'QUEUED' AND d.account > w.account ORDER BY d.account LIMIT 1)"
+    };
+}
+
 /// Rows per multi-row statement of a batch write: 15 parameters a delivery row stay far below
 /// SQLite's limit of 32,766 parameters a statement.
 const ROWS_PER_STATEMENT: usize = 500;
@@ -60,28 +77,59 @@ INSERT INTO pushwire_delivery_attempts (
     duration_ms)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
-/// The first integration with queued rows, in key order.
-const FIRST_QUEUED_INTEGRATION: &str = "
-SELECT account, integration FROM pushwire_deliveries WHERE state = 'QUEUED'
-ORDER BY account, integration LIMIT 1";
-
-/// The next integration of the same account with queued rows, after `$2`.
-const NEXT_QUEUED_INTEGRATION: &str = "
-SELECT account, integration FROM pushwire_deliveries
-WHERE state = 'QUEUED' AND account = $1 AND integration > $2
-ORDER BY integration LIMIT 1";
-
-/// The first integration with queued rows of the accounts after `$1`.
-const NEXT_QUEUED_ACCOUNT: &str = "
-SELECT account, integration FROM pushwire_deliveries WHERE state = 'QUEUED' AND account > $1
-ORDER BY account, integration LIMIT 1";
-
-/// One integration's due, unclaimed deliveries, due first, at most `$4`.
-const DUE_OF_INTEGRATION: &str = "
-SELECT participation_id, lease_owner IS NOT NULL AS expired FROM pushwire_deliveries
-WHERE account = $1 AND integration = $2 AND state = 'QUEUED' AND next_attempt_ms <= $3
-  AND (lease_expires_ms IS NULL OR lease_expires_ms <= $3)
-ORDER BY next_attempt_ms, participation_id LIMIT $4";
+/// Due, unclaimed deliveries: the integrations that have queued rows are walked one index seek
+/// each (a recursive skip scan: a dead endpoint's 200,000 due rows cost nothing to step over),
+/// each one not excluded gives its oldest due rows, its share of the `$2` wanted (at least one,
+/// at most `$4`); ranked within their integration, the best `$2` ranks are claimed, ties in
+/// random order: every due integration gets its first delivery before any gets its second, and
+/// none waits behind another's backlog. `$3` is a JSON array of excluded integration names.
+/// Every step names the queued index: without statistics the planner may prefer an index of
+/// all rows and step over the final ones. (One writer at a time: no claim races to care about.)
+const CLAIM_CANDIDATES: &str = concat!(
+    "
+WITH RECURSIVE walk(account, integration) AS (
+    SELECT * FROM (
+        SELECT account, integration FROM pushwire_deliveries INDEXED BY pushwire_deliveries_queued
+        WHERE state = 'QUEUED' ORDER BY account, integration LIMIT 1)
+    UNION ALL
+    SELECT CASE WHEN ",
+    next_in_account!(),
+    " IS NOT NULL THEN w.account ELSE ",
+    next_account!(),
+    " END,
+        COALESCE(",
+    next_in_account!(),
+    ", (SELECT d.integration FROM pushwire_deliveries d INDEXED BY pushwire_deliveries_queued
+            WHERE d.state = 'QUEUED' AND d.account = ",
+    next_account!(),
+    "
+            ORDER BY d.integration LIMIT 1))
+    FROM walk w WHERE w.account IS NOT NULL
+),
+candidates AS (
+    SELECT d.account, d.integration, d.participation_id, d.lease_owner IS NOT NULL AS expired,
+        row_number() OVER (PARTITION BY d.account, d.integration
+                           ORDER BY d.next_attempt_ms, d.participation_id) AS rank
+    -- CROSS JOIN: SQLite keeps this order (the walk outside, one key look-up inside).
+    FROM walk w
+    CROSS JOIN pushwire_deliveries d ON d.account = w.account AND d.integration = w.integration
+    WHERE w.account IS NOT NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM json_each($3) AS x
+          WHERE x.value = 'accounts/' || w.account || '/integrations/' || w.integration)
+      AND d.participation_id IN (
+          SELECT e.participation_id FROM pushwire_deliveries e INDEXED BY pushwire_deliveries_queued
+          WHERE e.account = w.account AND e.integration = w.integration AND e.state = 'QUEUED'
+            AND e.next_attempt_ms <= $1
+            AND (e.lease_expires_ms IS NULL OR e.lease_expires_ms <= $1)
+          ORDER BY e.next_attempt_ms
+          LIMIT (SELECT min($4, max(1, ($2 + count(*) - 1) / max(count(*), 1)))
+                 FROM walk WHERE account IS NOT NULL))
+)
+SELECT account, integration, participation_id, expired FROM candidates
+ORDER BY rank, random()
+LIMIT $2"
+);
 
 const CLAIM_ONE: &str = "
 UPDATE pushwire_deliveries
@@ -308,17 +356,6 @@ async fn insert_attempt(
         .map(drop)
 }
 
-/// The `(account, integration)` a walk step found, if any.
-async fn fetch_pair<'q>(
-    conn: &mut SqliteConnection,
-    query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-) -> Result<Option<(String, String)>, sqlx::Error> {
-    match query.fetch_optional(conn).await? {
-        Some(row) => Ok(Some((row.try_get("account")?, row.try_get("integration")?))),
-        None => Ok(None),
-    }
-}
-
 /// Finishes one delivery if its claim still holds; whether it did.
 async fn finish_one(
     conn: &mut SqliteConnection,
@@ -396,88 +433,55 @@ impl DeliveryStore for SqliteStore {
         self.write(batch, now, false).await
     }
 
-    /// Walks the integrations that have queued rows (a skip scan over the queued index, one
-    /// seek each: a dead endpoint's 200,000 due rows cost nothing to step over), takes up to
-    /// the per-integration limit of due rows from each one not excluded, and claims the best
-    /// `limit` ranks, ties in random order: every due integration gets its first delivery
-    /// before any gets its second, and none waits behind another's backlog. (One writer at a
-    /// time: no claim races to care about.)
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<ClaimedDelivery>, StoreError> {
         if request.limit == 0 {
             return Ok(Vec::new());
         }
         let now = to_ms(request.now);
         let expires = to_ms(request.now + request.lease);
-        let excluded: std::collections::HashSet<String> =
-            request.exclude.iter().map(ToString::to_string).collect();
+        let excluded = serde_json::Value::from(
+            request
+                .exclude
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+        )
+        .to_string();
         let (_writing, mut tx) = self.begin_write().await?;
-        // (rank, tie-break, account, integration, participation, expired)
-        let mut candidates = Vec::new();
-        let mut next = fetch_pair(&mut tx, sqlx::query(FIRST_QUEUED_INTEGRATION))
+        let candidates = sqlx::query(CLAIM_CANDIDATES)
+            .bind(now)
+            .bind(i64::from(request.limit))
+            .bind(excluded)
+            .bind(i64::from(request.per_integration_limit()))
+            .fetch_all(&mut *tx)
             .await
             .map_err(self.error())?;
-        while let Some((account, integration)) = next {
-            let name = format!("accounts/{account}/integrations/{integration}");
-            if !excluded.contains(&name) {
-                let due = sqlx::query(DUE_OF_INTEGRATION)
-                    .bind(&account)
-                    .bind(&integration)
-                    .bind(now)
-                    .bind(i64::from(request.per_integration_limit()))
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(self.error())?;
-                for (rank, row) in due.iter().enumerate() {
-                    let participation: String =
-                        row.try_get("participation_id").map_err(self.error())?;
-                    let expired: bool = row.try_get("expired").map_err(self.error())?;
-                    candidates.push((
-                        rank,
-                        rand::random::<u32>(),
-                        account.clone(),
-                        integration.clone(),
-                        participation,
-                        expired,
-                    ));
-                }
-            }
-            next = match fetch_pair(
-                &mut tx,
-                sqlx::query(NEXT_QUEUED_INTEGRATION)
-                    .bind(&account)
-                    .bind(&integration),
-            )
-            .await
-            .map_err(self.error())?
-            {
-                Some(pair) => Some(pair),
-                None => fetch_pair(&mut tx, sqlx::query(NEXT_QUEUED_ACCOUNT).bind(&account))
-                    .await
-                    .map_err(self.error())?,
-            };
-        }
-        candidates.sort_unstable_by_key(|c| (c.0, c.1));
-        candidates.truncate(usize::try_from(request.limit).unwrap_or(usize::MAX));
         let mut claimed = Vec::with_capacity(candidates.len());
-        for (_, _, account, integration, participation, expired) in &candidates {
+        for candidate in &candidates {
+            let account: String = candidate.try_get("account").map_err(self.error())?;
+            let integration: String = candidate.try_get("integration").map_err(self.error())?;
+            let participation: String = candidate
+                .try_get("participation_id")
+                .map_err(self.error())?;
             sqlx::query(CLAIM_ONE)
-                .bind(account)
-                .bind(integration)
-                .bind(participation)
+                .bind(&account)
+                .bind(&integration)
+                .bind(&participation)
                 .bind(&request.worker)
                 .bind(expires)
                 .execute(&mut *tx)
                 .await
                 .map_err(self.error())?;
             let row = sqlx::query(CLAIMED_ROW)
-                .bind(account)
-                .bind(integration)
-                .bind(participation)
+                .bind(&account)
+                .bind(&integration)
+                .bind(&participation)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(self.error())?;
+            let expired: bool = candidate.try_get("expired").map_err(self.error())?;
             let mut delivery = claimed_from_row(&row, &request.worker, expires)?;
-            delivery.lease_expired = *expired;
+            delivery.lease_expired = expired;
             claimed.push(delivery);
         }
         tx.commit().await.map_err(self.error())?;
