@@ -54,7 +54,8 @@ pub struct DeliveryArgs {
     #[arg(long, env = "PUSHWIRE_DELIVERY_LEASE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub delivery_lease: Duration,
 
-    /// Pause between looks for due retries when none was due.
+    /// Pause between looks for due retries when none was due; a delivery this worker queued is
+    /// looked for when it falls due, so this only bounds how late another worker's are noticed.
     #[arg(long, env = "PUSHWIRE_CLAIM_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub claim_interval: Duration,
 

@@ -67,7 +67,7 @@ impl DueTimes {
     }
 
     /// Waits `poll` at most, less if a noted delivery falls due earlier (also one noted
-    /// meanwhile), but not less than [`MIN_WAIT`].
+    /// meanwhile), but not less than 50 ms.
     pub async fn wait(&self, poll: Duration) {
         let start = tokio::time::Instant::now();
         let (deadline, floor) = (start + poll, start + MIN_WAIT.min(poll));
