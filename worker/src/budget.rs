@@ -188,6 +188,11 @@ impl MemoryBudget {
         }
     }
 
+    /// Bytes free now.
+    pub fn available(&self) -> u64 {
+        self.permits.available_permits() as u64 * UNIT
+    }
+
     /// Bytes held now.
     pub fn held(&self) -> u64 {
         u64::from(self.total - self.permits.available_permits() as u32) * UNIT

@@ -102,6 +102,11 @@ struct Checked {
 }
 
 impl Ingest {
+    /// The worker-wide memory budget (retries from the store take their share of it too).
+    pub fn budget(&self) -> MemoryBudget {
+        self.budget.clone()
+    }
+
     /// The service routing on `table` and delivering with `dispatcher`. After `shutdown`,
     /// streams stop reading and end with `UNAVAILABLE` once their deliveries are settled.
     pub fn new(

@@ -39,11 +39,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 
+use budget::MemoryBudget;
 pub use config::Config;
 use config::{DeliveryArgs, IngestArgs};
 pub use config_watch::TableWatch;
 pub use control_plane::ControlPlaneChannel;
 use deliver::dispatch::{Dispatcher, IntegrationSource};
+use deliver::retries::RetryBudget;
 use deliver::store::{Handoff, OutcomeLog, StoreHandle};
 pub use http::Status;
 use ingest::{Ingest, IngestOptions};
@@ -159,6 +161,18 @@ impl Worker {
             tasks.spawn(log_writer);
         }
         tasks.spawn(store.clone().count_queued(interrupt.clone()));
+        let max_participation_bytes = ingest.max_participation_bytes;
+        let ingest = Ingest::new(
+            table.clone(),
+            dispatcher.clone(),
+            IngestOptions {
+                window: ingest.window as usize,
+                max_participation_bytes,
+                memory_budget: ingest.memory_budget.bytes(),
+            },
+            metrics.clone(),
+            intake.clone(),
+        );
         // Retries start once the first configuration snapshot is applied: before it every
         // integration would look deleted and its claimed deliveries would end SKIPPED.
         let retries = deliver::retries::run(
@@ -166,6 +180,10 @@ impl Worker {
             store.clone(),
             metrics.clone(),
             delivery.retry_options(),
+            Some(RetryBudget {
+                budget: ingest.budget(),
+                largest: MemoryBudget::share(max_participation_bytes),
+            }),
             // No new claims once the intake stops; attempts in flight end at `interrupt`.
             intake.clone(),
         );
@@ -186,17 +204,6 @@ impl Worker {
         ));
         tasks.spawn(disable::run(control_plane, disable_rx, interrupt.clone()));
         tasks.spawn(observe_tables(table.clone(), metrics.clone(), interrupt));
-        let ingest = Ingest::new(
-            table.clone(),
-            dispatcher.clone(),
-            IngestOptions {
-                window: ingest.window as usize,
-                max_participation_bytes: ingest.max_participation_bytes,
-                memory_budget: ingest.memory_budget.bytes(),
-            },
-            metrics.clone(),
-            intake,
-        );
         Ok(Self {
             ingest,
             status: Status::new(table, metrics, dispatcher, store),

@@ -4,9 +4,6 @@ use clap::Parser as _;
 use pushwire_common::server::shutdown::serve_until_signal;
 use pushwire_worker::{Config, Listeners, run};
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();

@@ -632,6 +632,35 @@ impl<'a> PreparedBatch<'a> {
     }
 }
 
+/// Body bytes per statement (at least one body): a statement's parameters are copies, and a
+/// batch of large documents must not be copied whole at once.
+const BODY_BYTES_PER_STATEMENT: usize = 1 << 20;
+
+/// `bodies` in runs of at most `rows` rows and [`BODY_BYTES_PER_STATEMENT`] bytes (a larger
+/// body alone).
+fn body_chunks<'a, 'b>(
+    bodies: &'b [(&'a str, &'a str, &'a [u8])],
+    rows: usize,
+) -> impl Iterator<Item = &'b [(&'a str, &'a str, &'a [u8])]> {
+    let mut rest = bodies;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut end = 0;
+        while end < rest.len().min(rows)
+            && (end == 0 || bytes + rest[end].2.len() <= BODY_BYTES_PER_STATEMENT)
+        {
+            bytes += rest[end].2.len();
+            end += 1;
+        }
+        let (chunk, tail) = rest.split_at(end);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
 /// The indexes of `batch` to apply, sorted by key (so concurrent writers lock rows in the same
 /// order), the first of each key only; the others are refused.
 fn unique_finishes(batch: &[Finish]) -> Vec<usize> {
@@ -721,6 +750,23 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("without its body"), "{err}");
+    }
+
+    #[test]
+    fn bodies_go_in_runs_bounded_by_rows_and_bytes() {
+        let small = vec![0u8; 100];
+        let large = vec![0u8; BODY_BYTES_PER_STATEMENT + 1];
+        let mut bodies: Vec<(&str, &str, &[u8])> = vec![("1", "a", &small); 5];
+        bodies.insert(2, ("1", "big", &large));
+        let sizes = |rows| {
+            body_chunks(&bodies, rows)
+                .map(<[_]>::len)
+                .collect::<Vec<_>>()
+        };
+        // The large body goes alone; every body is in exactly one run.
+        assert_eq!(sizes(usize::MAX), [2, 1, 3]);
+        assert_eq!(sizes(2), [2, 1, 2, 1]);
+        assert_eq!(body_chunks(&[], 2).count(), 0);
     }
 
     #[test]

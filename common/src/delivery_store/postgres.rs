@@ -17,8 +17,8 @@ use super::sql;
 use super::{
     ClaimRequest, ClaimedDelivery, DeliveryFilter, DeliveryKey, DeliveryPage, DeliveryRecord,
     DeliveryStore, Finish, FinishResult, ListRequest, NewDelivery, OpenOptions, PreparedBatch,
-    PurgeStats, StatsRequest, StatsRow, StoreError, StoreUrl, attempt_error_text, duration_ms,
-    last_attempt_columns, to_ms, unique_finishes,
+    PurgeStats, StatsRequest, StatsRow, StoreError, StoreUrl, attempt_error_text, body_chunks,
+    duration_ms, last_attempt_columns, to_ms, unique_finishes,
 };
 use crate::domain::IntegrationName;
 
@@ -241,10 +241,11 @@ impl PostgresStore {
         let columns = DeliveryColumns::new(&prepared.deliveries);
         let attempts = AttemptColumns::new(&prepared.deliveries);
         let mut tx = self.pool.begin().await.map_err(self.error())?;
-        if !prepared.bodies.is_empty() {
-            let accounts: Vec<&str> = prepared.bodies.iter().map(|b| b.0).collect();
-            let participations: Vec<&str> = prepared.bodies.iter().map(|b| b.1).collect();
-            let bodies: Vec<&[u8]> = prepared.bodies.iter().map(|b| b.2).collect();
+        // In runs of about a megabyte: a statement's parameters are a copy of the bodies.
+        for chunk in body_chunks(&prepared.bodies, usize::MAX) {
+            let accounts: Vec<&str> = chunk.iter().map(|b| b.0).collect();
+            let participations: Vec<&str> = chunk.iter().map(|b| b.1).collect();
+            let bodies: Vec<&[u8]> = chunk.iter().map(|b| b.2).collect();
             sqlx::query(INSERT_BODIES)
                 .bind(accounts)
                 .bind(participations)

@@ -23,7 +23,7 @@ use super::{
     Attempt, ClaimRequest, ClaimedDelivery, DeliveryFilter, DeliveryKey, DeliveryPage,
     DeliveryRecord, DeliveryStore, Finish, FinishResult, ListRequest, NewDelivery, OpenOptions,
     PreparedBatch, PurgeStats, StatsRequest, StatsRow, StoreError, StoreUrl, attempt_error_text,
-    duration_ms, last_attempt_columns, to_ms, unique_finishes,
+    body_chunks, duration_ms, last_attempt_columns, to_ms, unique_finishes,
 };
 use crate::domain::IntegrationName;
 
@@ -271,7 +271,7 @@ impl SqliteStore {
             .flat_map(|d| d.attempts.iter().map(|a| (&d.key, a)))
             .collect();
         let (_writing, mut tx) = self.begin_write().await?;
-        for chunk in prepared.bodies.chunks(ROWS_PER_STATEMENT) {
+        for chunk in body_chunks(&prepared.bodies, ROWS_PER_STATEMENT) {
             let mut q = QueryBuilder::<Sqlite>::new(INSERT_BODIES);
             q.push_values(chunk, |mut row, (account, participation_id, body)| {
                 row.push_bind(*account)

@@ -446,6 +446,12 @@ pub async fn isolation(env: &Env) -> anyhow::Result<Isolation> {
             }
             let mut publish_to = accounts.clone();
             if mixed {
+                // One participation in ten for the blackholed account, as in the issue's
+                // scenario (nine healthy accounts, a tenth whose endpoint never answers): the
+                // closed loop takes the accounts in turn.
+                publish_to = (0..9)
+                    .map(|i| accounts[i % accounts.len()].clone())
+                    .collect();
                 publish_to.push(hole_account.into());
             }
             let stats = Arc::new(PubStats::default());
@@ -458,14 +464,17 @@ pub async fn isolation(env: &Env) -> anyhow::Result<Isolation> {
                 None,
             )
             .await?;
+            tokio::time::sleep(plan.warmup).await;
+            let perf = env.perf(&worker, name, plan.isolation);
             let rate = measure(
                 || healthy.stats.count(),
                 || stats.acked.load(Ordering::Relaxed),
                 Some(&worker.proc),
-                plan.warmup,
+                Duration::ZERO,
                 plan.isolation,
             )
             .await;
+            finish_perf(perf).await;
             stop.cancel();
             load.stop();
             if let Some(h) = hole_load {

@@ -443,7 +443,7 @@ pub fn table(r: &Results, plan: &Plan) -> String {
             );
             let _ = writeln!(
                 t,
-                "| Isolation, the blackholed integration's traffic mixed into the same streams (window {}) vs without | {:.1} % ({} deliveries/s) | ≥ {:.0} % | {} |",
+                "| Isolation, the blackholed integration's traffic mixed into the same streams (1 participation in 10; window {}) vs without | {:.1} % ({} deliveries/s) | ≥ {:.0} % | {} |",
                 plan.window,
                 i.shared_streams / i.alone * 100.0,
                 num(i.shared_streams),

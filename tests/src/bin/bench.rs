@@ -76,7 +76,7 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     bin_dir: Option<PathBuf>,
 
-    /// Record the worker with `perf record` during the throughput and fan-out measurements,
+    /// Record the worker with `perf record` during the throughput, fan-out and isolation measurements,
     /// into this directory.
     #[arg(long, value_name = "DIR")]
     perf: Option<PathBuf>,

@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::MemoryBudget;
 use crate::metrics::Metrics;
 
 use super::dispatch::Dispatcher;
@@ -30,6 +31,17 @@ pub struct RetryOptions {
     pub poll: Duration,
     /// Retries in flight at most (claimed and not finished).
     pub capacity: usize,
+}
+
+/// The memory budget retries take their bodies' share of, as participations do.
+#[derive(Clone, Debug)]
+pub struct RetryBudget {
+    /// The worker-wide budget.
+    pub budget: MemoryBudget,
+    /// The share of the largest participation accepted: a claim takes no more deliveries than
+    /// the budget has room for at that size, so bodies read from the store are never held
+    /// beyond it.
+    pub largest: u64,
 }
 
 /// Default [`RetryOptions::lease`].
@@ -60,12 +72,14 @@ pub fn default_worker_id() -> String {
 }
 
 /// Claims and retries due deliveries until `stop` (no new claims), then waits for the retries
-/// in flight; those still running at `interrupt` are cut short by the dispatcher.
+/// in flight; those still running at `interrupt` are cut short by the dispatcher. With a
+/// `budget`, each retry holds its body's share of it.
 pub async fn run(
     dispatcher: Dispatcher,
     store: StoreHandle,
     metrics: Arc<Metrics>,
     opts: RetryOptions,
+    budget: Option<RetryBudget>,
     stop: CancellationToken,
 ) {
     let capacity = opts.capacity.max(1);
@@ -82,7 +96,20 @@ pub async fn run(
             () = stop.cancelled() => break,
             permit = slots.clone().acquire_owned() => permit.expect("never closed"),
         };
-        let free = slots.available_permits() + 1;
+        let mut free = slots.available_permits() + 1;
+        if let Some(b) = &budget {
+            let room = usize::try_from(b.budget.available() / b.largest.max(1)).unwrap_or(0);
+            if room == 0 {
+                // The budget is spent (the streams hold it): claim again when the poll ends.
+                drop(first);
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(opts.poll) => {}
+                }
+                continue;
+            }
+            free = free.min(room);
+        }
         let request = ClaimRequest {
             worker: opts.worker_id.clone(),
             lease: opts.lease,
@@ -124,9 +151,15 @@ pub async fn run(
                     let dispatcher = dispatcher.clone();
                     let store = store.clone();
                     let lease = opts.lease;
+                    let budget = budget.clone();
                     tasks.spawn(async move {
+                        let size = delivery.body.as_ref().map_or(0, bytes::Bytes::len);
+                        let charge = match budget {
+                            Some(b) => Some(b.budget.acquire(MemoryBudget::share(size)).await),
+                            None => None,
+                        };
                         dispatcher.retry(delivery, &store, lease).await;
-                        drop(slot);
+                        drop((charge, slot));
                     });
                 }
                 None

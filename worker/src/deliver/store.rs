@@ -131,6 +131,8 @@ pub enum HandoffError {
 
 struct Pending {
     delivery: NewDelivery,
+    /// Whether the claimer should wake when it falls due.
+    wake: bool,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -169,13 +171,15 @@ impl Handoff {
     }
 
     /// Writes `delivery` (queued, with its body) and returns once it is committed; waits and
-    /// retries while the store is down.
-    pub async fn hand_off(&self, delivery: NewDelivery) -> Result<(), HandoffError> {
+    /// retries while the store is down. With `wake`, the claimer looks for it when it falls due
+    /// (not worth it for an integration whose breaker is open: its deliveries are left out of
+    /// claims until the breaker lets an attempt through, and the poll interval finds them).
+    pub async fn hand_off(&self, delivery: NewDelivery, wake: bool) -> Result<(), HandoffError> {
         let (done, committed) = oneshot::channel();
         tokio::select! {
             biased;
             () = self.stop.cancelled() => return Err(HandoffError::Interrupted),
-            sent = self.tx.send(Pending { delivery, done }) => {
+            sent = self.tx.send(Pending { delivery, wake, done }) => {
                 sent.map_err(|_| HandoffError::Interrupted)?;
             }
         }
@@ -212,6 +216,7 @@ async fn write(
                 _ => break,
             }
         }
+        let wake: Vec<bool> = batch.iter().map(|p| p.wake).collect();
         let (rows, waiters): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|p| (p.delivery, p.done)).unzip();
         let mut backoff = BACKOFF.0;
@@ -237,9 +242,9 @@ async fn write(
             }
         };
         if result.is_ok() {
-            for row in &rows {
-                if let Outcome::Queued { next_attempt } = row.outcome {
-                    due.note(next_attempt);
+            for (row, wake) in rows.iter().zip(wake) {
+                if let (Outcome::Queued { next_attempt }, true) = (&row.outcome, wake) {
+                    due.note(*next_attempt);
                 }
             }
         }

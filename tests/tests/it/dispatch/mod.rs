@@ -232,6 +232,7 @@ impl Harness {
                 poll: Duration::from_millis(10),
                 capacity: 64,
             },
+            None,
             stop_claims,
         ));
         Self {

@@ -499,7 +499,7 @@ impl Dispatcher {
         };
         match self
             .handoff
-            .hand_off(delivery)
+            .hand_off(delivery, handed.reason != "breaker")
             .instrument(span.clone())
             .await
         {
