@@ -157,10 +157,7 @@ async fn a_fast_lane_queues_its_first_attempts_instead_of_handing_them_off() {
         .await;
         let crm = h.add("crm", &receiver.url("/"));
         let jobs: Vec<_> = (0..JOBS)
-            .map(|n| {
-                let (dispatcher, job) = (h.dispatcher.clone(), job(&crm, &format!("P-{n}")));
-                tokio::spawn(async move { dispatcher.deliver(job).await })
-            })
+            .map(|n| h.spawn_first(job(&crm, &format!("P-{n}"))))
             .collect();
         for j in jobs {
             assert_eq!(j.await.unwrap(), delivered(1, 200));
@@ -190,15 +187,11 @@ async fn a_lane_known_to_be_slow_hands_off_without_waiting() {
         )
         .await;
         let crm = h.add("crm", &receiver.url("/"));
-        let spawn = |id: &str| {
-            let (dispatcher, job) = (h.dispatcher.clone(), job(&crm, id));
-            tokio::spawn(async move { dispatcher.deliver(job).await })
-        };
         assert!(failed(1, None, &h.deliver(job(&crm, "P-0")).await).contains("timed out"));
 
-        let a = spawn("P-A");
+        let a = h.spawn_first(job(&crm, "P-A"));
         h.wait_stats(&crm, |s| s.in_flight == 1).await;
-        let b1 = spawn("P-B1");
+        let b1 = h.spawn_first(job(&crm, "P-B1"));
         h.wait_stats(&crm, |s| s.queued == 1).await;
         let b2 = h.dispatcher.deliver(job(&crm, "P-B2")).await;
         assert!(failed(0, None, &b2).contains("saturated"));

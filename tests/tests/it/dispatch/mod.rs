@@ -263,6 +263,12 @@ impl Harness {
         tokio::spawn(async move { to_end(&dispatcher, &store, job).await })
     }
 
+    /// The first attempt of `job` in a task: its outcome, `Queued` included (not followed).
+    fn spawn_first(&self, job: Job) -> JoinHandle<Outcome> {
+        let dispatcher = self.dispatcher.clone();
+        tokio::spawn(async move { dispatcher.deliver(job).await })
+    }
+
     fn stats(&self, integration: &Integration) -> Option<LaneStats> {
         self.dispatcher
             .stats()
