@@ -10,6 +10,7 @@ use pushwire_common::delivery_store::{DeliveryKey, DeliveryState};
 
 use pushwire_tests::eventually::{until, within};
 use pushwire_tests::receiver::{Received, Reply, TestReceiver};
+use pushwire_worker::budget::MemoryBudget;
 use pushwire_worker::deliver::dispatch::{DispatchOptions, Outcome};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -202,6 +203,44 @@ async fn a_lane_known_to_be_slow_hands_off_without_waiting() {
         assert_eq!(h.stats(&crm).map(|s| (s.in_flight, s.queued)), Some((1, 1)));
         assert!(failed(1, None, &a.await.unwrap()).contains("timed out"));
         assert!(failed(1, None, &b1.await.unwrap()).contains("timed out"));
+    })
+    .await
+    .expect("the test finished within its limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_from_the_store_holds_its_share_of_the_memory_budget() {
+    // The first attempt gets a 503 and is handed off; its retry, claimed from the store, hangs
+    // at the receiver: while it is in flight the budget holds the body's share, and once it
+    // timed out and went back to the store, nothing.
+    within("the test body", LIMIT, async {
+        let receiver = TestReceiver::http().await.unwrap();
+        receiver.respond_with(vec![Reply::status(503)]);
+        receiver.set_default(Reply::hang());
+        let h = Harness::new(
+            dispatch_options(&[20, 60_000], Duration::from_secs(600)),
+            client_options(Duration::from_millis(1500)),
+        )
+        .await;
+        let crm = h.add("crm", &receiver.url("/"));
+        let job = job(&crm, "P-1");
+        let share = MemoryBudget::share(job.body.len()).div_ceil(1024) * 1024;
+        assert!(matches!(
+            h.dispatcher.deliver(job).await,
+            Outcome::Queued { attempts: 1, .. }
+        ));
+        assert_eq!(h.budget.held(), 0, "a queued delivery holds nothing");
+        wait_count(&receiver, 2).await;
+        assert_eq!(
+            h.budget.held(),
+            share,
+            "the retry in flight holds its share"
+        );
+        until("the retry's share given back", WAIT, || {
+            h.budget.held() == 0
+        })
+        .await
+        .expect("the retry ended and gave its share back");
     })
     .await
     .expect("the test finished within its limit");

@@ -37,11 +37,12 @@ use pushwire_common::webhook::signing;
 use pushwire_common::webhook::ssrf::AllowList;
 use pushwire_tests::eventually::{Poll, eventually, until};
 use pushwire_tests::receiver::{Received, Reply, TestReceiver, serve};
+use pushwire_worker::budget::MemoryBudget;
 use pushwire_worker::deliver::breaker::BreakerOptions;
 use pushwire_worker::deliver::dispatch::{
     DisableRequest, DispatchOptions, Dispatcher, IntegrationSource, Job, LaneStats, Outcome,
 };
-use pushwire_worker::deliver::retries::{self, RetryOptions};
+use pushwire_worker::deliver::retries::{self, RetryBudget, RetryOptions};
 use pushwire_worker::deliver::retry::RetryPolicy;
 use pushwire_worker::deliver::store::{Handoff, StoreHandle};
 use pushwire_worker::metrics::Metrics;
@@ -166,6 +167,8 @@ fn client_options(request_timeout: Duration) -> ClientOptions {
 
 struct Harness {
     dispatcher: Dispatcher,
+    /// The memory budget retries from the store take their share of.
+    budget: MemoryBudget,
     source: Arc<Source>,
     disabled: mpsc::Receiver<DisableRequest>,
     shutdown: CancellationToken,
@@ -204,6 +207,7 @@ impl Harness {
             .expect("migrations");
         let metrics = Arc::new(Metrics::default());
         let store = StoreHandle::new(Arc::new(store), metrics.clone());
+        let budget = MemoryBudget::new(64 << 20, &metrics);
         let client = WebhookClient::new(client).expect("webhook client");
         let source = Arc::new(Source::default());
         let (tx, disabled) = mpsc::channel(8);
@@ -232,11 +236,15 @@ impl Harness {
                 poll: Duration::from_millis(10),
                 capacity: 64,
             },
-            None,
+            Some(RetryBudget {
+                budget: budget.clone(),
+                largest: MemoryBudget::share(1 << 20),
+            }),
             stop_claims,
         ));
         Self {
             dispatcher,
+            budget,
             source,
             disabled,
             shutdown,
