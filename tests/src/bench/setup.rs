@@ -32,6 +32,8 @@ pub struct Plan {
     pub latency: Duration,
     /// Offered rate of the latency measurement, participations per second.
     pub rate: f64,
+    /// Happy-path deliveries/s before the durable hand-off (`--before-rps`).
+    pub before_rps: f64,
     /// Configuration changes timed.
     pub changes: usize,
     /// Length of each isolation measurement.

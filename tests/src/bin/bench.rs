@@ -64,6 +64,12 @@ struct Args {
     #[arg(long, default_value_t = 100_000)]
     waiting: u64,
 
+    /// Happy-path deliveries/s of the build before the durable hand-off, to compare with
+    /// (default: issue 14's figure, measured on another machine; give the figure of that build
+    /// on this machine for a like-for-like ratio).
+    #[arg(long, default_value_t = report::BEFORE_HANDOFF_RPS)]
+    before_rps: f64,
+
     /// Run only these measurements (repeatable; default: all but `retry-delay`).
     #[arg(long, value_enum)]
     only: Vec<Phase>,
@@ -118,6 +124,7 @@ fn plan(args: &Args) -> Plan {
         measure: Duration::from_secs(measure),
         latency: Duration::from_secs(latency),
         rate: args.rate,
+        before_rps: args.before_rps,
         changes,
         isolation: Duration::from_secs(isolation),
         waiting: args.waiting,
