@@ -199,47 +199,20 @@ async fn write(
     due: Arc<DueTimes>,
     stop: CancellationToken,
 ) {
-    loop {
-        let first = tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            next = rx.recv() => match next {
-                Some(p) => p,
-                None => return,
-            },
-        };
-        let mut batch = vec![first];
-        let gather_until = tokio::time::Instant::now() + BATCH_WAIT;
-        while batch.len() < MAX_BATCH {
-            match tokio::time::timeout_at(gather_until, rx.recv()).await {
-                Ok(Some(p)) => batch.push(p),
-                _ => break,
-            }
-        }
+    while let Some(batch) = next_batch(&mut rx, MAX_BATCH, &stop).await {
         let wake: Vec<bool> = batch.iter().map(|p| p.wake).collect();
         let (rows, waiters): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|p| (p.delivery, p.done)).unzip();
-        let mut backoff = BACKOFF.0;
-        let result = loop {
-            let now = SystemTime::now();
-            match store
-                .call("hand_off", store.store.hand_off(&rows, now))
-                .await
-            {
-                Ok(()) => break Ok(()),
-                Err(err @ (StoreError::InvalidArgument(_) | StoreError::Corrupt(_))) => {
-                    break Err(err.to_string());
-                }
-                // Unreachable, restarting, or failing for a reason an operator must fix:
-                // keep the deliveries and try again (readiness says why meanwhile).
-                Err(_) => {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(BACKOFF.1);
-                }
-            }
+        let (store, rows_ref) = (&store, &rows);
+        let Some(result) = until_written(&stop, move || {
+            store.call(
+                "hand_off",
+                store.store.hand_off(rows_ref, SystemTime::now()),
+            )
+        })
+        .await
+        else {
+            return;
         };
         if result.is_ok() {
             for (row, wake) in rows.iter().zip(wake) {
@@ -250,6 +223,55 @@ async fn write(
         }
         for done in waiters {
             let _ = done.send(result.clone());
+        }
+    }
+}
+
+/// The next batch of a writer: waits for a first item, then takes what arrives within
+/// [`BATCH_WAIT`], up to `max`; `None` at `stop` or once every sender is gone.
+async fn next_batch<T>(
+    rx: &mut mpsc::Receiver<T>,
+    max: usize,
+    stop: &CancellationToken,
+) -> Option<Vec<T>> {
+    let first = tokio::select! {
+        biased;
+        () = stop.cancelled() => return None,
+        next = rx.recv() => next?,
+    };
+    let mut batch = vec![first];
+    let gather_until = tokio::time::Instant::now() + BATCH_WAIT;
+    while batch.len() < max {
+        match tokio::time::timeout_at(gather_until, rx.recv()).await {
+            Ok(Some(item)) => batch.push(item),
+            _ => break,
+        }
+    }
+    Some(batch)
+}
+
+/// Runs `write` until it commits (`Ok`) or the store refuses it for good (`Err`, why); while
+/// the store is unreachable, restarting or failing for a reason an operator must fix, tries
+/// again with a growing backoff (readiness says why meanwhile). `None` at `stop`.
+async fn until_written<F, Fut>(stop: &CancellationToken, mut write: F) -> Option<Result<(), String>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), StoreError>>,
+{
+    let mut backoff = BACKOFF.0;
+    loop {
+        match write().await {
+            Ok(()) => return Some(Ok(())),
+            Err(err @ (StoreError::InvalidArgument(_) | StoreError::Corrupt(_))) => {
+                return Some(Err(err.to_string()));
+            }
+            Err(_) => {
+                tokio::select! {
+                    () = stop.cancelled() => return None,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF.1);
+            }
         }
     }
 }
@@ -286,46 +308,24 @@ impl OutcomeLog {
     }
 }
 
-/// The log writer: one transaction per batch, retried with backoff while the store fails.
+/// The log writer: one transaction per batch, retried with backoff while the store fails (a
+/// batch the store refuses for good is dropped: it is logged by the store handle).
 async fn log_outcomes(
     store: StoreHandle,
     mut rx: mpsc::Receiver<NewDelivery>,
     stop: CancellationToken,
 ) {
-    loop {
-        let first = tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            next = rx.recv() => match next {
-                Some(d) => d,
-                None => return,
-            },
-        };
-        let mut batch = vec![first];
-        let gather_until = tokio::time::Instant::now() + BATCH_WAIT;
-        while batch.len() < LOG_BATCH {
-            match tokio::time::timeout_at(gather_until, rx.recv()).await {
-                Ok(Some(d)) => batch.push(d),
-                _ => break,
-            }
-        }
-        let mut backoff = BACKOFF.0;
-        loop {
-            let now = SystemTime::now();
-            match store
-                .call("record_outcomes", store.store.record_outcomes(&batch, now))
-                .await
-            {
-                Ok(()) => break,
-                Err(StoreError::InvalidArgument(_) | StoreError::Corrupt(_)) => break,
-                Err(_) => {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(BACKOFF.1);
-                }
-            }
+    while let Some(batch) = next_batch(&mut rx, LOG_BATCH, &stop).await {
+        let (store, batch) = (&store, &batch);
+        let written = until_written(&stop, move || {
+            store.call(
+                "record_outcomes",
+                store.store.record_outcomes(batch, SystemTime::now()),
+            )
+        })
+        .await;
+        if written.is_none() {
+            return;
         }
     }
 }
