@@ -202,7 +202,8 @@ pub async fn run(
             max_integrations_per_account: config.max_integrations_per_account,
             max_push_scopes_per_account: config.max_push_scopes_per_account,
         },
-    );
+    )
+    .with_memory(feed.clone());
 
     // Every call is authenticated (tokens, reloaded from --token-file); TLS with --tls-cert.
     let worker_token = config

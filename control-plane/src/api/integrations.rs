@@ -8,7 +8,7 @@ use pushwire_common::pb::v1 as pb;
 use pushwire_common::webhook::client::WebhookClient;
 use tonic::{Request, Response, Status};
 
-use super::{account, bad_request, integration_name, invalid, mask_paths, snake_case};
+use super::{account, answer, bad_request, integration_name, invalid, mask_paths, snake_case};
 use crate::service::{AuthHeaderInput, Catalog, IntegrationPatch, PageRequest, TestReport};
 
 /// Serves `IntegrationService` from the [`Catalog`]; `TestIntegration` sends with `client`,
@@ -156,9 +156,8 @@ impl IntegrationService for IntegrationApi {
         let who = authorize(&request, Action::Read)?;
         let name = integration_name("name", &request.get_ref().name)?;
         who.account(name.account())?;
-        Ok(Response::new(
-            self.read(&self.catalog.get_integration(&name).await?),
-        ))
+        let read = self.catalog.get_integration(&name).await?;
+        Ok(answer(read, |i| self.read(&i)))
     }
 
     async fn list_integrations(
@@ -169,7 +168,7 @@ impl IntegrationService for IntegrationApi {
         let req = request.into_inner();
         let account = account("parent", &req.parent)?;
         who.account(&account)?;
-        let page = self
+        let read = self
             .catalog
             .list_integrations(
                 &account,
@@ -179,7 +178,7 @@ impl IntegrationService for IntegrationApi {
                 },
             )
             .await?;
-        Ok(Response::new(pb::ListIntegrationsResponse {
+        Ok(answer(read, |page| pb::ListIntegrationsResponse {
             integrations: page.items.iter().map(|i| self.read(i)).collect(),
             next_page_token: page.next_token,
         }))

@@ -15,11 +15,14 @@ pub use integrations::IntegrationApi;
 pub use push_scopes::PushScopeApi;
 use pushwire_common::domain::convert::InvalidField;
 use pushwire_common::domain::{AccountName, IntegrationName, PushScopeName};
-use tonic::{Code, Status};
+use tonic::{Code, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
-use crate::service::ServiceError;
+use crate::service::{Read, ServiceError};
 use crate::store::StoreError;
+
+/// `google.rpc.ErrorInfo` reason of a write whose outcome is unknown (code UNKNOWN).
+pub const OUTCOME_UNKNOWN: &str = "OUTCOME_UNKNOWN";
 
 /// Largest request the admin services (integrations, push scopes, WatchConfig) decode: far
 /// above what valid input needs (a URL of 2 KiB, a header value of 4 KiB, a secret of 1 KiB);
@@ -50,12 +53,42 @@ impl From<ServiceError> for Status {
                 tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "store unavailable");
                 Status::unavailable("configuration store unavailable; retry later")
             }
+            ServiceError::Store(e @ StoreError::OutcomeUnknown(_)) => {
+                tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "write outcome unknown");
+                let details = ErrorDetails::with_error_info(
+                    OUTCOME_UNKNOWN,
+                    "pushwire.v1",
+                    std::collections::HashMap::new(),
+                );
+                Status::with_error_details(
+                    Code::Unknown,
+                    "outcome unknown: the configuration store lost its answer after the change \
+                     was sent, so it may or may not have been applied; read the resource before \
+                     retrying, and retry with its etag",
+                    details,
+                )
+            }
             ServiceError::Store(e) => {
                 tracing::error!(error = %e, "store failure");
                 Status::internal("configuration store failure")
             }
         }
     }
+}
+
+/// Response header of a read answered from the control plane's in-memory copy of the
+/// configuration because the store was unavailable: the copy's revision, possibly behind.
+pub const STALE_REVISION_HEADER: &str = "pushwire-stale-revision";
+
+/// The response to a read, marked with [`STALE_REVISION_HEADER`] when it came from memory.
+fn answer<T, M>(read: Read<T>, to_pb: impl FnOnce(T) -> M) -> Response<M> {
+    let mut response = Response::new(to_pb(read.value));
+    if let Some(revision) = read.stale_at {
+        response
+            .metadata_mut()
+            .insert(STALE_REVISION_HEADER, revision.into());
+    }
+    response
 }
 
 /// `INVALID_ARGUMENT` naming the field in the message and, for generated clients, in a
@@ -133,4 +166,27 @@ fn mask_paths(
         }
     }
     Ok(Some(paths))
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::StatusExt as _;
+
+    use super::*;
+
+    #[test]
+    fn a_lost_write_answer_is_unknown_with_its_reason_and_what_to_do() {
+        let lost = StoreError::OutcomeUnknown("connection reset".into());
+        let status = Status::from(ServiceError::Store(lost));
+        assert_eq!(status.code(), Code::Unknown);
+        assert!(status.message().contains("outcome unknown"));
+        assert!(status.message().contains("etag"));
+        let info = status.get_error_details().error_info().cloned();
+        assert_eq!(info.map(|i| i.reason), Some(OUTCOME_UNKNOWN.to_owned()));
+        let down = StoreError::unavailable(std::io::Error::other("refused"));
+        assert_eq!(
+            Status::from(ServiceError::Store(down)).code(),
+            Code::Unavailable
+        );
+    }
 }

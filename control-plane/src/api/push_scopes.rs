@@ -7,7 +7,7 @@ use pushwire_common::domain::matching::Placement;
 use pushwire_common::pb::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::{account, integration_name, invalid, mask_paths, push_scope_name};
+use super::{account, answer, integration_name, invalid, mask_paths, push_scope_name};
 use crate::service::{Catalog, PageRequest, PushScopePatch};
 
 /// Serves `PushScopeService` from the [`Catalog`].
@@ -103,9 +103,8 @@ impl PushScopeService for PushScopeApi {
         let who = authorize(&request, Action::Read)?;
         let name = push_scope_name("name", &request.get_ref().name)?;
         who.account(name.account())?;
-        Ok(Response::new(
-            (&self.catalog.get_push_scope(&name).await?).into(),
-        ))
+        let read = self.catalog.get_push_scope(&name).await?;
+        Ok(answer(read, |s| (&s).into()))
     }
 
     async fn list_push_scopes(
@@ -129,7 +128,7 @@ impl PushScopeService for PushScopeApi {
                 Some(name)
             }
         };
-        let page = self
+        let read = self
             .catalog
             .list_push_scopes(
                 &account,
@@ -140,7 +139,7 @@ impl PushScopeService for PushScopeApi {
                 },
             )
             .await?;
-        Ok(Response::new(pb::ListPushScopesResponse {
+        Ok(answer(read, |page| pb::ListPushScopesResponse {
             push_scopes: page.items.iter().map(Into::into).collect(),
             next_page_token: page.next_token,
         }))
@@ -200,8 +199,8 @@ impl PushScopeService for PushScopeApi {
             campaign_id: &campaign_id,
             identified,
         };
-        let pushes = self.catalog.resolve_pushes(&account, &placement).await?;
-        Ok(Response::new(pb::ResolvePushesResponse {
+        let read = self.catalog.resolve_pushes(&account, &placement).await?;
+        Ok(answer(read, |pushes| pb::ResolvePushesResponse {
             pushes: pushes
                 .into_iter()
                 .map(|p| pb::ResolvedPush {

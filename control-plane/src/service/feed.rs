@@ -108,6 +108,21 @@ impl ConfigFeed {
         self.read().revision
     }
 
+    /// Runs `read` on the cached configuration (store key -> record) at its revision; `None`
+    /// before the first load. For answering reads while the store is unavailable.
+    pub fn read_cached<R>(
+        &self,
+        read: impl FnOnce(&BTreeMap<String, Arc<Integration>>, &BTreeMap<String, Arc<PushScope>>) -> R,
+    ) -> Option<(i64, R)> {
+        let state = self.read();
+        state.loaded.then(|| {
+            (
+                state.revision,
+                read(&state.integrations, &state.push_scopes),
+            )
+        })
+    }
+
     /// Number of watchers attached.
     pub fn watchers(&self) -> usize {
         self.revision_tx.receiver_count()
@@ -134,6 +149,20 @@ impl ConfigFeed {
     /// unreachable. `keys` decrypt the secrets in records.
     pub async fn run(self, store: Arc<dyn Store>, keys: Arc<Keyring>, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        // Backing off ends early when the store says it answers again: the feed resumes at
+        // once instead of up to one backoff late.
+        let pause = |backoff: &mut Backoff| {
+            let delay = backoff.next_delay();
+            let store = store.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = store.recovered() => {}
+                    () = shutdown.cancelled() => {}
+                }
+            }
+        };
         let mut resume_from: Option<i64> = None;
         while !shutdown.is_cancelled() {
             let from = match resume_from {
@@ -150,7 +179,7 @@ impl ConfigFeed {
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "config feed: cannot read the store; retrying");
-                            sleep_or_cancel(backoff.next_delay(), &shutdown).await;
+                            pause(&mut backoff).await;
                             continue;
                         }
                     }
@@ -161,7 +190,7 @@ impl ConfigFeed {
                 Ok(s) => s,
                 Err(e) => {
                     resume_from = self.after_error(e, from);
-                    sleep_or_cancel(backoff.next_delay(), &shutdown).await;
+                    pause(&mut backoff).await;
                     continue;
                 }
             };
@@ -178,11 +207,11 @@ impl ConfigFeed {
                     }
                     Some(Err(e)) => {
                         resume_from = self.after_error(e, resume_from.unwrap_or(from));
-                        sleep_or_cancel(backoff.next_delay(), &shutdown).await;
+                        pause(&mut backoff).await;
                         break;
                     }
                     None => {
-                        sleep_or_cancel(backoff.next_delay(), &shutdown).await;
+                        pause(&mut backoff).await;
                         break;
                     }
                 }
@@ -298,13 +327,6 @@ fn deleted_name(key: &str) -> Option<Deleted> {
         Parsed::PushScope(a, id) => Some(Deleted::PushScope(
             PushScopeName::new(&AccountName::from_id(a).ok()?, id).ok()?,
         )),
-    }
-}
-
-async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) {
-    tokio::select! {
-        () = tokio::time::sleep(d) => {}
-        () = shutdown.cancelled() => {}
     }
 }
 

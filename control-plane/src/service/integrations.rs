@@ -10,8 +10,8 @@ use pushwire_common::domain::{
 };
 
 use super::{
-    AccountView, Attempt, Catalog, Page, PageRequest, Result, ServiceError, check_etag,
-    generate_id, paginate, validate,
+    AccountView, Attempt, Catalog, Memory, Page, PageRequest, Read, Result, ServiceError,
+    check_etag, generate_id, paginate, validate,
 };
 use crate::store::records::{self, Record};
 use crate::store::{Compare, Op, Txn, keys};
@@ -127,33 +127,58 @@ impl Catalog {
             .map(|s| self.keys.fingerprint(&s.secret))
     }
 
-    /// Reads one integration.
-    pub async fn get_integration(&self, name: &IntegrationName) -> Result<Integration> {
-        let kv = self.store.get(&records::integration_key(name)).await?;
-        let record = kv.map(|kv| records::decode(&kv, &self.keys));
-        match record.transpose()?.flatten() {
-            Some(Record::Integration(i)) => Ok(i),
-            _ => Err(ServiceError::NotFound(name.to_string())),
-        }
+    /// Reads one integration (from memory while the store is unavailable).
+    pub async fn get_integration(&self, name: &IntegrationName) -> Result<Read<Integration>> {
+        let key = records::integration_key(name);
+        let from_store = async {
+            let kv = self.store.get(&key).await?;
+            match kv
+                .map(|kv| records::decode(&kv, &self.keys))
+                .transpose()?
+                .flatten()
+            {
+                Some(Record::Integration(i)) => Ok(i),
+                _ => Err(ServiceError::NotFound(name.to_string())),
+            }
+        };
+        self.read(from_store, |memory| {
+            memory
+                .integrations
+                .get(&key)
+                .map(|i| Integration::clone(i))
+                .ok_or_else(|| ServiceError::NotFound(name.to_string()))
+        })
+        .await
     }
 
-    /// Lists an account's integrations by id.
+    /// Lists an account's integrations by id (from memory while the store is unavailable).
     pub async fn list_integrations(
         &self,
         account: &AccountName,
         page: &PageRequest,
-    ) -> Result<Page<Integration>> {
-        let range = self
-            .store
-            .range(&keys::integrations_prefix(account.id()))
-            .await?;
-        let mut items = Vec::with_capacity(range.kvs.len());
-        for kv in &range.kvs {
-            if let Some(Record::Integration(i)) = records::decode(kv, &self.keys)? {
-                items.push((i.name.id().to_owned(), i));
+    ) -> Result<Read<Page<Integration>>> {
+        let prefix = keys::integrations_prefix(account.id());
+        let from_store = async {
+            let range = self.store.range(&prefix).await?;
+            let mut items = Vec::with_capacity(range.kvs.len());
+            for kv in &range.kvs {
+                if let Some(Record::Integration(i)) = records::decode(kv, &self.keys)? {
+                    items.push(i);
+                }
             }
-        }
-        paginate(items.into_iter(), page)
+            Ok(items)
+        };
+        let read = self
+            .read(from_store, |memory| {
+                let items = Memory::under(memory.integrations, &prefix);
+                Ok(items.cloned().collect())
+            })
+            .await?;
+        let items = read.value.into_iter().map(|i| (i.name.id().to_owned(), i));
+        Ok(Read {
+            value: paginate(items, page)?,
+            stale_at: read.stale_at,
+        })
     }
 
     /// Applies `patch` to an integration; fails with ABORTED when `etag` is stale.

@@ -103,6 +103,8 @@ impl Default for CatalogOptions {
 #[derive(Clone)]
 pub struct Catalog {
     store: Arc<dyn Store>,
+    /// Answers reads while the store is unavailable (a lost etcd quorum).
+    memory: Option<ConfigFeed>,
     /// Encrypt and decrypt the secrets in records.
     keys: Arc<Keyring>,
     opts: CatalogOptions,
@@ -113,6 +115,36 @@ impl std::fmt::Debug for Catalog {
         f.debug_struct("Catalog")
             .field("opts", &self.opts)
             .finish_non_exhaustive()
+    }
+}
+
+/// A read's answer, and where it came from.
+#[derive(Debug)]
+pub struct Read<T> {
+    /// The answer.
+    pub value: T,
+    /// `Some(revision)` when the store was unavailable and the answer comes from the control
+    /// plane's in-memory copy of the configuration at `revision`, which may be behind.
+    pub stale_at: Option<i64>,
+}
+
+/// The feed's in-memory copy of the configuration, records by store key.
+struct Memory<'a> {
+    integrations: &'a BTreeMap<String, Arc<Integration>>,
+    push_scopes: &'a BTreeMap<String, Arc<PushScope>>,
+}
+
+impl Memory<'_> {
+    fn under<'m, T>(
+        map: &'m BTreeMap<String, Arc<T>>,
+        prefix: &'m str,
+    ) -> impl Iterator<Item = &'m T> + 'm {
+        map.range::<str, _>((
+            std::ops::Bound::Included(prefix),
+            std::ops::Bound::Unbounded,
+        ))
+        .take_while(move |(key, _)| key.starts_with(prefix))
+        .map(|(_, v)| v.as_ref())
     }
 }
 
@@ -145,7 +177,54 @@ pub struct Page<T> {
 impl Catalog {
     /// A catalog over `store`, its records' secrets encrypted with `keys`.
     pub fn new(store: Arc<dyn Store>, keys: Arc<Keyring>, opts: CatalogOptions) -> Self {
-        Self { store, keys, opts }
+        Self {
+            store,
+            memory: None,
+            keys,
+            opts,
+        }
+    }
+
+    /// The same, answering reads from `feed`'s in-memory copy of the configuration while the
+    /// store is unavailable, marked [`Read::stale_at`] (as the Kubernetes API server's watch
+    /// cache serves reads). Writes still need the store.
+    pub fn with_memory(mut self, feed: ConfigFeed) -> Self {
+        self.memory = Some(feed);
+        self
+    }
+
+    /// `from_store`'s answer or, when the store is unavailable, `from_memory` over the feed's
+    /// copy (records by store key).
+    async fn read<T>(
+        &self,
+        from_store: impl Future<Output = Result<T>>,
+        from_memory: impl FnOnce(&Memory<'_>) -> Result<T>,
+    ) -> Result<Read<T>> {
+        let error = match from_store.await {
+            Ok(value) => {
+                return Ok(Read {
+                    value,
+                    stale_at: None,
+                });
+            }
+            Err(e @ ServiceError::Store(StoreError::Unavailable(_))) => e,
+            Err(e) => return Err(e),
+        };
+        let cached = self.memory.as_ref().and_then(|feed| {
+            feed.read_cached(|integrations, push_scopes| {
+                from_memory(&Memory {
+                    integrations,
+                    push_scopes,
+                })
+            })
+        });
+        match cached {
+            Some((revision, value)) => Ok(Read {
+                value: value?,
+                stale_at: Some(revision),
+            }),
+            None => Err(error),
+        }
     }
 
     /// The store behind the catalog.

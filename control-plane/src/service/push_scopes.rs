@@ -11,8 +11,8 @@ use pushwire_common::domain::{
 };
 
 use super::{
-    AccountView, Attempt, Catalog, Page, PageRequest, Result, ServiceError, check_etag,
-    generate_id, paginate,
+    AccountView, Attempt, Catalog, Memory, Page, PageRequest, Read, Result, ServiceError,
+    check_etag, generate_id, paginate,
 };
 use crate::store::records::{self, Record};
 use crate::store::{Compare, Op, Txn, keys};
@@ -194,8 +194,8 @@ impl Catalog {
         Ok(scope)
     }
 
-    /// Reads one push scope.
-    pub async fn get_push_scope(&self, name: &PushScopeName) -> Result<PushScope> {
+    /// Reads one push scope from the store.
+    async fn stored_push_scope(&self, name: &PushScopeName) -> Result<PushScope> {
         let kv = self.store.get(&records::push_scope_key(name)).await?;
         let record = kv.map(|kv| records::decode(&kv, &self.keys));
         match record.transpose()?.flatten() {
@@ -204,26 +204,53 @@ impl Catalog {
         }
     }
 
-    /// Lists an account's push scopes by id, optionally only those of one integration.
+    /// Reads one push scope (from memory while the store is unavailable).
+    pub async fn get_push_scope(&self, name: &PushScopeName) -> Result<Read<PushScope>> {
+        self.read(self.stored_push_scope(name), |memory| {
+            memory
+                .push_scopes
+                .get(&records::push_scope_key(name))
+                .map(|s| PushScope::clone(s))
+                .ok_or_else(|| ServiceError::NotFound(name.to_string()))
+        })
+        .await
+    }
+
+    /// Lists an account's push scopes by id, optionally only those of one integration (from
+    /// memory while the store is unavailable).
     pub async fn list_push_scopes(
         &self,
         account: &AccountName,
         integration: Option<&IntegrationName>,
         page: &PageRequest,
-    ) -> Result<Page<PushScope>> {
-        let range = self
-            .store
-            .range(&keys::push_scopes_prefix(account.id()))
-            .await?;
-        let mut items = Vec::with_capacity(range.kvs.len());
-        for kv in &range.kvs {
-            if let Some(Record::PushScope(s)) = records::decode(kv, &self.keys)?
-                && integration.is_none_or(|i| &s.integration == i)
-            {
-                items.push((s.name.id().to_owned(), s));
+    ) -> Result<Read<Page<PushScope>>> {
+        let prefix = keys::push_scopes_prefix(account.id());
+        let from_store = async {
+            let range = self.store.range(&prefix).await?;
+            let mut items = Vec::with_capacity(range.kvs.len());
+            for kv in &range.kvs {
+                if let Some(Record::PushScope(s)) = records::decode(kv, &self.keys)? {
+                    items.push(s);
+                }
             }
-        }
-        paginate(items.into_iter(), page)
+            Ok(items)
+        };
+        let read = self
+            .read(from_store, |memory| {
+                Ok(Memory::under(memory.push_scopes, &prefix)
+                    .cloned()
+                    .collect())
+            })
+            .await?;
+        let items = read
+            .value
+            .into_iter()
+            .filter(|s| integration.is_none_or(|i| &s.integration == i))
+            .map(|s| (s.name.id().to_owned(), s));
+        Ok(Read {
+            value: paginate(items, page)?,
+            stale_at: read.stale_at,
+        })
     }
 
     /// Applies `patch` to a push scope; fails with ABORTED when `etag` is stale.
@@ -285,7 +312,7 @@ impl Catalog {
     /// Deletes a push scope.
     pub async fn delete_push_scope(&self, name: &PushScopeName, etag: Option<i64>) -> Result<()> {
         self.transact(
-            move || self.get_push_scope(name),
+            move || self.stored_push_scope(name),
             |current| {
                 check_etag(name, etag, current.revision)?;
                 let key = records::push_scope_key(name);
@@ -301,22 +328,40 @@ impl Catalog {
     }
 
     /// The integrations that would fire for a participation at `placement`, with the scope
-    /// that decided each, ordered by integration name.
+    /// that decided each, ordered by integration name (from memory while the store is
+    /// unavailable).
     pub async fn resolve_pushes(
         &self,
         account: &AccountName,
         placement: &Placement<'_>,
-    ) -> Result<Vec<ResolvedPush>> {
-        let view = self.view(account).await?;
-        let integrations: Vec<_> = view.integrations.into_values().collect();
-        let scopes: Vec<_> = view.scopes.into_values().collect();
-        Ok(matching::resolve(&integrations, &scopes, placement)
-            .into_iter()
-            .map(|p| ResolvedPush {
-                integration: p.integration.name.clone(),
-                decided_by: p.decided_by.name.clone(),
-            })
-            .collect())
+    ) -> Result<Read<Vec<ResolvedPush>>> {
+        let resolve = |integrations: &[pushwire_common::domain::Integration],
+                       scopes: &[PushScope]| {
+            matching::resolve(integrations, scopes, placement)
+                .into_iter()
+                .map(|p| ResolvedPush {
+                    integration: p.integration.name.clone(),
+                    decided_by: p.decided_by.name.clone(),
+                })
+                .collect()
+        };
+        let from_store = async {
+            let view = self.view(account).await?;
+            let integrations: Vec<_> = view.integrations.into_values().collect();
+            let scopes: Vec<_> = view.scopes.into_values().collect();
+            Ok(resolve(&integrations, &scopes))
+        };
+        let prefix = keys::account_prefix(account.id());
+        self.read(from_store, |memory| {
+            let integrations: Vec<_> = Memory::under(memory.integrations, &prefix)
+                .cloned()
+                .collect();
+            let scopes: Vec<_> = Memory::under(memory.push_scopes, &prefix)
+                .cloned()
+                .collect();
+            Ok(resolve(&integrations, &scopes))
+        })
+        .await
     }
 }
 

@@ -57,7 +57,7 @@ impl Catalog {
         name: &IntegrationName,
         client: &WebhookClient,
     ) -> Result<TestReport> {
-        let integration = self.get_integration(name).await?;
+        let integration = self.get_integration(name).await?.value;
         let span = tracing::info_span!("test_integration", integration = %name);
         let traceparent = test_traceparent(&span);
         let report = async {

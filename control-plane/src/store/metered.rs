@@ -112,4 +112,8 @@ impl Store for Metered {
     async fn revision(&self) -> Result<i64, StoreError> {
         measured!(self, "revision", self.inner.revision())
     }
+
+    async fn recovered(&self) {
+        self.inner.recovered().await;
+    }
 }

@@ -138,6 +138,10 @@ pub enum StoreError {
     /// The store cannot be reached or failed to answer.
     #[error("store unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A write's answer was lost after it may have reached the store: it may or may not have
+    /// been applied. The caller must read before deciding to write again.
+    #[error("outcome of the write unknown")]
+    OutcomeUnknown(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The store holds something this version cannot read.
     #[error("store data corrupt: {0}")]
     Corrupt(String),
@@ -208,4 +212,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// The current store revision; also a liveness check of the backend.
     async fn revision(&self) -> Result<i64, StoreError>;
+
+    /// Resolves when the store, having been unreachable, may answer again (for loops that back
+    /// off meanwhile); never, for a store that is never unreachable.
+    async fn recovered(&self) {
+        std::future::pending::<()>().await;
+    }
 }

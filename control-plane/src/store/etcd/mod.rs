@@ -1,52 +1,36 @@
 //! [`EtcdStore`]: the [`Store`] contract on an etcd v3 cluster, the production backend, and the
 //! only module that sees `etcd_client` types. Guards and writes become one etcd transaction,
-//! prefix reads and watches become etcd ranges, and every request is bounded by a timeout so an
-//! unreachable cluster yields [`StoreError::Unavailable`] rather than a hang.
+//! prefix reads and watches become etcd ranges. Which member a call goes to, and what a failed
+//! attempt means, is `members.rs`: every call is bounded, so an unreachable cluster yields
+//! [`StoreError::Unavailable`] rather than a hang.
+
+mod members;
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::Future;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType,
-    GetOptions, KvClient, SortOrder, SortTarget, Txn as EtcdTxn, TxnOp, WatchClient, WatchOptions,
-    WatchResponse,
+    Client, CompactionOptions, Compare as EtcdCompare, CompareOp, EventType, GetOptions, KvClient,
+    SortOrder, SortTarget, Txn as EtcdTxn, TxnOp, WatchClient, WatchOptions, WatchResponse,
 };
+use tokio_util::sync::CancellationToken;
 
+use self::members::{Kind, Members};
 use super::{
     Compare, Event, KeyValue, Op, Range, Store, StoreError, Txn, TxnOutcome, WatchBatch,
     WatchStream, check_txn, keys,
 };
 
-/// Bound on establishing a connection to an endpoint.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bound on one request once a connection is up (enforced by the gRPC channel).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bound on a whole call, enforced here: the channel's own timeout does not cover waiting for a
-/// usable connection, which is where calls would otherwise hang while etcd is down.
-const CALL_TIMEOUT: Duration = Duration::from_secs(6);
-/// HTTP/2 pings on open watch streams, so a silently dead connection ends the watch. etcd
-/// refuses pings more often than every 5 s by default.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest range or watch response accepted; the gRPC default of 4 MiB is too small for a
 /// full listing of a big account.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
-/// A [`Store`] backed by etcd v3. Cheap to clone; clones share the connection.
+/// A [`Store`] backed by etcd v3. Cheap to clone; clones share the connections.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
-    /// Endpoints with any credentials removed, for `Debug` only.
-    endpoints: Vec<String>,
+    members: Members,
 }
-
-/// A call did not finish within [`CALL_TIMEOUT`].
-#[derive(Debug, thiserror::Error)]
-#[error("etcd did not answer within {0:?}")]
-struct TimedOut(Duration);
 
 /// etcd broke off a watch or answered outside its protocol.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +41,8 @@ enum WatchFailed {
     Canceled(String),
     #[error("etcd did not confirm the watch")]
     NotCreated,
+    #[error("the etcd member serving the watch left rotation")]
+    MemberDown,
 }
 
 /// An etcd answer without the header that carries the revision.
@@ -65,43 +51,34 @@ enum WatchFailed {
 struct NoHeader;
 
 impl EtcdStore {
-    /// Connects to the etcd cluster at `endpoints` (`http://host:port` URLs) and checks that it
-    /// answers, failing with [`StoreError::Unavailable`] within a few seconds if it does not.
+    /// Connects to the etcd cluster whose members are `endpoints` (`http://host:port` URLs;
+    /// give every member) and checks that it answers, failing with
+    /// [`StoreError::Unavailable`] within a few seconds if no member does.
     pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT)
-            // A member cut off from its cluster (a partition, an election in progress) then
-            // fails calls at once and ends our watch, instead of keeping a watch that silently
-            // receives nothing: the config feed re-watches, through a member with a leader.
-            .with_require_leader(true);
-        let client = bounded(Client::connect(endpoints, Some(options))).await?;
         let store = Self {
-            client,
-            endpoints: endpoints.iter().map(|e| without_credentials(e)).collect(),
+            members: Members::new(endpoints).await?,
         };
         store.revision().await?;
         Ok(store)
     }
+}
 
-    fn kv(&self) -> KvClient {
-        self.client
-            .kv_client()
-            .max_decoding_message_size(MAX_RESPONSE_BYTES)
-    }
+fn kv(client: &Client) -> KvClient {
+    client
+        .kv_client()
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
+}
 
-    fn watcher(&self) -> WatchClient {
-        self.client
-            .watch_client()
-            .max_decoding_message_size(MAX_RESPONSE_BYTES)
-    }
+fn watcher(client: &Client) -> WatchClient {
+    client
+        .watch_client()
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
 }
 
 impl fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EtcdStore")
-            .field("endpoints", &self.endpoints)
+            .field("endpoints", &self.members.endpoints())
             .finish_non_exhaustive()
     }
 }
@@ -118,16 +95,6 @@ fn without_credentials(endpoint: &str) -> String {
         rest.to_owned()
     } else {
         format!("{scheme}://{rest}")
-    }
-}
-
-/// Awaits an etcd call for at most [`CALL_TIMEOUT`].
-async fn bounded<T>(
-    call: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(result) => result.map_err(StoreError::unavailable),
-        Err(_) => Err(StoreError::unavailable(TimedOut(CALL_TIMEOUT))),
     }
 }
 
@@ -191,6 +158,9 @@ fn watch_start(from_revision: i64) -> i64 {
 /// revisions in one response but never splits one, as fragmenting is off).
 struct Follower {
     stream: etcd_client::WatchStream,
+    /// The tenure of the member serving the watch: the watch ends when the member leaves
+    /// rotation, so the caller re-watches through another one.
+    tenure: CancellationToken,
     ready: VecDeque<WatchBatch>,
     /// Events before this revision are the look-behind of [`watch_start`] and are dropped.
     from: i64,
@@ -209,8 +179,16 @@ impl Follower {
             if self.finished {
                 return None;
             }
-            // No timeout: a watch may idle for ever; keep-alive pings detect a dead connection.
-            let absorbed = match self.stream.message().await {
+            // No timeout: a watch may idle for ever. A dead connection is found by keep-alive
+            // pings, a dead or frozen member by the prober, which ends its tenure.
+            let message = tokio::select! {
+                m = self.stream.message() => m,
+                () = self.tenure.cancelled() => {
+                    self.finished = true;
+                    return Some(Err(StoreError::unavailable(WatchFailed::MemberDown)));
+                }
+            };
+            let absorbed = match message {
                 Ok(Some(response)) => self.absorb(&response),
                 Ok(None) => Err(StoreError::unavailable(WatchFailed::Closed)),
                 Err(err) => Err(StoreError::unavailable(err)),
@@ -261,10 +239,19 @@ impl Follower {
     }
 }
 
+fn etcd(e: etcd_client::Error) -> StoreError {
+    StoreError::unavailable(e)
+}
+
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let mut response = bounded(self.kv().get(key, None)).await?;
+        let mut response = self
+            .members
+            .call(Kind::Read, |client, _| async move {
+                kv(&client).get(key, None).await.map_err(etcd)
+            })
+            .await?;
         response
             .take_kvs()
             .into_iter()
@@ -274,10 +261,15 @@ impl Store for EtcdStore {
     }
 
     async fn range(&self, prefix: &str) -> Result<Range, StoreError> {
-        let options = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Key, SortOrder::Ascend);
-        let mut response = bounded(self.kv().get(prefix, Some(options))).await?;
+        let mut response = self
+            .members
+            .call(Kind::Read, |client, _| async move {
+                let options = GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Key, SortOrder::Ascend);
+                kv(&client).get(prefix, Some(options)).await.map_err(etcd)
+            })
+            .await?;
         let revision = header_revision(response.header())?;
         let kvs = response
             .take_kvs()
@@ -299,8 +291,14 @@ impl Store for EtcdStore {
             })
             .collect();
         let request = EtcdTxn::new().when(compares).and_then(ops);
-        // A timeout here leaves the outcome unknown; callers re-read and retry their CAS.
-        let response = bounded(self.kv().txn(request)).await?;
+        // A lost answer leaves the outcome unknown: `call` says so instead of sending it again.
+        let response = self
+            .members
+            .call(Kind::Write, |client, _| {
+                let request = request.clone();
+                async move { kv(&client).txn(request).await.map_err(etcd) }
+            })
+            .await?;
         if !response.succeeded() {
             return Ok(TxnOutcome::Conflict);
         }
@@ -310,27 +308,36 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, prefix: &str, from_revision: i64) -> Result<WatchStream, StoreError> {
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(watch_start(from_revision));
-        let mut watcher = self.watcher();
-        let stream = bounded(watcher.watch(prefix, Some(options))).await?;
-        let mut follower = Follower {
-            stream,
-            ready: VecDeque::new(),
-            from: from_revision,
-            next: from_revision,
-            finished: false,
-        };
-        // Waiting for etcd's confirmation makes a failure to register surface here, bounded.
-        match bounded(follower.stream.message()).await? {
-            Some(response) if response.created() => follower.absorb(&response)?,
-            Some(response) => {
-                follower.absorb(&response)?;
-                return Err(StoreError::unavailable(WatchFailed::NotCreated));
-            }
-            None => return Err(StoreError::unavailable(WatchFailed::Closed)),
-        }
+        let follower = self
+            .members
+            .call(Kind::Read, |client, tenure| async move {
+                let options = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(watch_start(from_revision));
+                let stream = watcher(&client)
+                    .watch(prefix, Some(options))
+                    .await
+                    .map_err(etcd)?;
+                let mut follower = Follower {
+                    stream,
+                    tenure,
+                    ready: VecDeque::new(),
+                    from: from_revision,
+                    next: from_revision,
+                    finished: false,
+                };
+                // Waiting for etcd's confirmation makes a failure to register surface here.
+                match follower.stream.message().await.map_err(etcd)? {
+                    Some(response) if response.created() => follower.absorb(&response)?,
+                    Some(response) => {
+                        follower.absorb(&response)?;
+                        return Err(StoreError::unavailable(WatchFailed::NotCreated));
+                    }
+                    None => return Err(StoreError::unavailable(WatchFailed::Closed)),
+                }
+                Ok(follower)
+            })
+            .await?;
         Ok(Box::pin(futures_util::stream::unfold(
             follower,
             |mut follower| async move {
@@ -341,27 +348,49 @@ impl Store for EtcdStore {
     }
 
     async fn compact(&self, revision: i64) -> Result<(), StoreError> {
-        let options = CompactionOptions::new().with_physical();
-        match tokio::time::timeout(CALL_TIMEOUT, self.kv().compact(revision, Some(options))).await {
-            Ok(Ok(_)) => Ok(()),
+        let result = self
+            .members
+            .call(Kind::Write, |client, _| async move {
+                let options = CompactionOptions::new().with_physical();
+                kv(&client)
+                    .compact(revision, Some(options))
+                    .await
+                    .map_err(etcd)
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(()),
             // Compacting at or below the compacted revision has nothing left to do.
-            Ok(Err(etcd_client::Error::GRpcStatus(status)))
-                if status
-                    .message()
-                    .contains("required revision has been compacted") =>
+            Err(StoreError::Unavailable(e))
+                if matches!(
+                    e.downcast_ref::<etcd_client::Error>(),
+                    Some(etcd_client::Error::GRpcStatus(status))
+                        if status.message().contains("required revision has been compacted")
+                ) =>
             {
                 Ok(())
             }
-            Ok(Err(err)) => Err(StoreError::unavailable(err)),
-            Err(_) => Err(StoreError::unavailable(TimedOut(CALL_TIMEOUT))),
+            Err(e) => Err(e),
         }
     }
 
     async fn revision(&self) -> Result<i64, StoreError> {
-        // A count of one key that never exists: the cheapest read that carries the revision.
-        let options = GetOptions::new().with_count_only();
-        let response = bounded(self.kv().get(keys::ROOT, Some(options))).await?;
+        let response = self
+            .members
+            .call(Kind::Read, |client, _| async move {
+                // A count of one key that never exists: the cheapest read with the revision.
+                let options = GetOptions::new().with_count_only();
+                kv(&client)
+                    .get(keys::ROOT, Some(options))
+                    .await
+                    .map_err(etcd)
+            })
+            .await?;
         header_revision(response.header())
+    }
+
+    async fn recovered(&self) {
+        self.members.recovered().await;
     }
 }
 
