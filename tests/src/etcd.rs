@@ -1,7 +1,8 @@
 //! A real etcd for tests. [`EtcdServer`] runs a single-member etcd process on free loopback ports
 //! with a throw-away data directory and removes both when dropped; fault tests take it down and
 //! bring it back on the same ports and data with [`EtcdServer::stop`], [`EtcdServer::resume`]
-//! and [`EtcdServer::restart`].
+//! and [`EtcdServer::restart`], or freeze it ([`EtcdServer::freeze`]). [`EtcdCluster`] runs
+//! three such members as one cluster, for the high-availability tests.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -24,6 +25,12 @@ const PORT_ATTEMPTS: usize = 3;
 /// Bytes of etcd's log quoted in a start-up error.
 const LOG_TAIL_BYTES: u64 = 4096;
 const MEMBER_NAME: &str = "pushwire-test";
+/// Raft timers of a single member: it elects itself, so short timers make that take
+/// milliseconds.
+const SINGLE_TIMERS: [&str; 4] = ["--heartbeat-interval", "20", "--election-timeout", "200"];
+/// Raft timers of a cluster member: short enough for quick elections, long enough that a
+/// loaded test machine does not cause spurious ones.
+const CLUSTER_TIMERS: [&str; 4] = ["--heartbeat-interval", "50", "--election-timeout", "750"];
 
 /// A running single-member etcd, killed and deleted on drop.
 ///
@@ -36,7 +43,12 @@ pub struct EtcdServer {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// `--name` and `--initial-cluster` of this member.
+    name: String,
+    initial_cluster: String,
+    timers: [&'static str; 4],
     child: Option<Child>,
+    frozen: bool,
 }
 
 impl EtcdServer {
@@ -49,13 +61,7 @@ impl EtcdServer {
             .tempdir()
             .context("creating etcd temp dir")?;
         let (client_port, peer_port) = free_ports()?;
-        let mut server = Self {
-            binary,
-            dir,
-            client_port,
-            peer_port,
-            child: None,
-        };
+        let mut server = Self::member(binary, dir, client_port, peer_port, MEMBER_NAME, None);
         let mut attempt = 1;
         loop {
             match server.resume() {
@@ -72,10 +78,72 @@ impl EtcdServer {
                             .with_context(|| format!("removing {}", data.display()))?;
                     }
                     (server.client_port, server.peer_port) = free_ports()?;
+                    server.initial_cluster =
+                        format!("{MEMBER_NAME}=http://127.0.0.1:{}", server.peer_port);
                 }
                 Err(err) => return Err(err),
             }
         }
+    }
+
+    /// A member named `name` on these ports, not started; `cluster` is the `--initial-cluster`
+    /// of a cluster it belongs to (else it is a cluster of one, with short raft timers).
+    fn member(
+        binary: PathBuf,
+        dir: tempfile::TempDir,
+        client_port: u16,
+        peer_port: u16,
+        name: &str,
+        cluster: Option<&str>,
+    ) -> Self {
+        Self {
+            binary,
+            dir,
+            client_port,
+            peer_port,
+            name: name.to_owned(),
+            initial_cluster: cluster.map_or_else(
+                || format!("{name}=http://127.0.0.1:{peer_port}"),
+                str::to_owned,
+            ),
+            timers: if cluster.is_some() {
+                CLUSTER_TIMERS
+            } else {
+                SINGLE_TIMERS
+            },
+            child: None,
+            frozen: false,
+        }
+    }
+
+    /// Stops the process with SIGSTOP, as a hung node: connections stay open, nothing answers.
+    pub fn freeze(&mut self) -> anyhow::Result<()> {
+        self.signal("STOP")?;
+        self.frozen = true;
+        Ok(())
+    }
+
+    /// Resumes a frozen process (SIGCONT).
+    pub fn thaw(&mut self) -> anyhow::Result<()> {
+        self.signal("CONT")?;
+        self.frozen = false;
+        Ok(())
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .ok_or_else(|| anyhow!("etcd is not running"))?
+            .id();
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} failed: {status}");
+        }
+        Ok(())
     }
 
     /// The client URL, e.g. `http://127.0.0.1:41234`.
@@ -92,6 +160,10 @@ impl EtcdServer {
 
     /// Kills etcd (SIGKILL, as a crash would) and waits for it to exit; the data stays.
     pub fn stop(&mut self) -> anyhow::Result<()> {
+        if self.frozen {
+            // A stopped process dies of SIGKILL all the same; continue it for tidiness.
+            let _ = self.thaw();
+        }
         if let Some(mut child) = self.child.take() {
             // Killing an already exited process fails harmlessly; `wait` reaps it either way.
             let _ = child.kill();
@@ -133,25 +205,28 @@ impl EtcdServer {
             .append(true)
             .open(self.log_path())
             .context("opening etcd log")?;
-        writeln!(log, "--- pushwire test harness: starting etcd ---")
-            .context("writing etcd log")?;
+        writeln!(
+            log,
+            "--- pushwire test harness: starting etcd {} ---",
+            self.name
+        )
+        .context("writing etcd log")?;
         let mut command = Command::new(&self.binary);
         command
             .arg("--name")
-            .arg(MEMBER_NAME)
+            .arg(&self.name)
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--listen-client-urls", &client_url])
             .args(["--advertise-client-urls", &client_url])
             .args(["--listen-peer-urls", &peer_url])
             .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("{MEMBER_NAME}={peer_url}")])
+            .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", MEMBER_NAME])
             // The tests compact explicitly and count revisions exactly.
             .args(["--auto-compaction-retention", "0"])
-            // A single member elects itself; short timers make that take milliseconds.
-            .args(["--heartbeat-interval", "20", "--election-timeout", "200"])
+            .args(self.timers)
             .args([
                 "--logger",
                 "zap",
@@ -215,6 +290,130 @@ impl Drop for EtcdServer {
     }
 }
 
+/// A three-member etcd cluster on loopback, each member killed and deleted on drop. Members are
+/// indexed 0..3; kill, restart, freeze and thaw them through [`EtcdCluster::member`].
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<EtcdServer>,
+}
+
+impl EtcdCluster {
+    /// Members of the cluster.
+    pub const SIZE: usize = 3;
+
+    /// Starts three members and waits until each serves requests (the cluster has a leader).
+    pub fn start() -> anyhow::Result<Self> {
+        let binary = find_binary()?;
+        // Every port is held until all are known, so none is handed out twice.
+        let listeners = (0..2 * Self::SIZE)
+            .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let ports = listeners
+            .iter()
+            .map(|l| Ok(l.local_addr()?.port()))
+            .collect::<anyhow::Result<Vec<u16>>>()?;
+        drop(listeners);
+        let names: Vec<String> = (0..Self::SIZE).map(|i| format!("member-{i}")).collect();
+        let cluster = (0..Self::SIZE)
+            .map(|i| format!("{}=http://127.0.0.1:{}", names[i], ports[2 * i + 1]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::with_capacity(Self::SIZE);
+        for (i, name) in names.iter().enumerate() {
+            let dir = tempfile::Builder::new()
+                .prefix("pushwire-etcd-")
+                .tempdir()
+                .context("creating etcd temp dir")?;
+            let mut member = EtcdServer::member(
+                binary.clone(),
+                dir,
+                ports[2 * i],
+                ports[2 * i + 1],
+                name,
+                Some(&cluster),
+            );
+            member.child = Some(member.spawn()?);
+            members.push(member);
+        }
+        // A member is healthy once the cluster has a leader, which takes a quorum: wait after
+        // starting them all.
+        for member in &mut members {
+            member.wait_ready()?;
+        }
+        Ok(Self { members })
+    }
+
+    /// Every member's client URL, comma-separated (`--etcd-endpoints`).
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(EtcdServer::endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Member `i`.
+    pub fn member(&mut self, i: usize) -> &mut EtcdServer {
+        &mut self.members[i]
+    }
+
+    /// The index of the member that leads the cluster, as the running members report it;
+    /// `None` while there is none.
+    pub fn leader(&mut self) -> Option<usize> {
+        let ids: Vec<Option<(String, String)>> = self
+            .members
+            .iter_mut()
+            .map(|m| {
+                if m.frozen || !m.is_running() {
+                    return None;
+                }
+                member_status(m.client_port).ok()
+            })
+            .collect();
+        let leader = ids
+            .iter()
+            .flatten()
+            .map(|(_, leader)| leader)
+            .next()?
+            .clone();
+        ids.iter()
+            .position(|s| s.as_ref().is_some_and(|(id, _)| *id == leader))
+    }
+}
+
+/// `(member id, leader id)` from a member's status (etcd's JSON gateway).
+fn member_status(port: u16) -> anyhow::Result<(String, String)> {
+    let body = "{}";
+    let request = format!(
+        "POST /v3/maintenance/status HTTP/1.0\r\nHost: 127.0.0.1\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let response = http_exchange(port, request.as_bytes())?;
+    let json = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .ok_or_else(|| anyhow!("etcd status: no body in {response:?}"))?;
+    let value: serde_json::Value = serde_json::from_str(json).context("etcd status JSON")?;
+    let id = value["header"]["member_id"].as_str().unwrap_or_default();
+    let leader = value["leader"].as_str().unwrap_or_default();
+    if id.is_empty() || leader.is_empty() || leader == "0" {
+        bail!("etcd status without member or leader: {json}");
+    }
+    Ok((id.to_owned(), leader.to_owned()))
+}
+
+fn http_exchange(port: u16, request: &[u8]) -> std::io::Result<String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(request)?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
 fn find_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os(ETCD_BIN_ENV) {
         let path = PathBuf::from(path);
@@ -248,17 +447,8 @@ fn free_ports() -> anyhow::Result<(u16, u16)> {
 
 /// etcd's `/health` answers `"health":"true"` once it has a leader and serves requests.
 fn healthy(port: u16) -> bool {
-    let probe = || -> std::io::Result<String> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-        stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response)
-    };
-    probe().is_ok_and(|response| response.contains(r#""health":"true""#))
+    http_exchange(port, b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_ok_and(|response| response.contains(r#""health":"true""#))
 }
 
 fn read_tail(path: &Path) -> std::io::Result<String> {

@@ -316,12 +316,13 @@ async fn control_plane_and_etcd_restarts_lose_nothing() -> anyhow::Result<()> {
         let during_cp_outage = publication.acknowledged() - before;
         rig.cp.restart().await?;
 
-        // etcd dies for a few seconds: the control plane answers UNAVAILABLE within a bound
-        // and says it is not ready; deliveries go on.
+        // etcd dies for a few seconds: the control plane answers reads from memory (marked
+        // stale) and writes UNAVAILABLE, within a bound, and stays ready with a warning;
+        // deliveries go on.
         etcd.stop()?;
         let etcd_down = Instant::now();
         let before = publication.acknowledged();
-        let answer = tokio::time::timeout(
+        let read = tokio::time::timeout(
             Duration::from_secs(15),
             rig.admin
                 .integrations()
@@ -331,13 +332,32 @@ async fn control_plane_and_etcd_restarts_lose_nothing() -> anyhow::Result<()> {
                 }),
         )
         .await;
-        let unavailable_after = etcd_down.elapsed();
-        match &answer {
-            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {}
-            other => panic!("a call while etcd is down gave {other:?}"),
+        match &read {
+            Ok(Ok(list)) => assert!(
+                list.metadata()
+                    .get(pushwire_control_plane::api::STALE_REVISION_HEADER)
+                    .is_some(),
+                "a read while etcd is down is marked stale: {list:?}"
+            ),
+            other => panic!("a read while etcd is down gave {other:?}"),
         }
-        let (ready, _) = http_get(rig.cp.http, "/readyz").await?;
-        assert_eq!(ready, 503, "not ready while etcd is down");
+        let write = tokio::time::timeout(
+            Duration::from_secs(15),
+            rig.admin.create_integration(
+                ACCOUNT,
+                "while-etcd-is-down",
+                pushwire_tests::admin::integration("down", "http://127.0.0.1:9/"),
+            ),
+        )
+        .await;
+        let unavailable_after = etcd_down.elapsed();
+        match &write {
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {}
+            other => panic!("a write while etcd is down gave {other:?}"),
+        }
+        let (ready, body) = http_get(rig.cp.http, "/readyz").await?;
+        assert_eq!(ready, 200, "ready, from memory, while etcd is down: {body}");
+        assert!(body.contains("warning: store unreachable"), "{body}");
         tokio::time::sleep(Duration::from_secs(2)).await;
         let etcd = tokio::task::spawn_blocking(move || etcd.resume().map(|()| etcd)).await??;
         let etcd_outage = etcd_down.elapsed();

@@ -23,6 +23,7 @@ mod dispatch;
 mod durability;
 mod encryption;
 mod faults;
+mod ha;
 mod handoff;
 mod ingest;
 mod limits;
