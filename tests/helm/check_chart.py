@@ -924,6 +924,18 @@ class Checks:
             got = len(find(objects, kind, component))
             assert got == count, f"{label}: {got} {kind} of {component}, expected {count}"
 
+    def etcd_members(self, label):
+        """The control plane is given every member of the bundled etcd by its stable name
+        (pod.headless-service), not the Service: it fails over between members itself."""
+        objects = self.renders[label][0]
+        etcd = one(objects, "StatefulSet", "etcd")
+        name, replicas = etcd["metadata"]["name"], etcd["spec"]["replicas"]
+        peers = etcd["spec"]["serviceName"]
+        env = env_of(container(one(objects, "Deployment", "control-plane"), "control-plane"))
+        got = (env.get("PUSHWIRE_ETCD_ENDPOINTS") or "").split(",")
+        want = [f"http://{name}-{i}.{peers}.{NAMESPACE}.svc:2379" for i in range(replicas)]
+        assert got == want, f"{label}: PUSHWIRE_ETCD_ENDPOINTS {got}, expected every member {want}"
+
     # 3. flags
 
     def flag_schema(self, section):
@@ -1675,6 +1687,10 @@ def main():
                     ("StatefulSet", "postgresql", 1), ("Service", "postgresql", 1), ("Secret", "postgresql", 1),
                     ("PodDisruptionBudget", "control-plane", 1), ("PodDisruptionBudget", "worker", 1),
                     ("Service", "worker", 1), ("Service", "control-plane", 1)])
+    for label in ("default values", *VARIANTS):
+        if label in checks.renders and find(checks.renders[label][0], "StatefulSet", "etcd"):
+            checks.run(f"bundled etcd: the control plane is given every member ({label})",
+                       checks.etcd_members, label)
     if "ci/ha-values.yaml" in checks.renders:
         checks.run("ci/ha-values.yaml: external etcd and PostgreSQL, ServiceMonitors, no bundled etcd or "
                    "PostgreSQL, existing key, token and delivery store Secrets", checks.expected_objects,

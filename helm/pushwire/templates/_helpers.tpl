@@ -234,7 +234,14 @@ Call with (dict "root" $ "component" "controlPlane"|"worker"); returns YAML (fro
 {{- $_ := set $flags "encryptionKeyFile" (printf "/etc/pushwire/encryption/%s" $root.Values.encryption.key) }}
 {{- end }}
 {{- if eq (include "pushwire.store" $root) "bundled" }}
-{{- $_ := set $flags "etcdEndpoints" (list (printf "http://%s:2379" (include "pushwire.etcd.fullname" $root))) }}
+{{- /* Every member by its stable name, not the Service: the control plane keeps one connection
+       per member, sends calls to the leader and fails over between members itself. */ -}}
+{{- $etcd := include "pushwire.etcd.fullname" $root }}
+{{- $members := list }}
+{{- range $i := until (int $root.Values.etcd.bundled.replicas) }}
+{{- $members = append $members (printf "http://%s-%d.%s-headless.%s.svc:2379" $etcd $i $etcd $root.Release.Namespace) }}
+{{- end }}
+{{- $_ := set $flags "etcdEndpoints" $members }}
 {{- end }}
 {{- else }}
 {{- if and (include "pushwire.tokens.secret" $root) (not $flags.controlPlaneTokenFile) (not (include "pushwire.tokens.workerFromEnv" $root)) }}
