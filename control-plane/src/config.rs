@@ -29,6 +29,13 @@ pub struct Config {
     #[arg(long, env = "PUSHWIRE_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
 
+    /// With etcd: compact its history every interval, keeping one interval of it (one replica
+    /// at a time, as the Kubernetes API server does); 0 turns it off for an etcd compacted by
+    /// its operators (--auto-compaction-retention or a job). The embedded store keeps a bounded
+    /// history by itself.
+    #[arg(long, env = "PUSHWIRE_ETCD_COMPACTION_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub etcd_compaction_interval: Duration,
+
     /// Directory of the embedded store (used when no etcd endpoint is given).
     #[arg(long, env = "PUSHWIRE_DATA_DIR", default_value = "./pushwire-data")]
     pub data_dir: PathBuf,

@@ -185,6 +185,14 @@ pub async fn run(
     store::encryption::verify(store.as_ref(), &keys)
         .await
         .map_err(RunError::Encryption)?;
+    if !config.etcd_endpoints.is_empty() && !config.etcd_compaction_interval.is_zero() {
+        tokio::spawn(store::compaction::run(
+            store.clone(),
+            config.etcd_compaction_interval,
+            store_metrics.compaction.clone(),
+            shutdown.clone(),
+        ));
+    }
     let retention_metrics = service::deliveries::RetentionMetrics::default();
     let deliveries = delivery_log(&config, &retention_metrics, &shutdown).await?;
     let feed = ConfigFeed::new(config.watch_history);

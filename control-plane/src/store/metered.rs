@@ -22,6 +22,8 @@ struct OpLabel {
 pub struct StoreMetrics {
     latency: Family<OpLabel, Histogram>,
     errors: Family<OpLabel, Counter>,
+    /// The compactor's.
+    pub compaction: super::compaction::CompactionMetrics,
 }
 
 impl Default for StoreMetrics {
@@ -34,13 +36,15 @@ impl Default for StoreMetrics {
                 ])
             }),
             errors: Family::default(),
+            compaction: Default::default(),
         }
     }
 }
 
 impl StoreMetrics {
-    /// Registers `store_call_duration_seconds` and `store_errors_total`.
+    /// Registers `store_call_duration_seconds`, `store_errors_total` and the compactor's.
     pub fn register(&self, registry: &mut Registry) {
+        self.compaction.register(registry);
         registry.register_with_unit(
             "store_call_duration",
             "Configuration store calls by operation (watch: until the stream is open)",

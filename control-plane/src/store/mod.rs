@@ -4,6 +4,7 @@
 //! [`EtcdStore`] for production and [`EmbeddedStore`] (a single redb file) for one-node use.
 //! Nothing above this module sees an etcd or redb type; record encoding lives in `records.rs`.
 
+pub mod compaction;
 mod embedded;
 pub mod encryption;
 mod etcd;

@@ -7,12 +7,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt as _;
 use pushwire_common::pb::v1 as pb;
 use pushwire_control_plane::api::STALE_REVISION_HEADER;
 use pushwire_control_plane::store::{EtcdStore, Op, Store as _, StoreError, Txn};
 use pushwire_tests::admin::{Admin, integration, scope};
+use pushwire_tests::control_plane::{Backend, ControlPlane, test_config};
 use pushwire_tests::etcd::{EtcdCluster, EtcdServer};
-use pushwire_tests::eventually::{Poll, eventually, until};
+use pushwire_tests::eventually::{Poll, eventually, until, within};
 use pushwire_tests::faults::{
     ACCOUNT, ControlPlaneProc, CountingReceiver, Store, WorkerFlags, WorkerProc,
     create_integration, create_scope, http_get,
@@ -396,5 +398,84 @@ async fn a_write_whose_answer_is_lost_has_an_unknown_outcome() -> anyhow::Result
         matches!(refused, Err(StoreError::Unavailable(_))),
         "{refused:?}"
     );
+    Ok(())
+}
+
+/// The value of the sample `name` (no labels) in a Prometheus text exposition.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// Two control planes on one etcd compact its history, one at a time: the history before the
+/// compacted revision is gone, each replica knows the revision, and the configuration still
+/// reads and changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_planes_compact_the_etcd_history() -> anyhow::Result<()> {
+    let etcd = blocking(EtcdServer::start).await?;
+    let backend = Backend::Etcd(vec![etcd.endpoint()]);
+    let mut config = test_config(&backend);
+    config.etcd_compaction_interval = Duration::from_millis(300);
+    let cps = [
+        ControlPlane::start(config.clone()).await?,
+        ControlPlane::start(config).await?,
+    ];
+    let admin = cps[0].admin().await?;
+    let created = admin
+        .create_integration(
+            ACCOUNT,
+            "compacted",
+            integration("v0", "https://hooks.example.com/compacted"),
+        )
+        .await?;
+    let first = created.etag.parse::<i64>()?;
+    let mut change = created;
+    for n in 1..=5 {
+        change.display_name = format!("v{n}");
+        change = admin
+            .update_integration(change.clone(), &["display_name"])
+            .await?;
+    }
+    let last = change.etag.parse::<i64>()?;
+
+    // Both replicas see a compaction past the last update (made one interval after it).
+    for cp in &cps {
+        eventually("a compaction past the updates", SETTLE, || async {
+            let (_, metrics) = http_get(cp.http_addr, "/metrics").await?;
+            let revision = sample(&metrics, "pushwire_store_compacted_revision").unwrap_or(0.0);
+            Ok(Poll::when(revision >= last as f64, revision))
+        })
+        .await?;
+    }
+    let compactions: f64 = {
+        let mut total = 0.0;
+        for cp in &cps {
+            let (_, metrics) = http_get(cp.http_addr, "/metrics").await?;
+            total += sample(&metrics, "pushwire_store_compactions_total").unwrap_or(0.0);
+        }
+        total
+    };
+    assert!(compactions >= 1.0);
+    let store = EtcdStore::connect(&[etcd.endpoint()]).await?;
+    // "Compacted", from the call or as the stream's first item.
+    let history = match store.watch("/pushwire/v1/", first).await {
+        Err(e) => Some(e),
+        Ok(mut stream) => within("the watch's first item", SETTLE, stream.next())
+            .await?
+            .and_then(Result::err),
+    };
+    assert!(
+        matches!(history, Some(StoreError::Compacted { .. })),
+        "{history:?}"
+    );
+    let read = admin.get_integration(&change.name).await?;
+    assert_eq!(read.display_name, "v5");
+    change.display_name = "after".into();
+    admin.update_integration(change, &["display_name"]).await?;
+    for cp in cps {
+        cp.stop().await?;
+    }
     Ok(())
 }
