@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use futures_util::Stream;
 
 pub use embedded::EmbeddedStore;
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdStore, Limits as EtcdLimits};
 
 /// A stored key with its value and revisions, as etcd reports them.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use futures_util::StreamExt;
 use pushwire_control_plane::store::{
-    Compare, EmbeddedStore, EtcdStore, Event, KeyValue, Op, Store, StoreError, Txn, TxnOutcome,
-    WatchBatch, WatchStream, keys,
+    Compare, EmbeddedStore, EtcdLimits, EtcdStore, Event, KeyValue, Op, Store, StoreError, Txn,
+    TxnOutcome, WatchBatch, WatchStream, keys,
 };
 use pushwire_tests::etcd::EtcdServer;
 use pushwire_tests::eventually::{Poll, eventually};
@@ -649,5 +649,57 @@ async fn etcd_connect_fails_fast_when_nothing_listens() -> anyhow::Result<()> {
         matches!(connected, Err(StoreError::Unavailable(_))),
         "connecting to nothing gave {connected:?}"
     );
+    Ok(())
+}
+
+/// A range larger than the response cap comes in pages, all at the revision of the first:
+/// 200 values of 4 KiB (800 KiB) under a 256 KiB cap with pages asked for 1,000 keys at a time
+/// (too large: halved until a page fits).
+#[tokio::test]
+async fn etcd_ranges_above_the_response_cap_come_in_pages_at_one_revision() -> anyhow::Result<()> {
+    let server = EtcdServer::start()?;
+    let limits = EtcdLimits {
+        max_response_bytes: 256 * 1024,
+        page_keys: 1000,
+    };
+    let store = EtcdStore::connect_with(&[server.endpoint()], limits).await?;
+    let value = vec![b'x'; 4096];
+    let mut last = 0;
+    for n in 0..200 {
+        let txn = Txn {
+            compares: Vec::new(),
+            ops: vec![Op::Put {
+                key: format!("/pushwire/v1/paged/{n:03}"),
+                value: value.clone(),
+            }],
+        };
+        let TxnOutcome::Committed { revision } = store.txn(txn).await? else {
+            bail!("an unguarded write conflicted");
+        };
+        last = revision;
+    }
+    // A key outside the prefix that sorts right after it stays out.
+    store
+        .txn(Txn {
+            compares: Vec::new(),
+            ops: vec![Op::Put {
+                key: "/pushwire/v1/paged0".into(),
+                value: b"outside".to_vec(),
+            }],
+        })
+        .await?;
+    let range = store.range("/pushwire/v1/paged/").await?;
+    ensure!(range.kvs.len() == 200, "{} keys", range.kvs.len());
+    ensure!(
+        range.revision == last + 1,
+        "revision {} after {last}",
+        range.revision
+    );
+    let keys: Vec<&str> = range.kvs.iter().map(|kv| kv.key.as_str()).collect();
+    let want: Vec<String> = (0..200)
+        .map(|n| format!("/pushwire/v1/paged/{n:03}"))
+        .collect();
+    ensure!(keys == want, "keys out of order or missing");
+    ensure!(range.kvs.iter().all(|kv| kv.value == value));
     Ok(())
 }

@@ -22,14 +22,30 @@ use super::{
     WatchStream, check_txn, keys,
 };
 
-/// Largest range or watch response accepted; the gRPC default of 4 MiB is too small for a
-/// full listing of a big account.
-const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+/// Sizes of what etcd sends; [`Limits::default`] in production, smaller in tests.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest response accepted (a page of a range, a watch response).
+    pub max_response_bytes: usize,
+    /// Keys asked for per page of a range; halved for a range whose page is too large.
+    pub page_keys: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_response_bytes: 64 * 1024 * 1024,
+            // Records are about 0.5 KiB: a page of about 5 MiB, and 500 of 64 KiB fit the cap.
+            page_keys: 10_000,
+        }
+    }
+}
 
 /// A [`Store`] backed by etcd v3. Cheap to clone; clones share the connections.
 #[derive(Clone)]
 pub struct EtcdStore {
     members: Members,
+    limits: Limits,
 }
 
 /// etcd broke off a watch or answered outside its protocol.
@@ -55,24 +71,76 @@ impl EtcdStore {
     /// give every member) and checks that it answers, failing with
     /// [`StoreError::Unavailable`] within a few seconds if no member does.
     pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
+        Self::connect_with(endpoints, Limits::default()).await
+    }
+
+    /// [`EtcdStore::connect`] with other [`Limits`].
+    pub async fn connect_with(endpoints: &[String], limits: Limits) -> Result<Self, StoreError> {
         let store = Self {
             members: Members::new(endpoints).await?,
+            limits,
         };
         store.revision().await?;
         Ok(store)
     }
+
+    fn kv(&self, client: &Client) -> KvClient {
+        client
+            .kv_client()
+            .max_decoding_message_size(self.limits.max_response_bytes)
+    }
+
+    fn watcher(&self, client: &Client) -> WatchClient {
+        client
+            .watch_client()
+            .max_decoding_message_size(self.limits.max_response_bytes)
+    }
+
+    /// One page of a range: up to `limit` keys from `start` (inclusive) to `end` (exclusive),
+    /// at `revision` (0: the current one).
+    async fn page(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: i64,
+        revision: i64,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        self.members
+            .call(Kind::Read, |client, _| async move {
+                let options = GetOptions::new()
+                    .with_range(end)
+                    .with_limit(limit)
+                    .with_revision(revision)
+                    .with_sort(SortTarget::Key, SortOrder::Ascend);
+                self.kv(&client)
+                    .get(start, Some(options))
+                    .await
+                    .map_err(etcd)
+            })
+            .await
+    }
 }
 
-fn kv(client: &Client) -> KvClient {
-    client
-        .kv_client()
-        .max_decoding_message_size(MAX_RESPONSE_BYTES)
+/// The first key after every key that starts with `prefix` (etcd's range end of a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff (or empty): to the end of the key space.
+    vec![0]
 }
 
-fn watcher(client: &Client) -> WatchClient {
-    client
-        .watch_client()
-        .max_decoding_message_size(MAX_RESPONSE_BYTES)
+/// Whether etcd refused a response for its size (the decoder's cap).
+fn too_large(error: &StoreError) -> bool {
+    matches!(error, StoreError::Unavailable(e) if matches!(
+        e.downcast_ref::<etcd_client::Error>(),
+        Some(etcd_client::Error::GRpcStatus(status))
+            if status.message().contains("message length too large")
+    ))
 }
 
 impl fmt::Debug for EtcdStore {
@@ -249,7 +317,7 @@ impl Store for EtcdStore {
         let mut response = self
             .members
             .call(Kind::Read, |client, _| async move {
-                kv(&client).get(key, None).await.map_err(etcd)
+                self.kv(&client).get(key, None).await.map_err(etcd)
             })
             .await?;
         response
@@ -260,23 +328,40 @@ impl Store for EtcdStore {
             .transpose()
     }
 
+    /// In pages, all at the revision of the first, so neither a message-size cap nor the
+    /// size of the configuration is in the way; a page that is still too large is asked
+    /// for again with half the keys.
     async fn range(&self, prefix: &str) -> Result<Range, StoreError> {
-        let mut response = self
-            .members
-            .call(Kind::Read, |client, _| async move {
-                let options = GetOptions::new()
-                    .with_prefix()
-                    .with_sort(SortTarget::Key, SortOrder::Ascend);
-                kv(&client).get(prefix, Some(options)).await.map_err(etcd)
-            })
-            .await?;
-        let revision = header_revision(response.header())?;
-        let kvs = response
-            .take_kvs()
-            .into_iter()
-            .map(to_key_value)
-            .collect::<Result<_, _>>()?;
-        Ok(Range { revision, kvs })
+        let end = prefix_end(prefix.as_bytes());
+        let mut start = prefix.as_bytes().to_vec();
+        let mut limit = self.limits.page_keys.max(1);
+        let mut revision = 0;
+        let mut kvs = Vec::new();
+        loop {
+            let mut page = match self.page(&start, &end, limit, revision).await {
+                Ok(page) => page,
+                Err(e) if too_large(&e) && limit > 1 => {
+                    limit /= 2;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if revision == 0 {
+                revision = header_revision(page.header())?;
+            }
+            let more = page.more();
+            for kv in page.take_kvs() {
+                kvs.push(to_key_value(kv)?);
+            }
+            match kvs.last() {
+                Some(last) if more => {
+                    // The next page starts just after the last key.
+                    start = last.key.as_bytes().to_vec();
+                    start.push(0);
+                }
+                _ => return Ok(Range { revision, kvs }),
+            }
+        }
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
@@ -296,7 +381,7 @@ impl Store for EtcdStore {
             .members
             .call(Kind::Write, |client, _| {
                 let request = request.clone();
-                async move { kv(&client).txn(request).await.map_err(etcd) }
+                async move { self.kv(&client).txn(request).await.map_err(etcd) }
             })
             .await?;
         if !response.succeeded() {
@@ -314,7 +399,8 @@ impl Store for EtcdStore {
                 let options = WatchOptions::new()
                     .with_prefix()
                     .with_start_revision(watch_start(from_revision));
-                let stream = watcher(&client)
+                let stream = self
+                    .watcher(&client)
                     .watch(prefix, Some(options))
                     .await
                     .map_err(etcd)?;
@@ -352,7 +438,7 @@ impl Store for EtcdStore {
             .members
             .call(Kind::Write, |client, _| async move {
                 let options = CompactionOptions::new().with_physical();
-                kv(&client)
+                self.kv(&client)
                     .compact(revision, Some(options))
                     .await
                     .map_err(etcd)
@@ -380,7 +466,7 @@ impl Store for EtcdStore {
             .call(Kind::Read, |client, _| async move {
                 // A count of one key that never exists: the cheapest read with the revision.
                 let options = GetOptions::new().with_count_only();
-                kv(&client)
+                self.kv(&client)
                     .get(keys::ROOT, Some(options))
                     .await
                     .map_err(etcd)
@@ -397,6 +483,13 @@ impl Store for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_ends_at_its_successor() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
 
     #[test]
     fn credentials_never_reach_debug_output() {
