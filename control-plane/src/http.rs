@@ -130,12 +130,17 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
             "not ready: configuration not loaded from the store yet\n".to_owned(),
         );
     }
-    if let Some(Err(why)) = ops.worker.as_ref().map(|w| w.ready()) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: worker: {why}\n"),
-        );
-    }
+    // The revision deliveries route with: the in-process worker's, else the one served.
+    let revision = match ops.worker.as_ref().map(|w| w.ready()) {
+        Some(Err(why)) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: worker: {why}\n"),
+            );
+        }
+        Some(Ok(revision)) => revision,
+        None => ops.feed.revision(),
+    };
     // Once loaded, the control plane serves workers and reads from memory even while the
     // store is unreachable (writes fail): it stays ready and says so.
     let store = match ops.store_ok().await {
@@ -148,7 +153,10 @@ async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
     };
     let warning = ops.auth.as_ref().and_then(|a| a.readiness_warning());
     let warning = warning.map(|w| format!("{w}\n")).unwrap_or_default();
-    (StatusCode::OK, format!("ready\n{store}{warning}"))
+    (
+        StatusCode::OK,
+        format!("ready: configuration revision {revision}\n{store}{warning}"),
+    )
 }
 
 /// The control plane's metrics (and its in-process worker's), in the format the `Accept`
