@@ -56,8 +56,8 @@ pub struct Candidate {
 }
 
 enum Source {
-    /// One channel, as given (the in-process worker, tests).
-    Fixed(Candidate),
+    /// Channels, as given (the in-process worker, tests).
+    Fixed(Vec<Candidate>),
     /// The `--control-plane` entries, resolved on each call of [`ControlPlanes::candidates`].
     Targets {
         targets: Vec<Target>,
@@ -80,7 +80,10 @@ impl std::fmt::Debug for ControlPlanes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut d = f.debug_struct("ControlPlanes");
         match &self.0.source {
-            Source::Fixed(c) => d.field("fixed", &c.name),
+            Source::Fixed(c) => d.field(
+                "fixed",
+                &c.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            ),
             Source::Targets { targets, .. } => d.field("targets", targets),
         };
         d.finish_non_exhaustive()
@@ -90,10 +93,15 @@ impl std::fmt::Debug for ControlPlanes {
 impl ControlPlanes {
     /// A single control plane reached through `channel`, called `name` in logs.
     pub fn fixed(channel: ControlPlaneChannel, name: impl Into<String>) -> Self {
-        Self::with(Source::Fixed(Candidate {
+        Self::channels(vec![Candidate {
             name: name.into(),
             channel,
-        }))
+        }])
+    }
+
+    /// The control planes reached through these channels, in this order.
+    pub fn channels(candidates: Vec<Candidate>) -> Self {
+        Self::with(Source::Fixed(candidates))
     }
 
     /// The control planes at `targets`, in this order, each address reached through the
@@ -118,7 +126,7 @@ impl ControlPlanes {
     /// resolve is skipped (and logged).
     pub async fn candidates(&self) -> Vec<Candidate> {
         let (targets, bearer, connect) = match &self.0.source {
-            Source::Fixed(c) => return vec![c.clone()],
+            Source::Fixed(c) => return c.clone(),
             Source::Targets {
                 targets,
                 bearer,

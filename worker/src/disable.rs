@@ -125,6 +125,7 @@ mod tests {
     use tonic::{Request, Response, Status};
 
     use super::*;
+    use crate::control_plane::Candidate;
 
     /// Answers UpdateIntegration with the codes of its script in turn (OK once it is empty),
     /// and records when each call came.
@@ -201,15 +202,23 @@ mod tests {
         }
     }
 
-    /// A control plane set of `fake` alone, served in this runtime over in-memory pipes.
-    fn client_of(fake: &Fake) -> ControlPlanes {
+    /// `fake` served in this runtime over in-memory pipes, as a control plane called `name`.
+    fn candidate(fake: &Fake, name: &str) -> Candidate {
         let (channel, incoming) = crate::in_process::channel();
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(IntegrationServiceServer::new(fake.clone()))
                 .serve_with_incoming(incoming),
         );
-        ControlPlanes::fixed(InterceptedService::new(channel, Bearer::none()), "fake")
+        Candidate {
+            name: name.into(),
+            channel: InterceptedService::new(channel, Bearer::none()),
+        }
+    }
+
+    /// A control plane set of `fake` alone.
+    fn client_of(fake: &Fake) -> ControlPlanes {
+        ControlPlanes::channels(vec![candidate(fake, "fake")])
     }
 
     fn gone() -> DisableRequest {
@@ -248,6 +257,32 @@ mod tests {
             let full = Duration::from_millis(full);
             assert!(*gap >= full / 2 && *gap <= full, "{gaps:?}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_control_plane_in_use_is_asked_first_then_the_others_without_waiting() {
+        let (down, up, spare) = (
+            scripted(&[Code::Unavailable]),
+            Fake::default(),
+            Fake::default(),
+        );
+        let planes = ControlPlanes::channels(vec![
+            candidate(&spare, "spare"),
+            candidate(&down, "down"),
+            candidate(&up, "up"),
+        ]);
+        // The watch uses "down": asked first; then the list in order, "spare" taking it.
+        planes.set_current(Some(planes.candidates().await[1].clone()));
+        let started = Instant::now();
+        assert!(disable(&planes, &gone(), &CancellationToken::new()).await);
+        assert_eq!(down.calls().len(), 1);
+        assert_eq!(spare.calls().len(), 1);
+        assert!(up.calls().is_empty());
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "no backoff between control planes"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,7 +7,8 @@
 //! [`DEFAULT_PROGRESS_INTERVAL`]: a `WatchConfigResponse` with neither snapshot nor changes, at
 //! the revision the watcher was last brought to. Workers take it as proof that their
 //! configuration is current (and expose how long ago that was); a control plane cut off from
-//! its store sends none, so its workers' staleness grows.
+//! its store sends none, so its workers' staleness grows; it also refuses new streams that
+//! resume from a revision (UNAVAILABLE), so that their workers try another replica.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -117,6 +118,16 @@ impl ConfigService for ConfigApi {
         let from = request.get_ref().from_revision;
         if from < 0 {
             return Err(super::invalid("from_revision", "must not be negative"));
+        }
+        // A worker that has a configuration is better served by a replica that is current:
+        // this one could only send what may be older than what the worker has (a snapshot it
+        // would take). UNAVAILABLE makes it try the next control plane; one with nothing yet
+        // (from 0) is served, a configuration being better than none.
+        if from > 0 && !self.feed.is_current() {
+            return Err(Status::unavailable(
+                "this control plane is not current (its store watch is down or not yet \
+                 established); try another replica",
+            ));
         }
         let (tx, rx) = mpsc::channel(WATCHER_BUFFER);
         let mut view = self.feed.subscribe();
