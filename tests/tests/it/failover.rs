@@ -7,7 +7,7 @@
 //!   it has while `pushwire_worker_config_staleness_seconds` grows and a warning is logged;
 //!   once a control plane is back the staleness drops;
 //! - a control plane cut off from etcd stops confirming (no progress messages), so the
-//!   staleness grows although the stream is up.
+//!   staleness grows although the stream is up, and refuses workers that resume.
 //!
 //! The control planes send progress messages every 200 ms and the worker warns after 1 s
 //! (hidden flags), so the tests take seconds.
@@ -22,8 +22,8 @@ use pushwire_tests::control_plane::with_token;
 use pushwire_tests::etcd::EtcdServer;
 use pushwire_tests::eventually::{Poll, eventually};
 use pushwire_tests::faults::{
-    ACCOUNT, ControlPlaneProc, CountingReceiver, PUBLISHER_TOKEN, Store, WorkerFlags, WorkerProc,
-    create_integration, create_scope, doc, http_get,
+    ACCOUNT, ControlPlaneProc, CountingReceiver, PUBLISHER_TOKEN, Store, WORKER_TOKEN, WorkerFlags,
+    WorkerProc, create_integration, create_scope, doc, http_get,
 };
 use pushwire_tests::worker::request;
 use tonic::transport::Channel;
@@ -113,6 +113,24 @@ async fn publish(worker: &WorkerProc, i: usize) -> anyhow::Result<Vec<String>> {
         .collect();
     delivered.sort();
     Ok(delivered)
+}
+
+/// Opens a WatchConfig stream on `cp` from `revision`, as a resuming worker.
+async fn watch_from(
+    cp: &ControlPlaneProc,
+    revision: i64,
+) -> Result<tonic::Streaming<pb::WatchConfigResponse>, tonic::Status> {
+    let channel = Channel::from_shared(cp.url())
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    pb::config_service_client::ConfigServiceClient::new(with_token(channel, Some(WORKER_TOKEN)))
+        .watch_config(pb::WatchConfigRequest {
+            from_revision: revision,
+        })
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 /// Waits until the worker's staleness satisfies `pred`; its value.
@@ -258,9 +276,19 @@ async fn a_control_plane_cut_off_from_etcd_stops_confirming() -> anyhow::Result<
         tokio::task::block_in_place(|| etcd.stop())?;
         staleness_until(&w, "the staleness past 2 s", |s| s > 2.0).await?;
         assert_eq!(publish(&w, 3).await?, ["only"]);
+        // Nor does it take workers that resume: they should find a current replica.
+        let refused = watch_from(&cp, revision).await;
+        assert_eq!(
+            refused.as_ref().err().map(tonic::Status::code),
+            Some(tonic::Code::Unavailable),
+            "{refused:?}"
+        );
 
         tokio::task::block_in_place(|| etcd.resume())?;
         staleness_until(&w, "the staleness back under 1 s", |s| s < 1.0).await?;
+        watch_from(&cp, revision)
+            .await
+            .context("a current control plane takes a resuming worker")?;
         Ok(())
     })
     .await
