@@ -788,6 +788,203 @@ mod tests {
         assert!(matches!(step(Some(&t1), stale), Ok(Step::Ignore)));
     }
 
+    /// A fake control plane: each WatchConfig call takes the next session of its script
+    /// (refused with a code, or these messages then the end of the stream, or then a stream
+    /// held open) and records its `from_revision`.
+    #[derive(Clone, Default)]
+    struct FakeControlPlane {
+        sessions: Arc<Mutex<std::collections::VecDeque<FakeSession>>>,
+        froms: Arc<Mutex<Vec<i64>>>,
+    }
+
+    #[derive(Clone)]
+    enum FakeSession {
+        Refuse(tonic::Code),
+        Send(Vec<pb::WatchConfigResponse>, bool),
+    }
+
+    impl FakeControlPlane {
+        fn new(sessions: Vec<FakeSession>) -> Self {
+            let fake = Self::default();
+            fake.sessions.lock().unwrap().extend(sessions);
+            fake
+        }
+
+        fn froms(&self) -> Vec<i64> {
+            self.froms.lock().unwrap().clone()
+        }
+
+        fn candidate(&self, name: &str) -> Candidate {
+            use pb::config_service_server::ConfigServiceServer;
+            let (channel, incoming) = crate::in_process::channel();
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(ConfigServiceServer::new(self.clone()))
+                    .serve_with_incoming(incoming),
+            );
+            Candidate {
+                name: name.into(),
+                channel: tonic::service::interceptor::InterceptedService::new(
+                    channel,
+                    pushwire_common::auth::Bearer::none(),
+                ),
+            }
+        }
+    }
+
+    #[tonic::async_trait]
+    impl pb::config_service_server::ConfigService for FakeControlPlane {
+        type WatchConfigStream = std::pin::Pin<
+            Box<
+                dyn tokio_stream::Stream<Item = Result<pb::WatchConfigResponse, tonic::Status>>
+                    + Send,
+            >,
+        >;
+
+        async fn watch_config(
+            &self,
+            request: tonic::Request<pb::WatchConfigRequest>,
+        ) -> Result<tonic::Response<Self::WatchConfigStream>, tonic::Status> {
+            self.froms
+                .lock()
+                .unwrap()
+                .push(request.get_ref().from_revision);
+            let next = self.sessions.lock().unwrap().pop_front();
+            match next {
+                None => Err(tonic::Status::unavailable("script over")),
+                Some(FakeSession::Refuse(code)) => Err(tonic::Status::new(code, "scripted")),
+                Some(FakeSession::Send(msgs, hold)) => {
+                    let msgs = tokio_stream::iter(msgs.into_iter().map(Ok));
+                    let stream: Self::WatchConfigStream = if hold {
+                        Box::pin(tokio_stream::StreamExt::chain(
+                            msgs,
+                            tokio_stream::pending(),
+                        ))
+                    } else {
+                        Box::pin(msgs)
+                    };
+                    Ok(tonic::Response::new(stream))
+                }
+            }
+        }
+    }
+
+    fn progress(revision: i64) -> pb::WatchConfigResponse {
+        pb::WatchConfigResponse {
+            revision,
+            snapshot: None,
+            changes: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn fails_over_to_the_next_control_plane_at_once_and_resumes_from_its_revision() {
+        // "a" serves a snapshot at 5 then ends its stream; "b" refuses; "c" resumes from 5
+        // with a change at 7 and a progress message, and holds the stream.
+        let a = FakeControlPlane::new(vec![FakeSession::Send(
+            vec![snapshot_msg(5, &["x"])],
+            false,
+        )]);
+        let b = FakeControlPlane::new(vec![FakeSession::Refuse(tonic::Code::Unavailable)]);
+        let c = FakeControlPlane::new(vec![FakeSession::Send(
+            vec![upsert_msg(7, "y"), progress(7)],
+            true,
+        )]);
+        let planes =
+            ControlPlanes::channels(vec![a.candidate("a"), b.candidate("b"), c.candidate("c")]);
+        let (tx, mut rx) = watch::channel(None);
+        let health = Arc::new(WatchHealth::default());
+        let shutdown = CancellationToken::new();
+        let opts = WatchOptions {
+            // Longer than the test's bound: a wait between control planes would fail it.
+            backoff_initial: Duration::from_secs(60),
+            backoff_max: Duration::from_secs(60),
+            ..WatchOptions::default()
+        };
+        let task = tokio::spawn(run_with(
+            planes.clone(),
+            tx,
+            health.clone(),
+            shutdown.clone(),
+            opts,
+        ));
+        let table = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|t| t.as_ref().is_some_and(|t| t.revision() == 7)),
+        )
+        .await
+        .expect("the change from c within 5 s")
+        .unwrap()
+        .clone()
+        .unwrap();
+        assert!(has(&table, "x") && has(&table, "y"));
+        assert_eq!(a.froms(), [0]);
+        assert_eq!(b.froms(), [5], "b asked to resume");
+        assert_eq!(c.froms(), [5], "c resumed from the table's revision");
+        assert_eq!(health.snapshots(), 1, "no snapshot after the first");
+        assert!(health.ever_confirmed());
+        assert!(health.staleness() < Duration::from_secs(5));
+        // The control plane in use, for the 410 consumer.
+        for _ in 0..100 {
+            if planes.current().is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(planes.current().map(|c| c.name), Some("c".to_owned()));
+        assert_eq!(health.control_plane().as_deref(), Some("c"));
+        shutdown.cancel();
+        task.await.unwrap();
+        assert!(planes.current().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_control_plane_silent_after_progress_messages_is_left_for_the_next() {
+        let a = FakeControlPlane::new(vec![FakeSession::Send(
+            vec![snapshot_msg(5, &["x"]), progress(5)],
+            true,
+        )]);
+        let b = FakeControlPlane::new(vec![FakeSession::Send(vec![progress(5)], true)]);
+        let planes = ControlPlanes::channels(vec![a.candidate("a"), b.candidate("b")]);
+        let (tx, _rx) = watch::channel(None);
+        let health = Arc::new(WatchHealth::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_with(
+            planes,
+            tx,
+            health.clone(),
+            shutdown.clone(),
+            WatchOptions::default(),
+        ));
+        let started = Instant::now();
+        while b.froms().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let waited = started.elapsed();
+        assert!(
+            waited >= DEFAULT_SILENCE && waited < DEFAULT_SILENCE + Duration::from_secs(1),
+            "{waited:?}"
+        );
+        assert_eq!(b.froms(), [5]);
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn staleness_counts_from_the_last_confirmation() {
+        let health = WatchHealth::default();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(
+            health.staleness(),
+            Duration::from_secs(3),
+            "since the start"
+        );
+        assert!(!health.ever_confirmed());
+        health.confirm();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(health.staleness(), Duration::from_secs(2));
+    }
+
     #[test]
     fn default_options() {
         let o = WatchOptions::default();
