@@ -78,9 +78,6 @@ pub enum RunError {
         #[source]
         source: StoreError,
     },
-    /// The `--control-plane` address is not a URI.
-    #[error("--control-plane: {0}")]
-    ControlPlane(String),
     /// Tokens or TLS settings are unusable.
     #[error(transparent)]
     Access(#[from] AccessError),
