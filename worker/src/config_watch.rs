@@ -265,7 +265,8 @@ pub async fn run_with(
         }
         let delay = backoff.next_delay();
         if !healthy {
-            tracing::warn!(
+            // Each failure was logged above; staleness is warned about once (log_staleness).
+            tracing::info!(
                 control_planes = candidates.len(),
                 retry_in = ?delay,
                 "config watch: no control plane reachable; keeping the last table"
