@@ -14,7 +14,9 @@
 //! - [`publisher`] (feature `publisher`): the client that publishes participations to
 //!   workers, holding each until acknowledged (the `publish` command is built on it);
 //! - [`server`] (feature `server`): what both servers run on: token and TLS flags, the gRPC
-//!   server stack, health, shutdown, telemetry and gRPC metrics.
+//!   server stack, health, shutdown, telemetry and gRPC metrics;
+//! - [`target`]: address lists (`host:port`, `https://`, `dns:///` for every address of a
+//!   name), as the publisher's worker endpoints and the worker's `--control-plane` take them.
 //!
 //! A Rust service that only publishes takes `default-features = false, features =
 //! ["publisher"]` and compiles none of the server crates.
@@ -31,5 +33,7 @@ pub mod pb;
 pub mod publisher;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(any(feature = "server", feature = "publisher"))]
+pub mod target;
 #[cfg(feature = "server")]
 pub mod webhook;

@@ -70,6 +70,12 @@ pub struct Config {
     #[arg(long, env = "PUSHWIRE_WATCH_HISTORY", default_value_t = crate::service::feed::DEFAULT_HISTORY)]
     pub watch_history: usize,
 
+    /// Pause between the progress messages of a WatchConfig stream (an empty message at the
+    /// watcher's revision, sent while this control plane's store watch is live: the worker's
+    /// proof that its configuration is current). Hidden: for tests.
+    #[arg(long, env = "PUSHWIRE_WATCH_PROGRESS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration, hide = true)]
+    pub watch_progress_interval: Duration,
+
     /// Most integrations one account may have; creating one more fails with
     /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "PUSHWIRE_MAX_INTEGRATIONS_PER_ACCOUNT", default_value_t = crate::service::DEFAULT_MAX_INTEGRATIONS_PER_ACCOUNT, value_parser = per_account_limit)]

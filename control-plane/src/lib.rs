@@ -239,7 +239,7 @@ pub async fn run(
         catalog,
         deliveries,
         client,
-        feed.clone(),
+        (feed.clone(), config.watch_progress_interval),
         worker.as_ref(),
         grpc_metrics.clone(),
         (&auth, tls, in_process),
@@ -315,7 +315,11 @@ async fn start_worker(
         delivery.delivery_store = Some(url.into());
     }
     let worker = Worker::start(
-        tonic::service::interceptor::InterceptedService::new(channel, bearer),
+        pushwire_worker::ControlPlanes::fixed(
+            tonic::service::interceptor::InterceptedService::new(channel, bearer),
+            "in-process control plane",
+        ),
+        pushwire_worker::config_watch::DEFAULT_STALE_AFTER,
         &config.ingest,
         &config.webhook,
         &delivery,
@@ -345,7 +349,7 @@ async fn grpc_server(
     catalog: Catalog,
     deliveries: service::deliveries::Deliveries,
     client: pushwire_common::webhook::client::WebhookClient,
-    feed: ConfigFeed,
+    (feed, progress_interval): (ConfigFeed, std::time::Duration),
     worker: Option<&Worker>,
     grpc_metrics: GrpcMetrics,
     (auth, tls, in_process): Access<'_>,
@@ -385,10 +389,9 @@ async fn grpc_server(
         api::IntegrationApi::new(catalog.clone(), client),
     )
     .max_decoding_message_size(api::MAX_ADMIN_REQUEST_BYTES);
-    let config_service = pb::config_service_server::ConfigServiceServer::new(api::ConfigApi::new(
-        feed,
-        shutdown.clone(),
-    ))
+    let config_service = pb::config_service_server::ConfigServiceServer::new(
+        api::ConfigApi::new(feed, shutdown.clone()).with_progress_interval(progress_interval),
+    )
     .max_decoding_message_size(api::MAX_ADMIN_REQUEST_BYTES);
     let in_process_task = in_process.map(|incoming| {
         tokio::spawn(access::serve_in_process(

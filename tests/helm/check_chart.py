@@ -25,7 +25,8 @@ installs both, pinned, into .tools/venv. This script installs nothing.
 4. In every render, the Deployments listen on all interfaces, their container ports are the
    ports of PUSHWIRE_GRPC_ADDR / PUSHWIRE_HTTP_ADDR (the binary's default when unset), the
    probes are GET /healthz and /readyz on the http port, Services target those ports, the
-   workers' PUSHWIRE_CONTROL_PLANE is the control-plane Service, terminationGracePeriodSeconds
+   workers' PUSHWIRE_CONTROL_PLANE is dns:/// of the control planes' headless Service (every
+   replica, for failover), terminationGracePeriodSeconds
    exceeds the drain time, and every pod runs non-root with a read-only root filesystem. A
    control plane on etcd has an encryption key file, mounted read-only from a Secret. Each
    binary starts with its rendered environment (clap parses every value; the control plane
@@ -237,6 +238,17 @@ def one(objects, kind, component):
     found = find(objects, kind, component)
     assert len(found) == 1, f"expected one {kind} of {component}, found {len(found)}"
     return found[0]
+
+
+def control_plane_url(objects):
+    """The workers' default --control-plane: dns:/// of the headless Service selecting the
+    control-plane pods, on its grpc port."""
+    svc = one(objects, "Service", "control-plane-peers")
+    assert svc["spec"].get("clusterIP") == "None", "the control planes' peer Service is not headless"
+    cp = one(objects, "Service", "control-plane")
+    assert svc["spec"]["selector"] == cp["spec"]["selector"], "the headless Service selects other pods"
+    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    return f"dns:///{svc['metadata']['name']}:{port}"
 
 
 def container(deployment, name):
@@ -1056,9 +1068,8 @@ class Checks:
             if not wflags.get("controlPlane"):
                 dep = one(objects, "Deployment", "worker")
                 got = env_of(container(dep, "worker")).get("PUSHWIRE_CONTROL_PLANE")
-                name, port = services["control-plane"]
-                want = f"http://{name}:{port}"
-                assert got == want, f"worker PUSHWIRE_CONTROL_PLANE={got!r}, expected the Service {want!r}"
+                want = control_plane_url(objects)
+                assert got == want, f"worker PUSHWIRE_CONTROL_PLANE={got!r}, expected the headless Service {want!r}"
         for pod_owner in find(objects, "Deployment") + find(objects, "StatefulSet"):
             self.hardened(pod_owner)
         return ", ".join(checked)
@@ -1512,9 +1523,7 @@ class Checks:
         ready = {}  # component: [(grpc address, label)]
         cp_dep = one(objects, "Deployment", "control-plane")
         workers = find(objects, "Deployment", "worker")
-        cp_svc = one(objects, "Service", "control-plane")
-        cp_url = "http://{}:{}".format(cp_svc["metadata"]["name"],
-                                       next(p["port"] for p in cp_svc["spec"]["ports"] if p["name"] == "grpc"))
+        cp_url = control_plane_url(objects)
         for binary, dep in [("control-plane", cp_dep)] + [("worker", w) for w in workers]:
             replicas = dep["spec"].get("replicas")
             if replicas is None:
@@ -1542,8 +1551,11 @@ class Checks:
                 else:
                     assert env.get("PUSHWIRE_CONTROL_PLANE") == cp_url, \
                         f"worker: PUSHWIRE_CONTROL_PLANE={env.get('PUSHWIRE_CONTROL_PLANE')!r}, not {cp_url}"
+                    # Every replica, as the headless Service's name stands for; each worker
+                    # starts with another.
                     cps = ready["control-plane"]
-                    env["PUSHWIRE_CONTROL_PLANE"] = "http://" + cps[i % len(cps)][0]
+                    k = i % len(cps)
+                    env["PUSHWIRE_CONTROL_PLANE"] = ",".join("http://" + cp[0] for cp in cps[k:] + cps[:k])
                 assert env.get(DELIVERY_STORE_ENV) == store["url"], f"{label}: not the release's delivery store URL"
                 env[DELIVERY_STORE_ENV] = store["local"]
                 proc, log_path = procs.start(label, [self.paths[binary]] + (c.get("args") or []), env, root)
@@ -1686,7 +1698,8 @@ def main():
                     ("Secret", "control-plane", 1), ("Secret", "tokens", 1),
                     ("StatefulSet", "postgresql", 1), ("Service", "postgresql", 1), ("Secret", "postgresql", 1),
                     ("PodDisruptionBudget", "control-plane", 1), ("PodDisruptionBudget", "worker", 1),
-                    ("Service", "worker", 1), ("Service", "control-plane", 1)])
+                    ("Service", "worker", 1), ("Service", "control-plane", 1),
+                    ("Service", "control-plane-peers", 1)])
     for label in ("default values", *VARIANTS):
         if label in checks.renders and find(checks.renders[label][0], "StatefulSet", "etcd"):
             checks.run(f"bundled etcd: the control plane is given every member ({label})",

@@ -225,6 +225,8 @@ pub struct WorkerFlags {
     pub delivery_lease: String,
     /// `--claim-interval`.
     pub claim_interval: String,
+    /// More flags, as given.
+    pub extra: Vec<String>,
 }
 
 impl Default for WorkerFlags {
@@ -241,6 +243,7 @@ impl Default for WorkerFlags {
             delivery_store: None,
             delivery_lease: "5s".into(),
             claim_interval: "20ms".into(),
+            extra: Vec::new(),
         }
     }
 }
@@ -315,6 +318,7 @@ impl WorkerProc {
         if !store.is_empty() {
             a.extend(args(&["--delivery-store", &store]));
         }
+        a.extend(flags.extra.iter().map(OsString::from));
         let process = Process::start(
             &format!("worker {n}"),
             bin,
@@ -351,6 +355,16 @@ impl WorkerProc {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .map(|v| v as i64)
             .context("no pushwire_worker_config_revision in /metrics")
+    }
+
+    /// The value of the unlabelled metric `name` in its `/metrics`.
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let (_, metrics) = http_get(self.http, "/metrics").await?;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("no {name} in /metrics"))
     }
 
     /// Waits until it routes with `revision` or later, at most `limit`.

@@ -13,8 +13,11 @@ use pushwire_common::auth::Bearer;
 use pushwire_common::domain::Secret;
 use pushwire_common::server::access::{AccessArgs, AccessError, read_file, secret_from_env};
 use pushwire_common::server::telemetry::LogFormat;
+use pushwire_common::target::{CONTROL_PLANE_PORT, Target};
 use pushwire_common::webhook::WebhookArgs;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+use crate::control_plane::ControlPlanes;
 
 use crate::budget::{self, ByteSize};
 use pushwire_common::delivery_store::{InvalidStoreUrl, StoreUrl};
@@ -236,37 +239,70 @@ impl ControlPlaneClientArgs {
         }
     }
 
-    /// The endpoint of the control plane at `uri`, with TLS when it is https://.
-    pub fn endpoint(&self, uri: &str) -> Result<Endpoint, AccessError> {
-        let endpoint = crate::control_plane::endpoint(uri.to_owned())
+    /// The control planes at `entries` (`--control-plane`), with the token and, for
+    /// `https://` entries, TLS: the CA, client certificate and server name (the entry's host,
+    /// whichever of its addresses is connected to) apply to every address. The files are read
+    /// once, here.
+    pub fn control_planes(&self, entries: &[String]) -> Result<ControlPlanes, AccessError> {
+        let targets = entries
+            .iter()
+            .map(|e| Target::parse(e, CONTROL_PLANE_PORT))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| AccessError::Tls(format!("--control-plane: {e}")))?;
-        let https = endpoint.uri().scheme_str() == Some("https");
-        if !https {
-            if self.control_plane_ca.is_some() || self.tls_client_cert.is_some() {
-                return Err(AccessError::Tls(
-                    "--control-plane-ca and --tls-client-cert need an https:// --control-plane"
-                        .into(),
-                ));
-            }
-            return Ok(endpoint);
+        if targets.is_empty() {
+            return Err(AccessError::Tls("--control-plane: no address given".into()));
         }
-        let mut tls = ClientTlsConfig::new();
-        tls = match &self.control_plane_ca {
-            Some(ca) => {
-                tls.ca_certificate(Certificate::from_pem(read_file("--control-plane-ca", ca)?))
-            }
-            None => tls.with_native_roots(),
-        };
-        if let (Some(cert), Some(key)) = (&self.tls_client_cert, &self.tls_client_key) {
-            tls = tls.identity(Identity::from_pem(
-                read_file("--tls-client-cert", cert)?,
-                read_file("--tls-client-key", key)?,
+        let tls_files = self.control_plane_ca.is_some() || self.tls_client_cert.is_some();
+        if tls_files && targets.iter().any(|t| !t.tls) {
+            return Err(AccessError::Tls(
+                "--control-plane-ca and --tls-client-cert need https:// --control-plane addresses"
+                    .into(),
             ));
         }
-        endpoint
-            .tls_config(tls)
-            .map_err(|e| AccessError::Tls(format!("--control-plane TLS: {e}")))
+        let ca = match &self.control_plane_ca {
+            Some(ca) => Some(read_file("--control-plane-ca", ca)?),
+            None => None,
+        };
+        let identity = match (&self.tls_client_cert, &self.tls_client_key) {
+            (Some(cert), Some(key)) => Some((
+                read_file("--tls-client-cert", cert)?,
+                read_file("--tls-client-key", key)?,
+            )),
+            _ => None,
+        };
+        let connect = move |target: &Target, addr: SocketAddr| -> Result<Endpoint, String> {
+            let origin = target.origin().parse().map_err(|e| format!("{e}"))?;
+            let endpoint = crate::control_plane::endpoint(format!("{}://{addr}", target.scheme()))
+                .map_err(|e| e.to_string())?
+                .origin(origin);
+            if !target.tls {
+                return Ok(endpoint);
+            }
+            let mut tls = ClientTlsConfig::new().domain_name(target.host.clone());
+            tls = match &ca {
+                Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
+                None => tls.with_native_roots(),
+            };
+            if let Some((cert, key)) = &identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            endpoint
+                .tls_config(tls)
+                .map_err(|e| format!("TLS settings: {e}"))
+        };
+        Ok(ControlPlanes::targets(
+            targets,
+            self.bearer()?,
+            Box::new(connect),
+        ))
     }
+}
+
+/// Checks one `--control-plane` value (each of its comma-separated entries is one value).
+fn control_plane_entry(s: &str) -> Result<String, String> {
+    Target::parse(s, CONTROL_PLANE_PORT)
+        .map(|_| s.trim().to_owned())
+        .map_err(|e| e.to_string())
 }
 
 /// Pushwire worker: watches the configuration, accepts participation streams and delivers
@@ -282,14 +318,24 @@ pub struct Config {
     #[arg(long, env = "PUSHWIRE_HTTP_ADDR", default_value = "127.0.0.1:8082")]
     pub http_addr: SocketAddr,
 
-    /// The control plane's gRPC address, for WatchConfig and for disabling integrations
-    /// that answer 410 Gone; https:// for TLS.
+    /// The control planes' gRPC addresses, for WatchConfig and for disabling integrations
+    /// that answer 410 Gone: comma-separated and/or repeated; https:// for TLS; a name stands
+    /// for every address it resolves to (dns:///NAME:PORT for a headless service), resolved
+    /// again on each failover cycle. The worker follows one at a time and moves to the next
+    /// when it fails.
     #[arg(
         long,
         env = "PUSHWIRE_CONTROL_PLANE",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "http://127.0.0.1:50051",
+        value_delimiter = ',',
+        value_parser = control_plane_entry,
     )]
-    pub control_plane: String,
+    pub control_plane: Vec<String>,
+
+    /// Time without confirmation from a control plane that the configuration is current
+    /// after which the worker logs a warning (it keeps routing with the configuration it has).
+    #[arg(long, env = "PUSHWIRE_CONFIG_STALE_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub config_stale_after: Duration,
 
     #[command(flatten)]
     pub control_plane_client: ControlPlaneClientArgs,
@@ -333,7 +379,8 @@ mod tests {
         let c = Config::defaults();
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50052");
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:8082");
-        assert_eq!(c.control_plane, "http://127.0.0.1:50051");
+        assert_eq!(c.control_plane, ["http://127.0.0.1:50051"]);
+        assert_eq!(c.config_stale_after, Duration::from_secs(30));
         let d = c.delivery.dispatch_options();
         assert_eq!(d.retry.delays, retry::DEFAULT_SCHEDULE.to_vec());
         assert_eq!(d.retry.window, retry::DEFAULT_WINDOW);
@@ -366,6 +413,56 @@ mod tests {
         );
         assert_eq!(c.ingest.window, 8);
         assert!(c.webhook.client().is_ok());
+    }
+
+    #[test]
+    fn control_planes_are_a_list() {
+        let c = Config::parse_from([
+            "worker",
+            "--control-plane",
+            "http://10.0.0.1:50051, 10.0.0.2",
+            "--control-plane",
+            "dns:///pushwire-control-plane-headless.pushwire.svc:50051",
+        ]);
+        assert_eq!(
+            c.control_plane,
+            [
+                "http://10.0.0.1:50051",
+                "10.0.0.2",
+                "dns:///pushwire-control-plane-headless.pushwire.svc:50051"
+            ]
+        );
+        let single = Config::parse_from(["worker", "--control-plane", "https://cp.example:443"]);
+        assert_eq!(single.control_plane, ["https://cp.example:443"]);
+        let err = Config::try_parse_from(["worker", "--control-plane", "http://a:1,ftp://b:2"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ftp://b:2"), "{err}");
+        assert!(Config::try_parse_from(["worker", "--control-plane", "a:0"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn control_plane_tls_files_need_https_everywhere() {
+        let mut c = Config::parse_from(["worker", "--control-plane", "https://a:1,http://b:2"]);
+        c.control_plane_client.control_plane_ca = Some("/nonexistent/ca.pem".into());
+        let err = c
+            .control_plane_client
+            .control_planes(&c.control_plane)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("https://"), "{err}");
+        let plain = Config::parse_from(["worker", "--control-plane", "127.0.0.1:1,127.0.0.1:2"]);
+        let planes = plain
+            .control_plane_client
+            .control_planes(&plain.control_plane)
+            .unwrap();
+        let names: Vec<_> = planes
+            .candidates()
+            .await
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(names, ["127.0.0.1:1", "127.0.0.1:2"]);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The `WatchConfig` client: keeps the worker's [`RoutingTable`] in step with the control plane
-//! (DESIGN §5). Owns the stream, the reconnect loop and the revision bookkeeping, and publishes
-//! every new table through a `watch` channel (one atomic swap per message). It never touches
-//! delivery, keeps serving the last table while the control plane is away, and never logs
-//! secrets (only names, revisions and counts).
+//! (DESIGN §5). Owns the stream, the failover between control planes and the revision
+//! bookkeeping, and publishes every new table through a `watch` channel (one atomic swap per
+//! message). It never touches delivery, keeps serving the last table while the control planes
+//! are away, records how current the table is ([`WatchHealth`]: every snapshot, change or
+//! progress message confirms it), and never logs secrets (only names, revisions and counts).
 //!
 //! Decoding: each message is decoded here into domain values ([`Snapshot`], [`Change`]), so
 //! the router never sees a protobuf type. A change that does not decode drops the stream and re-syncs from a fresh
@@ -10,11 +11,12 @@
 //! `DO_NOT_PUSH` scope) would leave the worker routing on a configuration that never existed,
 //! silently and until the next restart. Until the re-sync succeeds the last good table stays.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use pb::config_change::Change as WireChange;
 use pb::config_service_client::ConfigServiceClient;
+use prometheus_client::metrics::counter::Counter;
 use pushwire_common::backoff::Backoff;
 use pushwire_common::domain::convert::InvalidField;
 use pushwire_common::domain::{Integration, IntegrationName, PushScope, PushScopeName};
@@ -23,8 +25,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::control_plane::ControlPlaneChannel;
 pub use crate::control_plane::endpoint;
+use crate::control_plane::{Candidate, ControlPlaneChannel, ControlPlanes, rotation};
 use crate::router::{Change, RoutingTable, Snapshot};
 
 /// Largest `WatchConfig` message accepted by default: snapshots of big installations are
@@ -35,15 +37,27 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
 /// next reconnect starts again from the shortest delay.
 const STABLE_STREAM: Duration = Duration::from_secs(10);
 
+/// A session whose control plane sent progress messages and then nothing for this long is
+/// dropped for the next control plane: that one stopped confirming its configuration is
+/// current (its store watch is down, or it hangs). Three of the control plane's default
+/// progress intervals.
+pub const DEFAULT_SILENCE: Duration = Duration::from_secs(15);
+
+/// Staleness (time since the configuration was last confirmed current) past which the worker
+/// logs a warning, by default (`--config-stale-after`).
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(30);
+
 /// Settings of the watch loop.
 #[derive(Clone, Debug)]
 pub struct WatchOptions {
     /// Largest message accepted (snapshots can be large).
     pub max_message_size: usize,
-    /// First reconnect delay.
+    /// First delay after a whole cycle of control planes failed.
     pub backoff_initial: Duration,
-    /// Longest reconnect delay.
+    /// Longest delay between cycles.
     pub backoff_max: Duration,
+    /// See [`DEFAULT_SILENCE`].
+    pub silence: Duration,
 }
 
 impl Default for WatchOptions {
@@ -52,6 +66,7 @@ impl Default for WatchOptions {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            silence: DEFAULT_SILENCE,
         }
     }
 }
@@ -60,6 +75,111 @@ impl Default for WatchOptions {
 /// snapshot.
 pub type TableWatch = watch::Receiver<Option<Arc<RoutingTable>>>;
 
+/// How current the configuration is: when a control plane last confirmed it (a snapshot, a
+/// change or a progress message), through which control plane, and how many snapshots were
+/// applied. Shared by the watch (which records), `/metrics` and `/readyz` (which read).
+#[derive(Debug)]
+pub struct WatchHealth {
+    started: Instant,
+    confirmed: Mutex<Option<Instant>>,
+    control_plane: Mutex<Option<String>>,
+    snapshots: Counter,
+}
+
+impl Default for WatchHealth {
+    fn default() -> Self {
+        Self::new(Counter::default())
+    }
+}
+
+impl WatchHealth {
+    /// Nothing confirmed yet; snapshots counted on `snapshots`.
+    pub fn new(snapshots: Counter) -> Self {
+        Self {
+            started: Instant::now(),
+            confirmed: Mutex::new(None),
+            control_plane: Mutex::new(None),
+            snapshots,
+        }
+    }
+
+    /// Time since the configuration was last confirmed current (since the start while it
+    /// never was).
+    pub fn staleness(&self) -> Duration {
+        let confirmed = *self
+            .confirmed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        confirmed.unwrap_or(self.started).elapsed()
+    }
+
+    /// Whether a control plane ever confirmed the configuration.
+    pub fn ever_confirmed(&self) -> bool {
+        self.confirmed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// The control plane the watch uses or last tried (a name for logs, no secrets).
+    pub fn control_plane(&self) -> Option<String> {
+        self.control_plane
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Snapshots applied since the start (a resumed stream applies none).
+    pub fn snapshots(&self) -> u64 {
+        self.snapshots.get()
+    }
+
+    fn confirm(&self) {
+        *self
+            .confirmed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    fn using(&self, name: &str) {
+        *self
+            .control_plane
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(name.to_owned());
+    }
+}
+
+/// Logs a warning once when the configuration was not confirmed current for `threshold`
+/// (naming the control plane in use), and an info line when it is again; until `stop`.
+pub async fn log_staleness(health: Arc<WatchHealth>, threshold: Duration, stop: CancellationToken) {
+    let period = (threshold / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            () = stop.cancelled() => return,
+        }
+        let staleness = health.staleness();
+        let control_plane = health.control_plane().unwrap_or_else(|| "none".into());
+        if !warned && staleness >= threshold {
+            warned = true;
+            tracing::warn!(
+                staleness_seconds = staleness.as_secs(),
+                %control_plane,
+                "config watch: the configuration was not confirmed current for {}s (no control \
+                 plane reachable and current); still routing with the last one",
+                staleness.as_secs()
+            );
+        } else if warned && staleness < threshold {
+            warned = false;
+            tracing::info!(
+                %control_plane,
+                "config watch: the configuration is confirmed current again"
+            );
+        }
+    }
+}
+
 /// Watches the configuration through `channel` until `shutdown`, with the default options.
 /// See [`run_with`].
 pub async fn run(
@@ -67,94 +187,157 @@ pub async fn run(
     table: watch::Sender<Option<Arc<RoutingTable>>>,
     shutdown: CancellationToken,
 ) {
-    run_with(channel, table, shutdown, WatchOptions::default()).await;
+    run_with(
+        ControlPlanes::fixed(channel, "control plane"),
+        table,
+        Arc::default(),
+        shutdown,
+        WatchOptions::default(),
+    )
+    .await;
 }
 
-/// Watches the configuration through `channel` (best made with `connect_lazy`, so it
-/// reconnects by itself; its [`Bearer`](pushwire_common::auth::Bearer) a `worker` token) until `shutdown`, publishing each new table on `table`; `None` there
-/// means no snapshot has been applied yet (not ready). Asks from the revision of the table
-/// it has (0 for none); on any error or end of stream keeps that table and retries with a
-/// jittered backoff, resuming from its revision.
+/// Watches the configuration from the control planes of `planes` (their
+/// [`Bearer`](pushwire_common::auth::Bearer) a `worker` token) until `shutdown`, publishing
+/// each new table on `table`; `None` there means no snapshot has been applied yet (not
+/// ready). Asks from the revision of the table it has (0 for none).
+///
+/// One control plane at a time: when its session fails or its stream ends, the next one in
+/// [`rotation`] order is tried at once, resuming from the table's revision (the control
+/// plane's feed sends the changes after it, or a snapshot when they are no longer in its
+/// history); only after a whole cycle of them failed does it wait, with a jittered backoff,
+/// before resolving the addresses again. The table is kept meanwhile. Records in `health`
+/// every confirmation that the table is current and the control plane in use, which
+/// `planes` also shares with the 410 consumer.
 pub async fn run_with(
-    channel: ControlPlaneChannel,
+    planes: ControlPlanes,
     table: watch::Sender<Option<Arc<RoutingTable>>>,
+    health: Arc<WatchHealth>,
     shutdown: CancellationToken,
     opts: WatchOptions,
 ) {
-    let mut client =
-        ConfigServiceClient::new(channel).max_decoding_message_size(opts.max_message_size);
     let mut backoff = Backoff::new(opts.backoff_initial, opts.backoff_max);
     let mut resync = false;
-    while !shutdown.is_cancelled() {
-        let current = table.borrow().as_ref().map(|t| t.revision());
-        let from = if resync { 0 } else { current.unwrap_or(0) };
-        let started = Instant::now();
-        let mut session = Session {
-            table: &table,
-            received: false,
-            resync: &mut resync,
-        };
-        let error = tokio::select! {
-            e = session.follow(&mut client, from) => e,
+    let mut last: Option<String> = None;
+    'cycles: while !shutdown.is_cancelled() {
+        let candidates = tokio::select! {
+            c = planes.candidates() => c,
             () = shutdown.cancelled() => break,
         };
-        if session.received || started.elapsed() >= STABLE_STREAM {
-            backoff.reset();
+        let names: Vec<&str> = candidates.iter().map(|c| c.name.as_str()).collect();
+        let order = rotation(&names, last.as_deref());
+        let mut healthy = false;
+        for (tried, i) in order.iter().enumerate() {
+            let candidate = &candidates[*i];
+            if tried > 0 && healthy {
+                break;
+            }
+            last = Some(candidate.name.clone());
+            health.using(&candidate.name);
+            let current = table.borrow().as_ref().map(|t| t.revision());
+            let from = if resync { 0 } else { current.unwrap_or(0) };
+            let started = Instant::now();
+            let mut session = Session {
+                table: &table,
+                health: &health,
+                planes: &planes,
+                candidate,
+                received: false,
+                resync: &mut resync,
+                silence: opts.silence,
+            };
+            let error = tokio::select! {
+                e = session.follow(opts.max_message_size, from) => e,
+                () = shutdown.cancelled() => break 'cycles,
+            };
+            planes.set_current(None);
+            if session.received || started.elapsed() >= STABLE_STREAM {
+                healthy = true;
+                backoff.reset();
+            }
+            report(&error, &candidate.name, from, &mut resync);
+        }
+        // A session that worked and ended moves to the next control plane at once (a new
+        // cycle, names resolved again); a cycle where none worked waits. So does a single
+        // control plane, not to spin on one that keeps ending its streams.
+        if healthy && candidates.len() > 1 {
+            continue;
         }
         let delay = backoff.next_delay();
-        match &error {
-            SessionError::Decode { revision, source } => {
-                resync = true;
-                tracing::error!(
-                    revision,
-                    field = %source.field,
-                    reason = %source.reason,
-                    retry_in = ?delay,
-                    "config watch: message does not decode; re-syncing from a snapshot, \
-                     keeping the last table meanwhile"
-                );
-            }
-            SessionError::NoBaseline { revision } => {
-                resync = true;
-                tracing::error!(
-                    revision,
-                    retry_in = ?delay,
-                    "config watch: changes before any snapshot; re-syncing from a snapshot"
-                );
-            }
-            SessionError::Rpc(status)
-                if matches!(
-                    status.code(),
-                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-                ) =>
-            {
-                tracing::error!(
-                    code = ?status.code(),
-                    message = status.message(),
-                    retry_in = ?delay,
-                    "config watch: the control plane refused this worker's credentials \
-                     (--control-plane-token-file must hold a worker token)"
-                )
-            }
-            SessionError::Rpc(status) => tracing::warn!(
-                code = ?status.code(),
-                message = status.message(),
-                from,
+        if !healthy {
+            // Each failure was logged above; staleness is warned about once (log_staleness).
+            tracing::info!(
+                control_planes = candidates.len(),
                 retry_in = ?delay,
-                "config watch: stream failed; keeping the last table"
-            ),
-            SessionError::Ended => tracing::info!(
-                from,
-                retry_in = ?delay,
-                "config watch: stream ended; reconnecting"
-            ),
+                "config watch: no control plane reachable; keeping the last table"
+            );
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = shutdown.cancelled() => break,
         }
     }
+    planes.set_current(None);
     tracing::debug!("config watch stopped");
+}
+
+/// Logs why a session with `control_plane` ended, and sets `resync` when the next one must
+/// start from a snapshot.
+fn report(error: &SessionError, control_plane: &str, from: i64, resync: &mut bool) {
+    match error {
+        SessionError::Decode { revision, source } => {
+            *resync = true;
+            tracing::error!(
+                revision,
+                control_plane,
+                field = %source.field,
+                reason = %source.reason,
+                "config watch: message does not decode; re-syncing from a snapshot, \
+                 keeping the last table meanwhile"
+            );
+        }
+        SessionError::NoBaseline { revision } => {
+            *resync = true;
+            tracing::error!(
+                revision,
+                control_plane,
+                "config watch: changes before any snapshot; re-syncing from a snapshot"
+            );
+        }
+        SessionError::Rpc(status)
+            if matches!(
+                status.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ) =>
+        {
+            tracing::error!(
+                code = ?status.code(),
+                message = status.message(),
+                control_plane,
+                "config watch: the control plane refused this worker's credentials \
+                 (--control-plane-token-file must hold a worker token)"
+            )
+        }
+        SessionError::Rpc(status) => tracing::warn!(
+            code = ?status.code(),
+            message = status.message(),
+            control_plane,
+            from,
+            "config watch: stream failed; trying the next control plane, keeping the last table"
+        ),
+        SessionError::Ended => tracing::info!(
+            from,
+            control_plane,
+            "config watch: stream ended; trying the next control plane"
+        ),
+        SessionError::Silent(silence) => tracing::warn!(
+            from,
+            control_plane,
+            ?silence,
+            "config watch: the control plane stopped confirming the configuration is current; \
+             trying the next one"
+        ),
+    }
 }
 
 /// Why one stream ended.
@@ -172,6 +355,8 @@ enum SessionError {
     },
     #[error("changes at revision {revision} came before any snapshot")]
     NoBaseline { revision: i64 },
+    #[error("no message for {0:?} after progress messages")]
+    Silent(Duration),
 }
 
 /// What one message does to the current table.
@@ -299,18 +484,20 @@ fn within(path: String, own: &'static str) -> impl FnOnce(InvalidField) -> Inval
 /// One `WatchConfig` stream.
 struct Session<'a> {
     table: &'a watch::Sender<Option<Arc<RoutingTable>>>,
-    /// Whether a message was applied (the stream was useful: reset the backoff).
+    health: &'a WatchHealth,
+    planes: &'a ControlPlanes,
+    candidate: &'a Candidate,
+    /// Whether a message came (the stream was useful: reset the backoff).
     received: bool,
     resync: &'a mut bool,
+    silence: Duration,
 }
 
 impl Session<'_> {
     /// Follows one stream from `from` until it fails or ends; returns why.
-    async fn follow(
-        &mut self,
-        client: &mut ConfigServiceClient<ControlPlaneChannel>,
-        from: i64,
-    ) -> SessionError {
+    async fn follow(&mut self, max_message_size: usize, from: i64) -> SessionError {
+        let mut client = ConfigServiceClient::new(self.candidate.channel.clone())
+            .max_decoding_message_size(max_message_size);
         let mut stream = match client
             .watch_config(pb::WatchConfigRequest {
                 from_revision: from,
@@ -320,9 +507,22 @@ impl Session<'_> {
             Ok(response) => response.into_inner(),
             Err(status) => return SessionError::Rpc(status),
         };
-        tracing::debug!(from, "config watch: stream open");
+        tracing::info!(from, control_plane = %self.candidate.name, "config watch: stream open");
+        self.planes.set_current(Some(self.candidate.clone()));
+        // Whether this control plane sends progress messages (older ones do not): from then
+        // on, a silence means it stopped confirming.
+        let mut progress_seen = false;
         loop {
-            let msg = match stream.message().await {
+            let next = stream.message();
+            let next = if progress_seen {
+                match tokio::time::timeout(self.silence, next).await {
+                    Ok(next) => next,
+                    Err(_) => return SessionError::Silent(self.silence),
+                }
+            } else {
+                next.await
+            };
+            let msg = match next {
                 Ok(Some(msg)) => msg,
                 Ok(None) => return SessionError::Ended,
                 Err(status) => return SessionError::Rpc(status),
@@ -331,16 +531,26 @@ impl Session<'_> {
             let is_snapshot = msg.snapshot.is_some();
             let changes = msg.changes.len();
             let current = self.table.borrow().clone();
+            if !is_snapshot && changes == 0 {
+                progress_seen = true;
+            }
             let next = match step(current.as_deref(), msg) {
                 Ok(Step::Swap(next)) => next,
                 Ok(Step::Ignore) => {
-                    tracing::debug!(revision, "config watch: ignoring changes already applied");
+                    // A progress message, or changes already applied: either way the control
+                    // plane confirms the table is current.
+                    if current.is_some() {
+                        self.health.confirm();
+                    }
+                    self.received = true;
+                    tracing::trace!(revision, "config watch: current");
                     continue;
                 }
                 Err(e) => return e,
             };
             if is_snapshot {
                 *self.resync = false;
+                self.health.snapshots.inc();
                 let previous = current.as_ref().map(|t| t.revision());
                 if previous.is_some_and(|p| revision < p) {
                     tracing::warn!(
@@ -353,12 +563,14 @@ impl Session<'_> {
                     revision,
                     integrations = next.integration_count(),
                     push_scopes = next.push_scope_count(),
+                    control_plane = %self.candidate.name,
                     "config watch: snapshot applied"
                 );
             } else {
                 tracing::debug!(revision, changes, "config watch: changes applied");
             }
             self.table.send_replace(Some(next));
+            self.health.confirm();
             self.received = true;
         }
     }
@@ -575,6 +787,203 @@ mod tests {
         let mut stale = upsert_msg(5, "b");
         stale.changes = vec![pb::ConfigChange { change: None }];
         assert!(matches!(step(Some(&t1), stale), Ok(Step::Ignore)));
+    }
+
+    /// A fake control plane: each WatchConfig call takes the next session of its script
+    /// (refused with a code, or these messages then the end of the stream, or then a stream
+    /// held open) and records its `from_revision`.
+    #[derive(Clone, Default)]
+    struct FakeControlPlane {
+        sessions: Arc<Mutex<std::collections::VecDeque<FakeSession>>>,
+        froms: Arc<Mutex<Vec<i64>>>,
+    }
+
+    #[derive(Clone)]
+    enum FakeSession {
+        Refuse(tonic::Code),
+        Send(Vec<pb::WatchConfigResponse>, bool),
+    }
+
+    impl FakeControlPlane {
+        fn new(sessions: Vec<FakeSession>) -> Self {
+            let fake = Self::default();
+            fake.sessions.lock().unwrap().extend(sessions);
+            fake
+        }
+
+        fn froms(&self) -> Vec<i64> {
+            self.froms.lock().unwrap().clone()
+        }
+
+        fn candidate(&self, name: &str) -> Candidate {
+            use pb::config_service_server::ConfigServiceServer;
+            let (channel, incoming) = crate::in_process::channel();
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(ConfigServiceServer::new(self.clone()))
+                    .serve_with_incoming(incoming),
+            );
+            Candidate {
+                name: name.into(),
+                channel: tonic::service::interceptor::InterceptedService::new(
+                    channel,
+                    pushwire_common::auth::Bearer::none(),
+                ),
+            }
+        }
+    }
+
+    #[tonic::async_trait]
+    impl pb::config_service_server::ConfigService for FakeControlPlane {
+        type WatchConfigStream = std::pin::Pin<
+            Box<
+                dyn tokio_stream::Stream<Item = Result<pb::WatchConfigResponse, tonic::Status>>
+                    + Send,
+            >,
+        >;
+
+        async fn watch_config(
+            &self,
+            request: tonic::Request<pb::WatchConfigRequest>,
+        ) -> Result<tonic::Response<Self::WatchConfigStream>, tonic::Status> {
+            self.froms
+                .lock()
+                .unwrap()
+                .push(request.get_ref().from_revision);
+            let next = self.sessions.lock().unwrap().pop_front();
+            match next {
+                None => Err(tonic::Status::unavailable("script over")),
+                Some(FakeSession::Refuse(code)) => Err(tonic::Status::new(code, "scripted")),
+                Some(FakeSession::Send(msgs, hold)) => {
+                    let msgs = tokio_stream::iter(msgs.into_iter().map(Ok));
+                    let stream: Self::WatchConfigStream = if hold {
+                        Box::pin(tokio_stream::StreamExt::chain(
+                            msgs,
+                            tokio_stream::pending(),
+                        ))
+                    } else {
+                        Box::pin(msgs)
+                    };
+                    Ok(tonic::Response::new(stream))
+                }
+            }
+        }
+    }
+
+    fn progress(revision: i64) -> pb::WatchConfigResponse {
+        pb::WatchConfigResponse {
+            revision,
+            snapshot: None,
+            changes: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn fails_over_to_the_next_control_plane_at_once_and_resumes_from_its_revision() {
+        // "a" serves a snapshot at 5 then ends its stream; "b" refuses; "c" resumes from 5
+        // with a change at 7 and a progress message, and holds the stream.
+        let a = FakeControlPlane::new(vec![FakeSession::Send(
+            vec![snapshot_msg(5, &["x"])],
+            false,
+        )]);
+        let b = FakeControlPlane::new(vec![FakeSession::Refuse(tonic::Code::Unavailable)]);
+        let c = FakeControlPlane::new(vec![FakeSession::Send(
+            vec![upsert_msg(7, "y"), progress(7)],
+            true,
+        )]);
+        let planes =
+            ControlPlanes::channels(vec![a.candidate("a"), b.candidate("b"), c.candidate("c")]);
+        let (tx, mut rx) = watch::channel(None);
+        let health = Arc::new(WatchHealth::default());
+        let shutdown = CancellationToken::new();
+        let opts = WatchOptions {
+            // Longer than the test's bound: a wait between control planes would fail it.
+            backoff_initial: Duration::from_secs(60),
+            backoff_max: Duration::from_secs(60),
+            ..WatchOptions::default()
+        };
+        let task = tokio::spawn(run_with(
+            planes.clone(),
+            tx,
+            health.clone(),
+            shutdown.clone(),
+            opts,
+        ));
+        let table = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|t| t.as_ref().is_some_and(|t| t.revision() == 7)),
+        )
+        .await
+        .expect("the change from c within 5 s")
+        .unwrap()
+        .clone()
+        .unwrap();
+        assert!(has(&table, "x") && has(&table, "y"));
+        assert_eq!(a.froms(), [0]);
+        assert_eq!(b.froms(), [5], "b asked to resume");
+        assert_eq!(c.froms(), [5], "c resumed from the table's revision");
+        assert_eq!(health.snapshots(), 1, "no snapshot after the first");
+        assert!(health.ever_confirmed());
+        assert!(health.staleness() < Duration::from_secs(5));
+        // The control plane in use, for the 410 consumer.
+        for _ in 0..100 {
+            if planes.current().is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(planes.current().map(|c| c.name), Some("c".to_owned()));
+        assert_eq!(health.control_plane().as_deref(), Some("c"));
+        shutdown.cancel();
+        task.await.unwrap();
+        assert!(planes.current().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_control_plane_silent_after_progress_messages_is_left_for_the_next() {
+        let a = FakeControlPlane::new(vec![FakeSession::Send(
+            vec![snapshot_msg(5, &["x"]), progress(5)],
+            true,
+        )]);
+        let b = FakeControlPlane::new(vec![FakeSession::Send(vec![progress(5)], true)]);
+        let planes = ControlPlanes::channels(vec![a.candidate("a"), b.candidate("b")]);
+        let (tx, _rx) = watch::channel(None);
+        let health = Arc::new(WatchHealth::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_with(
+            planes,
+            tx,
+            health.clone(),
+            shutdown.clone(),
+            WatchOptions::default(),
+        ));
+        let started = Instant::now();
+        while b.froms().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let waited = started.elapsed();
+        assert!(
+            waited >= DEFAULT_SILENCE && waited < DEFAULT_SILENCE + Duration::from_secs(1),
+            "{waited:?}"
+        );
+        assert_eq!(b.froms(), [5]);
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn staleness_counts_from_the_last_confirmation() {
+        let health = WatchHealth::default();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(
+            health.staleness(),
+            Duration::from_secs(3),
+            "since the start"
+        );
+        assert!(!health.ever_confirmed());
+        health.confirm();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(health.staleness(), Duration::from_secs(2));
     }
 
     #[test]

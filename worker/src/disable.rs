@@ -3,6 +3,10 @@
 //! the etag of the integration as it was when it answered 410, so an admin's change made in
 //! the meantime (a new URL, say) wins and nothing is disabled. Requests come from the
 //! dispatcher over a bounded channel; the loop ends when the channel closes or on shutdown.
+//!
+//! Each attempt asks the control plane the config watch uses first, then the other
+//! addresses of `--control-plane` in turn, so a surviving replica takes the update; only when
+//! none answers does it back off.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,23 +19,22 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-use crate::control_plane::ControlPlaneChannel;
+use crate::control_plane::ControlPlanes;
 use crate::deliver::dispatch::DisableRequest;
 
 /// Capacity of the request channel: 410s are rare, and a full channel only means a later 410
 /// asks again.
 pub const QUEUE: usize = 64;
 
-/// Attempts per request while the control plane is unreachable.
+/// Attempts per request while no control plane is reachable (each tries every address).
 const ATTEMPTS: u32 = 5;
 
 /// Runs until `requests` closes or `shutdown`.
 pub async fn run(
-    channel: ControlPlaneChannel,
+    planes: ControlPlanes,
     mut requests: mpsc::Receiver<DisableRequest>,
     shutdown: CancellationToken,
 ) {
-    let mut client = IntegrationServiceClient::new(channel);
     // Revision already disabled per integration, so the many 410s of one endpoint make one
     // update.
     let mut done: HashMap<String, i64> = HashMap::new();
@@ -44,15 +47,15 @@ pub async fn run(
         if done.get(&name).is_some_and(|r| *r >= req.revision) {
             continue;
         }
-        if disable(&mut client, &req, &shutdown).await {
+        if disable(&planes, &req, &shutdown).await {
             done.insert(name, req.revision);
         }
     }
 }
 
-/// One request, retried while the control plane is unavailable; true once settled.
+/// One request, retried while no control plane is available; true once settled.
 async fn disable(
-    client: &mut IntegrationServiceClient<ControlPlaneChannel>,
+    planes: &ControlPlanes,
     req: &DisableRequest,
     shutdown: &CancellationToken,
 ) -> bool {
@@ -70,35 +73,38 @@ async fn disable(
     };
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     for _ in 0..ATTEMPTS {
-        let mut call = tonic::Request::new(update.clone());
-        call.set_timeout(Duration::from_secs(10));
-        match client.update_integration(call).await {
-            Ok(_) => {
-                tracing::warn!(integration = %req.integration, "endpoint answered 410 Gone: integration disabled");
-                return true;
-            }
-            // Changed, deleted or already gone since: nothing to do.
-            Err(s) if matches!(s.code(), Code::Aborted | Code::NotFound) => {
-                tracing::info!(integration = %req.integration, code = ?s.code(), "not disabled after 410: the integration changed meanwhile");
-                return true;
-            }
-            Err(s)
-                if matches!(
-                    s.code(),
-                    Code::Unavailable | Code::DeadlineExceeded | Code::Unknown
-                ) =>
-            {
-                tracing::warn!(integration = %req.integration, code = ?s.code(), "cannot reach the control plane to disable an integration; retrying");
-                let wait = backoff.next_delay();
-                tokio::select! {
-                    () = tokio::time::sleep_until(Instant::now() + wait) => {}
-                    () = shutdown.cancelled() => return false,
+        for candidate in planes.for_call().await {
+            let mut client = IntegrationServiceClient::new(candidate.channel);
+            let mut call = tonic::Request::new(update.clone());
+            call.set_timeout(Duration::from_secs(10));
+            match client.update_integration(call).await {
+                Ok(_) => {
+                    tracing::warn!(integration = %req.integration, "endpoint answered 410 Gone: integration disabled");
+                    return true;
+                }
+                // Changed, deleted or already gone since: nothing to do.
+                Err(s) if matches!(s.code(), Code::Aborted | Code::NotFound) => {
+                    tracing::info!(integration = %req.integration, code = ?s.code(), "not disabled after 410: the integration changed meanwhile");
+                    return true;
+                }
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown
+                    ) =>
+                {
+                    tracing::warn!(integration = %req.integration, control_plane = %candidate.name, code = ?s.code(), "cannot reach the control plane to disable an integration; trying the next");
+                }
+                Err(s) => {
+                    tracing::error!(integration = %req.integration, control_plane = %candidate.name, code = ?s.code(), message = s.message(), "control plane refused to disable an integration");
+                    return false;
                 }
             }
-            Err(s) => {
-                tracing::error!(integration = %req.integration, code = ?s.code(), message = s.message(), "control plane refused to disable an integration");
-                return false;
-            }
+        }
+        let wait = backoff.next_delay();
+        tokio::select! {
+            () = tokio::time::sleep_until(Instant::now() + wait) => {}
+            () = shutdown.cancelled() => return false,
         }
     }
     false
@@ -119,6 +125,7 @@ mod tests {
     use tonic::{Request, Response, Status};
 
     use super::*;
+    use crate::control_plane::Candidate;
 
     /// Answers UpdateIntegration with the codes of its script in turn (OK once it is empty),
     /// and records when each call came.
@@ -195,15 +202,23 @@ mod tests {
         }
     }
 
-    /// A client of `fake`, served in this runtime over in-memory pipes.
-    fn client_of(fake: &Fake) -> IntegrationServiceClient<ControlPlaneChannel> {
+    /// `fake` served in this runtime over in-memory pipes, as a control plane called `name`.
+    fn candidate(fake: &Fake, name: &str) -> Candidate {
         let (channel, incoming) = crate::in_process::channel();
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(IntegrationServiceServer::new(fake.clone()))
                 .serve_with_incoming(incoming),
         );
-        IntegrationServiceClient::new(InterceptedService::new(channel, Bearer::none()))
+        Candidate {
+            name: name.into(),
+            channel: InterceptedService::new(channel, Bearer::none()),
+        }
+    }
+
+    /// A control plane set of `fake` alone.
+    fn client_of(fake: &Fake) -> ControlPlanes {
+        ControlPlanes::channels(vec![candidate(fake, "fake")])
     }
 
     fn gone() -> DisableRequest {
@@ -231,8 +246,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_unreachable_control_plane_is_retried_with_a_growing_backoff() {
         let fake = scripted(&[Code::Unavailable, Code::DeadlineExceeded, Code::Unavailable]);
-        let mut client = client_of(&fake);
-        let settled = disable(&mut client, &gone(), &CancellationToken::new()).await;
+        let client = client_of(&fake);
+        let settled = disable(&client, &gone(), &CancellationToken::new()).await;
         assert!(settled, "disabled on the fourth call");
         let calls = fake.calls();
         assert_eq!(calls.len(), 4);
@@ -245,10 +260,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_control_plane_in_use_is_asked_first_then_the_others_without_waiting() {
+        let (down, up, spare) = (
+            scripted(&[Code::Unavailable]),
+            Fake::default(),
+            Fake::default(),
+        );
+        let planes = ControlPlanes::channels(vec![
+            candidate(&spare, "spare"),
+            candidate(&down, "down"),
+            candidate(&up, "up"),
+        ]);
+        // The watch uses "down": asked first; then the list in order, "spare" taking it.
+        planes.set_current(Some(planes.candidates().await[1].clone()));
+        let started = Instant::now();
+        assert!(disable(&planes, &gone(), &CancellationToken::new()).await);
+        assert_eq!(down.calls().len(), 1);
+        assert_eq!(spare.calls().len(), 1);
+        assert!(up.calls().is_empty());
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "no backoff between control planes"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn retries_end_after_five_attempts_and_refusals_are_not_retried() {
         let fake = scripted(&[Code::Unavailable; 6]);
-        let mut client = client_of(&fake);
-        assert!(!disable(&mut client, &gone(), &CancellationToken::new()).await);
+        let client = client_of(&fake);
+        assert!(!disable(&client, &gone(), &CancellationToken::new()).await);
         assert_eq!(fake.calls().len(), ATTEMPTS as usize);
 
         for (code, settled) in [
@@ -257,8 +298,8 @@ mod tests {
             (Code::PermissionDenied, false),
         ] {
             let fake = scripted(&[code]);
-            let mut client = client_of(&fake);
-            let got = disable(&mut client, &gone(), &CancellationToken::new()).await;
+            let client = client_of(&fake);
+            let got = disable(&client, &gone(), &CancellationToken::new()).await;
             assert_eq!(got, settled, "{code:?}");
             assert_eq!(fake.calls().len(), 1, "{code:?} is not retried");
         }
@@ -267,7 +308,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn shutdown_ends_a_backoff_wait_at_once() {
         let fake = scripted(&[Code::Unavailable; 6]);
-        let mut client = client_of(&fake);
+        let client = client_of(&fake);
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let calls = fake.clone();
@@ -279,7 +320,7 @@ mod tests {
             stop.cancel();
         });
         let started = Instant::now();
-        assert!(!disable(&mut client, &gone(), &shutdown).await);
+        assert!(!disable(&client, &gone(), &shutdown).await);
         assert_eq!(fake.calls().len(), 1, "no call after shutdown");
         assert!(
             started.elapsed() < Duration::from_millis(100),

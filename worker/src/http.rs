@@ -1,5 +1,7 @@
 //! The operations endpoint: `/healthz` (the process is up), `/readyz` (a configuration
-//! snapshot is applied and the delivery store answers; says why not) and `/metrics`
+//! snapshot is applied and the delivery store answers; says why not, and when ready how long
+//! ago the configuration was last confirmed current: a stale one does not make the worker
+//! unready) and `/metrics`
 //! (OpenMetrics or the classic Prometheus text format, as the scraper asks), over the
 //! [`Status`] they read.
 
@@ -14,7 +16,7 @@ use std::sync::Arc;
 
 use pushwire_common::auth::Authenticator;
 
-use crate::config_watch::TableWatch;
+use crate::config_watch::{TableWatch, WatchHealth};
 use crate::deliver::dispatch::Dispatcher;
 use crate::deliver::store::StoreHandle;
 use crate::metrics::Metrics;
@@ -24,6 +26,7 @@ use crate::metrics::Metrics;
 pub struct Status {
     pub(crate) table: TableWatch,
     pub(crate) metrics: Arc<Metrics>,
+    health: Arc<WatchHealth>,
     dispatcher: Dispatcher,
     /// The tokens of the worker's own server, for its token file's state.
     auth: Option<Authenticator>,
@@ -36,12 +39,14 @@ impl Status {
     pub(crate) fn new(
         table: TableWatch,
         metrics: Arc<Metrics>,
+        health: Arc<WatchHealth>,
         dispatcher: Dispatcher,
         store: StoreHandle,
     ) -> Self {
         Self {
             table,
             metrics,
+            health,
             dispatcher,
             auth: None,
             store,
@@ -55,7 +60,9 @@ impl Status {
     }
 
     /// The configuration revision in use, or why the worker is not ready: no configuration
-    /// yet, or the delivery store is unreachable (hand-offs wait meanwhile).
+    /// yet, or the delivery store is unreachable (hand-offs wait meanwhile). A stale
+    /// configuration (no control plane reachable) does not make the worker unready: it keeps
+    /// routing with the last one, see [`Status::staleness`].
     pub fn ready(&self) -> Result<i64, String> {
         let revision = self
             .table
@@ -67,6 +74,12 @@ impl Status {
             Some(why) => Err(format!("the delivery store is unreachable: {why}")),
             None => Ok(revision),
         }
+    }
+
+    /// Time since a control plane last confirmed the configuration current, and the control
+    /// plane in use or last tried.
+    pub fn staleness(&self) -> (std::time::Duration, Option<String>) {
+        (self.health.staleness(), self.health.control_plane())
     }
 
     /// The routing table of the moment.
@@ -85,6 +98,9 @@ impl Status {
     /// The worker's metrics in the OpenMetrics text format (ending with `# EOF`).
     pub fn encode_metrics(&self) -> String {
         self.metrics.set_lanes(self.dispatcher.stats());
+        self.metrics
+            .config_staleness
+            .set(self.health.staleness().as_secs_f64());
         self.metrics.encode()
     }
 }
@@ -106,9 +122,16 @@ async fn readyz(State(status): State<Status>) -> impl IntoResponse {
                 .as_ref()
                 .and_then(Authenticator::readiness_warning);
             let warning = warning.map(|w| format!("{w}\n")).unwrap_or_default();
+            let (staleness, control_plane) = status.staleness();
+            let control_plane = control_plane.unwrap_or_else(|| "none".into());
             (
                 StatusCode::OK,
-                format!("ready: configuration revision {revision}\n{warning}"),
+                format!(
+                    "ready: configuration revision {revision}\n\
+                     configuration confirmed current {}s ago (control plane {control_plane})\n\
+                     {warning}",
+                    staleness.as_secs()
+                ),
             )
         }
         Err(why) => (

@@ -37,13 +37,12 @@ use pushwire_common::webhook::{DeliveryConfigError, WebhookArgs};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
 
 use budget::MemoryBudget;
 pub use config::Config;
 use config::{DeliveryArgs, IngestArgs};
 pub use config_watch::TableWatch;
-pub use control_plane::ControlPlaneChannel;
+pub use control_plane::{ControlPlaneChannel, ControlPlanes};
 use deliver::dispatch::{Dispatcher, IntegrationSource};
 use deliver::retries::RetryBudget;
 use deliver::store::{Handoff, OutcomeLog, StoreHandle};
@@ -79,9 +78,6 @@ pub enum RunError {
         #[source]
         source: StoreError,
     },
-    /// The `--control-plane` address is not a URI.
-    #[error("--control-plane: {0}")]
-    ControlPlane(String),
     /// Tokens or TLS settings are unusable.
     #[error(transparent)]
     Access(#[from] AccessError),
@@ -109,8 +105,10 @@ impl IntegrationSource for TableSource {
 }
 
 impl Worker {
-    /// Starts the background parts, talking to the control plane through `control_plane`
-    /// (made with `connect_lazy`, so it reconnects by itself; with a `worker` token).
+    /// Starts the background parts, talking to the control planes of `control_plane` (their
+    /// channels made with `connect_lazy`, so they reconnect by themselves; with a `worker`
+    /// token), one at a time, failing over between them; logs a warning when the
+    /// configuration was not confirmed current for `stale_after`.
     ///
     /// `intake` stops the intake: streams stop reading and end with `UNAVAILABLE` once what
     /// they hold is settled. `interrupt`, cancelled some grace period later, interrupts the
@@ -120,7 +118,8 @@ impl Worker {
     /// date first; a store that cannot be opened is an error (the process exits and its
     /// supervisor starts it again).
     pub async fn start(
-        control_plane: ControlPlaneChannel,
+        control_plane: ControlPlanes,
+        stale_after: Duration,
         ingest: &IngestArgs,
         webhook: &WebhookArgs,
         delivery: &DeliveryArgs,
@@ -197,16 +196,26 @@ impl Worker {
                 retries.await;
             }
         });
-        tasks.spawn(config_watch::run(
+        let health = Arc::new(config_watch::WatchHealth::new(
+            metrics.config_snapshots.clone(),
+        ));
+        tasks.spawn(config_watch::run_with(
             control_plane.clone(),
             table_tx,
+            health.clone(),
+            interrupt.clone(),
+            config_watch::WatchOptions::default(),
+        ));
+        tasks.spawn(config_watch::log_staleness(
+            health.clone(),
+            stale_after,
             interrupt.clone(),
         ));
         tasks.spawn(disable::run(control_plane, disable_rx, interrupt.clone()));
         tasks.spawn(observe_tables(table.clone(), metrics.clone(), interrupt));
         Ok(Self {
             ingest,
-            status: Status::new(table, metrics, dispatcher, store),
+            status: Status::new(table, metrics, health, dispatcher, store),
             tasks,
         })
     }
@@ -254,13 +263,9 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let channel = InterceptedService::new(
-        config
-            .control_plane_client
-            .endpoint(&config.control_plane)?
-            .connect_lazy(),
-        config.control_plane_client.bearer()?,
-    );
+    let control_planes = config
+        .control_plane_client
+        .control_planes(&config.control_plane)?;
     let auth = config.access.authenticator(|b| b)?;
     let tls = config.access.server_tls()?;
     tokio::spawn(
@@ -269,7 +274,8 @@ pub async fn run(
     );
     let interrupt = CancellationToken::new();
     let worker = Worker::start(
-        channel,
+        control_planes,
+        config.config_stale_after,
         &config.ingest,
         &config.webhook,
         &config.delivery,
@@ -295,7 +301,7 @@ pub async fn run(
     tracing::info!(
         grpc = ?listeners.grpc.local_addr().ok(),
         http = ?listeners.http.local_addr().ok(),
-        control_plane = %config.control_plane,
+        control_plane = %config.control_plane.join(","),
         tls = tls_on,
         "worker listening"
     );

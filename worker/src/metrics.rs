@@ -8,6 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use pushwire_common::domain::IntegrationName;
+use std::sync::atomic::AtomicU64;
 
 /// Latency buckets, in seconds: 1 ms to about 16 min, doubling (retries take minutes).
 const LATENCY_BUCKETS: [f64; 21] = [
@@ -123,6 +124,12 @@ pub struct Metrics {
     pub breakers_open: Gauge,
     /// Revision of the routing table in use (0 before the first snapshot).
     pub config_revision: Gauge,
+    /// Time since a control plane last confirmed the configuration current, in seconds (set
+    /// at scrape time).
+    pub config_staleness: Gauge<f64, AtomicU64>,
+    /// Configuration snapshots applied (a stream resumed from the worker's revision applies
+    /// none).
+    pub config_snapshots: Counter,
     /// Time from a configuration write (its `update_time`) to its routing table being in
     /// use here, in seconds; assumes the control plane's and the worker's clocks agree.
     pub config_propagation_lag: Histogram,
@@ -165,6 +172,8 @@ impl Default for Metrics {
         let lane_queued = Family::<IntegrationLabel, Gauge>::default();
         let breakers_open = Gauge::default();
         let config_revision = Gauge::default();
+        let config_staleness = Gauge::<f64, AtomicU64>::default();
+        let config_snapshots = Counter::default();
         let config_propagation_lag = Histogram::new(LATENCY_BUCKETS.iter().copied());
         let handoffs = Family::<ReasonLabel, Counter>::default();
         let claims = Counter::default();
@@ -295,6 +304,18 @@ impl Default for Metrics {
             config_revision.clone(),
         );
         registry.register_with_unit(
+            "config_staleness",
+            "Time since a control plane last confirmed the configuration current (a snapshot, \
+             a change or a progress message); since the start before the first",
+            prometheus_client::registry::Unit::Seconds,
+            config_staleness.clone(),
+        );
+        registry.register(
+            "config_snapshots",
+            "Configuration snapshots applied (a resumed WatchConfig stream applies none)",
+            config_snapshots.clone(),
+        );
+        registry.register_with_unit(
             "config_propagation_lag",
             "Time from a configuration write to the worker routing with it",
             prometheus_client::registry::Unit::Seconds,
@@ -318,6 +339,8 @@ impl Default for Metrics {
             lane_queued,
             breakers_open,
             config_revision,
+            config_staleness,
+            config_snapshots,
             config_propagation_lag,
             handoffs,
             claims,

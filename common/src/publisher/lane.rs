@@ -18,10 +18,10 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::queue::{Item, Shared, sleep_or};
-use super::target::Target;
 use crate::auth::Bearer;
 use crate::backoff::Backoff;
 use crate::pb::v1 as pb;
+use crate::target::Target;
 use pb::ingest_service_client::IngestServiceClient;
 
 /// The client of one lane: its channel, with the publisher's token on every call.

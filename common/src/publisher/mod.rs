@@ -48,7 +48,6 @@
 
 mod lane;
 mod queue;
-mod target;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -64,7 +63,10 @@ use tokio::task::JoinSet;
 use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 
-pub use target::{DEFAULT_PORT, EndpointError, Target};
+pub use crate::target::{EndpointError, Target};
+
+/// The worker's default gRPC port, used when an endpoint names none.
+pub const DEFAULT_PORT: u16 = crate::target::WORKER_PORT;
 
 use crate::auth::Bearer;
 use crate::backoff::Backoff;
@@ -376,7 +378,7 @@ impl Publisher {
         }
         let mut targets = Vec::new();
         for e in endpoints {
-            let t = Target::parse(e.as_ref())?;
+            let t = Target::parse(e.as_ref(), DEFAULT_PORT)?;
             if !targets.contains(&t) {
                 targets.push(t);
             }

@@ -1,8 +1,17 @@
 //! `pushwire.v1.ConfigService.WatchConfig`: each watcher is a task reading the shared
 //! [`ConfigFeed`] and writing into a small bounded channel, so a slow watcher only slows
 //! itself, and ends on client disconnect or shutdown.
+//!
+//! While the feed is current (its store watch is live, [`ConfigFeed::is_current`]), a watcher
+//! that has been sent everything also gets a progress message every
+//! [`DEFAULT_PROGRESS_INTERVAL`]: a `WatchConfigResponse` with neither snapshot nor changes, at
+//! the revision the watcher was last brought to. Workers take it as proof that their
+//! configuration is current (and expose how long ago that was); a control plane cut off from
+//! its store sends none, so its workers' staleness grows; it also refuses new streams that
+//! resume from a revision (UNAVAILABLE), so that their workers try another replica.
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use futures_util::Stream;
 use pb::config_change::Change as PbChange;
@@ -20,17 +29,40 @@ use crate::service::{Change, ConfigFeed, FeedUpdate};
 /// Messages buffered per watcher before the feed waits for it.
 const WATCHER_BUFFER: usize = 16;
 
+/// Pause between progress messages by default (`--watch-progress-interval`).
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Serves `ConfigService` from the [`ConfigFeed`].
 #[derive(Clone, Debug)]
 pub struct ConfigApi {
     feed: ConfigFeed,
     shutdown: CancellationToken,
+    progress_interval: Duration,
 }
 
 impl ConfigApi {
     /// The service over `feed`; streams end with UNAVAILABLE on `shutdown`.
     pub fn new(feed: ConfigFeed, shutdown: CancellationToken) -> Self {
-        Self { feed, shutdown }
+        Self {
+            feed,
+            shutdown,
+            progress_interval: DEFAULT_PROGRESS_INTERVAL,
+        }
+    }
+
+    /// The same, sending progress messages every `interval` (at least 10 ms).
+    pub fn with_progress_interval(mut self, interval: Duration) -> Self {
+        self.progress_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+}
+
+/// The progress message of a watcher at `revision`: neither snapshot nor changes.
+fn progress(revision: i64) -> pb::WatchConfigResponse {
+    pb::WatchConfigResponse {
+        revision,
+        snapshot: None,
+        changes: Vec::new(),
     }
 }
 
@@ -87,14 +119,39 @@ impl ConfigService for ConfigApi {
         if from < 0 {
             return Err(super::invalid("from_revision", "must not be negative"));
         }
+        // A worker that has a configuration is better served by a replica that is current:
+        // this one could only send what may be older than what the worker has (a snapshot it
+        // would take). UNAVAILABLE makes it try the next control plane; one with nothing yet
+        // (from 0) is served, a configuration being better than none.
+        if from > 0 && !self.feed.is_current() {
+            return Err(Status::unavailable(
+                "this control plane is not current (its store watch is down or not yet \
+                 established); try another replica",
+            ));
+        }
         let (tx, rx) = mpsc::channel(WATCHER_BUFFER);
         let mut view = self.feed.subscribe();
         let shutdown = self.shutdown.clone();
+        let feed = self.feed.clone();
+        let period = self.progress_interval;
         tokio::spawn(async move {
             let mut last = from;
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let update = tokio::select! {
+                    // Updates first: a progress message only goes to a watcher sent everything.
+                    biased;
                     u = view.next(last) => u,
+                    _ = ticks.tick() => {
+                        // Only at a revision this watcher has (0: it has nothing yet), and only
+                        // while the feed is current. `last` is always safe: the watcher has
+                        // every change up to it, and one at its own revision is ignored.
+                        if last > 0 && feed.is_current() && tx.send(Ok(progress(last))).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     () = tx.closed() => return,
                     () = shutdown.cancelled() => {
                         let _ = tx.send(Err(Status::unavailable("control plane shutting down; reconnect"))).await;

@@ -5,6 +5,7 @@
 //! snapshot otherwise, so it never misses or repeats a change.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -79,6 +80,8 @@ pub struct ConfigFeed {
     state: Arc<RwLock<State>>,
     revision_tx: Arc<watch::Sender<i64>>,
     history: usize,
+    /// See [`ConfigFeed::is_current`].
+    live: Arc<AtomicBool>,
 }
 
 /// A watcher's handle on the feed.
@@ -95,7 +98,19 @@ impl ConfigFeed {
             state: Arc::default(),
             revision_tx: Arc::new(watch::channel(0).0),
             history: history.max(1),
+            live: Arc::default(),
         }
+    }
+
+    /// Whether the feed is current: loaded, and its store watch established and not failed
+    /// since. False from a failed read or watch of the store until the watch is re-established;
+    /// `WatchConfig` sends its progress messages only while true.
+    pub fn is_current(&self) -> bool {
+        self.live.load(Ordering::Acquire) && self.is_loaded()
+    }
+
+    fn set_live(&self, live: bool) {
+        self.live.store(live, Ordering::Release);
     }
 
     /// Whether the first load from the store is done.
@@ -178,6 +193,7 @@ impl ConfigFeed {
                             range.revision + 1
                         }
                         Err(e) => {
+                            self.set_live(false);
                             tracing::warn!(error = %e, "config feed: cannot read the store; retrying");
                             pause(&mut backoff).await;
                             continue;
@@ -187,7 +203,10 @@ impl ConfigFeed {
             };
             resume_from = Some(from);
             let mut stream = match store.watch(keys::ROOT, from).await {
-                Ok(s) => s,
+                Ok(s) => {
+                    self.set_live(true);
+                    s
+                }
                 Err(e) => {
                     resume_from = self.after_error(e, from);
                     pause(&mut backoff).await;
@@ -211,6 +230,7 @@ impl ConfigFeed {
                         break;
                     }
                     None => {
+                        self.set_live(false);
                         pause(&mut backoff).await;
                         break;
                     }
@@ -221,6 +241,7 @@ impl ConfigFeed {
 
     /// Where to resume after a watch error: nowhere (reload) when the history is gone.
     fn after_error(&self, e: StoreError, from: i64) -> Option<i64> {
+        self.set_live(false);
         match e {
             StoreError::Compacted { .. } => {
                 tracing::info!(from, "config feed: watch start compacted; reloading");

@@ -249,7 +249,7 @@ Call with (dict "root" $ "component" "controlPlane"|"worker"); returns YAML (fro
 {{- end }}
 {{- if not $flags.controlPlane }}
 {{- $cp := fromYaml (include "pushwire.flags" (dict "root" $root "component" "controlPlane")) }}
-{{- $_ := set $flags "controlPlane" (printf "http://%s:%s" (include "pushwire.controlPlane.fullname" $root) (include "pushwire.port" $cp.grpcAddr)) }}
+{{- $_ := set $flags "controlPlane" (printf "dns:///%s-headless:%s" (include "pushwire.controlPlane.fullname" $root) (include "pushwire.port" $cp.grpcAddr)) }}
 {{- end }}
 {{- end }}
 {{- toYaml $flags }}

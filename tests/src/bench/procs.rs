@@ -287,7 +287,9 @@ pub async fn wait_ready(proc: &Proc, http: SocketAddr, limit: Duration) -> anyho
 
 /// The revision in a worker's `/readyz` answer (`ready: configuration revision N`).
 pub fn ready_revision(body: &str) -> Option<i64> {
-    body.trim()
+    body.lines()
+        .next()?
+        .trim()
         .strip_prefix("ready: configuration revision ")?
         .parse()
         .ok()

@@ -22,6 +22,7 @@ mod delivery_store;
 mod dispatch;
 mod durability;
 mod encryption;
+mod failover;
 mod faults;
 mod ha;
 mod handoff;

@@ -87,7 +87,7 @@ async fn publishes_over_mtls_by_name_with_a_token() -> anyhow::Result<()> {
         pushwire_common::delivery_store::StoreUrl::sqlite(dir.path().join("deliveries.sqlite3"))
             .into(),
     );
-    config.control_plane = format!("http://{}", cp.grpc_addr);
+    config.control_plane = vec![format!("http://{}", cp.grpc_addr)];
     config.control_plane_client.control_plane_token = Some(Secret::new(TEST_WORKER_TOKEN));
     config.access.admin_token = Some(Secret::new(TEST_ADMIN_TOKEN));
     config.access.tls_cert = Some(pki.server.0.clone());

@@ -116,7 +116,7 @@ async fn standalone_worker(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(std::net::SocketAddr, std::net::SocketAddr)> {
     let mut config = pushwire_worker::Config::defaults();
-    config.control_plane = format!("http://{}", stack.cp.grpc_addr);
+    config.control_plane = vec![format!("http://{}", stack.cp.grpc_addr)];
     config.control_plane_client.control_plane_token = Some(Secret::new(TEST_WORKER_TOKEN));
     config.access.admin_token = Some(Secret::new(TEST_ADMIN_TOKEN));
     config.webhook.allow_cidr = vec!["127.0.0.0/8".into()];

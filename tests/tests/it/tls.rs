@@ -163,7 +163,7 @@ async fn start_worker(pki: &Pki, cp: SocketAddr, client: Option<&Pem>) -> anyhow
         )
         .into(),
     );
-    config.control_plane = format!("https://{cp}");
+    config.control_plane = vec![format!("https://{cp}")];
     let c = &mut config.control_plane_client;
     c.control_plane_ca = Some(pki.ca.clone());
     c.control_plane_token = Some(Secret::new(TEST_WORKER_TOKEN));
@@ -379,7 +379,7 @@ async fn a_worker_needs_a_worker_token_even_with_a_valid_certificate() -> anyhow
         )
         .into(),
     );
-    config.control_plane = format!("https://{}", cp.addr);
+    config.control_plane = vec![format!("https://{}", cp.addr)];
     config.control_plane_client.control_plane_ca = Some(pki.ca.clone());
     config.control_plane_client.tls_client_cert = Some(pki.client.cert.clone());
     config.control_plane_client.tls_client_key = Some(pki.client.key.clone());

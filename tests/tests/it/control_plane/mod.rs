@@ -10,13 +10,20 @@ use pushwire_tests::control_plane::ControlPlane;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The next WatchConfig message, failing (not hanging) when none comes within READ_TIMEOUT.
+/// The next snapshot or changes of `stream`, skipping progress messages (neither snapshot nor
+/// changes, sent every few seconds while the control plane is current); fails (does not hang)
+/// when none comes within READ_TIMEOUT.
 async fn next_msg(
     stream: &mut tonic::Streaming<pb::WatchConfigResponse>,
 ) -> anyhow::Result<pb::WatchConfigResponse> {
-    Ok(tokio::time::timeout(READ_TIMEOUT, stream.next())
-        .await?
-        .context("stream ended")??)
+    loop {
+        let msg = tokio::time::timeout(READ_TIMEOUT, stream.next())
+            .await?
+            .context("stream ended")??;
+        if msg.snapshot.is_some() || !msg.changes.is_empty() {
+            return Ok(msg);
+        }
+    }
 }
 
 async fn create(

@@ -294,3 +294,54 @@ async fn watch_from_forgotten_revision_gets_a_fresh_snapshot() -> anyhow::Result
     }
     Ok(())
 }
+
+/// While its store watch is live, a control plane sends a watcher that has everything a
+/// progress message every `--watch-progress-interval`: neither snapshot nor changes, at the
+/// watcher's revision, on either store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_current_control_plane_sends_progress_messages() -> anyhow::Result<()> {
+    let backends = Backends::start()?;
+    for backend in backends.all() {
+        let mut config = test_config(&backend);
+        config.watch_progress_interval = std::time::Duration::from_millis(100);
+        let cp = ControlPlane::start(config).await?;
+        let created = create(
+            &cp,
+            "accounts/42",
+            "crm",
+            integration("CRM", "https://crm.example.com/hook"),
+        )
+        .await?;
+        let mut watch = cp
+            .config()
+            .await?
+            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .await?
+            .into_inner();
+        let snapshot = next_msg(&mut watch).await?;
+        assert!(snapshot.snapshot.is_some(), "{backend:?}");
+        // The snapshot may be from just before the write: then its change comes next.
+        let written: i64 = created.etag.parse()?;
+        let mut revision = snapshot.revision;
+        while revision < written {
+            revision = next_msg(&mut watch).await?.revision;
+        }
+        for _ in 0..3 {
+            let msg = tokio::time::timeout(std::time::Duration::from_secs(5), watch.message())
+                .await
+                .context("no progress message")??
+                .context("stream ended")?;
+            assert_eq!(
+                msg,
+                pb::WatchConfigResponse {
+                    revision,
+                    snapshot: None,
+                    changes: Vec::new(),
+                },
+                "{backend:?}"
+            );
+        }
+        cp.stop().await?;
+    }
+    Ok(())
+}

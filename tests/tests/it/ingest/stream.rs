@@ -273,7 +273,7 @@ async fn a_worker_refuses_participations_until_it_has_a_configuration() -> anyho
             )
             .into(),
         );
-        worker_config_.control_plane = format!("http://{}", cp_listeners.grpc.local_addr()?);
+        worker_config_.control_plane = vec![format!("http://{}", cp_listeners.grpc.local_addr()?)];
         worker_config_.control_plane_client.control_plane_token = Some(
             pushwire_common::domain::Secret::new(pushwire_tests::control_plane::TEST_WORKER_TOKEN),
         );

@@ -1,14 +1,18 @@
-//! Where the workers are: `--workers` entries parsed into targets, each resolved to the
-//! addresses it stands for (several for a DNS name such as a Kubernetes headless service).
+//! Address lists of gRPC servers: entries such as the publisher's worker endpoints or the
+//! worker's `--control-plane` addresses parsed into targets, each resolved to the addresses it
+//! stands for (several for a DNS name such as a Kubernetes headless service).
 
 use std::net::{IpAddr, SocketAddr};
 
-/// The worker's default gRPC port, used when an entry names none.
-pub const DEFAULT_PORT: u16 = 50052;
+/// The worker's default gRPC port.
+pub const WORKER_PORT: u16 = 50052;
 
-/// An entry of the endpoint list that cannot be used.
+/// The control plane's default gRPC port.
+pub const CONTROL_PLANE_PORT: u16 = 50051;
+
+/// An entry of an endpoint list that cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("worker endpoint {endpoint:?}: {reason}")]
+#[error("endpoint {endpoint:?}: {reason}")]
 pub struct EndpointError {
     /// The entry as given.
     pub endpoint: String,
@@ -25,7 +29,7 @@ pub struct Target {
     pub port: u16,
     /// The host when it is an address: nothing to resolve.
     pub ip: Option<IpAddr>,
-    /// Whether the workers speak TLS there (`https://`); the certificate is checked against
+    /// Whether the server speaks TLS there (`https://`); the certificate is checked against
     /// `host`, whichever of its addresses is connected to.
     pub tls: bool,
 }
@@ -33,8 +37,9 @@ pub struct Target {
 impl Target {
     /// Parses `http://host:port`, `https://host:port`, `host:port` (plain),
     /// `dns:///host:port` (gRPC's form, as for a headless service; plain) or any of them
-    /// without the port ([`DEFAULT_PORT`]). A name stands for all its addresses in every form.
-    pub fn parse(endpoint: &str) -> Result<Self, EndpointError> {
+    /// without the port (`default_port`: [`WORKER_PORT`], [`CONTROL_PLANE_PORT`]). A name stands
+    /// for all its addresses in every form.
+    pub fn parse(endpoint: &str, default_port: u16) -> Result<Self, EndpointError> {
         let err = |reason: &str| EndpointError {
             endpoint: endpoint.to_owned(),
             reason: reason.to_owned(),
@@ -86,7 +91,7 @@ impl Target {
             return Err(err("no host"));
         }
         let port = match port {
-            None => DEFAULT_PORT,
+            None => default_port,
             Some(p) => p
                 .parse::<u16>()
                 .ok()
@@ -154,22 +159,24 @@ mod tests {
 
     #[test]
     fn forms_parse() {
-        let t = Target::parse("http://127.0.0.1:7000").unwrap();
+        let t = Target::parse("http://127.0.0.1:7000", WORKER_PORT).unwrap();
         assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 7000));
         assert!(!t.is_name());
-        let t = Target::parse("dns:///pushwire-worker.pushwire.svc:50052").unwrap();
+        let t = Target::parse("dns:///pushwire-worker.pushwire.svc:50052", WORKER_PORT).unwrap();
         assert_eq!(t.host, "pushwire-worker.pushwire.svc");
         assert!(t.is_name());
-        let t = Target::parse("workers.local").unwrap();
-        assert_eq!(t.port, DEFAULT_PORT);
-        let t = Target::parse("[::1]:9").unwrap();
+        let t = Target::parse("workers.local", WORKER_PORT).unwrap();
+        assert_eq!(t.port, WORKER_PORT);
+        let t = Target::parse("dns:///pushwire-control-plane", CONTROL_PLANE_PORT).unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("pushwire-control-plane", 50051));
+        let t = Target::parse("[::1]:9", WORKER_PORT).unwrap();
         assert_eq!(t.ip, Some("::1".parse().unwrap()));
         assert_eq!(t.origin(), "http://[::1]:9");
         assert_eq!(t.to_string(), "[::1]:9");
-        let t = Target::parse("HTTP://localhost:1/").unwrap();
+        let t = Target::parse("HTTP://localhost:1/", WORKER_PORT).unwrap();
         assert_eq!(t.host, "localhost");
         assert!(!t.tls);
-        let t = Target::parse("https://workers.example:443").unwrap();
+        let t = Target::parse("https://workers.example:443", WORKER_PORT).unwrap();
         assert!(t.tls && t.is_name());
         assert_eq!(t.to_string(), "https://workers.example:443");
     }
@@ -184,14 +191,14 @@ mod tests {
             ("", "host:port"),
             ("http://w:1/path", "host:port"),
         ] {
-            let e = Target::parse(bad).unwrap_err();
+            let e = Target::parse(bad, WORKER_PORT).unwrap_err();
             assert!(e.reason.contains(why), "{bad}: {e}");
         }
     }
 
     #[tokio::test]
     async fn names_resolve_to_every_address() {
-        let t = Target::parse("localhost:9").unwrap();
+        let t = Target::parse("localhost:9", WORKER_PORT).unwrap();
         let addrs = t.resolve().await.unwrap();
         assert!(!addrs.is_empty());
         assert!(addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 9));
