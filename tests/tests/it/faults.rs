@@ -18,7 +18,7 @@ use pushwire_common::domain::Secret;
 use pushwire_common::pb::v1 as pb;
 use pushwire_common::publisher::{Publisher, PublisherOptions};
 use pushwire_tests::admin::{Admin, scope};
-use pushwire_tests::etcd::EtcdServer;
+use pushwire_tests::etcd::{EtcdCluster, EtcdServer};
 use pushwire_tests::eventually::{Poll, eventually};
 use pushwire_tests::faults::{
     ACCOUNT, Behaviour, ControlPlaneProc, CountingReceiver, Figures, PUBLISHER_TOKEN, Publication,
@@ -51,6 +51,9 @@ fn publisher_options(window: u32) -> PublisherOptions {
 /// workers with `flags`, every worker on the routing revision.
 struct Rig {
     cp: ControlPlaneProc,
+    /// A second control plane on the same store, when the scenario has one; the workers are
+    /// given both.
+    standby: Option<ControlPlaneProc>,
     workers: [WorkerProc; 2],
     receivers: [CountingReceiver; 3],
     admin: Admin,
@@ -59,7 +62,25 @@ struct Rig {
 
 impl Rig {
     async fn start(dir: &Path, store: Store, flags: WorkerFlags) -> anyhow::Result<Self> {
+        Self::start_with(dir, store, flags, false).await
+    }
+
+    /// [`Rig::start`], with a second control plane on `store` when `standby`.
+    async fn start_with(
+        dir: &Path,
+        store: Store,
+        flags: WorkerFlags,
+        standby: bool,
+    ) -> anyhow::Result<Self> {
         let cp = ControlPlaneProc::start(Path::new(CONTROL_PLANE), dir, &store).await?;
+        let standby = match standby {
+            true => Some(ControlPlaneProc::start(Path::new(CONTROL_PLANE), dir, &store).await?),
+            false => None,
+        };
+        let control_planes = std::iter::once(cp.url())
+            .chain(standby.iter().map(ControlPlaneProc::url))
+            .collect::<Vec<_>>()
+            .join(",");
         let receivers = [
             CountingReceiver::start().await?,
             CountingReceiver::start().await?,
@@ -69,8 +90,8 @@ impl Rig {
         let revision = route_three(&admin, [&receivers[0], &receivers[1], &receivers[2]]).await?;
         let bin = Path::new(WORKER);
         let workers = [
-            WorkerProc::start(bin, dir, 1, &cp.url(), &flags).await?,
-            WorkerProc::start(bin, dir, 2, &cp.url(), &flags).await?,
+            WorkerProc::start(bin, dir, 1, &control_planes, &flags).await?,
+            WorkerProc::start(bin, dir, 2, &control_planes, &flags).await?,
         ];
         for w in &workers {
             w.wait_revision(revision, Duration::from_secs(15)).await?;
@@ -86,6 +107,7 @@ impl Rig {
             .map_err(anyhow::Error::msg)?;
         Ok(Self {
             cp,
+            standby,
             workers,
             receivers,
             admin,
@@ -425,6 +447,84 @@ async fn control_plane_and_etcd_restarts_lose_nothing() -> anyhow::Result<()> {
             "{unavailable_after:?}"
         );
         drop(etcd);
+        Ok(())
+    })
+    .await
+}
+
+/// High availability under load: three etcd members, two control planes, two workers given
+/// both, participations at 200/s. The etcd leader is killed, then the first control plane:
+/// deliveries go on, the workers follow the surviving control plane, a change made through it
+/// reaches both, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_etcd_leader_and_a_control_plane_die_under_load_and_nothing_is_lost()
+-> anyhow::Result<()> {
+    scenario(async {
+        const N: usize = 3_000;
+        let started = Instant::now();
+        let dir = tempfile::tempdir()?;
+        let mut cluster = tokio::task::spawn_blocking(EtcdCluster::start).await??;
+        let mut rig = Rig::start_with(
+            dir.path(),
+            Store::Etcd(cluster.endpoints()),
+            WorkerFlags::default(),
+            true,
+        )
+        .await?;
+        let publication = Publication::start(rig.publisher.clone(), docs(0..N), Some(200.0));
+        publication
+            .wait_receipts(N / 5, Duration::from_secs(30))
+            .await?;
+
+        // The etcd leader dies: a new one is elected; deliveries go on.
+        let leader = eventually("an etcd leader", Duration::from_secs(20), || {
+            let leader = cluster.leader();
+            async move { Ok(leader.map_or_else(|| Poll::not_yet("none"), Poll::Ready)) }
+        })
+        .await?;
+        cluster.member(leader).stop()?;
+        eventually("a new etcd leader", Duration::from_secs(20), || {
+            let now = cluster.leader();
+            async move { Ok(Poll::when(now.is_some_and(|l| l != leader), now)) }
+        })
+        .await?;
+
+        // The first control plane dies: the workers follow the other one.
+        rig.cp.kill().await?;
+        let killed = Instant::now();
+        let standby = rig.standby.as_ref().expect("a second control plane");
+        let admin = standby.admin().await?;
+        let late = CountingReceiver::start().await?;
+        let revision = retry_until_ok(Duration::from_secs(20), || async {
+            let name = create_integration(&admin, "late", &late.url()).await?;
+            create_scope(
+                &admin,
+                "late",
+                scope(&name, pb::PushScopeLevel::Account, ""),
+            )
+            .await
+        })
+        .await?;
+        for w in &rig.workers {
+            w.wait_revision(revision, Duration::from_secs(20)).await?;
+        }
+        let followed = killed.elapsed();
+        let (figures, _) = publication_finish(
+            publication,
+            &rig,
+            0..N,
+            started,
+            "etcd-leader-and-cp-killed",
+        )
+        .await?;
+        println!(
+            "  a change through the surviving control plane on both workers {followed:?} after \
+             the first was killed"
+        );
+        figures.assert_nothing_lost(N);
+        let member =
+            tokio::task::spawn_blocking(move || cluster.member(leader).resume().map(|()| cluster));
+        drop(member.await??);
         Ok(())
     })
     .await

@@ -392,7 +392,12 @@ async fn a_write_whose_answer_is_lost_has_an_unknown_outcome() -> anyhow::Result
         Ok(Poll::when(store.revision().await.is_ok(), ()))
     })
     .await?;
+    // Dead: once a call has found its connection gone, a write is refused before it is sent.
     etcd.stop()?;
+    eventually("the dead member noticed", SETTLE, || async {
+        Ok(Poll::when(store.revision().await.is_err(), ()))
+    })
+    .await?;
     let refused = store.txn(put("never")).await;
     assert!(
         matches!(refused, Err(StoreError::Unavailable(_))),
