@@ -319,7 +319,7 @@ async fn start_worker(
             tonic::service::interceptor::InterceptedService::new(channel, bearer),
             "in-process control plane",
         ),
-        pushwire_worker::config_watch::DEFAULT_STALE_AFTER,
+        pushwire_worker::config_watch::WatchOptions::default(),
         &config.ingest,
         &config.webhook,
         &delivery,

@@ -337,6 +337,11 @@ pub struct Config {
     #[arg(long, env = "PUSHWIRE_CONFIG_STALE_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
     pub config_stale_after: Duration,
 
+    /// Largest WatchConfig message accepted, in bytes; snapshots larger than half of it come
+    /// in parts. For tests of snapshots in parts.
+    #[arg(long, env = "PUSHWIRE_WATCH_MAX_MESSAGE_SIZE", hide = true, default_value_t = crate::config_watch::DEFAULT_MAX_MESSAGE_SIZE)]
+    pub watch_max_message_size: usize,
+
     #[command(flatten)]
     pub control_plane_client: ControlPlaneClientArgs,
 

@@ -58,6 +58,8 @@ pub struct WatchOptions {
     pub backoff_max: Duration,
     /// See [`DEFAULT_SILENCE`].
     pub silence: Duration,
+    /// Time without confirmation after which a warning is logged ([`DEFAULT_STALE_AFTER`]).
+    pub stale_after: Duration,
 }
 
 impl Default for WatchOptions {
@@ -67,6 +69,7 @@ impl Default for WatchOptions {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             silence: DEFAULT_SILENCE,
+            stale_after: DEFAULT_STALE_AFTER,
         }
     }
 }
@@ -330,6 +333,12 @@ fn report(error: &SessionError, control_plane: &str, from: i64, resync: &mut boo
             control_plane,
             "config watch: stream ended; trying the next control plane"
         ),
+        SessionError::Parts { revision, why } => tracing::error!(
+            revision,
+            why,
+            control_plane,
+            "config watch: a snapshot in parts broke off; reconnecting, keeping the last table"
+        ),
         SessionError::Silent(silence) => tracing::warn!(
             from,
             control_plane,
@@ -355,6 +364,8 @@ enum SessionError {
     },
     #[error("changes at revision {revision} came before any snapshot")]
     NoBaseline { revision: i64 },
+    #[error("snapshot in parts at revision {revision} broken off: {why}")]
+    Parts { revision: i64, why: &'static str },
     #[error("no message for {0:?} after progress messages")]
     Silent(Duration),
 }
@@ -398,6 +409,51 @@ fn step(
     }
     let changes = decode_changes(msg.changes).map_err(decode)?;
     Ok(Step::Swap(Arc::new(current.apply(revision, changes))))
+}
+
+/// A snapshot arriving in parts (`snapshot_continues`), decoded so far.
+struct Assembly {
+    revision: i64,
+    snapshot: Snapshot,
+}
+
+/// Takes one part of a snapshot sent in parts; the whole snapshot once its last part came.
+/// A part at another revision, or a message that is not a part, breaks the sequence: the
+/// stream is dropped and the worker re-syncs (its table stays meanwhile).
+fn assemble(
+    assembly: &mut Option<Assembly>,
+    msg: pb::WatchConfigResponse,
+) -> Result<Option<Snapshot>, SessionError> {
+    let revision = msg.revision;
+    let broken = |why| SessionError::Parts { revision, why };
+    let Some(part) = msg.snapshot else {
+        return Err(broken(
+            "a message that is not part of the snapshot in progress",
+        ));
+    };
+    if !msg.changes.is_empty() {
+        return Err(broken("changes in a snapshot part"));
+    }
+    let part = decode_snapshot(part).map_err(|source| SessionError::Decode { revision, source })?;
+    match assembly {
+        Some(a) if a.revision != revision => {
+            return Err(broken("a part at another revision"));
+        }
+        Some(a) => {
+            a.snapshot.integrations.extend(part.integrations);
+            a.snapshot.push_scopes.extend(part.push_scopes);
+        }
+        None => {
+            *assembly = Some(Assembly {
+                revision,
+                snapshot: part,
+            });
+        }
+    }
+    if msg.snapshot_continues {
+        return Ok(None);
+    }
+    Ok(assembly.take().map(|a| a.snapshot))
 }
 
 /// Decodes a snapshot. Any field that does not decode fails the whole snapshot: routing on
@@ -501,6 +557,8 @@ impl Session<'_> {
         let mut stream = match client
             .watch_config(pb::WatchConfigRequest {
                 from_revision: from,
+                // Snapshots larger than this come in parts, each well within it.
+                max_message_bytes: i64::try_from(max_message_size).unwrap_or(i64::MAX),
             })
             .await
         {
@@ -512,6 +570,8 @@ impl Session<'_> {
         // Whether this control plane sends progress messages (older ones do not): from then
         // on, a silence means it stopped confirming.
         let mut progress_seen = false;
+        // A snapshot arriving in parts.
+        let mut assembly: Option<Assembly> = None;
         loop {
             let next = stream.message();
             let next = if progress_seen {
@@ -534,7 +594,22 @@ impl Session<'_> {
             if !is_snapshot && changes == 0 {
                 progress_seen = true;
             }
-            let next = match step(current.as_deref(), msg) {
+            // A snapshot in parts is decoded as the parts come and applied with the last.
+            let stepped = if msg.snapshot_continues || assembly.is_some() {
+                match assemble(&mut assembly, msg) {
+                    Ok(None) => {
+                        self.received = true;
+                        continue;
+                    }
+                    Ok(Some(snapshot)) => Ok(Step::Swap(Arc::new(RoutingTable::from_snapshot(
+                        revision, snapshot,
+                    )))),
+                    Err(e) => return e,
+                }
+            } else {
+                step(current.as_deref(), msg)
+            };
+            let next = match stepped {
                 Ok(Step::Swap(next)) => next,
                 Ok(Step::Ignore) => {
                     // A progress message, or changes already applied: either way the control
@@ -619,8 +694,39 @@ mod tests {
                     .collect(),
                 push_scopes: Vec::new(),
             }),
-            changes: Vec::new(),
+            ..Default::default()
         }
+    }
+
+    fn part(revision: i64, ids: &[&str], continues: bool) -> pb::WatchConfigResponse {
+        pb::WatchConfigResponse {
+            snapshot_continues: continues,
+            ..snapshot_msg(revision, ids)
+        }
+    }
+
+    #[test]
+    fn a_snapshot_in_parts_is_whole_only_with_its_last_part() {
+        let mut assembly = None;
+        assert!(matches!(assemble(&mut assembly, part(7, &["a", "b"], true)), Ok(None)));
+        assert!(matches!(assemble(&mut assembly, part(7, &["c"], true)), Ok(None)));
+        let whole = assemble(&mut assembly, part(7, &["d"], false)).unwrap().unwrap();
+        let ids: Vec<&str> = whole.integrations.iter().map(|i| i.name.id()).collect();
+        assert_eq!(ids, ["a", "b", "c", "d"]);
+        assert!(assembly.is_none());
+
+        // Broken sequences: a part at another revision, or changes in the middle.
+        assert!(matches!(assemble(&mut assembly, part(7, &["a"], true)), Ok(None)));
+        assert!(matches!(
+            assemble(&mut assembly, part(8, &["b"], false)),
+            Err(SessionError::Parts { .. })
+        ));
+        let mut assembly = None;
+        assert!(matches!(assemble(&mut assembly, part(7, &["a"], true)), Ok(None)));
+        assert!(matches!(
+            assemble(&mut assembly, upsert_msg(8, "b")),
+            Err(SessionError::Parts { .. })
+        ));
     }
 
     fn upsert_msg(revision: i64, id: &str) -> pb::WatchConfigResponse {
@@ -632,6 +738,7 @@ mod tests {
                     &integration(id),
                 ))),
             }],
+            ..Default::default()
         }
     }
 
@@ -873,8 +980,7 @@ mod tests {
     fn progress(revision: i64) -> pb::WatchConfigResponse {
         pb::WatchConfigResponse {
             revision,
-            snapshot: None,
-            changes: Vec::new(),
+            ..Default::default()
         }
     }
 

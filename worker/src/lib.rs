@@ -108,7 +108,7 @@ impl Worker {
     /// Starts the background parts, talking to the control planes of `control_plane` (their
     /// channels made with `connect_lazy`, so they reconnect by themselves; with a `worker`
     /// token), one at a time, failing over between them; logs a warning when the
-    /// configuration was not confirmed current for `stale_after`.
+    /// configuration was not confirmed current for `watch.stale_after`.
     ///
     /// `intake` stops the intake: streams stop reading and end with `UNAVAILABLE` once what
     /// they hold is settled. `interrupt`, cancelled some grace period later, interrupts the
@@ -119,7 +119,7 @@ impl Worker {
     /// supervisor starts it again).
     pub async fn start(
         control_plane: ControlPlanes,
-        stale_after: Duration,
+        watch: config_watch::WatchOptions,
         ingest: &IngestArgs,
         webhook: &WebhookArgs,
         delivery: &DeliveryArgs,
@@ -204,11 +204,11 @@ impl Worker {
             table_tx,
             health.clone(),
             interrupt.clone(),
-            config_watch::WatchOptions::default(),
+            watch.clone(),
         ));
         tasks.spawn(config_watch::log_staleness(
             health.clone(),
-            stale_after,
+            watch.stale_after,
             interrupt.clone(),
         ));
         tasks.spawn(disable::run(control_plane, disable_rx, interrupt.clone()));
@@ -275,7 +275,11 @@ pub async fn run(
     let interrupt = CancellationToken::new();
     let worker = Worker::start(
         control_planes,
-        config.config_stale_after,
+        config_watch::WatchOptions {
+            stale_after: config.config_stale_after,
+            max_message_size: config.watch_max_message_size,
+            ..Default::default()
+        },
         &config.ingest,
         &config.webhook,
         &config.delivery,

@@ -11,6 +11,8 @@
 //! resume from a revision (UNAVAILABLE), so that their workers try another replica.
 
 use std::pin::Pin;
+
+use prost::Message as _;
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -61,8 +63,7 @@ impl ConfigApi {
 fn progress(revision: i64) -> pb::WatchConfigResponse {
     pb::WatchConfigResponse {
         revision,
-        snapshot: None,
-        changes: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -78,29 +79,71 @@ fn change_to_pb(c: &Change) -> pb::ConfigChange {
     }
 }
 
-/// The messages for one feed update, and the revision they bring the watcher to.
-fn messages(update: FeedUpdate) -> Vec<pb::WatchConfigResponse> {
+/// Largest part of a snapshot sent in parts (when the client accepts parts).
+const MAX_PART_BYTES: usize = 4 << 20;
+
+/// The size of the parts of a snapshot for a client that accepts messages of up to
+/// `max_message_bytes` (0: no parts, one message whatever its size).
+fn part_bytes(max_message_bytes: i64) -> usize {
+    match usize::try_from(max_message_bytes) {
+        Ok(0) | Err(_) => usize::MAX,
+        Ok(max) => (max / 2).clamp(1, MAX_PART_BYTES),
+    }
+}
+
+/// The messages for one feed update, built one at a time as the watcher takes them (a big
+/// installation's snapshot is never held encoded all at once). A snapshot goes in parts of
+/// about `part_bytes` (at least one item each), all but the last flagged
+/// `snapshot_continues`.
+fn messages(
+    update: FeedUpdate,
+    part_bytes: usize,
+) -> Box<dyn Iterator<Item = pb::WatchConfigResponse> + Send> {
     match update {
         FeedUpdate::Snapshot {
             revision,
             integrations,
             push_scopes,
-        } => vec![pb::WatchConfigResponse {
-            revision,
-            snapshot: Some(pb::ConfigSnapshot {
-                integrations: integrations.iter().map(|i| integration_config(i)).collect(),
-                push_scopes: push_scopes.iter().map(|s| s.as_ref().into()).collect(),
-            }),
-            changes: Vec::new(),
-        }],
-        FeedUpdate::Changes(revisions) => revisions
-            .iter()
-            .map(|r| pb::WatchConfigResponse {
+        } => {
+            let mut integrations = integrations.into_iter().peekable();
+            let mut push_scopes = push_scopes.into_iter().peekable();
+            let mut done = false;
+            Box::new(std::iter::from_fn(move || {
+                if done {
+                    return None;
+                }
+                let mut part = pb::ConfigSnapshot::default();
+                let mut bytes = 0;
+                while bytes < part_bytes {
+                    if let Some(i) = integrations.next() {
+                        let i = integration_config(&i);
+                        bytes += i.encoded_len() + 8;
+                        part.integrations.push(i);
+                    } else if let Some(s) = push_scopes.next() {
+                        let s = pb::PushScope::from(s.as_ref());
+                        bytes += s.encoded_len() + 8;
+                        part.push_scopes.push(s);
+                    } else {
+                        break;
+                    }
+                }
+                let continues = integrations.peek().is_some() || push_scopes.peek().is_some();
+                done = !continues;
+                Some(pb::WatchConfigResponse {
+                    revision,
+                    snapshot: Some(part),
+                    changes: Vec::new(),
+                    snapshot_continues: continues,
+                })
+            }))
+        }
+        FeedUpdate::Changes(revisions) => {
+            Box::new(revisions.into_iter().map(|r| pb::WatchConfigResponse {
                 revision: r.revision,
-                snapshot: None,
                 changes: r.changes.iter().map(change_to_pb).collect(),
-            })
-            .collect(),
+                ..Default::default()
+            }))
+        }
     }
 }
 
@@ -119,6 +162,10 @@ impl ConfigService for ConfigApi {
         if from < 0 {
             return Err(super::invalid("from_revision", "must not be negative"));
         }
+        if request.get_ref().max_message_bytes < 0 {
+            return Err(super::invalid("max_message_bytes", "must not be negative"));
+        }
+        let part_bytes = part_bytes(request.get_ref().max_message_bytes);
         // A worker that has a configuration is better served by a replica that is current:
         // this one could only send what may be older than what the worker has (a snapshot it
         // would take). UNAVAILABLE makes it try the next control plane; one with nothing yet
@@ -159,7 +206,7 @@ impl ConfigService for ConfigApi {
                     }
                 };
                 let Some(update) = update else { return };
-                for msg in messages(update) {
+                for msg in messages(update, part_bytes) {
                     let revision = msg.revision;
                     if tx.send(Ok(msg)).await.is_err() {
                         return;

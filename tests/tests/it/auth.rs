@@ -394,7 +394,10 @@ impl Fixture {
                 .map(drop),
             Rpc::WatchConfig => {
                 let mut stream = ConfigServiceClient::new(ch)
-                    .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+                    .watch_config(pb::WatchConfigRequest {
+                        from_revision: 0,
+                        ..Default::default()
+                    })
                     .await?
                     .into_inner();
                 // A granted watch starts with the snapshot.

@@ -154,7 +154,10 @@ async fn worker_view(cp: &ControlPlane, name: &str) -> anyhow::Result<(String, V
     let mut watch = cp
         .config()
         .await?
-        .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+        .watch_config(pb::WatchConfigRequest {
+            from_revision: 0,
+            ..Default::default()
+        })
         .await?
         .into_inner();
     let is_it = |c: &pb::IntegrationConfig| c.integration.as_ref().is_some_and(|i| i.name == name);

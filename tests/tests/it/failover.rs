@@ -128,6 +128,7 @@ async fn watch_from(
     pb::config_service_client::ConfigServiceClient::new(with_token(channel, Some(WORKER_TOKEN)))
         .watch_config(pb::WatchConfigRequest {
             from_revision: revision,
+            ..Default::default()
         })
         .await
         .map(tonic::Response::into_inner)
@@ -293,4 +294,99 @@ async fn a_control_plane_cut_off_from_etcd_stops_confirming() -> anyhow::Result<
     })
     .await
     .context("the test took too long")?
+}
+
+/// A snapshot larger than the worker's message cap comes in parts and is applied whole: 40
+/// integrations with 4 KiB auth headers (about 170 KiB) to a worker accepting messages of
+/// 64 KiB (parts of at most 32 KiB). A raw WatchConfig client sees the parts; a client that
+/// does not ask for parts (as before they existed) gets one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_over_the_message_cap_comes_in_parts() -> anyhow::Result<()> {
+    const N: usize = 40;
+    const CAP: usize = 64 * 1024;
+    let dir = tempfile::tempdir()?;
+    let store = Store::Embedded(dir.path().join("data"));
+    let cp = ControlPlaneProc::start(Path::new(CONTROL_PLANE), dir.path(), &store).await?;
+    let admin = cp.admin().await?;
+    let receiver = CountingReceiver::start().await?;
+    let mut revision = 0;
+    for n in 0..N {
+        let mut integration =
+            pushwire_tests::admin::integration(&format!("big {n}"), &receiver.url());
+        integration.auth_header = Some(pb::AuthHeader {
+            name: "Authorization".into(),
+            value: format!("Bearer {}", "x".repeat(4000)),
+            value_set: false,
+        });
+        let name = admin
+            .create_integration(ACCOUNT, &format!("big-{n:02}"), integration)
+            .await?
+            .name;
+        revision = create_scope(
+            &admin,
+            &format!("big-{n:02}"),
+            scope(&name, pb::PushScopeLevel::Account, ""),
+        )
+        .await?;
+    }
+
+    // The parts, as a client that accepts 64 KiB sees them.
+    let channel = Channel::from_shared(cp.url())?.connect().await?;
+    let mut config = pb::config_service_client::ConfigServiceClient::new(with_token(
+        channel,
+        Some(WORKER_TOKEN),
+    ))
+    .max_decoding_message_size(CAP);
+    let mut stream = config
+        .watch_config(pb::WatchConfigRequest {
+            from_revision: 0,
+            max_message_bytes: CAP as i64,
+        })
+        .await?
+        .into_inner();
+    let (mut parts, mut integrations, mut scopes) = (0, 0, 0);
+    loop {
+        let msg = tokio::time::timeout(WAIT, stream.message())
+            .await?
+            .context("WatchConfig")?
+            .context("stream ended inside the snapshot")?;
+        assert_eq!(
+            msg.revision, revision,
+            "every part at the snapshot's revision"
+        );
+        let part = msg.snapshot.as_ref().context("a part without a snapshot")?;
+        assert!(
+            prost::Message::encoded_len(&msg) <= CAP,
+            "part {parts} over the cap"
+        );
+        parts += 1;
+        integrations += part.integrations.len();
+        scopes += part.push_scopes.len();
+        if !msg.snapshot_continues {
+            break;
+        }
+    }
+    assert!(parts >= 5, "{parts} parts");
+    assert_eq!((integrations, scopes), (N, N));
+
+    // A client that does not ask for parts gets the snapshot in one message.
+    let whole = watch_from(&cp, 0)
+        .await?
+        .message()
+        .await?
+        .context("no snapshot")?;
+    assert!(!whole.snapshot_continues);
+    assert_eq!(whole.snapshot.map(|s| s.integrations.len()), Some(N));
+
+    // A worker with that cap routes with the whole snapshot.
+    let flags = WorkerFlags {
+        extra: vec!["--watch-max-message-size".into(), CAP.to_string()],
+        ..WorkerFlags::default()
+    };
+    let worker = WorkerProc::start(Path::new(WORKER), dir.path(), 1, &cp.url(), &flags).await?;
+    worker.wait_revision(revision, WAIT).await?;
+    let delivered = publish(&worker, 1).await?;
+    assert_eq!(delivered.len(), N, "{delivered:?}");
+    assert_eq!(worker.metric(SNAPSHOTS).await?, 1.0);
+    Ok(())
 }

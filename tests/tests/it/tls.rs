@@ -416,7 +416,10 @@ async fn a_worker_needs_a_worker_token_even_with_a_valid_certificate() -> anyhow
         Some(TEST_ADMIN_TOKEN),
     ));
     let refused = as_that_worker
-        .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+        .watch_config(pb::WatchConfigRequest {
+            from_revision: 0,
+            ..Default::default()
+        })
         .await
         .expect_err("an admin token is no worker token");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");

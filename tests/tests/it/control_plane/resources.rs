@@ -320,7 +320,10 @@ async fn etags_references_and_forced_deletes() -> anyhow::Result<()> {
         let mut watch = cp
             .config()
             .await?
-            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .watch_config(pb::WatchConfigRequest {
+                from_revision: 0,
+                ..Default::default()
+            })
             .await?
             .into_inner();
         let mut revision = next_msg(&mut watch).await?.revision;

@@ -53,7 +53,10 @@ async fn etcd_holds_the_records_and_replicas_share_them() -> anyhow::Result<()> 
     let mut watch = second
         .config()
         .await?
-        .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+        .watch_config(pb::WatchConfigRequest {
+            from_revision: 0,
+            ..Default::default()
+        })
         .await?
         .into_inner();
     let snapshot = next_msg(&mut watch).await?;

@@ -67,7 +67,10 @@ async fn secrets_are_never_read_back_but_reach_workers() -> anyhow::Result<()> {
         let mut watch = cp
             .config()
             .await?
-            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .watch_config(pb::WatchConfigRequest {
+                from_revision: 0,
+                ..Default::default()
+            })
             .await?
             .into_inner();
         // The feed may serve a snapshot from before the rotation: follow it until the rotation
@@ -134,7 +137,10 @@ async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<(
     async fn body(cp: &ControlPlane) -> anyhow::Result<()> {
         let mut config = cp.config().await?;
         let mut watch = config
-            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .watch_config(pb::WatchConfigRequest {
+                from_revision: 0,
+                ..Default::default()
+            })
             .await?
             .into_inner();
         let first = next_msg(&mut watch).await?;
@@ -195,6 +201,7 @@ async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<(
         let mut watch = config
             .watch_config(pb::WatchConfigRequest {
                 from_revision: *revisions.last().unwrap(),
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -219,7 +226,10 @@ async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<(
 
         // The state built from the stream equals a fresh snapshot.
         let mut fresh = config
-            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .watch_config(pb::WatchConfigRequest {
+                from_revision: 0,
+                ..Default::default()
+            })
             .await?
             .into_inner();
         let snap = next_msg(&mut fresh).await?;
@@ -268,7 +278,10 @@ async fn watch_from_forgotten_revision_gets_a_fresh_snapshot() -> anyhow::Result
         let mut probe = cp
             .config()
             .await?
-            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .watch_config(pb::WatchConfigRequest {
+                from_revision: 0,
+                ..Default::default()
+            })
             .await?
             .into_inner();
         let target = last.etag.parse::<i64>()?;
@@ -280,6 +293,7 @@ async fn watch_from_forgotten_revision_gets_a_fresh_snapshot() -> anyhow::Result
             .await?
             .watch_config(pb::WatchConfigRequest {
                 from_revision: from,
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -315,7 +329,10 @@ async fn a_current_control_plane_sends_progress_messages() -> anyhow::Result<()>
         let mut watch = cp
             .config()
             .await?
-            .watch_config(pb::WatchConfigRequest { from_revision: 0 })
+            .watch_config(pb::WatchConfigRequest {
+                from_revision: 0,
+                ..Default::default()
+            })
             .await?
             .into_inner();
         let snapshot = next_msg(&mut watch).await?;
@@ -335,8 +352,7 @@ async fn a_current_control_plane_sends_progress_messages() -> anyhow::Result<()>
                 msg,
                 pb::WatchConfigResponse {
                     revision,
-                    snapshot: None,
-                    changes: Vec::new(),
+                    ..Default::default()
                 },
                 "{backend:?}"
             );
