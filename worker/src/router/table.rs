@@ -63,16 +63,20 @@ impl Account {
     /// Builds the routing layout from an account's sources.
     fn build(parts: Parts) -> Self {
         let Parts {
-            integrations,
+            mut integrations,
             scopes,
         } = parts;
+        // Held until the account changes again: no spare room.
+        integrations.shrink_to_fit();
         let fires = |s: &PushScope| {
             find(&integrations, &s.integration, |i| &i.name).is_ok_and(|n| integrations[n].enabled)
         };
         // `scopes` is by name, so each part stays sorted by name.
         let (mut ordered, rest): (Vec<_>, Vec<_>) = scopes.into_iter().partition(|s| fires(s));
         let routable = ordered.len();
+        ordered.reserve_exact(rest.len());
         ordered.extend(rest);
+        ordered.shrink_to_fit();
         Self {
             integrations,
             scopes: ordered,
@@ -96,6 +100,20 @@ impl Account {
         let n = find(&self.integrations, name, |i| &i.name).ok()?;
         Some(&self.integrations[n])
     }
+}
+
+/// `integration`, its name holding `account`'s copy of the account id: the names of an account
+/// share one (a decoded name has a copy of its own).
+fn shared_integration(mut integration: Integration, account: &AccountName) -> Arc<Integration> {
+    integration.name.share_account(account);
+    Arc::new(integration)
+}
+
+/// `scope`, its names holding `account`'s copy of the account id.
+fn shared_scope(mut scope: PushScope, account: &AccountName) -> Arc<PushScope> {
+    scope.name.share_account(account);
+    scope.integration.share_account(account);
+    Arc::new(scope)
 }
 
 /// Where `name` is (`Ok`) or would go (`Err`) in `items`, sorted by `key`.
@@ -190,26 +208,30 @@ impl RoutingTable {
 
     /// Builds the table at `revision` from a whole configuration.
     pub fn from_snapshot(revision: i64, snapshot: Snapshot) -> Self {
-        // The account's entry, without copying its name when it is there already.
+        // The account's entry, and the account name its names are to share.
         fn group<'p>(
             parts: &'p mut HashMap<AccountName, Parts>,
             account: &AccountName,
-        ) -> &'p mut Parts {
-            if !parts.contains_key(account) {
-                parts.insert(account.clone(), Parts::default());
-            }
-            parts.get_mut(account).expect("inserted above")
+        ) -> (AccountName, &'p mut Parts) {
+            let key = match parts.get_key_value(account) {
+                Some((key, _)) => key.clone(),
+                None => {
+                    parts.insert(account.clone(), Parts::default());
+                    account.clone()
+                }
+            };
+            (key, parts.get_mut(account).expect("inserted above"))
         }
         let mut parts: HashMap<AccountName, Parts> = HashMap::new();
         for integration in snapshot.integrations {
-            group(&mut parts, integration.name.account())
+            let (account, sources) = group(&mut parts, integration.name.account());
+            sources
                 .integrations
-                .push(Arc::new(integration));
+                .push(shared_integration(integration, &account));
         }
         for scope in snapshot.push_scopes {
-            group(&mut parts, scope.name.account())
-                .scopes
-                .push(Arc::new(scope));
+            let (account, sources) = group(&mut parts, scope.name.account());
+            sources.scopes.push(shared_scope(scope, &account));
         }
         let mut table = Self {
             revision,
@@ -233,22 +255,25 @@ impl RoutingTable {
             match change {
                 Change::UpsertIntegration(integration) => {
                     written(integration.update_time);
-                    let parts = self.parts_of(&mut touched, integration.name.account());
-                    upsert(&mut parts.integrations, Arc::new(integration), |i| &i.name);
+                    let (account, parts) = self.parts_of(&mut touched, integration.name.account());
+                    let integration = shared_integration(integration, &account);
+                    upsert(&mut parts.integrations, integration, |i| &i.name);
                 }
                 Change::DeleteIntegration(name) => {
                     // Its scopes stay (the control plane deletes them with their own
                     // changes); without the integration `resolve` ignores them anyway.
-                    let parts = self.parts_of(&mut touched, name.account());
+                    let (_, parts) = self.parts_of(&mut touched, name.account());
                     remove(&mut parts.integrations, &name, |i| &i.name);
                 }
                 Change::UpsertPushScope(scope) => {
                     written(scope.update_time);
-                    let parts = self.parts_of(&mut touched, scope.name.account());
-                    upsert(&mut parts.scopes, Arc::new(scope), |s| &s.name);
+                    let (account, parts) = self.parts_of(&mut touched, scope.name.account());
+                    upsert(&mut parts.scopes, shared_scope(scope, &account), |s| {
+                        &s.name
+                    });
                 }
                 Change::DeletePushScope(name) => {
-                    let parts = self.parts_of(&mut touched, name.account());
+                    let (_, parts) = self.parts_of(&mut touched, name.account());
                     remove(&mut parts.scopes, &name, |s| &s.name);
                 }
             }
@@ -288,18 +313,25 @@ impl RoutingTable {
         self.changed_at
     }
 
-    /// The editable sources of `account` within `touched`, copied from this table on first use.
+    /// The editable sources of `account` within `touched`, copied from this table on first
+    /// use, and the account name its names share (this table's, when it has the account).
     fn parts_of<'t>(
         &self,
         touched: &'t mut HashMap<AccountName, Parts>,
         account: &AccountName,
-    ) -> &'t mut Parts {
-        touched.entry(account.clone()).or_insert_with(|| {
-            self.accounts
-                .get(account)
-                .map(|a| a.parts())
-                .unwrap_or_default()
-        })
+    ) -> (AccountName, &'t mut Parts) {
+        let key = match touched.get_key_value(account) {
+            Some((key, _)) => key.clone(),
+            None => {
+                let (key, parts) = match self.accounts.get_key_value(account) {
+                    Some((key, existing)) => (key.clone(), existing.parts()),
+                    None => (account.clone(), Parts::default()),
+                };
+                touched.insert(key.clone(), parts);
+                key
+            }
+        };
+        (key, touched.get_mut(account).expect("inserted above"))
     }
 
     /// The integrations a participation of `account` at `placement` goes to, ordered by
