@@ -46,7 +46,9 @@ pub enum Change {
 }
 
 /// One account's configuration, with what routing needs laid out ahead of time. Each entry is
-/// an `Arc` shared with the tables before and after this one until it changes itself.
+/// an `Arc` shared with the tables before and after this one until it changes itself. Every
+/// name in it is of this account, so entries are ordered and found by id alone (comparing
+/// whole names would compare the account id each time).
 #[derive(Debug, Default)]
 struct Account {
     /// Every integration, disabled ones included (lookups by name need them), by name.
@@ -69,7 +71,10 @@ impl Account {
         // Held until the account changes again: no spare room.
         integrations.shrink_to_fit();
         let fires = |s: &PushScope| {
-            find(&integrations, &s.integration, |i| &i.name).is_ok_and(|n| integrations[n].enabled)
+            // Same account: a pointer comparison, the names share the account's id.
+            s.integration.account() == s.name.account()
+                && find(&integrations, s.integration.id(), |i| i.name.id())
+                    .is_ok_and(|n| integrations[n].enabled)
         };
         // `scopes` is by name, so each part stays sorted by name.
         let (mut ordered, rest): (Vec<_>, Vec<_>) = scopes.into_iter().partition(|s| fires(s));
@@ -88,16 +93,16 @@ impl Account {
     fn parts(&self) -> Parts {
         let mut scopes = self.scopes.clone();
         // Two sorted runs: the sort merges them in linear time.
-        scopes.sort_by(|a, b| a.name.cmp(&b.name));
+        scopes.sort_by(|a, b| a.name.id().cmp(b.name.id()));
         Parts {
             integrations: self.integrations.clone(),
             scopes,
         }
     }
 
-    /// The integration of this name, disabled or not.
+    /// The integration of this name (of this account), disabled or not.
     fn integration(&self, name: &IntegrationName) -> Option<&Arc<Integration>> {
-        let n = find(&self.integrations, name, |i| &i.name).ok()?;
+        let n = find(&self.integrations, name.id(), |i| i.name.id()).ok()?;
         Some(&self.integrations[n])
     }
 }
@@ -117,12 +122,12 @@ fn shared_scope(mut scope: PushScope, account: &AccountName) -> Arc<PushScope> {
 }
 
 /// Where `name` is (`Ok`) or would go (`Err`) in `items`, sorted by `key`.
-fn find<T, K: Ord>(items: &[T], name: &K, key: impl Fn(&T) -> &K) -> Result<usize, usize> {
+fn find<T, K: Ord + ?Sized>(items: &[T], name: &K, key: impl Fn(&T) -> &K) -> Result<usize, usize> {
     items.binary_search_by(|item| key(item).cmp(name))
 }
 
 /// Puts `item` in its place by `key` in the sorted `items`, replacing one of the same key.
-fn upsert<T, K: Ord>(items: &mut Vec<T>, item: T, key: impl Fn(&T) -> &K) {
+fn upsert<T, K: Ord + ?Sized>(items: &mut Vec<T>, item: T, key: impl Fn(&T) -> &K) {
     match find(items, key(&item), &key) {
         Ok(n) => items[n] = item,
         Err(n) => items.insert(n, item),
@@ -130,7 +135,7 @@ fn upsert<T, K: Ord>(items: &mut Vec<T>, item: T, key: impl Fn(&T) -> &K) {
 }
 
 /// Takes the item of this key out of the sorted `items`, if there is one.
-fn remove<T, K: Ord>(items: &mut Vec<T>, name: &K, key: impl Fn(&T) -> &K) {
+fn remove<T, K: Ord + ?Sized>(items: &mut Vec<T>, name: &K, key: impl Fn(&T) -> &K) {
     if let Ok(n) = find(items, name, key) {
         items.remove(n);
     }
@@ -150,13 +155,13 @@ impl Parts {
 
     /// Sorts what a snapshot gave in any order; of two entries of one name, the later wins.
     fn sort(&mut self) {
-        last_wins(&mut self.integrations, |i| &i.name);
-        last_wins(&mut self.scopes, |s| &s.name);
+        last_wins(&mut self.integrations, |i| i.name.id());
+        last_wins(&mut self.scopes, |s| s.name.id());
     }
 }
 
 /// Sorts `items` by `key`, keeping only the last of entries with the same key.
-fn last_wins<T, K: Ord>(items: &mut Vec<T>, key: impl Fn(&T) -> &K) {
+fn last_wins<T, K: Ord + ?Sized>(items: &mut Vec<T>, key: impl Fn(&T) -> &K) {
     items.reverse();
     // Stable: among equal keys the last given comes first now, and `dedup` keeps the first.
     items.sort_by(|a, b| key(a).cmp(key(b)));
@@ -257,24 +262,24 @@ impl RoutingTable {
                     written(integration.update_time);
                     let (account, parts) = self.parts_of(&mut touched, integration.name.account());
                     let integration = shared_integration(integration, &account);
-                    upsert(&mut parts.integrations, integration, |i| &i.name);
+                    upsert(&mut parts.integrations, integration, |i| i.name.id());
                 }
                 Change::DeleteIntegration(name) => {
                     // Its scopes stay (the control plane deletes them with their own
                     // changes); without the integration `resolve` ignores them anyway.
                     let (_, parts) = self.parts_of(&mut touched, name.account());
-                    remove(&mut parts.integrations, &name, |i| &i.name);
+                    remove(&mut parts.integrations, name.id(), |i| i.name.id());
                 }
                 Change::UpsertPushScope(scope) => {
                     written(scope.update_time);
                     let (account, parts) = self.parts_of(&mut touched, scope.name.account());
                     upsert(&mut parts.scopes, shared_scope(scope, &account), |s| {
-                        &s.name
+                        s.name.id()
                     });
                 }
                 Change::DeletePushScope(name) => {
                     let (_, parts) = self.parts_of(&mut touched, name.account());
-                    remove(&mut parts.scopes, &name, |s| &s.name);
+                    remove(&mut parts.scopes, name.id(), |s| s.name.id());
                 }
             }
         }
