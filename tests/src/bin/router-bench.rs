@@ -1,6 +1,6 @@
 //! What the worker's routing table costs as the configuration grows: for each size, in a
-//! process of its own (so each RSS figure starts clean), builds a realistic configuration (5
-//! integrations and 10 push scopes per account), then measures
+//! process of its own (so each RSS figure starts clean), builds a realistic configuration (by
+//! default 5 integrations and 10 push scopes per account), then measures
 //!
 //! - the snapshot apply (`RoutingTable::from_snapshot`): CPU and wall time;
 //! - the worker memory it holds: RSS after the build minus RSS before the configuration was
@@ -13,6 +13,8 @@
 //!
 //! `cargo run --release -p pushwire-tests --bin router-bench`
 //! `cargo run --release -p pushwire-tests --bin router-bench -- --integrations 10000 --changes 100`
+//! `cargo run --release -p pushwire-tests --bin router-bench -- --per-account 100 --scopes-per-integration 10`
+//! (accounts at the control plane's default limits: 100 integrations, 1,000 push scopes)
 
 use std::process::Command;
 use std::sync::Arc;
@@ -27,14 +29,19 @@ use pushwire_common::domain::{
 };
 use pushwire_worker::router::{Change, RoutingTable, Snapshot};
 
-const INTEGRATIONS_PER_ACCOUNT: usize = 5;
-const SCOPES_PER_INTEGRATION: usize = 2;
-
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sizes to measure, in integrations (each a multiple of 5), comma-separated.
+    /// Sizes to measure, in integrations (each a multiple of `--per-account`),
+    /// comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [10_000, 100_000, 1_000_000])]
     integrations: Vec<usize>,
+    /// Integrations per account.
+    #[arg(long, default_value_t = 5)]
+    per_account: usize,
+    /// Push scopes per integration: pushed on a website, then alternately not for a
+    /// campaign and pushed on another website.
+    #[arg(long, default_value_t = 2)]
+    scopes_per_integration: usize,
     /// Single-integration changes applied one after the other, per size.
     #[arg(long, default_value_t = 1000)]
     changes: usize,
@@ -98,14 +105,25 @@ impl Figures {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(bad) = args.integrations.iter().find(|n| **n % 5 != 0 || **n == 0) {
-        bail!("--integrations {bad}: give multiples of {INTEGRATIONS_PER_ACCOUNT}");
+    let shape = Shape {
+        per_account: args.per_account.max(1),
+        scopes: args.scopes_per_integration.max(1),
+    };
+    if let Some(bad) = args
+        .integrations
+        .iter()
+        .find(|n| **n % shape.per_account != 0 || **n == 0)
+    {
+        bail!(
+            "--integrations {bad}: give multiples of {}",
+            shape.per_account
+        );
     }
     if args.child {
         let [size] = args.integrations[..] else {
             bail!("--child measures exactly one size");
         };
-        println!("{}", measure(size, args.changes.max(1))?.line());
+        println!("{}", measure(size, shape, args.changes.max(1))?.line());
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating this binary")?;
@@ -115,6 +133,8 @@ fn main() -> anyhow::Result<()> {
         let out = Command::new(&exe)
             .args(["--child", "--integrations", &size.to_string()])
             .args(["--changes", &args.changes.to_string()])
+            .args(["--per-account", &shape.per_account.to_string()])
+            .args(["--scopes-per-integration", &shape.scopes.to_string()])
             .stderr(std::process::Stdio::inherit())
             .output()
             .context("running the child")?;
@@ -133,8 +153,8 @@ fn main() -> anyhow::Result<()> {
         println!(
             "| {} ({}, {}) | {:.2} s ({:.2} s) | {:.0} B ({:.2} KiB) | {:.1} µs ({:.1} µs) |",
             f.integrations,
-            f.integrations / INTEGRATIONS_PER_ACCOUNT,
-            f.integrations * SCOPES_PER_INTEGRATION,
+            f.integrations / shape.per_account,
+            f.integrations * shape.scopes,
             f.build_cpu.as_secs_f64(),
             f.build_wall.as_secs_f64(),
             f.rss_bytes as f64 / f.integrations as f64,
@@ -146,19 +166,28 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How the integrations are spread.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    per_account: usize,
+    scopes: usize,
+}
+
 /// Builds a table of `size` integrations and measures it (in the child process).
-fn measure(size: usize, changes: usize) -> anyhow::Result<Figures> {
+fn measure(size: usize, shape: Shape, changes: usize) -> anyhow::Result<Figures> {
     let rss_before = rss_bytes()?;
-    let accounts = size / INTEGRATIONS_PER_ACCOUNT;
+    let accounts = size / shape.per_account;
     let mut snapshot = Snapshot {
         integrations: Vec::with_capacity(size),
-        push_scopes: Vec::with_capacity(size * SCOPES_PER_INTEGRATION),
+        push_scopes: Vec::with_capacity(size * shape.scopes),
     };
     for a in 0..accounts {
         let account = account(a);
-        for i in 0..INTEGRATIONS_PER_ACCOUNT {
+        for i in 0..shape.per_account {
             snapshot.integrations.push(integration(&account, i, 1));
-            snapshot.push_scopes.extend(scopes(&account, i));
+            snapshot
+                .push_scopes
+                .extend((0..shape.scopes).map(|k| scope(&account, i, k)));
         }
     }
     eprintln!("  configuration made; applying the snapshot");
@@ -167,7 +196,7 @@ fn measure(size: usize, changes: usize) -> anyhow::Result<Figures> {
     let table = RoutingTable::from_snapshot(1, snapshot);
     let (build_cpu, build_wall) = (thread_cpu()? - cpu, wall.elapsed());
     let rss_bytes = rss_bytes()?.saturating_sub(rss_before);
-    if table.integration_count() != size || table.push_scope_count() != 2 * size {
+    if table.integration_count() != size || table.push_scope_count() != shape.scopes * size {
         bail!("the table holds {table:?}, not {size} integrations");
     }
     eprintln!(
@@ -182,7 +211,7 @@ fn measure(size: usize, changes: usize) -> anyhow::Result<Figures> {
         .map(|n| {
             let a = (n * 7919) % accounts;
             let revision = 2 + n as i64;
-            Change::UpsertIntegration(integration(&account(a), n % 5, revision))
+            Change::UpsertIntegration(integration(&account(a), n % shape.per_account, revision))
         })
         .collect();
     pending.reverse();
@@ -244,9 +273,27 @@ fn integration(account: &AccountName, n: usize, revision: i64) -> Integration {
     }
 }
 
-/// Integration `n`'s two scopes: pushed on a website, not for one campaign.
-fn scopes(account: &AccountName, n: usize) -> [PushScope; SCOPES_PER_INTEGRATION] {
-    let scope = |id: String, target: ScopeTarget, action: PushAction| PushScope {
+/// Integration `n`'s scope `k`: pushed on a website, then alternately not for a campaign and
+/// pushed on another website.
+fn scope(account: &AccountName, n: usize, k: usize) -> PushScope {
+    let (id, target, action) = match k {
+        0 => (
+            format!("crm-{n}-web"),
+            ScopeTarget::Website((n + 1).to_string()),
+            PushAction::Push,
+        ),
+        k if k % 2 == 1 => (
+            format!("crm-{n}-not-{k}"),
+            ScopeTarget::Campaign(format!("{}", 9000 + 100 * n + k)),
+            PushAction::DoNotPush,
+        ),
+        k => (
+            format!("crm-{n}-web-{k}"),
+            ScopeTarget::Website(format!("{}", 1000 + 100 * n + k)),
+            PushAction::Push,
+        ),
+    };
+    PushScope {
         name: PushScopeName::new(account, &id).expect("a valid id"),
         integration: IntegrationName::new(account, &format!("crm-{n}")).expect("a valid id"),
         target,
@@ -255,19 +302,7 @@ fn scopes(account: &AccountName, n: usize) -> [PushScope; SCOPES_PER_INTEGRATION
         create_time: SystemTime::UNIX_EPOCH,
         update_time: SystemTime::UNIX_EPOCH,
         revision: 1,
-    };
-    [
-        scope(
-            format!("crm-{n}-web"),
-            ScopeTarget::Website((n + 1).to_string()),
-            PushAction::Push,
-        ),
-        scope(
-            format!("crm-{n}-not"),
-            ScopeTarget::Campaign(format!("{}", 9000 + n)),
-            PushAction::DoNotPush,
-        ),
-    ]
+    }
 }
 
 /// This process's resident set size, from `/proc/self/status`.
