@@ -62,41 +62,32 @@ struct Account {
 }
 
 impl Account {
-    /// Builds the routing layout from an account's sources.
+    /// Lays out an account's sources for routing.
     fn build(parts: Parts) -> Self {
         let Parts {
             mut integrations,
-            scopes,
+            mut routable,
+            rest,
         } = parts;
         // Held until the account changes again: no spare room.
         integrations.shrink_to_fit();
-        let fires = |s: &PushScope| {
-            // Same account: a pointer comparison, the names share the account's id.
-            s.integration.account() == s.name.account()
-                && find(&integrations, s.integration.id(), |i| i.name.id())
-                    .is_ok_and(|n| integrations[n].enabled)
-        };
-        // `scopes` is by name, so each part stays sorted by name.
-        let (mut ordered, rest): (Vec<_>, Vec<_>) = scopes.into_iter().partition(|s| fires(s));
-        let routable = ordered.len();
-        ordered.reserve_exact(rest.len());
-        ordered.extend(rest);
-        ordered.shrink_to_fit();
+        let count = routable.len();
+        routable.reserve_exact(rest.len());
+        routable.extend(rest);
+        routable.shrink_to_fit();
         Self {
             integrations,
-            scopes: ordered,
-            routable,
+            scopes: routable,
+            routable: count,
         }
     }
 
-    /// The editable form, to apply changes to a copy: the same `Arc`s, by name.
+    /// The editable form, to apply changes to a copy: the same `Arc`s.
     fn parts(&self) -> Parts {
-        let mut scopes = self.scopes.clone();
-        // Two sorted runs: the sort merges them in linear time.
-        scopes.sort_by(|a, b| a.name.id().cmp(b.name.id()));
         Parts {
             integrations: self.integrations.clone(),
-            scopes,
+            routable: self.scopes[..self.routable].to_vec(),
+            rest: self.scopes[self.routable..].to_vec(),
         }
     }
 
@@ -141,22 +132,97 @@ fn remove<T, K: Ord + ?Sized>(items: &mut Vec<T>, name: &K, key: impl Fn(&T) -> 
     }
 }
 
-/// Sources of one account while a snapshot or a batch of changes is applied: both by name.
+/// Sources of one account while a snapshot or a batch of changes is applied, each by id: the
+/// integrations, and the scopes split as routing wants them. A change reclassifies only the
+/// scopes it can move (the scope itself, or the scopes of an integration that starts or stops
+/// firing), so most changes do not read the account's other scopes.
 #[derive(Default)]
 struct Parts {
     integrations: Vec<Arc<Integration>>,
-    scopes: Vec<Arc<PushScope>>,
+    /// Scopes whose integration exists and is enabled.
+    routable: Vec<Arc<PushScope>>,
+    /// The others.
+    rest: Vec<Arc<PushScope>>,
 }
 
 impl Parts {
     fn is_empty(&self) -> bool {
-        self.integrations.is_empty() && self.scopes.is_empty()
+        self.integrations.is_empty() && self.routable.is_empty() && self.rest.is_empty()
     }
 
-    /// Sorts what a snapshot gave in any order; of two entries of one name, the later wins.
-    fn sort(&mut self) {
+    /// From what a snapshot gave, in any order (scopes in `rest`); of two entries of one name,
+    /// the later wins.
+    fn sorted(mut self) -> Self {
         last_wins(&mut self.integrations, |i| i.name.id());
-        last_wins(&mut self.scopes, |s| s.name.id());
+        last_wins(&mut self.rest, |s| s.name.id());
+        // `rest` is by id, so both parts stay sorted.
+        let (routable, rest) = std::mem::take(&mut self.rest)
+            .into_iter()
+            .partition(|s| self.fires(s));
+        Self {
+            routable,
+            rest,
+            ..self
+        }
+    }
+
+    /// Whether the integration of this id exists and is enabled.
+    fn enabled(&self, id: &str) -> bool {
+        find(&self.integrations, id, |i| i.name.id()).is_ok_and(|n| self.integrations[n].enabled)
+    }
+
+    /// Whether `scope` can fire: its integration exists and is enabled.
+    fn fires(&self, scope: &PushScope) -> bool {
+        // Same account: a pointer comparison, the names share the account's id.
+        scope.integration.account() == scope.name.account() && self.enabled(scope.integration.id())
+    }
+
+    fn upsert_integration(&mut self, integration: Arc<Integration>) {
+        let before = self.enabled(integration.name.id());
+        let id = integration.name.id().to_owned();
+        upsert(&mut self.integrations, integration, |i| i.name.id());
+        self.reclassify(&id, before);
+    }
+
+    fn delete_integration(&mut self, name: &IntegrationName) {
+        let before = self.enabled(name.id());
+        remove(&mut self.integrations, name.id(), |i| i.name.id());
+        self.reclassify(name.id(), before);
+    }
+
+    /// Moves the scopes of integration `id` to the other part when whether it fires changed.
+    fn reclassify(&mut self, id: &str, before: bool) {
+        if self.enabled(id) == before {
+            return;
+        }
+        let (from, to) = if before {
+            (&mut self.routable, &mut self.rest)
+        } else {
+            (&mut self.rest, &mut self.routable)
+        };
+        let (moving, staying): (Vec<_>, Vec<_>) = std::mem::take(from)
+            .into_iter()
+            .partition(|s| s.integration.id() == id && s.integration.account() == s.name.account());
+        *from = staying;
+        for scope in moving {
+            upsert(to, scope, |s| s.name.id());
+        }
+    }
+
+    fn upsert_scope(&mut self, scope: Arc<PushScope>) {
+        // It may have been of another integration, so in the other part.
+        self.delete_scope(&scope.name);
+        let part = if self.fires(&scope) {
+            &mut self.routable
+        } else {
+            &mut self.rest
+        };
+        upsert(part, scope, |s| s.name.id());
+    }
+
+    fn delete_scope(&mut self, name: &PushScopeName) {
+        remove(&mut self.routable, name.id(), |s| s.name.id());
+        remove(&mut self.rest, name.id(), |s| s.name.id());
     }
 }
 
@@ -236,15 +302,14 @@ impl RoutingTable {
         }
         for scope in snapshot.push_scopes {
             let (account, sources) = group(&mut parts, scope.name.account());
-            sources.scopes.push(shared_scope(scope, &account));
+            sources.rest.push(shared_scope(scope, &account));
         }
         let mut table = Self {
             revision,
             ..Self::default()
         };
-        for (account, mut sources) in parts {
-            sources.sort();
-            table.put(account, sources);
+        for (account, sources) in parts {
+            table.put(account, sources.sorted());
         }
         table
     }
@@ -261,25 +326,22 @@ impl RoutingTable {
                 Change::UpsertIntegration(integration) => {
                     written(integration.update_time);
                     let (account, parts) = self.parts_of(&mut touched, integration.name.account());
-                    let integration = shared_integration(integration, &account);
-                    upsert(&mut parts.integrations, integration, |i| i.name.id());
+                    parts.upsert_integration(shared_integration(integration, &account));
                 }
                 Change::DeleteIntegration(name) => {
                     // Its scopes stay (the control plane deletes them with their own
                     // changes); without the integration `resolve` ignores them anyway.
                     let (_, parts) = self.parts_of(&mut touched, name.account());
-                    remove(&mut parts.integrations, name.id(), |i| i.name.id());
+                    parts.delete_integration(&name);
                 }
                 Change::UpsertPushScope(scope) => {
                     written(scope.update_time);
                     let (account, parts) = self.parts_of(&mut touched, scope.name.account());
-                    upsert(&mut parts.scopes, shared_scope(scope, &account), |s| {
-                        s.name.id()
-                    });
+                    parts.upsert_scope(shared_scope(scope, &account));
                 }
                 Change::DeletePushScope(name) => {
                     let (_, parts) = self.parts_of(&mut touched, name.account());
-                    remove(&mut parts.scopes, name.id(), |s| s.name.id());
+                    parts.delete_scope(&name);
                 }
             }
         }
@@ -389,6 +451,7 @@ impl RoutingTable {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::time::SystemTime;
 
     use pushwire_common::domain::{Audience, PushAction, ScopeTarget};
@@ -857,6 +920,79 @@ mod tests {
         assert!(
             t1.integration(&IntegrationName::parse("accounts/a7/integrations/crm").unwrap())
                 .is_none()
+        );
+    }
+
+    /// An account's layout: its integrations, and its scopes as routing sees them.
+    fn layout(t: &RoutingTable, id: &str) -> Option<(Vec<String>, Vec<String>, usize)> {
+        let a = t.accounts.get(&account(id))?;
+        Some((
+            a.integrations.iter().map(|i| i.name.to_string()).collect(),
+            a.scopes.iter().map(|s| s.name.to_string()).collect(),
+            a.routable,
+        ))
+    }
+
+    #[test]
+    fn changes_lay_accounts_out_as_a_snapshot_would() {
+        // Random batches of every kind of change (re-pointed scopes, scopes of missing or
+        // disabled integrations, deletes of what is not there); after each, the account must
+        // be laid out exactly as a table built from the whole configuration lays it out.
+        let mut ints: BTreeMap<String, Integration> = BTreeMap::new();
+        let mut scopes: BTreeMap<String, PushScope> = BTreeMap::new();
+        let mut t = RoutingTable::empty();
+        let mut x: u32 = 777;
+        let mut next = |m: u32| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            (x >> 8) % m
+        };
+        for revision in 1..300 {
+            let mut batch = Vec::new();
+            for _ in 0..=next(3) {
+                let i = format!("i{}", next(6));
+                let s = format!("s{:02}", next(30));
+                batch.push(match next(4) {
+                    0 => upsert_integration(&integration("acme", &i, next(3) != 0)),
+                    1 => delete_integration(&format!("accounts/acme/integrations/{i}")),
+                    2 => upsert_scope(&scope("acme", &s, &i, web("1"), PushAction::Push)),
+                    _ => delete_scope(&format!("accounts/acme/pushScopes/{s}")),
+                });
+            }
+            for change in &batch {
+                match change {
+                    Change::UpsertIntegration(i) => {
+                        ints.insert(i.name.id().into(), i.clone());
+                    }
+                    Change::DeleteIntegration(n) => {
+                        ints.remove(n.id());
+                    }
+                    Change::UpsertPushScope(s) => {
+                        scopes.insert(s.name.id().into(), s.clone());
+                    }
+                    Change::DeletePushScope(n) => {
+                        scopes.remove(n.id());
+                    }
+                }
+            }
+            t = t.apply(revision, batch);
+            let whole = RoutingTable::from_snapshot(
+                revision,
+                Snapshot {
+                    integrations: ints.values().cloned().collect(),
+                    push_scopes: scopes.values().cloned().collect(),
+                },
+            );
+            assert_eq!(layout(&t, "acme"), layout(&whole, "acme"), "at {revision}");
+            assert_eq!(recount(&t), (ints.len(), scopes.len()));
+            assert_eq!(
+                (t.integration_count(), t.push_scope_count()),
+                (ints.len(), scopes.len())
+            );
+        }
+        assert!(
+            layout(&t, "acme").is_some_and(|(_, s, routable)| routable > 0 && routable < s.len()),
+            "the sequence should end with both kinds of scopes: {:?}",
+            layout(&t, "acme")
         );
     }
 
