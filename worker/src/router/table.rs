@@ -6,9 +6,10 @@
 //! A new revision costs in proportion to what it changes, not to the whole configuration: the
 //! accounts live in a persistent hash map (a hash array mapped trie), so the new table copies
 //! only the few trie nodes on the path to each changed account and shares every other node,
-//! account and integration with the previous table. A changed account is rebuilt whole, from
-//! the `Arc`s of its unchanged integrations and scopes: bounded by the control plane's
-//! per-account limits (`--max-integrations-per-account`, `--max-push-scopes-per-account`).
+//! account and integration with the previous table. A changed account is copied, as the
+//! `Arc`s of its integrations and scopes, and only the scopes a change can move are
+//! reclassified: bounded by the control plane's per-account limits
+//! (`--max-integrations-per-account`, `--max-push-scopes-per-account`).
 
 use std::collections::HashMap;
 use std::fmt;
