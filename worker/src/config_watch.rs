@@ -708,21 +708,35 @@ mod tests {
     #[test]
     fn a_snapshot_in_parts_is_whole_only_with_its_last_part() {
         let mut assembly = None;
-        assert!(matches!(assemble(&mut assembly, part(7, &["a", "b"], true)), Ok(None)));
-        assert!(matches!(assemble(&mut assembly, part(7, &["c"], true)), Ok(None)));
-        let whole = assemble(&mut assembly, part(7, &["d"], false)).unwrap().unwrap();
+        assert!(matches!(
+            assemble(&mut assembly, part(7, &["a", "b"], true)),
+            Ok(None)
+        ));
+        assert!(matches!(
+            assemble(&mut assembly, part(7, &["c"], true)),
+            Ok(None)
+        ));
+        let whole = assemble(&mut assembly, part(7, &["d"], false))
+            .unwrap()
+            .unwrap();
         let ids: Vec<&str> = whole.integrations.iter().map(|i| i.name.id()).collect();
         assert_eq!(ids, ["a", "b", "c", "d"]);
         assert!(assembly.is_none());
 
         // Broken sequences: a part at another revision, or changes in the middle.
-        assert!(matches!(assemble(&mut assembly, part(7, &["a"], true)), Ok(None)));
+        assert!(matches!(
+            assemble(&mut assembly, part(7, &["a"], true)),
+            Ok(None)
+        ));
         assert!(matches!(
             assemble(&mut assembly, part(8, &["b"], false)),
             Err(SessionError::Parts { .. })
         ));
         let mut assembly = None;
-        assert!(matches!(assemble(&mut assembly, part(7, &["a"], true)), Ok(None)));
+        assert!(matches!(
+            assemble(&mut assembly, part(7, &["a"], true)),
+            Ok(None)
+        ));
         assert!(matches!(
             assemble(&mut assembly, upsert_msg(8, "b")),
             Err(SessionError::Parts { .. })

@@ -80,14 +80,15 @@ pub struct Push<'a> {
 ///
 /// One pass over the scopes keeps the best matching scope per integration (same order as
 /// [`deciding_scope`]), so the cost is linear in the number of scopes. Should `integrations`
-/// list one name twice, the first entry is used.
+/// list one name twice, the first entry is used. Both take any iterator of references (a
+/// slice, or the worker's shared `Arc`s), so no caller has to copy them into a slice.
 pub fn resolve<'a>(
-    integrations: &'a [Integration],
-    scopes: &'a [PushScope],
+    integrations: impl IntoIterator<Item = &'a Integration>,
+    scopes: impl IntoIterator<Item = &'a PushScope>,
     placement: &Placement<'_>,
 ) -> Vec<Push<'a>> {
     let mut enabled: HashMap<&IntegrationName, &'a Integration> = HashMap::new();
-    for integration in integrations.iter().filter(|i| i.enabled) {
+    for integration in integrations.into_iter().filter(|i| i.enabled) {
         enabled.entry(&integration.name).or_insert(integration);
     }
 

@@ -3,6 +3,7 @@
 //! `-`, not starting or ending with `-`, so ids are safe inside store keys and URLs.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// Why a resource name or id was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -57,9 +58,10 @@ fn split_collection<'a>(
     Ok((account, id))
 }
 
-/// `accounts/{account}`.
+/// `accounts/{account}`. Its id is shared by its clones (and by the names built from it), so
+/// the many names of one account in the worker's routing table hold one copy of it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AccountName(String);
+pub struct AccountName(Arc<str>);
 
 impl AccountName {
     /// Parses `accounts/{account}`.
@@ -71,13 +73,13 @@ impl AccountName {
             ))
         })?;
         validate_id(id)?;
-        Ok(Self(id.to_owned()))
+        Ok(Self(id.into()))
     }
 
     /// From an already validated id.
     pub fn from_id(id: &str) -> Result<Self, InvalidName> {
         validate_id(id)?;
-        Ok(Self(id.to_owned()))
+        Ok(Self(id.into()))
     }
 
     /// The account id (`42` in `accounts/42`).
@@ -105,7 +107,7 @@ macro_rules! child_name {
             /// Parses the full resource name.
             pub fn parse(name: &str) -> Result<Self, InvalidName> {
                 let (account, id) = split_collection(name, $collection)?;
-                Ok(Self { account: AccountName(account.to_owned()), id: id.to_owned() })
+                Ok(Self { account: AccountName(account.into()), id: id.to_owned() })
             }
 
             /// Builds the name from an account and an id, checking the id.
@@ -117,6 +119,14 @@ macro_rules! child_name {
             /// The account this resource belongs to.
             pub fn account(&self) -> &AccountName {
                 &self.account
+            }
+
+            /// Makes this name hold `account`'s copy of the account id when it is the same
+            /// account (a name parsed on its own has a copy of its own); else leaves it.
+            pub fn share_account(&mut self, account: &AccountName) {
+                if self.account == *account {
+                    self.account = account.clone();
+                }
             }
 
             /// The resource id (last segment of the name).
@@ -160,6 +170,22 @@ mod tests {
             AccountName::parse("accounts/42").unwrap().to_string(),
             "accounts/42"
         );
+    }
+
+    #[test]
+    fn names_share_their_account() {
+        let acme = AccountName::from_id("acme").unwrap();
+        let mut crm = IntegrationName::parse("accounts/acme/integrations/crm").unwrap();
+        assert!(!Arc::ptr_eq(&crm.account().0, &acme.0));
+        crm.share_account(&acme);
+        assert!(Arc::ptr_eq(&crm.account().0, &acme.0));
+        assert_eq!(crm.to_string(), "accounts/acme/integrations/crm");
+        // Another account is left alone.
+        let mut other = PushScopeName::parse("accounts/beta/pushScopes/all").unwrap();
+        other.share_account(&acme);
+        assert_eq!(other.account().id(), "beta");
+        let built = IntegrationName::new(&acme, "erp").unwrap();
+        assert!(Arc::ptr_eq(&built.account().0, &acme.0));
     }
 
     #[test]

@@ -1,10 +1,17 @@
 //! The routing table: every account's integrations and push scopes at one config revision,
-//! immutable, rebuilt per revision with per-account structural sharing, and the routing of a
-//! placement through `matching::resolve` (the one push-scope matcher). Built and updated from
-//! domain values only ([`Snapshot`], [`Change`]): decoding the `WatchConfig` messages is the
-//! config watch's job.
+//! immutable, and the routing of a placement through `matching::resolve` (the one push-scope
+//! matcher). Built and updated from domain values only ([`Snapshot`], [`Change`]): decoding the
+//! `WatchConfig` messages is the config watch's job.
+//!
+//! A new revision costs in proportion to what it changes, not to the whole configuration: the
+//! accounts live in a persistent hash map (a hash array mapped trie), so the new table copies
+//! only the few trie nodes on the path to each changed account and shares every other node,
+//! account and integration with the previous table. A changed account is copied, as the
+//! `Arc`s of its integrations and scopes, and only the scopes a change can move are
+//! reclassified: bounded by the control plane's per-account limits
+//! (`--max-integrations-per-account`, `--max-push-scopes-per-account`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -13,6 +20,7 @@ use pushwire_common::domain::matching::{self, Placement};
 use pushwire_common::domain::{
     AccountName, Integration, IntegrationName, PushScope, PushScopeName,
 };
+use rpds::HashTrieMapSync;
 
 use super::Route;
 
@@ -38,70 +46,210 @@ pub enum Change {
     DeletePushScope(PushScopeName),
 }
 
-/// One account's configuration, with what routing needs laid out ahead of time.
+/// One account's configuration, with what routing needs laid out ahead of time. Each entry is
+/// an `Arc` shared with the tables before and after this one until it changes itself. Every
+/// name in it is of this account, so entries are ordered and found by id alone (comparing
+/// whole names would compare the account id each time).
 #[derive(Debug, Default)]
 struct Account {
-    /// Every integration, disabled ones included (lookups by name need them).
-    integrations: BTreeMap<IntegrationName, Arc<Integration>>,
+    /// Every integration, disabled ones included (lookups by name need them), by name.
+    integrations: Vec<Arc<Integration>>,
     /// Every push scope, in a precomputed order: the `routable` scopes first (those whose
     /// integration exists and is enabled), each part by name. Routing passes only that prefix
     /// to `resolve`, so scopes that can never fire cost nothing per participation.
-    scopes: Vec<PushScope>,
+    scopes: Vec<Arc<PushScope>>,
     /// How many of `scopes` are routable.
     routable: usize,
-    /// Enabled integrations, by name: the slice `resolve` takes. Copies of `integrations`'
-    /// values because `resolve` wants a contiguous slice; there are few integrations per
-    /// account, and they are rebuilt only when the account changes.
-    enabled: Vec<Integration>,
 }
 
 impl Account {
-    /// Builds the routing layout from an account's integrations and scopes.
-    fn build(
-        integrations: BTreeMap<IntegrationName, Arc<Integration>>,
-        scopes: BTreeMap<PushScopeName, PushScope>,
-    ) -> Self {
-        let enabled: Vec<Integration> = integrations
-            .values()
-            .filter(|i| i.enabled)
-            .map(|i| Integration::clone(i))
-            .collect();
-        let fires = |s: &PushScope| integrations.get(&s.integration).is_some_and(|i| i.enabled);
-        // BTreeMap order is by name, so each part stays sorted by name.
-        let (mut ordered, rest): (Vec<PushScope>, Vec<PushScope>) =
-            scopes.into_values().partition(|s| fires(s));
-        let routable = ordered.len();
-        ordered.extend(rest);
+    /// Lays out an account's sources for routing.
+    fn build(parts: Parts) -> Self {
+        let Parts {
+            mut integrations,
+            mut routable,
+            rest,
+        } = parts;
+        // Held until the account changes again: no spare room.
+        integrations.shrink_to_fit();
+        let count = routable.len();
+        routable.reserve_exact(rest.len());
+        routable.extend(rest);
+        routable.shrink_to_fit();
         Self {
             integrations,
-            scopes: ordered,
-            routable,
-            enabled,
+            scopes: routable,
+            routable: count,
         }
     }
 
-    /// The editable form, to apply changes to a copy.
+    /// The editable form, to apply changes to a copy: the same `Arc`s.
     fn parts(&self) -> Parts {
-        let scopes = self
-            .scopes
-            .iter()
-            .map(|s| (s.name.clone(), s.clone()))
-            .collect();
-        (self.integrations.clone(), scopes)
+        Parts {
+            integrations: self.integrations.clone(),
+            routable: self.scopes[..self.routable].to_vec(),
+            rest: self.scopes[self.routable..].to_vec(),
+        }
     }
 
-    fn is_empty(&self) -> bool {
-        self.integrations.is_empty() && self.scopes.is_empty()
+    /// The integration of this name (of this account), disabled or not.
+    fn integration(&self, name: &IntegrationName) -> Option<&Arc<Integration>> {
+        let n = find(&self.integrations, name.id(), |i| i.name.id()).ok()?;
+        Some(&self.integrations[n])
     }
 }
 
+/// `integration`, its name holding `account`'s copy of the account id: the names of an account
+/// share one (a decoded name has a copy of its own).
+fn shared_integration(mut integration: Integration, account: &AccountName) -> Arc<Integration> {
+    integration.name.share_account(account);
+    Arc::new(integration)
+}
+
+/// `scope`, its names holding `account`'s copy of the account id.
+fn shared_scope(mut scope: PushScope, account: &AccountName) -> Arc<PushScope> {
+    scope.name.share_account(account);
+    scope.integration.share_account(account);
+    Arc::new(scope)
+}
+
+/// Where `name` is (`Ok`) or would go (`Err`) in `items`, sorted by `key`.
+fn find<T, K: Ord + ?Sized>(items: &[T], name: &K, key: impl Fn(&T) -> &K) -> Result<usize, usize> {
+    items.binary_search_by(|item| key(item).cmp(name))
+}
+
+/// Puts `item` in its place by `key` in the sorted `items`, replacing one of the same key.
+fn upsert<T, K: Ord + ?Sized>(items: &mut Vec<T>, item: T, key: impl Fn(&T) -> &K) {
+    match find(items, key(&item), &key) {
+        Ok(n) => items[n] = item,
+        Err(n) => items.insert(n, item),
+    }
+}
+
+/// Takes the item of this key out of the sorted `items`, if there is one.
+fn remove<T, K: Ord + ?Sized>(items: &mut Vec<T>, name: &K, key: impl Fn(&T) -> &K) {
+    if let Ok(n) = find(items, name, key) {
+        items.remove(n);
+    }
+}
+
+/// Sources of one account while a snapshot or a batch of changes is applied, each by id: the
+/// integrations, and the scopes split as routing wants them. A change reclassifies only the
+/// scopes it can move (the scope itself, or the scopes of an integration that starts or stops
+/// firing), so most changes do not read the account's other scopes.
+#[derive(Default)]
+struct Parts {
+    integrations: Vec<Arc<Integration>>,
+    /// Scopes whose integration exists and is enabled.
+    routable: Vec<Arc<PushScope>>,
+    /// The others.
+    rest: Vec<Arc<PushScope>>,
+}
+
+impl Parts {
+    fn is_empty(&self) -> bool {
+        self.integrations.is_empty() && self.routable.is_empty() && self.rest.is_empty()
+    }
+
+    /// From what a snapshot gave, in any order (scopes in `rest`); of two entries of one name,
+    /// the later wins.
+    fn sorted(mut self) -> Self {
+        last_wins(&mut self.integrations, |i| i.name.id());
+        last_wins(&mut self.rest, |s| s.name.id());
+        // `rest` is by id, so both parts stay sorted.
+        let (routable, rest) = std::mem::take(&mut self.rest)
+            .into_iter()
+            .partition(|s| self.fires(s));
+        Self {
+            routable,
+            rest,
+            ..self
+        }
+    }
+
+    /// Whether the integration of this id exists and is enabled.
+    fn enabled(&self, id: &str) -> bool {
+        find(&self.integrations, id, |i| i.name.id()).is_ok_and(|n| self.integrations[n].enabled)
+    }
+
+    /// Whether `scope` can fire: its integration exists and is enabled.
+    fn fires(&self, scope: &PushScope) -> bool {
+        // Same account: a pointer comparison, the names share the account's id.
+        scope.integration.account() == scope.name.account() && self.enabled(scope.integration.id())
+    }
+
+    fn upsert_integration(&mut self, integration: Arc<Integration>) {
+        let before = self.enabled(integration.name.id());
+        let id = integration.name.id().to_owned();
+        upsert(&mut self.integrations, integration, |i| i.name.id());
+        self.reclassify(&id, before);
+    }
+
+    fn delete_integration(&mut self, name: &IntegrationName) {
+        let before = self.enabled(name.id());
+        remove(&mut self.integrations, name.id(), |i| i.name.id());
+        self.reclassify(name.id(), before);
+    }
+
+    /// Moves the scopes of integration `id` to the other part when whether it fires changed.
+    fn reclassify(&mut self, id: &str, before: bool) {
+        if self.enabled(id) == before {
+            return;
+        }
+        let (from, to) = if before {
+            (&mut self.routable, &mut self.rest)
+        } else {
+            (&mut self.rest, &mut self.routable)
+        };
+        let (moving, staying): (Vec<_>, Vec<_>) = std::mem::take(from)
+            .into_iter()
+            .partition(|s| s.integration.id() == id && s.integration.account() == s.name.account());
+        *from = staying;
+        for scope in moving {
+            upsert(to, scope, |s| s.name.id());
+        }
+    }
+
+    fn upsert_scope(&mut self, scope: Arc<PushScope>) {
+        // It may have been of another integration, so in the other part.
+        self.delete_scope(&scope.name);
+        let part = if self.fires(&scope) {
+            &mut self.routable
+        } else {
+            &mut self.rest
+        };
+        upsert(part, scope, |s| s.name.id());
+    }
+
+    fn delete_scope(&mut self, name: &PushScopeName) {
+        remove(&mut self.routable, name.id(), |s| s.name.id());
+        remove(&mut self.rest, name.id(), |s| s.name.id());
+    }
+}
+
+/// Sorts `items` by `key`, keeping only the last of entries with the same key.
+fn last_wins<T, K: Ord + ?Sized>(items: &mut Vec<T>, key: impl Fn(&T) -> &K) {
+    items.reverse();
+    // Stable: among equal keys the last given comes first now, and `dedup` keeps the first.
+    items.sort_by(|a, b| key(a).cmp(key(b)));
+    items.dedup_by(|a, b| key(a) == key(b));
+}
+
+/// The accounts of a table: a persistent map, so a copy is O(1) and a change copies only the
+/// path to the changed entry.
+type Accounts = HashTrieMapSync<AccountName, Arc<Account>>;
+
 /// Every account's integrations and push scopes at one revision. Immutable: a new revision
-/// makes a new table, sharing the accounts it did not touch with the old one, so readers keep
+/// makes a new table, sharing everything it did not change with the old one, so readers keep
 /// routing on a consistent table while the next one is built.
 #[derive(Clone, Default)]
 pub struct RoutingTable {
     revision: i64,
-    accounts: HashMap<AccountName, Arc<Account>>,
+    accounts: Accounts,
+    /// Integrations, all accounts together.
+    integrations: usize,
+    /// Push scopes, all accounts together.
+    push_scopes: usize,
     /// Latest `update_time` among the resources the last batch of changes wrote (none for a
     /// snapshot or deletions only): how fresh the change is, for the propagation-lag metric.
     changed_at: Option<SystemTime>,
@@ -112,18 +260,12 @@ impl fmt::Debug for RoutingTable {
         // The whole configuration would be huge; the shape is what logs need.
         f.debug_struct("RoutingTable")
             .field("revision", &self.revision)
-            .field("accounts", &self.accounts.len())
-            .field("integrations", &self.integration_count())
-            .field("push_scopes", &self.push_scope_count())
+            .field("accounts", &self.accounts.size())
+            .field("integrations", &self.integrations)
+            .field("push_scopes", &self.push_scopes)
             .finish()
     }
 }
-
-/// Sources of one account while a snapshot or a batch of changes is applied.
-type Parts = (
-    BTreeMap<IntegrationName, Arc<Integration>>,
-    BTreeMap<PushScopeName, PushScope>,
-);
 
 impl RoutingTable {
     /// No configuration at all (revision 0): routes nothing.
@@ -138,32 +280,39 @@ impl RoutingTable {
 
     /// Builds the table at `revision` from a whole configuration.
     pub fn from_snapshot(revision: i64, snapshot: Snapshot) -> Self {
+        // The account's entry, and the account name its names are to share.
+        fn group<'p>(
+            parts: &'p mut HashMap<AccountName, Parts>,
+            account: &AccountName,
+        ) -> (AccountName, &'p mut Parts) {
+            let key = match parts.get_key_value(account) {
+                Some((key, _)) => key.clone(),
+                None => {
+                    parts.insert(account.clone(), Parts::default());
+                    account.clone()
+                }
+            };
+            (key, parts.get_mut(account).expect("inserted above"))
+        }
         let mut parts: HashMap<AccountName, Parts> = HashMap::new();
         for integration in snapshot.integrations {
-            parts
-                .entry(integration.name.account().clone())
-                .or_default()
-                .0
-                .insert(integration.name.clone(), Arc::new(integration));
+            let (account, sources) = group(&mut parts, integration.name.account());
+            sources
+                .integrations
+                .push(shared_integration(integration, &account));
         }
         for scope in snapshot.push_scopes {
-            parts
-                .entry(scope.name.account().clone())
-                .or_default()
-                .1
-                .insert(scope.name.clone(), scope);
+            let (account, sources) = group(&mut parts, scope.name.account());
+            sources.rest.push(shared_scope(scope, &account));
         }
-        let accounts = parts
-            .into_iter()
-            .map(|(account, (integrations, scopes))| {
-                (account, Arc::new(Account::build(integrations, scopes)))
-            })
-            .collect();
-        Self {
+        let mut table = Self {
             revision,
-            accounts,
-            changed_at: None,
+            ..Self::default()
+        };
+        for (account, sources) in parts {
+            table.put(account, sources.sorted());
         }
+        table
     }
 
     /// A new table at `revision`: this one with `changes` applied, in order, as one unit
@@ -177,40 +326,53 @@ impl RoutingTable {
             match change {
                 Change::UpsertIntegration(integration) => {
                     written(integration.update_time);
-                    self.parts_of(&mut touched, integration.name.account())
-                        .0
-                        .insert(integration.name.clone(), Arc::new(integration));
+                    let (account, parts) = self.parts_of(&mut touched, integration.name.account());
+                    parts.upsert_integration(shared_integration(integration, &account));
                 }
                 Change::DeleteIntegration(name) => {
                     // Its scopes stay (the control plane deletes them with their own
                     // changes); without the integration `resolve` ignores them anyway.
-                    self.parts_of(&mut touched, name.account()).0.remove(&name);
+                    let (_, parts) = self.parts_of(&mut touched, name.account());
+                    parts.delete_integration(&name);
                 }
                 Change::UpsertPushScope(scope) => {
                     written(scope.update_time);
-                    self.parts_of(&mut touched, scope.name.account())
-                        .1
-                        .insert(scope.name.clone(), scope);
+                    let (account, parts) = self.parts_of(&mut touched, scope.name.account());
+                    parts.upsert_scope(shared_scope(scope, &account));
                 }
                 Change::DeletePushScope(name) => {
-                    self.parts_of(&mut touched, name.account()).1.remove(&name);
+                    let (_, parts) = self.parts_of(&mut touched, name.account());
+                    parts.delete_scope(&name);
                 }
             }
         }
-        let mut accounts = self.accounts.clone();
-        for (account, (integrations, scopes)) in touched {
-            let rebuilt = Account::build(integrations, scopes);
-            if rebuilt.is_empty() {
-                accounts.remove(&account);
-            } else {
-                accounts.insert(account, Arc::new(rebuilt));
-            }
-        }
-        Self {
+        // O(1): the new table starts out sharing the whole map.
+        let mut next = Self {
             revision,
-            accounts,
             changed_at,
+            ..self.clone()
+        };
+        for (account, sources) in touched {
+            next.put(account, sources);
         }
+        next
+    }
+
+    /// Replaces `account` with one built from `sources` (or removes it when they are empty),
+    /// keeping the counts.
+    fn put(&mut self, account: AccountName, sources: Parts) {
+        if let Some(old) = self.accounts.get(&account) {
+            self.integrations -= old.integrations.len();
+            self.push_scopes -= old.scopes.len();
+        }
+        if sources.is_empty() {
+            self.accounts.remove_mut(&account);
+            return;
+        }
+        let built = Account::build(sources);
+        self.integrations += built.integrations.len();
+        self.push_scopes += built.scopes.len();
+        self.accounts.insert_mut(account, Arc::new(built));
     }
 
     /// When the newest resource written by the changes that made this table was written
@@ -219,18 +381,25 @@ impl RoutingTable {
         self.changed_at
     }
 
-    /// The editable sources of `account` within `touched`, copied from this table on first use.
+    /// The editable sources of `account` within `touched`, copied from this table on first
+    /// use, and the account name its names share (this table's, when it has the account).
     fn parts_of<'t>(
         &self,
         touched: &'t mut HashMap<AccountName, Parts>,
         account: &AccountName,
-    ) -> &'t mut Parts {
-        touched.entry(account.clone()).or_insert_with(|| {
-            self.accounts
-                .get(account)
-                .map(|a| a.parts())
-                .unwrap_or_default()
-        })
+    ) -> (AccountName, &'t mut Parts) {
+        let key = match touched.get_key_value(account) {
+            Some((key, _)) => key.clone(),
+            None => {
+                let (key, parts) = match self.accounts.get_key_value(account) {
+                    Some((key, existing)) => (key.clone(), existing.parts()),
+                    None => (account.clone(), Parts::default()),
+                };
+                touched.insert(key.clone(), parts);
+                key
+            }
+        };
+        (key, touched.get_mut(account).expect("inserted above"))
     }
 
     /// The integrations a participation of `account` at `placement` goes to, ordered by
@@ -245,16 +414,15 @@ impl RoutingTable {
             return Vec::new();
         }
         matching::resolve(
-            &account.enabled,
-            &account.scopes[..account.routable],
+            account.integrations.iter().map(|i| &**i),
+            account.scopes[..account.routable].iter().map(|s| &**s),
             placement,
         )
         .into_iter()
         .filter_map(|push| {
-            // Always present: `enabled` is built from `integrations`.
+            // Always present: `resolve` returns integrations it was given.
             account
-                .integrations
-                .get(&push.integration.name)
+                .integration(&push.integration.name)
                 .map(|integration| Route {
                     integration: integration.clone(),
                     decided_by: push.decided_by.name.clone(),
@@ -267,24 +435,24 @@ impl RoutingTable {
     pub fn integration(&self, name: &IntegrationName) -> Option<Arc<Integration>> {
         self.accounts
             .get(name.account())?
-            .integrations
-            .get(name)
+            .integration(name)
             .cloned()
     }
 
     /// Number of integrations, all accounts together.
     pub fn integration_count(&self) -> usize {
-        self.accounts.values().map(|a| a.integrations.len()).sum()
+        self.integrations
     }
 
     /// Number of push scopes, all accounts together.
     pub fn push_scope_count(&self) -> usize {
-        self.accounts.values().map(|a| a.scopes.len()).sum()
+        self.push_scopes
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::time::SystemTime;
 
     use pushwire_common::domain::{Audience, PushAction, ScopeTarget};
@@ -605,6 +773,7 @@ mod tests {
                 .is_none()
         );
         assert_eq!(t3.push_scope_count(), 5);
+        assert_eq!(recount(&t3), (3, 5));
 
         // A new account appears; deleting everything of it removes it again.
         let t4 = t3.apply(
@@ -632,6 +801,10 @@ mod tests {
             ],
         );
         assert!(!t5.accounts.contains_key(&account("beta")));
+        assert_eq!(
+            (t5.integration_count(), t5.push_scope_count()),
+            recount(&t5)
+        );
         // Deleting what does not exist is harmless (a change the table already reflects).
         let t6 = t5.apply(15, vec![delete_scope("accounts/beta/pushScopes/none")]);
         assert!(t6.route(&account("beta"), &p).is_empty());
@@ -685,6 +858,153 @@ mod tests {
                 .iter()
                 .all(|(a, acc)| Arc::ptr_eq(acc, &t3.accounts[a]))
         );
+    }
+
+    /// The counts kept by `apply`, recomputed from the accounts.
+    fn recount(t: &RoutingTable) -> (usize, usize) {
+        t.accounts.values().fold((0, 0), |(i, s), a| {
+            (i + a.integrations.len(), s + a.scopes.len())
+        })
+    }
+
+    #[test]
+    fn a_change_copies_only_its_own_account() {
+        // Many accounts, so the trie has several levels; then one change to one of them.
+        let mut integrations = Vec::new();
+        let mut scopes = Vec::new();
+        for n in 0..2000 {
+            let a = format!("a{n}");
+            integrations.push(integration(&a, "hub", true));
+            scopes.push(scope(
+                &a,
+                "all",
+                "hub",
+                ScopeTarget::Account,
+                PushAction::Push,
+            ));
+        }
+        let t1 = RoutingTable::from_snapshot(1, snapshot(&integrations, &scopes));
+        let t2 = t1.apply(2, vec![upsert_integration(&integration("a7", "crm", true))]);
+        assert_eq!(
+            (t2.integration_count(), t2.push_scope_count()),
+            (2001, 2000)
+        );
+        assert_eq!(recount(&t2), (2001, 2000));
+        // While both tables are alive, every account the change did not touch is still held
+        // once: the trie node holding it is shared, not copied. A table that copied its
+        // accounts map on each change (even one of `Arc`s) would hold each twice.
+        let mut untouched = 0;
+        for (name, acc) in t2.accounts.iter() {
+            if name.id() == "a7" {
+                assert!(!Arc::ptr_eq(acc, &t1.accounts[name]));
+                assert_eq!(Arc::strong_count(acc), 1);
+            } else {
+                assert!(Arc::ptr_eq(acc, &t1.accounts[name]), "{name}");
+                assert_eq!(Arc::strong_count(acc), 1, "{name} was copied");
+                untouched += 1;
+            }
+        }
+        assert_eq!(untouched, 1999);
+        // Within the changed account, the integration and scope that did not change are the
+        // previous table's, shared.
+        let hub = IntegrationName::parse("accounts/a7/integrations/hub").unwrap();
+        assert!(Arc::ptr_eq(
+            &t1.integration(&hub).unwrap(),
+            &t2.integration(&hub).unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            &t1.accounts[&account("a7")].scopes[0],
+            &t2.accounts[&account("a7")].scopes[0]
+        ));
+        // The previous table is intact.
+        assert_eq!(t1.integration_count(), 2000);
+        assert!(
+            t1.integration(&IntegrationName::parse("accounts/a7/integrations/crm").unwrap())
+                .is_none()
+        );
+    }
+
+    /// An account's layout: its integrations, and its scopes as routing sees them.
+    fn layout(t: &RoutingTable, id: &str) -> Option<(Vec<String>, Vec<String>, usize)> {
+        let a = t.accounts.get(&account(id))?;
+        Some((
+            a.integrations.iter().map(|i| i.name.to_string()).collect(),
+            a.scopes.iter().map(|s| s.name.to_string()).collect(),
+            a.routable,
+        ))
+    }
+
+    #[test]
+    fn changes_lay_accounts_out_as_a_snapshot_would() {
+        // Random batches of every kind of change (re-pointed scopes, scopes of missing or
+        // disabled integrations, deletes of what is not there); after each, the account must
+        // be laid out exactly as a table built from the whole configuration lays it out.
+        let mut ints: BTreeMap<String, Integration> = BTreeMap::new();
+        let mut scopes: BTreeMap<String, PushScope> = BTreeMap::new();
+        let mut t = RoutingTable::empty();
+        let mut x: u32 = 777;
+        let mut next = |m: u32| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            (x >> 8) % m
+        };
+        for revision in 1..300 {
+            let mut batch = Vec::new();
+            for _ in 0..=next(3) {
+                let i = format!("i{}", next(6));
+                let s = format!("s{:02}", next(30));
+                batch.push(match next(4) {
+                    0 => upsert_integration(&integration("acme", &i, next(3) != 0)),
+                    1 => delete_integration(&format!("accounts/acme/integrations/{i}")),
+                    2 => upsert_scope(&scope("acme", &s, &i, web("1"), PushAction::Push)),
+                    _ => delete_scope(&format!("accounts/acme/pushScopes/{s}")),
+                });
+            }
+            for change in &batch {
+                match change {
+                    Change::UpsertIntegration(i) => {
+                        ints.insert(i.name.id().into(), i.clone());
+                    }
+                    Change::DeleteIntegration(n) => {
+                        ints.remove(n.id());
+                    }
+                    Change::UpsertPushScope(s) => {
+                        scopes.insert(s.name.id().into(), s.clone());
+                    }
+                    Change::DeletePushScope(n) => {
+                        scopes.remove(n.id());
+                    }
+                }
+            }
+            t = t.apply(revision, batch);
+            let whole = RoutingTable::from_snapshot(
+                revision,
+                Snapshot {
+                    integrations: ints.values().cloned().collect(),
+                    push_scopes: scopes.values().cloned().collect(),
+                },
+            );
+            assert_eq!(layout(&t, "acme"), layout(&whole, "acme"), "at {revision}");
+            assert_eq!(recount(&t), (ints.len(), scopes.len()));
+            assert_eq!(
+                (t.integration_count(), t.push_scope_count()),
+                (ints.len(), scopes.len())
+            );
+        }
+        assert!(
+            layout(&t, "acme").is_some_and(|(_, s, routable)| routable > 0 && routable < s.len()),
+            "the sequence should end with both kinds of scopes: {:?}",
+            layout(&t, "acme")
+        );
+    }
+
+    #[test]
+    fn a_snapshot_keeps_the_last_of_duplicate_names() {
+        let first = integration("acme", "crm", true);
+        let last = integration("acme", "crm", false);
+        let t = RoutingTable::from_snapshot(1, snapshot(&[first, last], &[]));
+        assert_eq!(t.integration_count(), 1);
+        let crm = IntegrationName::parse("accounts/acme/integrations/crm").unwrap();
+        assert!(!t.integration(&crm).unwrap().enabled);
     }
 
     #[test]
