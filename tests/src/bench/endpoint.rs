@@ -6,6 +6,8 @@
 //!
 //! While recording is on, the receiver takes the publish time out of each request's
 //! `webhook-id` (see [`crate::load::sent_ns`]) and keeps publish → delivered latencies.
+//! The `200` receiver also serves HTTPS ([`start_ok_tls_many`]), counting new connections and
+//! full vs resumed TLS handshakes.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -21,9 +23,11 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use pushwire_tests::receiver::TlsIdentity;
 use tokio::io::AsyncReadExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::load;
@@ -33,6 +37,12 @@ use crate::load;
 pub struct Stats {
     /// Requests answered (the blackhole: connections accepted).
     pub requests: AtomicU64,
+    /// Connections accepted (the blackhole excepted).
+    pub connections: AtomicU64,
+    /// TLS handshakes that were full (a new session).
+    pub full_handshakes: AtomicU64,
+    /// TLS handshakes that resumed a session.
+    pub resumed_handshakes: AtomicU64,
     recording: AtomicBool,
     /// Publish → delivered latencies recorded, in microseconds.
     latencies_us: Mutex<Vec<u32>>,
@@ -74,6 +84,9 @@ impl Stats {
     fn new(epoch: Instant) -> Self {
         Self {
             requests: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            full_handshakes: AtomicU64::new(0),
+            resumed_handshakes: AtomicU64::new(0),
             recording: AtomicBool::new(false),
             latencies_us: Mutex::new(Vec::new()),
             participations: Mutex::new(FailFirst::default()),
@@ -84,6 +97,16 @@ impl Stats {
     /// Requests so far.
     pub fn count(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted, full and resumed TLS handshakes so far.
+    pub fn connections(&self) -> [u64; 3] {
+        [
+            &self.connections,
+            &self.full_handshakes,
+            &self.resumed_handshakes,
+        ]
+        .map(|c| c.load(Ordering::Relaxed))
     }
 
     /// Starts or stops recording latencies.
@@ -163,15 +186,22 @@ impl Stats {
 pub struct Server {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// `http` or `https`.
+    pub scheme: &'static str,
     /// What it saw.
     pub stats: Arc<Stats>,
     shutdown: CancellationToken,
 }
 
 impl Server {
-    /// `http://ADDR/path`.
+    /// `http(s)://ADDR/path`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}/{}", self.addr, path.trim_start_matches('/'))
+        format!(
+            "{}://{}/{}",
+            self.scheme,
+            self.addr,
+            path.trim_start_matches('/')
+        )
     }
 }
 
@@ -201,6 +231,54 @@ pub fn start_ok_many(rt: &Handle, epoch: Instant, n: usize) -> anyhow::Result<Ve
         .collect()
 }
 
+/// Starts `n` `200 OK` HTTPS receivers on `rt` serving `tls`'s certificate, each on its own
+/// port, counting together.
+pub fn start_ok_tls_many(
+    rt: &Handle,
+    epoch: Instant,
+    n: usize,
+    tls: &TlsIdentity,
+) -> anyhow::Result<Vec<Server>> {
+    let stats = Arc::new(Stats::new(epoch));
+    (0..n)
+        .map(|_| start_tls(rt, stats.clone(), tls.acceptor()))
+        .collect()
+}
+
+fn start_tls(rt: &Handle, stats: Arc<Stats>, acceptor: TlsAcceptor) -> anyhow::Result<Server> {
+    let listener = bind()?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    rt.spawn(accept_loop(listener, shutdown.clone(), {
+        let stats = stats.clone();
+        move |stream, shutdown| {
+            let (stats, acceptor) = (stats.clone(), acceptor.clone());
+            async move {
+                stats.connections.fetch_add(1, Ordering::Relaxed);
+                let tls = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    accepted = acceptor.accept(stream) => match accepted {
+                        Ok(tls) => tls,
+                        Err(_) => return,
+                    },
+                };
+                let counter = match tls.get_ref().1.handshake_kind() {
+                    Some(rustls::HandshakeKind::Resumed) => &stats.resumed_handshakes,
+                    _ => &stats.full_handshakes,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                serve(TokioIo::new(tls), stats, Mode::Ok, shutdown).await;
+            }
+        }
+    }));
+    Ok(Server {
+        addr,
+        scheme: "https",
+        stats,
+        shutdown,
+    })
+}
+
 /// Starts a receiver on `rt` that answers `503` to the first request of every other
 /// participation (the first, the third, …, in the order their first requests arrive) and
 /// `200` to every other request, noting when each failed participation's second request
@@ -220,10 +298,14 @@ fn start_serving(rt: &Handle, stats: Arc<Stats>, mode: Mode) -> anyhow::Result<S
     let shutdown = CancellationToken::new();
     rt.spawn(accept_loop(listener, shutdown.clone(), {
         let stats = stats.clone();
-        move |stream, shutdown| serve(stream, stats.clone(), mode, shutdown)
+        move |stream, shutdown| {
+            stats.connections.fetch_add(1, Ordering::Relaxed);
+            serve(TokioIo::new(stream), stats.clone(), mode, shutdown)
+        }
     }));
     Ok(Server {
         addr,
+        scheme: "http",
         stats,
         shutdown,
     })
@@ -244,6 +326,7 @@ pub fn start_blackhole(rt: &Handle, epoch: Instant) -> anyhow::Result<Server> {
     }));
     Ok(Server {
         addr,
+        scheme: "http",
         stats,
         shutdown,
     })
@@ -272,7 +355,10 @@ where
     // Connections end by themselves on `shutdown`.
 }
 
-async fn serve(stream: TcpStream, stats: Arc<Stats>, mode: Mode, shutdown: CancellationToken) {
+async fn serve<I>(io: I, stats: Arc<Stats>, mode: Mode, shutdown: CancellationToken)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let service = service_fn(move |req: Request<Incoming>| {
         let stats = stats.clone();
         async move {
@@ -309,7 +395,7 @@ async fn serve(stream: TcpStream, stats: Arc<Stats>, mode: Mode, shutdown: Cance
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(io, service);
     tokio::select! {
         _ = conn => {}
         () = shutdown.cancelled() => {}

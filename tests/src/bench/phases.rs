@@ -36,6 +36,8 @@ pub struct Rate {
     pub failures: u64,
     /// The first problem seen.
     pub problem: Option<String>,
+    /// Length of the measurement, seconds.
+    pub measured_secs: f64,
 }
 
 /// Latency at a fixed offered rate.
@@ -136,6 +138,7 @@ async fn measure(
         bench_cores: (s1 - s0).as_secs_f64() / elapsed,
         failures: 0,
         problem: None,
+        measured_secs: elapsed,
     }
 }
 
@@ -934,5 +937,118 @@ pub async fn retry_delay(env: &Env) -> anyhow::Result<RetryDelay> {
         claim_ms: (claims > 0.0).then(|| (after.claim_secs - before.claim_secs) / claims * 1e3),
         queued_at_end,
         problem: (!problems.is_empty()).then(|| problems.join("; ")),
+    })
+}
+
+/// One setup of the shared-host run.
+#[derive(Clone, Debug, Default)]
+pub struct HostRun {
+    /// What it is.
+    pub label: String,
+    /// Throughput and CPU.
+    pub rate: Rate,
+    /// Connections the receivers accepted during the measurement.
+    pub connections: u64,
+    /// Full TLS handshakes during the measurement.
+    pub full_handshakes: u64,
+    /// Resumed TLS handshakes during the measurement.
+    pub resumed_handshakes: u64,
+}
+
+impl HostRun {
+    /// Worker CPU per delivery, microseconds.
+    pub fn worker_us_per_delivery(&self) -> f64 {
+        self.rate.worker_cores * 1e6 / self.rate.per_sec
+    }
+
+    /// `n` per 100,000 deliveries.
+    pub fn per_100k(&self, n: u64) -> f64 {
+        let deliveries = self.rate.per_sec * self.rate.measured_secs;
+        n as f64 * 100_000.0 / deliveries.max(1.0)
+    }
+
+}
+
+/// The shared-host run: the same five integrations per participation, on one HTTPS receiver
+/// (host and port) or on five, and on one plain HTTP receiver.
+#[derive(Clone, Debug, Default)]
+pub struct SharedHost {
+    /// Integrations per participation.
+    pub integrations: usize,
+    /// Each setup, in the order run.
+    pub runs: Vec<HostRun>,
+}
+
+/// Integrations of the shared-host run.
+const SHARED_HOST_INTEGRATIONS: usize = 5;
+
+/// Five integrations per participation, on one HTTPS receiver host vs one host each (and one
+/// plain HTTP host): throughput, worker CPU per delivery, new connections and full TLS
+/// handshakes during the measurement. A fresh worker per setup.
+pub async fn shared_host(env: &Env) -> anyhow::Result<SharedHost> {
+    let tls = pushwire_tests::receiver::TlsIdentity::generate()?;
+    let ca = env.dir.join("shared-host-ca.pem");
+    tls.write_ca_pem(&ca)?;
+    let ca = ca.display().to_string();
+    let n = SHARED_HOST_INTEGRATIONS;
+    let setups: [(&str, &str, usize, bool); 3] = [
+        ("5 integrations on 1 HTTPS host", "accounts/910020", 1, true),
+        ("5 integrations on 5 HTTPS hosts", "accounts/910021", n, true),
+        ("5 integrations on 1 plain HTTP host", "accounts/910022", 1, false),
+    ];
+    let mut runs = Vec::new();
+    for (i, (label, account, hosts, https)) in setups.into_iter().enumerate() {
+        let receivers = if https {
+            endpoint::start_ok_tls_many(&env.rx, env.epoch, hosts, &tls)?
+        } else {
+            endpoint::start_ok_many(&env.rx, env.epoch, hosts)?
+        };
+        let name = format!("shared-host-{i}");
+        let mut rev = 0;
+        for k in 0..n {
+            let id = format!("{name}-{k}");
+            let rx = &receivers[k % hosts];
+            rev = env.routed(account, &id, &rx.url(&format!("/{id}"))).await?.1;
+        }
+        let worker = env
+            .worker(&name, &["--extra-ca-file", ca.as_str()], rev)
+            .await?;
+        let stats = Arc::new(PubStats::default());
+        let load = load::closed_loop(
+            &env.target(&worker),
+            vec![account.to_string()],
+            env.plan.streams,
+            env.plan.window,
+            stats.clone(),
+            None,
+        )
+        .await?;
+        tokio::time::sleep(env.plan.warmup).await;
+        // The receivers count together.
+        let counter = &receivers[0].stats;
+        let before = counter.connections();
+        let mut rate = measure(
+            || counter.count(),
+            || stats.acked.load(Ordering::Relaxed),
+            Some(&worker.proc),
+            Duration::ZERO,
+            env.plan.measure,
+        )
+        .await;
+        let after = counter.connections();
+        load.stop();
+        rate.failures = stats.not_delivered.load(Ordering::Relaxed);
+        rate.problem = stats.problem();
+        runs.push(HostRun {
+            label: label.to_owned(),
+            rate,
+            connections: after[0] - before[0],
+            full_handshakes: after[1] - before[1],
+            resumed_handshakes: after[2] - before[2],
+        });
+    }
+    Ok(SharedHost {
+        integrations: n,
+        runs,
     })
 }

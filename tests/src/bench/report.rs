@@ -4,7 +4,9 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use crate::phases::{Attack, Isolation, Latency, Memory, Propagation, Rate, RetryDelay};
+use crate::phases::{
+    Attack, Isolation, Latency, Memory, Propagation, Rate, RetryDelay, SharedHost,
+};
 use crate::setup::Plan;
 
 /// The targets of issue 8.
@@ -51,6 +53,8 @@ pub struct Results {
     pub attack: Option<Result<Attack, String>>,
     /// Retry start delay beside a dead endpoint's queue.
     pub retry_delay: Option<Result<RetryDelay, String>>,
+    /// Integrations sharing an HTTPS receiver host vs one host each.
+    pub shared_host: Option<Result<SharedHost, String>>,
 }
 
 /// The `q` quantile (0..=1) of sorted values, nearest rank.
@@ -140,6 +144,10 @@ pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
         (
             "retry_delay",
             r.retry_delay.as_ref().and_then(|r| r.as_ref().err()),
+        ),
+        (
+            "shared_host",
+            r.shared_host.as_ref().and_then(|r| r.as_ref().err()),
         ),
     ]
     .into_iter()
@@ -276,6 +284,23 @@ pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
                 })).collect::<Vec<_>>(),
             })),
             "retry_delay": retry_details,
+            "shared_host": ok(&r.shared_host).map(|h| json!({
+                "integrations_per_participation": h.integrations,
+                "runs": h.runs.iter().map(|run| json!({
+                    "setup": run.label,
+                    "deliveries_per_sec": run.rate.per_sec,
+                    "worker_cores": run.rate.worker_cores,
+                    "worker_us_per_delivery": run.worker_us_per_delivery(),
+                    "measured_secs": run.rate.measured_secs,
+                    "new_connections": run.connections,
+                    "full_tls_handshakes": run.full_handshakes,
+                    "resumed_tls_handshakes": run.resumed_handshakes,
+                    "new_connections_per_100k": run.per_100k(run.connections),
+                    "full_tls_handshakes_per_100k": run.per_100k(run.full_handshakes),
+                    "not_delivered": run.rate.failures,
+                    "problem": run.rate.problem,
+                })).collect::<Vec<_>>(),
+            })),
         },
         "errors": errors,
         "context": context,
@@ -538,6 +563,29 @@ pub fn table(r: &Results, plan: &Plan) -> String {
             );
         }
         Some(Err(e)) => err(&mut t, "Retry start delay", e),
+        None => {}
+    }
+    match &r.shared_host {
+        Some(Ok(h)) => {
+            let first = h.runs.first();
+            for run in &h.runs {
+                let _ = writeln!(
+                    t,
+                    "| Shared host: {} (closed loop, a fresh worker) | {} deliveries/s ({:.2} × the first setup); worker {:.1} µs CPU per delivery; {} new connections, {} full TLS handshakes ({} resumed) in {:.0} s: {:.0} and {:.0} per 100,000 deliveries | | |",
+                    run.label,
+                    num(run.rate.per_sec),
+                    first.map_or(f64::NAN, |f| run.rate.per_sec / f.rate.per_sec),
+                    run.worker_us_per_delivery(),
+                    run.connections,
+                    run.full_handshakes,
+                    run.resumed_handshakes,
+                    run.rate.measured_secs,
+                    run.per_100k(run.connections),
+                    run.per_100k(run.full_handshakes),
+                );
+            }
+        }
+        Some(Err(e)) => err(&mut t, "Shared host", e),
         None => {}
     }
     t
