@@ -218,6 +218,14 @@ impl TlsIdentity {
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(Arc::clone(&self.server_config))
     }
+
+    /// An acceptor serving the server certificate that offers `protocols` in ALPN (e.g. `h2`
+    /// and `http/1.1`) instead of HTTP/1.1 alone; it shares the session tickets of the others.
+    pub fn acceptor_with_alpn(&self, protocols: &[&[u8]]) -> TlsAcceptor {
+        let mut config = (*self.server_config).clone();
+        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+        TlsAcceptor::from(Arc::new(config))
+    }
 }
 
 /// What a receiver saw of its connections: how many it accepted, and how their TLS handshakes

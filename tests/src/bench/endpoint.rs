@@ -22,7 +22,7 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use pushwire_tests::receiver::TlsIdentity;
 use tokio::io::AsyncReadExt as _;
 use tokio::net::{TcpListener, TcpStream};
@@ -232,16 +232,22 @@ pub fn start_ok_many(rt: &Handle, epoch: Instant, n: usize) -> anyhow::Result<Ve
 }
 
 /// Starts `n` `200 OK` HTTPS receivers on `rt` serving `tls`'s certificate, each on its own
-/// port, counting together.
+/// port, counting together; HTTP/2 too when a client offers it, if `http2`.
 pub fn start_ok_tls_many(
     rt: &Handle,
     epoch: Instant,
     n: usize,
     tls: &TlsIdentity,
+    http2: bool,
 ) -> anyhow::Result<Vec<Server>> {
     let stats = Arc::new(Stats::new(epoch));
+    let acceptor = if http2 {
+        tls.acceptor_with_alpn(&[b"h2", b"http/1.1"])
+    } else {
+        tls.acceptor()
+    };
     (0..n)
-        .map(|_| start_tls(rt, stats.clone(), tls.acceptor()))
+        .map(|_| start_tls(rt, stats.clone(), acceptor.clone()))
         .collect()
 }
 
@@ -267,7 +273,11 @@ fn start_tls(rt: &Handle, stats: Arc<Stats>, acceptor: TlsAcceptor) -> anyhow::R
                     _ => &stats.full_handshakes,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
-                serve(TokioIo::new(tls), stats, Mode::Ok, shutdown).await;
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    serve_h2(TokioIo::new(tls), stats, shutdown).await;
+                } else {
+                    serve(TokioIo::new(tls), stats, Mode::Ok, shutdown).await;
+                }
             }
         }
     }));
@@ -359,7 +369,39 @@ async fn serve<I>(io: I, stats: Arc<Stats>, mode: Mode, shutdown: CancellationTo
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req: Request<Incoming>| {
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(io, service(stats, mode));
+    tokio::select! {
+        _ = conn => {}
+        () = shutdown.cancelled() => {}
+    }
+}
+
+/// [`serve`] for a connection that negotiated HTTP/2 (`200` to everything).
+async fn serve_h2<I>(io: I, stats: Arc<Stats>, shutdown: CancellationToken)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(io, service(stats, Mode::Ok));
+    tokio::select! {
+        _ = conn => {}
+        () = shutdown.cancelled() => {}
+    }
+}
+
+/// Answers by `mode`, counting requests and recording latencies.
+fn service(
+    stats: Arc<Stats>,
+    mode: Mode,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Empty<Bytes>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Empty<Bytes>>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |req: Request<Incoming>| {
         let stats = stats.clone();
         async move {
             let arrived = SystemTime::now();
@@ -392,14 +434,7 @@ where
             *response.status_mut() = status;
             Ok::<_, Infallible>(response)
         }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(io, service);
-    tokio::select! {
-        _ = conn => {}
-        () = shutdown.cancelled() => {}
-    }
+    })
 }
 
 async fn swallow(mut stream: TcpStream, shutdown: CancellationToken) {

@@ -961,6 +961,11 @@ impl HostRun {
         self.rate.worker_cores * 1e6 / self.rate.per_sec
     }
 
+    /// This process's CPU (client and receiver) per delivery, microseconds.
+    pub fn bench_us_per_delivery(&self) -> f64 {
+        self.rate.bench_cores * 1e6 / self.rate.per_sec
+    }
+
     /// `n` per 100,000 deliveries.
     pub fn per_100k(&self, n: u64) -> f64 {
         let deliveries = self.rate.per_sec * self.rate.measured_secs;
@@ -999,7 +1004,7 @@ pub async fn shared_host(env: &Env) -> anyhow::Result<SharedHost> {
     let mut runs = Vec::new();
     for (i, (label, account, hosts, https)) in setups.into_iter().enumerate() {
         let receivers = if https {
-            endpoint::start_ok_tls_many(&env.rx, env.epoch, hosts, &tls)?
+            endpoint::start_ok_tls_many(&env.rx, env.epoch, hosts, &tls, false)?
         } else {
             endpoint::start_ok_many(&env.rx, env.epoch, hosts)?
         };
@@ -1049,6 +1054,69 @@ pub async fn shared_host(env: &Env) -> anyhow::Result<SharedHost> {
     }
     Ok(SharedHost {
         integrations: n,
+        runs,
+    })
+}
+
+/// The HTTP/2 run: the webhook client alone (in this process), offering HTTP/2, against one
+/// HTTPS receiver that answers in HTTP/1.1 only, then one that takes HTTP/2.
+#[derive(Clone, Debug, Default)]
+pub struct Http2 {
+    /// Requests in flight (tasks of one request at a time).
+    pub concurrency: usize,
+    /// HTTP/1.1, then HTTP/2.
+    pub runs: Vec<HostRun>,
+}
+
+/// Requests in flight in the HTTP/2 run: five integrations' default concurrency.
+const HTTP2_CONCURRENCY: usize = 5 * 32;
+
+/// See [`Http2`]. CPU is this process's: the client and the receiver together.
+pub async fn http2(env: &Env) -> anyhow::Result<Http2> {
+    use pushwire_common::webhook::client::{ClientOptions, WebhookClient};
+    use pushwire_common::webhook::ssrf::AllowList;
+    let tls = pushwire_tests::receiver::TlsIdentity::generate()?;
+    let mut runs = Vec::new();
+    for (label, h2) in [
+        ("receiver offers HTTP/1.1 only", false),
+        ("receiver offers HTTP/2", true),
+    ] {
+        let receivers = endpoint::start_ok_tls_many(&env.rx, env.epoch, 1, &tls, h2)?;
+        let client = WebhookClient::new(ClientOptions {
+            allow: AllowList::parse(["127.0.0.0/8"])?,
+            extra_ca_pem: Some(tls.ca_pem().as_bytes().to_vec()),
+            http2: true,
+            ..ClientOptions::default()
+        })?;
+        let load = load::webhook_client(
+            receivers[0].url("/http2"),
+            client,
+            HTTP2_CONCURRENCY,
+            env.bodies.clone(),
+        );
+        let counter = &receivers[0].stats;
+        tokio::time::sleep(env.plan.warmup).await;
+        let before = counter.connections();
+        let rate = measure(
+            || counter.count(),
+            || counter.count(),
+            None,
+            Duration::ZERO,
+            env.plan.measure,
+        )
+        .await;
+        let after = counter.connections();
+        load.stop();
+        runs.push(HostRun {
+            label: label.to_owned(),
+            rate,
+            connections: after[0] - before[0],
+            full_handshakes: after[1] - before[1],
+            resumed_handshakes: after[2] - before[2],
+        });
+    }
+    Ok(Http2 {
+        concurrency: HTTP2_CONCURRENCY,
         runs,
     })
 }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use serde_json::{Value, json};
 
 use crate::phases::{
-    Attack, Isolation, Latency, Memory, Propagation, Rate, RetryDelay, SharedHost,
+    Attack, Http2, Isolation, Latency, Memory, Propagation, Rate, RetryDelay, SharedHost,
 };
 use crate::setup::Plan;
 
@@ -55,6 +55,8 @@ pub struct Results {
     pub retry_delay: Option<Result<RetryDelay, String>>,
     /// Integrations sharing an HTTPS receiver host vs one host each.
     pub shared_host: Option<Result<SharedHost, String>>,
+    /// The webhook client over HTTP/1.1 vs HTTP/2.
+    pub http2: Option<Result<Http2, String>>,
 }
 
 /// The `q` quantile (0..=1) of sorted values, nearest rank.
@@ -149,6 +151,7 @@ pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
             "shared_host",
             r.shared_host.as_ref().and_then(|r| r.as_ref().err()),
         ),
+        ("http2", r.http2.as_ref().and_then(|r| r.as_ref().err())),
     ]
     .into_iter()
     .filter_map(|(k, e)| e.map(|e| (k.to_owned(), json!(e))))
@@ -299,6 +302,18 @@ pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
                     "full_tls_handshakes_per_100k": run.per_100k(run.full_handshakes),
                     "not_delivered": run.rate.failures,
                     "problem": run.rate.problem,
+                })).collect::<Vec<_>>(),
+            })),
+            "http2": ok(&r.http2).map(|h| json!({
+                "concurrency": h.concurrency,
+                "runs": h.runs.iter().map(|run| json!({
+                    "setup": run.label,
+                    "requests_per_sec": run.rate.per_sec,
+                    "client_and_receiver_cores": run.rate.bench_cores,
+                    "client_and_receiver_us_per_request": run.bench_us_per_delivery(),
+                    "measured_secs": run.rate.measured_secs,
+                    "new_connections": run.connections,
+                    "full_tls_handshakes": run.full_handshakes,
                 })).collect::<Vec<_>>(),
             })),
         },
@@ -586,6 +601,26 @@ pub fn table(r: &Results, plan: &Plan) -> String {
             }
         }
         Some(Err(e)) => err(&mut t, "Shared host", e),
+        None => {}
+    }
+    match &r.http2 {
+        Some(Ok(h)) => {
+            let first = h.runs.first();
+            for run in &h.runs {
+                let _ = writeln!(
+                    t,
+                    "| HTTP/2: the webhook client alone offering h2, {} requests in flight to one HTTPS host, {} | {} requests/s ({:.2} × the first); client + receiver {:.1} µs CPU per request; {} new connections in {:.0} s | | |",
+                    h.concurrency,
+                    run.label,
+                    num(run.rate.per_sec),
+                    first.map_or(f64::NAN, |f| run.rate.per_sec / f.rate.per_sec),
+                    run.bench_us_per_delivery(),
+                    run.connections,
+                    run.rate.measured_secs,
+                );
+            }
+        }
+        Some(Err(e)) => err(&mut t, "HTTP/2", e),
         None => {}
     }
     t

@@ -72,8 +72,8 @@ struct Args {
     #[arg(long, default_value_t = report::BEFORE_HANDOFF_RPS)]
     before_rps: f64,
 
-    /// Run only these measurements (repeatable; default: all but `retry-delay` and
-    /// `shared-host`).
+    /// Run only these measurements (repeatable; default: all but `retry-delay`,
+    /// `shared-host` and `http2`).
     #[arg(long, value_enum)]
     only: Vec<Phase>,
 
@@ -118,6 +118,9 @@ enum Phase {
     /// TLS handshakes. Three workers in turn, so not in a default run: only with
     /// `--only shared-host`.
     SharedHost,
+    /// The webhook client alone, offering HTTP/2, against an HTTPS receiver that answers in
+    /// HTTP/1.1 only, then one that takes HTTP/2. Only with `--only http2`.
+    Http2,
 }
 
 fn plan(args: &Args) -> Plan {
@@ -230,6 +233,10 @@ async fn run(env: &Env, only: &[Phase]) -> Results {
             phases::shared_host(env),
         )
         .await;
+    }
+    if only.contains(&Phase::Http2) {
+        let limit = (plan.warmup + plan.measure + slack) * 2;
+        r.http2 = phase("HTTP/1.1 vs HTTP/2", limit, phases::http2(env)).await;
     }
     // Only when asked for: filling the store alone takes a while.
     if only.contains(&Phase::RetryDelay) {
