@@ -971,7 +971,6 @@ impl HostRun {
         let deliveries = self.rate.per_sec * self.rate.measured_secs;
         n as f64 * 100_000.0 / deliveries.max(1.0)
     }
-
 }
 
 /// The shared-host run: the same five integrations per participation, on one HTTPS receiver
@@ -998,8 +997,18 @@ pub async fn shared_host(env: &Env) -> anyhow::Result<SharedHost> {
     let n = SHARED_HOST_INTEGRATIONS;
     let setups: [(&str, &str, usize, bool); 3] = [
         ("5 integrations on 1 HTTPS host", "accounts/910020", 1, true),
-        ("5 integrations on 5 HTTPS hosts", "accounts/910021", n, true),
-        ("5 integrations on 1 plain HTTP host", "accounts/910022", 1, false),
+        (
+            "5 integrations on 5 HTTPS hosts",
+            "accounts/910021",
+            n,
+            true,
+        ),
+        (
+            "5 integrations on 1 plain HTTP host",
+            "accounts/910022",
+            1,
+            false,
+        ),
     ];
     let mut runs = Vec::new();
     for (i, (label, account, hosts, https)) in setups.into_iter().enumerate() {
@@ -1013,7 +1022,10 @@ pub async fn shared_host(env: &Env) -> anyhow::Result<SharedHost> {
         for k in 0..n {
             let id = format!("{name}-{k}");
             let rx = &receivers[k % hosts];
-            rev = env.routed(account, &id, &rx.url(&format!("/{id}"))).await?.1;
+            rev = env
+                .routed(account, &id, &rx.url(&format!("/{id}")))
+                .await?
+                .1;
         }
         let worker = env
             .worker(&name, &["--extra-ca-file", ca.as_str()], rev)
