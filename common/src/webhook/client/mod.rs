@@ -38,7 +38,7 @@ use super::ssrf::{self, AllowList};
 
 /// Default of [`ClientOptions::max_idle_per_destination`]: 32 integrations sharing a host at
 /// the default per-integration concurrency (32). Idle connections to a destination never
-/// outnumber the attempts that were in flight to it at once within [`IDLE_TIMEOUT`], so a
+/// outnumber the attempts that were in flight to it at once within the idle timeout (60 s), so a
 /// generous limit costs nothing until the concurrency is there; the limit it replaces, 32 per
 /// host, churned connections as soon as two integrations shared a host.
 pub const DEFAULT_MAX_IDLE_PER_DESTINATION: usize = 1024;
