@@ -797,3 +797,39 @@ async fn a_burst_of_new_tls_connections_resumes_every_session() {
         "second wave: every connection resumed ({resumed:?})"
     );
 }
+
+/// The protocol a receiver offering both gets: HTTP/1.1 unless the client is told to offer h2.
+#[tokio::test]
+async fn http2_is_negotiated_only_when_offered() {
+    let (ca_pem, server_config) = tls_fixture();
+    let mut config = (*server_config).clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    for (http2, expected) in [(false, b"http/1.1".as_slice()), (true, b"h2".as_slice())] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let c = client(ClientOptions {
+            extra_ca_pem: Some(ca_pem.clone()),
+            http2,
+            ..loopback_allowed()
+        });
+        let attempt = tokio::spawn(async move {
+            let _ = post(&c, format!("https://localhost:{port}/hook")).await;
+        });
+        let (stream, _) = tokio::time::timeout(LIMIT, listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let tls = tokio::time::timeout(LIMIT, acceptor.accept(stream))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            tls.get_ref().1.alpn_protocol(),
+            Some(expected),
+            "http2: {http2}"
+        );
+        drop(tls);
+        attempt.abort();
+    }
+}
