@@ -953,6 +953,8 @@ pub struct HostRun {
     pub full_handshakes: u64,
     /// Resumed TLS handshakes during the measurement.
     pub resumed_handshakes: u64,
+    /// Connections, full and resumed TLS handshakes from the start, warm-up included.
+    pub since_start: [u64; 3],
 }
 
 impl HostRun {
@@ -1062,6 +1064,7 @@ pub async fn shared_host(env: &Env) -> anyhow::Result<SharedHost> {
             connections: after[0] - before[0],
             full_handshakes: after[1] - before[1],
             resumed_handshakes: after[2] - before[2],
+            since_start: after,
         });
     }
     Ok(SharedHost {
@@ -1125,6 +1128,7 @@ pub async fn http2(env: &Env) -> anyhow::Result<Http2> {
             connections: after[0] - before[0],
             full_handshakes: after[1] - before[1],
             resumed_handshakes: after[2] - before[2],
+            since_start: after,
         });
     }
     Ok(Http2 {

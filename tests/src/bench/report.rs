@@ -298,6 +298,11 @@ pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
                     "new_connections": run.connections,
                     "full_tls_handshakes": run.full_handshakes,
                     "resumed_tls_handshakes": run.resumed_handshakes,
+                    "since_start": {
+                        "connections": run.since_start[0],
+                        "full_tls_handshakes": run.since_start[1],
+                        "resumed_tls_handshakes": run.since_start[2],
+                    },
                     "new_connections_per_100k": run.per_100k(run.connections),
                     "full_tls_handshakes_per_100k": run.per_100k(run.full_handshakes),
                     "not_delivered": run.rate.failures,
@@ -314,6 +319,7 @@ pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
                     "measured_secs": run.rate.measured_secs,
                     "new_connections": run.connections,
                     "full_tls_handshakes": run.full_handshakes,
+                    "since_start_connections": run.since_start[0],
                 })).collect::<Vec<_>>(),
             })),
         },
@@ -586,7 +592,7 @@ pub fn table(r: &Results, plan: &Plan) -> String {
             for run in &h.runs {
                 let _ = writeln!(
                     t,
-                    "| Shared host: {} (closed loop, a fresh worker) | {} deliveries/s ({:.2} × the first setup); worker {:.1} µs CPU per delivery; {} new connections, {} full TLS handshakes ({} resumed) in {:.0} s: {:.0} and {:.0} per 100,000 deliveries | | |",
+                    "| Shared host: {} (closed loop, a fresh worker) | {} deliveries/s ({:.2} × the first setup); worker {:.1} µs CPU per delivery; {} new connections, {} full TLS handshakes ({} resumed) in {:.0} s: {:.0} and {:.0} per 100,000 deliveries; since the start (warm-up included) {} connections, {} full and {} resumed handshakes | | |",
                     run.label,
                     num(run.rate.per_sec),
                     first.map_or(f64::NAN, |f| run.rate.per_sec / f.rate.per_sec),
@@ -597,6 +603,9 @@ pub fn table(r: &Results, plan: &Plan) -> String {
                     run.rate.measured_secs,
                     run.per_100k(run.connections),
                     run.per_100k(run.full_handshakes),
+                    run.since_start[0],
+                    run.since_start[1],
+                    run.since_start[2],
                 );
             }
         }
@@ -609,7 +618,7 @@ pub fn table(r: &Results, plan: &Plan) -> String {
             for run in &h.runs {
                 let _ = writeln!(
                     t,
-                    "| HTTP/2: the webhook client alone offering h2, {} requests in flight to one HTTPS host, {} | {} requests/s ({:.2} × the first); client + receiver {:.1} µs CPU per request; {} new connections in {:.0} s | | |",
+                    "| HTTP/2: the webhook client alone offering h2, {} requests in flight to one HTTPS host, {} | {} requests/s ({:.2} × the first); client + receiver {:.1} µs CPU per request; {} new connections in {:.0} s, {} since the start | | |",
                     h.concurrency,
                     run.label,
                     num(run.rate.per_sec),
@@ -617,6 +626,7 @@ pub fn table(r: &Results, plan: &Plan) -> String {
                     run.bench_us_per_delivery(),
                     run.connections,
                     run.rate.measured_secs,
+                    run.since_start[0],
                 );
             }
         }
