@@ -9,7 +9,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -194,6 +194,10 @@ impl TlsIdentity {
             .with_single_cert(vec![leaf.der().clone()], key)
             .context("building the TLS server config")?;
         server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Stateless tickets (as most HTTPS servers issue), so that clients can resume any
+        // number of sessions; 2 tickets per TLS 1.3 handshake, the rustls default.
+        server_config.ticketer =
+            rustls::crypto::ring::Ticketer::new().context("the TLS session ticketer")?;
         Ok(Self {
             ca_pem: ca.as_ref().pem(),
             server_config: Arc::new(server_config),
@@ -214,6 +218,84 @@ impl TlsIdentity {
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(Arc::clone(&self.server_config))
     }
+
+    /// An acceptor serving the server certificate that offers `protocols` in ALPN (e.g. `h2`
+    /// and `http/1.1`) instead of HTTP/1.1 alone; it shares the session tickets of the others.
+    pub fn acceptor_with_alpn(&self, protocols: &[&[u8]]) -> TlsAcceptor {
+        let mut config = (*self.server_config).clone();
+        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+        TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+/// What a receiver saw of its connections: how many it accepted, and how their TLS handshakes
+/// went. Also closes the open ones on demand ([`Connections::close_all`]).
+#[derive(Debug, Default)]
+pub struct Connections {
+    accepted: AtomicU64,
+    full: AtomicU64,
+    resumed: AtomicU64,
+    /// Cancelled by `close_all`, then replaced: every connection watches the one of its time.
+    generation: Mutex<CancellationToken>,
+}
+
+/// A snapshot of [`Connections`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionCounts {
+    /// TCP connections accepted.
+    pub accepted: u64,
+    /// TLS handshakes that were full (a new session).
+    pub full_handshakes: u64,
+    /// TLS handshakes that resumed a session.
+    pub resumed_handshakes: u64,
+}
+
+impl std::ops::Sub for ConnectionCounts {
+    type Output = Self;
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            accepted: self.accepted - earlier.accepted,
+            full_handshakes: self.full_handshakes - earlier.full_handshakes,
+            resumed_handshakes: self.resumed_handshakes - earlier.resumed_handshakes,
+        }
+    }
+}
+
+impl Connections {
+    /// The counts so far.
+    pub fn counts(&self) -> ConnectionCounts {
+        ConnectionCounts {
+            accepted: self.accepted.load(Ordering::SeqCst),
+            full_handshakes: self.full.load(Ordering::SeqCst),
+            resumed_handshakes: self.resumed.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Closes every open connection (as a receiver's restart or idle timeout would); the
+    /// listener stays, and so do the session tickets it issued.
+    pub fn close_all(&self) {
+        let mut current = self
+            .generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        current.cancel();
+        *current = CancellationToken::new();
+    }
+
+    fn current(&self) -> CancellationToken {
+        self.generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn handshake(&self, kind: Option<rustls::HandshakeKind>) {
+        let counter = match kind {
+            Some(rustls::HandshakeKind::Resumed) => &self.resumed,
+            _ => &self.full,
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// Serves HTTP/1.1 (over TLS when `tls` is set) on `listener` until `shutdown` is cancelled,
@@ -229,6 +311,20 @@ pub async fn serve<H, F>(
     H: Fn(Received) -> F + Send + Sync + 'static,
     F: Future<Output = Reply> + Send + 'static,
 {
+    serve_counted(listener, tls, handler, shutdown, Arc::default()).await;
+}
+
+/// [`serve`], counting connections and handshakes in `connections`.
+pub async fn serve_counted<H, F>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    handler: H,
+    shutdown: CancellationToken,
+    connections_seen: Arc<Connections>,
+) where
+    H: Fn(Received) -> F + Send + Sync + 'static,
+    F: Future<Output = Reply> + Send + 'static,
+{
     let handler = Arc::new(handler);
     // Owning the connection tasks here ties their lifetime to this loop: the set aborts them
     // when dropped.
@@ -238,11 +334,13 @@ pub async fn serve<H, F>(
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    connections_seen.accepted.fetch_add(1, Ordering::SeqCst);
                     connections.spawn(serve_connection(
                         stream,
                         tls.clone(),
                         Arc::clone(&handler),
                         shutdown.clone(),
+                        Arc::clone(&connections_seen),
                     ));
                 }
                 Err(_) => {
@@ -264,30 +362,38 @@ async fn serve_connection<H, F>(
     tls: Option<TlsAcceptor>,
     handler: Arc<H>,
     shutdown: CancellationToken,
+    seen: Arc<Connections>,
 ) where
     H: Fn(Received) -> F + Send + Sync + 'static,
     F: Future<Output = Reply> + Send + 'static,
 {
     // Small requests and answers: do not let Nagle add latency to timing-sensitive tests.
     let _ = stream.set_nodelay(true);
+    let closed = seen.current();
     match tls {
-        None => serve_http1(TokioIo::new(stream), handler, shutdown).await,
+        None => serve_http1(TokioIo::new(stream), handler, shutdown, closed).await,
         Some(acceptor) => {
             let tls_stream = tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = closed.cancelled() => return,
                 accepted = acceptor.accept(stream) => match accepted {
                     Ok(s) => s,
                     // A client that does not trust us, or not TLS at all: nothing to serve.
                     Err(_) => return,
                 },
             };
-            serve_http1(TokioIo::new(tls_stream), handler, shutdown).await;
+            seen.handshake(tls_stream.get_ref().1.handshake_kind());
+            serve_http1(TokioIo::new(tls_stream), handler, shutdown, closed).await;
         }
     }
 }
 
-async fn serve_http1<I, H, F>(io: I, handler: Arc<H>, shutdown: CancellationToken)
-where
+async fn serve_http1<I, H, F>(
+    io: I,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+    closed: CancellationToken,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     H: Fn(Received) -> F + Send + Sync + 'static,
     F: Future<Output = Reply> + Send + 'static,
@@ -299,6 +405,7 @@ where
     tokio::select! {
         _ = connection => {}
         () = shutdown.cancelled() => {}
+        () = closed.cancelled() => {}
     }
 }
 
@@ -393,6 +500,7 @@ pub struct TestReceiver {
     addr: SocketAddr,
     tls: Option<TlsIdentity>,
     shared: Arc<Shared>,
+    connections: Arc<Connections>,
     records: tokio::sync::Mutex<mpsc::Receiver<Received>>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
@@ -439,16 +547,19 @@ impl TestReceiver {
             let reply = handler_state.on_request(received);
             std::future::ready(reply)
         };
-        let task = tokio::spawn(serve(
+        let connections = Arc::new(Connections::default());
+        let task = tokio::spawn(serve_counted(
             listener,
             tls.as_ref().map(TlsIdentity::acceptor),
             handler,
             shutdown.clone(),
+            Arc::clone(&connections),
         ));
         Ok(Self {
             addr,
             tls,
             shared,
+            connections,
             records: tokio::sync::Mutex::new(rx),
             shutdown,
             task,
@@ -535,6 +646,16 @@ impl TestReceiver {
             .await
             .ok()
             .flatten()
+    }
+
+    /// The connections accepted so far and how their TLS handshakes went.
+    pub fn connections(&self) -> ConnectionCounts {
+        self.connections.counts()
+    }
+
+    /// Closes every open connection; new ones are accepted as before.
+    pub fn close_connections(&self) {
+        self.connections.close_all();
     }
 
     /// How many requests have been received (read or not, hung ones included).

@@ -6,6 +6,8 @@
 //!
 //! While recording is on, the receiver takes the publish time out of each request's
 //! `webhook-id` (see [`crate::load::sent_ns`]) and keeps publish → delivered latencies.
+//! The `200` receiver also serves HTTPS ([`start_ok_tls_many`]), counting new connections and
+//! full vs resumed TLS handshakes.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,10 +22,12 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use pushwire_tests::receiver::TlsIdentity;
 use tokio::io::AsyncReadExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::load;
@@ -33,6 +37,12 @@ use crate::load;
 pub struct Stats {
     /// Requests answered (the blackhole: connections accepted).
     pub requests: AtomicU64,
+    /// Connections accepted (the blackhole excepted).
+    pub connections: AtomicU64,
+    /// TLS handshakes that were full (a new session).
+    pub full_handshakes: AtomicU64,
+    /// TLS handshakes that resumed a session.
+    pub resumed_handshakes: AtomicU64,
     recording: AtomicBool,
     /// Publish → delivered latencies recorded, in microseconds.
     latencies_us: Mutex<Vec<u32>>,
@@ -74,6 +84,9 @@ impl Stats {
     fn new(epoch: Instant) -> Self {
         Self {
             requests: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            full_handshakes: AtomicU64::new(0),
+            resumed_handshakes: AtomicU64::new(0),
             recording: AtomicBool::new(false),
             latencies_us: Mutex::new(Vec::new()),
             participations: Mutex::new(FailFirst::default()),
@@ -84,6 +97,16 @@ impl Stats {
     /// Requests so far.
     pub fn count(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted, full and resumed TLS handshakes so far.
+    pub fn connections(&self) -> [u64; 3] {
+        [
+            &self.connections,
+            &self.full_handshakes,
+            &self.resumed_handshakes,
+        ]
+        .map(|c| c.load(Ordering::Relaxed))
     }
 
     /// Starts or stops recording latencies.
@@ -163,15 +186,22 @@ impl Stats {
 pub struct Server {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// `http` or `https`.
+    pub scheme: &'static str,
     /// What it saw.
     pub stats: Arc<Stats>,
     shutdown: CancellationToken,
 }
 
 impl Server {
-    /// `http://ADDR/path`.
+    /// `http(s)://ADDR/path`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}/{}", self.addr, path.trim_start_matches('/'))
+        format!(
+            "{}://{}/{}",
+            self.scheme,
+            self.addr,
+            path.trim_start_matches('/')
+        )
     }
 }
 
@@ -201,6 +231,64 @@ pub fn start_ok_many(rt: &Handle, epoch: Instant, n: usize) -> anyhow::Result<Ve
         .collect()
 }
 
+/// Starts `n` `200 OK` HTTPS receivers on `rt` serving `tls`'s certificate, each on its own
+/// port, counting together; HTTP/2 too when a client offers it, if `http2`.
+pub fn start_ok_tls_many(
+    rt: &Handle,
+    epoch: Instant,
+    n: usize,
+    tls: &TlsIdentity,
+    http2: bool,
+) -> anyhow::Result<Vec<Server>> {
+    let stats = Arc::new(Stats::new(epoch));
+    let acceptor = if http2 {
+        tls.acceptor_with_alpn(&[b"h2", b"http/1.1"])
+    } else {
+        tls.acceptor()
+    };
+    (0..n)
+        .map(|_| start_tls(rt, stats.clone(), acceptor.clone()))
+        .collect()
+}
+
+fn start_tls(rt: &Handle, stats: Arc<Stats>, acceptor: TlsAcceptor) -> anyhow::Result<Server> {
+    let listener = bind()?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    rt.spawn(accept_loop(listener, shutdown.clone(), {
+        let stats = stats.clone();
+        move |stream, shutdown| {
+            let (stats, acceptor) = (stats.clone(), acceptor.clone());
+            async move {
+                stats.connections.fetch_add(1, Ordering::Relaxed);
+                let tls = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    accepted = acceptor.accept(stream) => match accepted {
+                        Ok(tls) => tls,
+                        Err(_) => return,
+                    },
+                };
+                let counter = match tls.get_ref().1.handshake_kind() {
+                    Some(rustls::HandshakeKind::Resumed) => &stats.resumed_handshakes,
+                    _ => &stats.full_handshakes,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    serve_h2(TokioIo::new(tls), stats, shutdown).await;
+                } else {
+                    serve(TokioIo::new(tls), stats, Mode::Ok, shutdown).await;
+                }
+            }
+        }
+    }));
+    Ok(Server {
+        addr,
+        scheme: "https",
+        stats,
+        shutdown,
+    })
+}
+
 /// Starts a receiver on `rt` that answers `503` to the first request of every other
 /// participation (the first, the third, …, in the order their first requests arrive) and
 /// `200` to every other request, noting when each failed participation's second request
@@ -220,10 +308,14 @@ fn start_serving(rt: &Handle, stats: Arc<Stats>, mode: Mode) -> anyhow::Result<S
     let shutdown = CancellationToken::new();
     rt.spawn(accept_loop(listener, shutdown.clone(), {
         let stats = stats.clone();
-        move |stream, shutdown| serve(stream, stats.clone(), mode, shutdown)
+        move |stream, shutdown| {
+            stats.connections.fetch_add(1, Ordering::Relaxed);
+            serve(TokioIo::new(stream), stats.clone(), mode, shutdown)
+        }
     }));
     Ok(Server {
         addr,
+        scheme: "http",
         stats,
         shutdown,
     })
@@ -244,6 +336,7 @@ pub fn start_blackhole(rt: &Handle, epoch: Instant) -> anyhow::Result<Server> {
     }));
     Ok(Server {
         addr,
+        scheme: "http",
         stats,
         shutdown,
     })
@@ -272,8 +365,43 @@ where
     // Connections end by themselves on `shutdown`.
 }
 
-async fn serve(stream: TcpStream, stats: Arc<Stats>, mode: Mode, shutdown: CancellationToken) {
-    let service = service_fn(move |req: Request<Incoming>| {
+async fn serve<I>(io: I, stats: Arc<Stats>, mode: Mode, shutdown: CancellationToken)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(io, service(stats, mode));
+    tokio::select! {
+        _ = conn => {}
+        () = shutdown.cancelled() => {}
+    }
+}
+
+/// [`serve`] for a connection that negotiated HTTP/2 (`200` to everything).
+async fn serve_h2<I>(io: I, stats: Arc<Stats>, shutdown: CancellationToken)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(io, service(stats, Mode::Ok));
+    tokio::select! {
+        _ = conn => {}
+        () = shutdown.cancelled() => {}
+    }
+}
+
+/// Answers by `mode`, counting requests and recording latencies.
+fn service(
+    stats: Arc<Stats>,
+    mode: Mode,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Empty<Bytes>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Empty<Bytes>>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |req: Request<Incoming>| {
         let stats = stats.clone();
         async move {
             let arrived = SystemTime::now();
@@ -306,14 +434,7 @@ async fn serve(stream: TcpStream, stats: Arc<Stats>, mode: Mode, shutdown: Cance
             *response.status_mut() = status;
             Ok::<_, Infallible>(response)
         }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service);
-    tokio::select! {
-        _ = conn => {}
-        () = shutdown.cancelled() => {}
-    }
+    })
 }
 
 async fn swallow(mut stream: TcpStream, shutdown: CancellationToken) {

@@ -483,3 +483,51 @@ pub async fn baseline(addr: SocketAddr, conns: usize, bodies: Arc<Bodies>) -> an
     }
     Ok(Load { stop, tasks })
 }
+
+/// `tasks` tasks POSTing the documents to `url` with the webhook client, one request at a
+/// time each, until stopped: the client's side of a worker, without the worker.
+pub fn webhook_client(
+    url: String,
+    client: pushwire_common::webhook::client::WebhookClient,
+    tasks: usize,
+    bodies: Arc<Bodies>,
+) -> Load {
+    use pushwire_common::webhook::request::WebhookRequest;
+    let stop = CancellationToken::new();
+    let handles = (0..tasks)
+        .map(|_| {
+            let (url, client, bodies, stop) =
+                (url.clone(), client.clone(), bodies.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    let (id, doc) = bodies.next();
+                    let req = WebhookRequest {
+                        url: url.clone(),
+                        headers: vec![
+                            ("content-type".into(), "application/json".into()),
+                            ("webhook-id".into(), format!("{id}_client")),
+                        ],
+                        body: Bytes::from(doc),
+                    };
+                    match client.post(&req).await {
+                        Ok(resp) if resp.status == 200 => {}
+                        Ok(resp) => {
+                            eprintln!("bench: the receiver answered {}", resp.status);
+                            return;
+                        }
+                        Err(e) => {
+                            if !stop.is_cancelled() {
+                                eprintln!("bench: a client request failed: {e}");
+                            }
+                            return;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    Load {
+        stop,
+        tasks: handles,
+    }
+}

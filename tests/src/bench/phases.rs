@@ -36,6 +36,8 @@ pub struct Rate {
     pub failures: u64,
     /// The first problem seen.
     pub problem: Option<String>,
+    /// Length of the measurement, seconds.
+    pub measured_secs: f64,
 }
 
 /// Latency at a fixed offered rate.
@@ -136,6 +138,7 @@ async fn measure(
         bench_cores: (s1 - s0).as_secs_f64() / elapsed,
         failures: 0,
         problem: None,
+        measured_secs: elapsed,
     }
 }
 
@@ -934,5 +937,202 @@ pub async fn retry_delay(env: &Env) -> anyhow::Result<RetryDelay> {
         claim_ms: (claims > 0.0).then(|| (after.claim_secs - before.claim_secs) / claims * 1e3),
         queued_at_end,
         problem: (!problems.is_empty()).then(|| problems.join("; ")),
+    })
+}
+
+/// One setup of the shared-host run.
+#[derive(Clone, Debug, Default)]
+pub struct HostRun {
+    /// What it is.
+    pub label: String,
+    /// Throughput and CPU.
+    pub rate: Rate,
+    /// Connections the receivers accepted during the measurement.
+    pub connections: u64,
+    /// Full TLS handshakes during the measurement.
+    pub full_handshakes: u64,
+    /// Resumed TLS handshakes during the measurement.
+    pub resumed_handshakes: u64,
+    /// Connections, full and resumed TLS handshakes from the start, warm-up included.
+    pub since_start: [u64; 3],
+}
+
+impl HostRun {
+    /// Worker CPU per delivery, microseconds.
+    pub fn worker_us_per_delivery(&self) -> f64 {
+        self.rate.worker_cores * 1e6 / self.rate.per_sec
+    }
+
+    /// This process's CPU (client and receiver) per delivery, microseconds.
+    pub fn bench_us_per_delivery(&self) -> f64 {
+        self.rate.bench_cores * 1e6 / self.rate.per_sec
+    }
+
+    /// `n` per 100,000 deliveries.
+    pub fn per_100k(&self, n: u64) -> f64 {
+        let deliveries = self.rate.per_sec * self.rate.measured_secs;
+        n as f64 * 100_000.0 / deliveries.max(1.0)
+    }
+}
+
+/// The shared-host run: the same five integrations per participation, on one HTTPS receiver
+/// (host and port) or on five, and on one plain HTTP receiver.
+#[derive(Clone, Debug, Default)]
+pub struct SharedHost {
+    /// Integrations per participation.
+    pub integrations: usize,
+    /// Each setup, in the order run.
+    pub runs: Vec<HostRun>,
+}
+
+/// Integrations of the shared-host run.
+const SHARED_HOST_INTEGRATIONS: usize = 5;
+
+/// Five integrations per participation, on one HTTPS receiver host vs one host each (and one
+/// plain HTTP host): throughput, worker CPU per delivery, new connections and full TLS
+/// handshakes during the measurement. A fresh worker per setup.
+pub async fn shared_host(env: &Env) -> anyhow::Result<SharedHost> {
+    let tls = pushwire_tests::receiver::TlsIdentity::generate()?;
+    let ca = env.dir.join("shared-host-ca.pem");
+    tls.write_ca_pem(&ca)?;
+    let ca = ca.display().to_string();
+    let n = SHARED_HOST_INTEGRATIONS;
+    let setups: [(&str, &str, usize, bool); 3] = [
+        ("5 integrations on 1 HTTPS host", "accounts/910020", 1, true),
+        (
+            "5 integrations on 5 HTTPS hosts",
+            "accounts/910021",
+            n,
+            true,
+        ),
+        (
+            "5 integrations on 1 plain HTTP host",
+            "accounts/910022",
+            1,
+            false,
+        ),
+    ];
+    let mut runs = Vec::new();
+    for (i, (label, account, hosts, https)) in setups.into_iter().enumerate() {
+        let receivers = if https {
+            endpoint::start_ok_tls_many(&env.rx, env.epoch, hosts, &tls, false)?
+        } else {
+            endpoint::start_ok_many(&env.rx, env.epoch, hosts)?
+        };
+        let name = format!("shared-host-{i}");
+        let mut rev = 0;
+        for k in 0..n {
+            let id = format!("{name}-{k}");
+            let rx = &receivers[k % hosts];
+            rev = env
+                .routed(account, &id, &rx.url(&format!("/{id}")))
+                .await?
+                .1;
+        }
+        let worker = env
+            .worker(&name, &["--extra-ca-file", ca.as_str()], rev)
+            .await?;
+        let stats = Arc::new(PubStats::default());
+        let load = load::closed_loop(
+            &env.target(&worker),
+            vec![account.to_string()],
+            env.plan.streams,
+            env.plan.window,
+            stats.clone(),
+            None,
+        )
+        .await?;
+        tokio::time::sleep(env.plan.warmup).await;
+        // The receivers count together.
+        let counter = &receivers[0].stats;
+        let before = counter.connections();
+        let mut rate = measure(
+            || counter.count(),
+            || stats.acked.load(Ordering::Relaxed),
+            Some(&worker.proc),
+            Duration::ZERO,
+            env.plan.measure,
+        )
+        .await;
+        let after = counter.connections();
+        load.stop();
+        rate.failures = stats.not_delivered.load(Ordering::Relaxed);
+        rate.problem = stats.problem();
+        runs.push(HostRun {
+            label: label.to_owned(),
+            rate,
+            connections: after[0] - before[0],
+            full_handshakes: after[1] - before[1],
+            resumed_handshakes: after[2] - before[2],
+            since_start: after,
+        });
+    }
+    Ok(SharedHost {
+        integrations: n,
+        runs,
+    })
+}
+
+/// The HTTP/2 run: the webhook client alone (in this process), offering HTTP/2, against one
+/// HTTPS receiver that answers in HTTP/1.1 only, then one that takes HTTP/2.
+#[derive(Clone, Debug, Default)]
+pub struct Http2 {
+    /// Requests in flight (tasks of one request at a time).
+    pub concurrency: usize,
+    /// HTTP/1.1, then HTTP/2.
+    pub runs: Vec<HostRun>,
+}
+
+/// Requests in flight in the HTTP/2 run: five integrations' default concurrency.
+const HTTP2_CONCURRENCY: usize = 5 * 32;
+
+/// See [`Http2`]. CPU is this process's: the client and the receiver together.
+pub async fn http2(env: &Env) -> anyhow::Result<Http2> {
+    use pushwire_common::webhook::client::{ClientOptions, WebhookClient};
+    use pushwire_common::webhook::ssrf::AllowList;
+    let tls = pushwire_tests::receiver::TlsIdentity::generate()?;
+    let mut runs = Vec::new();
+    for (label, h2) in [
+        ("receiver offers HTTP/1.1 only", false),
+        ("receiver offers HTTP/2", true),
+    ] {
+        let receivers = endpoint::start_ok_tls_many(&env.rx, env.epoch, 1, &tls, h2)?;
+        let client = WebhookClient::new(ClientOptions {
+            allow: AllowList::parse(["127.0.0.0/8"])?,
+            extra_ca_pem: Some(tls.ca_pem().as_bytes().to_vec()),
+            http2: true,
+            ..ClientOptions::default()
+        })?;
+        let load = load::webhook_client(
+            receivers[0].url("/http2"),
+            client,
+            HTTP2_CONCURRENCY,
+            env.bodies.clone(),
+        );
+        let counter = &receivers[0].stats;
+        tokio::time::sleep(env.plan.warmup).await;
+        let before = counter.connections();
+        let rate = measure(
+            || counter.count(),
+            || counter.count(),
+            None,
+            Duration::ZERO,
+            env.plan.measure,
+        )
+        .await;
+        let after = counter.connections();
+        load.stop();
+        runs.push(HostRun {
+            label: label.to_owned(),
+            rate,
+            connections: after[0] - before[0],
+            full_handshakes: after[1] - before[1],
+            resumed_handshakes: after[2] - before[2],
+            since_start: after,
+        });
+    }
+    Ok(Http2 {
+        concurrency: HTTP2_CONCURRENCY,
+        runs,
     })
 }

@@ -4,7 +4,9 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use crate::phases::{Attack, Isolation, Latency, Memory, Propagation, Rate, RetryDelay};
+use crate::phases::{
+    Attack, Http2, Isolation, Latency, Memory, Propagation, Rate, RetryDelay, SharedHost,
+};
 use crate::setup::Plan;
 
 /// The targets of issue 8.
@@ -51,6 +53,10 @@ pub struct Results {
     pub attack: Option<Result<Attack, String>>,
     /// Retry start delay beside a dead endpoint's queue.
     pub retry_delay: Option<Result<RetryDelay, String>>,
+    /// Integrations sharing an HTTPS receiver host vs one host each.
+    pub shared_host: Option<Result<SharedHost, String>>,
+    /// The webhook client over HTTP/1.1 vs HTTP/2.
+    pub http2: Option<Result<Http2, String>>,
 }
 
 /// The `q` quantile (0..=1) of sorted values, nearest rank.
@@ -141,6 +147,11 @@ pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
             "retry_delay",
             r.retry_delay.as_ref().and_then(|r| r.as_ref().err()),
         ),
+        (
+            "shared_host",
+            r.shared_host.as_ref().and_then(|r| r.as_ref().err()),
+        ),
+        ("http2", r.http2.as_ref().and_then(|r| r.as_ref().err())),
     ]
     .into_iter()
     .filter_map(|(k, e)| e.map(|e| (k.to_owned(), json!(e))))
@@ -276,6 +287,41 @@ pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
                 })).collect::<Vec<_>>(),
             })),
             "retry_delay": retry_details,
+            "shared_host": ok(&r.shared_host).map(|h| json!({
+                "integrations_per_participation": h.integrations,
+                "runs": h.runs.iter().map(|run| json!({
+                    "setup": run.label,
+                    "deliveries_per_sec": run.rate.per_sec,
+                    "worker_cores": run.rate.worker_cores,
+                    "worker_us_per_delivery": run.worker_us_per_delivery(),
+                    "measured_secs": run.rate.measured_secs,
+                    "new_connections": run.connections,
+                    "full_tls_handshakes": run.full_handshakes,
+                    "resumed_tls_handshakes": run.resumed_handshakes,
+                    "since_start": {
+                        "connections": run.since_start[0],
+                        "full_tls_handshakes": run.since_start[1],
+                        "resumed_tls_handshakes": run.since_start[2],
+                    },
+                    "new_connections_per_100k": run.per_100k(run.connections),
+                    "full_tls_handshakes_per_100k": run.per_100k(run.full_handshakes),
+                    "not_delivered": run.rate.failures,
+                    "problem": run.rate.problem,
+                })).collect::<Vec<_>>(),
+            })),
+            "http2": ok(&r.http2).map(|h| json!({
+                "concurrency": h.concurrency,
+                "runs": h.runs.iter().map(|run| json!({
+                    "setup": run.label,
+                    "requests_per_sec": run.rate.per_sec,
+                    "client_and_receiver_cores": run.rate.bench_cores,
+                    "client_and_receiver_us_per_request": run.bench_us_per_delivery(),
+                    "measured_secs": run.rate.measured_secs,
+                    "new_connections": run.connections,
+                    "full_tls_handshakes": run.full_handshakes,
+                    "since_start_connections": run.since_start[0],
+                })).collect::<Vec<_>>(),
+            })),
         },
         "errors": errors,
         "context": context,
@@ -538,6 +584,53 @@ pub fn table(r: &Results, plan: &Plan) -> String {
             );
         }
         Some(Err(e)) => err(&mut t, "Retry start delay", e),
+        None => {}
+    }
+    match &r.shared_host {
+        Some(Ok(h)) => {
+            let first = h.runs.first();
+            for run in &h.runs {
+                let _ = writeln!(
+                    t,
+                    "| Shared host: {} (closed loop, a fresh worker) | {} deliveries/s ({:.2} × the first setup); worker {:.1} µs CPU per delivery; {} new connections, {} full TLS handshakes ({} resumed) in {:.0} s: {:.0} and {:.0} per 100,000 deliveries; since the start (warm-up included) {} connections, {} full and {} resumed handshakes | | |",
+                    run.label,
+                    num(run.rate.per_sec),
+                    first.map_or(f64::NAN, |f| run.rate.per_sec / f.rate.per_sec),
+                    run.worker_us_per_delivery(),
+                    run.connections,
+                    run.full_handshakes,
+                    run.resumed_handshakes,
+                    run.rate.measured_secs,
+                    run.per_100k(run.connections),
+                    run.per_100k(run.full_handshakes),
+                    run.since_start[0],
+                    run.since_start[1],
+                    run.since_start[2],
+                );
+            }
+        }
+        Some(Err(e)) => err(&mut t, "Shared host", e),
+        None => {}
+    }
+    match &r.http2 {
+        Some(Ok(h)) => {
+            let first = h.runs.first();
+            for run in &h.runs {
+                let _ = writeln!(
+                    t,
+                    "| HTTP/2: the webhook client alone offering h2, {} requests in flight to one HTTPS host, {} | {} requests/s ({:.2} × the first); client + receiver {:.1} µs CPU per request; {} new connections in {:.0} s, {} since the start | | |",
+                    h.concurrency,
+                    run.label,
+                    num(run.rate.per_sec),
+                    first.map_or(f64::NAN, |f| run.rate.per_sec / f.rate.per_sec),
+                    run.bench_us_per_delivery(),
+                    run.connections,
+                    run.rate.measured_secs,
+                    run.since_start[0],
+                );
+            }
+        }
+        Some(Err(e)) => err(&mut t, "HTTP/2", e),
         None => {}
     }
     t

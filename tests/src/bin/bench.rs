@@ -7,7 +7,9 @@
 //! attack with and without `--memory-budget`; `--only throughput-no-log` repeats the
 //! throughput run with the delivery log off, and `--only retry-delay` (not in a default run)
 //! times another integration's due retries while 200,000 deliveries are queued for a dead
-//! endpoint. Prints a Markdown table and writes a JSON file.
+//! endpoint; `--only shared-host` (not in a default run either) compares five integrations on
+//! one HTTPS receiver host with five on a host each. Prints a Markdown table and writes a JSON
+//! file.
 //!
 //! ```sh
 //! cargo run --release -p pushwire-tests --bin bench -- --json bench.json [--quick]
@@ -70,7 +72,8 @@ struct Args {
     #[arg(long, default_value_t = report::BEFORE_HANDOFF_RPS)]
     before_rps: f64,
 
-    /// Run only these measurements (repeatable; default: all but `retry-delay`).
+    /// Run only these measurements (repeatable; default: all but `retry-delay`,
+    /// `shared-host` and `http2`).
     #[arg(long, value_enum)]
     only: Vec<Phase>,
 
@@ -110,6 +113,14 @@ enum Phase {
     /// --quick) are queued for a dead endpoint. About a minute, so not in a default run: only
     /// with `--only retry-delay`.
     RetryDelay,
+    /// Five integrations per participation on one HTTPS receiver host vs on five hosts (and
+    /// on one plain HTTP host): throughput, worker CPU per delivery, new connections and full
+    /// TLS handshakes. Three workers in turn, so not in a default run: only with
+    /// `--only shared-host`.
+    SharedHost,
+    /// The webhook client alone, offering HTTP/2, against an HTTPS receiver that answers in
+    /// HTTP/1.1 only, then one that takes HTTP/2. Only with `--only http2`.
+    Http2,
 }
 
 fn plan(args: &Args) -> Plan {
@@ -213,6 +224,19 @@ async fn run(env: &Env, only: &[Phase]) -> Results {
             phases::attack(env, length),
         )
         .await;
+    }
+    if only.contains(&Phase::SharedHost) {
+        let limit = (plan.warmup + plan.measure + slack) * 3;
+        r.shared_host = phase(
+            "integrations sharing an HTTPS receiver host",
+            limit,
+            phases::shared_host(env),
+        )
+        .await;
+    }
+    if only.contains(&Phase::Http2) {
+        let limit = (plan.warmup + plan.measure + slack) * 2;
+        r.http2 = phase("HTTP/1.1 vs HTTP/2", limit, phases::http2(env)).await;
     }
     // Only when asked for: filling the store alone takes a while.
     if only.contains(&Phase::RetryDelay) {

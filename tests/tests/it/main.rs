@@ -31,6 +31,7 @@ mod limits;
 mod memory_budget;
 mod metrics;
 mod payload_variables;
+mod pooling;
 mod publisher;
 mod receiver;
 mod sink;

@@ -7,12 +7,20 @@
 //!
 //! This module builds the client and reads responses; `resolve` vets every address a name
 //! resolves to before the connector may dial it; `error` says what an attempt that got no
-//! response ran into, from reqwest's cause chain.
+//! response ran into, from reqwest's cause chain; `tickets` keeps the TLS sessions that new
+//! connections resume.
+//!
+//! Connections are pooled per destination (scheme, host and port), whichever integrations send
+//! there: one client serves every integration and has no per-integration TLS setting. The
+//! idle pool of a destination, and the TLS tickets kept per server, are sized for the
+//! concurrency of every integration that may share it ([`ClientOptions::max_idle_per_destination`]),
+//! not for one integration's.
 
 mod error;
 mod resolve;
 #[cfg(test)]
 mod tests;
+mod tickets;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -28,10 +36,19 @@ use resolve::{LookupFn, VettingResolver};
 use super::request::{self, WebhookRequest};
 use super::ssrf::{self, AllowList};
 
-/// Idle keep-alive connections kept per host; matches the default per-integration concurrency.
-const MAX_IDLE_PER_HOST: usize = 32;
+/// Default of [`ClientOptions::max_idle_per_destination`]: 32 integrations sharing a host at
+/// the default per-integration concurrency (32). Idle connections to a destination never
+/// outnumber the attempts that were in flight to it at once within the idle timeout (60 s), so a
+/// generous limit costs nothing until the concurrency is there; the limit it replaces, 32 per
+/// host, churned connections as soon as two integrations shared a host.
+pub const DEFAULT_MAX_IDLE_PER_DESTINATION: usize = 1024;
 /// How long an idle keep-alive connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Servers whose TLS sessions are kept (least recently used forgotten first).
+const TLS_SESSION_SERVERS: usize = 256;
+/// TLS 1.3 tickets kept in all servers together (each is a few hundred bytes plus its share
+/// of the server's certificate chain).
+const TLS_TICKETS_TOTAL: usize = 8192;
 
 /// Settings of a [`WebhookClient`].
 #[derive(Clone)]
@@ -48,6 +65,16 @@ pub struct ClientOptions {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Default `User-Agent` (default `Pushwire/<version>`); a request's own header wins.
     pub user_agent: String,
+    /// Idle keep-alive connections kept per destination (scheme, host, port), shared by every
+    /// integration sending there; also the TLS 1.3 tickets kept per server, so that as many
+    /// new connections at once resume their session (default
+    /// [`DEFAULT_MAX_IDLE_PER_DESTINATION`]). Below the concurrency of the integrations
+    /// sharing a host, connections are closed and opened again under load.
+    pub max_idle_per_destination: usize,
+    /// Offer HTTP/2 in the TLS handshake (ALPN) beside HTTP/1.1 (default: no, HTTP/1.1 only).
+    /// A receiver that takes it gets one multiplexed connection per destination instead of
+    /// one per concurrent attempt. See docs/performance.md for what it was measured to change.
+    pub http2: bool,
 }
 
 impl Default for ClientOptions {
@@ -59,6 +86,8 @@ impl Default for ClientOptions {
             allow: AllowList::default(),
             extra_ca_pem: None,
             user_agent: request::USER_AGENT.to_owned(),
+            max_idle_per_destination: DEFAULT_MAX_IDLE_PER_DESTINATION,
+            http2: false,
         }
     }
 }
@@ -75,6 +104,8 @@ impl fmt::Debug for ClientOptions {
                 &self.extra_ca_pem.as_ref().map(Vec::len),
             )
             .field("user_agent", &self.user_agent)
+            .field("max_idle_per_destination", &self.max_idle_per_destination)
+            .field("http2", &self.http2)
             .finish()
     }
 }
@@ -165,26 +196,18 @@ impl WebhookClient {
         // Err only means a provider is already installed, which is just as good.
         let _ = rustls::crypto::ring::default_provider().install_default();
 
-        let mut builder = reqwest::Client::builder()
+        let tls = tls_config(&opts)?;
+        let builder = reqwest::Client::builder()
             .user_agent(opts.user_agent.clone())
             .redirect(reqwest::redirect::Policy::none())
             .referer(false)
             .no_proxy()
             .connect_timeout(opts.connect_timeout)
             .timeout(opts.request_timeout)
-            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+            .pool_max_idle_per_host(opts.max_idle_per_destination.max(1))
             .pool_idle_timeout(IDLE_TIMEOUT)
-            .dns_resolver(VettingResolver::new(Arc::new(opts.allow.clone()), lookup));
-        if let Some(pem) = &opts.extra_ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| ClientBuildError::InvalidCa(chain_message(&e)))?;
-            if certs.is_empty() {
-                return Err(ClientBuildError::InvalidCa(
-                    "no PEM certificate found".into(),
-                ));
-            }
-            builder = builder.tls_certs_merge(certs);
-        }
+            .dns_resolver(VettingResolver::new(Arc::new(opts.allow.clone()), lookup))
+            .tls_backend_preconfigured(tls);
         let http = builder
             .build()
             .map_err(|e| ClientBuildError::Build(chain_message(&e)))?;
@@ -269,6 +292,51 @@ impl WebhookClient {
             class: b.class,
         })
     }
+}
+
+/// The TLS settings: ring, TLS 1.2 and 1.3, the platform's verifier (its roots plus the extra
+/// CA), HTTP/1.1 (and HTTP/2 if [`ClientOptions::http2`]), and sessions resumed from a [`tickets::TicketStore`] sized for
+/// [`ClientOptions::max_idle_per_destination`].
+fn tls_config(opts: &ClientOptions) -> Result<rustls::ClientConfig, ClientBuildError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = match &opts.extra_ca_pem {
+        None => rustls_platform_verifier::Verifier::new(provider.clone()),
+        Some(pem) => {
+            let certs = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ClientBuildError::InvalidCa(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(ClientBuildError::InvalidCa(
+                    "no PEM certificate found".into(),
+                ));
+            }
+            rustls_platform_verifier::Verifier::new_with_extra_roots(certs, provider.clone())
+        }
+    }
+    .map_err(|e| ClientBuildError::Build(format!("certificate verifier: {e}")))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientBuildError::Build(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = if opts.http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    let per_server = opts.max_idle_per_destination.max(1);
+    config.resumption = rustls::client::Resumption::store(Arc::new(tickets::TicketStore::new(
+        tickets::TicketLimits {
+            servers: TLS_SESSION_SERVERS,
+            per_server,
+            total: TLS_TICKETS_TOTAL.max(per_server),
+        },
+    )));
+    Ok(config)
 }
 
 fn header_map(headers: &[(String, String)]) -> Result<HeaderMap, AttemptError> {

@@ -26,6 +26,8 @@ struct Seen {
 struct TestServer {
     port: u16,
     connections: Arc<AtomicUsize>,
+    /// TLS handshakes that resumed a session.
+    resumed: Arc<AtomicUsize>,
     seen: mpsc::Receiver<Seen>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -42,9 +44,11 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let connections = Arc::new(AtomicUsize::new(0));
+        let resumed = Arc::new(AtomicUsize::new(0));
         let (tx, seen) = mpsc::channel(16);
         let response = response.map(Arc::new);
         let count = connections.clone();
+        let resumed_count = resumed.clone();
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
@@ -53,12 +57,18 @@ impl TestServer {
                 };
                 count.fetch_add(1, Ordering::SeqCst);
                 let (response, tx, tls) = (response.clone(), tx.clone(), tls.clone());
+                let resumed = resumed_count.clone();
                 conns.spawn(async move {
                     match tls {
                         None => serve(stream, response, tx).await,
                         Some(cfg) => {
                             if let Ok(s) = tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await
                             {
+                                if s.get_ref().1.handshake_kind()
+                                    == Some(rustls::HandshakeKind::Resumed)
+                                {
+                                    resumed.fetch_add(1, Ordering::SeqCst);
+                                }
                                 serve(s, response, tx).await;
                             }
                         }
@@ -69,6 +79,7 @@ impl TestServer {
         Self {
             port,
             connections,
+            resumed,
             seen,
             task,
         }
@@ -747,4 +758,78 @@ async fn https_trusts_the_extra_ca_only_when_given() {
     assert!(matches!(err, AttemptError::Tls(_)), "{err:?}");
     assert!(!err.is_retryable());
     assert_eq!(err.kind(), "tls");
+}
+
+/// Every request on a new connection (the server closes each): after a first wave of
+/// concurrent connections, a second wave as large resumes every session, which rustls's own
+/// cache (8 tickets per server) could not.
+#[tokio::test]
+async fn a_burst_of_new_tls_connections_resumes_every_session() {
+    const WAVE: usize = 24;
+    let (ca_pem, server_config) = tls_fixture();
+    let mut server =
+        TestServer::start(Some(http_response("200 OK", &[], b"")), Some(server_config)).await;
+    let c = client(ClientOptions {
+        extra_ca_pem: Some(ca_pem),
+        max_idle_per_destination: 32,
+        ..loopback_allowed()
+    });
+    let url = format!("https://localhost:{}/hook", server.port);
+    let mut resumed = Vec::new();
+    for _ in 0..2 {
+        let before = server.resumed.load(Ordering::SeqCst);
+        let mut wave = tokio::task::JoinSet::new();
+        for _ in 0..WAVE {
+            let (c, url) = (c.clone(), url.clone());
+            wave.spawn(async move { post(&c, url).await.map(|r| r.status) });
+        }
+        for _ in 0..WAVE {
+            server.next_request().await;
+        }
+        while let Some(status) = wave.join_next().await {
+            assert_eq!(status.unwrap().unwrap(), 200);
+        }
+        resumed.push(server.resumed.load(Ordering::SeqCst) - before);
+    }
+    assert_eq!(server.connections.load(Ordering::SeqCst), 2 * WAVE);
+    assert_eq!(
+        resumed[1], WAVE,
+        "second wave: every connection resumed ({resumed:?})"
+    );
+}
+
+/// The protocol a receiver offering both gets: HTTP/1.1 unless the client is told to offer h2.
+#[tokio::test]
+async fn http2_is_negotiated_only_when_offered() {
+    let (ca_pem, server_config) = tls_fixture();
+    let mut config = (*server_config).clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    for (http2, expected) in [(false, b"http/1.1".as_slice()), (true, b"h2".as_slice())] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let c = client(ClientOptions {
+            extra_ca_pem: Some(ca_pem.clone()),
+            http2,
+            ..loopback_allowed()
+        });
+        let attempt = tokio::spawn(async move {
+            let _ = post(&c, format!("https://localhost:{port}/hook")).await;
+        });
+        let (stream, _) = tokio::time::timeout(LIMIT, listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let tls = tokio::time::timeout(LIMIT, acceptor.accept(stream))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            tls.get_ref().1.alpn_protocol(),
+            Some(expected),
+            "http2: {http2}"
+        );
+        drop(tls);
+        attempt.abort();
+    }
 }
