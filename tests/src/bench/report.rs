@@ -51,6 +51,8 @@ pub struct Results {
     pub attack: Option<Result<Attack, String>>,
     /// Retry start delay beside a dead endpoint's queue.
     pub retry_delay: Option<Result<RetryDelay, String>>,
+    /// Configuration at scale: each size, and the phase's settings.
+    pub scale: Option<(Vec<crate::scale::Outcome>, crate::scale::ScalePlan)>,
 }
 
 /// The `q` quantile (0..=1) of sorted values, nearest rank.
@@ -144,7 +146,16 @@ pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
     ]
     .into_iter()
     .filter_map(|(k, e)| e.map(|e| (k.to_owned(), json!(e))))
+    .chain(r.scale.iter().flat_map(|(outcomes, _)| {
+        outcomes
+            .iter()
+            .filter_map(|(n, o)| o.as_ref().err().map(|e| (format!("scale_{n}"), json!(e))))
+    }))
     .collect();
+    let scale = r
+        .scale
+        .as_ref()
+        .map(|(outcomes, plan)| crate::scale::to_json(outcomes, plan));
     let p99 = lat.and_then(|l| q(&l.delivered_us, 0.99));
     let prop_p99 = prop.and_then(|p| quantile(&p.ms, 0.99));
     let iso_ratio = iso.map(|i| i.with_blackhole / i.alone);
@@ -276,6 +287,7 @@ pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
                 })).collect::<Vec<_>>(),
             })),
             "retry_delay": retry_details,
+            "scale": scale,
         },
         "errors": errors,
         "context": context,
@@ -539,6 +551,15 @@ pub fn table(r: &Results, plan: &Plan) -> String {
         }
         Some(Err(e)) => err(&mut t, "Retry start delay", e),
         None => {}
+    }
+    if let Some((outcomes, scale)) = &r.scale {
+        // Only the header above when no other phase ran.
+        if t.lines().count() <= 2 {
+            t.clear();
+        } else {
+            t.push('\n');
+        }
+        t.push_str(&crate::scale::table(outcomes, scale));
     }
     t
 }

@@ -11,9 +11,12 @@ use pushwire_tests::control_plane::{Backends, ControlPlane, test_config};
 
 use super::scope;
 
+/// Integrations and push scopes by id.
+type Configuration = (Vec<(String, pb::Integration)>, Vec<(String, pb::PushScope)>);
+
 /// The integrations and push scopes of the test, in `account`: ids and messages as an admin
 /// would send them.
-fn configuration(account: &str) -> (Vec<(String, pb::Integration)>, Vec<(String, pb::PushScope)>) {
+fn configuration(account: &str) -> Configuration {
     let mut crm = integration("CRM", "https://crm.example.com/hooks/pushwire?tenant=42");
     crm.auth_header = Some(pb::AuthHeader {
         name: "Authorization".into(),
