@@ -20,7 +20,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -278,16 +278,16 @@ pub async fn size(
 
     // (d) and (e): the quiet period, then the changes, the worker polled throughout.
     let stop = CancellationToken::new();
-    let latest = Arc::new(AtomicI64::new(0));
+    let progress = Arc::new(Progress::default());
     let poll_limit = scale.length * 2 + DRAIN * 3;
     // On a thread and runtime of its own, so the calls being made do not delay the polls.
     let poller = {
-        let (http, latest, stop) = (worker.http, latest.clone(), stop.clone());
+        let (http, progress, stop) = (worker.http, progress.clone(), stop.clone());
         tokio::task::spawn_blocking(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            anyhow::Ok(runtime.block_on(poll(http, latest, stop, poll_limit)))
+            anyhow::Ok(runtime.block_on(poll(http, progress, stop, poll_limit)))
         })
     };
     let stop_on_drop = stop.clone().drop_guard();
@@ -312,7 +312,13 @@ pub async fn size(
     row.rate.1 = sent.total as f64 / sent.sending.as_secs_f64();
     let last = sent.returned.iter().map(|(r, _)| *r).max().unwrap_or(0);
     let drain_until = Instant::now() + DRAIN;
-    while latest.load(Ordering::Relaxed) < last && Instant::now() < drain_until {
+    while progress.latest.load(Ordering::Relaxed) < last && Instant::now() < drain_until {
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+    // Every call has returned: one more poll answered after now covers any change that
+    // returned after the worker had shown it.
+    let polled = progress.polls.load(Ordering::Relaxed);
+    while progress.polls.load(Ordering::Relaxed) < polled + 2 && Instant::now() < drain_until {
         tokio::time::sleep(POLL_EVERY).await;
     }
     let changes_to = (Instant::now(), cpu("after the changes")?);
@@ -480,11 +486,11 @@ async fn import(catalog: &Catalog, a: usize) -> anyhow::Result<i64> {
 }
 
 /// Polls the worker's `/readyz` every [`POLL_EVERY`] on one keep-alive connection until
-/// `stop` or `limit`: when each answer arrived and the revision it showed; `latest` follows
-/// the highest.
+/// `stop` or `limit`: when each answer arrived and the revision it showed, followed in
+/// `progress`.
 async fn poll(
     http: std::net::SocketAddr,
-    latest: Arc<AtomicI64>,
+    progress: Arc<Progress>,
     stop: CancellationToken,
     limit: Duration,
 ) -> Vec<(Instant, i64)> {
@@ -496,7 +502,8 @@ async fn poll(
             && let Some(revision) = procs::ready_revision(&body)
         {
             samples.push((Instant::now(), revision));
-            latest.fetch_max(revision, Ordering::Relaxed);
+            progress.latest.fetch_max(revision, Ordering::Relaxed);
+            progress.polls.fetch_add(1, Ordering::Relaxed);
         }
         tokio::select! {
             () = stop.cancelled() => break,
@@ -504,6 +511,15 @@ async fn poll(
         }
     }
     samples
+}
+
+/// What the poller has seen so far.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The highest revision shown.
+    latest: AtomicI64,
+    /// Polls answered with a revision.
+    polls: AtomicU64,
 }
 
 /// The changes made.
