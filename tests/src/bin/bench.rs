@@ -75,7 +75,7 @@ struct Args {
     #[arg(long, default_value_t = report::BEFORE_HANDOFF_RPS)]
     before_rps: f64,
 
-    /// Run only these measurements (repeatable; default: all but `retry-delay`).
+    /// Run only these measurements (repeatable; default: all but `retry-delay` and `scale`).
     #[arg(long, value_enum)]
     only: Vec<Phase>,
 
