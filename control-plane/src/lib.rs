@@ -167,6 +167,35 @@ pub async fn reencrypt(config: &Config) -> Result<store::encryption::Reencrypted
         .map_err(RunError::Encryption)
 }
 
+/// The rules of the [`Catalog`] the flags of `config` set.
+fn catalog_options(
+    config: &Config,
+    client: &pushwire_common::webhook::client::WebhookClient,
+) -> CatalogOptions {
+    CatalogOptions {
+        allow_insecure_http: config.allow_insecure_http,
+        secret_rotation_grace: config.secret_rotation_grace,
+        ssrf_allow: client.options().allow.clone(),
+        max_integrations_per_account: config.max_integrations_per_account,
+        max_push_scopes_per_account: config.max_push_scopes_per_account,
+    }
+}
+
+/// The [`Catalog`] of `config`, with the keys, store and rules [`run`] would use, serving
+/// nothing: for bulk loads through [`Catalog::import_account`] (the `scale` benchmark), on
+/// the embedded store while no control plane has its file open (one process at a time), on
+/// etcd beside running control planes. Refuses keys that do not decrypt the stored secrets,
+/// as `run` does (and writes the encryption check into an empty store).
+pub async fn open_catalog(config: &Config) -> Result<Catalog, RunError> {
+    let client = config.webhook.client().map_err(RunError::Delivery)?;
+    let keys = Arc::new(crypto::Keyring::from_config(config).map_err(encryption_error)?);
+    let store = open_store(config).await.map_err(RunError::Store)?;
+    store::encryption::verify(store.as_ref(), &keys)
+        .await
+        .map_err(RunError::Encryption)?;
+    Ok(Catalog::new(store, keys, catalog_options(config, &client)))
+}
+
 /// Runs the control plane until `shutdown` is cancelled, then drains within
 /// `config.shutdown_grace`.
 pub async fn run(
@@ -200,18 +229,8 @@ pub async fn run(
         feed.clone()
             .run(store.clone(), keys.clone(), shutdown.clone()),
     );
-    let catalog = Catalog::new(
-        store.clone(),
-        keys,
-        CatalogOptions {
-            allow_insecure_http: config.allow_insecure_http,
-            secret_rotation_grace: config.secret_rotation_grace,
-            ssrf_allow: client.options().allow.clone(),
-            max_integrations_per_account: config.max_integrations_per_account,
-            max_push_scopes_per_account: config.max_push_scopes_per_account,
-        },
-    )
-    .with_memory(feed.clone());
+    let catalog = Catalog::new(store.clone(), keys, catalog_options(&config, &client))
+        .with_memory(feed.clone());
 
     // Every call is authenticated (tokens, reloaded from --token-file); TLS with --tls-cert.
     let worker_token = config

@@ -45,6 +45,13 @@ const UPDATABLE: &[&str] = &[
     "signature_schemes",
 ];
 
+/// What `CreateIntegration` makes of `i` before the service sees it: the patch of every
+/// populated field (for [`Catalog::import_account`], so that an import reads its input as the
+/// API does).
+pub fn create_patch(i: pb::Integration) -> Result<IntegrationPatch, Status> {
+    patch(i, None)
+}
+
 /// Reads the fields of `i` named by `paths` (every populated field when `None`) into a patch.
 fn patch(i: pb::Integration, paths: Option<&[String]>) -> Result<IntegrationPatch, Status> {
     let wanted = |field: &str, populated: bool| match paths {

@@ -29,6 +29,12 @@ fn bad(e: convert::InvalidField) -> Status {
     super::bad_request(&e)
 }
 
+/// What `CreatePushScope` makes of `s` before the service sees it (see
+/// [`super::integration_create_patch`]).
+pub fn create_patch(s: pb::PushScope) -> Result<PushScopePatch, Status> {
+    patch(s, None)
+}
+
 /// Reads the fields of `s` named by `paths` (every populated field when `None`) into a patch.
 fn patch(s: pb::PushScope, paths: Option<&[String]>) -> Result<PushScopePatch, Status> {
     let wanted = |field: &str, populated: bool| match paths {

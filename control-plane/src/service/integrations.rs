@@ -74,28 +74,12 @@ impl Catalog {
             .transact(
                 move || self.view(account),
                 |view| {
-                    if view.integrations.contains_key(integration.name.id()) {
-                        if generated {
-                            integration.name = IntegrationName::new(account, &generate_id())
-                                .expect("generated ids are valid");
-                            return Ok(Attempt::Again);
-                        }
-                        return Err(ServiceError::AlreadyExists(format!(
-                            "{} already exists",
-                            integration.name
-                        )));
+                    if generated && view.integrations.contains_key(integration.name.id()) {
+                        integration.name = IntegrationName::new(account, &generate_id())
+                            .expect("generated ids are valid");
+                        return Ok(Attempt::Again);
                     }
-                    // Guarded like the unique display name: a concurrent create makes the
-                    // prefix compare below fail, and the count is taken again.
-                    let max = self.opts.max_integrations_per_account;
-                    if view.integrations.len() >= max {
-                        return Err(ServiceError::ResourceExhausted(format!(
-                            "{account} has {} integrations, the most allowed per account \
-                             (--max-integrations-per-account {max}); delete one first",
-                            view.integrations.len()
-                        )));
-                    }
-                    check_unique_display_name(&view, &integration)?;
+                    self.check_new_integration(&view, &integration)?;
                     let key = records::integration_key(&integration.name);
                     let txn = Txn {
                         compares: vec![
@@ -116,6 +100,34 @@ impl Catalog {
             .await?;
         integration.revision = revision;
         Ok(integration)
+    }
+
+    /// The checks of a new integration against its account as read (shared by creates and
+    /// imports, so that both refuse the same way): its id is free, the account is under
+    /// `--max-integrations-per-account`, and its display name is unique. The caller's
+    /// transaction guards the read with a prefix compare: a concurrent create makes it fail,
+    /// and the count is taken again.
+    pub(super) fn check_new_integration(
+        &self,
+        view: &AccountView,
+        integration: &Integration,
+    ) -> Result<()> {
+        if view.integrations.contains_key(integration.name.id()) {
+            return Err(ServiceError::AlreadyExists(format!(
+                "{} already exists",
+                integration.name
+            )));
+        }
+        let max = self.opts.max_integrations_per_account;
+        if view.integrations.len() >= max {
+            return Err(ServiceError::ResourceExhausted(format!(
+                "{} has {} integrations, the most allowed per account \
+                 (--max-integrations-per-account {max}); delete one first",
+                integration.name.account(),
+                view.integrations.len()
+            )));
+        }
+        check_unique_display_name(view, integration)
     }
 
     /// The keyed fingerprint of `i`'s current signing secret, if it has one (see
@@ -289,7 +301,12 @@ impl Catalog {
     }
 
     /// Validates `patch` and applies it to `i`.
-    fn apply(&self, i: &mut Integration, patch: IntegrationPatch, now: SystemTime) -> Result<()> {
+    pub(super) fn apply(
+        &self,
+        i: &mut Integration,
+        patch: IntegrationPatch,
+        now: SystemTime,
+    ) -> Result<()> {
         let previous_url = i.url.clone();
         let had_auth_header = i.auth_header.is_some();
         let had_secret = !i.secrets.is_empty();

@@ -1,12 +1,14 @@
 //! The configuration's rules: validation, invariants and the transactions that keep them
 //! (unique ids and display names, scopes only for existing integrations of the same account,
-//! etag checks, atomic forced deletes), and `TestIntegration`'s test request. Knows the
+//! etag checks, atomic forced deletes), bulk imports of an account (`import.rs`, by the same
+//! rules as the creates), and `TestIntegration`'s test request. Knows the
 //! [`Store`] contract and the domain types, never gRPC: the `api` module turns requests into
 //! calls here and errors into statuses.
 
 pub mod deliveries;
 mod delivery_filter;
 pub mod feed;
+mod import;
 mod integrations;
 mod push_scopes;
 mod test_integration;
@@ -23,6 +25,7 @@ use pushwire_common::webhook::ssrf::AllowList;
 use rand::Rng as _;
 
 pub use feed::{Change, ConfigFeed, FeedUpdate, FeedView};
+pub use import::{Imported, MAX_IMPORT_OBJECTS};
 pub use integrations::{AuthHeaderInput, IntegrationPatch};
 pub use push_scopes::PushScopePatch;
 pub use test_integration::{TestAnswer, TestReport};

@@ -42,7 +42,7 @@ pub struct ResolvedPush {
 }
 
 /// What a scope looks like before the patch is applied.
-struct Draft {
+pub(super) struct Draft {
     integration: Option<IntegrationName>,
     level: Option<Level>,
     target_id: String,
@@ -51,6 +51,17 @@ struct Draft {
 }
 
 impl Draft {
+    /// What a create starts from: the defaults.
+    pub(super) fn new() -> Self {
+        Self {
+            integration: None,
+            level: None,
+            target_id: String::new(),
+            audience: Audience::All,
+            action: PushAction::Push,
+        }
+    }
+
     fn of(s: &PushScope) -> Self {
         let (level, target_id) = match &s.target {
             ScopeTarget::Account => (Level::Account, String::new()),
@@ -68,7 +79,7 @@ impl Draft {
     }
 
     /// Applies the patch and checks the result against the account.
-    fn apply(
+    pub(super) fn apply(
         mut self,
         account: &AccountName,
         patch: PushScopePatch,
@@ -124,38 +135,16 @@ impl Catalog {
                 .map_err(|e| InvalidField::new("push_scope_id", e.to_string()))?,
             None => PushScopeName::new(account, &generate_id()).expect("generated ids are valid"),
         };
-        let draft = Draft {
-            integration: None,
-            level: None,
-            target_id: String::new(),
-            audience: Audience::All,
-            action: PushAction::Push,
-        };
-        let (integration, target, audience, action) = draft.apply(account, patch)?;
+        let (integration, target, audience, action) = Draft::new().apply(account, patch)?;
         let now = SystemTime::now();
         let (mut scope, revision) = self
             .transact(
                 move || self.view(account),
                 |view| {
-                    if view.scopes.contains_key(name.id()) {
-                        if id.is_none() {
-                            name = PushScopeName::new(account, &generate_id())
-                                .expect("generated ids are valid");
-                            return Ok(Attempt::Again);
-                        }
-                        return Err(ServiceError::AlreadyExists(format!(
-                            "{name} already exists"
-                        )));
-                    }
-                    // Guarded by the prefix compare below: concurrent creates cannot both take
-                    // the last place.
-                    let max = self.opts.max_push_scopes_per_account;
-                    if view.scopes.len() >= max {
-                        return Err(ServiceError::ResourceExhausted(format!(
-                            "{account} has {} push scopes, the most allowed per account \
-                             (--max-push-scopes-per-account {max}); delete one first",
-                            view.scopes.len()
-                        )));
+                    if id.is_none() && view.scopes.contains_key(name.id()) {
+                        name = PushScopeName::new(account, &generate_id())
+                            .expect("generated ids are valid");
+                        return Ok(Attempt::Again);
                     }
                     let scope = PushScope {
                         name: name.clone(),
@@ -167,7 +156,7 @@ impl Catalog {
                         update_time: now,
                         revision: 0,
                     };
-                    let integration_rev = check_scope(&view, &scope)?;
+                    let integration_rev = self.check_new_scope(&view, &scope)?;
                     let key = records::push_scope_key(&scope.name);
                     let txn = Txn {
                         compares: vec![
@@ -192,6 +181,29 @@ impl Catalog {
             .await?;
         scope.revision = revision;
         Ok(scope)
+    }
+
+    /// The checks of a new push scope against its account as read (shared by creates and
+    /// imports): its id is free, the account is under `--max-push-scopes-per-account`, and
+    /// [`check_scope`]. Returns the integration's revision, which the transaction guards with
+    /// the account's prefix: concurrent creates cannot both take the last place.
+    pub(super) fn check_new_scope(&self, view: &AccountView, scope: &PushScope) -> Result<i64> {
+        if view.scopes.contains_key(scope.name.id()) {
+            return Err(ServiceError::AlreadyExists(format!(
+                "{} already exists",
+                scope.name
+            )));
+        }
+        let max = self.opts.max_push_scopes_per_account;
+        if view.scopes.len() >= max {
+            return Err(ServiceError::ResourceExhausted(format!(
+                "{} has {} push scopes, the most allowed per account \
+                 (--max-push-scopes-per-account {max}); delete one first",
+                scope.name.account(),
+                view.scopes.len()
+            )));
+        }
+        check_scope(view, scope)
     }
 
     /// Reads one push scope from the store.

@@ -57,6 +57,8 @@ pub struct Results {
     pub shared_host: Option<Result<SharedHost, String>>,
     /// The webhook client over HTTP/1.1 vs HTTP/2.
     pub http2: Option<Result<Http2, String>>,
+    /// Configuration at scale: each size, and the phase's settings.
+    pub scale: Option<(Vec<crate::scale::Outcome>, crate::scale::ScalePlan)>,
 }
 
 /// The `q` quantile (0..=1) of sorted values, nearest rank.
@@ -155,7 +157,16 @@ pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
     ]
     .into_iter()
     .filter_map(|(k, e)| e.map(|e| (k.to_owned(), json!(e))))
+    .chain(r.scale.iter().flat_map(|(outcomes, _)| {
+        outcomes
+            .iter()
+            .filter_map(|(n, o)| o.as_ref().err().map(|e| (format!("scale_{n}"), json!(e))))
+    }))
     .collect();
+    let scale = r
+        .scale
+        .as_ref()
+        .map(|(outcomes, plan)| crate::scale::to_json(outcomes, plan));
     let p99 = lat.and_then(|l| q(&l.delivered_us, 0.99));
     let prop_p99 = prop.and_then(|p| quantile(&p.ms, 0.99));
     let iso_ratio = iso.map(|i| i.with_blackhole / i.alone);
@@ -322,6 +333,7 @@ pub fn to_json(r: &Results, plan: &Plan, context: Value) -> Value {
                     "since_start_connections": run.since_start[0],
                 })).collect::<Vec<_>>(),
             })),
+            "scale": scale,
         },
         "errors": errors,
         "context": context,
@@ -632,6 +644,15 @@ pub fn table(r: &Results, plan: &Plan) -> String {
         }
         Some(Err(e)) => err(&mut t, "HTTP/2", e),
         None => {}
+    }
+    if let Some((outcomes, scale)) = &r.scale {
+        // Only the header above when no other phase ran.
+        if t.lines().count() <= 2 {
+            t.clear();
+        } else {
+            t.push('\n');
+        }
+        t.push_str(&crate::scale::table(outcomes, scale));
     }
     t
 }

@@ -73,8 +73,19 @@ pub struct Env {
     cp_grpc: SocketAddr,
     /// The control plane's gRPC channel, with the admin token.
     pub admin: AuthChannel,
+    /// From starting the control plane to its `/readyz` answering 200.
+    pub cp_ready: Duration,
     tokens: Tokens,
-    _cp: Proc,
+    cp: Proc,
+}
+
+/// Where the control plane of an [`Env`] keeps its data, and how long it may take to start.
+#[derive(Clone, Debug)]
+pub struct ControlPlaneData {
+    /// `--data-dir` (the embedded store); may be filled before the control plane starts.
+    pub dir: PathBuf,
+    /// How long it may take to answer `/readyz` with 200.
+    pub ready_within: Duration,
 }
 
 /// A worker process.
@@ -86,6 +97,8 @@ pub struct Worker {
     pub grpc: SocketAddr,
     /// HTTP (/readyz, /metrics).
     pub http: SocketAddr,
+    /// From starting the process to its routing on the revision it was waited for.
+    pub ready_in: Duration,
 }
 
 /// The tokens of a run, and the files that hold them.
@@ -133,6 +146,22 @@ impl Env {
         plan: Plan,
         perf_dir: Option<PathBuf>,
     ) -> anyhow::Result<Self> {
+        let data = ControlPlaneData {
+            dir: dir.join("cp-data"),
+            ready_within: Duration::from_secs(30),
+        };
+        Self::start_on(bins, dir, rx, plan, perf_dir, data).await
+    }
+
+    /// Starts the control plane on `data` (logs and tokens in `dir`).
+    pub async fn start_on(
+        bins: Binaries,
+        dir: PathBuf,
+        rx: Handle,
+        plan: Plan,
+        perf_dir: Option<PathBuf>,
+        data: ControlPlaneData,
+    ) -> anyhow::Result<Self> {
         let epoch = Instant::now();
         let bodies = Arc::new(Bodies::new(load::BODY_BYTES, epoch)?);
         let tokens = Tokens::write(&dir)?;
@@ -144,20 +173,22 @@ impl Env {
             "--http-addr".into(),
             http.to_string(),
             "--data-dir".into(),
-            dir.join("cp-data").display().to_string(),
+            data.dir.display().to_string(),
             "--allow-insecure-http".into(),
             "--allow-cidr".into(),
             "127.0.0.0/8".into(),
             "--token-file".into(),
             tokens.file.display().to_string(),
         ];
+        let started = Instant::now();
         let cp = Proc::spawn(
             "control-plane",
             &bins.control_plane,
             &args,
             dir.join("control-plane.log"),
         )?;
-        procs::wait_ready(&cp, http, Duration::from_secs(30)).await?;
+        procs::wait_ready(&cp, http, data.ready_within).await?;
+        let cp_ready = started.elapsed();
         let admin = with_token(load::channel(grpc).await?, Some(&tokens.admin));
         Ok(Self {
             bins,
@@ -169,9 +200,15 @@ impl Env {
             perf_dir,
             cp_grpc: grpc,
             admin,
+            cp_ready,
             tokens,
-            _cp: cp,
+            cp,
         })
+    }
+
+    /// The control plane's process.
+    pub fn control_plane(&self) -> &Proc {
+        &self.cp
     }
 
     pub fn target(&self, worker: &Worker) -> Target {
@@ -243,6 +280,19 @@ impl Env {
         extra: &[&str],
         revision: i64,
     ) -> anyhow::Result<Worker> {
+        self.worker_within(name, extra, revision, Duration::from_secs(30))
+            .await
+    }
+
+    /// [`Env::worker`], waiting at most `limit` for it to answer `/readyz` and then as long
+    /// again for `revision`.
+    pub async fn worker_within(
+        &self,
+        name: &str,
+        extra: &[&str],
+        revision: i64,
+        limit: Duration,
+    ) -> anyhow::Result<Worker> {
         let grpc = procs::free_addr()?;
         let http = procs::free_addr()?;
         let mut args: Vec<String> = vec![
@@ -265,15 +315,22 @@ impl Env {
             args.push(self.store_url(name));
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let started = Instant::now();
         let proc = Proc::spawn(
             &format!("worker ({name})"),
             &self.bins.worker,
             &args,
             self.dir.join(format!("worker-{name}.log")),
         )?;
-        procs::wait_ready(&proc, http, Duration::from_secs(30)).await?;
-        let worker = Worker { proc, grpc, http };
-        wait_revision(&worker, revision, Duration::from_secs(10)).await?;
+        procs::wait_ready(&proc, http, limit).await?;
+        let mut worker = Worker {
+            proc,
+            grpc,
+            http,
+            ready_in: Duration::ZERO,
+        };
+        wait_revision(&worker, revision, limit.max(Duration::from_secs(10))).await?;
+        worker.ready_in = started.elapsed();
         Ok(worker)
     }
 

@@ -8,8 +8,10 @@
 //! throughput run with the delivery log off, and `--only retry-delay` (not in a default run)
 //! times another integration's due retries while 200,000 deliveries are queued for a dead
 //! endpoint; `--only shared-host` (not in a default run either) compares five integrations on
-//! one HTTPS receiver host with five on a host each. Prints a Markdown table and writes a JSON
-//! file.
+//! one HTTPS receiver host with five on a host each; `--only scale` (not in a default run
+//! either) loads 10,000 to 1,000,000 integrations (`--scale`) and measures the control plane's
+//! start-up, a new worker's readiness, both processes' memory, and propagation and the
+//! worker's CPU per change at 100 changes/s. Prints a Markdown table and writes a JSON file.
 //!
 //! ```sh
 //! cargo run --release -p pushwire-tests --bin bench -- --json bench.json [--quick]
@@ -29,6 +31,8 @@ mod phases;
 mod procs;
 #[path = "../bench/report.rs"]
 mod report;
+#[path = "../bench/scale.rs"]
+mod scale;
 #[path = "../bench/setup.rs"]
 mod setup;
 
@@ -73,7 +77,7 @@ struct Args {
     before_rps: f64,
 
     /// Run only these measurements (repeatable; default: all but `retry-delay`,
-    /// `shared-host` and `http2`).
+    /// `shared-host`, `http2` and `scale`).
     #[arg(long, value_enum)]
     only: Vec<Phase>,
 
@@ -90,9 +94,23 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     perf: Option<PathBuf>,
 
-    /// Keep the temporary directory (logs of the control plane and workers).
+    /// Keep the temporary directory (logs of the control plane and workers; the `scale`
+    /// phase removes its data directories whatever this says).
     #[arg(long)]
     keep_logs: bool,
+
+    /// Sizes of the `scale` phase, in integrations (multiples of 5: accounts of 5
+    /// integrations and 10 push scopes), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [10_000usize, 100_000])]
+    scale: Vec<usize>,
+
+    /// Changes per second of the `scale` phase.
+    #[arg(long, default_value_t = 100.0)]
+    scale_rate: f64,
+
+    /// Seconds of changes (and of the quiet period before them) in the `scale` phase.
+    #[arg(long, default_value_t = 10)]
+    scale_secs: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -121,6 +139,10 @@ enum Phase {
     /// The webhook client alone, offering HTTP/2, against an HTTPS receiver that answers in
     /// HTTP/1.1 only, then one that takes HTTP/2. Only with `--only http2`.
     Http2,
+    /// Configuration at scale (`--scale` sizes): bulk load, control-plane start-up, new-worker
+    /// readiness, memory, propagation and worker CPU per change at 100 changes/s. Long, so
+    /// only when named.
+    Scale,
 }
 
 fn plan(args: &Args) -> Plan {
@@ -165,6 +187,32 @@ async fn phase<T>(
         Err(e) => eprintln!("bench: {name} FAILED: {e}"),
     }
     Some(result)
+}
+
+/// Whether the shared control plane of [`run`] is needed: some phase other than `scale`,
+/// which starts its own for each size.
+fn shared_env(only: &[Phase]) -> bool {
+    only.is_empty() || only.iter().any(|p| *p != Phase::Scale)
+}
+
+/// The `scale` phase: each size on its own data directory, control plane and worker, each
+/// bounded by [`scale::ScalePlan::limit`].
+async fn run_scale(
+    bins: &procs::Binaries,
+    dir: &std::path::Path,
+    rx: &tokio::runtime::Handle,
+    plan: &Plan,
+    scale_plan: &scale::ScalePlan,
+) -> Vec<scale::Outcome> {
+    let mut outcomes = Vec::new();
+    for &n in &scale_plan.sizes {
+        let name = format!("scale: {n} integrations");
+        let work = scale::size(bins.clone(), dir, rx.clone(), plan.clone(), scale_plan, n);
+        if let Some(outcome) = phase(&name, scale_plan.limit(n), work).await {
+            outcomes.push((n, outcome));
+        }
+    }
+    outcomes
 }
 
 async fn run(env: &Env, only: &[Phase]) -> Results {
@@ -277,8 +325,22 @@ fn main_result(args: Args) -> anyhow::Result<ExitCode> {
         args.bin_dir.clone(),
     )?;
 
-    // The whole run is bounded: 5 minutes (1 with --quick), then everything is killed.
-    let deadline = Duration::from_secs(if args.quick { 60 } else { 300 });
+    let scale_plan = scale::ScalePlan {
+        sizes: args.scale.clone(),
+        rate: args.scale_rate,
+        length: Duration::from_secs(args.scale_secs),
+    };
+    let with_scale = args.only.contains(&Phase::Scale);
+    // The whole run is bounded: 5 minutes (1 with --quick), plus each scale size's bound,
+    // then everything is killed.
+    let mut deadline = Duration::from_secs(if args.quick { 60 } else { 300 });
+    if with_scale {
+        deadline += scale_plan
+            .sizes
+            .iter()
+            .map(|&n| scale_plan.limit(n))
+            .sum::<Duration>();
+    }
     std::thread::Builder::new()
         .name("watchdog".into())
         .spawn(move || {
@@ -316,8 +378,23 @@ fn main_result(args: Args) -> anyhow::Result<ExitCode> {
     let plan_for_env = plan.clone();
     let outcome = driver.block_on(async move {
         let work = async {
-            let env = Env::start(bins, dir_path, rx, plan_for_env, perf).await?;
-            let results = run(&env, &only).await;
+            let mut results = if shared_env(&only) {
+                let env = Env::start(
+                    bins.clone(),
+                    dir_path.clone(),
+                    rx.clone(),
+                    plan_for_env.clone(),
+                    perf,
+                )
+                .await?;
+                run(&env, &only).await
+            } else {
+                Results::default()
+            };
+            if with_scale {
+                let outcomes = run_scale(&bins, &dir_path, &rx, &plan_for_env, &scale_plan).await;
+                results.scale = Some((outcomes, scale_plan.clone()));
+            }
             anyhow::Ok(results)
         };
         tokio::select! {

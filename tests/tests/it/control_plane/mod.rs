@@ -74,6 +74,7 @@ macro_rules! on_both_backends {
     }};
 }
 
+mod import;
 mod resources;
 mod stores;
 mod validation;
