@@ -14,6 +14,7 @@ pub mod api;
 pub mod config;
 pub mod crypto;
 pub mod http;
+mod parallel;
 pub mod service;
 pub mod store;
 

@@ -242,6 +242,23 @@ impl ControlPlane {
         ))
     }
 
+    /// A WatchConfig stream from `from_revision` (0: a snapshot first), as a worker opens it.
+    pub async fn watch(
+        &self,
+        from_revision: i64,
+    ) -> anyhow::Result<tonic::Streaming<pb::WatchConfigResponse>> {
+        let request = pb::WatchConfigRequest {
+            from_revision,
+            ..Default::default()
+        };
+        Ok(self
+            .config()
+            .await?
+            .watch_config(request)
+            .await?
+            .into_inner())
+    }
+
     /// Stops it and waits for the end of its drain.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();

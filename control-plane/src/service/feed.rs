@@ -257,16 +257,26 @@ impl ConfigFeed {
     fn reload(&self, revision: i64, kvs: &[crate::store::KeyValue], keys: &Keyring) {
         let mut integrations = BTreeMap::new();
         let mut push_scopes = BTreeMap::new();
-        for kv in kvs {
-            match records::decode(kv, keys) {
-                Ok(Some(Record::Integration(i))) => {
-                    integrations.insert(kv.key.clone(), Arc::new(i));
+        // Decoding (and decrypting) every record is most of a big start-up: on every core.
+        let decoded = crate::parallel::map_chunks(kvs, |kvs| {
+            kvs.iter()
+                .filter_map(|kv| match records::decode(kv, keys) {
+                    Ok(record) => record.map(|r| (kv.key.clone(), r)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "config feed: skipping unreadable record");
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        for (key, record) in decoded.into_iter().flatten() {
+            match record {
+                Record::Integration(i) => {
+                    integrations.insert(key, Arc::new(i));
                 }
-                Ok(Some(Record::PushScope(s))) => {
-                    push_scopes.insert(kv.key.clone(), Arc::new(s));
+                Record::PushScope(s) => {
+                    push_scopes.insert(key, Arc::new(s));
                 }
-                Ok(None) => {}
-                Err(e) => tracing::error!(error = %e, "config feed: skipping unreadable record"),
             }
         }
         {

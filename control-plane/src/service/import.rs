@@ -465,28 +465,19 @@ mod tests {
                 )
                 .await
                 .unwrap();
+                c.create_push_scope(
+                    &account(),
+                    Some("existing-all"),
+                    scope("existing", Level::Account, "", PushAction::Push),
+                )
+                .await
+                .unwrap();
                 c
             };
             let (_a, created) = catalog(3, 3);
             let created = setup(created).await;
-            created
-                .create_push_scope(
-                    &account(),
-                    Some("existing-all"),
-                    scope("existing", Level::Account, "", PushAction::Push),
-                )
-                .await
-                .unwrap();
             let (_b, imported) = catalog(3, 3);
             let imported = setup(imported).await;
-            imported
-                .create_push_scope(
-                    &account(),
-                    Some("existing-all"),
-                    scope("existing", Level::Account, "", PushAction::Push),
-                )
-                .await
-                .unwrap();
             let before = contents(&imported).await;
 
             let by_creates = create_each(&created, &integrations, &scopes)

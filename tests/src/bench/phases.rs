@@ -958,6 +958,19 @@ pub struct HostRun {
 }
 
 impl HostRun {
+    /// Setup `label`: its `rate`, and the receivers' counts of connections, full and resumed
+    /// handshakes `before` and `after` the measurement.
+    fn new(label: &str, rate: Rate, before: [u64; 3], after: [u64; 3]) -> Self {
+        Self {
+            label: label.to_owned(),
+            rate,
+            connections: after[0] - before[0],
+            full_handshakes: after[1] - before[1],
+            resumed_handshakes: after[2] - before[2],
+            since_start: after,
+        }
+    }
+
     /// Worker CPU per delivery, microseconds.
     pub fn worker_us_per_delivery(&self) -> f64 {
         self.rate.worker_cores * 1e6 / self.rate.per_sec
@@ -1058,14 +1071,7 @@ pub async fn shared_host(env: &Env) -> anyhow::Result<SharedHost> {
         load.stop();
         rate.failures = stats.not_delivered.load(Ordering::Relaxed);
         rate.problem = stats.problem();
-        runs.push(HostRun {
-            label: label.to_owned(),
-            rate,
-            connections: after[0] - before[0],
-            full_handshakes: after[1] - before[1],
-            resumed_handshakes: after[2] - before[2],
-            since_start: after,
-        });
+        runs.push(HostRun::new(label, rate, before, after));
     }
     Ok(SharedHost {
         integrations: n,
@@ -1122,14 +1128,7 @@ pub async fn http2(env: &Env) -> anyhow::Result<Http2> {
         .await;
         let after = counter.connections();
         load.stop();
-        runs.push(HostRun {
-            label: label.to_owned(),
-            rate,
-            connections: after[0] - before[0],
-            full_handshakes: after[1] - before[1],
-            resumed_handshakes: after[2] - before[2],
-            since_start: after,
-        });
+        runs.push(HostRun::new(label, rate, before, after));
     }
     Ok(Http2 {
         concurrency: HTTP2_CONCURRENCY,

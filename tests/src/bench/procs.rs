@@ -120,16 +120,23 @@ impl Proc {
         Ok((field("VmRSS:")?, field("VmHWM:")?))
     }
 
-    /// CPU time (user + system) used so far, from `/proc/PID/stat`.
+    /// CPU time used so far, in nanoseconds: the sum of its threads' run time from
+    /// `/proc/PID/task/*/schedstat` (`/proc/PID/stat` counts in 10 ms ticks, too coarse for a
+    /// cost per change). Threads that already exited are not counted.
     pub fn cpu_time(&self) -> Option<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: u64 = fields.get(11)?.parse().ok()?;
-        let stime: u64 = fields.get(12)?.parse().ok()?;
-        // USER_HZ is 100 on every Linux this runs on.
-        Some(Duration::from_millis((utime + stime) * 10))
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()?;
+        let mut ns = 0u64;
+        for task in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+                continue;
+            };
+            ns += stat
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        Some(Duration::from_nanos(ns))
     }
 }
 

@@ -151,15 +151,7 @@ async fn key_ids(etcd: &EtcdServer) -> anyhow::Result<Vec<(String, String)>> {
 
 /// The integration's secrets as a worker gets them from WatchConfig's snapshot.
 async fn worker_view(cp: &ControlPlane, name: &str) -> anyhow::Result<(String, Vec<String>)> {
-    let mut watch = cp
-        .config()
-        .await?
-        .watch_config(pb::WatchConfigRequest {
-            from_revision: 0,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let mut watch = cp.watch(0).await?;
     let is_it = |c: &pb::IntegrationConfig| c.integration.as_ref().is_some_and(|i| i.name == name);
     let msg = tokio::time::timeout(WAIT, watch.next())
         .await?

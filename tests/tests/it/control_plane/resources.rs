@@ -317,15 +317,7 @@ async fn etags_references_and_forced_deletes() -> anyhow::Result<()> {
         assert!(err.message().contains("3 push scope"), "{}", err.message());
 
         // Forced: the integration and its three scopes go in one revision.
-        let mut watch = cp
-            .config()
-            .await?
-            .watch_config(pb::WatchConfigRequest {
-                from_revision: 0,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let mut watch = cp.watch(0).await?;
         let mut revision = next_msg(&mut watch).await?.revision;
         cp.integrations()
             .await?

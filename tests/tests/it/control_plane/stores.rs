@@ -50,15 +50,7 @@ async fn etcd_holds_the_records_and_replicas_share_them() -> anyhow::Result<()> 
     let backend = Backend::Etcd(vec![backends.etcd.endpoint()]);
     let first = ControlPlane::on(&backend).await?;
     let second = ControlPlane::on(&backend).await?;
-    let mut watch = second
-        .config()
-        .await?
-        .watch_config(pb::WatchConfigRequest {
-            from_revision: 0,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let mut watch = second.watch(0).await?;
     let snapshot = next_msg(&mut watch).await?;
 
     let mut i = integration("CRM", "https://crm.example.com/hook");

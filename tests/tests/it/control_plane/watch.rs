@@ -64,15 +64,7 @@ async fn secrets_are_never_read_back_but_reach_workers() -> anyhow::Result<()> {
         }
 
         // Workers get both secrets during the grace period, newest first, and the header value.
-        let mut watch = cp
-            .config()
-            .await?
-            .watch_config(pb::WatchConfigRequest {
-                from_revision: 0,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let mut watch = cp.watch(0).await?;
         // The feed may serve a snapshot from before the rotation: follow it until the rotation
         // arrives (each read is bounded).
         let snapshot = next_msg(&mut watch).await?;
@@ -135,14 +127,7 @@ fn apply(state: &mut std::collections::BTreeMap<String, String>, msg: &pb::Watch
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<()> {
     async fn body(cp: &ControlPlane) -> anyhow::Result<()> {
-        let mut config = cp.config().await?;
-        let mut watch = config
-            .watch_config(pb::WatchConfigRequest {
-                from_revision: 0,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let mut watch = cp.watch(0).await?;
         let first = next_msg(&mut watch).await?;
         assert!(
             first.snapshot.is_some(),
@@ -198,13 +183,7 @@ async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<(
             integration("I3", "https://b.example.com/"),
         )
         .await?;
-        let mut watch = config
-            .watch_config(pb::WatchConfigRequest {
-                from_revision: *revisions.last().unwrap(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let mut watch = cp.watch(*revisions.last().unwrap()).await?;
         loop {
             let msg = next_msg(&mut watch).await?;
             assert!(msg.snapshot.is_none(), "resume must not re-send a snapshot");
@@ -225,13 +204,7 @@ async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<(
         );
 
         // The state built from the stream equals a fresh snapshot.
-        let mut fresh = config
-            .watch_config(pb::WatchConfigRequest {
-                from_revision: 0,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let mut fresh = cp.watch(0).await?;
         let snap = next_msg(&mut fresh).await?;
         let mut expected = std::collections::BTreeMap::new();
         apply(&mut expected, &snap);
@@ -275,28 +248,12 @@ async fn watch_from_forgotten_revision_gets_a_fresh_snapshot() -> anyhow::Result
             .await?;
         }
         // The feed follows the store asynchronously: wait until it has applied the last change.
-        let mut probe = cp
-            .config()
-            .await?
-            .watch_config(pb::WatchConfigRequest {
-                from_revision: 0,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let mut probe = cp.watch(0).await?;
         let target = last.etag.parse::<i64>()?;
         while next_msg(&mut probe).await?.revision < target {}
 
         let from = first.etag.parse::<i64>()?;
-        let mut watch = cp
-            .config()
-            .await?
-            .watch_config(pb::WatchConfigRequest {
-                from_revision: from,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let mut watch = cp.watch(from).await?;
         let msg = next_msg(&mut watch).await?;
         let described = format!("{msg:?}");
         let snapshot = msg
@@ -326,15 +283,7 @@ async fn a_current_control_plane_sends_progress_messages() -> anyhow::Result<()>
             integration("CRM", "https://crm.example.com/hook"),
         )
         .await?;
-        let mut watch = cp
-            .config()
-            .await?
-            .watch_config(pb::WatchConfigRequest {
-                from_revision: 0,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let mut watch = cp.watch(0).await?;
         let snapshot = next_msg(&mut watch).await?;
         assert!(snapshot.snapshot.is_some(), "{backend:?}");
         // The snapshot may be from just before the write: then its change comes next.
