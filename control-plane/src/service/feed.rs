@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::crypto::Keyring;
 use crate::store::keys::{self, Parsed};
 use crate::store::records::{self, Record};
-use crate::store::{Event, Store, StoreError, WatchBatch};
+use crate::store::{Event, Range, Store, StoreError, WatchBatch};
 
 /// Revisions kept for resuming watchers by default.
 pub const DEFAULT_HISTORY: usize = 4096;
@@ -178,7 +178,8 @@ impl ConfigFeed {
                 }
             }
         };
-        let mut resume_from: Option<i64> = None;
+        // Loaded already ([`ConfigFeed::load`]): watch from the revision after the load.
+        let mut resume_from = self.is_loaded().then(|| self.revision() + 1);
         while !shutdown.is_cancelled() {
             let from = match resume_from {
                 Some(from) => from,
@@ -252,6 +253,13 @@ impl ConfigFeed {
                 Some(from)
             }
         }
+    }
+
+    /// Loads the configuration from `range`, a read of the whole key space (start-up reads it
+    /// once, for the key check and for this); [`ConfigFeed::run`] then watches from the
+    /// revision after it.
+    pub fn load(&self, range: &Range, keys: &Keyring) {
+        self.reload(range.revision, &range.kvs, keys);
     }
 
     fn reload(&self, revision: i64, kvs: &[crate::store::KeyValue], keys: &Keyring) {

@@ -8,7 +8,7 @@
 use zeroize::Zeroizing;
 
 use super::records::{self, Sealed};
-use super::{Compare, KeyValue, Op, Store, StoreError, Txn, TxnOutcome, keys};
+use super::{Compare, KeyValue, Op, Range, Store, StoreError, Txn, TxnOutcome, keys};
 use crate::crypto::{CryptoError, KeyError, Keyring};
 
 /// How often one record's rewrite is retried when a concurrent change beat it.
@@ -128,6 +128,15 @@ fn check(kv: &KeyValue, sealed: &mut Sealed, keys: &Keyring) -> Result<bool, Enc
 /// Checks that `keys` decrypt every secret in the store (and the encryption check, written with
 /// the current key when absent). Run at start-up: a control plane that fails it must not serve.
 pub async fn verify(store: &dyn Store, keys: &Keyring) -> Result<Verified, EncryptionError> {
+    Ok(verify_read(store, keys).await?.0)
+}
+
+/// [`verify`], also returning the read of the whole key space it checked, so that start-up
+/// loads the configuration from it instead of reading (and copying) everything again.
+pub async fn verify_read(
+    store: &dyn Store,
+    keys: &Keyring,
+) -> Result<(Verified, Range), EncryptionError> {
     let range = store.range(keys::ROOT).await?;
     let mut verified = Verified::default();
     let has_check = range.kvs.iter().any(|kv| kv.key == keys::ENCRYPTION_CHECK);
@@ -166,7 +175,7 @@ pub async fn verify(store: &dyn Store, keys: &Keyring) -> Result<Verified, Encry
         records = verified.records,
         "secrets at rest: every stored secret decrypts"
     );
-    Ok(verified)
+    Ok((verified, range))
 }
 
 /// Writes the encryption check unless it exists; when another replica wrote it first, checks
