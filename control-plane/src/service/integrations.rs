@@ -10,10 +10,10 @@ use pushwire_common::domain::{
 };
 
 use super::{
-    AccountView, Attempt, Catalog, Memory, Page, PageRequest, Read, Result, ServiceError,
-    check_etag, generate_id, paginate, validate,
+    AccountView, Attempt, Catalog, Page, PageRequest, Read, Result, ServiceError, check_etag,
+    generate_id, paginate, validate,
 };
-use crate::store::records::{self, Record};
+use crate::store::records;
 use crate::store::{Compare, Op, Txn, keys};
 
 /// How many replaced secrets keep signing at once; older ones are dropped early.
@@ -141,26 +141,7 @@ impl Catalog {
 
     /// Reads one integration (from memory while the store is unavailable).
     pub async fn get_integration(&self, name: &IntegrationName) -> Result<Read<Integration>> {
-        let key = records::integration_key(name);
-        let from_store = async {
-            let kv = self.store.get(&key).await?;
-            match kv
-                .map(|kv| records::decode(&kv, &self.keys))
-                .transpose()?
-                .flatten()
-            {
-                Some(Record::Integration(i)) => Ok(i),
-                _ => Err(ServiceError::NotFound(name.to_string())),
-            }
-        };
-        self.read(from_store, |memory| {
-            memory
-                .integrations
-                .get(&key)
-                .map(|i| Integration::clone(i))
-                .ok_or_else(|| ServiceError::NotFound(name.to_string()))
-        })
-        .await
+        self.read_one(&records::integration_key(name), name).await
     }
 
     /// Lists an account's integrations by id (from memory while the store is unavailable).
@@ -169,22 +150,8 @@ impl Catalog {
         account: &AccountName,
         page: &PageRequest,
     ) -> Result<Read<Page<Integration>>> {
-        let prefix = keys::integrations_prefix(account.id());
-        let from_store = async {
-            let range = self.store.range(&prefix).await?;
-            let mut items = Vec::with_capacity(range.kvs.len());
-            for kv in &range.kvs {
-                if let Some(Record::Integration(i)) = records::decode(kv, &self.keys)? {
-                    items.push(i);
-                }
-            }
-            Ok(items)
-        };
         let read = self
-            .read(from_store, |memory| {
-                let items = Memory::under(memory.integrations, &prefix);
-                Ok(items.cloned().collect())
-            })
+            .read_under::<Integration>(&keys::integrations_prefix(account.id()))
             .await?;
         let items = read.value.into_iter().map(|i| (i.name.id().to_owned(), i));
         Ok(Read {

@@ -151,6 +151,40 @@ impl Memory<'_> {
     }
 }
 
+/// A kind of stored resource, as the reads find it in a [`Record`] and in [`Memory`].
+trait Stored: Clone + Sized {
+    /// The resource in `record`, if it is one of these.
+    fn of(record: Record) -> Option<Self>;
+    /// These resources in `memory`, by store key.
+    fn in_memory<'m>(memory: &Memory<'m>) -> &'m BTreeMap<String, Arc<Self>>;
+}
+
+impl Stored for Integration {
+    fn of(record: Record) -> Option<Self> {
+        match record {
+            Record::Integration(i) => Some(i),
+            Record::PushScope(_) => None,
+        }
+    }
+
+    fn in_memory<'m>(memory: &Memory<'m>) -> &'m BTreeMap<String, Arc<Self>> {
+        memory.integrations
+    }
+}
+
+impl Stored for PushScope {
+    fn of(record: Record) -> Option<Self> {
+        match record {
+            Record::PushScope(s) => Some(s),
+            Record::Integration(_) => None,
+        }
+    }
+
+    fn in_memory<'m>(memory: &Memory<'m>) -> &'m BTreeMap<String, Arc<Self>> {
+        memory.push_scopes
+    }
+}
+
 /// One account's configuration read at one store revision.
 #[derive(Debug)]
 struct AccountView {
@@ -194,6 +228,56 @@ impl Catalog {
     pub fn with_memory(mut self, feed: ConfigFeed) -> Self {
         self.memory = Some(feed);
         self
+    }
+
+    /// The resource stored at `key` (`name` for NOT_FOUND), from the store only.
+    async fn stored<T: Stored>(
+        &self,
+        key: &str,
+        name: &(dyn std::fmt::Display + Sync),
+    ) -> Result<T> {
+        let kv = self.store.get(key).await?;
+        let record = kv.map(|kv| records::decode(&kv, &self.keys)).transpose()?;
+        record
+            .flatten()
+            .and_then(T::of)
+            .ok_or_else(|| ServiceError::NotFound(name.to_string()))
+    }
+
+    /// The resource at `key`, from memory while the store is unavailable.
+    async fn read_one<T: Stored>(
+        &self,
+        key: &str,
+        name: &(dyn std::fmt::Display + Sync),
+    ) -> Result<Read<T>> {
+        self.read(self.stored(key, name), |memory| {
+            T::in_memory(memory)
+                .get(key)
+                .map(|r| T::clone(r))
+                .ok_or_else(|| ServiceError::NotFound(name.to_string()))
+        })
+        .await
+    }
+
+    /// Every resource of kind `T` under `prefix`, in key order, from memory while the store is
+    /// unavailable.
+    async fn read_under<T: Stored>(&self, prefix: &str) -> Result<Read<Vec<T>>> {
+        let from_store = async {
+            let range = self.store.range(prefix).await?;
+            let mut items = Vec::with_capacity(range.kvs.len());
+            for kv in &range.kvs {
+                if let Some(item) = records::decode(kv, &self.keys)?.and_then(T::of) {
+                    items.push(item);
+                }
+            }
+            Ok(items)
+        };
+        self.read(from_store, |memory| {
+            Ok(Memory::under(T::in_memory(memory), prefix)
+                .cloned()
+                .collect())
+        })
+        .await
     }
 
     /// `from_store`'s answer or, when the store is unavailable, `from_memory` over the feed's

@@ -14,7 +14,7 @@ use super::{
     AccountView, Attempt, Catalog, Memory, Page, PageRequest, Read, Result, ServiceError,
     check_etag, generate_id, paginate,
 };
-use crate::store::records::{self, Record};
+use crate::store::records;
 use crate::store::{Compare, Op, Txn, keys};
 
 /// The fields a create or update sets; `None` leaves a field as it is (or at its default).
@@ -208,24 +208,12 @@ impl Catalog {
 
     /// Reads one push scope from the store.
     async fn stored_push_scope(&self, name: &PushScopeName) -> Result<PushScope> {
-        let kv = self.store.get(&records::push_scope_key(name)).await?;
-        let record = kv.map(|kv| records::decode(&kv, &self.keys));
-        match record.transpose()?.flatten() {
-            Some(Record::PushScope(s)) => Ok(s),
-            _ => Err(ServiceError::NotFound(name.to_string())),
-        }
+        self.stored(&records::push_scope_key(name), name).await
     }
 
     /// Reads one push scope (from memory while the store is unavailable).
     pub async fn get_push_scope(&self, name: &PushScopeName) -> Result<Read<PushScope>> {
-        self.read(self.stored_push_scope(name), |memory| {
-            memory
-                .push_scopes
-                .get(&records::push_scope_key(name))
-                .map(|s| PushScope::clone(s))
-                .ok_or_else(|| ServiceError::NotFound(name.to_string()))
-        })
-        .await
+        self.read_one(&records::push_scope_key(name), name).await
     }
 
     /// Lists an account's push scopes by id, optionally only those of one integration (from
@@ -236,23 +224,8 @@ impl Catalog {
         integration: Option<&IntegrationName>,
         page: &PageRequest,
     ) -> Result<Read<Page<PushScope>>> {
-        let prefix = keys::push_scopes_prefix(account.id());
-        let from_store = async {
-            let range = self.store.range(&prefix).await?;
-            let mut items = Vec::with_capacity(range.kvs.len());
-            for kv in &range.kvs {
-                if let Some(Record::PushScope(s)) = records::decode(kv, &self.keys)? {
-                    items.push(s);
-                }
-            }
-            Ok(items)
-        };
         let read = self
-            .read(from_store, |memory| {
-                Ok(Memory::under(memory.push_scopes, &prefix)
-                    .cloned()
-                    .collect())
-            })
+            .read_under::<PushScope>(&keys::push_scopes_prefix(account.id()))
             .await?;
         let items = read
             .value
