@@ -28,6 +28,10 @@ use tonic::{Request, Response, Status};
 
 use crate::service::{Change, ConfigFeed, FeedUpdate};
 
+/// How long a worker resuming from a revision this replica has not reached waits for it
+/// before it gets this replica's snapshot instead.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
 /// Messages buffered per watcher before the feed waits for it.
 const WATCHER_BUFFER: usize = 16;
 
@@ -182,6 +186,16 @@ impl ConfigService for ConfigApi {
         let feed = self.feed.clone();
         let period = self.progress_interval;
         tokio::spawn(async move {
+            // A worker resuming from a revision this replica has not seen yet (it followed
+            // another one) waits for it to catch up, not for an older snapshot; after
+            // CATCH_UP it gets the snapshot (a store restored from a backup stays behind).
+            if from > 0 {
+                tokio::select! {
+                    _ = view.reach(from, CATCH_UP) => {}
+                    () = tx.closed() => return,
+                    () = shutdown.cancelled() => return,
+                }
+            }
             let mut last = from;
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

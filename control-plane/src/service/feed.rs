@@ -370,6 +370,14 @@ fn deleted_name(key: &str) -> Option<Deleted> {
 }
 
 impl FeedView {
+    /// Waits until the feed has reached `revision`, at most `limit`; whether it did. A replica
+    /// a moment behind a worker that resumes from another replica's revision catches up,
+    /// instead of answering it with an older snapshot.
+    pub async fn reach(&mut self, revision: i64, limit: Duration) -> bool {
+        let reached = self.revision_rx.wait_for(|r| *r >= revision);
+        matches!(tokio::time::timeout(limit, reached).await, Ok(Ok(_)))
+    }
+
     /// Waits until there is something newer than `last` (0: nothing yet) and returns it; `None`
     /// when the feed is gone.
     pub async fn next(&mut self, last: i64) -> Option<FeedUpdate> {
