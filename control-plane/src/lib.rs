@@ -147,7 +147,10 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     if config.etcd_endpoints.is_empty() {
         let path = config.data_dir.join(EMBEDDED_STORE_FILE);
         tracing::info!(path = %path.display(), "using the embedded store");
-        Ok(Arc::new(EmbeddedStore::open(&path)?))
+        let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&path))
+            .await
+            .map_err(StoreError::unavailable)??;
+        Ok(Arc::new(store))
     } else {
         tracing::info!(endpoints = ?config.etcd_endpoints, "using etcd");
         Ok(Arc::new(EtcdStore::connect(&config.etcd_endpoints).await?))

@@ -153,18 +153,30 @@ impl ControlPlane {
         let grpc_addr = listeners.grpc.local_addr()?;
         let http_addr = listeners.http.local_addr()?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(pushwire_control_plane::run(
+        let mut task = tokio::spawn(pushwire_control_plane::run(
             config,
             listeners,
             shutdown.clone(),
         ));
-        let cp = Self {
+        let mut cp = Self {
             grpc_addr,
             http_addr,
             shutdown,
-            task: Some(task),
+            task: None,
         };
-        cp.wait_serving(Duration::from_secs(20)).await?;
+        tokio::select! {
+            serving = cp.wait_serving(Duration::from_secs(20)) => serving?,
+            // One that stops while starting (a store it cannot open, a bad flag) fails the
+            // start with its error rather than a timeout.
+            ended = &mut task => {
+                let error = match ended? {
+                    Ok(()) => anyhow::anyhow!("it stopped"),
+                    Err(e) => anyhow::Error::new(e),
+                };
+                return Err(error.context("the control plane did not start"));
+            }
+        }
+        cp.task = Some(task);
         Ok(cp)
     }
 

@@ -36,6 +36,10 @@ const EMPTY_REVISION: i64 = 1;
 /// Revisions a watch reads from the history per step, which bounds what it buffers.
 const WATCH_READ_REVISIONS: usize = 256;
 
+/// How long opening waits for a file another store holds: a control plane that is still
+/// stopping (a restart, or one run after another in a process) releases it within this.
+const OPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 const EVENT_PUT: u8 = 0;
 const EVENT_DELETE: u8 = 1;
 
@@ -76,6 +80,11 @@ struct LogChunk {
     more: bool,
 }
 
+/// The store file stayed locked by another open store for all of [`OPEN_WAIT`].
+#[derive(Debug, thiserror::Error)]
+#[error("it is in use (another control plane on this data directory?)")]
+struct InUse;
+
 /// Why opening the store file failed, with the path for the operator.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot open store file {path}")]
@@ -106,8 +115,17 @@ impl EmbeddedStore {
     /// Like [`EmbeddedStore::open`], keeping the last `keep_revisions` revisions (at least 1) of
     /// history; a watch from an older revision fails with [`StoreError::Compacted`].
     ///
-    /// Blocks on file I/O; call it at startup or from a blocking context.
+    /// Blocks on file I/O, and while another open store holds the file (at most 10 s, then
+    /// fails); call it from a blocking context.
     pub fn open_with_history(path: &Path, keep_revisions: u64) -> Result<Self, StoreError> {
+        Self::open_waiting(path, keep_revisions, OPEN_WAIT)
+    }
+
+    fn open_waiting(
+        path: &Path,
+        keep_revisions: u64,
+        wait: std::time::Duration,
+    ) -> Result<Self, StoreError> {
         let failed = |source: Box<dyn std::error::Error + Send + Sync>| {
             StoreError::Unavailable(Box::new(OpenFailed {
                 path: path.to_owned(),
@@ -118,7 +136,19 @@ impl EmbeddedStore {
             std::fs::create_dir_all(dir).map_err(|err| failed(Box::new(err)))?;
         }
         create_private(path).map_err(|err| failed(Box::new(err)))?;
-        let db = Database::create(path).map_err(|err| failed(Box::new(redb::Error::from(err))))?;
+        let started = std::time::Instant::now();
+        let db = loop {
+            match Database::create(path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if started.elapsed() < wait => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    return Err(failed(Box::new(InUse)));
+                }
+                Err(err) => return Err(failed(Box::new(redb::Error::from(err)))),
+            }
+        };
         let revision = initialise(&db)?;
         let (committed, _) = watch::channel(revision);
         Ok(Self {
@@ -660,6 +690,34 @@ mod tests {
         EmbeddedStore::open(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn opening_waits_for_the_store_that_holds_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pushwire.redb");
+        let first = EmbeddedStore::open(&path).unwrap();
+        let Err(err) = EmbeddedStore::open_waiting(&path, 1, Duration::from_millis(100)) else {
+            panic!("opened a file another store holds");
+        };
+        let message =
+            std::iter::successors(Some(&err as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(": ");
+        assert!(
+            message.contains("pushwire.redb") && message.contains("in use (another control plane"),
+            "{message}"
+        );
+        // Released while the second waits: it opens.
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(first);
+        });
+        EmbeddedStore::open(&path).unwrap();
+        release.join().unwrap();
     }
 
     #[test]
