@@ -17,6 +17,8 @@ use std::time::Duration;
 use pb::config_change::Change as WireChange;
 use pb::config_service_client::ConfigServiceClient;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use pushwire_common::backoff::Backoff;
 use pushwire_common::domain::convert::InvalidField;
 use pushwire_common::domain::{Integration, IntegrationName, PushScope, PushScopeName};
@@ -87,6 +89,8 @@ pub struct WatchHealth {
     confirmed: Mutex<Option<Instant>>,
     control_plane: Mutex<Option<String>>,
     snapshots: Counter,
+    revision: Gauge,
+    propagation_lag: Option<Histogram>,
 }
 
 impl Default for WatchHealth {
@@ -103,6 +107,31 @@ impl WatchHealth {
             confirmed: Mutex::new(None),
             control_plane: Mutex::new(None),
             snapshots,
+            revision: Gauge::default(),
+            propagation_lag: None,
+        }
+    }
+
+    /// Also records each new table's revision on `revision`, and on `propagation_lag` how
+    /// long after their write its changes arrived.
+    pub fn with_table_metrics(self, revision: Gauge, propagation_lag: Histogram) -> Self {
+        Self {
+            revision,
+            propagation_lag: Some(propagation_lag),
+            ..self
+        }
+    }
+
+    /// Records `table`, about to be published (in the watch task itself: one more task woken
+    /// per change would cost more than this).
+    fn publishing(&self, table: &RoutingTable) {
+        self.revision.set(table.revision());
+        if let Some(lag) = table
+            .changed_at()
+            .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
+            && let Some(histogram) = &self.propagation_lag
+        {
+            histogram.observe(lag.as_secs_f64());
         }
     }
 
@@ -644,6 +673,7 @@ impl Session<'_> {
             } else {
                 tracing::debug!(revision, changes, "config watch: changes applied");
             }
+            self.health.publishing(&next);
             self.table.send_replace(Some(next));
             self.health.confirm();
             self.received = true;

@@ -196,9 +196,12 @@ impl Worker {
                 retries.await;
             }
         });
-        let health = Arc::new(config_watch::WatchHealth::new(
-            metrics.config_snapshots.clone(),
-        ));
+        let health = Arc::new(
+            config_watch::WatchHealth::new(metrics.config_snapshots.clone()).with_table_metrics(
+                metrics.config_revision.clone(),
+                metrics.config_propagation_lag.clone(),
+            ),
+        );
         tasks.spawn(config_watch::run_with(
             control_plane.clone(),
             table_tx,
@@ -211,8 +214,7 @@ impl Worker {
             watch.stale_after,
             interrupt.clone(),
         ));
-        tasks.spawn(disable::run(control_plane, disable_rx, interrupt.clone()));
-        tasks.spawn(observe_tables(table.clone(), metrics.clone(), interrupt));
+        tasks.spawn(disable::run(control_plane, disable_rx, interrupt));
         Ok(Self {
             ingest,
             status: Status::new(table, metrics, health, dispatcher, store),
@@ -233,26 +235,6 @@ impl Worker {
     /// Waits for the background tasks, which end once `interrupt` is cancelled.
     pub async fn stopped(mut self) {
         while self.tasks.join_next().await.is_some() {}
-    }
-}
-
-/// Records each new table's revision and how long its changes took to arrive.
-async fn observe_tables(mut table: TableWatch, metrics: Arc<Metrics>, stop: CancellationToken) {
-    loop {
-        tokio::select! {
-            changed = table.changed() => if changed.is_err() { return },
-            () = stop.cancelled() => return,
-        }
-        let Some(t) = table.borrow_and_update().clone() else {
-            continue;
-        };
-        metrics.config_revision.set(t.revision());
-        if let Some(lag) = t
-            .changed_at()
-            .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
-        {
-            metrics.config_propagation_lag.observe(lag.as_secs_f64());
-        }
     }
 }
 

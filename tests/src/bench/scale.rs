@@ -7,13 +7,14 @@
 //!    embedded store while no control plane runs;
 //! 2. starts the `control-plane` process on it: time to `/readyz` 200, its RSS;
 //! 3. starts a `worker`: time until it routes on the loaded revision, its RSS;
-//! 4. with the worker's `/readyz` polled every millisecond on one keep-alive connection
-//!    throughout: a quiet period (the worker's idle CPU, poller included), then
-//!    `UpdateIntegration` calls at a fixed rate (the auth header of random integrations),
-//!    open loop; each change is timed from its call's return to the first poll after it that
-//!    shows its revision or a later one;
-//! 5. the worker's CPU per change: its CPU over the changes minus the quiet period's rate over
-//!    as long, divided by the changes.
+//! 4. the worker's CPU per change, with nothing polling it: its CPU over a quiet period, then
+//!    over `UpdateIntegration` calls at a fixed rate (the auth header of random
+//!    integrations), open loop, until its `/readyz` shows the last one's revision; the
+//!    changes' CPU minus the quiet period's rate over as long, divided by the changes;
+//! 5. propagation: as many changes again, with the worker's `/readyz` polled every
+//!    millisecond on one keep-alive connection; each change is timed from its call's return
+//!    to the first poll after it that shows its revision or a later one. (The polls cost the
+//!    worker more CPU than the changes, hence the separate run for 4.)
 //!
 //! Every step is bounded in time; the processes are stopped and the data directory removed
 //! at the end of each size, failed or not.
@@ -132,9 +133,9 @@ pub struct Row {
     pub max_send_lag_ms: f64,
     /// Propagation of each change, ms, sorted.
     pub propagation_ms: Vec<f64>,
-    /// Polls of the worker's `/readyz` during the quiet period and during the changes, and
-    /// the longest gap between two during the changes, ms.
-    pub polls: (usize, usize, f64),
+    /// Polls of the worker's `/readyz` during the changes of the propagation run, and the
+    /// longest gap between two, ms.
+    pub polls: (usize, f64),
     /// Propagation's lower bounds, ms, sorted: from each change's return to the poll before
     /// the one that showed it, when that poll answered after the return (else 0). The true
     /// time lies between this and [`Row::propagation_ms`]; they part when the benchmark
@@ -142,9 +143,11 @@ pub struct Row {
     pub propagation_floor_ms: Vec<f64>,
     /// Worker CPU over the quiet period and its length, ms and s.
     pub idle_cpu: (f64, f64),
-    /// Worker CPU over the changes (first call to last revision seen) and its length, ms and
-    /// s.
+    /// Worker CPU over the unobserved changes (first call to last revision seen) and its
+    /// length, ms and s.
     pub change_cpu: (f64, f64),
+    /// Unobserved changes made (calls answered; 0 when the worker did not show the last).
+    pub cpu_changes: usize,
 }
 
 impl Row {
@@ -157,9 +160,11 @@ impl Row {
     pub fn cpu_per_change_us(&self) -> Option<f64> {
         let (idle_ms, idle_secs) = self.idle_cpu;
         let (busy_ms, busy_secs) = self.change_cpu;
-        let applied = self.changes.checked_sub(self.missing).filter(|n| *n > 0)?;
+        if self.cpu_changes == 0 {
+            return None;
+        }
         let extra_ms = busy_ms - idle_ms / idle_secs * busy_secs;
-        Some(extra_ms * 1000.0 / applied as f64)
+        Some(extra_ms * 1000.0 / self.cpu_changes as f64)
     }
 
     fn worker_kib_per_integration(&self) -> f64 {
@@ -276,21 +281,9 @@ pub async fn size(
         row.cp_ready_secs, row.worker_ready_secs
     );
 
-    // (d) and (e): the quiet period, then the changes, the worker polled throughout.
-    let stop = CancellationToken::new();
-    let progress = Arc::new(Progress::default());
-    let poll_limit = scale.length * 2 + DRAIN * 3;
-    // On a thread and runtime of its own, so the calls being made do not delay the polls.
-    let poller = {
-        let (http, progress, stop) = (worker.http, progress.clone(), stop.clone());
-        tokio::task::spawn_blocking(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            anyhow::Ok(runtime.block_on(poll(http, progress, stop, poll_limit)))
-        })
-    };
-    let stop_on_drop = stop.clone().drop_guard();
+    // (d) The worker's CPU per change: a quiet period, then the changes, with nothing
+    // polling the worker (the polls of (e), one a millisecond, cost it more than the changes
+    // and would blur them); its `/readyz` is asked only at the end, for the last revision.
     let cpu = |what: &str| {
         worker
             .proc
@@ -304,11 +297,42 @@ pub async fn size(
         (quiet_to.1 - quiet_from.1).as_secs_f64() * 1e3,
         (quiet_to.0 - quiet_from.0).as_secs_f64(),
     );
+    let unobserved = send_changes(&env, accounts, scale).await?;
+    let last = unobserved
+        .returned
+        .iter()
+        .map(|(r, _)| *r)
+        .max()
+        .unwrap_or(0);
+    if reached(worker.http, last, DRAIN).await {
+        let changes_to = (Instant::now(), cpu("after the changes")?);
+        row.change_cpu = (
+            (changes_to.1 - quiet_to.1).as_secs_f64() * 1e3,
+            (changes_to.0 - unobserved.started).as_secs_f64(),
+        );
+        row.cpu_changes = unobserved.returned.len();
+    }
 
+    // (e) Propagation: as many changes again, the worker's `/readyz` polled every
+    // millisecond.
+    let stop = CancellationToken::new();
+    let progress = Arc::new(Progress::default());
+    let poll_limit = scale.length + DRAIN * 3;
+    // On a thread and runtime of its own, so the calls being made do not delay the polls.
+    let poller = {
+        let (http, progress, stop) = (worker.http, progress.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            anyhow::Ok(runtime.block_on(poll(http, progress, stop, poll_limit)))
+        })
+    };
+    let stop_on_drop = stop.clone().drop_guard();
     let sent = send_changes(&env, accounts, scale).await?;
     row.changes = sent.returned.len();
-    row.failed_calls = sent.failed;
-    row.max_send_lag_ms = sent.max_lag.as_secs_f64() * 1e3;
+    row.failed_calls = sent.failed + unobserved.failed;
+    row.max_send_lag_ms = sent.max_lag.max(unobserved.max_lag).as_secs_f64() * 1e3;
     row.rate.1 = sent.total as f64 / sent.sending.as_secs_f64();
     let last = sent.returned.iter().map(|(r, _)| *r).max().unwrap_or(0);
     let drain_until = Instant::now() + DRAIN;
@@ -321,23 +345,13 @@ pub async fn size(
     while progress.polls.load(Ordering::Relaxed) < polled + 2 && Instant::now() < drain_until {
         tokio::time::sleep(POLL_EVERY).await;
     }
-    let changes_to = (Instant::now(), cpu("after the changes")?);
-    row.change_cpu = (
-        (changes_to.1 - quiet_to.1).as_secs_f64() * 1e3,
-        (changes_to.0 - sent.started).as_secs_f64(),
-    );
     drop(stop_on_drop);
     let samples = poller.await.context("the poller")??;
-    let quiet = samples
-        .iter()
-        .filter(|(at, _)| *at >= quiet_from.0 && *at < quiet_to.0)
-        .count();
     let during: Vec<&(Instant, i64)> = samples
         .iter()
         .filter(|(at, _)| *at >= sent.started)
         .collect();
     row.polls = (
-        quiet,
         during.len(),
         during
             .windows(2)
@@ -511,6 +525,22 @@ async fn poll(
         }
     }
     samples
+}
+
+/// Whether the worker's `/readyz` shows `revision` (or a later one) within `limit`, asked
+/// every 10 ms.
+async fn reached(http: std::net::SocketAddr, revision: i64, limit: Duration) -> bool {
+    let mut conn = HttpConn::new(http);
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if let Ok((_, body)) = conn.get("/readyz").await
+            && procs::ready_revision(&body).is_some_and(|r| r >= revision)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
 }
 
 /// What the poller has seen so far.
@@ -735,7 +765,7 @@ pub fn table(outcomes: &[Outcome], scale: &ScalePlan) -> String {
             row.changes,
             row.missing,
             quantile(&row.propagation_floor_ms, 0.99).map_or("?".into(), |v| format!("{v:.2}")),
-            row.polls.2,
+            row.polls.1,
             row.cpu_per_change_us()
                 .map_or("?".into(), |v| format!("{v:.0} µs")),
             if missed.is_empty() {
@@ -791,9 +821,9 @@ pub fn to_json(outcomes: &[Outcome], scale: &ScalePlan) -> Value {
                     "propagation_p99_ms": r.p99().filter(|v| v.is_finite()),
                     "propagation_max_ms": r.propagation_ms.last(),
                     "propagation_p99_floor_ms": quantile(&r.propagation_floor_ms, 0.99),
-                    "polls_during_quiet": r.polls.0,
-                    "polls_during_changes": r.polls.1,
-                    "longest_poll_gap_ms": r.polls.2,
+                    "polls_during_changes": r.polls.0,
+                    "longest_poll_gap_ms": r.polls.1,
+                    "unobserved_changes": r.cpu_changes,
                     "worker_idle_cpu_ms": r.idle_cpu.0,
                     "quiet_secs": r.idle_cpu.1,
                     "worker_change_cpu_ms": r.change_cpu.0,
@@ -841,7 +871,7 @@ mod tests {
     #[test]
     fn cpu_per_change_takes_idle_off() {
         let row = Row {
-            changes: 1000,
+            cpu_changes: 1000,
             idle_cpu: (100.0, 10.0),
             change_cpu: (250.0, 12.0),
             ..Row::default()

@@ -239,10 +239,15 @@ fn last_wins<T, K: Ord + ?Sized>(items: &mut Vec<T>, key: impl Fn(&T) -> &K) {
 /// path to the changed entry.
 type Accounts = HashTrieMapSync<AccountName, Arc<Account>>;
 
+/// Children per node of [`Accounts`]. A change copies one node per level on its path (the
+/// old table still holds them): 16 makes that about 4 × 16 entries at 200,000 accounts,
+/// where rpds's default of 64 copies about 3 × 64 (docs/performance.md, "Routing table").
+const ACCOUNTS_DEGREE: u8 = 16;
+
 /// Every account's integrations and push scopes at one revision. Immutable: a new revision
 /// makes a new table, sharing everything it did not change with the old one, so readers keep
 /// routing on a consistent table while the next one is built.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RoutingTable {
     revision: i64,
     accounts: Accounts,
@@ -264,6 +269,18 @@ impl fmt::Debug for RoutingTable {
             .field("integrations", &self.integrations)
             .field("push_scopes", &self.push_scopes)
             .finish()
+    }
+}
+
+impl Default for RoutingTable {
+    fn default() -> Self {
+        Self {
+            revision: 0,
+            accounts: Accounts::new_sync_with_degree(ACCOUNTS_DEGREE),
+            integrations: 0,
+            push_scopes: 0,
+            changed_at: None,
+        }
     }
 }
 
