@@ -103,6 +103,10 @@ impl Account {
 /// share one (a decoded name has a copy of its own).
 fn shared_integration(mut integration: Integration, account: &AccountName) -> Arc<Integration> {
     integration.name.share_account(account);
+    // Neither routing nor delivery reads these, and a million integrations would keep them
+    // all (docs/performance.md, "Configuration at scale").
+    integration.display_name = String::new();
+    integration.disabled_reason = String::new();
     Arc::new(integration)
 }
 
@@ -875,6 +879,25 @@ mod tests {
                 .iter()
                 .all(|(a, acc)| Arc::ptr_eq(acc, &t3.accounts[a]))
         );
+    }
+
+    #[test]
+    fn the_table_drops_what_routing_and_delivery_never_read() {
+        let (integrations, scopes) = acme();
+        assert!(integrations.iter().all(|i| !i.display_name.is_empty()));
+        let t1 = RoutingTable::from_snapshot(1, snapshot(&integrations, &scopes));
+        let mut disabled = integrations[0].clone();
+        disabled.disabled_reason = "by an admin".into();
+        let t2 = t1.apply(2, vec![Change::UpsertIntegration(disabled)]);
+        for t in [&t1, &t2] {
+            let acme = &t.accounts[&account("acme")];
+            assert_eq!(acme.integrations.len(), integrations.len());
+            assert!(
+                acme.integrations
+                    .iter()
+                    .all(|i| i.display_name.is_empty() && i.disabled_reason.is_empty())
+            );
+        }
     }
 
     /// The counts kept by `apply`, recomputed from the accounts.
