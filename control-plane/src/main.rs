@@ -5,6 +5,12 @@ use clap::Parser as _;
 use pushwire_common::server::shutdown::serve_until_signal;
 use pushwire_control_plane::{Config, Listeners, run};
 
+/// The worker's allocator, for the same reasons: the feed holds every record decoded, each
+/// snapshot sent is built anew, and `--with-worker` runs a worker here (options:
+/// `.cargo/config.toml`; docs/performance.md, "Configuration at scale").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
