@@ -781,7 +781,7 @@ pub fn table(outcomes: &[Outcome], scale: &ScalePlan) -> String {
     }
     let _ = writeln!(
         t,
-        "\nTargets: control-plane start-up ≤ {TARGET_CP_READY_SECS} s, a new worker ready ≤ {TARGET_WORKER_READY_SECS} s, worker RSS ≤ {TARGET_WORKER_KIB_PER_INTEGRATION} KiB per integration, propagation p99 ≤ {TARGET_PROPAGATION_P99_MS} ms and ≤ {TARGET_CPU_PER_CHANGE_US} µs of worker CPU per change at {}/s.",
+        "\nTargets: control-plane start-up ≤ {TARGET_CP_READY_SECS} s, a new worker ready ≤ {TARGET_WORKER_READY_SECS} s, worker RSS once settled ≤ {TARGET_WORKER_KIB_PER_INTEGRATION} KiB per integration, propagation p99 ≤ {TARGET_PROPAGATION_P99_MS} ms and ≤ {TARGET_CPU_PER_CHANGE_US} µs of worker CPU per change at {}/s.",
         scale.rate
     );
     t
