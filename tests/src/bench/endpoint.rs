@@ -252,40 +252,28 @@ pub fn start_ok_tls_many(
 }
 
 fn start_tls(rt: &Handle, stats: Arc<Stats>, acceptor: TlsAcceptor) -> anyhow::Result<Server> {
-    let listener = bind()?;
-    let addr = listener.local_addr()?;
-    let shutdown = CancellationToken::new();
-    rt.spawn(accept_loop(listener, shutdown.clone(), {
-        let stats = stats.clone();
-        move |stream, shutdown| {
-            let (stats, acceptor) = (stats.clone(), acceptor.clone());
-            async move {
-                stats.connections.fetch_add(1, Ordering::Relaxed);
-                let tls = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    accepted = acceptor.accept(stream) => match accepted {
-                        Ok(tls) => tls,
-                        Err(_) => return,
-                    },
-                };
-                let counter = match tls.get_ref().1.handshake_kind() {
-                    Some(rustls::HandshakeKind::Resumed) => &stats.resumed_handshakes,
-                    _ => &stats.full_handshakes,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    serve_h2(TokioIo::new(tls), stats, shutdown).await;
-                } else {
-                    serve(TokioIo::new(tls), stats, Mode::Ok, shutdown).await;
-                }
+    listen(rt, "https", stats.clone(), move |stream, shutdown| {
+        let (stats, acceptor) = (stats.clone(), acceptor.clone());
+        async move {
+            stats.connections.fetch_add(1, Ordering::Relaxed);
+            let tls = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = acceptor.accept(stream) => match accepted {
+                    Ok(tls) => tls,
+                    Err(_) => return,
+                },
+            };
+            let counter = match tls.get_ref().1.handshake_kind() {
+                Some(rustls::HandshakeKind::Resumed) => &stats.resumed_handshakes,
+                _ => &stats.full_handshakes,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                serve_h2(TokioIo::new(tls), stats, shutdown).await;
+            } else {
+                serve(TokioIo::new(tls), stats, Mode::Ok, shutdown).await;
             }
         }
-    }));
-    Ok(Server {
-        addr,
-        scheme: "https",
-        stats,
-        shutdown,
     })
 }
 
@@ -303,40 +291,40 @@ fn start_ok_counting(rt: &Handle, stats: Arc<Stats>) -> anyhow::Result<Server> {
 }
 
 fn start_serving(rt: &Handle, stats: Arc<Stats>, mode: Mode) -> anyhow::Result<Server> {
-    let listener = bind()?;
-    let addr = listener.local_addr()?;
-    let shutdown = CancellationToken::new();
-    rt.spawn(accept_loop(listener, shutdown.clone(), {
-        let stats = stats.clone();
-        move |stream, shutdown| {
-            stats.connections.fetch_add(1, Ordering::Relaxed);
-            serve(TokioIo::new(stream), stats.clone(), mode, shutdown)
-        }
-    }));
-    Ok(Server {
-        addr,
-        scheme: "http",
-        stats,
-        shutdown,
+    listen(rt, "http", stats.clone(), move |stream, shutdown| {
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        serve(TokioIo::new(stream), stats.clone(), mode, shutdown)
     })
 }
 
 /// Starts a blackhole on `rt`: connections are accepted and read, never answered.
 pub fn start_blackhole(rt: &Handle, epoch: Instant) -> anyhow::Result<Server> {
+    let stats = Arc::new(Stats::new(epoch));
+    listen(rt, "http", stats.clone(), move |stream, shutdown| {
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        swallow(stream, shutdown)
+    })
+}
+
+/// A server on a free loopback port, `conn` serving each connection it accepts (on `rt`)
+/// until it is shut down.
+fn listen<F, Fut>(
+    rt: &Handle,
+    scheme: &'static str,
+    stats: Arc<Stats>,
+    conn: F,
+) -> anyhow::Result<Server>
+where
+    F: Fn(TcpStream, CancellationToken) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let listener = bind()?;
     let addr = listener.local_addr()?;
-    let stats = Arc::new(Stats::new(epoch));
     let shutdown = CancellationToken::new();
-    rt.spawn(accept_loop(listener, shutdown.clone(), {
-        let stats = stats.clone();
-        move |stream, shutdown| {
-            stats.requests.fetch_add(1, Ordering::Relaxed);
-            swallow(stream, shutdown)
-        }
-    }));
+    rt.spawn(accept_loop(listener, shutdown.clone(), conn));
     Ok(Server {
         addr,
-        scheme: "http",
+        scheme,
         stats,
         shutdown,
     })

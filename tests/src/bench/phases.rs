@@ -8,7 +8,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use prost_types::FieldMask;
 use pushwire_common::delivery_store::{
     self, Attempt, DeliveryKey, NewDelivery, OpenOptions, Outcome, StoreUrl,
 };
@@ -19,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::endpoint;
 use crate::load::{self, PubStats};
 use crate::procs::{self, HttpConn, Proc};
-use crate::setup::Env;
+use crate::setup::{Env, auth_header_change};
 
 /// Throughput of one run.
 #[derive(Clone, Debug, Default)]
@@ -178,17 +177,7 @@ async fn throughput_with(
     let rx = endpoint::start_ok(&env.rx, env.epoch)?;
     let (_, rev) = env.routed(account, name, &rx.url("/throughput")).await?;
     let worker = env.worker(name, flags, rev).await?;
-    let stats = Arc::new(PubStats::default());
-    let load = load::closed_loop(
-        &env.target(&worker),
-        vec![account.into()],
-        env.plan.streams,
-        env.plan.window,
-        stats.clone(),
-        None,
-    )
-    .await?;
-    tokio::time::sleep(env.plan.warmup).await;
+    let (stats, load) = env.warm_closed_loop(&worker, account).await?;
     let perf = env.perf(&worker, name, env.plan.measure);
     let mut rate = measure(
         || rx.stats.count(),
@@ -303,17 +292,7 @@ pub async fn fanout(env: &Env) -> anyhow::Result<Rate> {
             .1;
     }
     let worker = env.worker(name, &[], rev).await?;
-    let stats = Arc::new(PubStats::default());
-    let load = load::closed_loop(
-        &env.target(&worker),
-        vec![account.into()],
-        env.plan.streams,
-        env.plan.window,
-        stats.clone(),
-        None,
-    )
-    .await?;
-    tokio::time::sleep(env.plan.warmup).await;
+    let (stats, load) = env.warm_closed_loop(&worker, account).await?;
     let perf = env.perf(&worker, name, env.plan.measure);
     // The receivers count together.
     let counter = &receivers[0].stats;
@@ -346,20 +325,10 @@ pub async fn propagation(env: &Env) -> anyhow::Result<Propagation> {
     let mut ms = Vec::with_capacity(env.plan.changes);
     for i in 0..env.plan.changes {
         let updated = integrations
-            .update_integration(pb::UpdateIntegrationRequest {
-                integration: Some(pb::Integration {
-                    name: name.clone(),
-                    auth_header: Some(pb::AuthHeader {
-                        name: "Authorization".into(),
-                        value: format!("Bearer bench-token-{i}"),
-                        value_set: false,
-                    }),
-                    ..Default::default()
-                }),
-                update_mask: Some(FieldMask {
-                    paths: vec!["auth_header".into()],
-                }),
-            })
+            .update_integration(auth_header_change(
+                name.clone(),
+                format!("Bearer bench-token-{i}"),
+            ))
             .await
             .context("UpdateIntegration")?
             .into_inner();
@@ -1045,17 +1014,7 @@ pub async fn shared_host(env: &Env) -> anyhow::Result<SharedHost> {
         let worker = env
             .worker(&name, &["--extra-ca-file", ca.as_str()], rev)
             .await?;
-        let stats = Arc::new(PubStats::default());
-        let load = load::closed_loop(
-            &env.target(&worker),
-            vec![account.to_string()],
-            env.plan.streams,
-            env.plan.window,
-            stats.clone(),
-            None,
-        )
-        .await?;
-        tokio::time::sleep(env.plan.warmup).await;
+        let (stats, load) = env.warm_closed_loop(&worker, account).await?;
         // The receivers count together.
         let counter = &receivers[0].stats;
         let before = counter.connections();

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
-use prost_types::FieldMask;
 use pushwire_common::domain::AccountName;
 use pushwire_common::pb::v1 as pb;
 use pushwire_control_plane::api::{integration_create_patch, push_scope_create_patch};
@@ -39,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::procs::{self, Binaries, HttpConn};
 use crate::report::quantile;
-use crate::setup::{ControlPlaneData, Env, Plan};
+use crate::setup::{ControlPlaneData, Env, Plan, auth_header_change};
 
 /// Integrations per account.
 pub const INTEGRATIONS_PER_ACCOUNT: usize = 5;
@@ -614,20 +613,10 @@ async fn send_changes(env: &Env, accounts: usize, scale: &ScalePlan) -> anyhow::
             pb::integration_service_client::IntegrationServiceClient::new(env.admin.clone());
         calls.spawn(async move {
             let _place = place;
-            let call = client.update_integration(pb::UpdateIntegrationRequest {
-                integration: Some(pb::Integration {
-                    name: name.clone(),
-                    auth_header: Some(pb::AuthHeader {
-                        name: "Authorization".into(),
-                        value: format!("Bearer scale-change-{k}"),
-                        value_set: false,
-                    }),
-                    ..Default::default()
-                }),
-                update_mask: Some(FieldMask {
-                    paths: vec!["auth_header".into()],
-                }),
-            });
+            let call = client.update_integration(auth_header_change(
+                name.clone(),
+                format!("Bearer scale-change-{k}"),
+            ));
             let updated = tokio::time::timeout(Duration::from_secs(5), call)
                 .await
                 .with_context(|| format!("UpdateIntegration {name}: no answer within 5 s"))?

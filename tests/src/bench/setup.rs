@@ -220,6 +220,28 @@ impl Env {
         }
     }
 
+    /// The closed loop of the Pushwire row on `worker`: `account`'s participations on the
+    /// plan's streams and window, started, then left the warm-up; what it publishes is counted
+    /// on the returned stats.
+    pub async fn warm_closed_loop(
+        &self,
+        worker: &Worker,
+        account: &str,
+    ) -> anyhow::Result<(Arc<load::PubStats>, load::Load)> {
+        let stats = Arc::new(load::PubStats::default());
+        let load = load::closed_loop(
+            &self.target(worker),
+            vec![account.to_owned()],
+            self.plan.streams,
+            self.plan.window,
+            stats.clone(),
+            None,
+        )
+        .await?;
+        tokio::time::sleep(self.plan.warmup).await;
+        Ok((stats, load))
+    }
+
     /// Creates integration `id` in `account`, posting to `url`, signed with both schemes,
     /// with an `Authorization` header and an ACCOUNT-level scope; its name and the revision
     /// of the last change.
@@ -379,5 +401,24 @@ async fn wait_revision(worker: &Worker, revision: i64, limit: Duration) -> anyho
             "worker not at revision {revision} after {limit:?}: {body}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `UpdateIntegration` of `name`'s `Authorization` header to `value`: the change whose
+/// propagation the benchmarks time.
+pub fn auth_header_change(name: String, value: String) -> pb::UpdateIntegrationRequest {
+    pb::UpdateIntegrationRequest {
+        integration: Some(pb::Integration {
+            name,
+            auth_header: Some(pb::AuthHeader {
+                name: "Authorization".into(),
+                value,
+                value_set: false,
+            }),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["auth_header".into()],
+        }),
     }
 }
