@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::procs::{self, Binaries, HttpConn};
 use crate::report::quantile;
-use crate::setup::{ControlPlaneData, Env, Plan, auth_header_change};
+use crate::setup::{ControlPlaneData, Env, Plan, auth_header_change, wait_revision};
 
 /// Integrations per account.
 pub const INTEGRATIONS_PER_ACCOUNT: usize = 5;
@@ -306,7 +306,7 @@ pub async fn size(
         .map(|(r, _)| *r)
         .max()
         .unwrap_or(0);
-    if reached(worker.http, last, DRAIN).await {
+    if wait_revision(&worker, last, DRAIN).await.is_ok() {
         let changes_to = (Instant::now(), cpu("after the changes")?);
         row.change_cpu = (
             (changes_to.1 - quiet_to.1).as_secs_f64() * 1e3,
@@ -527,22 +527,6 @@ async fn poll(
         }
     }
     samples
-}
-
-/// Whether the worker's `/readyz` shows `revision` (or a later one) within `limit`, asked
-/// every 10 ms.
-async fn reached(http: std::net::SocketAddr, revision: i64, limit: Duration) -> bool {
-    let mut conn = HttpConn::new(http);
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if let Ok((_, body)) = conn.get("/readyz").await
-            && procs::ready_revision(&body).is_some_and(|r| r >= revision)
-        {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
 }
 
 /// What the poller has seen so far.

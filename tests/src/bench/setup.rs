@@ -388,7 +388,7 @@ impl Env {
 }
 
 /// Waits until the worker's `/readyz` reports `revision` or later.
-async fn wait_revision(worker: &Worker, revision: i64, limit: Duration) -> anyhow::Result<()> {
+pub async fn wait_revision(worker: &Worker, revision: i64, limit: Duration) -> anyhow::Result<()> {
     let mut conn = HttpConn::new(worker.http);
     let deadline = Instant::now() + limit;
     loop {
