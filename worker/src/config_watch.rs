@@ -566,6 +566,37 @@ fn within(path: String, own: &'static str) -> impl FnOnce(InvalidField) -> Inval
     }
 }
 
+/// Starts [`run_with`] on a thread of its own (`config-watch`) with a single-threaded
+/// runtime, and returns what waits for it to end.
+///
+/// Every connection the watch opens is then driven on that thread too, so a change wakes
+/// one thread, which reads it, applies it and goes back to sleep, instead of the delivery
+/// runtime's workers; and decoding a large snapshot (seconds at a million integrations)
+/// never holds a thread that streams and deliveries need.
+pub fn run_on_own_thread(
+    planes: ControlPlanes,
+    table: watch::Sender<Option<Arc<RoutingTable>>>,
+    health: Arc<WatchHealth>,
+    shutdown: CancellationToken,
+    opts: WatchOptions,
+) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (done, ended) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("config-watch".into())
+        .spawn(move || {
+            runtime.block_on(run_with(planes, table, health, shutdown, opts));
+            // Connections and name lookups still going are dropped, not waited for.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            drop(done);
+        })?;
+    Ok(async move {
+        let _ = ended.await;
+    })
+}
+
 /// One `WatchConfig` stream.
 struct Session<'a> {
     table: &'a watch::Sender<Option<Arc<RoutingTable>>>,

@@ -81,6 +81,9 @@ pub enum RunError {
     /// Tokens or TLS settings are unusable.
     #[error(transparent)]
     Access(#[from] AccessError),
+    /// The config watch's thread could not be started.
+    #[error("cannot start the config watch's thread: {0}")]
+    ConfigWatch(#[source] std::io::Error),
     /// A listener failed.
     #[error("server failed")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -202,13 +205,16 @@ impl Worker {
                 metrics.config_propagation_lag.clone(),
             ),
         );
-        tasks.spawn(config_watch::run_with(
-            control_plane.clone(),
-            table_tx,
-            health.clone(),
-            interrupt.clone(),
-            watch.clone(),
-        ));
+        tasks.spawn(
+            config_watch::run_on_own_thread(
+                control_plane.clone(),
+                table_tx,
+                health.clone(),
+                interrupt.clone(),
+                watch.clone(),
+            )
+            .map_err(RunError::ConfigWatch)?,
+        );
         tasks.spawn(config_watch::log_staleness(
             health.clone(),
             watch.stale_after,
