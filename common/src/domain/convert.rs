@@ -113,11 +113,15 @@ pub fn signature_schemes(
 ) -> Result<Vec<SignatureScheme>, InvalidField> {
     let mut out = Vec::with_capacity(values.len());
     for (i, v) in values.iter().enumerate() {
-        let field = format!("{field}[{i}]");
-        out.push(match enum_value(&field, *v)? {
+        // The field's path is only written out for an error (this runs for every change a
+        // worker applies).
+        let at = || format!("{field}[{i}]");
+        let value = pb::SignatureScheme::try_from(*v)
+            .map_err(|_| InvalidField::new(at(), format!("unknown enum value {v}")))?;
+        out.push(match value {
             pb::SignatureScheme::Unspecified => {
                 return Err(InvalidField::new(
-                    field,
+                    at(),
                     "SIGNATURE_SCHEME_UNSPECIFIED is not a scheme",
                 ));
             }
@@ -339,10 +343,12 @@ impl TryFrom<pb::IntegrationConfig> for Integration {
             .map(|(n, s)| {
                 let expire_time = match s.expire_time {
                     None => None,
-                    Some(t) => Some(system_time(
-                        &format!("signing_secrets[{n}].expire_time"),
-                        Some(t),
-                    )?),
+                    Some(t) => Some(SystemTime::try_from(t).map_err(|e| {
+                        InvalidField::new(
+                            format!("signing_secrets[{n}].expire_time"),
+                            e.to_string(),
+                        )
+                    })?),
                 };
                 Ok(SigningSecret {
                     secret: Secret::new(s.secret),
