@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::control_plane::endpoint;
 use crate::control_plane::{Candidate, ControlPlaneChannel, ControlPlanes, rotation};
-use crate::router::{Change, RoutingTable, Snapshot};
+use crate::router::{Change, RoutingTable, Snapshot, TableBuilder};
 
 /// Largest `WatchConfig` message accepted by default: snapshots of big installations are
 /// large, and tonic's 4 MiB default would cut them off.
@@ -440,19 +440,20 @@ fn step(
     Ok(Step::Swap(Arc::new(current.apply(revision, changes))))
 }
 
-/// A snapshot arriving in parts (`snapshot_continues`), decoded so far.
+/// A snapshot arriving in parts (`snapshot_continues`), decoded and grouped so far.
 struct Assembly {
     revision: i64,
-    snapshot: Snapshot,
+    table: TableBuilder,
 }
 
-/// Takes one part of a snapshot sent in parts; the whole snapshot once its last part came.
-/// A part at another revision, or a message that is not a part, breaks the sequence: the
-/// stream is dropped and the worker re-syncs (its table stays meanwhile).
+/// Takes one part of a snapshot sent in parts (decoded and grouped by account at once, while
+/// the control plane sends the next); the table once its last part came. A part at another
+/// revision, or a message that is not a part, breaks the sequence: the stream is dropped and
+/// the worker re-syncs (its table stays meanwhile).
 fn assemble(
     assembly: &mut Option<Assembly>,
     msg: pb::WatchConfigResponse,
-) -> Result<Option<Snapshot>, SessionError> {
+) -> Result<Option<RoutingTable>, SessionError> {
     let revision = msg.revision;
     let broken = |why| SessionError::Parts { revision, why };
     let Some(part) = msg.snapshot else {
@@ -464,25 +465,18 @@ fn assemble(
         return Err(broken("changes in a snapshot part"));
     }
     let part = decode_snapshot(part).map_err(|source| SessionError::Decode { revision, source })?;
-    match assembly {
-        Some(a) if a.revision != revision => {
-            return Err(broken("a part at another revision"));
-        }
-        Some(a) => {
-            a.snapshot.integrations.extend(part.integrations);
-            a.snapshot.push_scopes.extend(part.push_scopes);
-        }
-        None => {
-            *assembly = Some(Assembly {
-                revision,
-                snapshot: part,
-            });
-        }
+    let a = assembly.get_or_insert_with(|| Assembly {
+        revision,
+        table: TableBuilder::default(),
+    });
+    if a.revision != revision {
+        return Err(broken("a part at another revision"));
     }
+    a.table.add(part);
     if msg.snapshot_continues {
         return Ok(None);
     }
-    Ok(assembly.take().map(|a| a.snapshot))
+    Ok(assembly.take().map(|a| a.table.finish(revision)))
 }
 
 /// Decodes a snapshot. Any field that does not decode fails the whole snapshot: routing on
@@ -493,7 +487,8 @@ fn decode_snapshot(snapshot: pb::ConfigSnapshot) -> Result<Snapshot, InvalidFiel
         .into_iter()
         .enumerate()
         .map(|(n, config)| {
-            Integration::try_from(config).map_err(within(format!("snapshot.integrations[{n}]"), ""))
+            Integration::try_from(config)
+                .map_err(within(|| format!("snapshot.integrations[{n}]"), ""))
         })
         .collect::<Result<_, _>>()?;
     let push_scopes = snapshot
@@ -501,8 +496,10 @@ fn decode_snapshot(snapshot: pb::ConfigSnapshot) -> Result<Snapshot, InvalidFiel
         .into_iter()
         .enumerate()
         .map(|(n, scope)| {
-            PushScope::try_from(scope)
-                .map_err(within(format!("snapshot.push_scopes[{n}]"), "push_scope."))
+            PushScope::try_from(scope).map_err(within(
+                || format!("snapshot.push_scopes[{n}]"),
+                "push_scope.",
+            ))
         })
         .collect::<Result<_, _>>()?;
     Ok(Snapshot {
@@ -528,14 +525,14 @@ fn decode_change(n: usize, change: pb::ConfigChange) -> Result<Change, InvalidFi
     Ok(match change.change {
         Some(WireChange::UpsertIntegration(config)) => Change::UpsertIntegration(
             Integration::try_from(config)
-                .map_err(within(format!("changes[{n}].upsert_integration"), ""))?,
+                .map_err(within(|| format!("changes[{n}].upsert_integration"), ""))?,
         ),
         Some(WireChange::DeleteIntegration(name)) => Change::DeleteIntegration(
             IntegrationName::parse(&name).map_err(|e| bad("delete_integration", e.to_string()))?,
         ),
         Some(WireChange::UpsertPushScope(scope)) => {
             Change::UpsertPushScope(PushScope::try_from(scope).map_err(within(
-                format!("changes[{n}].upsert_push_scope"),
+                || format!("changes[{n}].upsert_push_scope"),
                 "push_scope.",
             ))?)
         }
@@ -550,10 +547,15 @@ fn decode_change(n: usize, change: pb::ConfigChange) -> Result<Change, InvalidFi
 
 /// Rewrites a decoding error's field path to its place in the `WatchConfig` message: `path`
 /// replaces the `own` prefix the conversion uses (`push_scope.` for scopes, none for
-/// integration configs), so errors read `changes[3].upsert_push_scope.level`.
-fn within(path: String, own: &'static str) -> impl FnOnce(InvalidField) -> InvalidField {
+/// integration configs), so errors read `changes[3].upsert_push_scope.level`. The path is
+/// written out only for an error.
+fn within(
+    path: impl FnOnce() -> String,
+    own: &'static str,
+) -> impl FnOnce(InvalidField) -> InvalidField {
     move |e| {
         let rest = e.field.strip_prefix(own).unwrap_or(&e.field);
+        let path = path();
         let field = if rest.is_empty() {
             path
         } else {
@@ -661,9 +663,7 @@ impl Session<'_> {
                         self.received = true;
                         continue;
                     }
-                    Ok(Some(snapshot)) => Ok(Step::Swap(Arc::new(RoutingTable::from_snapshot(
-                        revision, snapshot,
-                    )))),
+                    Ok(Some(table)) => Ok(Step::Swap(Arc::new(table))),
                     Err(e) => return e,
                 }
             } else {
@@ -780,8 +780,8 @@ mod tests {
         let whole = assemble(&mut assembly, part(7, &["d"], false))
             .unwrap()
             .unwrap();
-        let ids: Vec<&str> = whole.integrations.iter().map(|i| i.name.id()).collect();
-        assert_eq!(ids, ["a", "b", "c", "d"]);
+        assert_eq!((whole.revision(), whole.integration_count()), (7, 4));
+        assert!(["a", "b", "c", "d"].iter().all(|id| has(&whole, id)));
         assert!(assembly.is_none());
 
         // Broken sequences: a part at another revision, or changes in the middle.
@@ -1150,6 +1150,41 @@ mod tests {
         assert_eq!(b.froms(), [5]);
         shutdown.cancel();
         task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn the_watch_on_its_own_thread_publishes_and_ends_with_the_shutdown() {
+        let a = FakeControlPlane::new(vec![FakeSession::Send(
+            vec![snapshot_msg(5, &["x"]), upsert_msg(6, "y")],
+            true,
+        )]);
+        let planes = ControlPlanes::channels(vec![a.candidate("a")]);
+        let (tx, mut rx) = watch::channel(None);
+        let shutdown = CancellationToken::new();
+        let ended = run_on_own_thread(
+            planes,
+            tx,
+            Arc::new(WatchHealth::default()),
+            shutdown.clone(),
+            WatchOptions::default(),
+        )
+        .unwrap();
+        let table = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|t| t.as_ref().is_some_and(|t| t.revision() == 6)),
+        )
+        .await
+        .expect("the change within 5 s")
+        .unwrap()
+        .clone()
+        .unwrap();
+        assert!(has(&table, "x") && has(&table, "y"));
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("the thread ends within 5 s of the shutdown");
+        // The table's sender went with the thread.
+        assert!(rx.has_changed().is_err());
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,8 +1,8 @@
 //! The routing decision, pure: it knows nothing of gRPC, streams or delivery.
 //!
 //! - `table.rs`: the [`RoutingTable`], every account's integrations and push scopes at one
-//!   revision, built from a [`Snapshot`] and updated by [`Change`]s (`config_watch` decodes
-//!   them from the control plane's stream);
+//!   revision, built from a [`Snapshot`] (in parts, with a [`TableBuilder`]) and updated by
+//!   [`Change`]s (`config_watch` decodes them from the control plane's stream);
 //! - `plan.rs`: [`plan()`] turns the table and a participation ([`RoutingView`]) into a
 //!   [`Plan`]: the integrations to send it to and the ones to skip, with why. Ingest calls it
 //!   and acts on the result.
@@ -15,7 +15,7 @@ mod plan;
 mod table;
 
 pub use plan::{Decision, Plan, RoutingView, SkipReason, plan};
-pub use table::{Change, RoutingTable, Snapshot};
+pub use table::{Change, RoutingTable, Snapshot, TableBuilder};
 
 /// An integration a participation goes to, and the scope that decided it.
 #[derive(Clone, Debug, PartialEq, Eq)]

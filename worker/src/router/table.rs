@@ -231,6 +231,63 @@ impl Parts {
     }
 }
 
+/// A table being built from a snapshot that comes in parts: each part is grouped by account
+/// as it comes (while the control plane sends the next one), and [`TableBuilder::finish`]
+/// builds the accounts once the last one came.
+#[derive(Default)]
+pub struct TableBuilder {
+    parts: HashMap<AccountName, Parts>,
+}
+
+impl fmt::Debug for TableBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TableBuilder")
+            .field("accounts", &self.parts.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TableBuilder {
+    /// Adds what one part of the snapshot holds; of two entries of one name, the one added
+    /// later wins.
+    pub fn add(&mut self, part: Snapshot) {
+        for integration in part.integrations {
+            let (account, sources) = self.group(integration.name.account());
+            sources
+                .integrations
+                .push(shared_integration(integration, &account));
+        }
+        for scope in part.push_scopes {
+            let (account, sources) = self.group(scope.name.account());
+            sources.rest.push(shared_scope(scope, &account));
+        }
+    }
+
+    /// The table at `revision` of everything added.
+    pub fn finish(self, revision: i64) -> RoutingTable {
+        let mut table = RoutingTable {
+            revision,
+            ..RoutingTable::default()
+        };
+        for (account, sources) in self.parts {
+            table.put(account, sources.sorted());
+        }
+        table
+    }
+
+    /// The account's entry, and the account name its names are to share.
+    fn group(&mut self, account: &AccountName) -> (AccountName, &mut Parts) {
+        let key = match self.parts.get_key_value(account) {
+            Some((key, _)) => key.clone(),
+            None => {
+                self.parts.insert(account.clone(), Parts::default());
+                account.clone()
+            }
+        };
+        (key, self.parts.get_mut(account).expect("inserted above"))
+    }
+}
+
 /// Sorts `items` by `key`, keeping only the last of entries with the same key.
 fn last_wins<T, K: Ord + ?Sized>(items: &mut Vec<T>, key: impl Fn(&T) -> &K) {
     items.reverse();
@@ -301,39 +358,9 @@ impl RoutingTable {
 
     /// Builds the table at `revision` from a whole configuration.
     pub fn from_snapshot(revision: i64, snapshot: Snapshot) -> Self {
-        // The account's entry, and the account name its names are to share.
-        fn group<'p>(
-            parts: &'p mut HashMap<AccountName, Parts>,
-            account: &AccountName,
-        ) -> (AccountName, &'p mut Parts) {
-            let key = match parts.get_key_value(account) {
-                Some((key, _)) => key.clone(),
-                None => {
-                    parts.insert(account.clone(), Parts::default());
-                    account.clone()
-                }
-            };
-            (key, parts.get_mut(account).expect("inserted above"))
-        }
-        let mut parts: HashMap<AccountName, Parts> = HashMap::new();
-        for integration in snapshot.integrations {
-            let (account, sources) = group(&mut parts, integration.name.account());
-            sources
-                .integrations
-                .push(shared_integration(integration, &account));
-        }
-        for scope in snapshot.push_scopes {
-            let (account, sources) = group(&mut parts, scope.name.account());
-            sources.rest.push(shared_scope(scope, &account));
-        }
-        let mut table = Self {
-            revision,
-            ..Self::default()
-        };
-        for (account, sources) in parts {
-            table.put(account, sources.sorted());
-        }
-        table
+        let mut builder = TableBuilder::default();
+        builder.add(snapshot);
+        builder.finish(revision)
     }
 
     /// A new table at `revision`: this one with `changes` applied, in order, as one unit
@@ -625,6 +652,46 @@ mod tests {
             ),
         ];
         (integrations, scopes)
+    }
+
+    #[test]
+    fn a_snapshot_added_in_parts_builds_the_table_of_the_whole() {
+        let (mut integrations, scopes) = acme();
+        integrations.push(integration("beta", "hub", true));
+        let whole = RoutingTable::from_snapshot(4, snapshot(&integrations, &scopes));
+        // Scopes before their integrations, accounts spread over parts, and an entry given
+        // again in a later part (with "erp" disabled): the later one wins, as in one part.
+        let mut erp_off = integrations[1].clone();
+        erp_off.enabled = false;
+        let mut builder = TableBuilder::default();
+        builder.add(snapshot(&[erp_off], &scopes[..2]));
+        builder.add(snapshot(&integrations[2..], &scopes[2..]));
+        builder.add(snapshot(&integrations[..2], &[]));
+        let built = builder.finish(4);
+        assert_eq!(built.revision(), 4);
+        assert_eq!(
+            (built.integration_count(), built.push_scope_count()),
+            (whole.integration_count(), whole.push_scope_count())
+        );
+        assert_eq!(recount(&built), recount(&whole));
+        for (account, placement) in [
+            ("acme", at(Some("7"), "1")),
+            ("acme", at(Some("7"), "99")),
+            ("acme", at(None, "1")),
+            ("beta", at(None, "1")),
+        ] {
+            let account = self::account(account);
+            assert_eq!(
+                ids(&built.route(&account, &placement)),
+                ids(&whole.route(&account, &placement)),
+                "{account} {placement:?}"
+            );
+        }
+        let erp = IntegrationName::parse("accounts/acme/integrations/erp").unwrap();
+        assert!(
+            built.integration(&erp).unwrap().enabled,
+            "the later entry won"
+        );
     }
 
     #[test]
