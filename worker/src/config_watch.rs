@@ -571,10 +571,11 @@ fn within(
 /// Starts [`run_with`] on a thread of its own (`config-watch`) with a single-threaded
 /// runtime, and returns what waits for it to end.
 ///
-/// Every connection the watch opens is then driven on that thread too, so a change wakes
-/// one thread, which reads it, applies it and goes back to sleep, instead of the delivery
-/// runtime's workers; and decoding a large snapshot (seconds at a million integrations)
-/// never holds a thread that streams and deliveries need.
+/// Decoding and applying a large snapshot (seconds of CPU at a million integrations) then
+/// never holds a thread that streams and deliveries need. The connections the watch opens
+/// (`ControlPlanes::targets`) are driven on that thread too, so a change wakes that one
+/// thread; channels given ready-made (`ControlPlanes::channels`) stay on the runtime that
+/// made them.
 pub fn run_on_own_thread(
     planes: ControlPlanes,
     table: watch::Sender<Option<Arc<RoutingTable>>>,
