@@ -76,6 +76,14 @@ pub struct Config {
     #[arg(long, env = "PUSHWIRE_WATCH_PROGRESS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration, hide = true)]
     pub watch_progress_interval: Duration,
 
+    /// After sending a WatchConfig stream changes, wait this long before sending it more:
+    /// revisions committed meanwhile go out together, in one message (a worker then wakes
+    /// and swaps its table once for all of them). Adds at most this much to a change's
+    /// propagation, and only while changes come faster than one per window; 0 sends each
+    /// revision as soon as it is committed
+    #[arg(long, env = "PUSHWIRE_WATCH_BATCH_WINDOW", default_value = "2ms", value_parser = humantime::parse_duration)]
+    pub watch_batch_window: Duration,
+
     /// Most integrations one account may have; creating one more fails with
     /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "PUSHWIRE_MAX_INTEGRATIONS_PER_ACCOUNT", default_value_t = crate::service::DEFAULT_MAX_INTEGRATIONS_PER_ACCOUNT, value_parser = per_account_limit)]

@@ -265,7 +265,12 @@ pub async fn run(
         catalog,
         deliveries,
         client,
-        (feed.clone(), config.watch_progress_interval),
+        (
+            feed.clone(),
+            api::ConfigApi::new(feed.clone(), shutdown.clone())
+                .with_progress_interval(config.watch_progress_interval)
+                .with_batch_window(config.watch_batch_window),
+        ),
         worker.as_ref(),
         grpc_metrics.clone(),
         (&auth, tls, in_process),
@@ -375,7 +380,7 @@ async fn grpc_server(
     catalog: Catalog,
     deliveries: service::deliveries::Deliveries,
     client: pushwire_common::webhook::client::WebhookClient,
-    (feed, progress_interval): (ConfigFeed, std::time::Duration),
+    (feed, config_api): (ConfigFeed, api::ConfigApi),
     worker: Option<&Worker>,
     grpc_metrics: GrpcMetrics,
     (auth, tls, in_process): Access<'_>,
@@ -415,10 +420,8 @@ async fn grpc_server(
         api::IntegrationApi::new(catalog.clone(), client),
     )
     .max_decoding_message_size(api::MAX_ADMIN_REQUEST_BYTES);
-    let config_service = pb::config_service_server::ConfigServiceServer::new(
-        api::ConfigApi::new(feed, shutdown.clone()).with_progress_interval(progress_interval),
-    )
-    .max_decoding_message_size(api::MAX_ADMIN_REQUEST_BYTES);
+    let config_service = pb::config_service_server::ConfigServiceServer::new(config_api)
+        .max_decoding_message_size(api::MAX_ADMIN_REQUEST_BYTES);
     let in_process_task = in_process.map(|incoming| {
         tokio::spawn(access::serve_in_process(
             integrations.clone(),

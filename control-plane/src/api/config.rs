@@ -38,12 +38,17 @@ const WATCHER_BUFFER: usize = 16;
 /// Pause between progress messages by default (`--watch-progress-interval`).
 pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long after sending changes a watcher waits before it sends more, by default
+/// (`--watch-batch-window`).
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(2);
+
 /// Serves `ConfigService` from the [`ConfigFeed`].
 #[derive(Clone, Debug)]
 pub struct ConfigApi {
     feed: ConfigFeed,
     shutdown: CancellationToken,
     progress_interval: Duration,
+    batch_window: Duration,
 }
 
 impl ConfigApi {
@@ -53,7 +58,16 @@ impl ConfigApi {
             feed,
             shutdown,
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
+            batch_window: DEFAULT_BATCH_WINDOW,
         }
+    }
+
+    /// The same, waiting `window` after sending changes before sending more: revisions
+    /// committed meanwhile then go out together, in one message (zero: each as soon as it is
+    /// committed; revisions already pending still go together).
+    pub fn with_batch_window(mut self, window: Duration) -> Self {
+        self.batch_window = window;
+        self
     }
 
     /// The same, sending progress messages every `interval` (at least 10 ms).
@@ -86,6 +100,11 @@ fn change_to_pb(c: &Change) -> pb::ConfigChange {
 /// Largest part of a snapshot sent in parts (when the client accepts parts).
 const MAX_PART_BYTES: usize = 4 << 20;
 
+/// Revisions go together in one message up to about this size (a revision larger than it
+/// goes alone): well within the 4 MiB a client takes by default, and big enough that a
+/// burst costs a worker one message per hundreds of changes.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
 /// The size of the parts of a snapshot for a client that accepts messages of up to
 /// `max_message_bytes` (0: no parts, one message whatever its size).
 fn part_bytes(max_message_bytes: i64) -> usize {
@@ -98,7 +117,10 @@ fn part_bytes(max_message_bytes: i64) -> usize {
 /// The messages for one feed update, built one at a time as the watcher takes them (a big
 /// installation's snapshot is never held encoded all at once). A snapshot goes in parts of
 /// about `part_bytes` (at least one item each), all but the last flagged
-/// `snapshot_continues`.
+/// `snapshot_continues`. Revisions go together, in order, in messages of about
+/// [`MAX_BATCH_BYTES`] or `part_bytes` if smaller (at least one revision each, never part of
+/// one), each at the last revision it holds: a worker wakes, decodes and swaps its table once
+/// per message, not once per revision.
 fn messages(
     update: FeedUpdate,
     part_bytes: usize,
@@ -142,10 +164,26 @@ fn messages(
             }))
         }
         FeedUpdate::Changes(revisions) => {
-            Box::new(revisions.into_iter().map(|r| pb::WatchConfigResponse {
-                revision: r.revision,
-                changes: r.changes.iter().map(change_to_pb).collect(),
-                ..Default::default()
+            let limit = part_bytes.min(MAX_BATCH_BYTES);
+            let mut revisions = revisions.into_iter();
+            Box::new(std::iter::from_fn(move || {
+                let mut next = Some(revisions.next()?);
+                let mut msg = pb::WatchConfigResponse::default();
+                let mut bytes = 0;
+                while let Some(r) = next {
+                    for change in &r.changes {
+                        let change = change_to_pb(change);
+                        bytes += change.encoded_len() + 8;
+                        msg.changes.push(change);
+                    }
+                    msg.revision = r.revision;
+                    next = if bytes < limit {
+                        revisions.next()
+                    } else {
+                        None
+                    };
+                }
+                Some(msg)
             }))
         }
     }
@@ -184,7 +222,7 @@ impl ConfigService for ConfigApi {
         let mut view = self.feed.subscribe();
         let shutdown = self.shutdown.clone();
         let feed = self.feed.clone();
-        let period = self.progress_interval;
+        let (period, window) = (self.progress_interval, self.batch_window);
         tokio::spawn(async move {
             // A worker resuming from a revision this replica has not seen yet (it followed
             // another one) waits for it to catch up, not for an older snapshot; after
@@ -199,7 +237,16 @@ impl ConfigService for ConfigApi {
             let mut last = from;
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // When changes were last sent: the next ones wait out the batch window from then.
+            let mut sent: Option<tokio::time::Instant> = None;
             loop {
+                if let Some(at) = sent.take() {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at + window) => {}
+                        () = tx.closed() => return,
+                        () = shutdown.cancelled() => {}
+                    }
+                }
                 let update = tokio::select! {
                     // Updates first: a progress message only goes to a watcher sent everything.
                     biased;
@@ -220,6 +267,9 @@ impl ConfigService for ConfigApi {
                     }
                 };
                 let Some(update) = update else { return };
+                if matches!(update, FeedUpdate::Changes(_)) && !window.is_zero() {
+                    sent = Some(tokio::time::Instant::now());
+                }
                 for msg in messages(update, part_bytes) {
                     let revision = msg.revision;
                     if tx.send(Ok(msg)).await.is_err() {
@@ -230,5 +280,97 @@ impl ConfigService for ConfigApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use pushwire_common::domain::{Integration, IntegrationName};
+
+    use super::*;
+    use crate::service::feed::RevisionChanges;
+
+    fn revision(revision: i64, ids: &[&str]) -> Arc<RevisionChanges> {
+        Arc::new(RevisionChanges {
+            revision,
+            changes: ids
+                .iter()
+                .map(|id| Change::UpsertIntegration(Arc::new(Integration::example("acme", id))))
+                .collect(),
+        })
+    }
+
+    /// Each message's revision and the integration ids of its changes.
+    fn sent(update: FeedUpdate, part_bytes: usize) -> Vec<(i64, Vec<String>)> {
+        messages(update, part_bytes)
+            .map(|m| {
+                assert!(m.snapshot.is_none() && !m.snapshot_continues);
+                let ids = m
+                    .changes
+                    .iter()
+                    .map(|c| match &c.change {
+                        Some(PbChange::UpsertIntegration(i)) => {
+                            let name = &i.integration.as_ref().unwrap().name;
+                            IntegrationName::parse(name).unwrap().id().to_owned()
+                        }
+                        other => panic!("unexpected change {other:?}"),
+                    })
+                    .collect();
+                (m.revision, ids)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pending_revisions_go_together_in_order_at_the_last_one() {
+        let update = || {
+            FeedUpdate::Changes(vec![
+                revision(5, &["a", "b"]),
+                revision(6, &[]),
+                revision(7, &["c"]),
+            ])
+        };
+        assert_eq!(
+            sent(update(), usize::MAX),
+            [(7, vec!["a".to_owned(), "b".into(), "c".into()])]
+        );
+        // Within a size: a message closes once it reached it, never inside a revision.
+        let one = change_to_pb(&revision(1, &["a"]).changes[0]).encoded_len() + 8;
+        assert_eq!(
+            sent(update(), one),
+            [
+                (5, vec!["a".to_owned(), "b".into()]),
+                (7, vec!["c".to_owned()])
+            ]
+        );
+        assert_eq!(
+            sent(update(), 3 * one),
+            [(7, vec!["a".to_owned(), "b".into(), "c".into()])]
+        );
+    }
+
+    #[test]
+    fn a_burst_is_cut_at_the_batch_size_whatever_the_client_accepts() {
+        // Enough revisions of one integration each for about three messages.
+        let one = change_to_pb(&revision(1, &["i1"]).changes[0]).encoded_len() + 8;
+        let n = i64::try_from(3 * MAX_BATCH_BYTES / one).unwrap();
+        let burst: Vec<_> = (1..=n)
+            .map(|r| revision(r, &[format!("i{r}").as_str()]))
+            .collect();
+        let msgs: Vec<_> = messages(FeedUpdate::Changes(burst), usize::MAX).collect();
+        assert!((3..=4).contains(&msgs.len()), "{} messages", msgs.len());
+        for m in &msgs {
+            assert!(
+                m.encoded_len() <= MAX_BATCH_BYTES + 2 * one,
+                "{}",
+                m.encoded_len()
+            );
+        }
+        let changes: usize = msgs.iter().map(|m| m.changes.len()).sum();
+        assert_eq!(i64::try_from(changes).unwrap(), n);
+        assert_eq!(msgs.last().unwrap().revision, n);
+        assert!(msgs.windows(2).all(|w| w[0].revision < w[1].revision));
     }
 }

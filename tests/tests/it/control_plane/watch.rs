@@ -197,10 +197,11 @@ async fn watch_config_resumes_without_missing_or_repeating() -> anyhow::Result<(
             revisions.windows(2).all(|w| w[0] < w[1]),
             "revisions strictly increase: {revisions:?}"
         );
-        assert_eq!(
-            revisions.len(),
-            1 + 3 + 3,
-            "one message per change: {revisions:?}"
+        // The snapshot, then at most one message per change: revisions pending together (the
+        // three made while disconnected, changes made within the batch window) share one.
+        assert!(
+            (3..=7).contains(&revisions.len()),
+            "at most one message per change: {revisions:?}"
         );
 
         // The state built from the stream equals a fresh snapshot.
