@@ -269,18 +269,20 @@ async fn etags_references_and_forced_deletes() -> anyhow::Result<()> {
             .unwrap_err();
         assert_eq!(err.code(), Code::Aborted);
 
+        let mut written = 0;
         for (id, level, target) in [
             ("a", pb::PushScopeLevel::Account, ""),
             ("w", pb::PushScopeLevel::Website, "7"),
             ("c", pb::PushScopeLevel::Campaign, "9"),
         ] {
-            create_scope(
+            let created = create_scope(
                 cp,
                 "accounts/42",
                 id,
                 scope(&crm.name, level, target, pb::PushAction::Push),
             )
             .await?;
+            written = created.etag.parse::<i64>()?;
         }
         let err = create_scope(
             cp,
@@ -316,9 +318,14 @@ async fn etags_references_and_forced_deletes() -> anyhow::Result<()> {
         assert_eq!(err.code(), Code::FailedPrecondition);
         assert!(err.message().contains("3 push scope"), "{}", err.message());
 
-        // Forced: the integration and its three scopes go in one revision.
+        // Forced: the integration and its three scopes go in one revision. The watch first
+        // catches up with every write above (the feed may serve a snapshot from just before
+        // the last of them), so the delete is the only revision pending after it.
         let mut watch = cp.watch(0).await?;
         let mut revision = next_msg(&mut watch).await?.revision;
+        while revision < written {
+            revision = next_msg(&mut watch).await?.revision;
+        }
         cp.integrations()
             .await?
             .delete_integration(pb::DeleteIntegrationRequest {
@@ -327,20 +334,12 @@ async fn etags_references_and_forced_deletes() -> anyhow::Result<()> {
                 force: true,
             })
             .await?;
-        // The feed may have served a snapshot from just before the last writes: those come
-        // first, then the delete.
+        // (Skipping a progress message, should one come meanwhile.)
         let deleted = loop {
             let msg = next_msg(&mut watch).await?;
-            let is_delete = msg.changes.iter().any(|c| {
-                matches!(
-                    c.change,
-                    Some(pb::config_change::Change::DeleteIntegration(_))
-                )
-            });
-            if is_delete {
+            if !msg.changes.is_empty() {
                 break msg;
             }
-            revision = msg.revision;
         };
         assert_eq!(deleted.revision, revision + 1);
         let mut kinds: Vec<String> = deleted
