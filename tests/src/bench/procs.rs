@@ -125,19 +125,21 @@ impl Proc {
     /// cost per change). Threads that already exited are not counted.
     pub fn cpu_time(&self) -> Option<Duration> {
         let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()?;
-        let mut ns = 0u64;
-        for task in tasks.flatten() {
-            let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
-                continue;
-            };
-            ns += stat
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-        Some(Duration::from_nanos(ns))
+        Some(
+            tasks
+                .flatten()
+                .filter_map(|task| run_time(&task.path().join("schedstat")))
+                .sum(),
+        )
     }
+}
+
+/// A thread's run time so far from its `schedstat` file (`/proc/PID/task/TID/schedstat`,
+/// `/proc/thread-self/schedstat`): its first field, nanoseconds. `None` if it cannot be read.
+pub fn run_time(schedstat: &std::path::Path) -> Option<Duration> {
+    let stat = std::fs::read_to_string(schedstat).ok()?;
+    let ns = stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    Some(Duration::from_nanos(ns))
 }
 
 impl Drop for Proc {

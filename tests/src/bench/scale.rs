@@ -13,8 +13,8 @@
 //!    `UpdateIntegration` calls (the auth header of random integrations) until its `/readyz`
 //!    shows the last one's revision, the changes' CPU minus the quiet period's rate over as
 //!    long, divided by the changes: once at a fixed rate, open loop, and once
-//!    [`BACK_TO_BACK`] calls as fast as the control plane takes them (the work of a change,
-//!    without the worker waking from idle for each);
+//!    [`BACK_TO_BACK`] calls as fast as the control plane takes them (the cost of a change
+//!    when changes come in bulk: warm caches, and revisions the control plane sends together);
 //! 5. propagation: as many changes again, with the worker's `/readyz` polled every
 //!    millisecond on one keep-alive connection; each change is timed from its call's return
 //!    to the first poll after it that shows its revision or a later one. (The polls cost the
@@ -54,7 +54,7 @@ const IMPORTS_IN_FLIGHT: usize = 16;
 const CHANGES_IN_FLIGHT: usize = 32;
 /// How long after the last change's return its revision may take to show.
 const DRAIN: Duration = Duration::from_secs(5);
-/// Changes made back to back to measure what one costs the worker without waking it.
+/// Changes made back to back, to measure what one costs the worker when changes come in bulk.
 const BACK_TO_BACK: usize = 2000;
 /// The pause between two polls of the worker's `/readyz`.
 const POLL_EVERY: Duration = Duration::from_millis(1);
@@ -213,9 +213,9 @@ impl Row {
                 "propagation p99",
                 self.p99().map(|p| p <= TARGET_PROPAGATION_P99_MS),
             ),
-            // The work a change costs: back to back, where the worker does not sleep
-            // between changes (at the rate each one also pays for waking the process,
-            // `wake_up_us` on this machine).
+            // Judged back to back, where changes come in bulk, as the issue measured a
+            // worker's capacity (at the rate each change comes alone and also pays for
+            // waking the idle worker, `wake_up_us` on this machine, and cold caches).
             (
                 "CPU per change",
                 self.cpu_per_change_us()[1].map(|c| c <= TARGET_CPU_PER_CHANGE_US),
@@ -329,13 +329,15 @@ pub async fn size(
     );
     row.wake_up_us = floor.await.ok().flatten();
     // At the rate, then back to back.
-    let mut unobserved = (0, Duration::ZERO);
+    let (mut unobserved_failed, mut unobserved_lag) = (0, Duration::ZERO);
     for (rate, total) in [(Some(scale.rate), changes), (None, BACK_TO_BACK)] {
         let from = (Instant::now(), cpu("before the changes")?);
         let sent = send_changes(&env, accounts, total, rate).await?;
-        unobserved.0 += sent.failed;
-        let last = sent.returned.iter().map(|(r, _)| *r).max().unwrap_or(0);
-        if wait_revision(&worker, last, DRAIN).await.is_ok() {
+        unobserved_failed += sent.failed;
+        if wait_revision(&worker, sent.last_revision(), DRAIN)
+            .await
+            .is_ok()
+        {
             let to = (Instant::now(), cpu("after the changes")?);
             let used = Cpu {
                 ms: (to.1 - from.1).as_secs_f64() * 1e3,
@@ -343,7 +345,7 @@ pub async fn size(
                 changes: sent.returned.len(),
             };
             if rate.is_some() {
-                unobserved.1 = sent.max_lag;
+                unobserved_lag = sent.max_lag;
                 row.change_cpu = used;
             } else {
                 row.back_to_back_cpu = used;
@@ -369,10 +371,10 @@ pub async fn size(
     let stop_on_drop = stop.clone().drop_guard();
     let sent = send_changes(&env, accounts, changes, Some(scale.rate)).await?;
     row.changes = sent.returned.len();
-    row.failed_calls = sent.failed + unobserved.0;
-    row.max_send_lag_ms = sent.max_lag.max(unobserved.1).as_secs_f64() * 1e3;
+    row.failed_calls = sent.failed + unobserved_failed;
+    row.max_send_lag_ms = sent.max_lag.max(unobserved_lag).as_secs_f64() * 1e3;
     row.rate.1 = sent.total as f64 / sent.sending.as_secs_f64();
-    let last = sent.returned.iter().map(|(r, _)| *r).max().unwrap_or(0);
+    let last = sent.last_revision();
     let drain_until = Instant::now() + DRAIN;
     while progress.latest.load(Ordering::Relaxed) < last && Instant::now() < drain_until {
         tokio::time::sleep(POLL_EVERY).await;
@@ -418,16 +420,13 @@ pub async fn size(
 /// and does nothing else, `wakes` times, µs (the thread's own CPU time, as the kernel
 /// counts it for the worker's threads); `None` where the kernel does not say.
 fn wake_up_cost(every: Duration, wakes: usize) -> Option<f64> {
-    let own = || {
-        let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-        stat.split_whitespace().next()?.parse::<u64>().ok()
-    };
+    let own = || procs::run_time(Path::new("/proc/thread-self/schedstat"));
     let from = own()?;
     for _ in 0..wakes {
         std::thread::sleep(every);
     }
     let to = own()?;
-    Some((to - from) as f64 / 1e3 / wakes.max(1) as f64)
+    Some((to - from).as_secs_f64() * 1e6 / wakes.max(1) as f64)
 }
 
 /// Removes a directory when dropped (the size's data, also when it failed or timed out).
@@ -604,6 +603,13 @@ struct Sent {
     failed: usize,
     /// Longest a call started late on its schedule.
     max_lag: Duration,
+}
+
+impl Sent {
+    /// The highest revision an answered call returned (0 if none did).
+    fn last_revision(&self) -> i64 {
+        self.returned.iter().map(|(r, _)| *r).max().unwrap_or(0)
+    }
 }
 
 /// `total` `UpdateIntegration` calls of random integrations' auth header at `rate` a
