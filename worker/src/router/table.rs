@@ -277,15 +277,28 @@ impl TableBuilder {
 
     /// The account's entry, and the account name its names are to share.
     fn group(&mut self, account: &AccountName) -> (AccountName, &mut Parts) {
-        let key = match self.parts.get_key_value(account) {
-            Some((key, _)) => key.clone(),
-            None => {
-                self.parts.insert(account.clone(), Parts::default());
-                account.clone()
-            }
-        };
-        (key, self.parts.get_mut(account).expect("inserted above"))
+        entry(&mut self.parts, account, || {
+            (account.clone(), Parts::default())
+        })
     }
+}
+
+/// `account`'s entry in `parts`, made by `first` (the key to share and the parts to start
+/// from) when it has none yet, and the account name its names are to share: the entry's key.
+fn entry<'p>(
+    parts: &'p mut HashMap<AccountName, Parts>,
+    account: &AccountName,
+    first: impl FnOnce() -> (AccountName, Parts),
+) -> (AccountName, &'p mut Parts) {
+    let key = match parts.get_key_value(account) {
+        Some((key, _)) => key.clone(),
+        None => {
+            let (key, start) = first();
+            parts.insert(key.clone(), start);
+            key
+        }
+    };
+    (key, parts.get_mut(account).expect("inserted above"))
 }
 
 /// Sorts `items` by `key`, keeping only the last of entries with the same key.
@@ -436,18 +449,12 @@ impl RoutingTable {
         touched: &'t mut HashMap<AccountName, Parts>,
         account: &AccountName,
     ) -> (AccountName, &'t mut Parts) {
-        let key = match touched.get_key_value(account) {
-            Some((key, _)) => key.clone(),
-            None => {
-                let (key, parts) = match self.accounts.get_key_value(account) {
-                    Some((key, existing)) => (key.clone(), existing.parts()),
-                    None => (account.clone(), Parts::default()),
-                };
-                touched.insert(key.clone(), parts);
-                key
+        entry(touched, account, || {
+            match self.accounts.get_key_value(account) {
+                Some((key, existing)) => (key.clone(), existing.parts()),
+                None => (account.clone(), Parts::default()),
             }
-        };
-        (key, touched.get_mut(account).expect("inserted above"))
+        })
     }
 
     /// The integrations a participation of `account` at `placement` goes to, ordered by
