@@ -265,12 +265,9 @@ pub async fn run(
         catalog,
         deliveries,
         client,
-        (
-            feed.clone(),
-            api::ConfigApi::new(feed.clone(), shutdown.clone())
-                .with_progress_interval(config.watch_progress_interval)
-                .with_batch_window(config.watch_batch_window),
-        ),
+        api::ConfigApi::new(feed.clone(), shutdown.clone())
+            .with_progress_interval(config.watch_progress_interval)
+            .with_batch_window(config.watch_batch_window),
         worker.as_ref(),
         grpc_metrics.clone(),
         (&auth, tls, in_process),
@@ -380,7 +377,7 @@ async fn grpc_server(
     catalog: Catalog,
     deliveries: service::deliveries::Deliveries,
     client: pushwire_common::webhook::client::WebhookClient,
-    (feed, config_api): (ConfigFeed, api::ConfigApi),
+    config_api: api::ConfigApi,
     worker: Option<&Worker>,
     grpc_metrics: GrpcMetrics,
     (auth, tls, in_process): Access<'_>,
@@ -394,7 +391,7 @@ async fn grpc_server(
             StackError::Reflection(e) => RunError::Serve(e.into()),
         })?;
     let loaded = {
-        let feed = feed.clone();
+        let feed = config_api.feed().clone();
         // Not a watcher: the config_watchers metric counts subscribers.
         async move {
             let mut view = feed.subscribe();

@@ -62,6 +62,11 @@ impl ConfigApi {
         }
     }
 
+    /// The feed it serves.
+    pub fn feed(&self) -> &ConfigFeed {
+        &self.feed
+    }
+
     /// The same, waiting `window` after sending changes before sending more: revisions
     /// committed meanwhile then go out together, in one message (zero: each as soon as it is
     /// committed; revisions already pending still go together).
