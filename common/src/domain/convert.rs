@@ -39,8 +39,16 @@ fn timestamp(t: SystemTime) -> Option<prost_types::Timestamp> {
 fn system_time(field: &str, t: Option<prost_types::Timestamp>) -> Result<SystemTime, InvalidField> {
     match t {
         None => Ok(SystemTime::UNIX_EPOCH),
-        Some(t) => SystemTime::try_from(t).map_err(|e| InvalidField::new(field, e.to_string())),
+        Some(t) => system_time_at(|| field.to_owned(), t),
     }
+}
+
+/// A timestamp field; `field` names it only for an error (some paths are written out).
+fn system_time_at(
+    field: impl FnOnce() -> String,
+    t: prost_types::Timestamp,
+) -> Result<SystemTime, InvalidField> {
+    SystemTime::try_from(t).map_err(|e| InvalidField::new(field(), e.to_string()))
 }
 
 fn parse_etag(field: &str, etag: &str) -> Result<i64, InvalidField> {
@@ -71,7 +79,16 @@ pub fn etag(field: &str, etag: &str) -> Result<Option<i64>, InvalidField> {
 
 /// Decodes an enum field; `None` for the UNSPECIFIED zero value.
 fn enum_value<E: TryFrom<i32>>(field: &str, value: i32) -> Result<E, InvalidField> {
-    E::try_from(value).map_err(|_| InvalidField::new(field, format!("unknown enum value {value}")))
+    enum_value_at(|| field.to_owned(), value)
+}
+
+/// [`enum_value`] of a field whose path is written out only for an error.
+fn enum_value_at<E: TryFrom<i32>>(
+    field: impl FnOnce() -> String,
+    value: i32,
+) -> Result<E, InvalidField> {
+    E::try_from(value)
+        .map_err(|_| InvalidField::new(field(), format!("unknown enum value {value}")))
 }
 
 /// `IncompleteParticipations` → policy; UNSPECIFIED is `None`.
@@ -116,9 +133,7 @@ pub fn signature_schemes(
         // The field's path is only written out for an error (this runs for every change a
         // worker applies).
         let at = || format!("{field}[{i}]");
-        let value = pb::SignatureScheme::try_from(*v)
-            .map_err(|_| InvalidField::new(at(), format!("unknown enum value {v}")))?;
-        out.push(match value {
+        out.push(match enum_value_at(at, *v)? {
             pb::SignatureScheme::Unspecified => {
                 return Err(InvalidField::new(
                     at(),
@@ -343,12 +358,10 @@ impl TryFrom<pb::IntegrationConfig> for Integration {
             .map(|(n, s)| {
                 let expire_time = match s.expire_time {
                     None => None,
-                    Some(t) => Some(SystemTime::try_from(t).map_err(|e| {
-                        InvalidField::new(
-                            format!("signing_secrets[{n}].expire_time"),
-                            e.to_string(),
-                        )
-                    })?),
+                    Some(t) => Some(system_time_at(
+                        || format!("signing_secrets[{n}].expire_time"),
+                        t,
+                    )?),
                 };
                 Ok(SigningSecret {
                     secret: Secret::new(s.secret),
