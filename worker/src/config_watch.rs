@@ -825,6 +825,22 @@ mod tests {
         }
     }
 
+    /// The table once it is at `revision` (within 5 s).
+    async fn table_at(
+        rx: &mut watch::Receiver<Option<Arc<RoutingTable>>>,
+        revision: i64,
+    ) -> Arc<RoutingTable> {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|t| t.as_ref().is_some_and(|t| t.revision() == revision)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the table at revision {revision} within 5 s"))
+        .unwrap()
+        .clone()
+        .unwrap()
+    }
+
     fn has(t: &RoutingTable, id: &str) -> bool {
         t.integration(&integration(id).name).is_some()
     }
@@ -1091,15 +1107,7 @@ mod tests {
             shutdown.clone(),
             opts,
         ));
-        let table = tokio::time::timeout(
-            Duration::from_secs(5),
-            rx.wait_for(|t| t.as_ref().is_some_and(|t| t.revision() == 7)),
-        )
-        .await
-        .expect("the change from c within 5 s")
-        .unwrap()
-        .clone()
-        .unwrap();
+        let table = table_at(&mut rx, 7).await;
         assert!(has(&table, "x") && has(&table, "y"));
         assert_eq!(a.froms(), [0]);
         assert_eq!(b.froms(), [5], "b asked to resume");
@@ -1170,15 +1178,7 @@ mod tests {
             WatchOptions::default(),
         )
         .unwrap();
-        let table = tokio::time::timeout(
-            Duration::from_secs(5),
-            rx.wait_for(|t| t.as_ref().is_some_and(|t| t.revision() == 6)),
-        )
-        .await
-        .expect("the change within 5 s")
-        .unwrap()
-        .clone()
-        .unwrap();
+        let table = table_at(&mut rx, 6).await;
         assert!(has(&table, "x") && has(&table, "y"));
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(5), ended)
