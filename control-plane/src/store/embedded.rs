@@ -13,7 +13,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
 use super::{
-    Compare, Event, KeyValue, Op, Range, Store, StoreError, Txn, TxnOutcome, WatchBatch,
+    Compare, Event, KeyValue, Op, Pages, Range, Store, StoreError, Txn, TxnOutcome, WatchBatch,
     WatchStream, check_txn,
 };
 
@@ -51,6 +51,8 @@ const EVENT_DELETE: u8 = 1;
 #[derive(Clone)]
 pub struct EmbeddedStore {
     inner: Arc<Inner>,
+    /// Keys per page of [`Store::range_pages`].
+    page_keys: usize,
 }
 
 struct Inner {
@@ -106,6 +108,18 @@ impl EmbeddedStore {
     /// History kept by [`EmbeddedStore::open`], in revisions.
     pub const DEFAULT_KEEP_REVISIONS: u64 = 10_000;
 
+    /// Keys per page of [`Store::range_pages`] by default: a few MiB, and enough for every
+    /// core to decode a share of the page while the next one is read.
+    pub const DEFAULT_PAGE_KEYS: usize = 16_384;
+
+    /// The same store, reading [`Store::range_pages`] in pages of `page_keys` keys (at least
+    /// 1).
+    #[must_use]
+    pub fn with_page_keys(mut self, page_keys: usize) -> Self {
+        self.page_keys = page_keys.max(1);
+        self
+    }
+
     /// Opens (or creates, with its parent directory) the store file at `path`, keeping the last
     /// [`Self::DEFAULT_KEEP_REVISIONS`] revisions of history for watches.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -158,6 +172,7 @@ impl EmbeddedStore {
                 keep_revisions: i64::try_from(keep_revisions.max(1)).unwrap_or(i64::MAX),
                 committed,
             }),
+            page_keys: Self::DEFAULT_PAGE_KEYS,
         })
     }
 
@@ -305,10 +320,28 @@ impl Inner {
     }
 
     fn range(&self, prefix: &str) -> Result<Range, StoreError> {
+        let mut whole = None;
+        self.range_pages(prefix, usize::MAX, |range| {
+            whole = Some(range);
+            true
+        })?;
+        Ok(whole.expect("a read emits its last page"))
+    }
+
+    /// Reads every key under `prefix` in one read transaction, handing `emit` a page of
+    /// `page_keys` keys at a time and then the rest (perhaps none) as the last page, until
+    /// `emit` returns false.
+    fn range_pages(
+        &self,
+        prefix: &str,
+        page_keys: usize,
+        mut emit: impl FnMut(Range) -> bool,
+    ) -> Result<(), StoreError> {
         let rtx = self.db.begin_read().map_err(db_err)?;
         let revision = meta_value(&rtx.open_table(META).map_err(db_err)?, META_REVISION)?;
         let kv = rtx.open_table(KV).map_err(db_err)?;
-        let mut kvs = Vec::new();
+        let page = || Vec::with_capacity(page_keys.min(EmbeddedStore::DEFAULT_PAGE_KEYS));
+        let mut kvs = page();
         for entry in kv.range(prefix..).map_err(db_err)? {
             let (key, stored) = entry.map_err(db_err)?;
             let key = key.value();
@@ -316,8 +349,18 @@ impl Inner {
                 break;
             }
             kvs.push(to_key_value(key, stored.value()));
+            if kvs.len() == page_keys {
+                let full = std::mem::replace(&mut kvs, page());
+                if !emit(Range {
+                    revision,
+                    kvs: full,
+                }) {
+                    return Ok(());
+                }
+            }
         }
-        Ok(Range { revision, kvs })
+        emit(Range { revision, kvs });
+        Ok(())
     }
 
     /// The store revision and the oldest revision still in the history.
@@ -603,6 +646,22 @@ impl Store for EmbeddedStore {
     async fn range(&self, prefix: &str) -> Result<Range, StoreError> {
         let prefix = prefix.to_owned();
         self.blocking(move |inner| inner.range(&prefix)).await
+    }
+
+    /// Read on a thread of its own, at most two pages ahead of the caller.
+    fn range_pages<'a>(&'a self, prefix: &'a str) -> Pages<'a> {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let (inner, page_keys) = (Arc::clone(&self.inner), self.page_keys);
+        let prefix = prefix.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let read = inner.range_pages(&prefix, page_keys, |page| {
+                tx.blocking_send(Ok(page)).is_ok()
+            });
+            if let Err(e) = read {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {

@@ -10,7 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use super::{KeyValue, Range, Store, StoreError, Txn, TxnOutcome, WatchStream};
+use super::{KeyValue, Pages, Range, Store, StoreError, Txn, TxnOutcome, WatchStream};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabel {
@@ -99,6 +99,12 @@ impl Store for Metered {
 
     async fn range(&self, prefix: &str) -> Result<Range, StoreError> {
         measured!(self, "range", self.inner.range(prefix))
+    }
+
+    /// Not measured: its time is mostly the caller's, handling one page while the next is
+    /// read.
+    fn range_pages<'a>(&'a self, prefix: &'a str) -> Pages<'a> {
+        self.inner.range_pages(prefix)
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {

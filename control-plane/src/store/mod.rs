@@ -12,17 +12,18 @@ pub mod keys;
 pub mod metered;
 pub mod pb;
 pub mod records;
+pub mod snapshot;
 
 use std::pin::Pin;
 
 use async_trait::async_trait;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt as _};
 
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdStore, Limits as EtcdLimits};
 
 /// A stored key with its value and revisions, as etcd reports them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeyValue {
     /// Full key, e.g. `/pushwire/v1/accounts/42/integrations/crm`.
     pub key: String,
@@ -42,6 +43,11 @@ pub struct Range {
     /// The keys under the prefix, in ascending key order.
     pub kvs: Vec<KeyValue>,
 }
+
+/// A read of every key under a prefix, a page at a time ([`Store::range_pages`]): each page is
+/// a [`Range`] of the keys after the previous page's, all at the first page's revision. The
+/// last page may be empty; an `Err` ends the read; dropping the stream stops it.
+pub type Pages<'a> = Pin<Box<dyn Stream<Item = Result<Range, StoreError>> + Send + 'a>>;
 
 /// A guard of a transaction; every guard must hold for the operations to apply.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -198,7 +204,24 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
 
     /// Reads every key under `prefix` at one revision.
-    async fn range(&self, prefix: &str) -> Result<Range, StoreError>;
+    async fn range(&self, prefix: &str) -> Result<Range, StoreError> {
+        let mut pages = self.range_pages(prefix);
+        let mut range = Range {
+            revision: 0,
+            kvs: Vec::new(),
+        };
+        while let Some(page) = pages.next().await {
+            let page = page?;
+            range.revision = page.revision;
+            range.kvs.extend(page.kvs);
+        }
+        Ok(range)
+    }
+
+    /// Reads every key under `prefix` at one revision, as [`Store::range`] does, in pages of
+    /// the store's size, the next one read while the caller handles this one: a read of
+    /// everything (a control plane's start) never holds all of it at once.
+    fn range_pages<'a>(&'a self, prefix: &'a str) -> Pages<'a>;
 
     /// Applies a transaction atomically.
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError>;

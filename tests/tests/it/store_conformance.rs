@@ -566,6 +566,59 @@ async fn watch_from_future_revision_waits(store: Arc<dyn Store>) -> anyhow::Resu
     Ok(())
 }
 
+/// Keys per page in [`pages_are_one_read_at_one_revision`].
+const PAGE_KEYS: usize = 3;
+
+#[tokio::test]
+async fn embedded_pages_are_one_read_at_one_revision() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = EmbeddedStore::open(&dir.path().join("store.redb"))?.with_page_keys(PAGE_KEYS);
+    pages_are_one_read_at_one_revision(&store).await
+}
+
+#[tokio::test]
+async fn etcd_pages_are_one_read_at_one_revision() -> anyhow::Result<()> {
+    let server = EtcdServer::start()?;
+    let limits = EtcdLimits {
+        page_keys: PAGE_KEYS as i64,
+        ..EtcdLimits::default()
+    };
+    let store = EtcdStore::connect_with(&[server.endpoint()], limits).await?;
+    pages_are_one_read_at_one_revision(&store).await
+}
+
+/// A read in pages is the range at one revision, even when the store changes between pages:
+/// ten keys under the prefix in pages of three, with a write and a delete after the first page.
+async fn pages_are_one_read_at_one_revision(store: &dyn Store) -> anyhow::Result<()> {
+    let keys: Vec<String> = (0..10)
+        .map(|n| keys::integration("42", &format!("i{n}")))
+        .collect();
+    for key in &keys {
+        commit(store, txn(vec![], vec![put(key, key)])).await?;
+    }
+    let at = commit(store, txn(vec![], vec![put(&other(), "outside")])).await?;
+    let whole = store.range(&prefix()).await?;
+    assert_eq!(whole.revision, at);
+    assert_eq!(whole.kvs.len(), keys.len());
+
+    let prefix = prefix();
+    let mut pages = store.range_pages(&prefix);
+    let first = pages.next().await.context("no first page")??;
+    commit(store, txn(vec![], vec![put(&b(), "new"), del(&keys[9])])).await?;
+    let mut read = vec![first];
+    while let Some(page) = tokio::time::timeout(STREAM_WAIT, pages.next()).await? {
+        read.push(page?);
+    }
+    let sizes: Vec<usize> = read.iter().map(|page| page.kvs.len()).collect();
+    assert_eq!(sizes, vec![3, 3, 3, 1], "keys per page");
+    for page in &read {
+        assert_eq!(page.revision, at, "every page at the first page's revision");
+    }
+    let kvs: Vec<KeyValue> = read.into_iter().flat_map(|page| page.kvs).collect();
+    assert_eq!(kvs, whole.kvs, "the pages together are the range");
+    Ok(())
+}
+
 #[tokio::test]
 async fn embedded_reopen_keeps_data_and_revision() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::members::{Kind, Members};
 use super::{
-    Compare, Event, KeyValue, Op, Range, Store, StoreError, Txn, TxnOutcome, WatchBatch,
+    Compare, Event, KeyValue, Op, Pages, Range, Store, StoreError, Txn, TxnOutcome, WatchBatch,
     WatchStream, check_txn, keys,
 };
 
@@ -328,40 +328,58 @@ impl Store for EtcdStore {
             .transpose()
     }
 
-    /// In pages, all at the revision of the first, so neither a message-size cap nor the
-    /// size of the configuration is in the way; a page that is still too large is asked
-    /// for again with half the keys.
-    async fn range(&self, prefix: &str) -> Result<Range, StoreError> {
-        let end = prefix_end(prefix.as_bytes());
-        let mut start = prefix.as_bytes().to_vec();
-        let mut limit = self.limits.page_keys.max(1);
-        let mut revision = 0;
-        let mut kvs = Vec::new();
-        loop {
-            let mut page = match self.page(&start, &end, limit, revision).await {
-                Ok(page) => page,
-                Err(e) if too_large(&e) && limit > 1 => {
-                    limit /= 2;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if revision == 0 {
-                revision = header_revision(page.header())?;
-            }
-            let more = page.more();
-            for kv in page.take_kvs() {
-                kvs.push(to_key_value(kv)?);
-            }
-            match kvs.last() {
-                Some(last) if more => {
-                    // The next page starts just after the last key.
-                    start = last.key.as_bytes().to_vec();
-                    start.push(0);
-                }
-                _ => return Ok(Range { revision, kvs }),
-            }
+    /// All at the revision of the first page, so neither a message-size cap nor the size of
+    /// the configuration is in the way; a page that is still too large is asked for again
+    /// with half the keys.
+    fn range_pages<'a>(&'a self, prefix: &'a str) -> Pages<'a> {
+        struct Next {
+            start: Vec<u8>,
+            limit: i64,
+            revision: i64,
         }
+        let end = prefix_end(prefix.as_bytes());
+        let first = Next {
+            start: prefix.as_bytes().to_vec(),
+            limit: self.limits.page_keys.max(1),
+            revision: 0,
+        };
+        Box::pin(futures_util::stream::try_unfold(Some(first), move |next| {
+            let end = end.clone();
+            async move {
+                let Some(mut next) = next else {
+                    return Ok(None);
+                };
+                let mut page = loop {
+                    match self
+                        .page(&next.start, &end, next.limit, next.revision)
+                        .await
+                    {
+                        Err(e) if too_large(&e) && next.limit > 1 => next.limit /= 2,
+                        page => break page?,
+                    }
+                };
+                if next.revision == 0 {
+                    next.revision = header_revision(page.header())?;
+                }
+                let more = page.more();
+                let kvs = page
+                    .take_kvs()
+                    .into_iter()
+                    .map(to_key_value)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let revision = next.revision;
+                let next = match kvs.last() {
+                    Some(last) if more => {
+                        // The next page starts just after the last key.
+                        next.start = last.key.as_bytes().to_vec();
+                        next.start.push(0);
+                        Some(next)
+                    }
+                    _ => None,
+                };
+                Ok(Some((Range { revision, kvs }, next)))
+            }
+        }))
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
