@@ -36,6 +36,11 @@ const EMPTY_REVISION: i64 = 1;
 /// Revisions a watch reads from the history per step, which bounds what it buffers.
 const WATCH_READ_REVISIONS: usize = 256;
 
+/// redb's page cache (its default is 1 GiB). The config feed holds every record decoded
+/// already; the cache only has to keep the tree's inner pages and what a write touches, and
+/// reading everything at a start would otherwise leave up to its size of file pages in memory.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// How long opening waits for a file another store holds: a control plane that is still
 /// stopping (a restart, or one run after another in a process) releases it within this.
 const OPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -152,7 +157,7 @@ impl EmbeddedStore {
         create_private(path).map_err(|err| failed(Box::new(err)))?;
         let started = std::time::Instant::now();
         let db = loop {
-            match Database::create(path) {
+            match Database::builder().set_cache_size(CACHE_BYTES).create(path) {
                 Ok(db) => break db,
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) if started.elapsed() < wait => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
