@@ -215,7 +215,7 @@ pub async fn run(
         store_metrics.clone(),
     ));
     // Refuse to start, rather than serve secrets that do not decrypt, when the keys are wrong.
-    let (_, everything) = store::encryption::verify_read(store.as_ref(), &keys)
+    let (_, snapshot) = store::encryption::verify_read(store.as_ref(), &keys)
         .await
         .map_err(RunError::Encryption)?;
     if !config.etcd_endpoints.is_empty() && !config.etcd_compaction_interval.is_zero() {
@@ -230,8 +230,7 @@ pub async fn run(
     let deliveries = delivery_log(&config, &retention_metrics, &shutdown).await?;
     let feed = ConfigFeed::new(config.watch_history);
     // Loaded from the read the key check made; the feed watches from the revision after it.
-    feed.load(&everything, &keys);
-    drop(everything);
+    feed.load(snapshot);
     let feed_task = tokio::spawn(
         feed.clone()
             .run(store.clone(), keys.clone(), shutdown.clone()),

@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::crypto::Keyring;
 use crate::store::keys::{self, Parsed};
 use crate::store::records::{self, Record};
-use crate::store::{Event, Range, Store, StoreError, WatchBatch};
+use crate::store::snapshot::{self, Snapshot};
+use crate::store::{Event, Store, StoreError, WatchBatch};
 
 /// Revisions kept for resuming watchers by default.
 pub const DEFAULT_HISTORY: usize = 4096;
@@ -184,14 +185,21 @@ impl ConfigFeed {
             let from = match resume_from {
                 Some(from) => from,
                 None => {
-                    let range = tokio::select! {
-                        r = store.range(keys::ROOT) => r,
+                    let read = tokio::select! {
+                        r = snapshot::read(store.as_ref(), &keys) => r,
                         () = shutdown.cancelled() => return,
                     };
-                    match range {
-                        Ok(range) => {
-                            self.reload(range.revision, &range.kvs, &keys);
-                            range.revision + 1
+                    match read {
+                        Ok(snapshot) => {
+                            if let Some(e) = &snapshot.refusal {
+                                tracing::error!(
+                                    error = %e, records = snapshot.refused,
+                                    "config feed: skipping records whose secrets do not decrypt"
+                                );
+                            }
+                            let revision = snapshot.revision;
+                            self.load(snapshot);
+                            revision + 1
                         }
                         Err(e) => {
                             self.set_live(false);
@@ -255,40 +263,14 @@ impl ConfigFeed {
         }
     }
 
-    /// Loads the configuration from `range`, a read of the whole key space (start-up reads it
-    /// once, for the key check and for this); [`ConfigFeed::run`] then watches from the
-    /// revision after it.
-    pub fn load(&self, range: &Range, keys: &Keyring) {
-        self.reload(range.revision, &range.kvs, keys);
-    }
-
-    fn reload(&self, revision: i64, kvs: &[crate::store::KeyValue], keys: &Keyring) {
-        // Decoding (and decrypting) every record is most of a big start-up: on every core,
-        // each into a vector sized once (grown by doubling, a million records' vectors were
-        // copied again and again into fresh pages).
-        let decoded = crate::parallel::map_chunks(kvs, |kvs| {
-            let mut records = Vec::with_capacity(kvs.len());
-            for kv in kvs {
-                match records::decode(kv, keys) {
-                    Ok(Some(record)) => records.push((kv.key.clone(), record)),
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "config feed: skipping unreadable record");
-                    }
-                }
-            }
-            records
-        });
-        let (mut integrations, mut push_scopes) = (Vec::new(), Vec::new());
-        for (key, record) in decoded.into_iter().flatten() {
-            match record {
-                Record::Integration(i) => integrations.push((key, Arc::new(i))),
-                Record::PushScope(s) => push_scopes.push((key, Arc::new(s))),
-            }
-        }
-        // In key order, as read: the maps are built in one pass instead of a descent per key.
-        let integrations: BTreeMap<_, _> = integrations.into_iter().collect();
-        let push_scopes: BTreeMap<_, _> = push_scopes.into_iter().collect();
+    /// Loads the configuration from `snapshot`, read at start-up for the key check and for
+    /// this; [`ConfigFeed::run`] then watches from the revision after it.
+    pub fn load(&self, snapshot: Snapshot) {
+        let revision = snapshot.revision;
+        // In key order, as read, each in a vector of its exact size: the maps are built in
+        // one pass, in place, instead of a descent per key.
+        let integrations = snapshot.integrations.into_iter().collect();
+        let push_scopes = snapshot.push_scopes.into_iter().collect();
         {
             let mut state = self.write();
             *state = State {

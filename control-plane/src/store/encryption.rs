@@ -8,7 +8,8 @@
 use zeroize::Zeroizing;
 
 use super::records::{self, Sealed};
-use super::{Compare, KeyValue, Op, Range, Store, StoreError, Txn, TxnOutcome, keys};
+use super::snapshot::{self, Snapshot};
+use super::{Compare, KeyValue, Op, Store, StoreError, Txn, TxnOutcome, keys};
 use crate::crypto::{CryptoError, KeyError, Keyring};
 
 /// How often one record's rewrite is retried when a concurrent change beat it.
@@ -125,42 +126,37 @@ fn check(kv: &KeyValue, sealed: &mut Sealed, keys: &Keyring) -> Result<bool, Enc
     Ok(stale)
 }
 
+/// Checks the encryption check record at `kv`; true when it is under an older key.
+fn check_record(kv: &KeyValue, keys: &Keyring) -> Result<bool, EncryptionError> {
+    let mut sealed =
+        Sealed::decode(kv)?.ok_or_else(|| EncryptionError::BadCheck(kv.key.clone()))?;
+    check(kv, &mut sealed, keys)
+}
+
 /// Checks that `keys` decrypt every secret in the store (and the encryption check, written with
 /// the current key when absent). Run at start-up: a control plane that fails it must not serve.
 pub async fn verify(store: &dyn Store, keys: &Keyring) -> Result<Verified, EncryptionError> {
     Ok(verify_read(store, keys).await?.0)
 }
 
-/// [`verify`], also returning the read of the whole key space it checked, so that start-up
-/// loads the configuration from it instead of reading (and copying) everything again.
+/// [`verify`], also returning the whole configuration it read and checked, so that start-up
+/// loads the config feed from it instead of reading (and decrypting) everything again.
 pub async fn verify_read(
     store: &dyn Store,
     keys: &Keyring,
-) -> Result<(Verified, Range), EncryptionError> {
-    let range = store.range(keys::ROOT).await?;
-    let mut verified = Verified::default();
-    let has_check = range.kvs.iter().any(|kv| kv.key == keys::ENCRYPTION_CHECK);
-    // Every record decrypted, on every core: at a million integrations this is seconds of
-    // the start-up.
-    let counts = crate::parallel::map_chunks(&range.kvs, |kvs| {
-        let (mut records, mut stale) = (0, 0);
-        for kv in kvs {
-            let Some(mut sealed) = sealed(kv) else {
-                continue;
-            };
-            records += 1;
-            stale += usize::from(check(kv, &mut sealed, keys)?);
-        }
-        Ok::<_, EncryptionError>((records, stale))
-    });
-    for count in counts {
-        let (records, stale) = count?;
-        verified.records += records;
-        verified.stale += stale;
+) -> Result<(Verified, Snapshot), EncryptionError> {
+    let mut snapshot = snapshot::read(store, keys).await?;
+    if let Some(refusal) = snapshot.refusal.take() {
+        return Err(refusal);
     }
-    if !has_check {
-        write_check(store, keys).await?;
-        verified.records += 1;
+    let mut verified = Verified {
+        // The integrations and the check.
+        records: snapshot.integrations.len() + 1,
+        stale: snapshot.stale,
+    };
+    match &snapshot.check {
+        Some(kv) => verified.stale += usize::from(check_record(kv, keys)?),
+        None => write_check(store, keys).await?,
     }
     if verified.stale > 0 {
         tracing::warn!(
@@ -175,7 +171,7 @@ pub async fn verify_read(
         records = verified.records,
         "secrets at rest: every stored secret decrypts"
     );
-    Ok((verified, range))
+    Ok((verified, snapshot))
 }
 
 /// Writes the encryption check unless it exists; when another replica wrote it first, checks
@@ -194,9 +190,7 @@ async fn write_check(store: &dyn Store, keys: &Keyring) -> Result<(), Encryption
             return Ok(());
         }
         if let Some(kv) = store.get(key).await? {
-            let mut sealed =
-                Sealed::decode(&kv)?.ok_or_else(|| EncryptionError::BadCheck(kv.key.clone()))?;
-            return check(&kv, &mut sealed, keys).map(drop);
+            return check_record(&kv, keys).map(drop);
         }
     }
     Err(EncryptionError::Busy(key.to_owned()))

@@ -16,6 +16,7 @@ use pushwire_common::domain::{
 };
 use pushwire_common::pb::v1 as pb;
 
+use super::encryption::EncryptionError;
 use super::keys::{self, Parsed};
 use super::pb as rec;
 use super::{KeyValue, StoreError};
@@ -110,21 +111,31 @@ pub fn encode_push_scope(s: &PushScope) -> Vec<u8> {
     .encode_to_vec()
 }
 
-/// Decrypts one encrypted field of the record at `kv`.
+/// Decrypts one encrypted field of the record at `kv`; `stale` is set when its key is not the
+/// current one.
 fn open(
     kv: &KeyValue,
     field: &str,
     value: Option<&rec::EncryptedValue>,
     keys: &Keyring,
-) -> Result<Secret, StoreError> {
-    let value = value.ok_or_else(|| corrupt(&kv.key, format!("{field}: {NOT_ENCRYPTED}")))?;
-    let plain = keys
-        .decrypt(value, &aad(&kv.key, field))
-        .map_err(|e| corrupt(&kv.key, format!("{field}: {e}")))?;
+    stale: &mut bool,
+) -> Result<Secret, EncryptionError> {
+    let value = value.ok_or_else(|| EncryptionError::NotEncrypted {
+        record: kv.key.clone(),
+        field: field.to_owned(),
+    })?;
+    let plain = keys.decrypt(value, &aad(&kv.key, field)).map_err(|cause| {
+        EncryptionError::Undecryptable {
+            record: kv.key.clone(),
+            field: field.to_owned(),
+            cause,
+        }
+    })?;
+    *stale |= value.key_id != keys.current_id();
     // The error would hold the bytes: drop it.
     String::from_utf8(plain)
         .map(Secret::new)
-        .map_err(|_| corrupt(&kv.key, format!("{field}: not UTF-8 text")))
+        .map_err(|_| corrupt(&kv.key, format!("{field}: not UTF-8 text")).into())
 }
 
 /// Why a secret field has no encrypted value.
@@ -135,13 +146,20 @@ fn decode_integration(
     kv: &KeyValue,
     name: IntegrationName,
     keys: &Keyring,
-) -> Result<Integration, StoreError> {
+    stale: &mut bool,
+) -> Result<Integration, EncryptionError> {
     let bad = |e: InvalidField| corrupt(&kv.key, e);
     let r = rec::IntegrationRecord::decode(kv.value.as_slice()).map_err(|e| corrupt(&kv.key, e))?;
     let auth_header = match r.auth_header_name.is_empty() {
         true => None,
         false => Some(AuthHeader {
-            value: open(kv, AUTH_HEADER_VALUE, r.auth_header_value.as_ref(), keys)?,
+            value: open(
+                kv,
+                AUTH_HEADER_VALUE,
+                r.auth_header_value.as_ref(),
+                keys,
+                stale,
+            )?,
             name: r.auth_header_name,
         }),
     };
@@ -151,11 +169,11 @@ fn decode_integration(
         .enumerate()
         .map(|(n, s)| {
             Ok(SigningSecret {
-                secret: open(kv, &secret_field(n), s.secret.as_ref(), keys)?,
+                secret: open(kv, &secret_field(n), s.secret.as_ref(), keys, stale)?,
                 expire_time: s.expire_time.map(|t| time(Some(t))),
             })
         })
-        .collect::<Result<_, StoreError>>()?;
+        .collect::<Result<_, EncryptionError>>()?;
     Ok(Integration {
         name,
         display_name: r.display_name,
@@ -209,20 +227,36 @@ fn decode_push_scope(kv: &KeyValue, name: PushScopeName) -> Result<PushScope, St
 /// Decodes any record under [`keys::ROOT`], decrypting its secrets; `None` for keys this version
 /// does not know and for [`keys::ENCRYPTION_CHECK`].
 pub fn decode(kv: &KeyValue, keys: &Keyring) -> Result<Option<Record>, StoreError> {
+    match open_record(kv, keys) {
+        Ok(opened) => Ok(opened.map(|(record, _)| record)),
+        Err(EncryptionError::Store(e)) => Err(e),
+        Err(e) => Err(StoreError::Corrupt(e.to_string())),
+    }
+}
+
+/// [`decode`], for the key check of a whole read: tells a secret that does not open (an
+/// `EncryptionError` other than `Store`) from a record malformed otherwise, and says whether a
+/// secret of the record is under an older key than the current one.
+pub fn open_record(
+    kv: &KeyValue,
+    keys: &Keyring,
+) -> Result<Option<(Record, bool)>, EncryptionError> {
     let bad_name = |e| corrupt(&kv.key, e);
-    Ok(match keys::parse(&kv.key) {
+    let mut stale = false;
+    let record = match keys::parse(&kv.key) {
         Some(Parsed::Integration(account, id)) => {
             let account = AccountName::from_id(account).map_err(bad_name)?;
             let name = IntegrationName::new(&account, id).map_err(bad_name)?;
-            Some(Record::Integration(decode_integration(kv, name, keys)?))
+            Record::Integration(decode_integration(kv, name, keys, &mut stale)?)
         }
         Some(Parsed::PushScope(account, id)) => {
             let account = AccountName::from_id(account).map_err(bad_name)?;
             let name = PushScopeName::new(&account, id).map_err(bad_name)?;
-            Some(Record::PushScope(decode_push_scope(kv, name)?))
+            Record::PushScope(decode_push_scope(kv, name)?)
         }
-        None => None,
-    })
+        None => return Ok(None),
+    };
+    Ok(Some((record, stale)))
 }
 
 /// Encodes the encryption check record ([`keys::ENCRYPTION_CHECK`]) with the current key.
