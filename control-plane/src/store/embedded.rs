@@ -345,7 +345,12 @@ impl Inner {
         let rtx = self.db.begin_read().map_err(db_err)?;
         let revision = meta_value(&rtx.open_table(META).map_err(db_err)?, META_REVISION)?;
         let kv = rtx.open_table(KV).map_err(db_err)?;
-        let page = || Vec::with_capacity(page_keys.min(EmbeddedStore::DEFAULT_PAGE_KEYS));
+        // A read of the whole range (a few keys, mostly) grows its vector as it goes.
+        let capacity = match page_keys {
+            usize::MAX => 0,
+            keys => keys.min(EmbeddedStore::DEFAULT_PAGE_KEYS),
+        };
+        let page = || Vec::with_capacity(capacity);
         let mut kvs = page();
         for entry in kv.range(prefix..).map_err(db_err)? {
             let (key, stored) = entry.map_err(db_err)?;
