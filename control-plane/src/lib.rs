@@ -164,7 +164,7 @@ fn encryption_error(e: crypto::KeyError) -> RunError {
 /// `--reencrypt`: re-encrypts every stored secret under the current key of `config`, then
 /// returns what it did; serves nothing.
 pub async fn reencrypt(config: &Config) -> Result<store::encryption::Reencrypted, RunError> {
-    let keys = crypto::Keyring::from_config(config).map_err(encryption_error)?;
+    let keys = Arc::new(crypto::Keyring::from_config(config).map_err(encryption_error)?);
     let store = open_store(config).await.map_err(RunError::Store)?;
     store::encryption::reencrypt(store.as_ref(), &keys)
         .await

@@ -5,6 +5,8 @@
 //! [`verify`] also writes [`keys::ENCRYPTION_CHECK`] on the first start, so a control plane
 //! given other keys refuses to start even while no integration exists yet.
 
+use std::sync::Arc;
+
 use zeroize::Zeroizing;
 
 use super::records::{self, Sealed};
@@ -135,7 +137,7 @@ fn check_record(kv: &KeyValue, keys: &Keyring) -> Result<bool, EncryptionError> 
 
 /// Checks that `keys` decrypt every secret in the store (and the encryption check, written with
 /// the current key when absent). Run at start-up: a control plane that fails it must not serve.
-pub async fn verify(store: &dyn Store, keys: &Keyring) -> Result<Verified, EncryptionError> {
+pub async fn verify(store: &dyn Store, keys: &Arc<Keyring>) -> Result<Verified, EncryptionError> {
     Ok(verify_read(store, keys).await?.0)
 }
 
@@ -143,7 +145,7 @@ pub async fn verify(store: &dyn Store, keys: &Keyring) -> Result<Verified, Encry
 /// loads the config feed from it instead of reading (and decrypting) everything again.
 pub async fn verify_read(
     store: &dyn Store,
-    keys: &Keyring,
+    keys: &Arc<Keyring>,
 ) -> Result<(Verified, Snapshot), EncryptionError> {
     let mut snapshot = snapshot::read(store, keys).await?;
     if let Some(refusal) = snapshot.refusal.take() {
@@ -199,7 +201,10 @@ async fn write_check(store: &dyn Store, keys: &Keyring) -> Result<(), Encryption
 /// Re-encrypts with the current key every stored secret that is under another key, one
 /// transaction per record guarded by its revision (a record changed meanwhile is read again).
 /// Safe while control planes serve, as long as each of them has every key involved.
-pub async fn reencrypt(store: &dyn Store, keys: &Keyring) -> Result<Reencrypted, EncryptionError> {
+pub async fn reencrypt(
+    store: &dyn Store,
+    keys: &Arc<Keyring>,
+) -> Result<Reencrypted, EncryptionError> {
     verify(store, keys).await?;
     let range = store.range(keys::ROOT).await?;
     let mut done = Reencrypted {
@@ -279,60 +284,18 @@ async fn rewrite(
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::UNIX_EPOCH;
 
     use crate::store::pb as rec;
     use prost::Message as _;
-    use pushwire_common::domain::{
-        AccountName, AuthHeader, IncompletePolicy, Integration, IntegrationName, PayloadVariables,
-        Secret, SignatureScheme, SigningSecret,
-    };
+    use pushwire_common::domain::Integration;
 
     use super::*;
     use crate::store::EmbeddedStore;
-
-    const K1: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-    const K1_OTHER_BYTES: &str = "k1:HxwdHh8AAQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRo=";
-    const K2: &str = "k2:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
-
-    fn ring(text: &str) -> Keyring {
-        Keyring::parse(text, "test").unwrap()
-    }
-
-    fn integration(id: &str) -> Integration {
-        let account = AccountName::from_id("42").unwrap();
-        Integration {
-            name: IntegrationName::new(&account, id).unwrap(),
-            display_name: id.into(),
-            url: "https://crm.example.com/hook".into(),
-            enabled: true,
-            disabled_reason: String::new(),
-            incomplete_participations: IncompletePolicy::Skip,
-            payload_variables: PayloadVariables::AsPublished,
-            auth_header: Some(AuthHeader {
-                name: "Authorization".into(),
-                value: Secret::new("Bearer t0ken"),
-            }),
-            secrets: vec![SigningSecret {
-                secret: Secret::new("s3cret"),
-                expire_time: None,
-            }],
-            signature_schemes: vec![SignatureScheme::Qualifio],
-            create_time: UNIX_EPOCH,
-            update_time: UNIX_EPOCH,
-            revision: 0,
-        }
-    }
+    use crate::store::fixtures::{K1, K1_OTHER_BYTES, K2, integration, ring};
 
     async fn put(store: &dyn Store, i: &Integration, keys: &Keyring) {
-        let txn = Txn {
-            compares: vec![],
-            ops: vec![Op::Put {
-                key: records::integration_key(&i.name),
-                value: records::encode_integration(i, keys),
-            }],
-        };
-        store.txn(txn).await.unwrap();
+        let value = records::encode_integration(i, keys);
+        crate::store::fixtures::put(store, records::integration_key(&i.name), value).await;
     }
 
     fn store() -> (Arc<dyn Store>, tempfile::TempDir) {

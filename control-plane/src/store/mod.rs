@@ -8,6 +8,8 @@ pub mod compaction;
 mod embedded;
 pub mod encryption;
 mod etcd;
+#[cfg(test)]
+mod fixtures;
 pub mod keys;
 pub mod metered;
 pub mod pb;

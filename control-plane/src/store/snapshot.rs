@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt as _;
 use pushwire_common::domain::{Integration, PushScope};
+use tokio::task::JoinHandle;
 
 use super::encryption::EncryptionError;
 use super::records::{self, Record};
@@ -49,18 +50,28 @@ enum Decoded {
     PushScope(Arc<PushScope>),
 }
 
-/// Reads and decodes every record. A record that does not decode for another reason than its
-/// secrets is logged and left out, as the config feed's watch does with a change.
-pub async fn read(store: &dyn Store, keys: &Keyring) -> Result<Snapshot, StoreError> {
+/// Reads and decodes every record. Each page is decoded on the blocking pool, on every core,
+/// while the next page is fetched: a read of everything never holds a runtime thread. A record
+/// that does not decode for another reason than its secrets is logged and left out, as the
+/// config feed's watch does with a change.
+pub async fn read(store: &dyn Store, keys: &Arc<Keyring>) -> Result<Snapshot, StoreError> {
     let mut pages = store.range_pages(keys::ROOT);
     let mut revision = 0;
     let mut parts = Vec::new();
+    let mut decoding = None;
     while let Some(page) = pages.next().await {
         let mut page = page?;
         revision = page.revision;
-        parts.extend(crate::parallel::map_chunks(&mut page.kvs, |kvs| {
-            decode(kvs, keys)
+        if let Some(previous) = decoding.take() {
+            parts.extend(decoded(previous).await?);
+        }
+        let keys = Arc::clone(keys);
+        decoding = Some(tokio::task::spawn_blocking(move || {
+            crate::parallel::map_chunks(&mut page.kvs, |kvs| decode(kvs, &keys))
         }));
+    }
+    if let Some(last) = decoding {
+        parts.extend(decoded(last).await?);
     }
     // Moved into vectors of their exact size, which the feed's maps are then built in.
     let integrations = parts.iter().map(|p| p.integrations).sum();
@@ -84,6 +95,15 @@ pub async fn read(store: &dyn Store, keys: &Keyring) -> Result<Snapshot, StoreEr
         snapshot.refusal = snapshot.refusal.or(part.refusal);
     }
     Ok(snapshot)
+}
+
+/// The parts of a page, once decoded; a panic of the decoding goes on here.
+async fn decoded(decoding: JoinHandle<Vec<Part>>) -> Result<Vec<Part>, StoreError> {
+    decoding.await.map_err(|e| match e.try_into_panic() {
+        Ok(panic) => std::panic::resume_unwind(panic),
+        // Only when the runtime shuts down.
+        Err(cancelled) => StoreError::unavailable(cancelled),
+    })
 }
 
 /// Decodes `kvs`, taking their keys.
@@ -128,47 +148,15 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     use pushwire_common::domain::{
-        AccountName, Audience, AuthHeader, IncompletePolicy, IntegrationName, PayloadVariables,
-        PushAction, PushScopeName, ScopeTarget, Secret, SignatureScheme, SigningSecret,
+        AccountName, Audience, IntegrationName, PushAction, PushScopeName, ScopeTarget,
     };
 
     use super::*;
-    use crate::store::{EmbeddedStore, Op, Txn};
-
-    const K1: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-    const K2: &str = "k2:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
-    const K3: &str = "k3:HxwdHh8AAQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRo=";
-
-    fn ring(text: &str) -> Keyring {
-        Keyring::parse(text, "test").unwrap()
-    }
+    use crate::store::EmbeddedStore;
+    use crate::store::fixtures::{K1, K1_OTHER_BYTES, K2, integration, put, ring};
 
     fn account() -> AccountName {
         AccountName::from_id("42").unwrap()
-    }
-
-    fn integration(id: &str) -> Integration {
-        Integration {
-            name: IntegrationName::new(&account(), id).unwrap(),
-            display_name: id.into(),
-            url: "https://crm.example.com/hook".into(),
-            enabled: true,
-            disabled_reason: String::new(),
-            incomplete_participations: IncompletePolicy::Skip,
-            payload_variables: PayloadVariables::AsPublished,
-            auth_header: Some(AuthHeader {
-                name: "Authorization".into(),
-                value: Secret::new(format!("Bearer {id}")),
-            }),
-            secrets: vec![SigningSecret {
-                secret: Secret::new(format!("secret of {id}")),
-                expire_time: None,
-            }],
-            signature_schemes: vec![SignatureScheme::Qualifio],
-            create_time: UNIX_EPOCH,
-            update_time: UNIX_EPOCH,
-            revision: 0,
-        }
     }
 
     fn scope(id: &str, integration: &str) -> PushScope {
@@ -182,14 +170,6 @@ mod tests {
             update_time: UNIX_EPOCH,
             revision: 0,
         }
-    }
-
-    async fn put(store: &dyn Store, key: String, value: Vec<u8>) {
-        let txn = Txn {
-            compares: vec![],
-            ops: vec![Op::Put { key, value }],
-        };
-        store.txn(txn).await.unwrap();
     }
 
     /// Records over several pages: decoded, split by kind in key order, with the check record,
@@ -210,12 +190,12 @@ mod tests {
             )
             .await;
         }
-        // Under the older key: stale. Under a key the ring lacks: refused.
+        // Under the older key: stale. Under other bytes for the current key's id: refused.
         let stale = integration("c");
         let value = records::encode_integration(&stale, &ring(K2));
         put(&store, records::integration_key(&stale.name), value).await;
         let foreign = integration("d");
-        let value = records::encode_integration(&foreign, &ring(K3));
+        let value = records::encode_integration(&foreign, &ring(K1_OTHER_BYTES));
         put(&store, records::integration_key(&foreign.name), value).await;
         put(
             &store,
@@ -249,8 +229,7 @@ mod tests {
         assert_eq!(names, ["a", "b", "c", "e"]);
         for (key, i) in &snapshot.integrations {
             assert_eq!(key, &records::integration_key(&i.name));
-            let expected = format!("secret of {}", i.name.id());
-            assert_eq!(i.secrets[0].secret.expose(), expected);
+            assert_eq!(i.secrets[0].secret.expose(), "s3cret");
         }
         let scopes: Vec<&str> = snapshot
             .push_scopes

@@ -1,0 +1,58 @@
+//! What the store's unit tests share: keys, an integration with secrets, a raw write.
+
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use pushwire_common::domain::{
+    AccountName, AuthHeader, IncompletePolicy, Integration, IntegrationName, PayloadVariables,
+    Secret, SignatureScheme, SigningSecret,
+};
+
+use super::{Op, Store, Txn};
+use crate::crypto::Keyring;
+
+pub const K1: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+/// The id of [`K1`] with other bytes.
+pub const K1_OTHER_BYTES: &str = "k1:HxwdHh8AAQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRo=";
+pub const K2: &str = "k2:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+
+/// The keys of `text`, lines of `id:base64`.
+pub fn ring(text: &str) -> Arc<Keyring> {
+    Arc::new(Keyring::parse(text, "test").unwrap())
+}
+
+/// Integration `id` of account 42, with the auth header `Bearer t0ken` and the secret
+/// `s3cret`.
+pub fn integration(id: &str) -> Integration {
+    let account = AccountName::from_id("42").unwrap();
+    Integration {
+        name: IntegrationName::new(&account, id).unwrap(),
+        display_name: id.into(),
+        url: "https://crm.example.com/hook".into(),
+        enabled: true,
+        disabled_reason: String::new(),
+        incomplete_participations: IncompletePolicy::Skip,
+        payload_variables: PayloadVariables::AsPublished,
+        auth_header: Some(AuthHeader {
+            name: "Authorization".into(),
+            value: Secret::new("Bearer t0ken"),
+        }),
+        secrets: vec![SigningSecret {
+            secret: Secret::new("s3cret"),
+            expire_time: None,
+        }],
+        signature_schemes: vec![SignatureScheme::Qualifio],
+        create_time: UNIX_EPOCH,
+        update_time: UNIX_EPOCH,
+        revision: 0,
+    }
+}
+
+/// Writes `value` at `key`.
+pub async fn put(store: &dyn Store, key: String, value: Vec<u8>) {
+    let txn = Txn {
+        compares: vec![],
+        ops: vec![Op::Put { key, value }],
+    };
+    store.txn(txn).await.unwrap();
+}
