@@ -117,9 +117,19 @@ impl EtcdServer {
     }
 
     /// Stops the process with SIGSTOP, as a hung node: connections stay open, nothing answers.
+    /// Returns once every thread of it is stopped (a signal is delivered to each thread
+    /// asynchronously, after `kill` returns).
     pub fn freeze(&mut self) -> anyhow::Result<()> {
         self.signal("STOP")?;
         self.frozen = true;
+        let pid = self.child.as_ref().map_or(0, Child::id);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !all_stopped(pid) {
+            if Instant::now() > deadline {
+                bail!("etcd {pid} still running 5 s after SIGSTOP");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         Ok(())
     }
 
@@ -281,6 +291,20 @@ impl EtcdServer {
     fn log_tail(&self) -> String {
         read_tail(&self.log_path()).unwrap_or_else(|err| format!("(no etcd log: {err})"))
     }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/PID/task/*/stat`).
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
+    })
 }
 
 impl Drop for EtcdServer {
