@@ -110,6 +110,11 @@ const MAX_PART_BYTES: usize = 4 << 20;
 /// burst costs a worker one message per hundreds of changes.
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
+/// What a change counts towards [`MAX_BATCH_BYTES`]: its encoding and its field's framing.
+fn batch_bytes(change: &pb::ConfigChange) -> usize {
+    change.encoded_len() + 8
+}
+
 /// The size of the parts of a snapshot for a client that accepts messages of up to
 /// `max_message_bytes` (0: no parts, one message whatever its size).
 fn part_bytes(max_message_bytes: i64) -> usize {
@@ -178,7 +183,7 @@ fn messages(
                 while let Some(r) = next {
                     for change in &r.changes {
                         let change = change_to_pb(change);
-                        bytes += change.encoded_len() + 8;
+                        bytes += batch_bytes(&change);
                         msg.changes.push(change);
                     }
                     msg.revision = r.revision;
@@ -342,7 +347,7 @@ mod tests {
             [(7, vec!["a".to_owned(), "b".into(), "c".into()])]
         );
         // Within a size: a message closes once it reached it, never inside a revision.
-        let one = change_to_pb(&revision(1, &["a"]).changes[0]).encoded_len() + 8;
+        let one = batch_bytes(&change_to_pb(&revision(1, &["a"]).changes[0]));
         assert_eq!(
             sent(update(), one),
             [
@@ -359,7 +364,7 @@ mod tests {
     #[test]
     fn a_burst_is_cut_at_the_batch_size_whatever_the_client_accepts() {
         // Enough revisions of one integration each for about three messages.
-        let one = change_to_pb(&revision(1, &["i1"]).changes[0]).encoded_len() + 8;
+        let one = batch_bytes(&change_to_pb(&revision(1, &["i1"]).changes[0]));
         let n = i64::try_from(3 * MAX_BATCH_BYTES / one).unwrap();
         let burst: Vec<_> = (1..=n)
             .map(|r| revision(r, &[format!("i{r}").as_str()]))
