@@ -11,10 +11,16 @@
 //! CPU times are the thread's (`/proc/thread-self/schedstat`, nanoseconds), so other processes
 //! on the machine slow the wall times only.
 //!
+//! In the worker, changes come between other work that evicts the table from the caches:
+//! `--evict-mib N` writes N MiB of other memory before each change, as that work would, and
+//! then times each change alone (wall time, summed: the eviction is not counted). The
+//! allocator is the worker's (jemalloc, same options).
+//!
 //! `cargo run --release -p pushwire-tests --bin router-bench`
 //! `cargo run --release -p pushwire-tests --bin router-bench -- --integrations 10000 --changes 100`
 //! `cargo run --release -p pushwire-tests --bin router-bench -- --per-account 100 --scopes-per-integration 10`
 //! (accounts at the control plane's default limits: 100 integrations, 1,000 push scopes)
+//! `cargo run --release -p pushwire-tests --bin router-bench -- --evict-mib 64` (cold caches)
 
 use std::process::Command;
 use std::sync::Arc;
@@ -28,6 +34,10 @@ use pushwire_common::domain::{
     PushScopeName, ScopeTarget, Secret, SignatureScheme, SigningSecret,
 };
 use pushwire_worker::router::{Change, RoutingTable, Snapshot};
+
+/// The worker's allocator, so the figures are the worker's.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -45,6 +55,10 @@ struct Args {
     /// Single-integration changes applied one after the other, per size.
     #[arg(long, default_value_t = 1000)]
     changes: usize,
+    /// Before each change, write this many MiB of other memory (evicting the table from the
+    /// caches, as the worker's other work does between changes), and time each change alone.
+    #[arg(long, default_value_t = 0)]
+    evict_mib: usize,
     /// Measure one size in this process (what the parent runs each child with).
     #[arg(long, hide = true)]
     child: bool,
@@ -123,7 +137,10 @@ fn main() -> anyhow::Result<()> {
         let [size] = args.integrations[..] else {
             bail!("--child measures exactly one size");
         };
-        println!("{}", measure(size, shape, args.changes.max(1))?.line());
+        println!(
+            "{}",
+            measure(size, shape, args.changes.max(1), args.evict_mib)?.line()
+        );
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating this binary")?;
@@ -133,6 +150,7 @@ fn main() -> anyhow::Result<()> {
         let out = Command::new(&exe)
             .args(["--child", "--integrations", &size.to_string()])
             .args(["--changes", &args.changes.to_string()])
+            .args(["--evict-mib", &args.evict_mib.to_string()])
             .args(["--per-account", &shape.per_account.to_string()])
             .args(["--scopes-per-integration", &shape.scopes.to_string()])
             .stderr(std::process::Stdio::inherit())
@@ -174,7 +192,7 @@ struct Shape {
 }
 
 /// Builds a table of `size` integrations and measures it (in the child process).
-fn measure(size: usize, shape: Shape, changes: usize) -> anyhow::Result<Figures> {
+fn measure(size: usize, shape: Shape, changes: usize, evict_mib: usize) -> anyhow::Result<Figures> {
     let rss_before = rss_bytes()?;
     let accounts = size / shape.per_account;
     let mut snapshot = Snapshot {
@@ -216,13 +234,27 @@ fn measure(size: usize, shape: Shape, changes: usize) -> anyhow::Result<Figures>
         .collect();
     pending.reverse();
     let mut table = Arc::new(table);
+    let mut other = vec![0u8; evict_mib << 20];
+    let mut timed = Duration::ZERO;
     let (cpu, wall) = (thread_cpu()?, Instant::now());
     while let Some(change) = pending.pop() {
+        let started = (!other.is_empty()).then(|| {
+            evict(&mut other);
+            Instant::now()
+        });
         let next = Arc::new(table.apply(table.revision() + 1, vec![change]));
         // The previous table goes when the last reader lets go of it: here, at once.
         table = next;
+        if let Some(started) = started {
+            timed += started.elapsed();
+        }
     }
-    let (change_cpu, change_wall) = (thread_cpu()? - cpu, wall.elapsed());
+    let (change_cpu, change_wall) = if other.is_empty() {
+        (thread_cpu()? - cpu, wall.elapsed())
+    } else {
+        // Each change timed alone: its wall time is its CPU time on an idle core.
+        (timed, timed)
+    };
 
     // The table still routes: the first account's integration 0 has a scope on website 1.
     let placement = Placement {
@@ -303,6 +335,14 @@ fn scope(account: &AccountName, n: usize, k: usize) -> PushScope {
         update_time: SystemTime::UNIX_EPOCH,
         revision: 1,
     }
+}
+
+/// Writes every cache line of `other`, a different value each time.
+fn evict(other: &mut [u8]) {
+    for line in other.chunks_mut(64) {
+        line[0] = line[0].wrapping_add(1);
+    }
+    std::hint::black_box(other);
 }
 
 /// This process's resident set size, from `/proc/self/status`.
