@@ -76,11 +76,12 @@ pub struct Config {
     #[arg(long, env = "PUSHWIRE_WATCH_PROGRESS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration, hide = true)]
     pub watch_progress_interval: Duration,
 
-    /// After sending a WatchConfig stream changes, wait this long before sending it more:
-    /// revisions committed meanwhile go out together, in one message (a worker then wakes
-    /// and swaps its table once for all of them). Adds at most this much to a change's
-    /// propagation, and only while changes come faster than one per window; 0 sends each
-    /// revision as soon as it is committed
+    /// After sending a WatchConfig stream changes, wait this long per revision sent, at most
+    /// five times as long, before sending it more: revisions committed meanwhile go out
+    /// together, in one message (a worker then wakes and swaps its table once for all of
+    /// them). While changes come slower than one per window each waits at most one window;
+    /// faster, the wait grows with each message to five windows; 0 sends each revision as
+    /// soon as it is committed
     #[arg(long, env = "PUSHWIRE_WATCH_BATCH_WINDOW", default_value = "2ms", value_parser = humantime::parse_duration)]
     pub watch_batch_window: Duration,
 

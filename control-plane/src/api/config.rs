@@ -42,6 +42,20 @@ pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 /// (`--watch-batch-window`).
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(2);
 
+/// At most this many batch windows between two messages of changes: the wait after a message
+/// is one window per revision it held, up to this many.
+const MAX_BATCH_WINDOWS: usize = 5;
+
+/// How long a watcher waits after sending `revisions` revisions of changes before it sends
+/// more: one `window` per revision, at most [`MAX_BATCH_WINDOWS`]. While changes come slower
+/// than one per window, each message holds one revision and the wait stays one window; while
+/// they come faster, each wait gathers more revisions than the last and grows to its
+/// maximum, so a worker wakes once per many changes. Latency is added only then.
+fn batch_wait(window: Duration, revisions: usize) -> Duration {
+    let windows = revisions.clamp(1, MAX_BATCH_WINDOWS);
+    window * u32::try_from(windows).unwrap_or(1)
+}
+
 /// Serves `ConfigService` from the [`ConfigFeed`].
 #[derive(Clone, Debug)]
 pub struct ConfigApi {
@@ -67,9 +81,10 @@ impl ConfigApi {
         &self.feed
     }
 
-    /// The same, waiting `window` after sending changes before sending more: revisions
-    /// committed meanwhile then go out together, in one message (zero: each as soon as it is
-    /// committed; revisions already pending still go together).
+    /// The same, waiting `window` per revision sent, at most five windows, after sending
+    /// changes before sending more: revisions committed meanwhile then go out together, in
+    /// one message (zero: each as soon as it is committed; revisions already pending still
+    /// go together).
     pub fn with_batch_window(mut self, window: Duration) -> Self {
         self.batch_window = window;
         self
@@ -247,12 +262,12 @@ impl ConfigService for ConfigApi {
             let mut last = from;
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // When changes were last sent: the next ones wait out the batch window from then.
-            let mut sent: Option<tokio::time::Instant> = None;
+            // When changes were last sent, and how long the next ones wait from then.
+            let mut sent: Option<(tokio::time::Instant, Duration)> = None;
             loop {
-                if let Some(at) = sent.take() {
+                if let Some((at, wait)) = sent.take() {
                     tokio::select! {
-                        () = tokio::time::sleep_until(at + window) => {}
+                        () = tokio::time::sleep_until(at + wait) => {}
                         () = tx.closed() => return,
                         () = shutdown.cancelled() => {}
                     }
@@ -277,8 +292,11 @@ impl ConfigService for ConfigApi {
                     }
                 };
                 let Some(update) = update else { return };
-                if matches!(update, FeedUpdate::Changes(_)) && !window.is_zero() {
-                    sent = Some(tokio::time::Instant::now());
+                if let FeedUpdate::Changes(revisions) = &update
+                    && !window.is_zero()
+                {
+                    let wait = batch_wait(window, revisions.len());
+                    sent = Some((tokio::time::Instant::now(), wait));
                 }
                 for msg in messages(update, part_bytes) {
                     let revision = msg.revision;

@@ -311,3 +311,66 @@ async fn a_current_control_plane_sends_progress_messages() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+/// After a message of changes a watcher waits one `--watch-batch-window` per revision the
+/// message held (at most five) before it sends more: changes that come faster than one per
+/// window stretch the wait, so a worker wakes once for more of them. The gaps are lower
+/// bounds (sleeping never ends early), with a margin for the two messages' transit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revisions_coming_faster_than_the_batch_window_stretch_it() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    const WINDOW: Duration = Duration::from_millis(250);
+    const MARGIN: Duration = Duration::from_millis(50);
+    let dir = tempfile::tempdir()?;
+    let mut config = test_config(&pushwire_tests::control_plane::Backend::Embedded(
+        dir.path().join("data"),
+    ));
+    config.watch_batch_window = WINDOW;
+    let cp = ControlPlane::start(config).await?;
+    let mut watch = cp.watch(0).await?;
+    assert!(next_msg(&mut watch).await?.snapshot.is_some());
+    let mut made = 0;
+    let mut make = |n: usize| {
+        let ids: Vec<String> = (made..made + n).map(|k| format!("i{k}")).collect();
+        made += n;
+        let cp = &cp;
+        async move {
+            for id in ids {
+                create(
+                    cp,
+                    "accounts/7",
+                    &id,
+                    integration(&id, "https://a.example.com/"),
+                )
+                .await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    // A change to an idle watcher goes at once: one revision, so a wait of one window.
+    make(1).await?;
+    let first = next_msg(&mut watch).await?;
+    let at_first = Instant::now();
+    assert_eq!(first.changes.len(), 1);
+    // Three made within that window go out together when it ends.
+    make(3).await?;
+    let three = next_msg(&mut watch).await?;
+    let at_three = Instant::now();
+    assert_eq!(three.changes.len(), 3, "{three:?}");
+    assert!(
+        at_three - at_first >= WINDOW - MARGIN,
+        "{:?}",
+        at_three - at_first
+    );
+    // One made right after waits three windows, not one.
+    make(1).await?;
+    let next = next_msg(&mut watch).await?;
+    assert_eq!(next.changes.len(), 1);
+    assert!(
+        at_three.elapsed() >= 3 * WINDOW - MARGIN,
+        "{:?} after a message of three revisions",
+        at_three.elapsed()
+    );
+    cp.stop().await?;
+    Ok(())
+}
