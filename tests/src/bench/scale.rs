@@ -168,6 +168,15 @@ pub struct Cpu {
     pub secs: f64,
     /// Changes made (calls answered; 0 when the worker did not show the last).
     pub changes: usize,
+    /// Messages of changes the worker applied meanwhile (its propagation-lag observations).
+    pub messages: u64,
+}
+
+impl Cpu {
+    /// Changes per message the worker applied.
+    pub fn changes_per_message(&self) -> Option<f64> {
+        (self.messages > 0).then(|| self.changes as f64 / self.messages as f64)
+    }
 }
 
 impl Row {
@@ -330,7 +339,9 @@ pub async fn size(
     row.wake_up_us = floor.await.ok().flatten();
     // At the rate, then back to back.
     let (mut unobserved_failed, mut unobserved_lag) = (0, Duration::ZERO);
+    let mut conn = HttpConn::new(worker.http);
     for (rate, total) in [(Some(scale.rate), changes), (None, BACK_TO_BACK)] {
+        let applied_before = messages_applied(&mut conn).await?;
         let from = (Instant::now(), cpu("before the changes")?);
         let sent = send_changes(&env, accounts, total, rate).await?;
         unobserved_failed += sent.failed;
@@ -343,6 +354,9 @@ pub async fn size(
                 ms: (to.1 - from.1).as_secs_f64() * 1e3,
                 secs: (to.0 - from.0).as_secs_f64(),
                 changes: sent.returned.len(),
+                messages: messages_applied(&mut conn)
+                    .await?
+                    .saturating_sub(applied_before),
             };
             if rate.is_some() {
                 unobserved_lag = sent.max_lag;
@@ -414,6 +428,18 @@ pub async fn size(
     drop(worker);
     drop(env);
     Ok(row)
+}
+
+/// How many messages of changes the worker has applied: the count of its propagation-lag
+/// histogram, observed once per table built from changes.
+async fn messages_applied(conn: &mut HttpConn) -> anyhow::Result<u64> {
+    let (_, metrics) = conn.get("/metrics").await?;
+    let count = procs::metric(
+        &metrics,
+        "pushwire_worker_config_propagation_lag_seconds_count",
+    )
+    .context("no propagation-lag count in the worker's /metrics")?;
+    Ok(count as u64)
 }
 
 /// The CPU one wake-up costs a thread of this process that sleeps `every` between wake-ups
@@ -760,7 +786,7 @@ pub fn table(outcomes: &[Outcome], scale: &ScalePlan) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| Integrations (push scopes; accounts) | Bulk load | Control plane: ready (RSS) | Worker: ready (RSS then; settled, per integration) | Propagation at {}/s: p50 / p99 | Worker CPU per change: back to back; at {}/s (this machine's cost of {} wake-ups a second, each) | Targets missed |",
+        "| Integrations (push scopes; accounts) | Bulk load | Control plane: ready (RSS) | Worker: ready (RSS then; settled, per integration) | Propagation at {}/s: p50 / p99 | Worker CPU per change: back to back (changes a message); at {}/s (this machine's cost of {} wake-ups a second, each) | Targets missed |",
         scale.rate, scale.rate, scale.rate
     );
     let _ = writeln!(t, "|---|---|---|---|---|---|---|");
@@ -812,8 +838,12 @@ pub fn table(outcomes: &[Outcome], scale: &ScalePlan) -> String {
                 let [at_rate, back_to_back] = row
                     .cpu_per_change_us()
                     .map(|c| c.map_or("?".into(), |v| format!("{v:.0} µs")));
+                let batched = row
+                    .back_to_back_cpu
+                    .changes_per_message()
+                    .map_or("?".into(), |v| format!("{v:.1}"));
                 format!(
-                    "{back_to_back}; at {}/s {at_rate} ({} a wake-up)",
+                    "{back_to_back} ({batched} changes a message); at {}/s {at_rate} ({} a wake-up)",
                     scale.rate,
                     row.wake_up_us.map_or("?".into(), |v| format!("{v:.0} µs"))
                 )
@@ -883,6 +913,7 @@ pub fn to_json(outcomes: &[Outcome], scale: &ScalePlan) -> Value {
                     "worker_back_to_back_cpu_ms": r.back_to_back_cpu.ms,
                     "back_to_back_secs": r.back_to_back_cpu.secs,
                     "worker_cpu_per_change_back_to_back_us": r.cpu_per_change_us()[1],
+                    "back_to_back_changes_per_message": r.back_to_back_cpu.changes_per_message(),
                     "wake_up_cpu_us": r.wake_up_us,
                     "targets_met": targets,
                 })
@@ -931,11 +962,13 @@ mod tests {
                 ms: 250.0,
                 secs: 12.0,
                 changes: 1000,
+                messages: 1000,
             },
             back_to_back_cpu: Cpu {
                 ms: 90.0,
                 secs: 2.0,
                 changes: 2000,
+                messages: 500,
             },
             ..Row::default()
         };
@@ -944,6 +977,7 @@ mod tests {
         assert!((at_rate.unwrap() - 130.0).abs() < 1e-9);
         // 90 ms - 10 ms/s × 2 s = 70 ms over 2,000 changes.
         assert!((back_to_back.unwrap() - 35.0).abs() < 1e-9);
+        assert_eq!(row.back_to_back_cpu.changes_per_message(), Some(4.0));
         // A run whose last change never showed has no figure.
         let unseen = Row {
             back_to_back_cpu: Cpu::default(),
