@@ -12,7 +12,7 @@
 //! silently and until the next restart. Until the re-sync succeeds the last good table stays.
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use pb::config_change::Change as WireChange;
 use pb::config_service_client::ConfigServiceClient;
@@ -90,6 +90,7 @@ pub struct WatchHealth {
     control_plane: Mutex<Option<String>>,
     snapshots: Counter,
     revision: Gauge,
+    updates: Counter,
     propagation_lag: Option<Histogram>,
 }
 
@@ -108,30 +109,42 @@ impl WatchHealth {
             control_plane: Mutex::new(None),
             snapshots,
             revision: Gauge::default(),
+            updates: Counter::default(),
             propagation_lag: None,
         }
     }
 
-    /// Also records each new table's revision on `revision`, and on `propagation_lag` how
-    /// long after their write its changes arrived.
-    pub fn with_table_metrics(self, revision: Gauge, propagation_lag: Histogram) -> Self {
+    /// Also records each new table's revision on `revision`, counts on `updates` the tables
+    /// built from changes, and records on `propagation_lag` how long after its write each
+    /// change arrived.
+    pub fn with_table_metrics(
+        self,
+        revision: Gauge,
+        updates: Counter,
+        propagation_lag: Histogram,
+    ) -> Self {
         Self {
             revision,
+            updates,
             propagation_lag: Some(propagation_lag),
             ..self
         }
     }
 
-    /// Records `table`, about to be published (in the watch task itself: one more task woken
-    /// per change would cost more than this).
-    fn publishing(&self, table: &RoutingTable) {
+    /// Records `table`, about to be published, and when each change that made it was
+    /// written (in the watch task itself: one more task woken per change would cost more
+    /// than this).
+    fn publishing(&self, table: &RoutingTable, written: &[SystemTime]) {
         self.revision.set(table.revision());
-        if let Some(lag) = table
-            .changed_at()
-            .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
-            && let Some(histogram) = &self.propagation_lag
-        {
-            histogram.observe(lag.as_secs_f64());
+        let Some(histogram) = &self.propagation_lag else {
+            return;
+        };
+        let now = SystemTime::now();
+        for at in written {
+            // A write stamped after now (the clocks disagree) has no lag to tell.
+            if let Ok(lag) = now.duration_since(*at) {
+                histogram.observe(lag.as_secs_f64());
+            }
         }
     }
 
@@ -402,8 +415,12 @@ enum SessionError {
 /// What one message does to the current table.
 #[derive(Debug)]
 enum Step {
-    /// Publish this table.
-    Swap(Arc<RoutingTable>),
+    /// Publish this table, made by changes written at `written` (empty for a snapshot, and
+    /// deletions carry no time).
+    Swap {
+        table: Arc<RoutingTable>,
+        written: Vec<SystemTime>,
+    },
     /// Already applied (a revision not newer than ours).
     Ignore,
 }
@@ -428,7 +445,10 @@ fn step(
             // snapshot at R, so applying them again is harmless.
             fresh = fresh.apply(revision, changes);
         }
-        return Ok(Step::Swap(Arc::new(fresh)));
+        return Ok(Step::Swap {
+            table: Arc::new(fresh),
+            written: Vec::new(),
+        });
     }
     let Some(current) = current else {
         return Err(SessionError::NoBaseline { revision });
@@ -437,7 +457,11 @@ fn step(
         return Ok(Step::Ignore);
     }
     let changes = decode_changes(msg.changes).map_err(decode)?;
-    Ok(Step::Swap(Arc::new(current.apply(revision, changes))))
+    let written = changes.iter().filter_map(Change::written).collect();
+    Ok(Step::Swap {
+        table: Arc::new(current.apply(revision, changes)),
+        written,
+    })
 }
 
 /// A snapshot arriving in parts (`snapshot_continues`), decoded and grouped so far.
@@ -664,14 +688,17 @@ impl Session<'_> {
                         self.received = true;
                         continue;
                     }
-                    Ok(Some(table)) => Ok(Step::Swap(Arc::new(table))),
+                    Ok(Some(table)) => Ok(Step::Swap {
+                        table: Arc::new(table),
+                        written: Vec::new(),
+                    }),
                     Err(e) => return e,
                 }
             } else {
                 step(current.as_deref(), msg)
             };
-            let next = match stepped {
-                Ok(Step::Swap(next)) => next,
+            let (next, written) = match stepped {
+                Ok(Step::Swap { table, written }) => (table, written),
                 Ok(Step::Ignore) => {
                     // A progress message, or changes already applied: either way the control
                     // plane confirms the table is current.
@@ -703,9 +730,10 @@ impl Session<'_> {
                     "config watch: snapshot applied"
                 );
             } else {
+                self.health.updates.inc();
                 tracing::debug!(revision, changes, "config watch: changes applied");
             }
-            self.health.publishing(&next);
+            self.health.publishing(&next, &written);
             self.table.send_replace(Some(next));
             self.health.confirm();
             self.received = true;
@@ -820,7 +848,7 @@ mod tests {
 
     fn swapped(step: Result<Step, SessionError>) -> Arc<RoutingTable> {
         match step {
-            Ok(Step::Swap(t)) => t,
+            Ok(Step::Swap { table, .. }) => table,
             other => panic!("expected a new table, got {other:?}"),
         }
     }
@@ -894,6 +922,45 @@ mod tests {
             step(Some(&t1), bad_snapshot),
             Err(SessionError::Decode { revision: 8, .. })
         ));
+    }
+
+    /// A message of several changes makes one table, and each change it wrote is timed on
+    /// its own (the propagation lag of a burst is every change's, not its newest's).
+    #[test]
+    fn a_table_from_changes_carries_when_each_was_written() {
+        let t1 = swapped(step(None, snapshot_msg(5, &["a"])));
+        let at = |secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        let crm = Integration {
+            update_time: at(100),
+            ..integration("crm")
+        };
+        let web = PushScope {
+            update_time: at(90),
+            ..scope("web", "crm")
+        };
+        let msg = pb::WatchConfigResponse {
+            revision: 6,
+            changes: vec![
+                wire(WireChange::UpsertIntegration(integration_config(&crm))),
+                wire(WireChange::DeleteIntegration(
+                    integration("a").name.to_string(),
+                )),
+                wire(WireChange::UpsertPushScope(pb::PushScope::from(&web))),
+            ],
+            ..Default::default()
+        };
+        match step(Some(&t1), msg) {
+            Ok(Step::Swap { table, written }) => {
+                assert_eq!(written, [at(100), at(90)]);
+                assert!(has(&table, "crm") && !has(&table, "a"));
+            }
+            other => panic!("expected a new table, got {other:?}"),
+        }
+        // A snapshot is no write of its own.
+        match step(Some(&t1), snapshot_msg(7, &["b"])) {
+            Ok(Step::Swap { written, .. }) => assert!(written.is_empty()),
+            other => panic!("expected a new table, got {other:?}"),
+        }
     }
 
     #[test]

@@ -202,6 +202,7 @@ impl Worker {
         let health = Arc::new(
             config_watch::WatchHealth::new(metrics.config_snapshots.clone()).with_table_metrics(
                 metrics.config_revision.clone(),
+                metrics.config_updates.clone(),
                 metrics.config_propagation_lag.clone(),
             ),
         );

@@ -130,8 +130,12 @@ pub struct Metrics {
     /// Configuration snapshots applied (a stream resumed from the worker's revision applies
     /// none).
     pub config_snapshots: Counter,
+    /// Routing tables built from configuration changes: one per WatchConfig message of
+    /// changes, however many it carries.
+    pub config_updates: Counter,
     /// Time from a configuration write (its `update_time`) to its routing table being in
-    /// use here, in seconds; assumes the control plane's and the worker's clocks agree.
+    /// use here, in seconds, one observation per change written (deletions carry no time);
+    /// assumes the control plane's and the worker's clocks agree.
     pub config_propagation_lag: Histogram,
     /// Deliveries handed off to the delivery store, by reason.
     pub handoffs: Family<ReasonLabel, Counter>,
@@ -174,6 +178,7 @@ impl Default for Metrics {
         let config_revision = Gauge::default();
         let config_staleness = Gauge::<f64, AtomicU64>::default();
         let config_snapshots = Counter::default();
+        let config_updates = Counter::default();
         let config_propagation_lag = Histogram::new(LATENCY_BUCKETS.iter().copied());
         let handoffs = Family::<ReasonLabel, Counter>::default();
         let claims = Counter::default();
@@ -315,9 +320,15 @@ impl Default for Metrics {
             "Configuration snapshots applied (a resumed WatchConfig stream applies none)",
             config_snapshots.clone(),
         );
+        registry.register(
+            "config_updates",
+            "Routing tables built from configuration changes: one per WatchConfig message of \
+             changes, however many it carries",
+            config_updates.clone(),
+        );
         registry.register_with_unit(
             "config_propagation_lag",
-            "Time from a configuration write to the worker routing with it",
+            "Time from a configuration write to the worker routing with it, per change written",
             prometheus_client::registry::Unit::Seconds,
             config_propagation_lag.clone(),
         );
@@ -341,6 +352,7 @@ impl Default for Metrics {
             config_revision,
             config_staleness,
             config_snapshots,
+            config_updates,
             config_propagation_lag,
             handoffs,
             claims,

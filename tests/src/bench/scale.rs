@@ -168,7 +168,7 @@ pub struct Cpu {
     pub secs: f64,
     /// Changes made (calls answered; 0 when the worker did not show the last).
     pub changes: usize,
-    /// Messages of changes the worker applied meanwhile (its propagation-lag observations).
+    /// Messages of changes the worker applied meanwhile.
     pub messages: u64,
 }
 
@@ -430,15 +430,11 @@ pub async fn size(
     Ok(row)
 }
 
-/// How many messages of changes the worker has applied: the count of its propagation-lag
-/// histogram, observed once per table built from changes.
+/// How many messages of changes the worker has applied (one table built from each).
 async fn messages_applied(conn: &mut HttpConn) -> anyhow::Result<u64> {
     let (_, metrics) = conn.get("/metrics").await?;
-    let count = procs::metric(
-        &metrics,
-        "pushwire_worker_config_propagation_lag_seconds_count",
-    )
-    .context("no propagation-lag count in the worker's /metrics")?;
+    let count = procs::metric(&metrics, "pushwire_worker_config_updates_total")
+        .context("no pushwire_worker_config_updates_total in the worker's /metrics")?;
     Ok(count as u64)
 }
 

@@ -46,6 +46,17 @@ pub enum Change {
     DeletePushScope(PushScopeName),
 }
 
+impl Change {
+    /// When the resource it writes was written (control-plane clock); `None` for a deletion.
+    pub fn written(&self) -> Option<SystemTime> {
+        match self {
+            Self::UpsertIntegration(i) => Some(i.update_time),
+            Self::UpsertPushScope(s) => Some(s.update_time),
+            Self::DeleteIntegration(_) | Self::DeletePushScope(_) => None,
+        }
+    }
+}
+
 /// One account's configuration, with what routing needs laid out ahead of time. Each entry is
 /// an `Arc` shared with the tables before and after this one until it changes itself. Every
 /// name in it is of this account, so entries are ordered and found by id alone (comparing
@@ -329,9 +340,6 @@ pub struct RoutingTable {
     integrations: usize,
     /// Push scopes, all accounts together.
     push_scopes: usize,
-    /// Latest `update_time` among the resources the last batch of changes wrote (none for a
-    /// snapshot or deletions only): how fresh the change is, for the propagation-lag metric.
-    changed_at: Option<SystemTime>,
 }
 
 impl fmt::Debug for RoutingTable {
@@ -353,7 +361,6 @@ impl Default for RoutingTable {
             accounts: Accounts::new_sync_with_degree(ACCOUNTS_DEGREE),
             integrations: 0,
             push_scopes: 0,
-            changed_at: None,
         }
     }
 }
@@ -381,12 +388,9 @@ impl RoutingTable {
     /// rebuilt; the others are shared with `self`.
     pub fn apply(&self, revision: i64, changes: Vec<Change>) -> Self {
         let mut touched: HashMap<AccountName, Parts> = HashMap::new();
-        let mut changed_at: Option<SystemTime> = None;
-        let mut written = |t: SystemTime| changed_at = changed_at.max(Some(t));
         for change in changes {
             match change {
                 Change::UpsertIntegration(integration) => {
-                    written(integration.update_time);
                     let (account, parts) = self.parts_of(&mut touched, integration.name.account());
                     parts.upsert_integration(shared_integration(integration, &account));
                 }
@@ -397,7 +401,6 @@ impl RoutingTable {
                     parts.delete_integration(&name);
                 }
                 Change::UpsertPushScope(scope) => {
-                    written(scope.update_time);
                     let (account, parts) = self.parts_of(&mut touched, scope.name.account());
                     parts.upsert_scope(shared_scope(scope, &account));
                 }
@@ -410,7 +413,6 @@ impl RoutingTable {
         // O(1): the new table starts out sharing the whole map.
         let mut next = Self {
             revision,
-            changed_at,
             ..self.clone()
         };
         for (account, sources) in touched {
@@ -434,12 +436,6 @@ impl RoutingTable {
         self.integrations += built.integrations.len();
         self.push_scopes += built.scopes.len();
         self.accounts.insert_mut(account, Arc::new(built));
-    }
-
-    /// When the newest resource written by the changes that made this table was written
-    /// (control-plane clock); `None` for a snapshot or deletions only.
-    pub fn changed_at(&self) -> Option<SystemTime> {
-        self.changed_at
     }
 
     /// The editable sources of `account` within `touched`, copied from this table on first
