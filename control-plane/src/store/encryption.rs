@@ -287,16 +287,10 @@ mod tests {
 
     use crate::store::pb as rec;
     use prost::Message as _;
-    use pushwire_common::domain::Integration;
 
     use super::*;
     use crate::store::EmbeddedStore;
-    use crate::store::fixtures::{K1, K1_OTHER_BYTES, K2, integration, ring};
-
-    async fn put(store: &dyn Store, i: &Integration, keys: &Keyring) {
-        let value = records::encode_integration(i, keys);
-        crate::store::fixtures::put(store, records::integration_key(&i.name), value).await;
-    }
+    use crate::store::fixtures::{K1, K1_OTHER_BYTES, K2, integration, put_integration, ring};
 
     fn store() -> (Arc<dyn Store>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -354,7 +348,7 @@ mod tests {
         let k1 = ring(K1);
         verify(store.as_ref(), &k1).await.unwrap();
         // Written by a replica that had another key first.
-        put(store.as_ref(), &integration("crm"), &ring(K2)).await;
+        put_integration(store.as_ref(), &integration("crm"), &ring(K2)).await;
         let err = verify(store.as_ref(), &k1).await.unwrap_err().to_string();
         assert!(
             err.starts_with("/pushwire/v1/accounts/42/integrations/crm (auth_header_value): encrypted with key \"k2\""),
@@ -400,11 +394,11 @@ mod tests {
         let k1 = ring(K1);
         verify(store.as_ref(), &k1).await.unwrap();
         for id in ["a", "b", "c"] {
-            put(store.as_ref(), &integration(id), &k1).await;
+            put_integration(store.as_ref(), &integration(id), &k1).await;
         }
         let rotated = ring(&format!("{K2}\n{K1}"));
         // New writes use the new key at once.
-        put(store.as_ref(), &integration("d"), &rotated).await;
+        put_integration(store.as_ref(), &integration("d"), &rotated).await;
         let done = reencrypt(store.as_ref(), &rotated).await.unwrap();
         assert_eq!(
             done,

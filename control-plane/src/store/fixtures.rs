@@ -4,11 +4,10 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use pushwire_common::domain::{
-    AccountName, AuthHeader, IncompletePolicy, Integration, IntegrationName, PayloadVariables,
-    Secret, SignatureScheme, SigningSecret,
+    AccountName, AuthHeader, Integration, IntegrationName, Secret, SigningSecret,
 };
 
-use super::{Op, Store, Txn};
+use super::{Op, Store, Txn, records};
 use crate::crypto::Keyring;
 
 pub const K1: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -21,18 +20,13 @@ pub fn ring(text: &str) -> Arc<Keyring> {
     Arc::new(Keyring::parse(text, "test").unwrap())
 }
 
-/// Integration `id` of account 42, with the auth header `Bearer t0ken` and the secret
-/// `s3cret`.
+/// Integration `id` of account 42 as the API creates it (at the epoch), with the auth header
+/// `Bearer t0ken` and the secret `s3cret`.
 pub fn integration(id: &str) -> Integration {
     let account = AccountName::from_id("42").unwrap();
     Integration {
-        name: IntegrationName::new(&account, id).unwrap(),
         display_name: id.into(),
         url: "https://crm.example.com/hook".into(),
-        enabled: true,
-        disabled_reason: String::new(),
-        incomplete_participations: IncompletePolicy::Skip,
-        payload_variables: PayloadVariables::AsPublished,
         auth_header: Some(AuthHeader {
             name: "Authorization".into(),
             value: Secret::new("Bearer t0ken"),
@@ -41,11 +35,14 @@ pub fn integration(id: &str) -> Integration {
             secret: Secret::new("s3cret"),
             expire_time: None,
         }],
-        signature_schemes: vec![SignatureScheme::Qualifio],
-        create_time: UNIX_EPOCH,
-        update_time: UNIX_EPOCH,
-        revision: 0,
+        ..Integration::new(IntegrationName::new(&account, id).unwrap(), UNIX_EPOCH)
     }
+}
+
+/// Writes `i` as its record, its secrets encrypted with `keys`.
+pub async fn put_integration(store: &dyn Store, i: &Integration, keys: &Keyring) {
+    let value = records::encode_integration(i, keys);
+    put(store, records::integration_key(&i.name), value).await;
 }
 
 /// Writes `value` at `key`.

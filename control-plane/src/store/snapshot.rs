@@ -153,7 +153,7 @@ mod tests {
 
     use super::*;
     use crate::store::EmbeddedStore;
-    use crate::store::fixtures::{K1, K1_OTHER_BYTES, K2, integration, put, ring};
+    use crate::store::fixtures::{K1, K1_OTHER_BYTES, K2, integration, put, put_integration, ring};
 
     fn account() -> AccountName {
         AccountName::from_id("42").unwrap()
@@ -182,21 +182,11 @@ mod tests {
             .with_page_keys(2);
         let keys = ring(&format!("{K1}\n{K2}"));
         for id in ["a", "b", "e"] {
-            let i = integration(id);
-            put(
-                &store,
-                records::integration_key(&i.name),
-                records::encode_integration(&i, &keys),
-            )
-            .await;
+            put_integration(&store, &integration(id), &keys).await;
         }
         // Under the older key: stale. Under other bytes for the current key's id: refused.
-        let stale = integration("c");
-        let value = records::encode_integration(&stale, &ring(K2));
-        put(&store, records::integration_key(&stale.name), value).await;
-        let foreign = integration("d");
-        let value = records::encode_integration(&foreign, &ring(K1_OTHER_BYTES));
-        put(&store, records::integration_key(&foreign.name), value).await;
+        put_integration(&store, &integration("c"), &ring(K2)).await;
+        put_integration(&store, &integration("d"), &ring(K1_OTHER_BYTES)).await;
         put(
             &store,
             keys::integration("42", "f"),
